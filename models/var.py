@@ -1,0 +1,283 @@
+"""VAR: class-conditional next-scale prediction over a multi-scale VQVAE token pyramid.
+
+Shapes: B batch, L tokens over all scales (680 for 256 px), l tokens of one scale, C width,
+D condition width (= C), V vocabulary, Cv VQVAE code dim, K scales.
+
+`VARBase` owns everything VAR and VIAR share (embeddings, mask, head, training forward,
+KV-cached sampling); a subclass supplies only its backbone: `VAR` an explicit stack of blocks,
+`models.viar.VIAR` pre-blocks, one weight-shared implicit block iterated to a fixed point,
+post-blocks. So the explicit/implicit choice is made once, by the class.
+"""
+import math
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from models import sample_ops
+from models.blocks import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin, init_block_
+from models.kv_cache import KVCache
+from models.layout import block_causal_bias, level_ids, num_tokens, scale_begin_ends
+from models.schedules import IterSchedule, linspace_iters
+
+
+@dataclass
+class EditSpec:
+    """Zero-shot editing: at scale k, tokens where keep_Bl[k] is True are forced to gt_idx_Bl[k]."""
+    gt_idx_Bl: List[torch.Tensor]
+    keep_Bl: List[torch.Tensor]
+
+
+@dataclass
+class SampleStats:
+    """What one sampling call did: implicit iterations and final residual per scale, KV-cache bytes."""
+    iters: List[int] = field(default_factory=list)
+    residuals: List[Optional[float]] = field(default_factory=list)
+    kv_cache_bytes: int = 0
+
+
+class VARBase(nn.Module):
+    """Shared embeddings, block-causal training forward, head and KV-cached CFG sampling."""
+
+    use_implicit = False
+
+    def __init__(self, vae_local, num_classes: int = 1000, depth: int = 16, embed_dim: int = 1024,
+                 num_heads: int = 16, mlp_ratio: float = 4.0, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, norm_eps: float = 1e-6, shared_aln: bool = False,
+                 cond_drop_rate: float = 0.1, attn_l2_norm: bool = False,
+                 patch_nums: Sequence[int] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)):
+        super().__init__()
+        assert embed_dim % num_heads == 0
+        self.Cvae, self.V = vae_local.Cvae, vae_local.vocab_size
+        self.depth, self.C, self.D, self.num_heads = depth, embed_dim, embed_dim, num_heads
+        self.num_classes, self.cond_drop_rate = num_classes, cond_drop_rate
+        self.prog_si = -1   # progressive training: >= 0 trains only scales [0, prog_si]
+        self.patch_nums: Tuple[int, ...] = tuple(patch_nums)
+        self.L, self.first_l = num_tokens(self.patch_nums), self.patch_nums[0] ** 2
+        self.begin_ends = scale_begin_ends(self.patch_nums)
+        self.num_stages_minus_1 = len(self.patch_nums) - 1
+        self.grad_ckpt = False   # activation checkpointing of blocks during training
+        # the frozen VQVAE is held by reference, outside the state dict, as in the official code
+        self.vae_proxy = (vae_local,)
+        self.vae_quant_proxy = (vae_local.quantize,)
+        self._block_kw = dict(embed_dim=embed_dim, cond_dim=embed_dim, num_heads=num_heads, shared_aln=shared_aln,
+                              mlp_ratio=mlp_ratio, drop=drop_rate, attn_drop=attn_drop_rate,
+                              attn_l2_norm=attn_l2_norm, norm_eps=norm_eps)
+        self.drop_path_rate = drop_path_rate
+        self.dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+
+        self.word_embed = nn.Linear(self.Cvae, self.C)
+        self.class_emb = nn.Embedding(num_classes + 1, self.C)   # index num_classes = the null class (CFG)
+        self.pos_start = nn.Parameter(torch.empty(1, self.first_l, self.C))
+        self.pos_1LC = nn.Parameter(torch.empty(1, self.L, self.C))
+        self.lvl_embed = nn.Embedding(len(self.patch_nums), self.C)
+        self.shared_ada_lin = nn.Sequential(nn.SiLU(), SharedAdaLin(self.D, 6 * self.C)) if shared_aln else nn.Identity()
+        self.build_backbone()
+        self.register_buffer('lvl_1L', level_ids(self.patch_nums).view(1, self.L))
+        self.register_buffer('attn_bias_for_masking', block_causal_bias(self.patch_nums).contiguous())
+        self.head_nm = AdaLNBeforeHead(self.C, self.D, norm_eps=norm_eps)
+        self.head = nn.Linear(self.C, self.V)
+        self.reset_embeddings()
+
+    # ---- backbone interface (subclasses) ----
+    def build_backbone(self):
+        """Create the transformer blocks."""
+        raise NotImplementedError
+
+    def backbone_blocks(self) -> List[AdaLNSelfAttn]:
+        """Every distinct block, in order (the implicit block once)."""
+        raise NotImplementedError
+
+    def train_backbone(self, x_BLC, ada, attn_bias, jfb_iters) -> torch.Tensor:
+        """Teacher-forced pass over all tokens under the block-causal mask."""
+        raise NotImplementedError
+
+    def new_infer_state(self, schedule: IterSchedule, fill_forward: bool) -> Any:
+        """Fresh KV caches for one sampling call."""
+        raise NotImplementedError
+
+    def infer_backbone(self, x_BlC, ada, state, si: int, schedule: IterSchedule, stats: SampleStats) -> torch.Tensor:
+        """One scale of KV-cached sampling."""
+        raise NotImplementedError
+
+    # ---- shared pieces ----
+    def _make_block(self, block_idx: int, drop_path: float) -> AdaLNSelfAttn:
+        return AdaLNSelfAttn(block_idx=block_idx, drop_path=drop_path, **self._block_kw)
+
+    def block_modulations(self, cond_BD: torch.Tensor) -> List[torch.Tensor]:
+        """AdaLN modulation of every block for this condition, computed once per call."""
+        cond = self.shared_ada_lin(cond_BD)
+        return [b.modulation(cond) for b in self.backbone_blocks()]
+
+    def _run_block(self, block: AdaLNSelfAttn, x_BLC, ada, attn_bias, kv: Optional[KVCache] = None):
+        if self.grad_ckpt and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, x_BLC, ada, attn_bias, kv, use_reentrant=False)
+        return block(x_BLC, ada, attn_bias, kv)
+
+    def get_logits(self, h_BLC: torch.Tensor, cond_BD: torch.Tensor, ada_head: Optional[torch.Tensor] = None):
+        """Vocabulary logits in float32."""
+        ada_head = self.head_nm.modulation(cond_BD) if ada_head is None else ada_head
+        return self.head(self.head_nm(h_BLC.float(), ada_head).float()).float()
+
+    def forward(self, label_B: torch.LongTensor, x_BLCv_wo_first_l: torch.Tensor,
+                jfb_iters: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """Teacher forcing: logits_BLV for every token given the ground-truth earlier scales.
+
+        x_BLCv_wo_first_l: (B, L - first_l, Cv) from `vae.quantize.idxBl_to_var_input`.
+        jfb_iters: (n, m) S-JFB iterations for VIAR (ignored by VAR); None draws them.
+        """
+        ed = self.begin_ends[self.prog_si][1] if self.prog_si >= 0 else self.L
+        B = x_BLCv_wo_first_l.shape[0]
+        with torch.autocast(label_B.device.type, enabled=False):
+            drop_B = torch.rand(B, device=label_B.device) < self.cond_drop_rate
+            label_B = torch.where(drop_B, self.num_classes, label_B)
+            sos = cond_BD = self.class_emb(label_B)
+            sos = sos.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, self.first_l, -1)
+            # word_embed always runs (on an empty slice at prog_si == 0) so DDP sees it used
+            words = self.word_embed(x_BLCv_wo_first_l[:, :ed - self.first_l].float())
+            x_BLC = torch.cat((sos, words), dim=1)
+            x_BLC = x_BLC + (self.lvl_embed(self.lvl_1L[:, :ed].expand(B, -1)) + self.pos_1LC[:, :ed])
+        attn_bias = self.attn_bias_for_masking[:, :, :ed, :ed]
+        ada = self.block_modulations(cond_BD)
+        dev = x_BLC.device.type
+        main_type = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_BLC.dtype
+        x_BLC, attn_bias = x_BLC.to(main_type), attn_bias.to(main_type)
+        ada = [a.to(main_type) for a in ada]
+        h_BLC = self.train_backbone(x_BLC, ada, attn_bias, jfb_iters)
+        return self.get_logits(h_BLC.float(), cond_BD)
+
+    @torch.no_grad()
+    def autoregressive_infer_cfg(self, B: int, label_B: Optional[Union[int, torch.LongTensor]],
+                                 g_seed: Optional[int] = None, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
+                                 more_smooth: bool = False, iter_left: int = 10, iter_right: int = 10,
+                                 schedule: Optional[IterSchedule] = None, fill_forward: bool = True,
+                                 edit: Optional[EditSpec] = None, return_stats: bool = False):
+        """Sample B images of class label_B with classifier-free guidance; returns (B, 3, H, W) in [0, 1].
+
+        label_B: LongTensor (B,), an int for all (negative = unconditional), or None (uniform random).
+        Implicit iterations per scale: `schedule`, else the official linspace(iter_left, iter_right).
+        fill_forward=False attends, as the official code, to no earlier scale at an iteration index
+        that scale never ran. With return_stats, returns (images, SampleStats).
+        """
+        K = len(self.patch_nums)
+        schedule = schedule or IterSchedule(linspace_iters(iter_left, iter_right, K))
+        dev = self.lvl_1L.device
+        rng = None if g_seed is None else torch.Generator(device=dev).manual_seed(g_seed)
+        if label_B is None:
+            uniform = torch.full((1, self.num_classes), 1.0 / self.num_classes, device=dev)
+            label_B = torch.multinomial(uniform, num_samples=B, replacement=True, generator=rng).reshape(B)
+        elif isinstance(label_B, int):
+            label_B = torch.full((B,), self.num_classes if label_B < 0 else label_B, device=dev)
+        label_B = label_B.to(dev)
+
+        # everything that does not change across scales, once per call
+        sos = cond_2BD = self.class_emb(torch.cat((label_B, torch.full_like(label_B, self.num_classes))))
+        ada = self.block_modulations(cond_2BD)
+        ada_head = self.head_nm.modulation(cond_2BD)
+        lvl_pos_1LC = self.lvl_embed(self.lvl_1L) + self.pos_1LC
+        state = self.new_infer_state(schedule, fill_forward)
+        stats = SampleStats()
+
+        quant = self.vae_quant_proxy[0]
+        next_2BlC = sos.unsqueeze(1).expand(2 * B, self.first_l, -1) + self.pos_start.expand(2 * B, self.first_l, -1) \
+            + lvl_pos_1LC[:, :self.first_l]
+        f_hat = sos.new_zeros(B, self.Cvae, self.patch_nums[-1], self.patch_nums[-1])
+        for si, pn in enumerate(self.patch_nums):
+            ratio = si / self.num_stages_minus_1 if self.num_stages_minus_1 else 1.0
+            h_2BlC = self.infer_backbone(next_2BlC, ada, state, si, schedule, stats)
+            logits_BlV = sample_ops.guide(self.get_logits(h_2BlC, cond_2BD, ada_head), sample_ops.cfg_ratio(cfg, si, K))
+            idx_Bl = sample_ops.sample_top_k_top_p_(logits_BlV, top_k=top_k, top_p=top_p, rng=rng)
+            if edit is not None:
+                idx_Bl = torch.where(edit.keep_Bl[si], edit.gt_idx_Bl[si], idx_Bl)
+            if more_smooth and edit is None:   # visualisation only, never for FID
+                probs_BlV = sample_ops.gumbel_softmax(logits_BlV.mul(1 + ratio), sample_ops.smooth_tau(ratio), rng)
+                h_BlCv = probs_BlV @ quant.embedding.weight.unsqueeze(0)
+            else:
+                h_BlCv = quant.embedding(idx_Bl)
+            h_BCvhw = h_BlCv.transpose(1, 2).reshape(B, self.Cvae, pn, pn)
+            f_hat, next_BCvhw = quant.get_next_autoregressive_input(si, K, f_hat, h_BCvhw)
+            if si != self.num_stages_minus_1:
+                b, e = self.begin_ends[si + 1]
+                next_BlC = self.word_embed(next_BCvhw.view(B, self.Cvae, -1).transpose(1, 2)) + lvl_pos_1LC[:, b:e]
+                next_2BlC = next_BlC.repeat(2, 1, 1)   # the unconditional half sees the same tokens
+        stats.kv_cache_bytes = state_nbytes(state)
+        stats.residuals = [None if r is None else float(r) for r in stats.residuals]
+        img = self.vae_proxy[0].fhat_to_img(f_hat).add_(1).mul_(0.5)
+        return (img, stats) if return_stats else img
+
+    # ---- initialisation ----
+    def reset_embeddings(self):
+        """Constructor-time init of the position/start embeddings (std sqrt(1/(3C)), as official)."""
+        std = math.sqrt(1 / self.C / 3)
+        for p in (self.pos_start, self.pos_1LC, self.class_emb.weight, self.lvl_embed.weight):
+            nn.init.trunc_normal_(p.data, mean=0, std=std)
+
+    def reset_buffers(self):
+        """Recompute the buffers (needed after building on the meta device)."""
+        self.lvl_1L.copy_(level_ids(self.patch_nums).view(1, self.L))
+        self.attn_bias_for_masking.copy_(block_causal_bias(self.patch_nums))
+        for b in self.backbone_blocks():
+            b.attn.reset_special()
+
+    @torch.no_grad()
+    def init_weights(self, init_adaln=0.5, init_adaln_gamma=1e-5, init_head=0.02, init_std=0.02, conv_std_or_gain=0.02):
+        """Official init: truncated normal Linear/Embedding, zero biases, small head, near-identity AdaLN gates."""
+        if init_std < 0:
+            init_std = (1 / self.C / 3) ** 0.5
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight.data, std=init_std)
+                if m.bias is not None:
+                    m.bias.data.zero_()
+            elif isinstance(m, nn.Embedding):
+                nn.init.trunc_normal_(m.weight.data, std=init_std)
+                if m.padding_idx is not None:
+                    m.weight.data[m.padding_idx].zero_()
+            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+                m.weight.data.fill_(1.0)
+                m.bias.data.zero_()
+        if init_head >= 0:
+            self.head.weight.data.mul_(init_head)
+            self.head.bias.data.zero_()
+        self.head_nm.ada_lin[-1].weight.data.mul_(init_adaln)
+        self.head_nm.ada_lin[-1].bias.data.zero_()
+        for block in self.backbone_blocks():
+            init_block_(block, self.depth, init_adaln, init_adaln_gamma)
+
+    def extra_repr(self) -> str:
+        return f'drop_path_rate={self.drop_path_rate:g}'
+
+
+def state_nbytes(state) -> int:
+    """Bytes held by every KV cache reachable from an inference state."""
+    if isinstance(state, KVCache) or hasattr(state, 'nbytes'):
+        return state.nbytes()
+    if isinstance(state, dict):
+        return sum(state_nbytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_nbytes(v) for v in state)
+    return 0
+
+
+class VAR(VARBase):
+    """Explicit VAR: `depth` distinct AdaLN blocks."""
+
+    def build_backbone(self):
+        self.blocks = nn.ModuleList([self._make_block(i, self.dpr[i]) for i in range(self.depth)])
+
+    def backbone_blocks(self) -> List[AdaLNSelfAttn]:
+        return list(self.blocks)
+
+    def train_backbone(self, x_BLC, ada, attn_bias, jfb_iters):
+        for block, a in zip(self.blocks, ada):
+            x_BLC = self._run_block(block, x_BLC, a, attn_bias)
+        return x_BLC
+
+    def new_infer_state(self, schedule, fill_forward):
+        return [KVCache(self.L) for _ in self.blocks]
+
+    def infer_backbone(self, x_BlC, ada, state, si, schedule, stats):
+        for block, a, kv in zip(self.blocks, ada, state):
+            x_BlC = block(x_BlC, a, None, kv)
+        return x_BlC

@@ -1,0 +1,96 @@
+"""VIAR: VAR whose deep middle stack is one weight-shared implicit block iterated to a fixed point.
+
+Shapes: B batch, L tokens, l tokens of one scale, C width.
+Each iteration is z <- f(Proj([z, x]), c): x is the pre-blocks' output (input injection),
+z0 = x, Proj = Linear(2C, 2C) -> GELU(tanh) -> Linear(2C, C). Training uses S-JFB: n iterations
+without grad, then m with grad, so memory does not grow with the effective depth.
+"""
+import random
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from models.blocks import AdaLNSelfAttn
+from models.jfb import draw_jfb_iters
+from models.kv_cache import IterKVCaches, KVCache
+from models.solver import fixed_point_iterate
+from models.var import VARBase
+
+
+class VIAR(VARBase):
+    """pre_depth explicit blocks, one implicit block, post_depth explicit blocks."""
+
+    use_implicit = True
+
+    def __init__(self, vae_local, pre_depth: int = 5, post_depth: int = 5,
+                 jfb_no_grad: Tuple[int, int] = (0, 10), jfb_with_grad: Tuple[int, int] = (1, 12), **kw):
+        self.pre_depth, self.post_depth = pre_depth, post_depth
+        self.jfb_no_grad, self.jfb_with_grad = tuple(jfb_no_grad), tuple(jfb_with_grad)
+        if jfb_with_grad[0] < 1:
+            raise ValueError('S-JFB needs at least one iteration with grad (jfb_with_grad[0] >= 1)')
+        super().__init__(vae_local, **kw)
+
+    def build_backbone(self):
+        C, depth = self.C, self.depth
+        if self.pre_depth + self.post_depth >= depth:
+            raise ValueError(f'pre_depth + post_depth ({self.pre_depth}+{self.post_depth}) must be < depth ({depth})')
+        self.implicit_block_projection = nn.Sequential(nn.Linear(2 * C, 2 * C), nn.GELU(approximate='tanh'),
+                                                       nn.Linear(2 * C, C))
+        self.pre_blocks = nn.ModuleList([self._make_block(i, self.dpr[i]) for i in range(self.pre_depth)])
+        # the implicit block is built like block depth // 2 of the explicit stack
+        self.implicit_block = self._make_block(depth // 2, self.dpr[depth // 2])
+        self.post_blocks = nn.ModuleList([self._make_block(i, self.dpr[i]) for i in range(depth - self.post_depth, depth)])
+
+    def backbone_blocks(self) -> List[AdaLNSelfAttn]:
+        return [*self.pre_blocks, self.implicit_block, *self.post_blocks]
+
+    def _split(self, items):
+        p = self.pre_depth
+        return items[:p], items[p], items[p + 1:]
+
+    def implicit_step(self, z_BLC, inj_BLC, ada_imp, attn_bias, kv: Optional[KVCache] = None):
+        """One iteration G(z) = f(Proj([z, x]), c)."""
+        return self.implicit_block(self.implicit_block_projection(torch.cat((z_BLC, inj_BLC), dim=-1)), ada_imp, attn_bias, kv)
+
+    def train_backbone(self, x_BLC, ada, attn_bias, jfb_iters):
+        ada_pre, ada_imp, ada_post = self._split(ada)
+        for block, a in zip(self.pre_blocks, ada_pre):
+            x_BLC = self._run_block(block, x_BLC, a, attn_bias)
+        n, m = jfb_iters if jfb_iters is not None else draw_jfb_iters(random, self.jfb_no_grad, self.jfb_with_grad)
+        inj_BLC = x_BLC
+        with torch.no_grad():   # n iterations that cost no activation memory
+            z_BLC = x_BLC.detach()
+            for _ in range(n):
+                z_BLC = self.implicit_step(z_BLC, inj_BLC, ada_imp, attn_bias)
+        for _ in range(m):      # backprop only through the last m
+            if self.grad_ckpt and self.training and torch.is_grad_enabled():
+                z_BLC = torch.utils.checkpoint.checkpoint(self.implicit_step, z_BLC, inj_BLC, ada_imp, attn_bias,
+                                                          use_reentrant=False)
+            else:
+                z_BLC = self.implicit_step(z_BLC, inj_BLC, ada_imp, attn_bias)
+        for block, a in zip(self.post_blocks, ada_post):
+            z_BLC = self._run_block(block, z_BLC, a, attn_bias)
+        return z_BLC
+
+    def new_infer_state(self, schedule, fill_forward):
+        counts = None if schedule.adaptive else schedule.counts
+        return dict(pre=[KVCache(self.L) for _ in self.pre_blocks],
+                    imp=IterKVCaches(self.patch_nums, counts, fill_forward),
+                    post=[KVCache(self.L) for _ in self.post_blocks])
+
+    def infer_backbone(self, x_BlC, ada, state, si, schedule, stats):
+        ada_pre, ada_imp, ada_post = self._split(ada)
+        for block, a, kv in zip(self.pre_blocks, ada_pre, state['pre']):
+            x_BlC = block(x_BlC, a, None, kv)
+        caches: IterKVCaches = state['imp']
+        tau = schedule.tau[si] if schedule.adaptive else None
+        z_BlC, st = fixed_point_iterate(
+            lambda z, t: self.implicit_step(z, x_BlC, ada_imp, None, caches.get(t)), x_BlC,
+            max_iter=schedule.counts[si], tau=tau, stop_mode=schedule.stop_mode, min_iter=schedule.min_iters)
+        caches.end_scale(st.iters)
+        stats.iters.append(st.iters)
+        stats.residuals.append(st.residual)
+        for block, a, kv in zip(self.post_blocks, ada_post, state['post']):
+            z_BlC = block(z_BlC, a, None, kv)
+        return z_BlC

@@ -1,0 +1,90 @@
+"""Checkpoint helper: strict round trip, atomic writes, and a clear message for every wrong file."""
+import os
+
+import pytest
+import torch
+
+from utils.checkpoint import (CheckpointError, describe_state_dict, load_vae_weights, load_var_weights,
+                              resolve_checkpoint, save_atomic, unwrap_model)
+from tests.tiny import tiny_vae_var
+
+
+def test_strict_round_trip(tmp_path):
+    vae, var = tiny_vae_var(True, seed=1)
+    _, other = tiny_vae_var(True, seed=2)
+    save_atomic(var.state_dict(), tmp_path / 'viar.pth')
+    load_var_weights(other, str(tmp_path / 'viar.pth'))
+    for (k, a), b in zip(var.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), k
+    save_atomic(vae.state_dict(), tmp_path / 'vae.pth')
+    load_vae_weights(vae, str(tmp_path / 'vae.pth'))
+
+
+def test_training_and_slim_layouts_and_wrappers_load(tmp_path):
+    _, var = tiny_vae_var(False, seed=1)
+    _, other = tiny_vae_var(False, seed=2)
+    sd = {'module.' + k: v for k, v in var.state_dict().items()}
+    save_atomic({'trainer': {'var_wo_ddp': sd}, 'arg': {}}, tmp_path / 'ar-ckpt-last.pth')
+    load_var_weights(other, str(tmp_path / 'ar-ckpt-last.pth'))
+    assert torch.equal(other.head.weight, var.head.weight)
+    save_atomic({'model': var.state_dict(), 'config': {}}, tmp_path / 'slim.pth')
+    load_var_weights(other, str(tmp_path / 'slim.pth'))
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.module = m
+    assert unwrap_model(Wrap(Wrap(var))) is var
+
+
+def test_describe_official_style_files():
+    _, viar = tiny_vae_var(True, depth=6, width=64 * 6, heads=6, pre=2, post=1)
+    info = describe_state_dict(viar.state_dict())
+    assert info['kind'] == 'viar' and info['depth'] == 6 and info['pre_depth'] == 2 and info['post_depth'] == 1
+    vae, var = tiny_vae_var(False, depth=3)
+    assert describe_state_dict(var.state_dict())['kind'] == 'var'
+    assert describe_state_dict(var.state_dict())['depth'] == 3
+    assert describe_state_dict(vae.state_dict())['kind'] == 'vae'
+
+
+def test_wrong_files_say_what_they_are(tmp_path):
+    vae, var = tiny_vae_var(False, depth=4)
+    _, viar = tiny_vae_var(True, depth=4)
+    _, var6 = tiny_vae_var(False, depth=6)
+    save_atomic(var.state_dict(), tmp_path / 'var.pth')
+    save_atomic(vae.state_dict(), tmp_path / 'vae.pth')
+    with pytest.raises(CheckpointError, match=r'is a VAR checkpoint \(depth 4.*--use_implicit False'):
+        load_var_weights(viar, str(tmp_path / 'var.pth'))           # VAR file with --use_implicit
+    with pytest.raises(CheckpointError, match=r'depth 4.*model built is a VAR checkpoint \(depth 6.*--depth 4'):
+        load_var_weights(var6, str(tmp_path / 'var.pth'))           # another depth
+    with pytest.raises(CheckpointError, match='VQVAE tokenizer file.*--vae_ckpt'):
+        load_var_weights(var, str(tmp_path / 'vae.pth'))            # VAE file as the VAR file
+    with pytest.raises(CheckpointError, match='not a VQVAE tokenizer'):
+        load_vae_weights(vae, str(tmp_path / 'var.pth'))            # VAR file as the VAE file
+    data = open(tmp_path / 'var.pth', 'rb').read()
+    open(tmp_path / 'cut.pth', 'wb').write(data[:len(data) // 2])
+    with pytest.raises(CheckpointError, match='truncated'):
+        load_var_weights(var, str(tmp_path / 'cut.pth'))            # truncated file
+    with pytest.raises(CheckpointError, match='does not exist'):
+        load_var_weights(var, str(tmp_path / 'nope.pth'))
+
+
+def test_official_name_offline_says_where_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    with pytest.raises(CheckpointError, match='huggingface.co/mobiushy/VIAR/resolve/main/viar.pth'):
+        resolve_checkpoint('viar.pth', ckpt_dir=str(tmp_path))
+    (tmp_path / 'viar.pth').write_bytes(b'x')
+    assert resolve_checkpoint('viar.pth', ckpt_dir=str(tmp_path)) == os.path.join(str(tmp_path), 'viar.pth')
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    path = tmp_path / 'ck.pth'
+    save_atomic({'a': torch.ones(2)}, path)
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError('killed mid-write')
+    with pytest.raises(RuntimeError):
+        save_atomic({'a': Boom()}, path)
+    assert torch.equal(torch.load(path)['a'], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ['ck.pth']
