@@ -1,0 +1,249 @@
+"""Generate class-conditional images with VAR / VIAR, or edit an image zero-shot (in- / out-painting).
+
+    python gen_img.py --use_implicit True --class_label 970 88 --seeds 10 11 12 13 --iter_left 20 --iter_right 5
+    python gen_img.py --var_ckpt var_d16.pth --depth 16 --edit_image cat.png --edit_box 0.3,0.3,0.7,0.7 --edit_class 207
+
+Every image is sampled with its own generator seeded by its seed (`g_seed=seed`, as the official
+script), so an image depends only on (class, seed), never on the batch it was drawn in.
+Writes `class{c}_seed{s}.png` per image and a grid (rows = classes, columns = seeds) into
+`output_dir/<checkpoint name>/`. See docs/GENERATION.md.
+"""
+import argparse
+import os
+import sys
+import time
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from utils import image_io
+from utils.editing import EDIT_MODES, expand_edit_spec, make_edit_spec, mode_mask, parse_box
+from utils.sample_args import (add_bool_arg, add_model_args, add_schedule_args, add_size_args, autocast_context,
+                               resolve_device, sampling_kwargs, spec_from_args)
+
+DEFAULT_VAE = 'ckpts/vae_ch160v4096z32.pth'
+RANDOM = 'random'
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The official gen_img.py flags plus several classes, batching, schedules, editing and tiny random models."""
+    p = argparse.ArgumentParser(description='VAR / VIAR image generation and zero-shot editing',
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(p, depth=30, var_ckpt=None, vae_ckpt=None)
+    p.add_argument('--ema', action='store_true', help="load the EMA weights of a training export ('model_ema')")
+    add_size_args(p)
+    g = p.add_argument_group('generation')
+    g.add_argument('--class_label', type=int, nargs='+', default=[970], help='one or more ImageNet class ids')
+    g.add_argument('--seeds', type=int, nargs='+', default=list(range(10, 20)), help='one image per seed and class')
+    g.add_argument('--cfg', type=float, default=1.5, help='classifier-free guidance weight at the last scale')
+    g.add_argument('--top_k', type=int, default=900, help='0 = no top-k filtering')
+    g.add_argument('--top_p', type=float, default=0.96, help='0 = no nucleus filtering')
+    g.add_argument('--more_smooth', action='store_true', help='Gumbel-softmax smoothing (visualisation only)')
+    g.add_argument('--batch_size', type=int, default=1,
+                   help='images per forward pass; does not change the images (each has its own seeded generator)')
+    add_schedule_args(p)
+    o = p.add_argument_group('output')
+    o.add_argument('--output_dir', type=str, default='gen_images')
+    add_bool_arg(o, '--save_grid', True, 'also write one grid PNG (rows = classes, columns = seeds)')
+    o.add_argument('--nrow', type=int, default=4, help='grid images per row when there is one class')
+    add_bool_arg(o, '--progress', True, 'tqdm progress bar')
+    e = p.add_argument_group('zero-shot editing (tokens outside the mask are kept at every scale)')
+    e.add_argument('--edit_image', type=str, default='', help='image to edit; switches to editing')
+    e.add_argument('--edit_mask', type=str, default='', help='PNG of the image size, white = regenerate')
+    e.add_argument('--edit_box', type=str, default='', help='x0,y0,x1,y1 as fractions of width / height')
+    e.add_argument('--edit_mode', type=str, default='inpaint', choices=EDIT_MODES,
+                   help='with --edit_box: regenerate the box (inpaint) or everything outside it (outpaint)')
+    e.add_argument('--edit_class', type=int, default=None, help='class to regenerate under (default --class_label)')
+    return p
+
+
+def default_var_ckpt(depth: int, use_implicit: bool) -> str:
+    """The official file names: viar.pth for VIAR, var_d{depth}.pth for VAR."""
+    return 'ckpts/viar.pth' if use_implicit else f'ckpts/var_d{depth}.pth'
+
+
+def load(args: argparse.Namespace, device: torch.device):
+    """(vae, var, tag): a checkpoint through utils.model_io (its own config wins), or random weights."""
+    from utils.checkpoint import CheckpointError, load_vae_weights
+    from utils.model_io import build_models, load_models
+    spec = spec_from_args(args)
+    try:
+        if args.var_ckpt == RANDOM:
+            torch.manual_seed(0)   # the same random model on every run
+            vae, var = build_models(spec, device)
+            if args.vae_ckpt:
+                load_vae_weights(vae, args.vae_ckpt)
+            return vae.eval(), var.eval(), RANDOM
+        var_ckpt = args.var_ckpt or default_var_ckpt(args.depth, args.use_implicit)
+        vae_ckpt = DEFAULT_VAE if args.vae_ckpt is None else args.vae_ckpt
+        vae, var, _ = load_models(var_ckpt, vae_ckpt, spec, device=device, ema=args.ema)
+    except CheckpointError as e:
+        raise SystemExit(f'error: {e}') from None
+    return vae, var, os.path.splitext(os.path.basename(var_ckpt))[0]
+
+
+def check_classes(classes: Sequence[int], num_classes: int, flag: str = '--class_label'):
+    """Every class id must index the model's class embedding."""
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise SystemExit(f'error: {flag} {bad} out of range: this model has {num_classes} classes (0..{num_classes - 1}).')
+
+
+def image_plan(classes: Sequence[int], seeds: Sequence[int]) -> List[Tuple[int, int]]:
+    """(class, seed) of every image, class-major: the grid's rows are classes, its columns seeds."""
+    return [(c, s) for c in classes for s in seeds]
+
+
+def chunks(items: Sequence, size: int) -> List[Sequence]:
+    """Consecutive slices of at most `size` items."""
+    size = max(1, size)
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def sample_batch(var, plan: Sequence[Tuple[int, int]], sample_kw: dict, edit=None):
+    """(images (B, 3, H, W) in [0, 1], SampleStats) for a batch of (class, seed) pairs.
+
+    One generator per image seeded with its seed: B = 1 is exactly the official call; B > 1 passes the
+    list of seeds, which needs a sampler that draws row b from generator b.
+    """
+    dev = var.class_emb.weight.device
+    label_B = torch.tensor([c for c, _ in plan], device=dev)
+    seeds = [s for _, s in plan]
+    g_seed = seeds[0] if len(seeds) == 1 else seeds
+    if edit is not None:
+        edit = expand_edit_spec(edit, len(plan))
+    try:
+        return var.autoregressive_infer_cfg(len(plan), label_B, g_seed=g_seed, edit=edit, return_stats=True,
+                                            **sample_kw)
+    except (TypeError, RuntimeError) as e:   # a sampler that takes one int seed per call rejects the list
+        if isinstance(g_seed, list) and 'manual_seed' in str(e):
+            raise SystemExit('error: this model version seeds one generator per call, so batched images would '
+                             'depend on their batch; use --batch_size 1.') from None
+        raise
+
+
+def generate(var, plan: Sequence[Tuple[int, int]], batch_size: int, sample_kw: dict, edit=None,
+             progress: bool = True):
+    """All images of the plan in order (N, 3, H, W) on the CPU, and each batch's SampleStats."""
+    from tqdm import tqdm
+    imgs, stats = [], []
+    with tqdm(total=len(plan), unit='img', disable=not progress, file=sys.stdout) as bar:
+        for batch in chunks(list(plan), batch_size):
+            img_B3HW, st = sample_batch(var, batch, sample_kw, edit)
+            imgs.append(img_B3HW.float().cpu())
+            stats.append(st)
+            bar.update(len(batch))
+    return torch.cat(imgs), stats
+
+
+def describe_stats(stats, batch_size: int) -> List[str]:
+    """Report lines: implicit iterations per scale (mean over batches when adaptive) and the KV-cache size."""
+    lines = []
+    iters = [s.iters for s in stats if s.iters]
+    if iters:
+        mean = [sum(col) / len(col) for col in zip(*iters)]
+        text = ','.join(f'{m:g}' for m in mean)
+        lines.append(f'implicit iterations per scale: {text} (total {sum(mean):g})')
+    kv = max(s.kv_cache_bytes for s in stats)
+    lines.append(f'KV cache: {kv / 2 ** 20:.2f} MiB for a batch of {batch_size} (x2 for CFG inside)')
+    return lines
+
+
+def seeds_tag(seeds: Sequence[int]) -> str:
+    """Short file-name tag for a seed list (the official naming): first four, then _etc{n}."""
+    return '_'.join(map(str, seeds[:4])) + (f'_etc{len(seeds)}' if len(seeds) > 4 else '')
+
+
+def write_images(imgs_N3HW: torch.Tensor, plan, classes, seeds, out_dir: str, prefix: str, save_grid: bool,
+                 nrow: int) -> List[str]:
+    """One PNG per (class, seed) and, for several images, the grid; returns the paths written."""
+    paths = []
+    for img_3HW, (c, s) in zip(imgs_N3HW, plan):
+        paths.append(os.path.join(out_dir, f'{prefix}class{c}_seed{s}.png'))
+        image_io.save_png(img_3HW, paths[-1])
+    if save_grid and len(plan) > 1:
+        cls_tag = f'class{classes[0]}' if len(classes) == 1 else 'classes' + '_'.join(map(str, classes))
+        paths.append(os.path.join(out_dir, f'{prefix}{cls_tag}_seeds{seeds_tag(seeds)}_grid.png'))
+        image_io.save_grid(imgs_N3HW, paths[-1], nrow=len(seeds) if len(classes) > 1 else nrow)
+    return paths
+
+
+def check_edit_args(args: argparse.Namespace):
+    """Cheap checks of the editing flags before any model is loaded."""
+    if bool(args.edit_mask) == bool(args.edit_box):
+        raise SystemExit('error: editing needs exactly one of --edit_mask PNG (white = regenerate) or '
+                         '--edit_box x0,y0,x1,y1.')
+    for flag, path in (('--edit_image', args.edit_image), ('--edit_mask', args.edit_mask)):
+        if path and not os.path.isfile(path):
+            raise SystemExit(f'error: {flag} {path!r} does not exist; pass the path of an image file (PNG, JPEG).')
+    if args.edit_box:
+        try:
+            parse_box(args.edit_box)
+        except ValueError as e:
+            raise SystemExit(f'error: --edit_box: {e}') from None
+
+
+def edit_inputs(args: argparse.Namespace, vae, var, device):
+    """(image (1, 3, R, R) in [-1, 1], mask (1, R, R) bool) from --edit_image and --edit_mask / --edit_box."""
+    res = var.patch_nums[-1] * vae.downsample
+    try:
+        img_13HW, wh = image_io.load_image(args.edit_image, res)
+        if args.edit_mask:
+            mask_1HW = image_io.load_mask(args.edit_mask, res, wh)
+        else:
+            mask_1HW = mode_mask(args.edit_mode, 1, res, res, parse_box(args.edit_box))
+    except ValueError as e:   # ImageInputError
+        raise SystemExit(f'error: {e}') from None
+    if not mask_1HW.any():
+        raise SystemExit('error: the edit mask is empty (nothing to regenerate); white marks the region to redraw.')
+    return img_13HW.to(device), mask_1HW.to(device)
+
+
+def main(argv: Optional[Sequence[str]] = None):
+    """Parse flags, load the model, then generate or edit and write the PNGs."""
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise SystemExit('error: --batch_size must be >= 1.')
+    if args.edit_image:
+        check_edit_args(args)
+    device = resolve_device(args.device)
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    vae, var, tag = load(args, device)
+    classes = [args.edit_class] if args.edit_image and args.edit_class is not None else list(args.class_label)
+    check_classes(classes, var.num_classes, '--edit_class' if args.edit_image and args.edit_class is not None
+                  else '--class_label')
+    out_dir = os.path.join(args.output_dir, tag)
+    os.makedirs(out_dir, exist_ok=True)
+    sample_kw = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth,
+                     **sampling_kwargs(args, len(var.patch_nums)))
+    kind = 'VIAR (implicit)' if var.use_implicit else 'VAR (explicit)'
+    print(f'[gen_img] {kind}, depth {var.depth}, width {var.C}, {var.num_classes} classes, device {device}, '
+          f'schedule {sample_kw["schedule"].label()}')
+
+    plan, edit, prefix = image_plan(classes, args.seeds), None, ''
+    if args.edit_image:
+        img_13HW, mask_1HW = edit_inputs(args, vae, var, device)
+        with torch.inference_mode():
+            edit = make_edit_spec(vae, img_13HW, mask_1HW, var.patch_nums)
+            recon_13HW = vae.idxBl_to_img(edit.gt_idx_Bl, same_shape=True, last_one=True)
+        image_io.save_png(img_13HW[0].add(1).mul(0.5), os.path.join(out_dir, 'edit_input.png'))
+        image_io.save_png(image_io.mask_to_image(mask_1HW)[0], os.path.join(out_dir, 'edit_mask.png'))
+        image_io.save_png(recon_13HW[0].add(1).mul(0.5), os.path.join(out_dir, 'edit_recon.png'))
+        prefix = 'edit_'
+        print(f'[gen_img] editing {args.edit_image}: {int(mask_1HW.sum())} of {mask_1HW.numel()} pixels regenerated')
+
+    t0 = time.perf_counter()
+    with torch.inference_mode(), autocast_context(device, args.dtype):
+        imgs_N3HW, stats = generate(var, plan, args.batch_size, sample_kw, edit, progress=args.progress)
+    dt = time.perf_counter() - t0
+    paths = write_images(imgs_N3HW, plan, classes, args.seeds, out_dir, prefix, args.save_grid, args.nrow)
+    for line in describe_stats(stats, min(args.batch_size, len(plan))):
+        print(f'[gen_img] {line}')
+    print(f'[gen_img] {len(plan)} images in {dt:.1f} s ({len(plan) / dt:.2f} img/s); wrote {len(paths)} files to {out_dir}')
+    return paths
+
+
+if __name__ == '__main__':
+    main()

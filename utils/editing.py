@@ -1,0 +1,107 @@
+"""Zero-shot editing (VAR's in-/out-painting, VIAR Fig. 7): keep an image's tokens outside a mask, sample inside.
+
+At every scale k, tokens whose pn_k x pn_k cell touches the mask are sampled by the model (optionally under
+another class); all other tokens are forced to the input image's own token map at that scale, so the
+unmasked region is reproduced and the regenerated region is conditioned on it.
+
+Shapes: B batch, H, W pixels, pn side of a scale's token map, l = pn * pn tokens of one scale.
+"""
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from models import EditSpec
+
+Box = Tuple[float, float, float, float]
+EDIT_MODES = ('inpaint', 'outpaint')
+
+
+def mask_to_scale(mask_BHW: torch.Tensor, pn: int) -> torch.Tensor:
+    """(B, pn * pn) bool: a token is regenerated when ANY pixel of its cell is masked.
+
+    Cells are adaptive-pooling cells (rows floor(i*H/pn) .. ceil((i+1)*H/pn)); when pn does not divide H
+    (13 on 256 px) neighbouring cells share a border pixel. "Any" makes the regenerated tokens cover the
+    mask at every scale, so the 1x1 first scale is regenerated whenever the mask is not empty.
+    """
+    if mask_BHW.dim() != 3:
+        raise ValueError(f'mask must be (B, H, W), got shape {tuple(mask_BHW.shape)}')
+    pooled_B1nn = F.adaptive_max_pool2d(mask_BHW.float().unsqueeze(1), pn)
+    return pooled_B1nn.flatten(1) > 0.5
+
+
+def box_mask(B: int, H: int, W: int, box: Box, device=None) -> torch.Tensor:
+    """(B, H, W) bool, True inside box = (x0, y0, x1, y1) given as fractions of the width / height."""
+    x0, y0, x1, y1 = parse_box(box)
+    c0, c1 = int(round(x0 * W)), int(round(x1 * W))
+    r0, r1 = int(round(y0 * H)), int(round(y1 * H))
+    mask = torch.zeros(B, H, W, dtype=torch.bool, device=device)
+    mask[:, r0:max(r1, r0 + 1), c0:max(c1, c0 + 1)] = True   # a non-empty box covers at least one pixel
+    return mask
+
+
+def parse_box(box: Union[str, Sequence[float]]) -> Box:
+    """'x0,y0,x1,y1' or a 4-sequence of fractions in [0, 1] with x0 < x1, y0 < y1."""
+    try:
+        vals = [float(v) for v in (box.split(',') if isinstance(box, str) else box)]
+    except ValueError:
+        raise ValueError(f'box must be four fractions x0,y0,x1,y1 like 0.25,0.25,0.75,0.75, got {box!r}') from None
+    if len(vals) != 4:
+        raise ValueError(f'box must be four fractions x0,y0,x1,y1, got {len(vals)} values: {box!r}')
+    x0, y0, x1, y1 = vals
+    if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+        raise ValueError(f'box fractions need 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, got {box!r}')
+    return x0, y0, x1, y1
+
+
+def inpaint_mask(B: int, H: int, W: int, box: Box, device=None) -> torch.Tensor:
+    """Regenerate the box, keep everything else."""
+    return box_mask(B, H, W, box, device)
+
+
+def outpaint_mask(B: int, H: int, W: int, box: Box, device=None) -> torch.Tensor:
+    """Keep the box, regenerate everything outside it."""
+    return ~box_mask(B, H, W, box, device)
+
+
+def mode_mask(mode: str, B: int, H: int, W: int, box: Box, device=None) -> torch.Tensor:
+    """The mask of an edit mode: 'inpaint' (regenerate the box) or 'outpaint' (regenerate outside it)."""
+    if mode not in EDIT_MODES:
+        raise ValueError(f'edit mode must be one of {EDIT_MODES}, got {mode!r}')
+    return (inpaint_mask if mode == 'inpaint' else outpaint_mask)(B, H, W, box, device)
+
+
+def make_edit_spec(vae, img_B3HW: torch.Tensor, mask_BHW: torch.Tensor,
+                   patch_nums: Optional[Sequence[int]] = None) -> EditSpec:
+    """EditSpec for `autoregressive_infer_cfg(edit=...)`: the image's token maps, keep = outside the mask."""
+    if img_B3HW.dim() != 4 or img_B3HW.shape[1] != 3:
+        raise ValueError(f'image must be (B, 3, H, W), got shape {tuple(img_B3HW.shape)}')
+    if mask_BHW.shape != (img_B3HW.shape[0], *img_B3HW.shape[2:]):
+        raise ValueError(f'mask shape {tuple(mask_BHW.shape)} does not match the image '
+                         f'(B, H, W) = {(img_B3HW.shape[0], *img_B3HW.shape[2:])}')
+    patch_nums = tuple(patch_nums or vae.quantize.v_patch_nums)
+    with torch.no_grad():
+        gt_idx_Bl: List[torch.Tensor] = vae.img_to_idxBl(img_B3HW, v_patch_nums=patch_nums)
+    mask_BHW = mask_BHW.to(img_B3HW.device)
+    keep_Bl = [~mask_to_scale(mask_BHW, pn) for pn in patch_nums]
+    return EditSpec(gt_idx_Bl=gt_idx_Bl, keep_Bl=keep_Bl)
+
+
+def expand_edit_spec(spec: EditSpec, B: int) -> EditSpec:
+    """Repeat a one-image EditSpec for a batch of B samples (several seeds or classes)."""
+    if spec.gt_idx_Bl[0].shape[0] == B:
+        return spec
+    if spec.gt_idx_Bl[0].shape[0] != 1:
+        raise ValueError(f'can only expand a one-image EditSpec, this one has {spec.gt_idx_Bl[0].shape[0]}')
+    return EditSpec(gt_idx_Bl=[t.expand(B, -1) for t in spec.gt_idx_Bl], keep_Bl=[t.expand(B, -1) for t in spec.keep_Bl])
+
+
+def edit_images(var, vae, img_B3HW: torch.Tensor, mask_BHW: torch.Tensor, label_B, **sample_kw) -> torch.Tensor:
+    """Edited images (B, 3, H, W) in [0, 1]: sample inside the mask under label_B, keep the rest.
+
+    sample_kw go to `var.autoregressive_infer_cfg` (g_seed, cfg, top_k, top_p, schedule, ...); with
+    return_stats=True the result is (images, SampleStats).
+    """
+    spec = make_edit_spec(vae, img_B3HW, mask_BHW, var.patch_nums)
+    B = img_B3HW.shape[0]
+    return var.autoregressive_infer_cfg(B, label_B, edit=spec, **sample_kw)

@@ -1,0 +1,94 @@
+"""Image files for the sampling scripts: PNG writing, grids, and loading images / masks for editing.
+
+Tensors: generated images are (B, 3, H, W) in [0, 1]; loaded images are (1, 3, R, R) in [-1, 1] (the
+VQVAE's range); masks are (1, R, R) bool with True = pixel to regenerate.
+"""
+import os
+from typing import Tuple
+
+import numpy as np
+import PIL.Image as PImage
+import torch
+import torchvision
+
+
+class ImageInputError(ValueError):
+    """An input image or mask that is missing, unreadable or does not fit."""
+
+
+def to_uint8_HWC(img_3HW: torch.Tensor) -> np.ndarray:
+    """A [0, 1] image (3, H, W) as uint8 (H, W, 3), rounded to the nearest level."""
+    return img_3HW.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def save_png(img_3HW: torch.Tensor, path: str):
+    """Write one [0, 1] image as PNG, creating the folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    PImage.fromarray(to_uint8_HWC(img_3HW)).save(path)
+
+
+def make_grid(imgs_B3HW: torch.Tensor, nrow: int, padding: int = 2, pad_value: float = 1.0) -> torch.Tensor:
+    """Tile images `nrow` per row with white padding (torchvision layout); returns (3, H', W')."""
+    return torchvision.utils.make_grid(imgs_B3HW.detach().float().cpu(), nrow=max(1, nrow), padding=padding,
+                                       pad_value=pad_value)
+
+
+def grid_size(n: int, nrow: int, h: int, w: int, padding: int = 2) -> Tuple[int, int]:
+    """(height, width) in pixels of make_grid's output for n images of h x w (pure arithmetic)."""
+    cols = min(max(1, nrow), n)
+    rows = -(-n // cols)
+    return rows * (h + padding) + padding, cols * (w + padding) + padding
+
+
+def save_grid(imgs_B3HW: torch.Tensor, path: str, nrow: int, padding: int = 2):
+    """Write a grid of [0, 1] images as one PNG."""
+    save_png(make_grid(imgs_B3HW, nrow, padding), path)
+
+
+def _open(path: str, what: str) -> PImage.Image:
+    if not path or not os.path.isfile(path):
+        raise ImageInputError(f'{what} {path!r} does not exist; pass the path of an image file (PNG, JPEG).')
+    try:
+        img = PImage.open(path)
+        img.load()
+        return img
+    except Exception as e:
+        raise ImageInputError(f'{what} {path!r} cannot be read as an image ({type(e).__name__}: {e}).') from None
+
+
+def square_crop_resize(img: PImage.Image, size: int, resample) -> PImage.Image:
+    """Centre-crop to the largest square, then resize to size x size."""
+    w, h = img.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    return img.crop((left, top, left + s, top + s)).resize((size, size), resample=resample)
+
+
+def pil_to_tensor_pm1(img: PImage.Image) -> torch.Tensor:
+    """An RGB PIL image as (1, 3, H, W) float in [-1, 1]."""
+    arr = np.asarray(img.convert('RGB'), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def load_image(path: str, size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """(image (1, 3, size, size) in [-1, 1], original (width, height)): centre square crop, bicubic resize."""
+    img = _open(path, 'image')
+    return pil_to_tensor_pm1(square_crop_resize(img.convert('RGB'), size, PImage.BICUBIC)), img.size
+
+
+def load_mask(path: str, size: int, image_wh: Tuple[int, int]) -> torch.Tensor:
+    """(1, size, size) bool, True where the mask PNG is white (> 127 in grey) = region to regenerate.
+
+    The mask must have the input image's size; it is cropped and resized (nearest) like the image.
+    """
+    mask = _open(path, 'mask')
+    if mask.size != tuple(image_wh):
+        raise ImageInputError(f'mask {path!r} is {mask.size[0]}x{mask.size[1]} but the image is '
+                              f'{image_wh[0]}x{image_wh[1]}; draw the mask at the image size (white = regenerate).')
+    grey = np.asarray(square_crop_resize(mask.convert('L'), size, PImage.NEAREST))
+    return torch.from_numpy(grey > 127).unsqueeze(0)
+
+
+def mask_to_image(mask_BHW: torch.Tensor) -> torch.Tensor:
+    """A bool mask as a white-on-black [0, 1] image batch (B, 3, H, W)."""
+    return mask_BHW.float().unsqueeze(1).expand(-1, 3, -1, -1)
