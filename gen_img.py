@@ -79,6 +79,8 @@ def load(args: argparse.Namespace, device: torch.device):
         vae, var, _ = load_models(var_ckpt, vae_ckpt, spec, device=device, ema=args.ema)
     except CheckpointError as e:
         raise SystemExit(f'error: {e}') from None
+    except ValueError as e:   # sizes the model constructors reject
+        raise SystemExit(f'error: cannot build the model from these flags: {e}') from None
     return vae, var, os.path.splitext(os.path.basename(var_ckpt))[0]
 
 

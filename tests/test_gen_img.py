@@ -1,0 +1,193 @@
+"""gen_img.py end to end on tiny slim exports, and the shared CLI helpers of utils/sample_args.py."""
+import argparse
+import os
+
+import numpy as np
+import PIL.Image as PImage
+import pytest
+import torch
+
+import gen_img
+from models import schedules as S
+from utils import image_io
+from utils.checkpoint import save_atomic
+from utils.model_io import ModelSpec, slim_export
+from utils.sample_args import (add_model_args, add_schedule_args, add_size_args, sampling_kwargs, schedule_from_args,
+                               spec_from_args, str2bool)
+from tests.tiny import TINY_PN, tiny_vae_var
+
+TINY_SPEC = dict(depth=4, pre_depth=1, post_depth=1, embed_dim=32, num_heads=2, patch_nums=TINY_PN, V=48, Cvae=8,
+                 vae_ch=32, vae_ch_mult=(1, 1), vae_num_res_blocks=1, num_classes=5)
+RES = 8   # tiny models make 8 px images
+FAST = ['--top_k', '0', '--top_p', '0', '--iter_left', '3', '--iter_right', '2', '--progress', 'False']
+
+
+def export_tiny(tmp_path, use_implicit: bool) -> str:
+    """A tiny model saved as a slim export with its config and tokenizer; returns the path."""
+    vae, var = tiny_vae_var(use_implicit)
+    spec = ModelSpec(use_implicit=use_implicit, **TINY_SPEC)
+    path = str(tmp_path / f'tiny_{"viar" if use_implicit else "var"}.pth')
+    save_atomic(slim_export(var, spec, vae=vae), path)
+    return path
+
+
+@pytest.fixture(scope='module')
+def viar_ckpt(tmp_path_factory):
+    return export_tiny(tmp_path_factory.mktemp('ckpt'), use_implicit=True)
+
+
+def read_png(path: str) -> np.ndarray:
+    return np.asarray(PImage.open(path).convert('RGB'))
+
+
+def run(ckpt: str, out_dir, *extra) -> list:
+    """gen_img.main on a slim export (its tokenizer is embedded: --vae_ckpt '')."""
+    return gen_img.main(['--var_ckpt', ckpt, '--vae_ckpt', '', '--device', 'cpu', '--output_dir', str(out_dir),
+                         *FAST, *map(str, extra)])
+
+
+def test_writes_each_png_and_grid_and_matches_official_call(viar_ckpt, tmp_path):
+    paths = run(viar_ckpt, tmp_path, '--class_label', 3, '--seeds', 5, 6, 7, '--nrow', 2)
+    out = tmp_path / 'tiny_viar'
+    names = sorted(os.listdir(out))
+    assert names == ['class3_seed5.png', 'class3_seed6.png', 'class3_seed7.png', 'class3_seeds5_6_7_grid.png']
+    assert sorted(map(os.path.basename, paths)) == names
+    assert read_png(out / 'class3_seed5.png').shape == (RES, RES, 3)
+    h, w = image_io.grid_size(3, 2, RES, RES)
+    assert read_png(out / 'class3_seeds5_6_7_grid.png').shape == (h, w, 3)
+    # each image is the official one-image call with g_seed = seed
+    _, var = tiny_vae_var(True)
+    for seed in (5, 7):
+        ref = var.autoregressive_infer_cfg(1, torch.tensor([3]), g_seed=seed, top_k=0, top_p=0.0,
+                                           schedule=S.decreasing(3, 2, len(TINY_PN)))
+        assert np.array_equal(read_png(out / f'class3_seed{seed}.png'), image_io.to_uint8_HWC(ref[0]))
+
+
+def test_two_classes_grid_rows_are_classes(viar_ckpt, tmp_path):
+    run(viar_ckpt, tmp_path, '--class_label', 1, 4, '--seeds', 2, 3, 9)
+    out = tmp_path / 'tiny_viar'
+    grid = read_png(out / 'classes1_4_seeds2_3_9_grid.png')
+    assert grid.shape[:2] == image_io.grid_size(6, 3, RES, RES)   # 2 rows x 3 columns
+    pad = 2
+    for r, c in enumerate((1, 4)):
+        for k, s in enumerate((2, 3, 9)):
+            y, x = pad + r * (RES + pad), pad + k * (RES + pad)
+            assert np.array_equal(grid[y:y + RES, x:x + RES], read_png(out / f'class{c}_seed{s}.png'))
+    assert not np.array_equal(read_png(out / 'class1_seed2.png'), read_png(out / 'class4_seed2.png'))
+
+
+@pytest.mark.xfail(strict=True, raises=SystemExit,
+                   reason='autoregressive_infer_cfg takes one int g_seed per call: batched rows share a generator '
+                          '(reported; remove this mark once it accepts one seed per row)')
+def test_batching_seeds_gives_the_same_images(tmp_path):
+    _, var = tiny_vae_var(True)
+    plan = gen_img.image_plan([0, 2], [1, 2, 3])
+    kw = dict(cfg=1.5, top_k=0, top_p=0.0, schedule=S.constant(2, len(TINY_PN)))
+    one, _ = gen_img.generate(var, plan, 1, kw, progress=False)
+    batched, _ = gen_img.generate(var, plan, 4, kw, progress=False)
+    assert torch.allclose(one, batched, atol=1e-5)
+
+
+def test_random_weights_with_size_flags(tmp_path):
+    flags = ['--var_ckpt', 'random', '--depth', 2, '--width', 32, '--heads', 2, '--patch_nums', '1,2,3,4',
+             '--V', 48, '--Cvae', 8, '--vae_ch', 32, '--vae_ch_mult', '1,1', '--vae_num_res_blocks', 1,
+             '--num_classes', 5, '--class_label', 0, '--seeds', 1, 2]
+    gen_img.main(['--output_dir', str(tmp_path), *FAST, *map(str, flags)])
+    assert sorted(os.listdir(tmp_path / 'random')) == ['class0_seed1.png', 'class0_seed2.png', 'class0_seeds1_2_grid.png']
+
+
+def test_stats_report_iterations_and_kv_bytes(viar_ckpt, tmp_path, capsys):
+    run(viar_ckpt, tmp_path, '--class_label', 0, '--seeds', 1, '--iters', '4,3,2,1')
+    text = capsys.readouterr().out
+    assert 'implicit iterations per scale: 4,3,2,1' in text
+    assert 'KV cache:' in text
+
+
+# ---------------------------------------------------------------- bad inputs
+
+@pytest.mark.parametrize('extra,message', [
+    (['--class_label', 5], 'out of range'),
+    (['--class_label', 0, '--edit_image', 'missing.png', '--edit_box', '0,0,.5,.5'], 'does not exist'),
+    (['--class_label', 0, '--edit_class', 9, '--edit_image', '{img}', '--edit_box', '0,0,.5,.5'], '--edit_class [9] out of range'),
+    (['--class_label', 0, '--edit_image', '{img}'], 'exactly one of'),
+    (['--class_label', 0, '--edit_image', '{img}', '--edit_box', '0.5,0,0.2,1'], '0 <= x0 < x1 <= 1'),
+    (['--batch_size', 0], '--batch_size'),
+])
+def test_bad_inputs_exit_with_a_message(viar_ckpt, tmp_path, extra, message):
+    img = tmp_path / 'in.png'
+    PImage.fromarray(np.zeros((12, 12, 3), np.uint8)).save(img)
+    with pytest.raises(SystemExit) as e:
+        run(viar_ckpt, tmp_path, *[str(a).replace('{img}', str(img)) for a in extra])
+    assert message in str(e.value)
+
+
+def test_bad_size_flags_are_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match='cannot build the model'):
+        gen_img.main(['--var_ckpt', 'random', '--depth', '2', '--vae_ch', '16', '--output_dir', str(tmp_path)])
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match='does not exist'):
+        gen_img.main(['--var_ckpt', str(tmp_path / 'nope.pth'), '--output_dir', str(tmp_path)])
+
+
+# ---------------------------------------------------------------- utils/sample_args.py
+
+@pytest.mark.parametrize('text,want', [('True', True), ('true', True), ('1', True), ('yes', True),
+                                       ('False', False), ('false', False), ('0', False), ('no', False)])
+def test_str2bool(text, want):
+    assert str2bool(text) is want
+
+
+def test_str2bool_rejects_junk():
+    with pytest.raises(argparse.ArgumentTypeError):
+        str2bool('maybe')
+
+
+def model_parser():
+    p = argparse.ArgumentParser()
+    add_model_args(p)
+    add_size_args(p)
+    add_schedule_args(p)
+    return p
+
+
+@pytest.mark.parametrize('argv,want', [([], False), (['--use_implicit'], True), (['--use_implicit', 'True'], True),
+                                       (['--use_implicit', 'False'], False), (['--use_implicit', '--depth', '20'], True)])
+def test_use_implicit_flag_forms(argv, want):
+    assert model_parser().parse_args(argv).use_implicit is want
+
+
+def test_model_flags_map_to_spec():
+    args = model_parser().parse_args(['--depth', '20', '--use_implicit', '--pre_depth', '3', '--ckpt_path', 'x.pth',
+                                      '--width', '64', '--patch_nums', '1,2,4', '--V', '32', '--vae_ch_mult', '1,2'])
+    spec = spec_from_args(args)
+    assert args.var_ckpt == 'x.pth'
+    assert (spec.depth, spec.use_implicit, spec.pre_depth, spec.post_depth) == (20, True, 3, 5)
+    assert (spec.embed_dim, spec.patch_nums, spec.V, spec.vae_ch_mult) == (64, (1, 2, 4), 32, (1, 2))
+    assert (spec.num_heads, spec.Cvae, spec.num_classes) == (None, 32, 1000)   # not given: official values
+
+
+K = 10
+
+
+@pytest.mark.parametrize('argv,want', [
+    ([], S.constant(10, K)),
+    (['--iter_left', '20', '--iter_right', '5'], S.decreasing(20, 5, K)),
+    (['--iters', '9,8,7,6,5,4,3,2,1,1'], S.explicit([9, 8, 7, 6, 5, 4, 3, 2, 1, 1], K)),
+    (['--tau', '0.01', '--tau_cap', '7'], S.adaptive(0.01, 7, K)),
+    (['--tau', '0.02', '--stop_mode', 'abs', '--iter_left', '12'], S.adaptive(0.02, 12, K, stop_mode='abs')),
+])
+def test_schedule_flags_map_to_iter_schedule(argv, want):
+    got = schedule_from_args(model_parser().parse_args(argv), K)
+    assert got == want
+
+
+def test_bad_schedule_flags_exit_with_a_message():
+    with pytest.raises(SystemExit, match='--iters needs 10 counts'):
+        schedule_from_args(model_parser().parse_args(['--iters', '3,2']), K)
+
+
+@pytest.mark.parametrize('argv,fill', [([], True), (['--official_kv'], False), (['--official_kv', 'False'], True)])
+def test_official_kv_sets_fill_forward(argv, fill):
+    assert sampling_kwargs(model_parser().parse_args(argv), K)['fill_forward'] is fill
