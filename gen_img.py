@@ -27,9 +27,14 @@ RANDOM = 'random'
 
 def build_parser() -> argparse.ArgumentParser:
     """The official gen_img.py flags plus several classes, batching, schedules, editing and tiny random models."""
-    p = argparse.ArgumentParser(description='VAR / VIAR image generation and zero-shot editing',
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_model_args(p, depth=30, var_ckpt=None, vae_ckpt=None)
+    p = argparse.ArgumentParser(
+        description='VAR / VIAR image generation and zero-shot editing',
+        epilog="Checkpoints: without --var_ckpt the official file is used (ckpts/viar.pth with --use_implicit, "
+               "else ckpts/var_d{depth}.pth; downloaded when missing); '--var_ckpt random' skips loading (size "
+               "flags describe the model). Without --vae_ckpt: ckpts/vae_ch160v4096z32.pth, or a random tokenizer "
+               "with random weights; --vae_ckpt '' uses the tokenizer embedded in a slim export.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(p, depth=30, var_ckpt=None, vae_ckpt=None, dtype='auto')
     p.add_argument('--ema', action='store_true', help="load the EMA weights of a training export ('model_ema')")
     add_size_args(p)
     g = p.add_argument_group('generation')

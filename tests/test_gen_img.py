@@ -12,8 +12,8 @@ from models import schedules as S
 from utils import image_io
 from utils.checkpoint import save_atomic
 from utils.model_io import ModelSpec, slim_export
-from utils.sample_args import (add_model_args, add_schedule_args, add_size_args, sampling_kwargs, schedule_from_args,
-                               spec_from_args, str2bool)
+from utils.sample_args import (add_model_args, add_schedule_args, add_size_args, autocast_context, sampling_kwargs,
+                               schedule_from_args, spec_from_args, str2bool)
 from tests.tiny import TINY_PN, tiny_vae_var
 
 TINY_SPEC = dict(depth=4, pre_depth=1, post_depth=1, embed_dim=32, num_heads=2, patch_nums=TINY_PN, V=48, Cvae=8,
@@ -191,3 +191,13 @@ def test_bad_schedule_flags_exit_with_a_message():
 @pytest.mark.parametrize('argv,fill', [([], True), (['--official_kv'], False), (['--official_kv', 'False'], True)])
 def test_official_kv_sets_fill_forward(argv, fill):
     assert sampling_kwargs(model_parser().parse_args(argv), K)['fill_forward'] is fill
+
+
+def test_autocast_auto_is_fp32_on_cpu_and_bf16_autocasts():
+    x = torch.ones(2, 2)
+    with autocast_context(torch.device('cpu'), 'auto'):
+        assert (x @ x).dtype == torch.float32
+    with autocast_context(torch.device('cpu'), 'bf16'):
+        assert (x @ x).dtype == torch.bfloat16
+    with pytest.raises(SystemExit, match='--dtype'):
+        autocast_context(torch.device('cpu'), 'fp8')

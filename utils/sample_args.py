@@ -46,8 +46,11 @@ def int_tuple(text: str) -> tuple:
 # ---------------------------------------------------------------- model
 
 def add_model_args(parser: argparse.ArgumentParser, depth: int = 16, var_ckpt: Optional[str] = None,
-                   vae_ckpt: str = 'ckpts/vae_ch160v4096z32.pth'):
-    """--depth --use_implicit --pre_depth --post_depth --var_ckpt/--ckpt_path --vae_ckpt --device --dtype."""
+                   vae_ckpt: Optional[str] = 'ckpts/vae_ch160v4096z32.pth', dtype: str = 'fp32'):
+    """--depth --use_implicit --pre_depth --post_depth --var_ckpt/--ckpt_path --vae_ckpt --device --dtype.
+
+    vae_ckpt=None lets the script pick (gen_img: the official file, or a random tokenizer for random weights).
+    """
     g = parser.add_argument_group('model')
     g.add_argument('--depth', type=int, default=depth, help='transformer depth (official: 16, 20, 24, 30)')
     add_bool_arg(g, '--use_implicit', False, 'VIAR (implicit block) instead of VAR; `--use_implicit True/False`')
@@ -57,10 +60,11 @@ def add_model_args(parser: argparse.ArgumentParser, depth: int = 16, var_ckpt: O
                    help='transformer checkpoint: a path, an official name (var_d16.pth, viar.pth: downloaded '
                         'into ckpts/ if missing) or a slim export (carries its own config)')
     g.add_argument('--vae_ckpt', type=str, default=vae_ckpt,
-                   help="VQVAE tokenizer checkpoint ('' when the slim export embeds it)")
+                   help="VQVAE tokenizer checkpoint ('' = the tokenizer embedded in a slim export)")
     g.add_argument('--device', type=str, default='', help='cuda, cuda:1, cpu; default cuda when available')
-    g.add_argument('--dtype', type=str, default='fp32', choices=sorted(DTYPES),
-                   help='autocast dtype for sampling (fp32 = no autocast)')
+    g.add_argument('--dtype', type=str, default=dtype, choices=sorted(DTYPES) + ['auto'],
+                   help='autocast dtype for sampling: fp32 = no autocast; auto = fp16 on CUDA (the official '
+                        'scripts), fp32 on CPU')
     return g
 
 
@@ -104,9 +108,11 @@ def resolve_device(name: str = '') -> torch.device:
 
 
 def autocast_context(device: torch.device, dtype: str = 'fp32'):
-    """torch.autocast for bf16/fp16 on the device's type; fp32 runs without autocast."""
+    """torch.autocast for bf16/fp16 on the device's type; fp32 runs without autocast; auto = fp16 on CUDA only."""
+    if dtype == 'auto':
+        dtype = 'fp16' if torch.device(device).type == 'cuda' else 'fp32'
     if dtype not in DTYPES:
-        raise SystemExit(f'--dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
+        raise SystemExit(f"--dtype must be one of {sorted(DTYPES) + ['auto']}, got {dtype!r}")
     if dtype == 'fp32':
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=DTYPES[dtype])
