@@ -60,3 +60,184 @@ def test_official_folder_name():
     assert sample_folder_name(True, 30, 'ckpts/viar.pth', 1.5, 1) == 'implicit-viar.pth-cfg-1.5-seed-1'
     assert sample_folder_name(False, 16, '/x/var_d16.pth', 2, 3) == 'd16-var_d16.pth-cfg-2.0-seed-3'
     assert png_name(123) == '000123.png'
+
+
+# ---------------------------------------------------------------- the script on a tiny model (CPU)
+
+NUM_CLASSES, PER_CLASS, BATCH, ITERS = 3, 3, 2, (3, 2)
+FOLDER = 'implicit-tiny.pth-cfg-1.5-seed-1'
+
+
+@pytest.fixture(scope='module')
+def tiny_ckpt(tmp_path_factory):
+    """A tiny VIAR slim export (5 classes, 8 px images) that embeds its tokenizer."""
+    from tests.tiny import tiny_vae_var
+    from utils.checkpoint import save_atomic
+    from utils.model_io import ModelSpec, slim_export
+    vae, var = tiny_vae_var(True)
+    spec = ModelSpec(depth=4, use_implicit=True, pre_depth=1, post_depth=1, embed_dim=32, num_heads=2,
+                     patch_nums=(1, 2, 3, 4), V=48, Cvae=8, vae_ch=32, vae_ch_mult=(1, 1), vae_num_res_blocks=1,
+                     num_classes=5)
+    path = str(tmp_path_factory.mktemp('ckpt') / 'tiny.pth')
+    save_atomic(slim_export(var, spec, vae=vae), path)
+    return path
+
+
+def cli(ckpt: str, sample_dir, *extra) -> list:
+    """sampling.py flags for the tiny plan: 3 classes x 3 images, batches of 2, Dec.(3,2) iterations."""
+    return ['--ckpt_path', ckpt, '--vae_ckpt', '', '--num_classes', str(NUM_CLASSES), '--per_class', str(PER_CLASS),
+            '--batch_size', str(BATCH), '--iter_left', str(ITERS[0]), '--iter_right', str(ITERS[1]),
+            '--device', 'cpu', '--dtype', 'fp32', '--progress', 'False', '--sample_dir', str(sample_dir), *extra]
+
+
+def run_main(args: list):
+    import sampling
+    return sampling.main(args)
+
+
+def run_subprocess(args: list, timeout: float = 300, torchrun: int = 0) -> subprocess.CompletedProcess:
+    launcher = ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun}'] if torchrun else []
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    return subprocess.run([sys.executable, *launcher, 'sampling.py', *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def load_npz(sample_dir) -> np.ndarray:
+    with np.load(os.path.join(str(sample_dir), FOLDER + '.npz')) as f:
+        return f['arr_0']
+
+
+def direct_images(ckpt: str, official_seeds: bool = False) -> np.ndarray:
+    """Every plan batch sampled by calling the model directly with the batch's label and seed, in index order."""
+    from utils.model_io import ModelSpec, load_models
+    _, var, _ = load_models(ckpt, '', ModelSpec())
+    out = np.zeros((NUM_CLASSES * PER_CLASS, 8, 8, 3), np.uint8)
+    for b in make_plan(NUM_CLASSES, PER_CLASS, BATCH, seed=1, official_seeds=official_seeds):
+        with torch.inference_mode():
+            img = var.autoregressive_infer_cfg(b.size, torch.full((b.size,), b.label), g_seed=b.seed, cfg=1.5,
+                                               top_k=900, top_p=0.96, iter_left=ITERS[0], iter_right=ITERS[1])
+        out[b.start:b.start + b.size] = (img.clamp(0, 1) * 255).permute(0, 2, 3, 1).numpy().astype(np.uint8)
+    return out
+
+
+@pytest.fixture(scope='module')
+def reference(tiny_ckpt, tmp_path_factory):
+    """One single-process run: (sample_dir, arr_0)."""
+    out = tmp_path_factory.mktemp('ref')
+    npz = run_main(cli(tiny_ckpt, out))
+    assert npz == os.path.join(str(out), FOLDER + '.npz')
+    return out, load_npz(out)
+
+
+def test_npz_is_index_ordered_and_matches_direct_calls(tiny_ckpt, reference):
+    out, arr = reference
+    assert arr.dtype == np.uint8 and arr.shape == (NUM_CLASSES * PER_CLASS, 8, 8, 3)
+    assert arr.std() > 0
+    np.testing.assert_array_equal(arr, direct_images(tiny_ckpt))
+    from PIL import Image
+    for i in range(len(arr)):   # the PNGs are the npz rows
+        np.testing.assert_array_equal(np.asarray(Image.open(os.path.join(str(out), FOLDER, png_name(i)))), arr[i])
+
+
+def test_json_report(reference):
+    out, _ = reference
+    with open(os.path.join(str(out), FOLDER + '.json')) as f:
+        report = json.load(f)
+    planned = np.linspace(*ITERS, 4, dtype=int).tolist()
+    assert report['iters_per_scale_planned'] == planned
+    assert report['iters_per_scale'] == planned            # a fixed schedule runs exactly its counts
+    assert report['images'] == NUM_CLASSES * PER_CLASS == report['images_sampled_this_run']
+    assert report['images_per_s'] > 0 and report['peak_memory_bytes'] > 0
+    assert report['peak_memory_kind'] == 'cpu_peak_rss'
+    assert report['settings']['batch_size'] == BATCH and report['model']['use_implicit'] is True
+    assert not [n for n in os.listdir(os.path.join(str(out), FOLDER)) if n.endswith('.tmp')]
+
+
+def test_two_ranks_give_the_same_images(tiny_ckpt, reference, tmp_path):
+    proc = run_subprocess(cli(tiny_ckpt, tmp_path), torchrun=2)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    np.testing.assert_array_equal(load_npz(tmp_path), reference[1])
+    with open(os.path.join(str(tmp_path), FOLDER + '.json')) as f:
+        report = json.load(f)
+    assert report['world_size'] == 2 and [r['images'] for r in report['per_rank']] == [6, 3]
+
+
+def test_resume_skips_finished_and_remakes_truncated(tiny_ckpt, reference, tmp_path):
+    run_main(cli(tiny_ckpt, tmp_path, '--stop_after', '2'))   # batches 0 and 1: images 0, 1 | 2
+    folder = os.path.join(str(tmp_path), FOLDER)
+    assert sorted(n for n in os.listdir(folder) if n.endswith('.png')) == [png_name(i) for i in range(3)]
+    assert not os.path.exists(folder + '.npz')
+    with open(os.path.join(folder, png_name(1)), 'rb') as f:
+        data = f.read()
+    with open(os.path.join(folder, png_name(1)), 'wb') as f:   # a half-written file under the final name
+        f.write(data[:len(data) // 2])
+    with open(os.path.join(folder, '.000004.png.999.tmp'), 'wb') as f:   # debris of a killed write
+        f.write(b'junk')
+    kept = {i: os.stat(os.path.join(folder, png_name(i))).st_mtime_ns for i in (0, 2)}
+    time.sleep(0.05)
+    run_main(cli(tiny_ckpt, tmp_path))
+    np.testing.assert_array_equal(load_npz(tmp_path), reference[1])
+    assert {i: os.stat(os.path.join(folder, png_name(i))).st_mtime_ns for i in (0, 2)} == kept   # not redone
+    assert not [n for n in os.listdir(folder) if n.endswith('.tmp')]
+    with open(os.path.join(str(tmp_path), FOLDER + '.json')) as f:
+        assert json.load(f)['images_sampled_this_run'] == NUM_CLASSES * PER_CLASS - 2
+
+
+def test_resume_after_sigkill(tiny_ckpt, reference, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.Popen([sys.executable, 'sampling.py', *cli(tiny_ckpt, tmp_path)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    folder = os.path.join(str(tmp_path), FOLDER)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isdir(folder) and any(n.endswith('.png') for n in os.listdir(folder)):
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_main(cli(tiny_ckpt, tmp_path))
+    np.testing.assert_array_equal(load_npz(tmp_path), reference[1])
+
+
+def test_corrupt_png_is_removed_then_remade(tiny_ckpt, reference, tmp_path):
+    run_main(cli(tiny_ckpt, tmp_path))
+    path = os.path.join(str(tmp_path), FOLDER, png_name(4))
+    with open(path, 'rb') as f:
+        data = bytearray(f.read())
+    data[8:-12] = bytes(len(data) - 20)   # complete-looking (signature and IEND) but unreadable
+    with open(path, 'wb') as f:
+        f.write(bytes(data))
+    with pytest.raises(SystemExit, match='corrupt'):
+        run_main(cli(tiny_ckpt, tmp_path))
+    assert not os.path.exists(path)
+    run_main(cli(tiny_ckpt, tmp_path))
+    np.testing.assert_array_equal(load_npz(tmp_path), reference[1])
+
+
+def test_official_seeds_and_no_mixing(tiny_ckpt, reference, tmp_path):
+    run_main(cli(tiny_ckpt, tmp_path, '--official_seeds'))
+    arr = load_npz(tmp_path)
+    np.testing.assert_array_equal(arr, direct_images(tiny_ckpt, official_seeds=True))
+    assert not np.array_equal(arr, reference[1])
+    with pytest.raises(SystemExit, match='official_seeds'):   # same folder name, other seeds: refused
+        run_main(cli(tiny_ckpt, tmp_path, '--official_seeds', 'False'))
+
+
+def test_flags_parse_as_typed():
+    import sampling
+    parse = sampling.build_parser().parse_args
+    assert parse(['--use_implicit']).use_implicit is True
+    assert parse(['--use_implicit', 'False']).use_implicit is False
+    assert parse(['--use_implicit', 'True', '--official_seeds', '--ema', 'no']).official_seeds is True
+    args = parse([])
+    assert (args.cfg, args.top_k, args.top_p, args.seed, args.per_class, args.depth) == (1.5, 900, 0.96, 1, 50, 30)
+    assert parse(['--ckpt_path', 'x.pth', '--num_classes', '10']).var_ckpt == 'x.pth'
+    with pytest.raises(SystemExit):
+        parse(['--use_implicit', 'maybe'])
+
+
+def test_bad_plan_is_a_clear_error(tiny_ckpt, tmp_path):
+    with pytest.raises(SystemExit, match='5 classes'):
+        run_main(cli(tiny_ckpt, tmp_path, '--num_classes', '6'))
+    with pytest.raises(SystemExit, match='batch_size'):
+        run_main(cli(tiny_ckpt, tmp_path, '--batch_size', '0'))
