@@ -152,7 +152,7 @@ def describe_stats(stats, batch_size: int) -> List[str]:
         text = ','.join(f'{m:g}' for m in mean)
         lines.append(f'implicit iterations per scale: {text} (total {sum(mean):g})')
     kv = max(s.kv_cache_bytes for s in stats)
-    lines.append(f'KV cache: {kv / 2 ** 20:.2f} MiB for a batch of {batch_size} (x2 for CFG inside)')
+    lines.append(f'KV cache: {kv / 2 ** 20:.2f} MiB for a batch of {batch_size} (cond + uncond rows)')
     return lines
 
 

@@ -135,7 +135,7 @@ def add_schedule_args(parser: argparse.ArgumentParser):
                    help='adaptive: residual relative to ||G(z)|| (rel) or absolute (abs)')
     add_bool_arg(g, '--official_kv', False,
                  'attend, as the official code, to no earlier scale at an iteration index that scale never ran '
-                 '(only differs for schedules that are not constant)')
+                 '(only differs where a scale runs more iterations than an earlier one)')
     return g
 
 
