@@ -36,8 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The official sampling.py flags plus the schedule, plan, precision and resume flags."""
     p = argparse.ArgumentParser(description='VAR / VIAR 50K sampler for FID (distributed, resumable)',
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_model_args(p, depth=30, var_ckpt=None)
-    p.set_defaults(dtype=None)   # resolved in main: fp16 autocast on CUDA (the official run), fp32 on CPU
+    add_model_args(p, depth=30, var_ckpt=None, dtype='auto')
     add_bool_arg(p, '--ema', False, "sample with the EMA weights of a training export ('model_ema')")
     g = p.add_argument_group('sampling')
     g.add_argument('--cfg', type=float, default=1.5, help='classifier-free guidance weight at the last scale')
@@ -189,12 +188,13 @@ def peak_memory(device: torch.device) -> Dict:
 def plan_settings(args: argparse.Namespace, spec, sample_kw: dict, num_classes: int, dtype: str) -> Dict:
     """Everything that decides the pixels of image i; a resumed run must match it."""
     sched = sample_kw['schedule']
+    iterations = dict(counts=sched.counts, tau=sched.tau, stop_mode=sched.stop_mode, min_iters=sched.min_iters,
+                      fill_forward=sample_kw['fill_forward']) if spec.use_implicit else {}
     return json.loads(json.dumps(dict(
         var_ckpt=os.path.abspath(args.var_ckpt), vae_ckpt=os.path.abspath(args.vae_ckpt) if args.vae_ckpt else '',
         ema=bool(args.ema), model=spec.to_dict(), cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
         official_seeds=bool(args.official_seeds), num_classes=num_classes, per_class=args.per_class,
-        batch_size=args.batch_size, counts=sched.counts, tau=sched.tau, stop_mode=sched.stop_mode,
-        min_iters=sched.min_iters, fill_forward=sample_kw['fill_forward'], dtype=dtype)))
+        batch_size=args.batch_size, dtype=dtype, **iterations)))
 
 
 def check_plan_file(folder: str, settings: Dict):
@@ -330,7 +330,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[str]:
     device = setup_device(args)
     rank, world = dist.get_rank(), dist.get_world_size()
     setup_logging(rank)
-    dtype = args.dtype or ('fp16' if device.type == 'cuda' else 'fp32')
+    dtype = args.dtype if args.dtype != 'auto' else 'fp16' if device.type == 'cuda' else 'fp32'
     try:
         vae, var, spec = load(args, device)
         num_classes = spec.num_classes if args.sample_classes is None else args.sample_classes

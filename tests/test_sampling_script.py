@@ -241,3 +241,21 @@ def test_bad_plan_is_a_clear_error(tiny_ckpt, tmp_path):
         run_main(cli(tiny_ckpt, tmp_path, '--num_classes', '6'))
     with pytest.raises(SystemExit, match='batch_size'):
         run_main(cli(tiny_ckpt, tmp_path, '--batch_size', '0'))
+
+
+def test_explicit_var_folder_and_report(tmp_path):
+    from tests.tiny import tiny_vae_var
+    from utils.checkpoint import save_atomic
+    from utils.model_io import ModelSpec, slim_export
+    vae, var = tiny_vae_var(False, depth=2)
+    spec = ModelSpec(depth=2, use_implicit=False, embed_dim=32, num_heads=2, patch_nums=(1, 2, 3, 4), V=48, Cvae=8,
+                     vae_ch=32, vae_ch_mult=(1, 1), vae_num_res_blocks=1, num_classes=5)
+    ckpt = str(tmp_path / 'var_tiny.pth')
+    save_atomic(slim_export(var, spec, vae=vae), ckpt)
+    npz = run_main(cli(ckpt, tmp_path / 'out', '--num_classes', '2', '--per_class', '2', '--cfg', '2'))
+    assert os.path.basename(npz) == 'd2-var_tiny.pth-cfg-2.0-seed-1.npz'
+    with np.load(npz) as f:
+        assert f['arr_0'].shape == (4, 8, 8, 3)
+    with open(npz[:-4] + '.json') as f:
+        report = json.load(f)
+    assert report['iters_per_scale'] is None and report['model']['use_implicit'] is False
