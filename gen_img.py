@@ -17,6 +17,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from utils import image_io
+from utils.checkpoint import CheckpointError, load_vae_weights
+from utils.model_io import build_models, load_models
 from utils.editing import EDIT_MODES, expand_edit_spec, make_edit_spec, mode_mask, parse_box
 from utils.sample_args import (add_bool_arg, add_model_args, add_schedule_args, add_size_args, autocast_context,
                                resolve_device, sampling_kwargs, spec_from_args)
@@ -69,8 +71,6 @@ def default_var_ckpt(depth: int, use_implicit: bool) -> str:
 
 def load(args: argparse.Namespace, device: torch.device):
     """(vae, var, tag): a checkpoint through utils.model_io (its own config wins), or random weights."""
-    from utils.checkpoint import CheckpointError, load_vae_weights
-    from utils.model_io import build_models, load_models
     spec = spec_from_args(args)
     try:
         if args.var_ckpt == RANDOM:
@@ -103,7 +103,6 @@ def image_plan(classes: Sequence[int], seeds: Sequence[int]) -> List[Tuple[int, 
 
 def chunks(items: Sequence, size: int) -> List[Sequence]:
     """Consecutive slices of at most `size` items."""
-    size = max(1, size)
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
@@ -206,6 +205,21 @@ def edit_inputs(args: argparse.Namespace, vae, var, device):
     return img_13HW.to(device), mask_1HW.to(device)
 
 
+def prepare_edit(args: argparse.Namespace, vae, var, device, out_dir: str):
+    """(EditSpec of the input image, paths): writes edit_input.png, edit_mask.png and edit_recon.png."""
+    img_13HW, mask_1HW = edit_inputs(args, vae, var, device)
+    with torch.inference_mode():
+        edit = make_edit_spec(vae, img_13HW, mask_1HW, var.patch_nums)
+        recon_13HW = vae.idxBl_to_img(edit.gt_idx_Bl, same_shape=True, last_one=True)
+    files = {'edit_input.png': img_13HW[0].add(1).mul(0.5), 'edit_mask.png': image_io.mask_to_image(mask_1HW)[0],
+             'edit_recon.png': recon_13HW[0].add(1).mul(0.5)}
+    paths = [os.path.join(out_dir, name) for name in files]
+    for path, img_3HW in zip(paths, files.values()):
+        image_io.save_png(img_3HW, path)
+    print(f'[gen_img] editing {args.edit_image}: {int(mask_1HW.sum())} of {mask_1HW.numel()} pixels regenerated')
+    return edit, paths
+
+
 def main(argv: Optional[Sequence[str]] = None):
     """Parse flags, load the model, then generate or edit and write the PNGs."""
     args = build_parser().parse_args(argv)
@@ -218,9 +232,11 @@ def main(argv: Optional[Sequence[str]] = None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     vae, var, tag = load(args, device)
-    classes = [args.edit_class] if args.edit_image and args.edit_class is not None else list(args.class_label)
-    check_classes(classes, var.num_classes, '--edit_class' if args.edit_image and args.edit_class is not None
-                  else '--class_label')
+    if args.edit_image and args.edit_class is not None:
+        classes, class_flag = [args.edit_class], '--edit_class'
+    else:
+        classes, class_flag = list(args.class_label), '--class_label'
+    check_classes(classes, var.num_classes, class_flag)
     out_dir = os.path.join(args.output_dir, tag)
     os.makedirs(out_dir, exist_ok=True)
     sample_kw = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth,
@@ -229,23 +245,16 @@ def main(argv: Optional[Sequence[str]] = None):
     print(f'[gen_img] {kind}, depth {var.depth}, width {var.C}, {var.num_classes} classes, device {device}, '
           f'schedule {sample_kw["schedule"].label()}')
 
-    plan, edit, prefix = image_plan(classes, args.seeds), None, ''
+    plan, edit, paths = image_plan(classes, args.seeds), None, []
     if args.edit_image:
-        img_13HW, mask_1HW = edit_inputs(args, vae, var, device)
-        with torch.inference_mode():
-            edit = make_edit_spec(vae, img_13HW, mask_1HW, var.patch_nums)
-            recon_13HW = vae.idxBl_to_img(edit.gt_idx_Bl, same_shape=True, last_one=True)
-        image_io.save_png(img_13HW[0].add(1).mul(0.5), os.path.join(out_dir, 'edit_input.png'))
-        image_io.save_png(image_io.mask_to_image(mask_1HW)[0], os.path.join(out_dir, 'edit_mask.png'))
-        image_io.save_png(recon_13HW[0].add(1).mul(0.5), os.path.join(out_dir, 'edit_recon.png'))
-        prefix = 'edit_'
-        print(f'[gen_img] editing {args.edit_image}: {int(mask_1HW.sum())} of {mask_1HW.numel()} pixels regenerated')
+        edit, paths = prepare_edit(args, vae, var, device, out_dir)
 
     t0 = time.perf_counter()
     with torch.inference_mode(), autocast_context(device, args.dtype):
         imgs_N3HW, stats = generate(var, plan, args.batch_size, sample_kw, edit, progress=args.progress)
     dt = time.perf_counter() - t0
-    paths = write_images(imgs_N3HW, plan, classes, args.seeds, out_dir, prefix, args.save_grid, args.nrow)
+    paths += write_images(imgs_N3HW, plan, classes, args.seeds, out_dir, 'edit_' if edit else '', args.save_grid,
+                          args.nrow)
     for line in describe_stats(stats, min(args.batch_size, len(plan))):
         print(f'[gen_img] {line}')
     print(f'[gen_img] {len(plan)} images in {dt:.1f} s ({len(plan) / dt:.2f} img/s); wrote {len(paths)} files to {out_dir}')
