@@ -5,7 +5,7 @@ turns the parsed namespace into the object the code uses, so the mapping lives i
 """
 import argparse
 import contextlib
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
