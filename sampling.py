@@ -1,6 +1,6 @@
 """Sample the 50,000 images of the FID protocol (50 per ImageNet class) into PNGs and one `.npz`; resumable.
 
-    python sampling.py --ckpt_path ckpts/viar.pth --use_implicit True --depth 30 --cfg 1.5 --iter_left 10 --iter_right 10
+    python sampling.py --ckpt_path ckpts/viar.pth --use_implicit True --cfg 1.5 --iter_left 10 --iter_right 10
     torchrun --nproc_per_node=8 sampling.py ...   (same images for any number of processes)
 
 Writes `<sample_dir>/<name>/000000.png ...`, `<sample_dir>/<name>.npz` (`arr_0`, uint8 NHWC in index order)
@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_bool_arg(g, '--tf32', True, 'TF32 matmuls on CUDA, as the official script')
     add_schedule_args(p)
     o = p.add_argument_group('plan and output')
-    o.add_argument('--num_classes', dest='sample_classes', type=int, default=None,
-                   help="classes 0..num_classes-1 to sample (default: all of the model's, 1000 for ImageNet)")
+    o.add_argument('--num_classes', dest='sample_classes', type=int, default=None, metavar='N',
+                   help="sample classes 0..N-1; None = all of the model's classes (1000 for ImageNet)")
     o.add_argument('--per_class', type=int, default=50, help='images per class')
     o.add_argument('--batch_size', type=int, default=25,
                    help='images per forward pass (capped at per_class: a batch never mixes classes); '
