@@ -29,6 +29,8 @@ from utils.sample_args import (add_bool_arg, add_model_args, add_schedule_args, 
 log = logging.getLogger('sampling')
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 PNG_TRAILER = b'\x00\x00\x00\x00IEND\xaeB`\x82'   # the empty IEND chunk every complete PNG ends with
+MEASURED = ('seconds', 'model_seconds', 'images_per_s', 'images_per_s_with_io', 'iters_per_scale', 'peak_memory_bytes',
+            'peak_memory_kind', 'per_rank')
 PLAN_FILE = '.plan.json'                          # inside the image folder: the settings its images were made with
 
 
@@ -315,6 +317,9 @@ def finish(folder: str, total: int, report: Dict, progress: bool) -> str:
     npz_path = f'{folder}.npz'
     shape = pack_npz(folder, total, npz_path, progress=progress)
     report = dict(npz=npz_path, images=total, shape=list(shape), **report)
+    old = read_json(f'{folder}.json')
+    if report['images_sampled_this_run'] == 0 and old:   # a re-pack only: keep the figures of the run that sampled
+        report.update({k: old[k] for k in MEASURED if k in old}, figures_from_earlier_run=True)
     write_json_atomic(report, f'{folder}.json')
     speed = f'{report["images_per_s"]:.2f} img/s' if report['images_per_s'] else 'nothing new sampled'
     log.info(f'wrote {npz_path} {tuple(shape)} and {folder}.json ({speed}, peak memory '

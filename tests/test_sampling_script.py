@@ -153,6 +153,19 @@ def test_json_report(reference):
     assert not [n for n in os.listdir(os.path.join(str(out), FOLDER)) if n.endswith('.tmp')]
 
 
+def test_rerun_of_a_finished_folder_repacks_and_keeps_figures(tiny_ckpt, reference, tmp_path):
+    import shutil
+    out = tmp_path / 'copy'
+    shutil.copytree(str(reference[0]), str(out))
+    os.remove(os.path.join(str(out), FOLDER + '.npz'))
+    run_main(cli(tiny_ckpt, out))
+    np.testing.assert_array_equal(load_npz(out), reference[1])
+    with open(os.path.join(str(out), FOLDER + '.json')) as f:
+        report = json.load(f)
+    assert report['images_sampled_this_run'] == 0 and report['figures_from_earlier_run'] is True
+    assert report['images_per_s'] > 0 and report['iters_per_scale'] == np.linspace(*ITERS, 4, dtype=int).tolist()
+
+
 def test_two_ranks_give_the_same_images(tiny_ckpt, reference, tmp_path):
     proc = run_subprocess(cli(tiny_ckpt, tmp_path), torchrun=2)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
