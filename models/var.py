@@ -156,6 +156,8 @@ class VARBase(nn.Module):
         """Sample B images of class label_B with classifier-free guidance; returns (B, 3, H, W) in [0, 1].
 
         label_B: LongTensor (B,), an int for all (negative = unconditional), or None (uniform random).
+        g_seed: an int seeds one generator for the batch (official); a list of B ints one per row, so a
+        row's image does not depend on the batch it is in.
         Implicit iterations per scale: `schedule`, else the official linspace(iter_left, iter_right).
         fill_forward=False attends, as the official code, to no earlier scale at an iteration index
         that scale never ran. With return_stats, returns (images, SampleStats).
@@ -163,10 +165,11 @@ class VARBase(nn.Module):
         K = len(self.patch_nums)
         schedule = schedule or IterSchedule(linspace_iters(iter_left, iter_right, K))
         dev = self.lvl_1L.device
-        rng = None if g_seed is None else torch.Generator(device=dev).manual_seed(g_seed)
+        rng = sample_ops.make_rng(g_seed, dev)
+        if isinstance(rng, list) and len(rng) != B:
+            raise ValueError(f'g_seed lists one seed per row: got {len(rng)} seeds for B={B}')
         if label_B is None:
-            uniform = torch.full((1, self.num_classes), 1.0 / self.num_classes, device=dev)
-            label_B = torch.multinomial(uniform, num_samples=B, replacement=True, generator=rng).reshape(B)
+            label_B = sample_ops.random_labels(B, self.num_classes, rng, dev)
         elif isinstance(label_B, int):
             label_B = torch.full((B,), self.num_classes if label_B < 0 else label_B, device=dev)
         label_B = label_B.to(dev)

@@ -136,3 +136,21 @@ def test_editing_keeps_tokens_outside_the_mask():
     for t, gt_k, keep_k in zip(tokens, gt, keep):
         assert torch.equal(t[keep_k], gt_k[keep_k])
     assert any(not torch.equal(t[~k], gt_k[~k]) for t, gt_k, k in zip(tokens, gt, keep))
+
+
+@pytest.mark.parametrize('use_implicit', [False, True])
+def test_per_row_seeds_make_batching_invisible(use_implicit):
+    """Same tokens whatever the batch; images equal up to float noise of batch-size-dependent kernels."""
+    _, var = tiny_vae_var(use_implicit)
+    kw = dict(cfg=1.5, top_k=10, top_p=0.9, schedule=S.decreasing(3, 2, 4))
+    img_b, _, tok_b, _ = sample_and_capture(var, 3, torch.tensor([1, 2, 3]), g_seed=[11, 12, 13], **kw)
+    for b, (label, seed) in enumerate([(1, 11), (2, 12), (3, 13)]):
+        img_1, _, tok_1, _ = sample_and_capture(var, 1, torch.tensor([label]), g_seed=seed, **kw)
+        assert all(torch.equal(tb[b:b + 1], t1) for tb, t1 in zip(tok_b, tok_1))
+        assert torch.allclose(img_b[b:b + 1], img_1, atol=1e-5)
+        assert torch.equal(var.autoregressive_infer_cfg(1, torch.tensor([label]), g_seed=[seed], **kw), img_1)
+    smooth = dict(kw, more_smooth=True)
+    a = var.autoregressive_infer_cfg(2, None, g_seed=[5, 6], **smooth)
+    assert torch.allclose(a[1:], var.autoregressive_infer_cfg(1, None, g_seed=6, **smooth), atol=1e-5)
+    with pytest.raises(ValueError, match='one seed per row'):
+        var.autoregressive_infer_cfg(2, 1, g_seed=[1, 2, 3])
