@@ -1,0 +1,138 @@
+"""ImageNet-style class folders (`<data_path>/train/<class>/*`, `<data_path>/val/<class>/*`) and the official augmentation.
+
+Augmentation: resize the shorter side to round(mid_reso * final_reso) with LANCZOS, RandomCrop (train) or
+CenterCrop (val) to final_reso, optional horizontal flip (train), ToTensor, then x * 2 - 1.
+
+Bad input is a clear one-line error (DataError, a SystemExit): a missing folder, a folder without class
+subfolders, a class folder with no image. An image that cannot be decoded is an error too, raised when it
+is loaded (UnreadableImageError, naming the file): it is not skipped, because silently dropping samples
+would change the batch and the data order; delete or replace the file and restart (training resumes).
+
+Random augmentation is reproducible: each sample arrives with its own seed from the sampler, and the
+transform runs under that seed in a forked RNG, so crops and flips depend only on (seed, epoch, position),
+not on the number of workers or on where a run was resumed.
+"""
+import os
+from typing import Dict, List, Optional, Tuple
+
+import PIL.Image as PImage
+import torch
+from torch.utils.data import Dataset
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms import InterpolationMode, transforms
+
+
+class DataError(SystemExit):
+    """A data folder that cannot be used; the message says what to fix."""
+
+
+class UnreadableImageError(RuntimeError):
+    """An image file that PIL cannot decode."""
+
+
+def pm1(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] -> [-1, 1]."""
+    return x.mul(2).sub_(1)
+
+
+def build_transforms(final_reso: int, mid_reso_px: int, hflip: bool) -> Tuple[transforms.Compose, transforms.Compose]:
+    """(train, val) transforms of the official recipe."""
+    resize = transforms.Resize(mid_reso_px, interpolation=InterpolationMode.LANCZOS)
+    train = [resize, transforms.RandomCrop((final_reso, final_reso)), transforms.ToTensor(), pm1]
+    if hflip:
+        train.insert(0, transforms.RandomHorizontalFlip())
+    val = [resize, transforms.CenterCrop((final_reso, final_reso)), transforms.ToTensor(), pm1]
+    return transforms.Compose(train), transforms.Compose(val)
+
+
+def load_rgb(path: str) -> PImage.Image:
+    """Decode an image as RGB; an undecodable file raises UnreadableImageError naming it."""
+    try:
+        with open(path, 'rb') as f:
+            img = PImage.open(f)
+            return img.convert('RGB')
+    except Exception as e:
+        raise UnreadableImageError(f'cannot read image {path} ({type(e).__name__}: {e}); '
+                                   f'delete or replace the file and restart (training resumes).') from None
+
+
+def is_image(name: str) -> bool:
+    """Has an image extension torchvision's ImageFolder accepts."""
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def scan_classes(root: str, split: str) -> List[str]:
+    """Sorted class folder names of a split, after checking each exists and holds an image."""
+    if not os.path.isdir(root):
+        raise DataError(f'{split} folder {root} does not exist: --data_path must contain train/ and val/ '
+                        f'with one subfolder per class (ImageNet layout).')
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if not classes:
+        raise DataError(f'{root} has no class subfolders: put the images of each class in their own folder, '
+                        f'e.g. {root}/n01440764/xxx.JPEG.')
+    for c in classes:
+        with os.scandir(os.path.join(root, c)) as it:
+            if not any(e.is_file() and is_image(e.name) for e in it):
+                raise DataError(f'class folder {os.path.join(root, c)} holds no image '
+                                f'({", ".join(IMG_EXTENSIONS[:4])}...): add images or remove the folder.')
+    return classes
+
+
+class ClassFolder(ImageFolder):
+    """torchvision ImageFolder with a fixed class list (val uses train's class indices)."""
+
+    def __init__(self, root: str, classes: List[str], transform=None):
+        self._fixed_classes = classes
+        super().__init__(root, transform=transform, loader=load_rgb)
+
+    def find_classes(self, directory: str) -> Tuple[List[str], Dict[str, int]]:
+        """The classes present in this folder, indexed as in the fixed list."""
+        idx = {c: i for i, c in enumerate(self._fixed_classes)}
+        present = sorted(e.name for e in os.scandir(directory) if e.is_dir())
+        unknown = [c for c in present if c not in idx]
+        if unknown:
+            raise DataError(f'{directory} has class folders missing from train/: {unknown[:5]}; '
+                            f'val/ classes must be a subset of train/ classes.')
+        return present, {c: idx[c] for c in present}
+
+
+class SeededSamples(Dataset):
+    """Items are (index, seed): the transform of sample `index` runs under `seed` in a forked RNG."""
+
+    def __init__(self, base: ClassFolder):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, item):
+        if isinstance(item, tuple):
+            index, seed = item
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self.base[index]
+        return self.base[item]
+
+
+def build_datasets(data_path: str, final_reso: int, mid_reso_px: int, hflip: bool = False
+                   ) -> Tuple[int, SeededSamples, ClassFolder]:
+    """(num_classes, train set yielding seeded samples, val set); clear errors on a bad folder."""
+    if not data_path or not os.path.isdir(data_path):
+        raise DataError(f'--data_path {data_path!r} is not a folder: pass the ImageNet root, '
+                        f'e.g. --data_path=/data/imagenet with train/ and val/ inside.')
+    train_tf, val_tf = build_transforms(final_reso, mid_reso_px, hflip)
+    classes = scan_classes(os.path.join(data_path, 'train'), 'train')
+    scan_classes(os.path.join(data_path, 'val'), 'val')
+    train = ClassFolder(os.path.join(data_path, 'train'), classes, transform=train_tf)
+    val = ClassFolder(os.path.join(data_path, 'val'), classes, transform=val_tf)
+    return len(classes), SeededSamples(train), val
+
+
+def unreadable_message(err: BaseException) -> Optional[str]:
+    """The one-line message of an UnreadableImageError, also when re-raised from a DataLoader worker."""
+    text = str(err)
+    for line in reversed(text.splitlines()):
+        if 'cannot read image' in line:
+            return line[line.index('cannot read image'):]
+    return None
