@@ -109,8 +109,8 @@ def chunks(items: Sequence, size: int) -> List[Sequence]:
 def sample_batch(var, plan: Sequence[Tuple[int, int]], sample_kw: dict, edit=None):
     """(images (B, 3, H, W) in [0, 1], SampleStats) for a batch of (class, seed) pairs.
 
-    One generator per image seeded with its seed: B = 1 is exactly the official call; B > 1 passes the
-    list of seeds, which needs a sampler that draws row b from generator b.
+    One generator per image seeded with its seed (a list of seeds for B > 1), so an image's tokens
+    depend only on its (class, seed), never on the batch it is in; B = 1 is exactly the official call.
     """
     dev = var.class_emb.weight.device
     label_B = torch.tensor([c for c, _ in plan], device=dev)
@@ -118,14 +118,7 @@ def sample_batch(var, plan: Sequence[Tuple[int, int]], sample_kw: dict, edit=Non
     g_seed = seeds[0] if len(seeds) == 1 else seeds
     if edit is not None:
         edit = expand_edit_spec(edit, len(plan))
-    try:
-        return var.autoregressive_infer_cfg(len(plan), label_B, g_seed=g_seed, edit=edit, return_stats=True,
-                                            **sample_kw)
-    except (TypeError, RuntimeError) as e:   # a sampler that takes one int seed per call rejects the list
-        if isinstance(g_seed, list) and 'manual_seed' in str(e):
-            raise SystemExit('error: this model version seeds one generator per call, so batched images would '
-                             'depend on their batch; use --batch_size 1.') from None
-        raise
+    return var.autoregressive_infer_cfg(len(plan), label_B, g_seed=g_seed, edit=edit, return_stats=True, **sample_kw)
 
 
 def generate(var, plan: Sequence[Tuple[int, int]], batch_size: int, sample_kw: dict, edit=None,

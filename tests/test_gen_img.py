@@ -76,9 +76,6 @@ def test_two_classes_grid_rows_are_classes(viar_ckpt, tmp_path):
     assert not np.array_equal(read_png(out / 'class1_seed2.png'), read_png(out / 'class4_seed2.png'))
 
 
-@pytest.mark.xfail(strict=True, raises=SystemExit,
-                   reason='autoregressive_infer_cfg takes one int g_seed per call: batched rows share a generator '
-                          '(reported; remove this mark once it accepts one seed per row)')
 def test_batching_seeds_gives_the_same_images(tmp_path):
     _, var = tiny_vae_var(True)
     plan = gen_img.image_plan([0, 2], [1, 2, 3])
