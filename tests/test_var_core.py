@@ -107,3 +107,20 @@ def test_build_is_deterministic_and_official_init():
     assert abs(proj.std().item() / (std / (2 * v.depth) ** 0.5) - 1) < 0.3
     assert torch.allclose(v.pre_blocks[0].attn.scale_mul_1H11.exp(), torch.tensor(4.0))
     assert torch.equal(v.attn_bias_for_masking, __import__('models.layout', fromlist=['x']).block_causal_bias(v.patch_nums))
+
+
+@pytest.mark.parametrize('use_implicit', [False, True])
+def test_bf16_autocast_training_and_sampling(use_implicit):
+    from models import schedules as S
+    vae, var = tiny_vae_var(use_implicit)
+    var.cond_drop_rate = 0.0
+    _, x = tiny_tokens(vae, var, 2)
+    ref = var(torch.tensor([0, 1]), x, jfb_iters=(1, 1))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y = var(torch.tensor([0, 1]), x, jfb_iters=(1, 1))
+        img, st16 = var.autoregressive_infer_cfg(2, 1, g_seed=0, schedule=S.constant(2, 4), return_stats=True)
+    _, st32 = var.autoregressive_infer_cfg(2, 1, g_seed=0, schedule=S.constant(2, 4), return_stats=True)
+    assert y.dtype == torch.float32 and torch.isfinite(y).all()
+    assert (y - ref).abs().max() < 0.1 * ref.abs().max()
+    assert torch.isfinite(img).all() and img.shape == (2, 3, 8, 8)
+    assert st16.kv_cache_bytes * 2 == st32.kv_cache_bytes   # caches take the autocast dtype
