@@ -213,6 +213,10 @@ def test_ema_follows_the_weights_with_warmed_up_decay():
     assert d == pytest.approx(0.1)
     assert torch.allclose(ema.shadow['weight'], d * start + (1 - d) * lin.weight)
     assert ema_decay_at(0.9, 10 ** 6) == 0.9
+    _, var = tiny_vae_var(True)   # buffers holding -inf (the attention mask) are copied, not averaged
+    ema = ModelEMA(var, 0.99)
+    ema.update(var)
+    assert torch.equal(ema.shadow['attn_bias_for_masking'], var.attn_bias_for_masking)
 
 
 def test_non_finite_gradients_skip_the_step():

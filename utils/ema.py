@@ -11,11 +11,12 @@ def ema_decay_at(decay: float, num_updates: int) -> float:
 
 
 class ModelEMA:
-    """Float32 shadow copy of a model's state dict: float tensors are averaged, the others copied."""
+    """Float32 shadow copy of a model's state dict: parameters are averaged, buffers copied."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         self.num_updates = 0
+        self.param_names = {n for n, _ in model.named_parameters()}
         self.shadow: Dict[str, torch.Tensor] = {k: v.detach().clone().float() if v.is_floating_point() else v.detach().clone()
                                                 for k, v in model.state_dict().items()}
 
@@ -24,11 +25,10 @@ class ModelEMA:
         """Fold the model's current weights into the average (call after each optimizer step)."""
         d = ema_decay_at(self.decay, self.num_updates)
         for k, v in model.state_dict().items():
-            s = self.shadow[k]
-            if s.is_floating_point():
-                s.lerp_(v.detach().float(), 1 - d)
-            else:
-                s.copy_(v)
+            if k in self.param_names:
+                self.shadow[k].lerp_(v.detach().float(), 1 - d)
+            else:   # buffers (e.g. the -inf attention mask) are copied, never averaged
+                self.shadow[k].copy_(v)
         self.num_updates += 1
 
     def state_dict(self) -> Dict:

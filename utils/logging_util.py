@@ -5,6 +5,7 @@ rank checks.
 """
 import logging
 import os
+import socket
 import sys
 import time
 from typing import Dict, Optional
@@ -39,20 +40,24 @@ def get_logger() -> logging.Logger:
 class ScalarWriter:
     """Tensorboard scalars on the master rank; a no-op elsewhere or when tensorboard is missing.
 
-    Writes events with tensorboard's own EventFileWriter: torch.utils.tensorboard would import
-    TensorFlow when it is installed (it is, for the evaluator), which costs seconds at start-up.
+    Writes the event file with tensorboard's RecordWriter on a plain local file: torch's SummaryWriter
+    (and tensorboard's EventFileWriter) import TensorFlow when it is installed, as it is here for the
+    evaluator, which costs seconds at start-up and a GPU probe.
     """
 
     def __init__(self, log_dir: Optional[str]):
         self.tb = None
         if log_dir:
             try:
-                from tensorboard.summary.writer.event_file_writer import EventFileWriter
+                from tensorboard.summary.writer.record_writer import RecordWriter
+                from tensorboard.compat.proto.event_pb2 import Event
             except ImportError:
                 get_logger().warning('tensorboard is not installed: no tensorboard scalars will be written')
                 return
             os.makedirs(log_dir, exist_ok=True)
-            self.tb = EventFileWriter(log_dir)
+            name = f'events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}'
+            self.tb = RecordWriter(open(os.path.join(log_dir, name), 'wb'))
+            self.tb.write(Event(wall_time=time.time(), file_version='brain.Event:2').SerializeToString())
 
     def add(self, head: str, scalars: Dict[str, Optional[float]], step: int):
         """Write head/name = value for every value that is not None."""
@@ -62,7 +67,8 @@ class ScalarWriter:
         from tensorboard.compat.proto.summary_pb2 import Summary
         values = [Summary.Value(tag=f'{head}/{k}', simple_value=float(v)) for k, v in scalars.items() if v is not None]
         if values:
-            self.tb.add_event(Event(wall_time=time.time(), step=int(step), summary=Summary(value=values)))
+            event = Event(wall_time=time.time(), step=int(step), summary=Summary(value=values))
+            self.tb.write(event.SerializeToString())
 
     def flush(self):
         """Flush pending events."""

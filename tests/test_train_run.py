@@ -1,0 +1,179 @@
+"""train.py end to end on CPU: torchrun x2 (VAR and VIAR), kill and resume, non-finite steps, bad input."""
+import os
+import shutil
+
+import pytest
+import torch
+
+import train
+from tests.tiny import tiny_vae_var
+from tests.train_helpers import make_image_folder, read_steps, run_train, tiny_flags
+from utils.amp_opt import AmpOptimizer, build_adamw
+from utils.lr_control import param_groups
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    return make_image_folder(str(tmp_path_factory.mktemp('imgs')))
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize('implicit', [True, False])
+def test_torchrun_two_ranks_train_with_identical_jfb_draws(data, tmp_path, implicit):
+    out = str(tmp_path / 'out')
+    _ok(run_train(tiny_flags(data, out, implicit, '--ep=12', '--save_freq=6'), torchrun=2))
+    r0, r1 = read_steps(f'{out}/steps-rank0.jsonl'), read_steps(f'{out}/steps-rank1.jsonl')
+    assert sorted(r0) == sorted(r1) == list(range(1, 25))
+    assert [(r0[s]['n'], r0[s]['m']) for s in r0] == [(r1[s]['n'], r1[s]['m']) for s in r0]
+    if implicit:
+        assert len({(r['n'], r['m']) for r in r0.values()}) > 3 and all(1 <= r['m'] <= 3 for r in r0.values())
+    for r in (r0, r1):   # each rank's loss on its own half of the (overfittable) set falls clearly
+        first, last = sum(r[s]['loss'] for s in range(1, 5)) / 4, sum(r[s]['loss'] for s in range(21, 25)) / 4
+        assert last < first - 0.5
+    for name in ('ar-ckpt-last.pth', 'ar-ckpt-best.pth', 'var-slim.pth', 'log.txt'):
+        assert os.path.isfile(os.path.join(out, name)), name
+    assert any(n.startswith('tb-') for n in os.listdir(out))
+    # the slim export rebuilds the trained model for the sampling scripts
+    from utils.model_io import load_models, ModelSpec
+    _, var, spec = load_models(os.path.join(out, 'var-slim.pth'), '', ModelSpec())
+    assert spec.use_implicit == implicit and spec.embed_dim == 32
+    ck = torch.load(os.path.join(out, 'ar-ckpt-last.pth'), map_location='cpu', weights_only=False)
+    assert ck['g_it'] == 24 and len(ck['rng']) == 2
+    assert torch.equal(var.head.weight, ck['trainer']['var_wo_ddp']['head.weight'])
+
+
+def test_sigkill_then_restart_continues_exactly(data, tmp_path):
+    extra = ('--ep=4', '--save_every_steps=3', '--ema=0.9')
+    ref, out = str(tmp_path / 'ref'), str(tmp_path / 'out')
+    _ok(run_train(tiny_flags(data, ref, True, *extra)))
+    killed = run_train(tiny_flags(data, out, True, *extra, '--kill_at_step=5'))
+    assert killed.returncode == -9
+    assert '[ckpt] after step 3' in open(os.path.join(out, 'log.txt')).read()   # saved after 3 steps, killed after 5
+    # a half-written temp file from a kill during a save must not matter
+    open(os.path.join(out, '.ar-ckpt-last.pth.crash.tmp'), 'wb').write(b'partial')
+    _ok(run_train(tiny_flags(data, out, True, *extra)))
+    a, b = read_steps(f'{ref}/steps-rank0.jsonl'), read_steps(f'{out}/steps-rank0.jsonl')
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for s in a:   # steps 3.. ran twice in `out`; the resumed values equal the uninterrupted ones
+        assert (a[s]['loss'], a[s]['n'], a[s]['m']) == (b[s]['loss'], b[s]['n'], b[s]['m']), s
+    ca = torch.load(f'{ref}/ar-ckpt-last.pth', map_location='cpu', weights_only=False)['trainer']
+    cb = torch.load(f'{out}/ar-ckpt-last.pth', map_location='cpu', weights_only=False)['trainer']
+    for k, v in ca['var_wo_ddp'].items():
+        assert torch.equal(v, cb['var_wo_ddp'][k]), k
+    for k, v in ca['ema']['shadow'].items():
+        assert torch.equal(v, cb['ema']['shadow'][k]), k
+
+
+def test_resume_with_other_model_flags_is_refused(data, tmp_path):
+    out = str(tmp_path / 'out')
+    train.main(tiny_flags(data, out, False, '--max_steps=2', '--save_every_steps=2'))
+    with pytest.raises(SystemExit, match='was trained with --depth 4 \\(now 5\\)'):
+        train.main(tiny_flags(data, out, False, '--max_steps=4', '--depth=5'))
+    open(os.path.join(out, 'ar-ckpt-last.pth'), 'wb').write(b'garbage')
+    with pytest.raises(SystemExit, match='cannot read .*ar-ckpt-last.pth to resume'):
+        train.main(tiny_flags(data, out, False, '--max_steps=4'))
+
+
+# ---------------------------------------------------------------- non-finite steps
+
+def test_non_finite_loss_skips_the_update():
+    vae, var = tiny_vae_var(True)
+    var.train()
+    from trainer import VARTrainer
+    _, params, groups = param_groups(var)
+    tr = VARTrainer(vae, var, var, AmpOptimizer(build_adamw(groups, 1e-2, torch.device('cpu')), params))
+    img, label = torch.rand(4, 3, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 3])
+    before = {k: v.clone() for k, v in var.state_dict().items()}
+    st = tr.train_step(img, label, g_it=0, stepping=True, poison=True)
+    assert not st.loss_finite and not st.stepped
+    assert all(torch.equal(v, var.state_dict()[k]) for k, v in before.items())
+    st = tr.train_step(img, label, g_it=1, stepping=True)
+    assert st.loss_finite and st.stepped and not torch.equal(before['head.weight'], var.head.weight)
+
+
+def test_run_stops_after_too_many_non_finite_steps(data, tmp_path):
+    out = str(tmp_path / 'out')
+    flags = tiny_flags(data, out, True, '--max_steps=10', '--save_every_steps=1', '--nan_at_steps=3-10',
+                       '--max_nonfinite=3')
+    with pytest.raises(SystemExit, match='stopped at step 5: 3 non-finite losses/gradients in a row') as e:
+        train.main(flags)
+    assert '\n' not in str(e.value)
+    steps = read_steps(f'{out}/steps-rank0.jsonl')
+    assert [steps[s]['stepped'] for s in range(1, 6)] == [True, True, False, False, False]
+    # skipped steps leave the weights alone, so saving after them is safe; the stop itself saves nothing
+    ck = torch.load(f'{out}/ar-ckpt-last.pth', map_location='cpu', weights_only=False)
+    assert ck['g_it'] == 4 and ck['nonfinite'] == 2
+
+
+def test_a_single_non_finite_step_is_skipped_and_training_goes_on(data, tmp_path):
+    out = str(tmp_path / 'out')
+    train.main(tiny_flags(data, out, False, '--max_steps=4', '--nan_at_steps=2'))
+    steps = read_steps(f'{out}/steps-rank0.jsonl')
+    assert [steps[s]['stepped'] for s in range(1, 5)] == [True, False, True, True]
+
+
+def test_non_finite_weights_are_never_saved(data, tmp_path):
+    out = str(tmp_path / 'out')
+    args = train.arg_util.parse_args(tiny_flags(data, out, False, '--max_steps=2'))
+    train.dist.initialize('cpu')
+    run = train.Run(args)
+    try:
+        with torch.no_grad():
+            run.var.head.weight[0, 0] = float('nan')
+        with pytest.raises(SystemExit, match='weights became non-finite by step 0; not saving them'):
+            run._save(best=True)
+        assert not os.path.exists(os.path.join(out, 'ar-ckpt-last.pth'))
+    finally:
+        run.close()
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_missing_data_path_is_one_line_without_traceback(tmp_path):
+    proc = run_train(['--device=cpu', f'--local_out_dir_path={tmp_path}'], timeout=120)
+    assert proc.returncode == 1 and 'Traceback' not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith('please pass --data_path=')
+
+
+def _break(root, how):
+    if how == 'missing':
+        shutil.rmtree(root)
+    elif how == 'no_classes':
+        for split in ('train', 'val'):
+            for c in os.listdir(os.path.join(root, split)):
+                shutil.rmtree(os.path.join(root, split, c))
+    elif how == 'empty_class':
+        os.makedirs(os.path.join(root, 'train', 'class9'))
+    elif how == 'no_val':
+        shutil.rmtree(os.path.join(root, 'val'))
+
+
+@pytest.mark.parametrize('how,match', [
+    ('missing', 'is not a folder: pass the ImageNet root'),
+    ('no_classes', 'has no class subfolders'),
+    ('empty_class', 'class folder .*class9 holds no image'),
+    ('no_val', 'val folder .*val does not exist'),
+])
+def test_bad_data_folders_are_clear_errors(tmp_path, how, match):
+    root = make_image_folder(str(tmp_path / 'imgs'), per_class=2, val_per_class=1)
+    _break(root, how)
+    with pytest.raises(SystemExit, match=match) as e:
+        train.main(tiny_flags(root, str(tmp_path / 'out'), False, '--bs=2', '--max_steps=1'))
+    assert '\n' not in str(e.value)
+
+
+def test_unreadable_image_names_the_file(tmp_path):
+    root = make_image_folder(str(tmp_path / 'imgs'), per_class=2, val_per_class=1)
+    bad = os.path.join(root, 'train', 'class1', 'broken.png')
+    open(bad, 'wb').write(b'not a png')
+    with pytest.raises(SystemExit, match='cannot read image .*broken.png') as e:
+        train.main(tiny_flags(root, str(tmp_path / 'out'), False, '--bs=5', '--max_steps=1'))
+    assert '\n' not in str(e.value)
+
+
+def test_batch_that_cannot_split_over_ranks_is_a_clear_error(data, tmp_path):
+    with pytest.raises(SystemExit, match='--bs 9 cannot be split over 1 rank\\(s\\) x 2 accumulation'):
+        train.main(tiny_flags(data, str(tmp_path / 'out'), False, '--bs=9', '--ac=2'))

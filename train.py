@@ -1,0 +1,407 @@
+"""Train VAR or VIAR on an ImageNet-style folder: `torchrun --nproc_per_node=8 train.py --data_path=... --depth=30 ...`.
+
+Outputs in --local_out_dir_path (default local_output/): ar-ckpt-last.pth (full training state, written
+atomically every --save_freq epochs, every --save_every_steps steps and at the end), ar-ckpt-best.pth (best
+val loss), var-slim.pth (model weights + config for gen_img.py / sampling.py), log.txt, tb-*/ (tensorboard).
+A run started again in the same folder resumes from ar-ckpt-last.pth (also under torchrun --max-restarts).
+"""
+import json
+import math
+import os
+import random
+import resource
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+import dist
+from utils import arg_util
+from utils.arg_util import Derived, TrainArgs
+from utils.logging_util import ScalarWriter, format_duration, setup_logger
+
+MODEL_FLAGS = ('depth', 'use_implicit', 'p_depth', 'width', 'heads', 'saln', 'anorm', 'V', 'Cvae', 'vae_ch',
+               'vae_ch_mult', 'vae_num_res_blocks', 'pn', 'patch_size')
+
+
+# ---------------------------------------------------------------- seeds and RNG state
+
+def seed_everything(seed: int):
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def capture_rng() -> Dict[str, Any]:
+    """This process's python/numpy/torch (and CUDA) RNG states."""
+    st = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
+    if torch.cuda.is_available() and dist.get_device().type == 'cuda':
+        st['cuda'] = torch.cuda.get_rng_state(dist.get_device())
+    return st
+
+
+def restore_rng(st: Dict[str, Any]):
+    """Inverse of capture_rng."""
+    random.setstate(st['python'])
+    np.random.set_state(st['numpy'])
+    torch.set_rng_state(st['torch'])
+    if 'cuda' in st and dist.get_device().type == 'cuda':
+        torch.cuda.set_rng_state(st['cuda'], dist.get_device())
+
+
+# ---------------------------------------------------------------- resume
+
+def read_resume(path: str) -> Optional[Dict[str, Any]]:
+    """The training checkpoint at path, None when there is none; an unreadable one is a clear error."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        return torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:
+        raise SystemExit(f'cannot read {path} to resume ({type(e).__name__}: {e}). Restore it, or move it away '
+                         f'to start from scratch.') from None
+
+
+def check_resumable(ckpt: Dict[str, Any], args: TrainArgs, path: str):
+    """The checkpoint was trained with the same model and batch flags as this run."""
+    old = arg_util.args_from_dict(ckpt.get('args', {})).flat()
+    new = args.flat()
+    diff = [f'--{k} {old[k]} (now {new[k]})' for k in MODEL_FLAGS + ('bs', 'ac', 'seed') if old.get(k) != new.get(k)]
+    if diff:
+        raise SystemExit(f'{path} was trained with {", ".join(diff)}: run with the same flags to resume, '
+                         f'or pass another --local_out_dir_path to start a new run.')
+
+
+# ---------------------------------------------------------------- building
+
+def model_spec(args: TrainArgs, der: Derived, num_classes: int):
+    """The ModelSpec (utils.model_io) of this run: what the slim export carries as 'config'."""
+    from utils.model_io import ModelSpec
+    m = args.model
+    return ModelSpec(depth=m.depth, use_implicit=m.use_implicit, pre_depth=m.p_depth, post_depth=m.p_depth,
+                     embed_dim=der.width, num_heads=der.heads, patch_nums=der.patch_nums, V=m.V, Cvae=m.Cvae,
+                     vae_ch=m.vae_ch, vae_ch_mult=tuple(m.vae_ch_mult), vae_num_res_blocks=m.vae_num_res_blocks,
+                     num_classes=num_classes, shared_aln=m.saln, attn_l2_norm=m.anorm)
+
+
+def build_models(args: TrainArgs, der: Derived, num_classes: int, device: torch.device, log):
+    """(frozen vae, var) built identically on every rank; VAE weights from --vae_ckpt, or random with a warning."""
+    from models import build_vae_var
+    from utils.checkpoint import CheckpointError, load_vae_weights
+    m = args.model
+    seed_everything(args.run.seed)   # same init on every rank
+    try:
+        vae, var = build_vae_var(
+            device, patch_nums=der.patch_nums, V=m.V, Cvae=m.Cvae, ch=m.vae_ch, share_quant_resi=4,
+            num_classes=num_classes, depth=m.depth, shared_aln=m.saln, attn_l2_norm=m.anorm,
+            init_adaln=m.aln, init_adaln_gamma=m.alng, init_head=m.hd, init_std=m.ini,
+            use_implicit=m.use_implicit, pre_depth=m.p_depth, post_depth=m.p_depth,
+            embed_dim=der.width, num_heads=der.heads, vae_ch_mult=tuple(m.vae_ch_mult),
+            vae_num_res_blocks=m.vae_num_res_blocks, cond_drop_rate=m.cond_drop,
+            drop_path_rate=None if m.drop_path < 0 else m.drop_path,
+            jfb_no_grad=der.jfb_no_grad, jfb_with_grad=der.jfb_with_grad)
+    except ValueError as e:
+        raise SystemExit(f'cannot build the model: {e}') from None
+    if m.vae_ckpt:
+        try:
+            load_vae_weights(vae, m.vae_ckpt)
+        except CheckpointError as e:
+            raise SystemExit(str(e)) from None
+    else:
+        log.warning('--vae_ckpt is empty: the tokenizer has RANDOM weights (fine for tests and demos, useless for '
+                    'ImageNet; pass --vae_ckpt ckpts/vae_ch160v4096z32.pth). Its weights go into the checkpoints.')
+    vae.eval().requires_grad_(False)
+    return vae, var
+
+
+def build_trainer(args: TrainArgs, der: Derived, vae, var, device: torch.device):
+    """Wrap the transformer (compile, DDP), make the optimizer, EMA and VARTrainer."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from trainer import VARTrainer
+    from utils.amp_opt import AmpOptimizer, build_adamw
+    from utils.ema import ModelEMA
+    from utils.lr_control import param_groups
+    var.grad_ckpt = bool(args.optim.grad_ckpt)
+    _, params, groups = param_groups(var)
+    opt = AmpOptimizer(build_adamw(groups, der.lr, device, fused=args.optim.afuse), params, der.precision,
+                       args.optim.tclip, args.optim.ac, device.type)
+    ema = ModelEMA(var, args.optim.ema) if args.optim.ema > 0 else None
+    var_run = torch.compile(var) if args.optim.compile else var
+    if dist.initialized():
+        var_run = DDP(var_run, device_ids=[device.index] if device.type == 'cuda' else None,
+                      find_unused_parameters=False, broadcast_buffers=False)
+    return VARTrainer(vae, var, var_run, opt, label_smooth=args.optim.ls, seed=args.run.seed, ema=ema)
+
+
+def build_loaders(args: TrainArgs, der: Derived, start_g_it: int):
+    """(num_classes, train sampler, train iterator, val loader)."""
+    from utils.data import build_datasets
+    from utils.data_sampler import DistInfiniteBatchSampler, EvalDistributedSampler
+    num_classes, train_set, val_set = build_datasets(args.data.data_path, der.final_reso, der.mid_reso_px,
+                                                     args.data.hflip)
+    sampler = DistInfiniteBatchSampler(len(train_set), der.glb_batch_size, dist.get_rank(), dist.get_world_size(),
+                                       seed=args.run.seed)
+    sampler.load_state_dict(sampler.position_at(start_g_it))
+    pin = dist.get_device().type == 'cuda'
+    # its own generator: creating the iterator must not draw from the global RNG (resume exactness)
+    loader_rng = torch.Generator().manual_seed(args.run.seed * dist.get_world_size() + dist.get_rank())
+    ld_train = DataLoader(train_set, batch_sampler=sampler, num_workers=der.workers, pin_memory=pin,
+                          persistent_workers=der.workers > 0, generator=loader_rng)
+    ld_val = DataLoader(val_set, batch_size=max(1, round(der.batch_size * 1.5)), num_workers=der.workers,
+                        pin_memory=pin, generator=torch.Generator().manual_seed(args.run.seed), sampler=EvalDistributedSampler(len(val_set), dist.get_rank(),
+                                                                       dist.get_world_size()))
+    return num_classes, len(train_set), len(val_set), sampler, ld_train, ld_val
+
+
+# ---------------------------------------------------------------- the run
+
+@dataclass
+class Progress:
+    """Mutable loop state that goes into the checkpoint."""
+    g_it: int = 0                 # next forward pass
+    best_val: float = math.inf
+    nonfinite_run: int = 0        # consecutive skipped (non-finite) steps
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated (CUDA) or peak resident set size of this process (CPU), in MiB."""
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Run:
+    """One training run: owns the trainer, loaders, loggers and checkpoints."""
+
+    def __init__(self, args: TrainArgs):
+        self.args = args
+        self.device = dist.get_device()
+        self.world, self.rank = dist.get_world_size(), dist.get_rank()
+        self.der = arg_util.derive(args, self.world)
+        out = args.run.local_out_dir_path
+        if dist.is_master():
+            os.makedirs(out, exist_ok=True)
+        dist.barrier()
+        self.log = setup_logger(out, dist.is_master())
+        if self.device.type == 'cuda':
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(args.optim.tf32)
+        self.ckpt = read_resume(self.der.last_ckpt)
+        if self.ckpt is not None:
+            check_resumable(self.ckpt, args, self.der.last_ckpt)
+        self.prog = Progress(self.ckpt['g_it'], self.ckpt.get('best_val', math.inf), self.ckpt.get('nonfinite', 0)) \
+            if self.ckpt is not None else Progress()
+
+        (num_classes_data, self.n_train, self.n_val, self.sampler, self.ld_train,
+         self.ld_val) = build_loaders(args, self.der, self.prog.g_it)
+        self.num_classes = args.data.num_classes or num_classes_data
+        if self.num_classes < num_classes_data:
+            raise SystemExit(f'--num_classes {self.num_classes} is smaller than the {num_classes_data} class folders '
+                             f'in {args.data.data_path}/train.')
+        self.iters_ep = len(self.sampler)
+        self.total = arg_util.total_forwards(args, self.iters_ep)
+        # warmup/progressive lengths are given in epochs; with --max_steps they scale with the shortened run
+        frac = self.total / (args.sched.ep * self.iters_ep)
+        self.wp_it = self.der.wp_ep * self.iters_ep * frac
+        self.prog_wp_it = self.der.pgwp_ep * self.iters_ep * frac
+
+        self.random_vae = not args.model.vae_ckpt
+        self.vae, self.var = build_models(args, self.der, self.num_classes, self.device, self.log)
+        self.spec = model_spec(args, self.der, self.num_classes)
+        self.trainer = build_trainer(args, self.der, self.vae, self.var, self.device)
+        seed_everything(args.run.seed * self.world + self.rank)
+        if self.ckpt is not None:
+            self._restore(self.ckpt)
+        self.ckpt = None   # free the memory
+        self.tb = ScalarWriter(self.der.tb_dir if dist.is_master() else None)
+        self.step_log = open(os.path.join(out, f'steps-rank{self.rank}.jsonl'), 'a') if args.run.step_log else None
+
+    def _restore(self, ck: Dict[str, Any]):
+        self.trainer.load_state_dict(ck['trainer'], load_vae=self.random_vae)
+        if self.random_vae and 'vae_local' not in ck['trainer']:
+            raise SystemExit(f'{self.der.last_ckpt} holds no tokenizer weights but --vae_ckpt is empty: '
+                             f'pass the --vae_ckpt this run was started with.')
+        rngs: List[Dict] = ck.get('rng', [])
+        if len(rngs) == self.world:
+            restore_rng(rngs[self.rank])
+        else:
+            self.log.warning(f'resuming on {self.world} ranks a run saved on {len(rngs)}: data order and S-JFB draws '
+                             f'are kept, other random draws are reseeded.')
+            seed_everything(self.args.run.seed * self.world + self.rank + 7919 * self.prog.g_it)
+        ep, it = divmod(self.prog.g_it, self.iters_ep)
+        self.log.info(f'[resume] {self.der.last_ckpt}: step {self.prog.g_it} (ep {ep}, it {it}), '
+                      f'best val loss {self.prog.best_val:.4f}')
+
+    # ---- checkpoints
+    def _save(self, best: bool):
+        """ar-ckpt-last.pth (+ best) and the slim export, atomically, on rank 0; never with non-finite weights."""
+        from utils.checkpoint import save_atomic
+        from utils.model_io import slim_export
+        if not self.trainer.weights_finite():
+            raise SystemExit(f'the model weights became non-finite by step {self.prog.g_it}; not saving them. '
+                             f'The last good checkpoint is {self.der.last_ckpt}; lower --tblr or --tclip and resume.')
+        rngs = dist.all_gather_object(capture_rng())
+        if dist.is_master():
+            ep, it = divmod(self.prog.g_it, self.iters_ep)
+            state = {'epoch': ep, 'iter': it, 'g_it': self.prog.g_it, 'version': 1,
+                     'trainer': self.trainer.state_dict(with_vae=self.random_vae),
+                     'args': self.args.to_dict(), 'config': self.spec.to_dict(), 'world_size': self.world,
+                     'rng': rngs, 'best_val': self.prog.best_val, 'nonfinite': self.prog.nonfinite_run}
+            save_atomic(state, self.der.last_ckpt)
+            if best:
+                save_atomic(state, self.der.best_ckpt)
+            ema_sd = self.trainer.ema.model_state_dict(self.var) if self.trainer.ema is not None else None
+            save_atomic(slim_export(self.var, self.spec, vae=self.vae if self.random_vae else None,
+                                    var_ema_sd=ema_sd), self.der.slim_path)
+            self.log.info(f'[ckpt] after step {self.prog.g_it}: {self.der.last_ckpt}' + (' (+ best)' if best else ''))
+        dist.barrier()
+
+    def _validate(self) -> bool:
+        """Val loss/acc; returns whether it is the best so far."""
+        t0 = time.time()
+        v = self.trainer.evaluate(self.ld_val, seed=self.args.run.seed)
+        best = v['L_mean'] < self.prog.best_val
+        if best:
+            self.prog.best_val = v['L_mean']
+        self.log.info(f'[val] after step {self.prog.g_it} ({v["count"]} images, {time.time() - t0:.1f}s): '
+                      f'Lm {v["L_mean"]:.4f} Lt {v["L_tail"]:.4f} Acc m&t {v["acc_mean"]:.2f} {v["acc_tail"]:.2f}'
+                      + (' (best)' if best else ''))
+        self.tb.add('AR_val', {k: v[k] for k in ('L_mean', 'L_tail', 'acc_mean', 'acc_tail')}, self.prog.g_it)
+        return best
+
+    # ---- the loop
+    def _next_batch(self, it):
+        from utils.data import UnreadableImageError, unreadable_message
+        try:
+            return next(it)
+        except (UnreadableImageError, RuntimeError) as e:
+            msg = unreadable_message(e)
+            if msg is None:
+                raise
+            raise SystemExit(msg) from None
+
+    def train(self):
+        """Run from self.prog.g_it to the end, validating and saving on schedule."""
+        from utils.lr_control import apply_lr_wd, lr_ratio, prog_stage, wd_at
+        a, der = self.args, self.der
+        o, s, r = a.optim, a.sched, a.run
+        log_every = r.log_every or max(1, min(100, self.iters_ep // 20))
+        self.log.info(f'[data] train {self.n_train} / val {self.n_val} images, {self.num_classes} classes, '
+                      f'{self.iters_ep} iters per epoch; global batch {der.glb_batch_size} x ac {o.ac}, '
+                      f'{der.batch_size} per rank on {self.world} rank(s)')
+        n_params = sum(p.numel() for p in self.var.parameters())
+        self.log.info(f'[model] {type(self.var).__name__} depth {a.model.depth} width {der.width}: '
+                      f'{n_params / 1e6:.2f}M params; peak lr {der.lr:.3g}, {der.precision}')
+        self.log.info('[args]\n' + arg_util.format_args(a))
+        if self.prog.g_it >= self.total:
+            self.log.info(f'[done] nothing to do: step {self.prog.g_it} >= {self.total}')
+        self.var.train()
+        it_train = iter(self.ld_train)
+        pending_val = pending_save = False
+        t_start, g_start = time.time(), self.prog.g_it
+        while self.prog.g_it < self.total:
+            g_it = self.prog.g_it
+            ep, it = divmod(g_it, self.iters_ep)
+            img, label = self._next_batch(it_train)
+            img, label = img.to(self.device, non_blocking=True), label.to(self.device, non_blocking=True)
+            lr = der.lr * lr_ratio(der.sche, g_it, self.wp_it, self.total, s.wp0, s.wpe)
+            wd = wd_at(der.wd, der.wd_end, g_it, self.total)
+            apply_lr_wd(self.trainer.opt.optimizer, lr, wd)
+            prog_si = prog_stage(g_it, self.wp_it, self.total, s.pg, s.pg0, len(der.patch_nums))
+            stepping = (g_it + 1) % o.ac == 0
+            st = self.trainer.train_step(img, label, g_it, stepping, prog_si, self.prog_wp_it,
+                                         poison=g_it + 1 in der.nan_steps)
+            self.prog.g_it = done = g_it + 1   # steps are numbered from 1 in logs and test hooks
+            if self.step_log is not None:
+                self.step_log.write(json.dumps(dict(step=done, loss=st.loss, n=st.n, m=st.m, lr=lr,
+                                                    finite=st.loss_finite, stepped=st.stepped)) + '\n')
+                self.step_log.flush()
+            bad = not st.loss_finite or (stepping and not st.stepped and der.precision != 'fp16')
+            if bad:
+                self.prog.nonfinite_run += 1
+                self.log.warning(f'[skip] step {done}: non-finite {"loss" if not st.loss_finite else "gradient"}, '
+                                 f'no update ({self.prog.nonfinite_run} in a row)')
+                if self.prog.nonfinite_run >= o.max_nonfinite:
+                    raise SystemExit(f'stopped at step {done}: {self.prog.nonfinite_run} non-finite losses/gradients '
+                                     f'in a row (--max_nonfinite {o.max_nonfinite}). The last good checkpoint is '
+                                     f'{der.last_ckpt}; lower --tblr, try --bf16 or --fp16 0, or check the data.')
+            elif st.stepped:
+                self.prog.nonfinite_run = 0
+
+            if done % log_every == 0 or done == self.total or g_it == g_start:
+                self._report(st, g_it, lr, wd, t_start, g_start)
+            epoch_end = it + 1 == self.iters_ep or done == self.total
+            save_epoch = epoch_end and ((ep + 1) % r.save_freq == 0 or done == self.total)
+            pending_val |= save_epoch or (r.val_every > 0 and done % r.val_every == 0)
+            pending_save |= save_epoch or (r.save_every_steps > 0 and (done // o.ac) % r.save_every_steps == 0
+                                           and done % o.ac == 0)
+            if done % o.ac == 0 or done == self.total:   # only at optimizer-step boundaries
+                best = False
+                if pending_val:
+                    best = self._validate()
+                    pending_val = False
+                if pending_save or best:
+                    self._save(best)
+                    pending_save = False
+            if done == r.kill_at_step:
+                self.log.warning(f'[test hook] SIGKILL after step {done}')
+                os.kill(os.getpid(), signal.SIGKILL)
+        self.log.info(f'[done] {self.total} steps in {format_duration(time.time() - t_start)}; '
+                      f'best val loss {self.prog.best_val:.4f}; outputs in {a.run.local_out_dir_path}')
+        self.close()
+
+    def _report(self, st, g_it: int, lr: float, wd: float, t_start: float, g_start: int):
+        """Progress line (rank 0) and tensorboard scalars."""
+        done = g_it + 1 - g_start
+        dt = max(time.time() - t_start, 1e-9)
+        sec_per_it = dt / done
+        eta = sec_per_it * (self.total - g_it - 1)
+        imgs = self.der.glb_batch_size * done / dt
+        mem = peak_memory_mb(self.device)
+        ep, it = divmod(g_it, self.iters_ep)
+        jfb = f' n/m {st.n}/{st.m}' if self.trainer.use_implicit else ''
+        gn = f'{st.grad_norm:.3f}' if st.grad_norm is not None else '-'
+        self.log.info(f'[ep {ep + 1}/{self.args.sched.ep} it {it + 1}/{self.iters_ep}] step {g_it + 1}/{self.total} '
+                      f'loss {st.loss:.4f} Lm {st.L_mean:.4f} Lt {st.L_tail:.4f} acc m&t {st.acc_mean:.2f} '
+                      f'{st.acc_tail:.2f} lr {lr:.3g} wd {wd:.3g} gnorm {gn}{jfb} | {imgs:.1f} img/s '
+                      f'{sec_per_it:.3f}s/it mem {mem:.0f}MiB ETA {format_duration(eta)}')
+        self.tb.add('AR_iter_loss', dict(loss=st.loss, L_mean=st.L_mean, L_tail=st.L_tail if st.L_tail >= 0 else None,
+                                         acc_mean=st.acc_mean, acc_tail=st.acc_tail if st.acc_tail >= 0 else None),
+                    g_it)
+        self.tb.add('AR_iter_scale_loss', {f'L_{self.der.resos[si]}': v for si, v in enumerate(st.scale_loss)}, g_it)
+        self.tb.add('AR_opt', dict(lr=lr, wd=wd, grad_norm=st.grad_norm, scale_log2=st.scale_log2), g_it)
+        self.tb.add('AR_sjfb', dict(n=st.n, m=st.m) if self.trainer.use_implicit else {}, g_it)
+        self.tb.add('AR_speed', dict(images_per_s=imgs, sec_per_it=sec_per_it, peak_mem_mib=mem), g_it)
+        self.tb.flush()
+
+    def close(self):
+        """Flush and close the loggers."""
+        self.tb.close()
+        if self.step_log is not None:
+            self.step_log.close()
+            self.step_log = None
+
+
+def main(argv: Optional[List[str]] = None):
+    """Parse flags, join the process group, train."""
+    args = arg_util.parse_args(argv)
+    if args.data.data_path in ('', arg_util.PLACEHOLDER_DATA_PATH):
+        raise SystemExit('please pass --data_path=/path/to/imagenet (a folder with train/ and val/ class folders).')
+    dist.initialize(args.run.device)
+    try:
+        run = Run(args)
+        try:
+            run.train()
+        finally:
+            run.close()
+    finally:
+        dist.finalize()
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

@@ -1,0 +1,222 @@
+"""VARTrainer: one training step (tokenise, teacher-forced forward, weighted CE, backward/step) and evaluation.
+
+Shapes: B batch, L tokens over all scales, l tokens of one scale, V vocabulary.
+The loss is the official one: per-token cross-entropy (with label smoothing) times a weight of 1/L per
+token, summed over tokens and averaged over the batch; in progressive training only the scales up to
+`prog_si` count and the newest one is ramped in. S-JFB iteration counts (n, m) are drawn from a
+generator seeded by (seed, global step), so every rank draws the same pair.
+"""
+import contextlib
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import dist
+from models.jfb import draw_jfb_iters, step_rng
+from utils.amp_opt import AmpOptimizer
+from utils.ema import ModelEMA
+from utils.lr_control import prog_warmup
+
+
+@dataclass
+class StepStats:
+    """Metrics of one training step (floats, this rank; loss_finite is agreed over ranks)."""
+    loss: float                       # the optimised loss (smoothed CE, weighted)
+    L_mean: float                     # plain CE over all trained tokens
+    L_tail: float                     # plain CE over the last scale (-1 in progressive stages)
+    acc_mean: float                   # top-1 accuracy %, all trained tokens
+    acc_tail: float                   # top-1 accuracy %, last scale (-1 in progressive stages)
+    scale_loss: List[float] = field(default_factory=list)   # plain CE per trained scale
+    n: int = 0                        # S-JFB iterations without grad (VIAR)
+    m: int = 0                        # S-JFB iterations with grad (VIAR)
+    loss_finite: bool = True
+    stepped: bool = False             # the optimizer stepped on this call
+    grad_norm: Optional[float] = None
+    scale_log2: Optional[float] = None
+
+
+@dataclass
+class ProgState:
+    """Progressive-training bookkeeping carried across steps (and checkpoints)."""
+    prog_it: int = 0
+    last_prog_si: int = -1
+    first_prog: bool = True
+
+    def advance(self, prog_si: int, prog_wp_it: float) -> float:
+        """Count a step at stage prog_si; returns the newest scale's loss weight."""
+        if prog_si != self.last_prog_si:
+            if self.last_prog_si != -1:
+                self.first_prog = False
+            self.last_prog_si, self.prog_it = prog_si, 0
+        self.prog_it += 1
+        return prog_warmup(self.prog_it, prog_wp_it, self.first_prog)
+
+
+def token_weights(begin_ends: List[Tuple[int, int]], L: int, prog_si: int, prog_wp: float,
+                  device=None) -> torch.Tensor:
+    """(1, ed) loss weight per token: 1/L each; in a progressive stage the newest scale is scaled by prog_wp."""
+    if prog_si < 0:
+        return torch.full((1, L), 1.0 / L, device=device)
+    bg, ed = begin_ends[prog_si]
+    w = torch.full((1, ed), 1.0 / L, device=device)
+    w[:, bg:ed] *= min(max(prog_wp, 0.0), 1.0)
+    return w
+
+
+class VARTrainer:
+    """Trains a VAR/VIAR (possibly DDP-wrapped) on images tokenised on the fly by a frozen VQVAE."""
+
+    def __init__(self, vae: nn.Module, var_wo_ddp: nn.Module, var: nn.Module, opt: AmpOptimizer,
+                 label_smooth: float = 0.0, seed: int = 0, ema: Optional[ModelEMA] = None):
+        self.vae, self.quantize = vae, vae.quantize
+        self.var_wo_ddp, self.var, self.opt, self.ema = var_wo_ddp, var, opt, ema
+        self.label_smooth, self.seed = label_smooth, seed
+        self.patch_nums = tuple(var_wo_ddp.patch_nums)
+        self.begin_ends = list(var_wo_ddp.begin_ends)
+        self.L, self.V = var_wo_ddp.L, var_wo_ddp.V
+        self.last_l = self.patch_nums[-1] ** 2
+        self.use_implicit = bool(var_wo_ddp.use_implicit)
+        self.prog = ProgState()
+
+    # ---- pieces
+    @torch.no_grad()
+    def tokenize(self, img_B3HW: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(targets gt_BL, teacher-forcing input x_BLCv_wo_first_l) from images in [-1, 1]."""
+        idx_Bl = self.vae.img_to_idxBl(img_B3HW)
+        return torch.cat(idx_Bl, dim=1), self.quantize.idxBl_to_var_input(idx_Bl)
+
+    def draw_jfb(self, g_it: int) -> Tuple[int, int]:
+        """S-JFB (n, m) of global step g_it: identical on every rank; (0, 0) for VAR."""
+        if not self.use_implicit:
+            return 0, 0
+        return draw_jfb_iters(step_rng(self.seed, g_it), self.var_wo_ddp.jfb_no_grad, self.var_wo_ddp.jfb_with_grad)
+
+    def eval_jfb(self) -> Tuple[int, int]:
+        """Fixed (n, m) for evaluation: the rounded means of the S-JFB ranges ((0, 0) for VAR)."""
+        if not self.use_implicit:
+            return 0, 0
+        (n0, n1), (m0, m1) = self.var_wo_ddp.jfb_no_grad, self.var_wo_ddp.jfb_with_grad
+        return round((n0 + n1) / 2), round((m0 + m1) / 2)
+
+    def _metrics(self, logits_BLV: torch.Tensor, gt_BL: torch.Tensor, ce_BL: torch.Tensor, trained_si: int
+                 ) -> torch.Tensor:
+        """[L_mean, L_tail, acc_mean, acc_tail, per-scale CE...] as one tensor (one sync to read)."""
+        hit_BL = (logits_BLV.argmax(dim=-1) == gt_BL).float()
+        full = trained_si < 0
+        tail = slice(self.L - self.last_l, self.L)
+        neg = ce_BL.new_tensor(-1.0)
+        per_scale = [ce_BL[:, bg:ed].mean() for si, (bg, ed) in enumerate(self.begin_ends) if full or si <= trained_si]
+        return torch.stack([ce_BL.mean(), ce_BL[:, tail].mean() if full else neg, hit_BL.mean() * 100,
+                            hit_BL[:, tail].mean() * 100 if full else neg, *per_scale])
+
+    # ---- training
+    def train_step(self, img_B3HW: torch.Tensor, label_B: torch.Tensor, g_it: int, stepping: bool,
+                   prog_si: int = -1, prog_wp_it: float = 1.0, poison: bool = False) -> StepStats:
+        """One forward/backward on this rank's batch; steps the optimizer when `stepping`.
+
+        A loss that is not finite on any rank skips the backward on every rank and drops the
+        accumulated grads (no update). `poison` (test hook) makes this step's loss NaN.
+        """
+        prog_wp = self.prog.advance(prog_si, prog_wp_it)
+        self.var_wo_ddp.prog_si = self.quantize.prog_si = prog_si
+        try:
+            gt_BL, x_BLCv = self.tokenize(img_B3HW)
+            n, m = self.draw_jfb(g_it)
+            ed = self.begin_ends[prog_si][1] if prog_si >= 0 else self.L
+            gt_BL = gt_BL[:, :ed]
+            sync = self.var.no_sync() if not stepping and hasattr(self.var, 'no_sync') else contextlib.nullcontext()
+            with sync:
+                with self.opt.amp_ctx():
+                    logits_BLV = self.var(label_B, x_BLCv, jfb_iters=(n, m))
+                ce_BL = F.cross_entropy(logits_BLV.float().transpose(1, 2), gt_BL, reduction='none',
+                                        label_smoothing=self.label_smooth)
+                w_1L = token_weights(self.begin_ends, self.L, prog_si, prog_wp, device=ce_BL.device)
+                loss = ce_BL.mul(w_1L).sum(dim=-1).mean()
+                if poison:
+                    loss = loss * float('nan')
+                bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device)
+                finite = dist.allreduce_sum(bad).item() == 0
+                if finite:
+                    res = self.opt.backward(loss, stepping)
+                elif stepping:
+                    self.opt.skip()
+            if not finite:
+                res = None
+            elif res.stepped and self.ema is not None:
+                self.ema.update(self.var_wo_ddp)
+            with torch.no_grad():
+                plain_BL = ce_BL.detach() if self.label_smooth == 0 else \
+                    F.cross_entropy(logits_BLV.detach().float().transpose(1, 2), gt_BL, reduction='none')
+                vals = self._metrics(logits_BLV.detach(), gt_BL, plain_BL, prog_si).tolist()
+        finally:
+            self.var_wo_ddp.prog_si = self.quantize.prog_si = -1
+        return StepStats(loss=float(loss.item()), L_mean=vals[0], L_tail=vals[1], acc_mean=vals[2], acc_tail=vals[3],
+                         scale_loss=vals[4:], n=n, m=m, loss_finite=finite,
+                         stepped=bool(res and res.stepped), grad_norm=res.grad_norm if res else None,
+                         scale_log2=res.scale_log2 if res else None)
+
+    # ---- evaluation
+    @torch.no_grad()
+    def evaluate(self, loader, seed: int = 0) -> Dict[str, float]:
+        """Val CE and accuracy (all tokens and last scale), summed over ranks.
+
+        The model drops labels at its cond_drop_rate in eval too (as official); that draw runs in a forked
+        RNG seeded by `seed`, so repeated evaluations are comparable and training randomness is untouched.
+        """
+        training = self.var_wo_ddp.training
+        self.var_wo_ddp.eval()
+        dev = dist.get_device()
+        sums = torch.zeros(5, device=dev)
+        devices = [dev] if dev.type == 'cuda' else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed + dist.get_rank())
+            for img_B3HW, label_B in loader:
+                img_B3HW, label_B = img_B3HW.to(dev, non_blocking=True), label_B.to(dev, non_blocking=True)
+                gt_BL, x_BLCv = self.tokenize(img_B3HW)
+                jfb = self.eval_jfb()
+                with self.opt.amp_ctx():
+                    logits_BLV = self.var_wo_ddp(label_B, x_BLCv, jfb_iters=jfb)
+                ce_BL = F.cross_entropy(logits_BLV.float().transpose(1, 2), gt_BL, reduction='none')
+                v = self._metrics(logits_BLV, gt_BL, ce_BL, -1)
+                B = gt_BL.shape[0]
+                sums += torch.stack([v[0] * B, v[1] * B, v[2] * B, v[3] * B, v.new_tensor(float(B))])
+        self.var_wo_ddp.train(training)
+        dist.allreduce_sum(sums)
+        tot = max(sums[4].item(), 1.0)
+        L_mean, L_tail, acc_mean, acc_tail = (sums[:4] / tot).tolist()
+        return dict(L_mean=L_mean, L_tail=L_tail, acc_mean=acc_mean, acc_tail=acc_tail, count=int(sums[4].item()))
+
+    # ---- state
+    def weights_finite(self) -> bool:
+        """Every transformer weight (and the EMA) is finite."""
+        names = [n for n, _ in self.var_wo_ddp.named_parameters()]
+        ok = all(torch.isfinite(p).all() for p in self.var_wo_ddp.parameters())
+        if ok and self.ema is not None:   # parameters only: the attention-mask buffer holds -inf by design
+            ok = all(torch.isfinite(self.ema.shadow[n]).all() for n in names)
+        return bool(ok)
+
+    def state_dict(self, with_vae: bool = False) -> Dict:
+        """Transformer weights, optimizer/scaler, EMA and progressive state (official key names)."""
+        sd = {'var_wo_ddp': self.var_wo_ddp.state_dict(), 'var_opt': self.opt.state_dict(),
+              'config': {'patch_nums': self.patch_nums, 'label_smooth': self.label_smooth,
+                         'prog_it': self.prog.prog_it, 'last_prog_si': self.prog.last_prog_si,
+                         'first_prog': self.prog.first_prog}}
+        if self.ema is not None:
+            sd['ema'] = self.ema.state_dict()
+        if with_vae:
+            sd['vae_local'] = self.vae.state_dict()
+        return sd
+
+    def load_state_dict(self, sd: Dict, load_vae: bool = False):
+        """Restore what state_dict saved (the VQVAE only with load_vae)."""
+        self.var_wo_ddp.load_state_dict(sd['var_wo_ddp'], strict=True)
+        self.opt.load_state_dict(sd['var_opt'])
+        if self.ema is not None and 'ema' in sd:
+            self.ema.load_state_dict(sd['ema'])
+        if load_vae and 'vae_local' in sd:
+            self.vae.load_state_dict(sd['vae_local'], strict=True)
+        cfg = sd.get('config', {})
+        self.prog = ProgState(cfg.get('prog_it', 0), cfg.get('last_prog_si', -1), cfg.get('first_prog', True))
