@@ -93,7 +93,7 @@ def model_spec(args: TrainArgs, der: Derived, num_classes: int):
 def build_models(args: TrainArgs, der: Derived, num_classes: int, device: torch.device, log):
     """(frozen vae, var) built identically on every rank; VAE weights from --vae_ckpt, or random with a warning."""
     from models import build_vae_var
-    from utils.checkpoint import CheckpointError, load_vae_weights
+    from utils.checkpoint import CheckpointError, load_vae_weights, resolve_checkpoint
     m = args.model
     seed_everything(args.run.seed)   # same init on every rank
     try:
@@ -110,6 +110,9 @@ def build_models(args: TrainArgs, der: Derived, num_classes: int, device: torch.
         raise SystemExit(f'cannot build the model: {e}') from None
     if m.vae_ckpt:
         try:
+            if dist.is_local_master():   # an official name missing locally is downloaded once per node
+                resolve_checkpoint(m.vae_ckpt)
+            dist.barrier()
             load_vae_weights(vae, m.vae_ckpt)
         except CheckpointError as e:
             raise SystemExit(str(e)) from None

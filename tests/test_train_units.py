@@ -1,5 +1,7 @@
 """Training building blocks: lr/wd schedules, weight-decay split, flags and derived values, sampler, EMA, AMP step."""
 import math
+import os
+import re
 
 import pytest
 import torch
@@ -103,6 +105,15 @@ def test_official_recipe_flags_and_derived_values():
     assert der.final_reso == 256 and der.mid_reso_px == 288 and der.precision == 'fp16'
     assert der.width == 1920 and der.heads == 30 and der.sche == 'lin0'
     assert der.jfb_no_grad == (0, 10) and der.jfb_with_grad == (1, 12)
+
+
+def test_scripts_train_sh_is_the_official_recipe():
+    text = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), 'scripts', 'train.sh')).read()
+    flags = re.findall(r'^\s+(--\w+=[^\s"$]+)', text.split('train.py \\')[1], flags=re.M)
+    assert set(RECIPE[1:]) <= set(flags)
+    assert 'torch.distributed.run' in text and '--nproc_per_node="$NPROC"' in text and 'NPROC=${NPROC:-8}' in text
+    der = arg_util.derive(arg_util.parse_args(['--data_path=/x'] + flags), world_size=8)
+    assert der.batch_size == 64 and der.precision == 'fp16'
 
 
 def test_derived_batch_lr_and_resolution_rules():
