@@ -30,17 +30,19 @@ class MomentAccumulator:
 
     def update(self, x_ND: np.ndarray) -> None:
         """Adds a batch of feature rows."""
-        x_ND = np.asarray(x_ND, dtype=np.float64).reshape(len(x_ND), -1)
+        x_ND = np.asarray(x_ND).reshape(len(x_ND), -1)
         if len(x_ND) == 0:
             return
         if self._shift_D is None:
-            d = x_ND.shape[1]
-            self._shift_D = x_ND.mean(axis=0)
-            self._sum_D = np.zeros(d)
-            self._outer_DD = np.zeros((d, d))
-        xc_ND = x_ND - self._shift_D
+            self._shift_D = x_ND.mean(axis=0, dtype=np.float64)
+            self._sum_D = np.zeros(x_ND.shape[1])
+        xc_ND = np.subtract(x_ND, self._shift_D, dtype=np.float64)
         self._sum_D += xc_ND.sum(axis=0)
-        self._outer_DD += xc_ND.T @ xc_ND
+        gram_DD = xc_ND.T @ xc_ND
+        if self._outer_DD is None:
+            self._outer_DD = gram_DD
+        else:
+            self._outer_DD += gram_DD
         self.count += len(x_ND)
 
     def stats(self) -> Tuple[np.ndarray, np.ndarray]:
