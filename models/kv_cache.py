@@ -19,6 +19,7 @@ class KVCache:
         self.k_BHLc: Optional[torch.Tensor] = None
         self.v_BHLc: Optional[torch.Tensor] = None
 
+    @torch.compiler.disable   # Python bookkeeping: a compiled block breaks its graph here instead of guarding on it
     def append(self, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Write one scale's keys/values; return views of everything cached so far."""
         l = k_BHlc.shape[2]
