@@ -1,0 +1,213 @@
+"""Timing, memory and process plumbing shared by the sampling benchmark's child processes.
+
+Imports nothing from the project's `models` package, so the official implementation's runner
+(whose package is also called `models`) can use it too. A child serves one config: it reads JSON
+commands on stdin and answers one JSON line each on a private copy of stdout, while anything the
+model code prints goes to stderr.
+"""
+import hashlib
+import json
+import os
+import resource
+import sys
+import time
+from typing import Any, Callable, Dict, Optional
+
+import torch
+
+
+# ---------------------------------------------------------------- memory
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident set size (Linux `clear_refs` 5); False where unsupported."""
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size since the last reset (VmHWM), else since the process started."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmHWM:'):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss_bytes() -> int:
+    """Resident set size now."""
+    try:
+        with open('/proc/self/statm') as f:
+            return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+    except OSError:
+        return 0
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a fresh peak-memory window (CUDA allocator stats on a GPU, VmHWM on CPU)."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_rss()
+
+
+def peak_memory(device: torch.device) -> Dict[str, int]:
+    """Peak RSS of this process, plus CUDA max allocated bytes on a GPU."""
+    out = {'peak_rss_bytes': peak_rss_bytes()}
+    if device.type == 'cuda':
+        out['cuda_max_allocated_bytes'] = int(torch.cuda.max_memory_allocated(device))
+    return out
+
+
+# ---------------------------------------------------------------- timing
+
+def sync(device: torch.device) -> None:
+    """Wait for queued device work (no-op on CPU)."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+class DecodeTimer:
+    """Times the VQVAE decode inside a sampling call: from post_quant_conv's input to the decoder's output.
+
+    Works for any VQVAE whose `fhat_to_img` runs `decoder(post_quant_conv(f_hat))` (ours and the official).
+    """
+
+    def __init__(self, vae: torch.nn.Module, device: torch.device):
+        self.device, self.start, self.end = device, None, None
+        self._hooks = [vae.post_quant_conv.register_forward_pre_hook(self._on_start),
+                       vae.decoder.register_forward_hook(self._on_end)]
+
+    def _on_start(self, module, args):
+        sync(self.device)
+        self.start = (time.perf_counter(), time.process_time())
+
+    def _on_end(self, module, args, output):
+        sync(self.device)
+        self.end = (time.perf_counter(), time.process_time())
+
+    def clear(self):
+        self.start = self.end = None
+
+    def elapsed(self):
+        """(wall seconds, CPU seconds) of the last decode, or (0, 0) if none ran."""
+        if self.start is None or self.end is None:
+            return 0.0, 0.0
+        return self.end[0] - self.start[0], self.end[1] - self.start[1]
+
+    def remove(self):
+        for h in self._hooks:
+            h.remove()
+
+
+def timed_call(fn: Callable[[], Any], device: torch.device, decode: Optional[DecodeTimer] = None) -> Dict[str, Any]:
+    """Run fn once; wall and process-CPU seconds for the whole call and for its VAE decode."""
+    if decode is not None:
+        decode.clear()
+    sync(device)
+    w0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    sync(device)
+    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    dec_wall, dec_cpu = decode.elapsed() if decode is not None else (0.0, 0.0)
+    return dict(out=out, wall_s=wall, cpu_s=cpu, decode_wall_s=dec_wall, decode_cpu_s=dec_cpu)
+
+
+def profile_call(fn: Callable[[], Any], device: torch.device, top: int = 25) -> Dict[str, Any]:
+    """Run fn once under torch.profiler; self time per aten op (seconds), the largest `top` first."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    with profile(activities=acts) as prof:
+        fn()
+        sync(device)
+    ops = []
+    for e in prof.key_averages():
+        dev_us = getattr(e, 'self_device_time_total', 0) or 0
+        ops.append((e.key, e.self_cpu_time_total / 1e6, dev_us / 1e6, e.count))
+    ops.sort(key=lambda o: -(o[2] if device.type == 'cuda' else o[1]))
+    total = sum(o[1] for o in ops)
+    return dict(total_self_cpu_s=total, ops=[dict(name=n, self_cpu_s=c, self_device_s=d, calls=k) for n, c, d, k in ops[:top]])
+
+
+def digest(t: torch.Tensor) -> str:
+    """Short hash of a tensor's float32 bytes: equal digests mean bit-identical outputs."""
+    return hashlib.sha1(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- child-process protocol
+
+def serve(handlers: Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]]) -> None:
+    """Answer JSON commands from stdin until 'quit'; handlers map a command name to a function of the message.
+
+    Replies go to a duplicate of the original stdout; fd 1 is pointed at stderr so stray prints
+    (the official constructor prints) cannot corrupt the protocol. An exception becomes an
+    {'error': ...} reply and ends the child.
+    """
+    proto = os.fdopen(os.dup(1), 'w', buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    for line in sys.stdin:
+        msg = json.loads(line)
+        cmd = msg.get('cmd')
+        if cmd == 'quit':
+            break
+        try:
+            reply = handlers[cmd](msg)
+        except Exception as e:   # reported to the parent, which prints it with the child's stderr
+            import traceback
+            traceback.print_exc()
+            proto.write(json.dumps({'error': f'{type(e).__name__}: {e}'}) + '\n')
+            break
+        proto.write(json.dumps(reply) + '\n')
+    proto.close()
+
+
+class Child:
+    """Parent side of one child process speaking the `serve` protocol."""
+
+    def __init__(self, argv, name: str, env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None):
+        import subprocess
+        import tempfile
+        self.name = name
+        self.log = tempfile.TemporaryFile(mode='w+')
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                                     text=True, bufsize=1, env=env, cwd=cwd)
+
+    def ask(self, **msg) -> Dict[str, Any]:
+        """Send one command and wait for its reply; a dead child or an error reply raises with its log."""
+        try:
+            self.proc.stdin.write(json.dumps(msg) + '\n')
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except BrokenPipeError:
+            line = ''
+        reply = json.loads(line) if line.strip() else {'error': 'child exited without replying'}
+        if 'error' in reply:
+            raise RuntimeError(f'{self.name} child failed: {reply["error"]}\n--- its stderr (tail) ---\n{self.stderr_tail()}')
+        return reply
+
+    def stderr_tail(self, n: int = 4000) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()[-n:]
+
+    def close(self):
+        """Ask the child to quit and reap it."""
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({'cmd': 'quit'}) + '\n')
+                self.proc.stdin.close()
+            except (BrokenPipeError, OSError):
+                pass
+            try:
+                self.proc.wait(timeout=60)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()

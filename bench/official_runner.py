@@ -1,0 +1,120 @@
+"""Child process that samples with the OFFICIAL VIAR implementation, for `sample_speed.py --official PATH`.
+
+Run only by the benchmark, as `python bench/official_runner.py PATH`: it puts PATH (a checkout of
+the official code, never part of this project) first on sys.path and keeps this project's root off
+it, because both packages are called `models`. It builds the official VQVAE and VAR/VIAR with the
+benchmark's sizes, loads the same random (or checkpoint) state dict as the project's child, and
+answers the same `measure.serve` commands. No test needs it.
+"""
+import os
+import sys
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+PROJECT_ROOT = os.path.dirname(BENCH_DIR)
+
+
+def _isolate(official_path: str) -> None:
+    """sys.path: the official checkout first, this bench folder (for `measure`), nothing of the project."""
+    keep = [p for p in sys.path if p and os.path.abspath(p) not in (PROJECT_ROOT, BENCH_DIR, os.getcwd())]
+    sys.path[:] = [official_path, BENCH_DIR] + keep
+
+
+def official_counts(iter_left: int, iter_right: int, num_scales: int):
+    """Iterations per scale the official sampler runs: linspace over 10 points, truncated to the scales."""
+    import numpy as np
+    return np.linspace(iter_left, iter_right, 10, dtype=int).tolist()[:num_scales]
+
+
+def kv_bytes_probe(var):
+    """Forward hooks recording the bytes each official attention layer's KV cache holds; returns (read, remove)."""
+    import torch
+    held = {}
+
+    def nbytes(x):
+        if isinstance(x, torch.Tensor):
+            return x.numel() * x.element_size()
+        if isinstance(x, dict):
+            return sum(nbytes(v) for v in x.values())
+        return 0
+
+    def hook(m, args, out):
+        held[id(m)] = nbytes(m.cached_k) + nbytes(m.cached_v)
+
+    handles = [m.register_forward_hook(hook) for m in var.modules() if hasattr(m, 'kv_caching')]
+    return (lambda: sum(held.values())), (lambda: [h.remove() for h in handles]), held
+
+
+def handlers():
+    """Command handlers for `measure.serve`: setup, run, memory."""
+    import torch
+    import measure
+    st = {}
+
+    def setup(msg):
+        torch.set_num_threads(int(msg['threads']))
+        device = torch.device(msg['device'])
+        from models.var import VAR          # the official package, first on sys.path
+        from models.vqvae import VQVAE
+        m = msg['model']
+        if tuple(m['vae_ch_mult']) != (1, 1, 2, 2, 4) or m['vae_num_res_blocks'] != 2:
+            raise ValueError('the official VQVAE has a fixed layout (ch_mult 1,1,2,2,4, 2 res blocks)')
+        vae = VQVAE(vocab_size=m['V'], z_channels=m['Cvae'], ch=m['vae_ch'], test_mode=True, share_quant_resi=4,
+                    v_patch_nums=tuple(m['patch_nums'])).to(device)
+        width = m['embed_dim'] or 64 * m['depth']
+        var = VAR(vae_local=vae, num_classes=m['num_classes'], depth=m['depth'], embed_dim=width,
+                  num_heads=m['num_heads'] or m['depth'], drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0,
+                  norm_eps=1e-6, shared_aln=m['shared_aln'], cond_drop_rate=0.1, attn_l2_norm=m['attn_l2_norm'],
+                  patch_nums=tuple(m['patch_nums']), use_implicit=m['use_implicit'], pre_depth=m['pre_depth'],
+                  post_depth=m['post_depth']).to(device)
+        sd = torch.load(msg['state_path'], map_location=device, weights_only=False)
+        vae.load_state_dict(sd['vae'], strict=True)
+        var.load_state_dict(sd['var'], strict=True)
+        del sd
+        vae.eval(), var.eval()
+        sch = msg['schedule']
+        if sch.get('tau') is not None:
+            raise ValueError('the official sampler has no adaptive schedule')
+        counts = official_counts(sch['left'], sch['right'], len(m['patch_nums']))
+        if counts != list(sch['counts']):
+            raise ValueError(f'schedule counts {sch["counts"]} are not what the official knob runs ({counts})')
+        read_kv, _, held = kv_bytes_probe(var)
+        label_B = torch.arange(msg['B'], device=device) % m['num_classes']
+        kw = dict(g_seed=msg['g_seed'], cfg=msg['cfg'], top_k=msg['top_k'], top_p=msg['top_p'],
+                  iter_left=sch['left'], iter_right=sch['right'])
+        dtype = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[msg['dtype']]
+
+        def call():
+            held.clear()
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                return var.autoregressive_infer_cfg(msg['B'], label_B, **kw)
+
+        st.update(device=device, call=call, read_kv=read_kv, decode=measure.DecodeTimer(vae, device))
+        rss = measure.current_rss_bytes()
+        measure.reset_peak_memory(device)
+        return {'ok': True, 'rss_after_build_bytes': rss}
+
+    def run(msg):
+        r = measure.timed_call(st['call'], st['device'], st['decode'])
+        img = r.pop('out')
+        r.update(digest=measure.digest(img), kv_cache_bytes=st['read_kv'](), iters=None)
+        return r
+
+    def memory(msg):
+        return measure.peak_memory(st['device'])
+
+    def profile(msg):
+        return measure.profile_call(st['call'], st['device'])
+
+    return dict(setup=setup, run=run, memory=memory, profile=profile)
+
+
+def main():
+    if len(sys.argv) != 2 or not os.path.isdir(os.path.join(sys.argv[1], 'models')):
+        raise SystemExit('usage: official_runner.py PATH  (PATH: a checkout of the official VIAR code, with models/)')
+    _isolate(os.path.abspath(sys.argv[1]))
+    import measure
+    measure.serve(handlers())
+
+
+if __name__ == '__main__':
+    main()

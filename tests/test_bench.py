@@ -1,0 +1,97 @@
+"""The sampling benchmark: schedule parsing, summaries, and a tiny end-to-end run of the project side alone."""
+import json
+import os
+
+import pytest
+
+from bench import sample_speed as ss
+
+TINY = ['--depth', '4', '--width', '32', '--heads', '2', '--p_depth', '1', '--patch_nums', '1,2,3,4', '--V', '48',
+        '--Cvae', '8', '--vae_ch', '32', '--vae_ch_mult', '1,1', '--vae_num_res_blocks', '1', '--num_classes', '5',
+        '--bs', '2', '--top_k', '10', '--top_p', '0.9', '--threads', '1', '--device', 'cpu']
+
+
+def test_official_counts_follow_the_official_ten_point_linspace():
+    assert ss.official_counts(20, 5, 10) == [20, 18, 16, 15, 13, 11, 10, 8, 6, 5]
+    assert ss.official_counts(20, 5, 4) == [20, 18, 16, 15]    # truncated, not re-spaced
+    assert ss.official_counts(7, 7, 3) == [7, 7, 7]
+    with pytest.raises(ValueError):
+        ss.official_counts(10, 10, 11)
+
+
+def test_parse_schedule_tokens():
+    con = ss.parse_schedule('10:10', 4)
+    assert con['label'] == 'Con.(10,10)' and con['counts'] == [10] * 4 and con['tau'] is None
+    dec = ss.parse_schedule('20:5', 10)
+    assert dec['label'] == 'Dec.(20,5)' and dec['counts'][0] == 20 and dec['counts'][-1] == 5
+    ada = ss.parse_schedule('tau=0.05', 3, cap=7)
+    assert ada['tau'] == [0.05] * 3 and ada['counts'] == [7] * 3 and ada['label'].startswith('Ada.')
+    for bad in ('10', 'x:y', 'tau=json'):
+        with pytest.raises(ValueError):
+            ss.parse_schedule(bad, 4)
+
+
+def test_parse_schedule_reads_convergence_json(tmp_path):
+    path = tmp_path / 'convergence.json'
+    path.write_text(json.dumps({'suggested_tau': [0.1, 0.2, 0.3]}))
+    assert ss.parse_schedule('tau=json', 3, cap=5, tau_json=str(path))['tau'] == [0.1, 0.2, 0.3]
+
+
+def test_summarise_splits_transformer_and_decode():
+    reps = [dict(wall_s=w, decode_wall_s=1.0, cpu_s=w, decode_cpu_s=1.0) for w in (3.0, 5.0, 4.0)]
+    s = ss.summarise(reps, B=8)
+    assert s['images_per_s'] == pytest.approx(8 / 4.0)          # median call
+    assert s['transformer_images_per_s'] == pytest.approx(8 / 3.0)
+    assert s['decode_images_per_s'] == pytest.approx(8.0)
+
+
+def _side(ips, mem, kv=1024):
+    return dict(images_per_s=ips, transformer_images_per_s=2 * ips, decode_images_per_s=3 * ips, peak_rss_bytes=mem,
+                rss_after_build_bytes=mem // 2, kv_cache_bytes=kv)
+
+
+def test_table_and_plot_with_official_rows(tmp_path):
+    meta = dict(machine='test cpu', device='cpu', threads=1, dtype='fp32', B=2, depth=4, width=32, pre_depth=1,
+                post_depth=1, patch_nums=[1, 2], image_px=32, var_ckpt='', reps=1, warmup=0, load_avg='0')
+    rows = [dict(model='VAR', schedule='-', counts=None, iters_used=None, ours=_side(2.0, 2 ** 30),
+                 official=_side(1.0, 2 ** 30), ratio=2.0, transformer_ratio=2.0, same_images=True),
+            dict(model='VIAR', schedule='Con.(2,2)', counts=[2, 2], iters_used=[2, 2], ours=_side(1.5, 2 ** 29),
+                 official=_side(1.0, 2 ** 29), ratio=1.5, transformer_ratio=1.5, same_images=False),
+            dict(model='VIAR', schedule='Ada.(tau=0.1,cap=2)', counts=[2, 2], iters_used=[1, 2], ours=_side(1.8, 2 ** 29))]
+    table = ss.markdown_table(dict(meta=meta, rows=rows))
+    lines = [l for l in table.splitlines() if l.startswith('| ')]
+    assert len(lines) == 1 + len(rows)
+    assert '| yes |' in lines[1] and '| NO |' in lines[2] and 'n/a' in lines[3]
+    assert 'test cpu' in table
+    ss.plot(dict(meta=meta, rows=rows), str(tmp_path / 'p.png'))
+    assert (tmp_path / 'p.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_benchmark_runs_tiny_models_end_to_end(tmp_path):
+    out = tmp_path / 'bench'
+    result = ss.main(TINY + ['--schedules', '2:1,tau=0.5', '--tau_cap', '3', '--warmup', '0', '--reps', '1',
+                             '--out', str(out)])
+    for name in ('sample_speed.json', 'sample_speed.md', 'sample_speed.png'):
+        assert (out / name).stat().st_size > 0
+    saved = json.loads((out / 'sample_speed.json').read_text())
+    assert [r['model'] for r in saved['rows']] == ['VAR', 'VIAR', 'VIAR']
+    var_row, dec_row, ada_row = saved['rows']
+    assert dec_row['iters_used'] == [2, 1, 1, 1]
+    assert all(1 <= n <= 3 for n in ada_row['iters_used'])
+    for r in saved['rows']:
+        o = r['ours']
+        assert o['images_per_s'] > 0 and o['transformer_images_per_s'] >= o['images_per_s']
+        assert o['peak_rss_bytes'] > 0 and o['kv_cache_bytes'] > 0
+        assert 'official' not in r
+    # the implicit block's per-iteration caches make VIAR hold more KV bytes than its explicit blocks alone
+    assert ada_row['ours']['kv_cache_bytes'] >= dec_row['ours']['kv_cache_bytes']
+    assert result['meta']['official'] is None
+
+
+def test_bad_flags_are_clear_errors(tmp_path):
+    with pytest.raises(SystemExit, match='--models'):
+        ss.main(TINY + ['--models', 'GPT', '--out', str(tmp_path)])
+    with pytest.raises(SystemExit, match='--official'):
+        ss.main(TINY + ['--official', str(tmp_path / 'nope'), '--out', str(tmp_path)])
+    with pytest.raises(SystemExit, match='--schedules'):
+        ss.main(TINY + ['--models', 'VIAR', '--schedules', '3', '--out', str(tmp_path)])
