@@ -1,0 +1,202 @@
+"""Convergence of VIAR's implicit block during sampling (the paper's Fig. 3), and per-scale adaptive tau.
+
+Samples a batch of class-conditional images with T iterations at every scale, and records, per scale
+and iteration t, how far the iterate moved: the cosine similarity cos(z_{t+1}, z_t) and the relative
+residual ||z_{t+1} - z_t|| / ||z_t||, per sample over the scale's (tokens x channels), averaged over
+the conditional half of the CFG batch. z_0 is the pre-blocks' output (the input injection).
+
+The iterates are read with forward hooks on the projection (its input holds z_t) and on the implicit
+block (its output is z_{t+1}), so the model code carries no analysis code. For each scale it suggests
+the adaptive stop threshold tau: the sampler's own residual (||G(z) - z|| / ||G(z)|| over the whole
+CFG batch, stop_mode 'rel') at the first iteration whose mean cosine reaches --target_cos.
+
+    python scripts/convergence.py --var_ckpt ckpts/viar.pth --vae_ckpt ckpts/vae_ch160v4096z32.pth --T 20
+    python sampling.py ... --tau_json convergence_out/convergence.json --tau_cap 20
+
+Writes OUT/convergence.json ({"patch_nums", "cosine", "rel_residual", "suggested_tau", ...}) and
+OUT/convergence.png (one curve per scale).
+"""
+import argparse
+import json
+import os
+import sys
+from typing import Dict, List, Optional, Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __name__ == '__main__' and ROOT not in sys.path:   # run as a script: make the project importable
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+
+# ---------------------------------------------------------------- arithmetic (pure)
+
+def step_metrics(z_next_BLC: torch.Tensor, z_BLC: torch.Tensor, B: int) -> Dict[str, float]:
+    """Mean over the first B rows of cos(z_next, z) and ||z_next - z|| / ||z|| (each row flattened), plus the
+    sampler's residual ||z_next - z|| / ||z_next|| over all rows (what an adaptive schedule compares with tau)."""
+    a, b = z_next_BLC.float(), z_BLC.float()
+    a_BN, b_BN = a[:B].reshape(B, -1), b[:B].reshape(B, -1)
+    cos_B = torch.nn.functional.cosine_similarity(a_BN, b_BN, dim=1, eps=1e-12)
+    rel_B = (a_BN - b_BN).norm(dim=1) / b_BN.norm(dim=1).clamp_min(1e-12)
+    solver = (a - b).norm() / (a.norm() + 1e-9)   # = models.solver.residual_norm(..., 'rel')
+    return dict(cosine=cos_B.mean().item(), rel_residual=rel_B.mean().item(), solver_residual=solver.item())
+
+
+def suggest_tau(cosine_t: Sequence[float], solver_residual_t: Sequence[float], target_cos: float):
+    """(tau, iterations): the sampler residual at the first iteration whose cosine reaches the target,
+    or at the last iteration (and None iterations) when it never does."""
+    for t, c in enumerate(cosine_t):
+        if c >= target_cos:
+            return float(solver_residual_t[t]), t + 1
+    return float(solver_residual_t[-1]), None
+
+
+# ---------------------------------------------------------------- recording
+
+class IterateRecorder:
+    """Forward hooks that turn each implicit iteration during sampling into one row of metrics per scale."""
+
+    def __init__(self, var, B: int):
+        self.var, self.B, self.C = var, B, var.C
+        self.scale_of_len = {pn * pn: si for si, pn in enumerate(var.patch_nums)}
+        self.rows: List[List[Dict[str, float]]] = [[] for _ in var.patch_nums]
+        self._z = None
+        self._hooks = [var.implicit_block_projection.register_forward_pre_hook(self._before),
+                       var.implicit_block.register_forward_hook(self._after)]
+
+    def _before(self, module, args):
+        self._z = args[0][..., :self.C]    # the projection's input is cat(z_t, x)
+
+    def _after(self, module, args, out):
+        si = self.scale_of_len[out.shape[1]]
+        self.rows[si].append(step_metrics(out, self._z, self.B))
+
+    def remove(self):
+        for h in self._hooks:
+            h.remove()
+
+    def curves(self, key: str) -> List[List[float]]:
+        """Per scale, the metric `key` for t = 0 .. T-1."""
+        return [[r[key] for r in rows] for rows in self.rows]
+
+
+@torch.no_grad()
+def measure_convergence(var, label_B: torch.Tensor, T: int, g_seed: Optional[int] = 0, cfg: float = 1.5,
+                        top_k: int = 900, top_p: float = 0.96, target_cos: float = 0.99) -> Dict:
+    """Sample with T iterations at every scale and return the convergence curves and suggested tau."""
+    from models.schedules import constant
+    B = label_B.shape[0]
+    rec = IterateRecorder(var, B)
+    try:
+        var.autoregressive_infer_cfg(B, label_B, g_seed=g_seed, cfg=cfg, top_k=top_k, top_p=top_p,
+                                     schedule=constant(T, len(var.patch_nums)))
+    finally:
+        rec.remove()
+    cosine, rel, solver = rec.curves('cosine'), rec.curves('rel_residual'), rec.curves('solver_residual')
+    picks = [suggest_tau(c, s, target_cos) for c, s in zip(cosine, solver)]
+    return dict(patch_nums=list(var.patch_nums), T=T, B=B, target_cos=target_cos, cosine=cosine, rel_residual=rel,
+                solver_residual=solver, suggested_tau=[p[0] for p in picks], iters_to_target=[p[1] for p in picks],
+                stop_mode='rel')
+
+
+def plot(result: Dict, path: str) -> None:
+    """Cosine and relative residual against the iteration, one curve per scale."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    cmap = plt.get_cmap('viridis')
+    K = len(result['patch_nums'])
+    for si, pn in enumerate(result['patch_nums']):
+        t = list(range(1, len(result['cosine'][si]) + 1))
+        color = cmap(si / max(K - 1, 1))
+        ax1.plot(t, result['cosine'][si], color=color, label=f'{pn}x{pn}')
+        ax2.semilogy(t, result['rel_residual'][si], color=color, label=f'{pn}x{pn}')
+    ax1.axhline(result['target_cos'], color='gray', ls='--', lw=0.8)
+    ax1.set(xlabel='iteration t', ylabel='cos(z_{t+1}, z_t)', title='cosine similarity of successive iterates')
+    ax2.set(xlabel='iteration t', ylabel='||z_{t+1} - z_t|| / ||z_t||', title='relative residual')
+    ax2.legend(title='scale', fontsize=7, ncol=2)
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    from utils.sample_args import add_model_args, add_size_args
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    add_model_args(p, depth=16, var_ckpt=None, vae_ckpt='')
+    add_size_args(p)
+    g = p.add_argument_group('analysis')
+    g.add_argument('--T', type=int, default=20, help='iterations run at every scale')
+    g.add_argument('--bs', type=int, default=8, help='class-conditional samples averaged over')
+    g.add_argument('--class_labels', type=int, nargs='*', default=None, help='labels (default: seeded random)')
+    g.add_argument('--seed', type=int, default=0, help='seeds the labels, the sampling and random weights')
+    g.add_argument('--cfg', type=float, default=1.5)
+    g.add_argument('--top_k', type=int, default=900)
+    g.add_argument('--top_p', type=float, default=0.96)
+    g.add_argument('--target_cos', type=float, default=0.99, help='cosine at which a scale counts as converged')
+    g.add_argument('--out_dir', type=str, default='convergence_out')
+    return p
+
+
+def load_viar(args, device):
+    """(vae, var): a VIAR checkpoint, or random weights with --var_ckpt random."""
+    from utils.checkpoint import CheckpointError, load_vae_weights
+    from utils.model_io import build_models, load_models
+    from utils.sample_args import spec_from_args
+    if args.var_ckpt is None:
+        raise SystemExit('give --var_ckpt PATH (a VIAR checkpoint) or --var_ckpt random')
+    args.use_implicit = True
+    spec = spec_from_args(args)
+    try:
+        if args.var_ckpt == 'random':
+            torch.manual_seed(args.seed)
+            vae, var = build_models(spec, device)
+            if args.vae_ckpt:
+                load_vae_weights(vae, args.vae_ckpt)
+        else:
+            vae, var, _ = load_models(args.var_ckpt, args.vae_ckpt, spec, device=device)
+    except CheckpointError as e:
+        raise SystemExit(f'error: {e}') from None
+    if not var.use_implicit:
+        raise SystemExit(f'{args.var_ckpt} is an explicit VAR: convergence needs a VIAR (implicit block)')
+    return vae.eval(), var.eval()
+
+
+def main(argv=None) -> Dict:
+    from utils.sample_args import autocast_context, resolve_device
+    args = build_parser().parse_args(argv)
+    if args.T < 1 or args.bs < 1:
+        raise SystemExit('--T and --bs must be >= 1')
+    device = resolve_device(args.device)
+    vae, var = load_viar(args, device)
+    if args.class_labels:
+        bad = [c for c in args.class_labels if not 0 <= c < var.num_classes]
+        if bad:
+            raise SystemExit(f'--class_labels {bad} outside [0, {var.num_classes})')
+        label_B = torch.tensor(args.class_labels, device=device)
+    else:
+        g = torch.Generator().manual_seed(args.seed)
+        label_B = torch.randint(0, var.num_classes, (args.bs,), generator=g).to(device)
+    with autocast_context(device, args.dtype):
+        result = measure_convergence(var, label_B, args.T, g_seed=args.seed, cfg=args.cfg, top_k=args.top_k,
+                                     top_p=args.top_p, target_cos=args.target_cos)
+    result['var_ckpt'], result['labels'] = args.var_ckpt, label_B.tolist()
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, 'convergence.json'), 'w') as f:
+        json.dump(result, f, indent=1)
+    plot(result, os.path.join(args.out_dir, 'convergence.png'))
+    print(f'suggested adaptive tau per scale (stop_mode rel, target cosine {args.target_cos}):')
+    for pn, tau, n, cos in zip(result['patch_nums'], result['suggested_tau'], result['iters_to_target'], result['cosine']):
+        reach = f'reached at t={n}' if n else f'not reached in {args.T} (final cosine {cos[-1]:.4f})'
+        print(f'  {pn:>3}x{pn:<3} tau={tau:.3g}  ({reach})')
+    print(f"use: --tau_json {os.path.join(args.out_dir, 'convergence.json')}")
+    return result
+
+
+if __name__ == '__main__':
+    main()

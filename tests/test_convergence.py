@@ -1,0 +1,84 @@
+"""scripts/convergence.py: its per-scale curves equal a direct computation of successive iterates; tau feeds schedules."""
+import json
+import math
+
+import pytest
+import torch
+
+from models import schedules as S
+from scripts import convergence as cv
+from utils.model_io import ModelSpec, build_models
+
+SIZE = dict(depth=4, embed_dim=32, num_heads=2, patch_nums=(1, 2, 3, 4), V=48, Cvae=8, vae_ch=32, vae_ch_mult=(1, 1),
+            vae_num_res_blocks=1, num_classes=5, use_implicit=True, pre_depth=1, post_depth=1)
+FLAGS = ['--var_ckpt', 'random', '--depth', '4', '--width', '32', '--heads', '2', '--patch_nums', '1,2,3,4',
+         '--V', '48', '--Cvae', '8', '--vae_ch', '32', '--vae_ch_mult', '1,1', '--vae_num_res_blocks', '1',
+         '--num_classes', '5', '--pre_depth', '1', '--post_depth', '1', '--device', 'cpu',
+         '--top_k', '10', '--top_p', '0.9', '--cfg', '2.0']
+
+
+def test_suggest_tau_takes_the_first_iteration_reaching_the_target():
+    assert cv.suggest_tau([0.5, 0.995, 0.999], [0.3, 0.02, 0.01], 0.99) == (0.02, 2)
+    assert cv.suggest_tau([0.5, 0.6], [0.3, 0.2], 0.99) == (0.2, None)
+
+
+def test_step_metrics_on_known_vectors():
+    z = torch.tensor([[[1.0, 0.0]], [[5.0, 5.0]]])          # row 1 is the unconditional half: ignored by the means
+    z_next = torch.tensor([[[1.0, 1.0]], [[5.0, 5.0]]])
+    m = cv.step_metrics(z_next, z, B=1)
+    assert m['cosine'] == pytest.approx(1 / math.sqrt(2))
+    assert m['rel_residual'] == pytest.approx(1.0)
+    assert m['solver_residual'] == pytest.approx(1.0 / math.sqrt(52), rel=1e-5)   # over both halves, / ||z_next||
+
+
+def _direct_curves(seed: int, T: int, B: int):
+    """Rebuild the same random model and compute the metrics from raw iterates, without the script's hooks."""
+    torch.manual_seed(seed)
+    _, var = build_models(ModelSpec(**SIZE))
+    var.eval()
+    iterates = []   # (z0 from the last pre-block, then every implicit-block output), in call order
+    h1 = var.pre_blocks[-1].register_forward_hook(lambda m, a, o: iterates.append(('x', o.clone())))
+    h2 = var.implicit_block.register_forward_hook(lambda m, a, o: iterates.append(('z', o.clone())))
+    labels = torch.randint(0, 5, (B,), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        var.autoregressive_infer_cfg(B, labels, g_seed=seed, cfg=2.0, top_k=10, top_p=0.9, schedule=S.constant(T, 4))
+    h1.remove(), h2.remove()
+    cos, rel = [], []
+    for kind, z in iterates:
+        if kind == 'x':
+            prev, cos_s, rel_s = z, [], []
+            cos.append(cos_s), rel.append(rel_s)
+            continue
+        a, b = z[:B].flatten(1), prev[:B].flatten(1)
+        cos_s.append(((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).mean().item())
+        rel_s.append(((a - b).norm(dim=1) / b.norm(dim=1)).mean().item())
+        prev = z
+    return cos, rel
+
+
+def test_script_matches_direct_iterates_and_writes_files(tmp_path, capsys):
+    T, B, seed = 4, 3, 2
+    result = cv.main(FLAGS + ['--T', str(T), '--bs', str(B), '--seed', str(seed), '--out_dir', str(tmp_path)])
+    saved = json.loads((tmp_path / 'convergence.json').read_text())
+    assert (tmp_path / 'convergence.png').read_bytes()[:4] == b'\x89PNG'
+    assert saved['patch_nums'] == [1, 2, 3, 4] and saved['suggested_tau'] == result['suggested_tau']
+    assert [len(c) for c in saved['cosine']] == [T] * 4 and [len(r) for r in saved['rel_residual']] == [T] * 4
+    cos, rel = _direct_curves(seed, T, B)
+    assert len(cos) == 4
+    for k in range(4):
+        assert saved['cosine'][k] == pytest.approx(cos[k], abs=1e-5)
+        assert saved['rel_residual'][k] == pytest.approx(rel[k], rel=1e-4, abs=1e-6)
+    assert 'suggested adaptive tau' in capsys.readouterr().out
+
+
+def test_suggested_tau_feeds_the_adaptive_schedule(tmp_path):
+    cv.main(FLAGS + ['--T', '3', '--bs', '2', '--target_cos', '0.5', '--out_dir', str(tmp_path)])
+    path = str(tmp_path / 'convergence.json')
+    taus = json.loads(open(path).read())['suggested_tau']
+    sched = S.from_cli(4, tau_json=path, cap=3)
+    assert sched.adaptive and sched.tau == pytest.approx(taus) and sched.counts == [3] * 4
+
+
+def test_missing_checkpoint_flag_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match='--var_ckpt'):
+        cv.main(['--out_dir', str(tmp_path)])
