@@ -174,22 +174,28 @@ class VARBase(nn.Module):
             label_B = torch.full((B,), self.num_classes if label_B < 0 else label_B, device=dev)
         label_B = label_B.to(dev)
 
-        # everything that does not change across scales, once per call
-        sos = cond_2BD = self.class_emb(torch.cat((label_B, torch.full_like(label_B, self.num_classes))))
-        ada = self.block_modulations(cond_2BD)
-        ada_head = self.head_nm.modulation(cond_2BD)
+        # everything that does not change across scales, once per call. R rows: the conditional half,
+        # then the unconditional one (R = 2B); cfg == 0 never looks at the latter, so it runs R = B rows
+        guided = cfg != 0
+        label_R = torch.cat((label_B, torch.full_like(label_B, self.num_classes))) if guided else label_B
+        sos = cond_RD = self.class_emb(label_R)
+        R = cond_RD.shape[0]
+        ada = self.block_modulations(cond_RD)
+        ada_head = self.head_nm.modulation(cond_RD)
         lvl_pos_1LC = self.lvl_embed(self.lvl_1L) + self.pos_1LC
         state = self.new_infer_state(schedule, fill_forward)
         stats = SampleStats()
 
         quant = self.vae_quant_proxy[0]
-        next_2BlC = sos.unsqueeze(1).expand(2 * B, self.first_l, -1) + self.pos_start.expand(2 * B, self.first_l, -1) \
+        next_RlC = sos.unsqueeze(1).expand(R, self.first_l, -1) + self.pos_start.expand(R, self.first_l, -1) \
             + lvl_pos_1LC[:, :self.first_l]
         f_hat = sos.new_zeros(B, self.Cvae, self.patch_nums[-1], self.patch_nums[-1])
         for si, pn in enumerate(self.patch_nums):
             ratio = si / self.num_stages_minus_1 if self.num_stages_minus_1 else 1.0
-            h_2BlC = self.infer_backbone(next_2BlC, ada, state, si, schedule, stats)
-            logits_BlV = sample_ops.guide(self.get_logits(h_2BlC, cond_2BD, ada_head), sample_ops.cfg_ratio(cfg, si, K))
+            h_RlC = self.infer_backbone(next_RlC, ada, state, si, schedule, stats)
+            logits_BlV = self.get_logits(h_RlC, cond_RD, ada_head)
+            if guided:
+                logits_BlV = sample_ops.guide(logits_BlV, sample_ops.cfg_ratio(cfg, si, K))
             idx_Bl = sample_ops.sample_top_k_top_p_(logits_BlV, top_k=top_k, top_p=top_p, rng=rng)
             if edit is not None:
                 idx_Bl = torch.where(edit.keep_Bl[si], edit.gt_idx_Bl[si], idx_Bl)
@@ -203,7 +209,7 @@ class VARBase(nn.Module):
             if si != self.num_stages_minus_1:
                 b, e = self.begin_ends[si + 1]
                 next_BlC = self.word_embed(next_BCvhw.view(B, self.Cvae, -1).transpose(1, 2)) + lvl_pos_1LC[:, b:e]
-                next_2BlC = next_BlC.repeat(2, 1, 1)   # the unconditional half sees the same tokens
+                next_RlC = next_BlC.repeat(2, 1, 1) if guided else next_BlC   # both halves see the same tokens
         stats.kv_cache_bytes = state_nbytes(state)
         stats.residuals = [None if r is None else float(r) for r in stats.residuals]
         img = self.vae_proxy[0].fhat_to_img(f_hat).add_(1).mul_(0.5)

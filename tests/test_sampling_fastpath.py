@@ -1,4 +1,5 @@
-"""The scale loop of a fixed schedule never reads a device value back (no .item(), nonzero, ...); adaptive reads one per iteration."""
+"""Sampling fast paths: a fixed schedule's scale loop never reads a device value back (adaptive reads one per
+iteration), and cfg == 0 runs only the conditional half yet samples what the guided path samples at vanishing cfg."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -47,3 +48,21 @@ def test_adaptive_schedule_reads_one_residual_per_iteration():
                                               schedule=S.adaptive(0.05, 3, 4))
     inside = [i for i in syncs if i < last_draw]
     assert len(inside) == sum(stats.iters)
+
+
+@pytest.mark.parametrize('use_implicit', [False, True])
+def test_cfg_zero_skips_the_unconditional_half(use_implicit):
+    vae, var = tiny_vae_var(use_implicit)
+    kw = dict(g_seed=[4, 9], top_k=10, top_p=0.9, schedule=S.decreasing(3, 1, 4), return_stats=True)
+    runs = {}
+    for cfg in (0.0, 1e-30):   # 1e-30: the 2B-row guided path, whose guided logits round to the conditional ones
+        toks = []
+        h = vae.quantize.embedding.register_forward_pre_hook(lambda m, a: toks.append(a[0].clone()))
+        with torch.no_grad():
+            img, stats = var.autoregressive_infer_cfg(2, torch.tensor([1, 3]), cfg=cfg, **kw)
+        h.remove()
+        runs[cfg] = (toks, img, stats)
+    (toks0, img0, st0), (toks1, img1, st1) = runs[0.0], runs[1e-30]
+    assert len(toks0) == 4 and all(torch.equal(a, b) for a, b in zip(toks0, toks1))
+    torch.testing.assert_close(img0, img1, atol=1e-5, rtol=1e-5)
+    assert st0.kv_cache_bytes * 2 == st1.kv_cache_bytes   # half the rows in every cache
