@@ -33,11 +33,31 @@ def initialize(device: str = 'auto', timeout_min: int = 30) -> torch.device:
         _device = torch.device('cpu')
     if int(os.environ.get('WORLD_SIZE', 1)) > 1 and not _initialized:
         backend = 'nccl' if use_cuda else 'gloo'
+        timeout = datetime.timedelta(minutes=timeout_min)
         kw = dict(device_id=_device) if use_cuda else {}
-        tdist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_min), **kw)
+        store = _attempt_store(timeout)
+        if store is not None:
+            kw.update(store=store, rank=int(os.environ['RANK']), world_size=int(os.environ['WORLD_SIZE']))
+        tdist.init_process_group(backend=backend, timeout=timeout, **kw)
         _rank, _world_size = tdist.get_rank(), tdist.get_world_size()
         _initialized = True
     return _device
+
+
+def _attempt_store(timeout: datetime.timedelta):
+    """Under torchrun, the rendezvous store with a prefix per restart attempt (None otherwise).
+
+    After `torchrun --max-restarts` restarts a killed group, the agent's store still holds the previous
+    attempt's keys, and the new process group hangs on them (seen with torch 2.11 + gloo); a fresh key
+    prefix per attempt avoids that.
+    """
+    attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT')
+    if attempt is None or 'MASTER_ADDR' not in os.environ:
+        return None
+    agent_hosts = os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == str(True)
+    store = tdist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), int(os.environ['WORLD_SIZE']),
+                           is_master=not agent_hosts and int(os.environ['RANK']) == 0, timeout=timeout)
+    return tdist.PrefixStore(f'viar/attempt_{attempt}', store)
 
 
 def initialized() -> bool:

@@ -62,7 +62,7 @@ def read_resume(path: str) -> Optional[Dict[str, Any]]:
     if not os.path.isfile(path):
         return None
     try:
-        return torch.load(path, map_location='cpu', weights_only=False)
+        return torch.load(path, map_location='cpu', weights_only=False, mmap=True)   # mmap: ranks share pages
     except Exception as e:
         raise SystemExit(f'cannot read {path} to resume ({type(e).__name__}: {e}). Restore it, or move it away '
                          f'to start from scratch.') from None
@@ -252,6 +252,7 @@ class Run:
         if dist.is_master():
             ep, it = divmod(self.prog.g_it, self.iters_ep)
             state = {'epoch': ep, 'iter': it, 'g_it': self.prog.g_it, 'version': 1,
+                     'sampler': self.sampler.position_at(self.prog.g_it),
                      'trainer': self.trainer.state_dict(with_vae=self.random_vae),
                      'args': self.args.to_dict(), 'config': self.spec.to_dict(), 'world_size': self.world,
                      'rng': rngs, 'best_val': self.prog.best_val, 'nonfinite': self.prog.nonfinite_run}
@@ -351,7 +352,8 @@ class Run:
                 if pending_save or best:
                     self._save(best)
                     pending_save = False
-            if done == r.kill_at_step:
+            # test hook; not again after a torchrun restart, which would otherwise kill every attempt
+            if done == r.kill_at_step and int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)) == 0:
                 self.log.warning(f'[test hook] SIGKILL after step {done}')
                 os.kill(os.getpid(), signal.SIGKILL)
         self.log.info(f'[done] {self.total} steps in {format_duration(time.time() - t_start)}; '

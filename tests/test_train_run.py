@@ -24,7 +24,12 @@ def _ok(proc):
 @pytest.mark.parametrize('implicit', [True, False])
 def test_torchrun_two_ranks_train_with_identical_jfb_draws(data, tmp_path, implicit):
     out = str(tmp_path / 'out')
-    _ok(run_train(tiny_flags(data, out, implicit, '--ep=12', '--save_freq=6'), torchrun=2))
+    # VIAR: both ranks are SIGKILLed after step 13; torchrun restarts them and they resume from step 12
+    crash = ('--kill_at_step=13', '--save_every_steps=4') if implicit else ()
+    _ok(run_train(tiny_flags(data, out, implicit, '--ep=12', '--save_freq=6', *crash), torchrun=2,
+                  restarts=1 if implicit else 0))
+    log = open(os.path.join(out, 'log.txt')).read()
+    assert ('[resume]' in log and 'step 12 (ep 6, it 0)' in log) == implicit
     r0, r1 = read_steps(f'{out}/steps-rank0.jsonl'), read_steps(f'{out}/steps-rank1.jsonl')
     assert sorted(r0) == sorted(r1) == list(range(1, 25))
     assert [(r0[s]['n'], r0[s]['m']) for s in r0] == [(r1[s]['n'], r1[s]['m']) for s in r0]

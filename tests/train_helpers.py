@@ -56,10 +56,11 @@ def env_one_thread() -> Dict[str, str]:
     return env
 
 
-def run_train(argv: List[str], timeout: int = 300, torchrun: int = 0) -> subprocess.CompletedProcess:
+def run_train(argv: List[str], timeout: int = 300, torchrun: int = 0, restarts: int = 0) -> subprocess.CompletedProcess:
     """train.py in a child process (under torch.distributed.run with `torchrun` processes when > 0)."""
     if torchrun:
         cmd = [PYTHON, '-m', 'torch.distributed.run', f'--nproc_per_node={torchrun}', '--standalone',
+               f'--max-restarts={restarts}',
                os.path.join(ROOT, 'train.py')]
     else:
         cmd = [PYTHON, os.path.join(ROOT, 'train.py')]

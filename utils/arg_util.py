@@ -112,7 +112,7 @@ class RunArgs:
     val_every: int = _f(0, 'also validate every this many steps (0: only when saving per epoch)')
     log_every: int = _f(0, 'progress line every this many steps (0: ~20 per epoch)')
     step_log: bool = _f(False, 'every rank appends one JSON line per step (loss, n, m, lr) to steps-rank<r>.jsonl')
-    kill_at_step: int = _f(-1, 'test hook: SIGKILL this process right after step N (steps count from 1; -1: off)')
+    kill_at_step: int = _f(-1, 'test hook: SIGKILL this process right after step N (from 1; not after a torchrun restart; -1: off)')
     nan_at_steps: str = _f('', 'test hook: make the loss NaN at these steps (from 1), e.g. 3_4_5 or 3-9')
 
 
