@@ -57,12 +57,13 @@ def reset_peak_memory(device: torch.device) -> None:
     reset_peak_rss()
 
 
-def peak_memory(device: torch.device) -> Dict[str, int]:
-    """Peak RSS of this process, plus CUDA max allocated bytes on a GPU."""
-    out = {'peak_rss_bytes': peak_rss_bytes()}
+def peak_memory(device: torch.device, overall: Optional[Dict[str, int]] = None) -> Dict[str, int]:
+    """Peak RSS of this process (or the running maximum `timed_call` kept in `overall`), plus CUDA max
+    allocated bytes on a GPU."""
+    seen = (overall or {}).get('peak', 0)
     if device.type == 'cuda':
-        out['cuda_max_allocated_bytes'] = int(torch.cuda.max_memory_allocated(device))
-    return out
+        return {'peak_rss_bytes': peak_rss_bytes(), 'cuda_max_allocated_bytes': max(seen, int(torch.cuda.max_memory_allocated(device)))}
+    return {'peak_rss_bytes': max(seen, peak_rss_bytes())}
 
 
 # ---------------------------------------------------------------- timing
@@ -74,23 +75,29 @@ def sync(device: torch.device) -> None:
 
 
 class DecodeTimer:
-    """Times the VQVAE decode inside a sampling call: from post_quant_conv's input to the decoder's output.
+    """Times the VQVAE decode inside a sampling call (post_quant_conv's input to the decoder's output) and
+    splits the call's peak memory into the transformer phase (before the decode) and the decode.
 
     Works for any VQVAE whose `fhat_to_img` runs `decoder(post_quant_conv(f_hat))` (ours and the official).
+    The peaks are per call when the caller resets the peak before it (`timed_call` does).
     """
 
     def __init__(self, vae: torch.nn.Module, device: torch.device):
         self.device, self.start, self.end = device, None, None
+        self.peaks = {}
         self._hooks = [vae.post_quant_conv.register_forward_pre_hook(self._on_start),
                        vae.decoder.register_forward_hook(self._on_end)]
 
     def _on_start(self, module, args):
         sync(self.device)
+        self.peaks['transformer'] = _phase_peak(self.device)
+        reset_peak_memory(self.device)
         self.start = (time.perf_counter(), time.process_time())
 
     def _on_end(self, module, args, output):
         sync(self.device)
         self.end = (time.perf_counter(), time.process_time())
+        self.peaks['decode'] = _phase_peak(self.device)
 
     def clear(self):
         self.start = self.end = None
@@ -106,17 +113,35 @@ class DecodeTimer:
             h.remove()
 
 
-def timed_call(fn: Callable[[], Any], device: torch.device, decode: Optional[DecodeTimer] = None) -> Dict[str, Any]:
-    """Run fn once; wall and process-CPU seconds for the whole call and for its VAE decode."""
+def _phase_peak(device: torch.device) -> int:
+    """Peak memory since the last reset: CUDA max allocated on a GPU, else peak RSS."""
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == 'cuda' else peak_rss_bytes()
+
+
+def timed_call(fn: Callable[[], Any], device: torch.device, decode: Optional[DecodeTimer] = None,
+               overall: Optional[Dict[str, int]] = None) -> Dict[str, Any]:
+    """Run fn once; wall and process-CPU seconds for the whole call and for its VAE decode, and (with a
+    DecodeTimer) the peak memory of the transformer phase and of the decode in this call.
+
+    Per-call peaks reset the process peak, so pass `overall` (a dict) to keep the running maximum
+    under 'peak' across calls.
+    """
     if decode is not None:
         decode.clear()
+        decode.peaks = {}
+        reset_peak_memory(device)
     sync(device)
     w0, c0 = time.perf_counter(), time.process_time()
     out = fn()
     sync(device)
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     dec_wall, dec_cpu = decode.elapsed() if decode is not None else (0.0, 0.0)
-    return dict(out=out, wall_s=wall, cpu_s=cpu, decode_wall_s=dec_wall, decode_cpu_s=dec_cpu)
+    res = dict(out=out, wall_s=wall, cpu_s=cpu, decode_wall_s=dec_wall, decode_cpu_s=dec_cpu)
+    if decode is not None:
+        res.update(transformer_peak_bytes=decode.peaks.get('transformer', 0), decode_peak_bytes=decode.peaks.get('decode', 0))
+        if overall is not None:
+            overall['peak'] = max(overall.get('peak', 0), res['transformer_peak_bytes'], res['decode_peak_bytes'])
+    return res
 
 
 def profile_call(fn: Callable[[], Any], device: torch.device, top: int = 25) -> Dict[str, Any]:

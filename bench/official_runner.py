@@ -88,19 +88,19 @@ def handlers():
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 return var.autoregressive_infer_cfg(msg['B'], label_B, **kw)
 
-        st.update(device=device, call=call, read_kv=read_kv, decode=measure.DecodeTimer(vae, device))
+        st.update(device=device, call=call, read_kv=read_kv, decode=measure.DecodeTimer(vae, device), overall={})
         rss = measure.current_rss_bytes()
         measure.reset_peak_memory(device)
         return {'ok': True, 'rss_after_build_bytes': rss}
 
     def run(msg):
-        r = measure.timed_call(st['call'], st['device'], st['decode'])
+        r = measure.timed_call(st['call'], st['device'], st['decode'], st['overall'])
         img = r.pop('out')
         r.update(digest=measure.digest(img), kv_cache_bytes=st['read_kv'](), iters=None)
         return r
 
     def memory(msg):
-        return measure.peak_memory(st['device'])
+        return measure.peak_memory(st['device'], st['overall'])
 
     def profile(msg):
         return measure.profile_call(st['call'], st['device'])

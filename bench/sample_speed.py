@@ -74,6 +74,8 @@ def summarise(reps: List[Dict[str, float]], B: int) -> Dict[str, Any]:
     cpu_tr = med([r['cpu_s'] - r['decode_cpu_s'] for r in reps])
     return dict(images_per_s=B / wall, transformer_images_per_s=B / tr, decode_images_per_s=B / dec if dec else None,
                 cpu_transformer_images_per_s=B / cpu_tr if cpu_tr > 0 else None,
+                transformer_peak_bytes=max(r.get('transformer_peak_bytes', 0) for r in reps),
+                decode_peak_bytes=max(r.get('decode_peak_bytes', 0) for r in reps),
                 wall_s=[r['wall_s'] for r in reps], decode_wall_s=[r['decode_wall_s'] for r in reps],
                 cpu_s=[r['cpu_s'] for r in reps], decode_cpu_s=[r['decode_cpu_s'] for r in reps])
 
@@ -87,9 +89,10 @@ def memory_of(side: Dict[str, Any]) -> int:
     return side.get('cuda_max_allocated_bytes') or side['peak_rss_bytes']
 
 
-def sampling_rss(side: Dict[str, Any]) -> int:
-    """Resident memory the sampling calls added on top of the loaded models (peak RSS - RSS after building)."""
-    return max(0, side['peak_rss_bytes'] - side['rss_after_build_bytes'])
+def transformer_delta(side: Dict[str, Any]) -> int:
+    """Memory the transformer phase of a call added on top of the loaded models (KV caches, activations,
+    logits): its peak minus the memory after building (RSS on CPU, allocated bytes on a GPU)."""
+    return max(0, side.get('transformer_peak_bytes', 0) - side['rss_after_build_bytes'])
 
 
 def markdown_table(result: Dict[str, Any]) -> str:
@@ -98,26 +101,26 @@ def markdown_table(result: Dict[str, Any]) -> str:
     has_off = any(r.get('official') for r in rows)
     mem_name = 'CUDA max alloc' if meta['device'].startswith('cuda') else 'peak RSS'
     head = ['model', 'schedule', 'iters/scale', 'img/s', 'transformer img/s', 'VAE img/s',
-            f'{mem_name} MiB', 'sampling RSS MiB', 'KV MiB']
+            f'{mem_name} MiB', 'transformer +MiB', 'KV MiB']
     if has_off:
-        head += ['official img/s', 'official transformer img/s', f'official {mem_name} MiB', 'official sampling RSS MiB',
-                 'official KV MiB',
-                 'ratio', 'transformer ratio', 'same images']
+        head += ['official img/s', 'official transformer img/s', f'official {mem_name} MiB', 'official transformer +MiB',
+                 'official KV MiB', 'ratio', 'transformer ratio', 'transformer CPU-time ratio', 'same images']
     fmt = lambda x, p=2: '-' if x is None else f'{x:.{p}f}'   # noqa: E731
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for r in rows:
         o = r['ours']
         cells = [r['model'], r['schedule'], ','.join(map(str, r['iters_used'] or r['counts'] or [])) or '-',
                  fmt(o['images_per_s']), fmt(o['transformer_images_per_s']), fmt(o['decode_images_per_s']),
-                 fmt(memory_of(o) / MiB, 0), fmt(sampling_rss(o) / MiB, 0), fmt(o['kv_cache_bytes'] / MiB, 1)]
+                 fmt(memory_of(o) / MiB, 0), fmt(transformer_delta(o) / MiB, 0), fmt(o['kv_cache_bytes'] / MiB, 1)]
         if has_off:
             f = r.get('official')
             if f:
                 cells += [fmt(f['images_per_s']), fmt(f['transformer_images_per_s']), fmt(memory_of(f) / MiB, 0),
-                          fmt(sampling_rss(f) / MiB, 0), fmt(f['kv_cache_bytes'] / MiB, 1), fmt(r['ratio']), fmt(r['transformer_ratio']),
+                          fmt(transformer_delta(f) / MiB, 0), fmt(f['kv_cache_bytes'] / MiB, 1), fmt(r['ratio']),
+                          fmt(r['transformer_ratio']), fmt(r.get('cpu_transformer_ratio')),
                           'yes' if r['same_images'] else 'NO']
             else:
-                cells += ['n/a'] * 8
+                cells += ['n/a'] * 9
         lines.append('| ' + ' | '.join(cells) + ' |')
     note = (f"\n{meta['machine']}; {meta['device']}, {meta['threads']} thread(s), {meta['dtype']}, batch {meta['B']}, "
             f"depth {meta['depth']} (width {meta['width']}), VIAR pre/post {meta['pre_depth']}/{meta['post_depth']}, "
@@ -201,19 +204,20 @@ def _our_handlers():
         label_B = torch.arange(msg['B'], device=device) % spec.num_classes
         kw = dict(g_seed=msg['g_seed'], cfg=msg['cfg'], top_k=msg['top_k'], top_p=msg['top_p'], schedule=schedule,
                   fill_forward=msg['fill_forward'], return_stats=True)
-        st.update(device=device, call=lambda: sampler(msg['B'], label_B, **kw), decode=measure.DecodeTimer(vae, device))
+        st.update(device=device, call=lambda: sampler(msg['B'], label_B, **kw), decode=measure.DecodeTimer(vae, device),
+                  overall={})
         rss = measure.current_rss_bytes()
         measure.reset_peak_memory(device)
         return {'ok': True, 'rss_after_build_bytes': rss}
 
     def run(msg):
-        r = measure.timed_call(st['call'], st['device'], st['decode'])
+        r = measure.timed_call(st['call'], st['device'], st['decode'], st['overall'])
         img, stats = r.pop('out')
         r.update(digest=measure.digest(img), kv_cache_bytes=stats.kv_cache_bytes, iters=stats.iters or None)
         return r
 
     def memory(msg):
-        return measure.peak_memory(st['device'])
+        return measure.peak_memory(st['device'], st['overall'])
 
     def profile(msg):
         return measure.profile_call(st['call'], st['device'])

@@ -47,7 +47,7 @@ def test_summarise_splits_transformer_and_decode():
 
 def _side(ips, mem, kv=1024):
     return dict(images_per_s=ips, transformer_images_per_s=2 * ips, decode_images_per_s=3 * ips, peak_rss_bytes=mem,
-                rss_after_build_bytes=mem // 2, kv_cache_bytes=kv)
+                rss_after_build_bytes=mem // 2, transformer_peak_bytes=mem * 3 // 4, kv_cache_bytes=kv)
 
 
 def test_table_and_plot_with_official_rows(tmp_path):
@@ -82,6 +82,7 @@ def test_benchmark_runs_tiny_models_end_to_end(tmp_path):
         o = r['ours']
         assert o['images_per_s'] > 0 and o['transformer_images_per_s'] >= o['images_per_s']
         assert o['peak_rss_bytes'] > 0 and o['kv_cache_bytes'] > 0
+        assert 0 < o['transformer_peak_bytes'] <= o['peak_rss_bytes'] and 0 < o['decode_peak_bytes'] <= o['peak_rss_bytes']
         assert 'official' not in r
     # the implicit block's per-iteration caches make VIAR hold more KV bytes than its explicit blocks alone
     assert ada_row['ours']['kv_cache_bytes'] >= dec_row['ours']['kv_cache_bytes']
