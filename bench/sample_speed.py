@@ -362,6 +362,8 @@ def main(argv=None):
     if args.p_depth is not None:
         args.pre_depth = args.post_depth = args.p_depth
     device = resolve_device(args.device)
+    if args.compile and args.warmup < 1:
+        raise SystemExit('--compile needs --warmup >= 1: the first call compiles')
     if args.official and not os.path.isdir(os.path.join(args.official, 'models')):
         raise SystemExit(f'--official {args.official}: not a checkout of the official code (no models/ folder there)')
     kinds = [k.strip().upper() for k in args.models.split(',') if k.strip()]

@@ -34,6 +34,7 @@ def test_bad_dtype_is_a_clear_error():
     _, var = tiny_vae_var(False)
     with pytest.raises(SamplingError, match='dtype'):
         prepare_for_sampling(var, dtype='fp8')
+    assert prepare_for_sampling(var, dtype='auto').dtype == 'fp32'   # CPU: auto is fp32 (fp16 on CUDA)
 
 
 def test_bf16_autocast_halves_the_kv_cache_and_stays_in_range():

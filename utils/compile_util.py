@@ -24,10 +24,18 @@ class SamplingError(ValueError):
     """A sampling option this machine or model cannot honour (the message says what to change)."""
 
 
-def autocast_for(device_type: str, dtype: str):
-    """torch.autocast for 'bf16' / 'fp16'; a null context for 'fp32'."""
+def resolve_dtype(device_type: str, dtype: str) -> str:
+    """'auto' -> 'fp16' on CUDA (as the official scripts), 'fp32' elsewhere; other names unchanged."""
+    if dtype == 'auto':
+        return 'fp16' if device_type == 'cuda' else 'fp32'
     if dtype not in AUTOCAST_DTYPES:
-        raise SamplingError(f'dtype must be one of {sorted(AUTOCAST_DTYPES)}, got {dtype!r}')
+        raise SamplingError(f"dtype must be one of {sorted(AUTOCAST_DTYPES) + ['auto']}, got {dtype!r}")
+    return dtype
+
+
+def autocast_for(device_type: str, dtype: str):
+    """torch.autocast for 'bf16' / 'fp16'; a null context for 'fp32' ('auto' resolved first)."""
+    dtype = resolve_dtype(device_type, dtype)
     if AUTOCAST_DTYPES[dtype] is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, dtype=AUTOCAST_DTYPES[dtype])
@@ -71,11 +79,12 @@ def prepare_for_sampling(var: nn.Module, compile: bool = False, dtype: str = 'fp
                          backend: str = 'inductor') -> Sampler:
     """Put `var` in eval mode, optionally compile its scale-loop modules in place; return a Sampler.
 
+    dtype: 'fp32', 'bf16', 'fp16' or 'auto' (fp16 on CUDA, fp32 elsewhere), the autocast of every call.
     mode: torch.compile mode (None: 'reduce-overhead' on CUDA, the default elsewhere).
     backend: torch.compile backend ('inductor'; 'aot_eager' checks graph capture without code generation).
     """
     device_type = var.lvl_1L.device.type
-    autocast_for(device_type, dtype)   # a bad dtype fails before any compile work
+    dtype = resolve_dtype(device_type, dtype)   # a bad dtype fails before any compile work
     var.eval()
     mode = mode if mode is not None else default_mode(device_type)
     if compile:
