@@ -69,6 +69,24 @@ def implicit_cache_capacities(patch_nums: Sequence[int], counts: Sequence[int], 
     return caps
 
 
+def planned_kv_bytes(patch_nums: Sequence[int], explicit_layers: int, counts: Optional[Sequence[int]], rows: int,
+                     width: int, elem_bytes: int, fill_forward: bool = True) -> int:
+    """Bytes the KV caches of one sampling call hold, known before it runs (a fixed schedule).
+
+    Each explicit layer caches all L tokens; the implicit block (counts given, VIAR) one cache per
+    iteration index with the capacities above, plus an L-token cache of last iterates when some scale
+    runs more iterations than an earlier one (fill_forward). rows: 2B with CFG. For an adaptive schedule
+    pass its caps: the result is then an upper bound.
+    """
+    L = scale_begin_ends(patch_nums)[-1][1]
+    tokens = explicit_layers * L
+    if counts is not None:
+        tokens += sum(implicit_cache_capacities(patch_nums, counts, fill_forward))
+        if fill_forward and any(b > a for a, b in zip(counts, counts[1:])):
+            tokens += L
+    return 2 * rows * width * elem_bytes * tokens
+
+
 class IterKVCaches:
     """Per-iteration caches of the implicit block: iteration t attends to what iteration t produced before.
 
@@ -98,7 +116,7 @@ class IterKVCaches:
         if t not in self.caches:
             cache = KVCache(self._capacity(t))
             if self.fill_forward and self.si > 0:
-                cache.copy_prefix_from(self.last, self.begin_ends[self.si][0])
+                cache.copy_prefix_from(self.last, self.last.length)   # < scale start if a scale ran 0 iterations
             self.caches[t] = cache
         return self.caches[t]
 

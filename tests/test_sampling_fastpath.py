@@ -5,6 +5,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import schedules as S
+from models.kv_cache import planned_kv_bytes
 from tests.tiny import tiny_vae_var
 
 # ops that copy a device value to the host (a CUDA sync) or whose output shape depends on values
@@ -66,3 +67,26 @@ def test_cfg_zero_skips_the_unconditional_half(use_implicit):
     assert len(toks0) == 4 and all(torch.equal(a, b) for a, b in zip(toks0, toks1))
     torch.testing.assert_close(img0, img1, atol=1e-5, rtol=1e-5)
     assert st0.kv_cache_bytes * 2 == st1.kv_cache_bytes   # half the rows in every cache
+
+
+@pytest.mark.parametrize('counts,fill_forward', [(None, True), ([3, 3, 3, 3], True), ([4, 3, 1, 1], True),
+                                                 ([1, 2, 1, 3], True), ([1, 2, 1, 3], False), ([0, 2, 2, 0], True)])
+def test_planned_kv_bytes_equal_what_sampling_allocates(counts, fill_forward):
+    _, var = tiny_vae_var(counts is not None)
+    sched = S.explicit(counts, 4) if counts else None
+    with torch.no_grad():
+        _, st = var.autoregressive_infer_cfg(3, torch.tensor([0, 1, 2]), g_seed=1, cfg=1.5, top_k=5, schedule=sched,
+                                             fill_forward=fill_forward, return_stats=True)
+    explicit = len(var.backbone_blocks()) - (counts is not None)
+    assert st.kv_cache_bytes == planned_kv_bytes(var.patch_nums, explicit, counts, rows=6, width=var.C, elem_bytes=4,
+                                                 fill_forward=fill_forward)
+
+
+def test_scale_with_zero_iterations_contributes_no_implicit_keys():
+    _, var = tiny_vae_var(True)
+    outs = []
+    for ff in (True, False):   # scale 0 has no iterate, so filling forward has nothing to add: both agree
+        with torch.no_grad():
+            outs.append(var.autoregressive_infer_cfg(2, torch.tensor([0, 1]), g_seed=1, top_k=5,
+                                                     schedule=S.explicit([0, 2, 2, 0], 4), fill_forward=ff))
+    assert torch.equal(outs[0], outs[1])
