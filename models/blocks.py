@@ -84,11 +84,12 @@ class SelfAttention(nn.Module):
         qkv_BL3Hc = F.linear(x_BLC, self.mat_qkv.weight, bias_3C).view(B, L, 3, self.num_heads, self.head_dim)
         q_BHLc, k_BHLc, v_BHLc = qkv_BL3Hc.permute(2, 0, 3, 1, 4).unbind(0)
         if self.attn_l2_norm:   # q and k normalised by one kernel: same per-vector arithmetic, fewer launches
-            # CUDA autocast runs norm in fp32; back to the compute dtype so cached keys take fp16/bf16 like
-            # values (the official flash path casts them at attention time: the same numbers). fp32: a no-op.
-            qk_BL2Hc = F.normalize(qkv_BL3Hc[:, :, :2], dim=-1).to(qkv_BL3Hc.dtype)
-            q_BHLc, k_BHLc = qk_BL2Hc.permute(2, 0, 3, 1, 4).unbind(0)
+            q_BHLc, k_BHLc = F.normalize(qkv_BL3Hc[:, :, :2], dim=-1).permute(2, 0, 3, 1, 4).unbind(0)
             q_BHLc = q_BHLc.mul(self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp())
+            # CUDA autocast runs norm in fp32; keys go back to the compute dtype so cached keys take fp16/bf16
+            # like values: attention casts them to that dtype anyway, so the numbers are the official ones.
+            # q keeps one rounding (after the scale), as official. fp32: a no-op.
+            k_BHLc = k_BHLc.to(qkv_BL3Hc.dtype)
         if kv is not None:   # inference: attend to every cached earlier scale plus this one
             k_BHLc, v_BHLc = kv.append(k_BHLc, v_BHLc)
         out_BHLc = F.scaled_dot_product_attention(
