@@ -220,14 +220,12 @@ def checkpoint_dict(vae: VQVAE, cfg: TokenizerConfig, opt: Optional[torch.optim.
 
 
 class Logger:
-    """Appends lines to out_dir/log.txt, prints them, and writes tensorboard scalars when enabled."""
+    """Appends lines to out_dir/log.txt, prints them, and writes tensorboard scalars (out_dir/tb-vae) when enabled."""
 
     def __init__(self, out_dir: str, tensorboard: bool):
+        from utils.logging_util import ScalarWriter   # writes event files without importing TensorFlow
         self.path = os.path.join(out_dir, 'log.txt')
-        self.tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(out_dir, 'tb-vae'))
+        self.tb = ScalarWriter(os.path.join(out_dir, 'tb-vae') if tensorboard else None)
 
     def line(self, text: str) -> None:
         print(text, flush=True)
@@ -235,13 +233,11 @@ class Logger:
             f.write(text + '\n')
 
     def scalars(self, step: int, values: Dict[str, float]) -> None:
-        if self.tb is not None:
-            for k, v in values.items():
-                self.tb.add_scalar(k, v, step)
+        self.tb.add('vae', values, step)
+        self.tb.flush()
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        self.tb.close()
 
 
 def resume_state(cfg: TokenizerConfig, vae: VQVAE, opt: torch.optim.Optimizer, logger: Logger) -> int:
@@ -291,7 +287,7 @@ def train_tokenizer(cfg: TokenizerConfig) -> Dict[str, Any]:
                 f_BChw = vae.img_to_f(img_B3HW)
             n_moved = restart_dead_codes(vae.quantize, f_BChw, torch.Generator().manual_seed(cfg.seed * 7919 + step))
             if n_moved:
-                logger.scalars(step, {'vae/restarted_codes': n_moved})
+                logger.scalars(step, {'restarted_codes': n_moved})
         want_usage = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
         rec_B3HW, usages, vq_loss = vae(img_B3HW, ret_usages=want_usage)
         rec_loss = reconstruction_loss(rec_B3HW, img_B3HW, cfg.l1_weight)
@@ -306,7 +302,7 @@ def train_tokenizer(cfg: TokenizerConfig) -> Dict[str, Any]:
         if want_usage:
             metrics.update(usage_last=usages[-1], usage_mean=sum(usages) / len(usages), lr=lr,
                            grad_norm=float(grad_norm))
-            logger.scalars(step + 1, {f'vae/{k}': v for k, v in metrics.items()})
+            logger.scalars(step + 1, metrics)
             sec = (time.time() - t0) / (step + 1 - start)
             logger.line(f'[tokenizer] step {step + 1}/{cfg.max_steps}  loss {metrics["loss"]:.4f}  '
                         f'rec {metrics["rec_loss"]:.4f}  vq {metrics["vq_loss"]:.4f}  '
@@ -320,7 +316,7 @@ def train_tokenizer(cfg: TokenizerConfig) -> Dict[str, Any]:
             save_atomic(checkpoint_dict(vae, cfg, opt, step + 1, metrics), os.path.join(cfg.out_dir, LAST_CKPT))
 
     metrics['val_recon_mse'] = recon_mse(vae, val_set, device=device)
-    logger.scalars(cfg.max_steps, {'vae/val_recon_mse': metrics['val_recon_mse']})
+    logger.scalars(cfg.max_steps, {'val_recon_mse': metrics['val_recon_mse']})
     logger.line(f'[tokenizer] val reconstruction MSE on [-1, 1]: {metrics["val_recon_mse"]:.5f}')
     save_atomic(checkpoint_dict(vae, cfg, opt, cfg.max_steps, metrics), os.path.join(cfg.out_dir, LAST_CKPT))
     save_atomic(checkpoint_dict(vae.eval(), cfg, None, cfg.max_steps, metrics), os.path.join(cfg.out_dir, EXPORT))

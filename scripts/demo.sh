@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# End-to-end demo on a CPU: real data (sklearn's handwritten digits), a tokenizer trained from scratch,
+# VIAR and VAR trained on its tokens, a class-by-seed sample grid, and scores. See docs/DEMO.md.
+#
+#   bash scripts/demo.sh                  # full demo into demo_output/ (minutes on 2 CPU cores)
+#   DEMO_QUICK=1 DEMO_OUT=/tmp/d bash scripts/demo.sh   # a few steps of everything (what the tests run)
+#
+# Knobs (environment): DEMO_OUT (output folder), DEMO_QUICK=1, DEMO_VAE_STEPS, DEMO_AR_STEPS, DEMO_WIDTH,
+# DEMO_SEEDS (images per class), DEMO_THREADS (threads of each process; default 1). VIAR and VAR train and
+# sample side by side, one single-threaded process each: on two cores that is faster than one process with
+# two threads, and a loaded machine does not stall it. Every run starts afresh in DEMO_OUT.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=${DEMO_OUT:-demo_output}
+QUICK=${DEMO_QUICK:-0}
+if [ "$QUICK" = 1 ]; then
+  VAE_STEPS=${DEMO_VAE_STEPS:-4}; AR_STEPS=${DEMO_AR_STEPS:-3}; WIDTH=${DEMO_WIDTH:-32}; HEADS=2; NSEEDS=${DEMO_SEEDS:-2}
+else
+  VAE_STEPS=${DEMO_VAE_STEPS:-300}; AR_STEPS=${DEMO_AR_STEPS:-400}; WIDTH=${DEMO_WIDTH:-128}; HEADS=4; NSEEDS=${DEMO_SEEDS:-10}
+fi
+export OMP_NUM_THREADS=${DEMO_THREADS:-1} MKL_NUM_THREADS=${DEMO_THREADS:-1}
+PY=.venv/bin/python
+start_ns=$(date +%s%N)
+started_at=$(date +%s.%N)
+log() { echo "[demo $(( ($(date +%s%N) - start_ns) / 1000000000 ))s] $*"; }
+
+bash scripts/setup.sh
+rm -rf "$OUT/digits" "$OUT/vae" "$OUT/viar" "$OUT/var" "$OUT/samples" "$OUT/results.json" "$OUT/grid.png"
+mkdir -p "$OUT"
+
+log "1/5 digits -> $OUT/digits (16 px RGB, train/ and val/)"
+$PY scripts/make_digits.py --out "$OUT/digits" --size 16
+
+log "2/5 tokenizer: multi-scale VQVAE, $VAE_STEPS steps"
+$PY train_tokenizer.py --data_path "$OUT/digits" --out_dir "$OUT/vae" --reso 16 --mid_reso 1.0 \
+  --patch_nums 1,2,3,4 --ch_mult 1,2,4 --num_res_blocks 1 --ch 32 --V 128 --Cvae 16 \
+  --bs 64 --lr 1e-3 --restart_every 20 --max_steps "$VAE_STEPS" --log_every 50 > "$OUT/vae.stdout" 2>&1 \
+  || { tail -n 20 "$OUT/vae.stdout"; exit 1; }
+tail -n 2 "$OUT/vae/log.txt"
+
+log "3/5 VIAR (1 pre, 1 implicit, 1 post block) and VAR (depth 6), width $WIDTH, $AR_STEPS steps each, in parallel"
+COMMON=(--data_path="$OUT/digits" --pn=1_2_3_4 --patch_size=4 --mid_reso=1.0 --hflip=False
+        --vae_ckpt="$OUT/vae/vae.pth" --V=128 --Cvae=16 --vae_ch=32 --vae_ch_mult=1_2_4 --vae_num_res_blocks=1
+        --depth=6 --width="$WIDTH" --heads="$HEADS" --bs=64 --tlr=1e-3 --max_steps="$AR_STEPS" --log_every=100
+        --device=cpu --exp_name=digits-demo)
+$PY train.py "${COMMON[@]}" --use_implicit=True --p_depth=1 --jfb_n=0_4 --jfb_m=1_4 \
+  --local_out_dir_path="$OUT/viar" > "$OUT/viar.stdout" 2>&1 & pid_viar=$!
+$PY train.py "${COMMON[@]}" --use_implicit=False --local_out_dir_path="$OUT/var" > "$OUT/var.stdout" 2>&1 & pid_var=$!
+ok=1
+wait "$pid_viar" || { echo "VIAR training failed:"; tail -n 20 "$OUT/viar.stdout"; ok=0; }
+wait "$pid_var" || { echo "VAR training failed:"; tail -n 20 "$OUT/var.stdout"; ok=0; }
+[ "$ok" = 1 ] || exit 1
+
+log "4/5 samples: classes 0..9 x $NSEEDS seeds (cfg 1.5, no top-k/top-p, 4 implicit iterations per scale)"
+SEEDS=$(seq -s ' ' 0 $((NSEEDS - 1)))
+GEN=(--vae_ckpt "$OUT/vae/vae.pth" --class_label 0 1 2 3 4 5 6 7 8 9 --seeds $SEEDS --cfg 1.5 --top_k 0 --top_p 0
+     --iter_left 4 --iter_right 4 --batch_size 50 --device cpu --progress False)
+$PY gen_img.py --var_ckpt "$OUT/viar/var-slim.pth" --output_dir "$OUT/samples/viar" "${GEN[@]}" \
+  > "$OUT/gen_viar.stdout" 2>&1 & pid_viar=$!
+$PY gen_img.py --var_ckpt "$OUT/var/var-slim.pth" --output_dir "$OUT/samples/var" "${GEN[@]}" \
+  > "$OUT/gen_var.stdout" 2>&1 & pid_var=$!
+wait "$pid_viar" || { echo "VIAR sampling failed:"; tail -n 20 "$OUT/gen_viar.stdout"; ok=0; }
+wait "$pid_var" || { echo "VAR sampling failed:"; tail -n 20 "$OUT/gen_var.stdout"; ok=0; }
+[ "$ok" = 1 ] || exit 1
+
+log "5/5 scores -> $OUT/results.json, grid (left VIAR, right VAR; rows = digits 0..9, columns = seeds) -> $OUT/grid.png"
+$PY scripts/demo_score.py --data_path "$OUT/digits" --vae_ckpt "$OUT/vae/vae.pth" \
+  --viar_ckpt "$OUT/viar/var-slim.pth" --viar_samples "$OUT/samples/viar" \
+  --var_ckpt "$OUT/var/var-slim.pth" --var_samples "$OUT/samples/var" \
+  --grid "$OUT/grid.png" --started_at "$started_at" \
+  --extra "{\"quick\": $QUICK, \"vae_steps\": $VAE_STEPS, \"ar_steps\": $AR_STEPS, \"width\": $WIDTH, \"threads\": $OMP_NUM_THREADS}" \
+  --out "$OUT/results.json"
+log "done"
