@@ -68,6 +68,39 @@ def peak_memory(device: torch.device, overall: Optional[Dict[str, int]] = None) 
 
 # ---------------------------------------------------------------- timing
 
+def release_freed_memory() -> bool:
+    """Make RSS follow live tensors: glibc serves blocks >= 64 KiB by mmap (returned on free) and trims its heap.
+
+    Without this, memory freed by earlier calls stays resident and a later phase's peak RSS says little
+    about what that phase allocated. False where glibc is not available (peaks then stay approximate).
+    """
+    try:
+        import ctypes
+        libc = ctypes.CDLL('libc.so.6')
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+        libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
+        libc.malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+def memory_probe(fn: Callable[[], Any], device: torch.device, decode: 'DecodeTimer',
+                 overall: Optional[Dict[str, int]] = None) -> Dict[str, int]:
+    """One extra (untimed) call measuring memory: the baseline before it, the peak of its transformer phase
+    and of its VAE decode. CPU: RSS after `release_freed_memory`; GPU: CUDA allocated bytes."""
+    if device.type == 'cuda':
+        sync(device)
+        base = int(torch.cuda.memory_allocated(device))
+    else:
+        release_freed_memory()
+        base = current_rss_bytes()
+    r = timed_call(fn, device, decode, overall)
+    return dict(base_bytes=base, transformer_peak_bytes=r['transformer_peak_bytes'],
+                decode_peak_bytes=r['decode_peak_bytes'], peak_bytes=max(r['transformer_peak_bytes'], r['decode_peak_bytes']))
+
+
 def sync(device: torch.device) -> None:
     """Wait for queued device work (no-op on CPU)."""
     if device.type == 'cuda':

@@ -100,7 +100,8 @@ def handlers():
         return r
 
     def memory(msg):
-        return measure.peak_memory(st['device'], st['overall'])
+        probe = measure.memory_probe(st['call'], st['device'], st['decode'], st['overall'])
+        return dict(measure.peak_memory(st['device'], st['overall']), probe=probe)
 
     def profile(msg):
         return measure.profile_call(st['call'], st['device'])

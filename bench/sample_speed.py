@@ -65,19 +65,27 @@ def parse_schedule(token: str, num_scales: int, cap: int = 20, tau_json: str = '
     return dict(label=f'{kind}({a},{b})', counts=counts, tau=None, stop_mode=stop_mode, left=a, right=b)
 
 
-def summarise(reps: List[Dict[str, float]], B: int) -> Dict[str, Any]:
-    """Images/s from the median call (total, transformer = total - VAE decode, decode), wall and CPU time."""
-    med = lambda xs: statistics.median(xs)   # noqa: E731
-    wall = med([r['wall_s'] for r in reps])
-    dec = med([r['decode_wall_s'] for r in reps])
-    tr = med([r['wall_s'] - r['decode_wall_s'] for r in reps])
-    cpu_tr = med([r['cpu_s'] - r['decode_cpu_s'] for r in reps])
-    return dict(images_per_s=B / wall, transformer_images_per_s=B / tr, decode_images_per_s=B / dec if dec else None,
-                cpu_transformer_images_per_s=B / cpu_tr if cpu_tr > 0 else None,
-                transformer_peak_bytes=max(r.get('transformer_peak_bytes', 0) for r in reps),
-                decode_peak_bytes=max(r.get('decode_peak_bytes', 0) for r in reps),
-                wall_s=[r['wall_s'] for r in reps], decode_wall_s=[r['decode_wall_s'] for r in reps],
-                cpu_s=[r['cpu_s'] for r in reps], decode_cpu_s=[r['decode_cpu_s'] for r in reps])
+def timing_basis(device: str, threads: int) -> str:
+    """'cpu' (process CPU time) for a single-threaded CPU run, robust to other processes sharing the
+    machine; 'wall' (wall-clock) otherwise, e.g. on a GPU."""
+    return 'cpu' if device == 'cpu' and threads == 1 else 'wall'
+
+
+def summarise(reps: List[Dict[str, float]], B: int, basis: str = 'wall') -> Dict[str, Any]:
+    """Images/s of the best timed call (total, transformer = total - VAE decode, decode) on both clocks;
+    the unprefixed figures use `basis`. Raw per-call seconds are kept."""
+    out = dict(basis=basis, wall_s=[r['wall_s'] for r in reps], decode_wall_s=[r['decode_wall_s'] for r in reps],
+               cpu_s=[r['cpu_s'] for r in reps], decode_cpu_s=[r['decode_cpu_s'] for r in reps])
+    for clock, total, dec in (('wall', 'wall_s', 'decode_wall_s'), ('cpu', 'cpu_s', 'decode_cpu_s')):
+        t_total = min(r[total] for r in reps)
+        t_tr = min(r[total] - r[dec] for r in reps)
+        t_dec = min(r[dec] for r in reps)
+        out[f'{clock}_images_per_s'] = B / t_total
+        out[f'{clock}_transformer_images_per_s'] = B / t_tr if t_tr > 0 else None
+        out[f'{clock}_decode_images_per_s'] = B / t_dec if t_dec > 0 else None
+    for key in ('images_per_s', 'transformer_images_per_s', 'decode_images_per_s'):
+        out[key] = out[f'{basis}_{key}']
+    return out
 
 
 def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
@@ -85,14 +93,15 @@ def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 
 
 def memory_of(side: Dict[str, Any]) -> int:
-    """The peak-memory figure plotted and tabled: CUDA max allocated on a GPU, else peak RSS."""
-    return side.get('cuda_max_allocated_bytes') or side['peak_rss_bytes']
+    """The peak memory plotted and tabled: of the memory-probe call, CUDA max allocated on a GPU, else peak RSS."""
+    return side['probe']['peak_bytes']
 
 
 def transformer_delta(side: Dict[str, Any]) -> int:
-    """Memory the transformer phase of a call added on top of the loaded models (KV caches, activations,
-    logits): its peak minus the memory after building (RSS on CPU, allocated bytes on a GPU)."""
-    return max(0, side.get('transformer_peak_bytes', 0) - side['rss_after_build_bytes'])
+    """Memory the transformer phase of a call adds to the loaded models (KV caches, activations, logits):
+    its peak minus the memory before the call (RSS with freed memory released on CPU; allocated on a GPU)."""
+    p = side['probe']
+    return max(0, p['transformer_peak_bytes'] - p['base_bytes'])
 
 
 def markdown_table(result: Dict[str, Any]) -> str:
@@ -104,7 +113,7 @@ def markdown_table(result: Dict[str, Any]) -> str:
             f'{mem_name} MiB', 'transformer +MiB', 'KV MiB']
     if has_off:
         head += ['official img/s', 'official transformer img/s', f'official {mem_name} MiB', 'official transformer +MiB',
-                 'official KV MiB', 'ratio', 'transformer ratio', 'transformer CPU-time ratio', 'same images']
+                 'official KV MiB', 'ratio', 'transformer ratio', 'same images']
     fmt = lambda x, p=2: '-' if x is None else f'{x:.{p}f}'   # noqa: E731
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for r in rows:
@@ -117,17 +126,19 @@ def markdown_table(result: Dict[str, Any]) -> str:
             if f:
                 cells += [fmt(f['images_per_s']), fmt(f['transformer_images_per_s']), fmt(memory_of(f) / MiB, 0),
                           fmt(transformer_delta(f) / MiB, 0), fmt(f['kv_cache_bytes'] / MiB, 1), fmt(r['ratio']),
-                          fmt(r['transformer_ratio']), fmt(r.get('cpu_transformer_ratio')),
-                          'yes' if r['same_images'] else 'NO']
+                          fmt(r['transformer_ratio']), 'yes' if r['same_images'] else 'NO']
             else:
-                cells += ['n/a'] * 9
+                cells += ['n/a'] * 8
         lines.append('| ' + ' | '.join(cells) + ' |')
     note = (f"\n{meta['machine']}; {meta['device']}, {meta['threads']} thread(s), {meta['dtype']}, batch {meta['B']}, "
             f"depth {meta['depth']} (width {meta['width']}), VIAR pre/post {meta['pre_depth']}/{meta['post_depth']}, "
             f"patch_nums {','.join(map(str, meta['patch_nums']))} ({meta['image_px']} px), "
             f"{'checkpoint ' + meta['var_ckpt'] if meta['var_ckpt'] else 'random weights'}; "
-            f"median of {meta['reps']} calls after {meta['warmup']} warm-up"
-            f"{', alternating with the official code' if has_off else ''}; load average {meta['load_avg']}.\n")
+            f"best of {meta['reps']} calls after {meta['warmup']} warm-up"
+            f"{', alternating with the official code' if has_off else ''}, timed by "
+            f"{'process CPU time' if meta['basis'] == 'cpu' else 'wall clock'}; memory from one more call "
+            f"({'peak minus allocated before it' if meta['device'].startswith('cuda') else 'peak RSS; +MiB over the RSS before it, freed memory released'}); "
+            f"load average {meta['load_avg']}.\n")
     return '\n'.join(lines) + '\n' + note
 
 
@@ -217,7 +228,8 @@ def _our_handlers():
         return r
 
     def memory(msg):
-        return measure.peak_memory(st['device'], st['overall'])
+        probe = measure.memory_probe(st['call'], st['device'], st['decode'], st['overall'])
+        return dict(measure.peak_memory(st['device'], st['overall']), probe=probe)
 
     def profile(msg):
         return measure.profile_call(st['call'], st['device'])
@@ -327,7 +339,8 @@ def run_config(args, spec, state_path: str, schedule: Dict[str, Any], device: st
                counts=schedule['counts'] if spec.use_implicit else None)
     for k in kids:
         last = reps[k][-1]
-        row[k] = dict(summarise(reps[k], args.bs), kv_cache_bytes=last['kv_cache_bytes'], digest=last['digest'],
+        row[k] = dict(summarise(reps[k], args.bs, timing_basis(device, args.threads)),
+                      kv_cache_bytes=last['kv_cache_bytes'], digest=last['digest'],
                       rss_after_build_bytes=built[k]['rss_after_build_bytes'], **mem[k])
         if k in prof:
             row[k]['profile'] = prof[k]
@@ -335,8 +348,10 @@ def run_config(args, spec, state_path: str, schedule: Dict[str, Any], device: st
     if 'official' in row:
         row['ratio'] = ratio(row['ours']['images_per_s'], row['official']['images_per_s'])
         row['transformer_ratio'] = ratio(row['ours']['transformer_images_per_s'], row['official']['transformer_images_per_s'])
-        row['cpu_transformer_ratio'] = ratio(row['ours']['cpu_transformer_images_per_s'],
-                                             row['official']['cpu_transformer_images_per_s'])
+        for clock in ('wall', 'cpu'):
+            row[f'{clock}_ratio'] = ratio(row['ours'][f'{clock}_images_per_s'], row['official'][f'{clock}_images_per_s'])
+            row[f'{clock}_transformer_ratio'] = ratio(row['ours'][f'{clock}_transformer_images_per_s'],
+                                                      row['official'][f'{clock}_transformer_images_per_s'])
         row['same_images'] = row['ours']['digest'] == row['official']['digest']
     return row
 
@@ -404,6 +419,7 @@ def main(argv=None):
                 pre_depth=last_spec.pre_depth, post_depth=last_spec.post_depth, patch_nums=list(last_spec.patch_nums),
                 image_px=last_spec.patch_nums[-1] * 2 ** (len(last_spec.vae_ch_mult) - 1), var_ckpt=args.var_ckpt,
                 warmup=args.warmup, reps=args.reps, compile=args.compile, official=args.official or None,
+                basis=timing_basis(str(device), args.threads),
                 cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, fill_forward=not args.official_kv,
                 load_avg=f"{load_start} -> {' '.join(f'{x:.1f}' for x in os.getloadavg())}", torch=torch.__version__)
     result = dict(meta=meta, rows=rows)

@@ -37,22 +37,26 @@ def test_parse_schedule_reads_convergence_json(tmp_path):
     assert ss.parse_schedule('tau=json', 3, cap=5, tau_json=str(path))['tau'] == [0.1, 0.2, 0.3]
 
 
-def test_summarise_splits_transformer_and_decode():
-    reps = [dict(wall_s=w, decode_wall_s=1.0, cpu_s=w, decode_cpu_s=1.0) for w in (3.0, 5.0, 4.0)]
-    s = ss.summarise(reps, B=8)
-    assert s['images_per_s'] == pytest.approx(8 / 4.0)          # median call
-    assert s['transformer_images_per_s'] == pytest.approx(8 / 3.0)
+def test_summarise_splits_transformer_and_decode_on_the_chosen_clock():
+    reps = [dict(wall_s=w, decode_wall_s=1.0, cpu_s=w / 2, decode_cpu_s=0.5) for w in (5.0, 3.0, 4.0)]
+    s = ss.summarise(reps, B=8, basis='wall')
+    assert s['images_per_s'] == pytest.approx(8 / 3.0)          # best call
+    assert s['transformer_images_per_s'] == pytest.approx(8 / 2.0)
     assert s['decode_images_per_s'] == pytest.approx(8.0)
+    c = ss.summarise(reps, B=8, basis='cpu')
+    assert c['images_per_s'] == pytest.approx(8 / 1.5) == c['cpu_images_per_s'] and c['wall_images_per_s'] == s['images_per_s']
+    assert ss.timing_basis('cpu', 1) == 'cpu' and ss.timing_basis('cpu', 2) == 'wall' and ss.timing_basis('cuda', 1) == 'wall'
 
 
 def _side(ips, mem, kv=1024):
+    probe = dict(base_bytes=mem // 2, transformer_peak_bytes=mem * 3 // 4, decode_peak_bytes=mem, peak_bytes=mem)
     return dict(images_per_s=ips, transformer_images_per_s=2 * ips, decode_images_per_s=3 * ips, peak_rss_bytes=mem,
-                rss_after_build_bytes=mem // 2, transformer_peak_bytes=mem * 3 // 4, kv_cache_bytes=kv)
+                kv_cache_bytes=kv, probe=probe)
 
 
 def test_table_and_plot_with_official_rows(tmp_path):
     meta = dict(machine='test cpu', device='cpu', threads=1, dtype='fp32', B=2, depth=4, width=32, pre_depth=1,
-                post_depth=1, patch_nums=[1, 2], image_px=32, var_ckpt='', reps=1, warmup=0, load_avg='0')
+                post_depth=1, patch_nums=[1, 2], image_px=32, var_ckpt='', reps=1, warmup=0, load_avg='0', basis='cpu')
     rows = [dict(model='VAR', schedule='-', counts=None, iters_used=None, ours=_side(2.0, 2 ** 30),
                  official=_side(1.0, 2 ** 30), ratio=2.0, transformer_ratio=2.0, same_images=True),
             dict(model='VIAR', schedule='Con.(2,2)', counts=[2, 2], iters_used=[2, 2], ours=_side(1.5, 2 ** 29),
@@ -82,7 +86,9 @@ def test_benchmark_runs_tiny_models_end_to_end(tmp_path):
         o = r['ours']
         assert o['images_per_s'] > 0 and o['transformer_images_per_s'] >= o['images_per_s']
         assert o['peak_rss_bytes'] > 0 and o['kv_cache_bytes'] > 0
-        assert 0 < o['transformer_peak_bytes'] <= o['peak_rss_bytes'] and 0 < o['decode_peak_bytes'] <= o['peak_rss_bytes']
+        p = o['probe']
+        assert 0 < p['base_bytes'] <= p['transformer_peak_bytes'] <= p['peak_bytes'] <= o['peak_rss_bytes']
+        assert o['basis'] == 'cpu' and o['cpu_images_per_s'] > 0 and o['wall_images_per_s'] > 0
         assert 'official' not in r
     # the implicit block's per-iteration caches make VIAR hold more KV bytes than its explicit blocks alone
     assert ada_row['ours']['kv_cache_bytes'] >= dec_row['ours']['kv_cache_bytes']
