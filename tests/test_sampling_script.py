@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.proc_util import run_group
 from utils.sample_plan import make_plan, png_name, rank_share, sample_folder_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,8 +99,7 @@ def run_main(args: list):
 def run_subprocess(args: list, timeout: float = 300, torchrun: int = 0) -> subprocess.CompletedProcess:
     launcher = ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun}'] if torchrun else []
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    return subprocess.run([sys.executable, *launcher, 'sampling.py', *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return run_group([sys.executable, *launcher, 'sampling.py', *args], timeout, cwd=ROOT, env=env)
 
 
 def load_npz(sample_dir) -> np.ndarray:

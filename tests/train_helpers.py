@@ -8,6 +8,8 @@ from typing import Dict, List
 import numpy as np
 from PIL import Image
 
+from tests.proc_util import run_group
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
 
@@ -64,5 +66,4 @@ def run_train(argv: List[str], timeout: int = 300, torchrun: int = 0, restarts: 
                os.path.join(ROOT, 'train.py')]
     else:
         cmd = [PYTHON, os.path.join(ROOT, 'train.py')]
-    return subprocess.run(cmd + argv, cwd=ROOT, env=env_one_thread(), capture_output=True, text=True,
-                          timeout=timeout)
+    return run_group(cmd + argv, timeout, cwd=ROOT, env=env_one_thread())
