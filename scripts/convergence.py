@@ -113,8 +113,9 @@ def plot(result: Dict, path: str) -> None:
         ax1.plot(t, result['cosine'][si], color=color, label=f'{pn}x{pn}')
         ax2.semilogy(t, result['rel_residual'][si], color=color, label=f'{pn}x{pn}')
     ax1.axhline(result['target_cos'], color='gray', ls='--', lw=0.8)
-    ax1.set(xlabel='iteration t', ylabel='cos(z_{t+1}, z_t)', title='cosine similarity of successive iterates')
-    ax2.set(xlabel='iteration t', ylabel='||z_{t+1} - z_t|| / ||z_t||', title='relative residual')
+    xlabel = r'iteration $t$ (compares $z_t$ with $z_{t-1}$)'
+    ax1.set(xlabel=xlabel, ylabel=r'$\cos(z_t, z_{t-1})$', title='cosine similarity of successive iterates')
+    ax2.set(xlabel=xlabel, ylabel=r'$\|z_t - z_{t-1}\| \,/\, \|z_{t-1}\|$', title='relative residual')
     ax2.legend(title='scale', fontsize=7, ncol=2)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
