@@ -6,7 +6,7 @@ config also runs through the official implementation in a second child, on the s
 the two children alternate call by call (after warm-up), so machine load hits both alike.
 
     python bench/sample_speed.py --depth 12 --p_depth 2 --bs 4 --patch_nums 1,2,3,4,5,6,8 \
-        --threads 1 --official /tmp/ref/mobiushy+VIAR
+        --threads 1 --official /path/to/official/VIAR
 
 Writes OUT/sample_speed.json, OUT/sample_speed.md (a Markdown table) and OUT/sample_speed.png.
 """
@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 from typing import Any, Dict, List, Optional
@@ -49,8 +48,11 @@ def parse_schedule(token: str, num_scales: int, cap: int = 20, tau_json: str = '
             taus = load_tau_json(tau_json, num_scales)
             label = f'Ada.(json,cap={cap})'
         else:
-            taus = [float(value)] * num_scales
-            label = f'Ada.(tau={float(value):g},cap={cap})'
+            try:
+                taus = [float(value)] * num_scales
+            except ValueError:
+                raise ValueError(f"bad schedule {token!r}: tau must be a number, e.g. tau=0.01") from None
+            label = f'Ada.(tau={taus[0]:g},cap={cap})'
         return dict(label=label, counts=[cap] * num_scales, tau=taus, stop_mode=stop_mode, left=None, right=None)
     try:
         a, b = (int(t) for t in token.split(':'))

@@ -26,7 +26,7 @@ def test_parse_schedule_tokens():
     assert dec['label'] == 'Dec.(20,5)' and dec['counts'][0] == 20 and dec['counts'][-1] == 5
     ada = ss.parse_schedule('tau=0.05', 3, cap=7)
     assert ada['tau'] == [0.05] * 3 and ada['counts'] == [7] * 3 and ada['label'].startswith('Ada.')
-    for bad in ('10', 'x:y', 'tau=json'):
+    for bad in ('10', 'x:y', 'tau=json', 'tau=abc'):
         with pytest.raises(ValueError):
             ss.parse_schedule(bad, 4)
 
