@@ -4,11 +4,12 @@
     img = sampler(B, label_B, g_seed=seed, cfg=1.5, schedule=schedule)   # = var.autoregressive_infer_cfg
 
 fp32 without compile is exactly `var.autoregressive_infer_cfg` (bit for bit). compile=True compiles,
-in place (`nn.Module.compile`), every transformer block, VIAR's input-injection projection and the
-head norm; the Python parts (scale loop, KV-cache bookkeeping, sampling) stay eager, and each block's
-graph breaks at its KV-cache write. Shapes are dynamic, so all scales share a handful of graphs
-(scale 0, whose token count is 1, gets its own). On CUDA the default mode is 'reduce-overhead'
-(CUDA graphs), which removes the kernel-launch overhead that dominates the small early scales.
+in place (`nn.Module.compile`), every transformer block, VIAR's input-injection projection, the head
+norm and (compile_vae) the VQVAE decoder; the Python parts (scale loop, KV-cache bookkeeping,
+sampling) stay eager, and each block's graph breaks at its KV-cache write. The blocks' shapes are
+dynamic, so all scales share a handful of graphs (scale 0, whose token count is 1, gets its own).
+On CUDA the blocks' default mode is 'reduce-overhead' (CUDA graphs), which removes the kernel-launch
+overhead that dominates the small early scales.
 Compiled kernels sum in another order, so compiled samples match eager ones within float tolerance.
 """
 import contextlib
@@ -76,12 +77,15 @@ class Sampler:
 
 
 def prepare_for_sampling(var: nn.Module, compile: bool = False, dtype: str = 'fp32', mode: Optional[str] = None,
-                         backend: str = 'inductor') -> Sampler:
-    """Put `var` in eval mode, optionally compile its scale-loop modules in place; return a Sampler.
+                         backend: str = 'inductor', compile_vae: bool = True) -> Sampler:
+    """Put `var` in eval mode, optionally compile its scale-loop modules (and its VQVAE decoder) in place;
+    return a Sampler.
 
     dtype: 'fp32', 'bf16', 'fp16' or 'auto' (fp16 on CUDA, fp32 elsewhere), the autocast of every call.
     mode: torch.compile mode (None: 'reduce-overhead' on CUDA, the default elsewhere).
     backend: torch.compile backend ('inductor'; 'aot_eager' checks graph capture without code generation).
+    compile_vae: with compile, also compile the VQVAE decoder (static shapes, default mode: it is
+    compute-bound; on CPU inductor fuses its GroupNorm + SiLU, about 1.35x faster at 128 px).
     """
     device_type = var.lvl_1L.device.type
     dtype = resolve_dtype(device_type, dtype)   # a bad dtype fails before any compile work
@@ -90,5 +94,7 @@ def prepare_for_sampling(var: nn.Module, compile: bool = False, dtype: str = 'fp
     if compile:
         for m in compile_targets(var):
             m.compile(backend=backend, mode=mode, dynamic=True)
+        if compile_vae:
+            var.vae_proxy[0].decoder.compile(backend=backend)
     return Sampler(var, dtype=dtype, compiled=compile, mode=mode if compile else None)
 
