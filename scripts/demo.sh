@@ -5,7 +5,7 @@
 #   bash scripts/demo.sh                  # full demo into demo_output/ (minutes on 2 CPU cores)
 #   DEMO_QUICK=1 DEMO_OUT=/tmp/d bash scripts/demo.sh   # a few steps of everything (what the tests run)
 #
-# Knobs (environment): DEMO_OUT (output folder), DEMO_QUICK=1, DEMO_VAE_STEPS, DEMO_AR_STEPS, DEMO_WIDTH,
+# Knobs (environment): DEMO_OUT (output folder), DEMO_QUICK=1, DEMO_VAE_STEPS, DEMO_AR_STEPS, DEMO_WIDTH, DEMO_TLR,
 # DEMO_SEEDS (images per class), DEMO_THREADS (threads of each process; default 1). VIAR and VAR train and
 # sample side by side, one single-threaded process each: on two cores that is faster than one process with
 # two threads, and a loaded machine does not stall it. Every run starts afresh in DEMO_OUT.
@@ -17,13 +17,15 @@ QUICK=${DEMO_QUICK:-0}
 if [ "$QUICK" = 1 ]; then
   VAE_STEPS=${DEMO_VAE_STEPS:-4}; AR_STEPS=${DEMO_AR_STEPS:-3}; WIDTH=${DEMO_WIDTH:-32}; HEADS=2; NSEEDS=${DEMO_SEEDS:-2}
 else
-  VAE_STEPS=${DEMO_VAE_STEPS:-300}; AR_STEPS=${DEMO_AR_STEPS:-400}; WIDTH=${DEMO_WIDTH:-128}; HEADS=4; NSEEDS=${DEMO_SEEDS:-10}
+  VAE_STEPS=${DEMO_VAE_STEPS:-150}; AR_STEPS=${DEMO_AR_STEPS:-200}; WIDTH=${DEMO_WIDTH:-128}; HEADS=4; NSEEDS=${DEMO_SEEDS:-10}
 fi
+TLR=${DEMO_TLR:-1e-3}
 export OMP_NUM_THREADS=${DEMO_THREADS:-1} MKL_NUM_THREADS=${DEMO_THREADS:-1}
 PY=.venv/bin/python
 start_ns=$(date +%s%N)
 started_at=$(date +%s.%N)
-log() { echo "[demo $(( ($(date +%s%N) - start_ns) / 1000000000 ))s] $*"; }
+elapsed() { echo $(( ($(date +%s%N) - start_ns) / 1000000000 )); }
+log() { echo "[demo $(elapsed)s] $*"; }
 
 bash scripts/setup.sh
 rm -rf "$OUT/digits" "$OUT/vae" "$OUT/viar" "$OUT/var" "$OUT/samples" "$OUT/results.json" "$OUT/grid.png"
@@ -38,11 +40,12 @@ $PY train_tokenizer.py --data_path "$OUT/digits" --out_dir "$OUT/vae" --reso 16 
   --bs 64 --lr 1e-3 --restart_every 20 --max_steps "$VAE_STEPS" --log_every 50 > "$OUT/vae.stdout" 2>&1 \
   || { tail -n 20 "$OUT/vae.stdout"; exit 1; }
 tail -n 2 "$OUT/vae/log.txt"
+t_vae=$(elapsed)
 
 log "3/5 VIAR (1 pre, 1 implicit, 1 post block) and VAR (depth 6), width $WIDTH, $AR_STEPS steps each, in parallel"
 COMMON=(--data_path="$OUT/digits" --pn=1_2_3_4 --patch_size=4 --mid_reso=1.0 --hflip=False
         --vae_ckpt="$OUT/vae/vae.pth" --V=128 --Cvae=16 --vae_ch=32 --vae_ch_mult=1_2_4 --vae_num_res_blocks=1
-        --depth=6 --width="$WIDTH" --heads="$HEADS" --bs=64 --tlr=1e-3 --max_steps="$AR_STEPS" --log_every=100
+        --depth=6 --width="$WIDTH" --heads="$HEADS" --bs=64 --tlr="$TLR" --max_steps="$AR_STEPS" --log_every=100
         --device=cpu --exp_name=digits-demo)
 $PY train.py "${COMMON[@]}" --use_implicit=True --p_depth=1 --jfb_n=0_4 --jfb_m=1_4 \
   --local_out_dir_path="$OUT/viar" > "$OUT/viar.stdout" 2>&1 & pid_viar=$!
@@ -51,6 +54,7 @@ ok=1
 wait "$pid_viar" || { echo "VIAR training failed:"; tail -n 20 "$OUT/viar.stdout"; ok=0; }
 wait "$pid_var" || { echo "VAR training failed:"; tail -n 20 "$OUT/var.stdout"; ok=0; }
 [ "$ok" = 1 ] || exit 1
+t_ar=$(elapsed)
 
 log "4/5 samples: classes 0..9 x $NSEEDS seeds (cfg 1.5, no top-k/top-p, 4 implicit iterations per scale)"
 SEEDS=$(seq -s ' ' 0 $((NSEEDS - 1)))
@@ -63,12 +67,14 @@ $PY gen_img.py --var_ckpt "$OUT/var/var-slim.pth" --output_dir "$OUT/samples/var
 wait "$pid_viar" || { echo "VIAR sampling failed:"; tail -n 20 "$OUT/gen_viar.stdout"; ok=0; }
 wait "$pid_var" || { echo "VAR sampling failed:"; tail -n 20 "$OUT/gen_var.stdout"; ok=0; }
 [ "$ok" = 1 ] || exit 1
+t_gen=$(elapsed)
 
 log "5/5 scores -> $OUT/results.json, grid (left VIAR, right VAR; rows = digits 0..9, columns = seeds) -> $OUT/grid.png"
+times > "$OUT/cpu_times.txt"   # CPU seconds of the finished stages (a builtin: it must run in this shell)
 $PY scripts/demo_score.py --data_path "$OUT/digits" --vae_ckpt "$OUT/vae/vae.pth" \
   --viar_ckpt "$OUT/viar/var-slim.pth" --viar_samples "$OUT/samples/viar" \
   --var_ckpt "$OUT/var/var-slim.pth" --var_samples "$OUT/samples/var" \
-  --grid "$OUT/grid.png" --started_at "$started_at" \
-  --extra "{\"quick\": $QUICK, \"vae_steps\": $VAE_STEPS, \"ar_steps\": $AR_STEPS, \"width\": $WIDTH, \"threads\": $OMP_NUM_THREADS}" \
+  --grid "$OUT/grid.png" --started_at "$started_at" --cpu_times "$(tail -n 1 "$OUT/cpu_times.txt")" \
+  --extra "{\"quick\": $QUICK, \"vae_steps\": $VAE_STEPS, \"ar_steps\": $AR_STEPS, \"width\": $WIDTH, \"tlr\": $TLR, \"threads\": $OMP_NUM_THREADS, \"stage_end_seconds\": {\"tokenizer\": $t_vae, \"transformers\": $t_ar, \"samples\": $t_gen}}" \
   --out "$OUT/results.json"
 log "done"

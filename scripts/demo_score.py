@@ -44,6 +44,14 @@ def parse_sample_name(name: str) -> Optional[Tuple[int, int]]:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
+def parse_bash_times(line: str) -> float:
+    """User + system seconds from a line of bash's `times` output, e.g. '8m3.982s 0m19.473s' -> 503.455."""
+    total = 0.0
+    for m in re.finditer(r'(\d+)m([\d.]+)s', line):
+        total += int(m.group(1)) * 60 + float(m.group(2))
+    return total
+
+
 def per_class_accuracy(pred: np.ndarray, labels: np.ndarray) -> Dict[int, float]:
     """Accuracy of predictions within each true class."""
     return {int(c): float((pred[labels == c] == c).mean()) for c in np.unique(labels)}
@@ -161,6 +169,7 @@ def main(argv=None):
     p.add_argument('--grid', default='', help='write an upscaled VIAR | VAR sample grid PNG here')
     p.add_argument('--started_at', type=float, default=None,
                    help='Unix time the run began; `seconds` = from then until the scores are written')
+    p.add_argument('--cpu_times', default='', help="bash `times` line of the run's finished children (CPU seconds)")
     p.add_argument('--extra', default='{}', help='JSON object of further keys to record')
     p.add_argument('--out', default='demo_output/results.json')
     args = p.parse_args(argv)
@@ -186,6 +195,8 @@ def main(argv=None):
         results['grid'] = args.grid
     if args.started_at is not None:
         results['seconds'] = round(time.time() - args.started_at, 1)
+    if args.cpu_times:
+        results['cpu_seconds'] = round(parse_bash_times(args.cpu_times), 1)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, 'w') as f:
         json.dump(results, f, indent=2, sort_keys=True)

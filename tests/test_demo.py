@@ -41,6 +41,7 @@ def test_sample_names_and_per_class_accuracy():
     assert demo_score.parse_sample_name('class3_seed12.png') == (3, 12)
     assert demo_score.parse_sample_name('edit_class3_seed12.png') is None
     assert demo_score.parse_sample_name('class0-9_seeds0-9_grid.png') is None
+    assert demo_score.parse_bash_times('8m3.982s 0m19.473s') == pytest.approx(503.455)
     acc = demo_score.per_class_accuracy(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 2]))
     assert acc == {0: 1.0, 1: 0.5, 2: 1.0}
 
