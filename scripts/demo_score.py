@@ -134,8 +134,13 @@ def transformer_params(ckpt: str) -> int:
     return count_params(read_state_dict(ckpt))
 
 
-def comparison_grid(sample_dirs: Sequence[str], scale: int = 4, gap: int = 8) -> np.ndarray:
-    """uint8 image: for each samples folder a block (rows = classes, columns = seeds), side by side, upscaled."""
+def comparison_grid(sample_dirs: Sequence[str], scale: int = 4, pad: int = 3, gap: int = 12, line: int = 110
+                    ) -> np.ndarray:
+    """uint8 image: for each samples folder a block (rows = classes, columns = seeds), side by side, upscaled.
+
+    Tiles are separated by `pad` px of gray (`line`) so bright strokes of neighbouring digits do not merge;
+    blocks by `gap` px of white.
+    """
     from PIL import Image
     blocks = []
     for root in sample_dirs:
@@ -145,12 +150,13 @@ def comparison_grid(sample_dirs: Sequence[str], scale: int = 4, gap: int = 8) ->
         where = {(c, s): p for c, s, p in found}
         first = load_image(found[0][2])
         h, w = first.shape[0] * scale, first.shape[1] * scale
-        block = np.full((len(classes) * (h + 2) + 2, len(seeds) * (w + 2) + 2, 3), 255, np.uint8)
+        block = np.full((len(classes) * (h + pad) + pad, len(seeds) * (w + pad) + pad, 3), line, np.uint8)
         for i, c in enumerate(classes):
             for j, s in enumerate(seeds):
                 if (c, s) in where:
                     img = np.asarray(Image.fromarray(load_image(where[(c, s)])).resize((w, h), Image.NEAREST))
-                    block[2 + i * (h + 2):2 + i * (h + 2) + h, 2 + j * (w + 2):2 + j * (w + 2) + w] = img
+                    y, x = pad + i * (h + pad), pad + j * (w + pad)
+                    block[y:y + h, x:x + w] = img
         blocks.append(block)
     height = max(b.shape[0] for b in blocks)
     padded = [np.pad(b, ((0, height - b.shape[0]), (0, gap), (0, 0)), constant_values=255) for b in blocks]
