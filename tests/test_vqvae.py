@@ -250,3 +250,34 @@ def test_model_files_do_not_touch_torch_distributed():
         attrs = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
         assert not imported & {'torch.distributed', 'dist', 'os'}, (name, imported)
         assert 'distributed' not in attrs and 'environ' not in attrs, name
+
+
+def test_decoder_attention_multiplies_in_the_official_order():
+    """Bit-identical decodes need the official operand layout: bmm(q (B,L,C), k (B,C,L)), then
+    bmm(v (B,C,L), attn^T (B,L,L)), every operand contiguous. Another order is the same maths but other
+    rounding (about 4e-6 on a tiny decoder), so this records the products the block runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from models.basic_vae import AttnBlock
+
+    class RecordBmm(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.bmm.default:
+                self.calls.append([(tuple(t.shape), t.is_contiguous()) for t in args[:2]])
+            return func(*args, **(kwargs or {}))
+
+    B, C, h, w = 2, 32, 3, 5
+    block, x = AttnBlock(C).eval(), torch.randn(B, C, h, w)
+    with torch.no_grad(), RecordBmm() as rec:
+        out = block(x)
+    L = h * w
+    assert rec.calls == [[((B, L, C), True), ((B, C, L), True)], [((B, C, L), True), ((B, L, L), True)]]
+    # and the block is still single-head softmax attention with a residual
+    with torch.no_grad():
+        q, k, v = block.qkv(block.norm(x)).view(B, 3, C, L).unbind(1)
+        attn = torch.softmax(q.transpose(1, 2) @ k / C ** 0.5, dim=-1)
+        ref = x + block.proj_out((v @ attn.transpose(1, 2)).view(B, C, h, w))
+    torch.testing.assert_close(out, ref)
