@@ -18,10 +18,10 @@ import torch
 
 from utils import image_io
 from utils.checkpoint import CheckpointError, load_vae_weights
-from utils.model_io import build_models, load_models
+from utils.model_io import build_models, default_var_ckpt, load_models
 from utils.editing import EDIT_MODES, expand_edit_spec, make_edit_spec, mode_mask, parse_box
 from utils.sample_args import (add_bool_arg, add_model_args, add_schedule_args, add_size_args, autocast_context,
-                               resolve_device, sampling_kwargs, spec_from_args)
+                               prepare_from_args, resolve_device, sampling_kwargs, spec_from_args)
 
 DEFAULT_VAE = 'ckpts/vae_ch160v4096z32.pth'
 RANDOM = 'random'
@@ -62,11 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help='with --edit_box: regenerate the box (inpaint) or everything outside it (outpaint)')
     e.add_argument('--edit_class', type=int, default=None, help='class to regenerate under (default --class_label)')
     return p
-
-
-def default_var_ckpt(depth: int, use_implicit: bool) -> str:
-    """The official file names: viar.pth for VIAR, var_d{depth}.pth for VAR."""
-    return 'ckpts/viar.pth' if use_implicit else f'ckpts/var_d{depth}.pth'
 
 
 def load(args: argparse.Namespace, device: torch.device):
@@ -225,6 +220,7 @@ def main(argv: Optional[Sequence[str]] = None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     vae, var, tag = load(args, device)
+    prepare_from_args(args, var)   # eval mode; --compile compiles in place
     if args.edit_image and args.edit_class is not None:
         classes, class_flag = [args.edit_class], '--edit_class'
     else:
@@ -236,7 +232,7 @@ def main(argv: Optional[Sequence[str]] = None):
                      **sampling_kwargs(args, len(var.patch_nums)))
     kind = 'VIAR (implicit)' if var.use_implicit else 'VAR (explicit)'
     print(f'[gen_img] {kind}, depth {var.depth}, width {var.C}, {var.num_classes} classes, device {device}, '
-          f'schedule {sample_kw["schedule"].label()}')
+          f'schedule {sample_kw["schedule"].label()}{", compiled" if args.compile else ""}')
 
     plan, edit, paths = image_plan(classes, args.seeds), None, []
     if args.edit_image:

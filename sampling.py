@@ -23,8 +23,10 @@ import torch
 
 import dist
 from utils.sample_plan import Batch, make_plan, png_name, rank_share, sample_folder_name
-from utils.sample_args import (add_bool_arg, add_model_args, add_schedule_args, autocast_context, resolve_device,
-                               sampling_kwargs, spec_from_args)
+from utils.compile_util import resolve_dtype
+from utils.model_io import default_var_ckpt
+from utils.sample_args import (add_bool_arg, add_model_args, add_schedule_args, autocast_context, prepare_from_args,
+                               resolve_device, sampling_kwargs, spec_from_args)
 
 log = logging.getLogger('sampling')
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
@@ -331,13 +333,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[str]:
     """Split the global plan over the ranks, sample what is missing, then rank 0 packs the .npz and JSON."""
     args = build_parser().parse_args(argv)
     if args.var_ckpt is None:
-        args.var_ckpt = 'ckpts/viar.pth' if args.use_implicit else f'ckpts/var_d{args.depth}.pth'
+        args.var_ckpt = default_var_ckpt(args.depth, args.use_implicit)
     device = setup_device(args)
     rank, world = dist.get_rank(), dist.get_world_size()
     setup_logging(rank)
-    dtype = args.dtype if args.dtype != 'auto' else 'fp16' if device.type == 'cuda' else 'fp32'
+    dtype = resolve_dtype(device.type, args.dtype)
     try:
         vae, var, spec = load(args, device)
+        prepare_from_args(args, var)   # eval mode; --compile compiles in place (not part of the resume settings)
         num_classes = spec.num_classes if args.sample_classes is None else args.sample_classes
         if num_classes > spec.num_classes:
             raise SystemExit(f'error: --num_classes {num_classes} but the model has {spec.num_classes} classes.')

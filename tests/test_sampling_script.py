@@ -153,6 +153,20 @@ def test_json_report(reference):
     assert not [n for n in os.listdir(os.path.join(str(out), FOLDER)) if n.endswith('.tmp')]
 
 
+def test_compile_flag_resumes_an_eager_folder(tiny_ckpt, reference, tmp_path):
+    """--compile is not part of the resume settings: it finishes an eager run's folder with the same images."""
+    out = tmp_path / 'mixed'
+    run_main(cli(tiny_ckpt, out, '--stop_after', '2'))   # eager: 2 of 5 batches
+    try:
+        run_main(cli(tiny_ckpt, out, '--compile'))
+    except Exception as e:   # no compiler toolchain on this machine: say so instead of passing silently
+        pytest.skip(f'torch.compile cannot run on this CPU: {type(e).__name__}: {str(e)[:300]}')
+    with open(os.path.join(str(out), FOLDER + '.json')) as f:
+        assert json.load(f)['config']['compile'] is True
+    diff = np.abs(load_npz(out).astype(int) - reference[1].astype(int))
+    assert diff.max() <= 1, f'compiled batches differ from eager ones by {diff.max()} levels'
+
+
 def test_rerun_of_a_finished_folder_repacks_and_keeps_figures(tiny_ckpt, reference, tmp_path):
     import shutil
     out = tmp_path / 'copy'

@@ -41,6 +41,11 @@ class ModelSpec:
         return cls(**d)
 
 
+def default_var_ckpt(depth: int, use_implicit: bool) -> str:
+    """The official file names: ckpts/viar.pth for VIAR, ckpts/var_d{depth}.pth for VAR."""
+    return 'ckpts/viar.pth' if use_implicit else f'ckpts/var_d{depth}.pth'
+
+
 def build_models(spec: ModelSpec, device='cpu'):
     """(vae, var) for a spec, randomly initialised as the official init does."""
     from models import build_vae_var

@@ -4,18 +4,16 @@ Each `add_*_args(parser)` adds one group of flags (official names kept); the mat
 turns the parsed namespace into the object the code uses, so the mapping lives in one place.
 """
 import argparse
-import contextlib
 from typing import Optional
 
 import torch
 
 from models.schedules import IterSchedule, from_cli
+from utils.compile_util import AUTOCAST_DTYPES as DTYPES, SamplingError, autocast_for, prepare_for_sampling
 from utils.model_io import ModelSpec
 
 _TRUE = {'1', 'true', 't', 'yes', 'y', 'on'}
 _FALSE = {'0', 'false', 'f', 'no', 'n', 'off'}
-
-DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
 def str2bool(value) -> bool:
@@ -46,8 +44,10 @@ def int_tuple(text: str) -> tuple:
 # ---------------------------------------------------------------- model
 
 def add_model_args(parser: argparse.ArgumentParser, depth: int = 16, var_ckpt: Optional[str] = None,
-                   vae_ckpt: Optional[str] = 'ckpts/vae_ch160v4096z32.pth', dtype: str = 'fp32'):
-    """--depth --use_implicit --pre_depth --post_depth --var_ckpt/--ckpt_path --vae_ckpt --device --dtype.
+                   vae_ckpt: Optional[str] = 'ckpts/vae_ch160v4096z32.pth', dtype: str = 'fp32',
+                   compile_flag: bool = True):
+    """--depth --use_implicit --pre_depth --post_depth --var_ckpt/--ckpt_path --vae_ckpt --device --dtype
+    and (compile_flag) --compile.
 
     vae_ckpt=None lets the script pick (gen_img: the official file, or a random tokenizer for random weights).
     """
@@ -65,6 +65,10 @@ def add_model_args(parser: argparse.ArgumentParser, depth: int = 16, var_ckpt: O
     g.add_argument('--dtype', type=str, default=dtype, choices=sorted(DTYPES) + ['auto'],
                    help='autocast dtype for sampling: fp32 = no autocast; auto = fp16 on CUDA (the official '
                         'scripts), fp32 on CPU')
+    if compile_flag:
+        g.add_argument('--compile', action='store_true',
+                       help='torch.compile the blocks, the head and the VQVAE decoder (CUDA graphs on a GPU); '
+                            'the first batch compiles. Samples equal the eager ones within float tolerance')
     return g
 
 
@@ -109,13 +113,22 @@ def resolve_device(name: str = '') -> torch.device:
 
 def autocast_context(device: torch.device, dtype: str = 'fp32'):
     """torch.autocast for bf16/fp16 on the device's type; fp32 runs without autocast; auto = fp16 on CUDA only."""
-    if dtype == 'auto':
-        dtype = 'fp16' if torch.device(device).type == 'cuda' else 'fp32'
-    if dtype not in DTYPES:
-        raise SystemExit(f"--dtype must be one of {sorted(DTYPES) + ['auto']}, got {dtype!r}")
-    if dtype == 'fp32':
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=DTYPES[dtype])
+    try:
+        return autocast_for(torch.device(device).type, dtype)
+    except SamplingError as e:
+        raise SystemExit(f'--dtype: {e}') from None
+
+
+def prepare_from_args(args: argparse.Namespace, var) -> None:
+    """Eval mode and, with --compile, torch.compile of the scale-loop modules and the VQVAE decoder (in place).
+
+    The scripts keep calling `var.autoregressive_infer_cfg` under `autocast_context`; compiled modules are
+    picked up because `nn.Module.compile` replaces each module's forward in place.
+    """
+    try:
+        prepare_for_sampling(var, compile=getattr(args, 'compile', False), dtype=args.dtype)
+    except SamplingError as e:
+        raise SystemExit(f'error: {e}') from None
 
 
 # ---------------------------------------------------------------- iteration schedule
