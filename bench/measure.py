@@ -198,6 +198,28 @@ def digest(t: torch.Tensor) -> str:
     return hashlib.sha1(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
+def sampling_handlers(setup: Callable[[Dict[str, Any]], Dict[str, Any]], st: Dict[str, Any],
+                      describe: Callable[[Any], tuple]) -> Dict[str, Callable]:
+    """`serve` handlers for a sampling child: `setup(msg)` fills `st` with device, call, decode (a DecodeTimer)
+    and overall ({}); `describe(out)` turns the call's output into (images, KV-cache bytes, iterations or None).
+    run = one timed call, memory = the peak of one more call, profile = per-op self times of one call."""
+
+    def run(msg):
+        r = timed_call(st['call'], st['device'], st['decode'], st['overall'])
+        img, kv_cache_bytes, iters = describe(r.pop('out'))
+        r.update(digest=digest(img), kv_cache_bytes=kv_cache_bytes, iters=iters)
+        return r
+
+    def memory(msg):
+        probe = memory_probe(st['call'], st['device'], st['decode'], st['overall'])
+        return dict(peak_memory(st['device'], st['overall']), probe=probe)
+
+    def profile(msg):
+        return profile_call(st['call'], st['device'])
+
+    return dict(setup=setup, run=run, memory=memory, profile=profile)
+
+
 # ---------------------------------------------------------------- child-process protocol
 
 def serve(handlers: Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]]) -> None:

@@ -93,20 +93,7 @@ def handlers():
         measure.reset_peak_memory(device)
         return {'ok': True, 'rss_after_build_bytes': rss}
 
-    def run(msg):
-        r = measure.timed_call(st['call'], st['device'], st['decode'], st['overall'])
-        img = r.pop('out')
-        r.update(digest=measure.digest(img), kv_cache_bytes=st['read_kv'](), iters=None)
-        return r
-
-    def memory(msg):
-        probe = measure.memory_probe(st['call'], st['device'], st['decode'], st['overall'])
-        return dict(measure.peak_memory(st['device'], st['overall']), probe=probe)
-
-    def profile(msg):
-        return measure.profile_call(st['call'], st['device'])
-
-    return dict(setup=setup, run=run, memory=memory, profile=profile)
+    return measure.sampling_handlers(setup, st, describe=lambda img: (img, st['read_kv'](), None))
 
 
 def main():

@@ -223,20 +223,11 @@ def _our_handlers():
         measure.reset_peak_memory(device)
         return {'ok': True, 'rss_after_build_bytes': rss}
 
-    def run(msg):
-        r = measure.timed_call(st['call'], st['device'], st['decode'], st['overall'])
-        img, stats = r.pop('out')
-        r.update(digest=measure.digest(img), kv_cache_bytes=stats.kv_cache_bytes, iters=stats.iters or None)
-        return r
+    def describe(out):
+        img, stats = out
+        return img, stats.kv_cache_bytes, stats.iters or None
 
-    def memory(msg):
-        probe = measure.memory_probe(st['call'], st['device'], st['decode'], st['overall'])
-        return dict(measure.peak_memory(st['device'], st['overall']), probe=probe)
-
-    def profile(msg):
-        return measure.profile_call(st['call'], st['device'])
-
-    return dict(setup=setup, run=run, memory=memory, profile=profile)
+    return measure.sampling_handlers(setup, st, describe)
 
 
 # ---------------------------------------------------------------- the parent
