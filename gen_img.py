@@ -23,7 +23,6 @@ from utils.editing import EDIT_MODES, expand_edit_spec, make_edit_spec, mode_mas
 from utils.sample_args import (add_bool_arg, add_model_args, add_schedule_args, add_size_args, autocast_context,
                                prepare_from_args, resolve_device, sampling_kwargs, spec_from_args)
 
-DEFAULT_VAE = 'ckpts/vae_ch160v4096z32.pth'
 RANDOM = 'random'
 
 
@@ -33,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         description='VAR / VIAR image generation and zero-shot editing',
         epilog="Checkpoints: without --var_ckpt the official file is used (ckpts/viar.pth with --use_implicit, "
                "else ckpts/var_d{depth}.pth; downloaded when missing); '--var_ckpt random' skips loading (size "
-               "flags describe the model). Without --vae_ckpt: ckpts/vae_ch160v4096z32.pth, or a random tokenizer "
-               "with random weights; --vae_ckpt '' uses the tokenizer embedded in a slim export.",
+               "flags describe the model). Without --vae_ckpt: the tokenizer a slim export embeds, else "
+               "ckpts/vae_ch160v4096z32.pth (downloaded when missing); with random weights, a random tokenizer.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p, depth=30, var_ckpt=None, vae_ckpt=None, dtype='auto')
     p.add_argument('--ema', action='store_true', help="load the EMA weights of a training export ('model_ema')")
@@ -75,8 +74,7 @@ def load(args: argparse.Namespace, device: torch.device):
                 load_vae_weights(vae, args.vae_ckpt)
             return vae.eval(), var.eval(), RANDOM
         var_ckpt = args.var_ckpt or default_var_ckpt(args.depth, args.use_implicit)
-        vae_ckpt = DEFAULT_VAE if args.vae_ckpt is None else args.vae_ckpt
-        vae, var, _ = load_models(var_ckpt, vae_ckpt, spec, device=device, ema=args.ema)
+        vae, var, _ = load_models(var_ckpt, args.vae_ckpt, spec, device=device, ema=args.ema)
     except CheckpointError as e:
         raise SystemExit(f'error: {e}') from None
     except ValueError as e:   # sizes the model constructors reject

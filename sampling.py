@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The official sampling.py flags plus the schedule, plan, precision and resume flags."""
     p = argparse.ArgumentParser(description='VAR / VIAR 50K sampler for FID (distributed, resumable)',
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_model_args(p, depth=30, var_ckpt=None, dtype='auto')
+    add_model_args(p, depth=30, var_ckpt=None, vae_ckpt=None, dtype='auto')
     add_bool_arg(p, '--ema', False, "sample with the EMA weights of a training export ('model_ema')")
     g = p.add_argument_group('sampling')
     g.add_argument('--cfg', type=float, default=1.5, help='classifier-free guidance weight at the last scale')

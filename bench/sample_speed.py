@@ -289,7 +289,7 @@ def write_state(args, kind: str, tmpdir: str):
     import torch
     from utils.model_io import load_models, build_models
     if args.var_ckpt:
-        vae, var, spec = load_models(args.var_ckpt, args.vae_ckpt, model_spec(args, kind == 'VIAR'))
+        vae, var, spec = load_models(args.var_ckpt, args.vae_ckpt, model_spec(args, kind == 'VIAR'), random_vae_ok=True)
     else:
         spec = model_spec(args, kind == 'VIAR')
         torch.manual_seed(args.seed)

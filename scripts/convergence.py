@@ -129,7 +129,7 @@ def plot(result: Dict, path: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from utils.sample_args import add_model_args, add_size_args
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    add_model_args(p, depth=16, var_ckpt=None, vae_ckpt='', compile_flag=False)   # hooks record iterates
+    add_model_args(p, depth=16, var_ckpt=None, vae_ckpt=None, compile_flag=False)   # hooks record iterates
     add_size_args(p)
     g = p.add_argument_group('analysis')
     g.add_argument('--T', type=int, default=20, help='iterations run at every scale')

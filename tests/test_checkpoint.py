@@ -88,3 +88,25 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
         save_atomic({'a': Boom()}, path)
     assert torch.equal(torch.load(path)['a'], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ['ck.pth']
+
+
+def test_tokenizer_choice_embedded_default_and_empty(tmp_path, monkeypatch):
+    """load_models: no --vae_ckpt uses an export's embedded tokenizer, else the official file; an empty
+    --vae_ckpt with nothing embedded is an error instead of a silently random tokenizer."""
+    from utils.model_io import ModelSpec, load_models, slim_export
+    vae, var = tiny_vae_var(True, seed=5)
+    spec = ModelSpec(depth=4, use_implicit=True, pre_depth=1, post_depth=1, embed_dim=32, num_heads=2,
+                     patch_nums=(1, 2, 3, 4), V=48, Cvae=8, vae_ch=32, vae_ch_mult=(1, 1), vae_num_res_blocks=1,
+                     num_classes=5)
+    with_vae, without_vae = str(tmp_path / 'with.pth'), str(tmp_path / 'without.pth')
+    save_atomic(slim_export(var, spec, vae=vae), with_vae)
+    save_atomic(slim_export(var, spec), without_vae)
+    got_vae, _, _ = load_models(with_vae, None, ModelSpec())
+    assert all(torch.equal(a, b) for a, b in zip(got_vae.state_dict().values(), vae.state_dict().values()))
+    with pytest.raises(CheckpointError, match='embeds no tokenizer'):
+        load_models(without_vae, '', ModelSpec())
+    load_models(without_vae, '', ModelSpec(), random_vae_ok=True)   # speed benchmarks may run a random tokenizer
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match='vae_ch160v4096z32.pth'):   # the official file, fetched when missing
+        load_models(without_vae, None, ModelSpec())

@@ -41,6 +41,9 @@ class ModelSpec:
         return cls(**d)
 
 
+DEFAULT_VAE_CKPT = 'ckpts/vae_ch160v4096z32.pth'   # the official tokenizer of every official transformer
+
+
 def default_var_ckpt(depth: int, use_implicit: bool) -> str:
     """The official file names: ckpts/viar.pth for VIAR, ckpts/var_d{depth}.pth for VAR."""
     return 'ckpts/viar.pth' if use_implicit else f'ckpts/var_d{depth}.pth'
@@ -63,11 +66,14 @@ def spec_in_file(obj: Any) -> Optional[ModelSpec]:
     return None
 
 
-def load_models(var_ckpt: str, vae_ckpt: str, spec: ModelSpec, device='cpu', ema: bool = False):
+def load_models(var_ckpt: str, vae_ckpt: Optional[str], spec: ModelSpec, device='cpu', ema: bool = False,
+                random_vae_ok: bool = False):
     """Build from the checkpoint's own config when it has one (else `spec`), then strictly load both files.
 
-    `vae_ckpt` may be '' when the slim export embeds the tokenizer ('vae' key). ema=True loads
-    the EMA weights of a training export ('model_ema').
+    The tokenizer: `vae_ckpt` when given; else the one a slim export embeds ('vae' key); else, for
+    vae_ckpt=None, the official file (DEFAULT_VAE_CKPT). vae_ckpt='' with nothing embedded is an error
+    (the images would come from a random tokenizer) unless random_vae_ok (speed benchmarks).
+    ema=True loads the EMA weights of a training export ('model_ema').
     """
     obj = None
     if var_ckpt:
@@ -89,6 +95,12 @@ def load_models(var_ckpt: str, vae_ckpt: str, spec: ModelSpec, device='cpu', ema
         load_vae_weights(vae, vae_ckpt)
     elif isinstance(obj, dict) and isinstance(obj.get('vae'), dict):
         load_vae_weights(vae, obj['vae'], where=f'{var_ckpt} (embedded tokenizer)')
+    elif vae_ckpt is None:
+        load_vae_weights(vae, DEFAULT_VAE_CKPT)
+    elif not random_vae_ok:
+        raise CheckpointError(f'{var_ckpt or "the model"} embeds no tokenizer and --vae_ckpt is empty: pass the '
+                              f'tokenizer file (the official one is {DEFAULT_VAE_CKPT}), or leave --vae_ckpt out '
+                              f'to use it.')
     return vae.eval(), var.eval(), spec
 
 

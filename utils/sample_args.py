@@ -44,12 +44,13 @@ def int_tuple(text: str) -> tuple:
 # ---------------------------------------------------------------- model
 
 def add_model_args(parser: argparse.ArgumentParser, depth: int = 16, var_ckpt: Optional[str] = None,
-                   vae_ckpt: Optional[str] = 'ckpts/vae_ch160v4096z32.pth', dtype: str = 'fp32',
+                   vae_ckpt: Optional[str] = None, dtype: str = 'fp32',
                    compile_flag: bool = True):
     """--depth --use_implicit --pre_depth --post_depth --var_ckpt/--ckpt_path --vae_ckpt --device --dtype
     and (compile_flag) --compile.
 
-    vae_ckpt=None lets the script pick (gen_img: the official file, or a random tokenizer for random weights).
+    vae_ckpt=None: the tokenizer a slim export embeds, else the official file (utils/model_io.load_models);
+    with random transformer weights the scripts use a random tokenizer.
     """
     g = parser.add_argument_group('model')
     g.add_argument('--depth', type=int, default=depth, help='transformer depth (official: 16, 20, 24, 30)')
@@ -60,7 +61,8 @@ def add_model_args(parser: argparse.ArgumentParser, depth: int = 16, var_ckpt: O
                    help='transformer checkpoint: a path, an official name (var_d16.pth, viar.pth: downloaded '
                         'into ckpts/ if missing) or a slim export (carries its own config)')
     g.add_argument('--vae_ckpt', type=str, default=vae_ckpt,
-                   help="VQVAE tokenizer checkpoint ('' = the tokenizer embedded in a slim export)")
+                   help='VQVAE tokenizer checkpoint; default: the one a slim export embeds, else the official '
+                        'ckpts/vae_ch160v4096z32.pth (downloaded when missing)')
     g.add_argument('--device', type=str, default='', help='cuda, cuda:1, cpu; default cuda when available')
     g.add_argument('--dtype', type=str, default=dtype, choices=sorted(DTYPES) + ['auto'],
                    help='autocast dtype for sampling: fp32 = no autocast; auto = fp16 on CUDA (the official '
