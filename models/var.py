@@ -212,6 +212,9 @@ class VARBase(nn.Module):
                 next_RlC = next_BlC.repeat(2, 1, 1) if guided else next_BlC   # both halves see the same tokens
         stats.kv_cache_bytes = state_nbytes(state)
         stats.residuals = [None if r is None else float(r) for r in stats.residuals]
+        # the KV caches and the last scale's activations are dead: free them before the decode, whose
+        # full-resolution activations would otherwise stack on top of them (the official code drops its caches too)
+        del state, h_RlC, logits_BlV, h_BlCv, ada, ada_head
         img = self.vae_proxy[0].fhat_to_img(f_hat).add_(1).mul_(0.5)
         return (img, stats) if return_stats else img
 

@@ -90,3 +90,30 @@ def test_scale_with_zero_iterations_contributes_no_implicit_keys():
             outs.append(var.autoregressive_infer_cfg(2, torch.tensor([0, 1]), g_seed=1, top_k=5,
                                                      schedule=S.explicit([0, 2, 2, 0], 4), fill_forward=ff))
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize('use_implicit', [False, True])
+def test_kv_caches_are_freed_before_the_decode(use_implicit):
+    """The VQVAE decode (the largest activations of a call) must not run while the KV caches are alive:
+    every cache a block wrote is garbage by the time the decoder starts (the official code drops its
+    caches too), so on a GPU the decode reuses their memory instead of adding to the peak."""
+    import weakref
+    from models.kv_cache import KVCache
+    vae, var = tiny_vae_var(use_implicit)
+    caches, alive_at_decode = [], []
+
+    def remember(module, args, kwargs):
+        caches.extend(weakref.ref(a) for a in list(args) + list(kwargs.values()) if isinstance(a, KVCache))
+
+    hooks = [b.register_forward_pre_hook(remember, with_kwargs=True) for b in var.backbone_blocks()]
+    hooks.append(vae.decoder.register_forward_pre_hook(
+        lambda m, a: alive_at_decode.extend(r for r in caches if r() is not None)))
+    try:
+        with torch.no_grad():
+            var.autoregressive_infer_cfg(2, torch.tensor([0, 3]), g_seed=1, cfg=1.5, top_k=5,
+                                         schedule=S.explicit([2, 3, 1, 2], 4))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert caches, 'no block received a KV cache'
+    assert not alive_at_decode, f'{len(alive_at_decode)} of {len(caches)} KV caches alive during the decode'
