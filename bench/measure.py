@@ -11,7 +11,7 @@ import os
 import resource
 import sys
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -191,6 +191,15 @@ def profile_call(fn: Callable[[], Any], device: torch.device, top: int = 25) -> 
     ops.sort(key=lambda o: -(o[2] if device.type == 'cuda' else o[1]))
     total = sum(o[1] for o in ops)
     return dict(total_self_cpu_s=total, ops=[dict(name=n, self_cpu_s=c, self_device_s=d, calls=k) for n, c, d, k in ops[:top]])
+
+
+def official_counts(iter_left: int, iter_right: int, num_scales: int) -> List[int]:
+    """Iterations per scale the official knob runs: linspace over 10 points, truncated to the scales (this
+    project's iter_left/iter_right space K points; the two agree for the standard 10 scales)."""
+    import numpy as np
+    if num_scales > 10:
+        raise ValueError('the official iteration knob covers at most 10 scales')
+    return np.linspace(iter_left, iter_right, 10, dtype=int).tolist()[:num_scales]
 
 
 def digest(t: torch.Tensor) -> str:

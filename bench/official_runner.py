@@ -19,12 +19,6 @@ def _isolate(official_path: str) -> None:
     sys.path[:] = [official_path, BENCH_DIR] + keep
 
 
-def official_counts(iter_left: int, iter_right: int, num_scales: int):
-    """Iterations per scale the official sampler runs: linspace over 10 points, truncated to the scales."""
-    import numpy as np
-    return np.linspace(iter_left, iter_right, 10, dtype=int).tolist()[:num_scales]
-
-
 def kv_bytes_probe(var):
     """Forward hooks recording the bytes each official attention layer's KV cache holds; returns (read, remove)."""
     import torch
@@ -74,7 +68,7 @@ def handlers():
         sch = msg['schedule']
         if sch.get('tau') is not None:
             raise ValueError('the official sampler has no adaptive schedule')
-        counts = official_counts(sch['left'], sch['right'], len(m['patch_nums']))
+        counts = measure.official_counts(sch['left'], sch['right'], len(m['patch_nums']))
         if counts != list(sch['counts']):
             raise ValueError(f'schedule counts {sch["counts"]} are not what the official knob runs ({counts})')
         read_kv, _, held = kv_bytes_probe(var)

@@ -28,14 +28,6 @@ MiB = 2 ** 20
 
 # ---------------------------------------------------------------- pure helpers
 
-def official_counts(iter_left: int, iter_right: int, num_scales: int) -> List[int]:
-    """What the official knob runs: linspace over 10 points, truncated to the scales (= ours when K == 10)."""
-    import numpy as np
-    if num_scales > 10:
-        raise ValueError('the official iteration knob covers at most 10 scales')
-    return np.linspace(iter_left, iter_right, 10, dtype=int).tolist()[:num_scales]
-
-
 def parse_schedule(token: str, num_scales: int, cap: int = 20, tau_json: str = '', stop_mode: str = 'rel') -> Dict[str, Any]:
     """One schedule token -> a JSON-able dict: 'A:B' (official linspace knob), 'tau=X' or 'tau=json' (adaptive)."""
     token = token.strip()
@@ -60,6 +52,7 @@ def parse_schedule(token: str, num_scales: int, cap: int = 20, tau_json: str = '
         raise ValueError(f"bad schedule {token!r}: use 'A:B' (e.g. 20:5) or 'tau=0.01' or 'tau=json'") from None
     kind = 'Con.' if a == b else 'Dec.' if a > b else 'Inc.'
     if num_scales <= 10:
+        from bench.measure import official_counts
         counts = official_counts(a, b, num_scales)
     else:   # beyond the official knob's reach: the project's linspace over all scales
         from models.schedules import linspace_iters

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from bench import sample_speed as ss
+from bench import measure, sample_speed as ss
 
 TINY = ['--depth', '4', '--width', '32', '--heads', '2', '--p_depth', '1', '--patch_nums', '1,2,3,4', '--V', '48',
         '--Cvae', '8', '--vae_ch', '32', '--vae_ch_mult', '1,1', '--vae_num_res_blocks', '1', '--num_classes', '5',
@@ -12,11 +12,11 @@ TINY = ['--depth', '4', '--width', '32', '--heads', '2', '--p_depth', '1', '--pa
 
 
 def test_official_counts_follow_the_official_ten_point_linspace():
-    assert ss.official_counts(20, 5, 10) == [20, 18, 16, 15, 13, 11, 10, 8, 6, 5]
-    assert ss.official_counts(20, 5, 4) == [20, 18, 16, 15]    # truncated, not re-spaced
-    assert ss.official_counts(7, 7, 3) == [7, 7, 7]
+    assert measure.official_counts(20, 5, 10) == [20, 18, 16, 15, 13, 11, 10, 8, 6, 5]
+    assert measure.official_counts(20, 5, 4) == [20, 18, 16, 15]    # truncated, not re-spaced
+    assert measure.official_counts(7, 7, 3) == [7, 7, 7]
     with pytest.raises(ValueError):
-        ss.official_counts(10, 10, 11)
+        measure.official_counts(10, 10, 11)
 
 
 def test_parse_schedule_tokens():

@@ -7,10 +7,10 @@ the official code produced.
 """
 import os
 
-import numpy as np
 import pytest
 import torch
 
+from bench.measure import official_counts
 from models import build_var
 from models import schedules as S
 from models.vqvae import VQVAE
@@ -49,15 +49,9 @@ def test_teacher_forced_logits_equal_the_official(kind):
     torch.testing.assert_close(logits_BLV, fx['logits_BLV'], atol=1e-5, rtol=1e-5)
 
 
-def official_counts(left: int, right: int):
-    """The official knob: a 10-point linspace truncated to the scales (this code's iter_left/iter_right use K
-    points; the two agree for the standard 10 scales, see README "Faithfulness")."""
-    return np.linspace(left, right, 10, dtype=int).tolist()[:len(META['sizes']['patch_nums'])]
-
-
 def _our_tokens(vae, var, sampler: str, left: int, right: int, fill_forward: bool):
     toks = []
-    schedule = S.explicit(official_counts(left, right), len(var.patch_nums))
+    schedule = S.explicit(official_counts(left, right, len(var.patch_nums)), len(var.patch_nums))
     hook = vae.quantize.embedding.register_forward_pre_hook(lambda m, a: toks.append(a[0].clone()))
     try:
         with torch.no_grad():
@@ -87,7 +81,7 @@ def test_sampled_tokens_equal_the_official(kind, sampler, knob):
 def test_fill_forward_default_equals_the_official_for_non_increasing_knobs(knob):
     """The default KV rule differs from the official one only where a scale runs more iterations than an
     earlier one; the fixture's non-increasing knobs must give the official tokens with the default too."""
-    counts = official_counts(*knob)
+    counts = official_counts(*knob, len(META['sizes']['patch_nums']))
     assert all(a >= b for a, b in zip(counts, counts[1:]))
     vae, var = our_models('viar')
     want = FIXTURE['viar']['samples'][('topk_topp', *knob)]
