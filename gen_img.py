@@ -18,7 +18,7 @@ import torch
 
 from utils import image_io
 from utils.checkpoint import CheckpointError, load_vae_weights
-from utils.model_io import build_models, default_var_ckpt, load_models
+from utils.model_io import DEFAULT_VAE_CKPT, build_models, default_var_ckpt, load_models
 from utils.editing import EDIT_MODES, expand_edit_spec, make_edit_spec, mode_mask, parse_box
 from utils.sample_args import (add_bool_arg, add_model_args, add_schedule_args, add_size_args, autocast_context,
                                prepare_from_args, resolve_device, sampling_kwargs, spec_from_args)
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Checkpoints: without --var_ckpt the official file is used (ckpts/viar.pth with --use_implicit, "
                "else ckpts/var_d{depth}.pth; downloaded when missing); '--var_ckpt random' skips loading (size "
                "flags describe the model). Without --vae_ckpt: the tokenizer a slim export embeds, else "
-               "ckpts/vae_ch160v4096z32.pth (downloaded when missing); with random weights, a random tokenizer.",
+               f"{DEFAULT_VAE_CKPT} (downloaded when missing); with random weights, a random tokenizer.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p, depth=30, var_ckpt=None, vae_ckpt=None, dtype='auto')
     p.add_argument('--ema', action='store_true', help="load the EMA weights of a training export ('model_ema')")

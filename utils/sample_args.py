@@ -10,7 +10,7 @@ import torch
 
 from models.schedules import IterSchedule, from_cli
 from utils.compile_util import AUTOCAST_DTYPES as DTYPES, SamplingError, autocast_for, prepare_for_sampling
-from utils.model_io import ModelSpec
+from utils.model_io import DEFAULT_VAE_CKPT, ModelSpec
 
 _TRUE = {'1', 'true', 't', 'yes', 'y', 'on'}
 _FALSE = {'0', 'false', 'f', 'no', 'n', 'off'}
@@ -61,8 +61,8 @@ def add_model_args(parser: argparse.ArgumentParser, depth: int = 16, var_ckpt: O
                    help='transformer checkpoint: a path, an official name (var_d16.pth, viar.pth: downloaded '
                         'into ckpts/ if missing) or a slim export (carries its own config)')
     g.add_argument('--vae_ckpt', type=str, default=vae_ckpt,
-                   help='VQVAE tokenizer checkpoint; default: the one a slim export embeds, else the official '
-                        'ckpts/vae_ch160v4096z32.pth (downloaded when missing)')
+                   help=f'VQVAE tokenizer checkpoint; default: the one a slim export embeds, else the official '
+                        f'{DEFAULT_VAE_CKPT} (downloaded when missing)')
     g.add_argument('--device', type=str, default='', help='cuda, cuda:1, cpu; default cuda when available')
     g.add_argument('--dtype', type=str, default=dtype, choices=sorted(DTYPES) + ['auto'],
                    help='autocast dtype for sampling: fp32 = no autocast; auto = fp16 on CUDA (the official '
