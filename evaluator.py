@@ -18,8 +18,8 @@ from typing import Optional
 
 import numpy as np
 
-from utils import fid_math
-from utils.npz_io import EvalInputError, ImageSource, open_image_source, prefetch, read_precomputed_stats
+from utils.eval import fid_math
+from utils.eval.npz_io import EvalInputError, ImageSource, open_image_source, prefetch, read_precomputed_stats
 
 CACHE_VERSION = 1
 PR_MODES = ('adm', 'float32', 'float64')
@@ -205,7 +205,7 @@ def compute_metrics(ref: SetFeatures, sample: SetFeatures, logits_weight_PK, ker
 def make_kernel(pr_dtype: str):
     """Distance kernel for precision/recall: ADM's TF float16 block, or exact numpy arithmetic."""
     if pr_dtype == 'adm':
-        from utils.inception_tf import TFDistanceKernel
+        from utils.eval.inception_tf import TFDistanceKernel
         return TFDistanceKernel()
     if pr_dtype in ('float32', 'float64'):
         return fid_math.NumpyDistanceKernel(pr_dtype)
@@ -223,7 +223,7 @@ def check_count(src: ImageSource) -> None:
 
 def evaluate(cfg: EvalConfig, extractor=None, graph_path: Optional[str] = None) -> Metrics:
     """Runs the whole evaluation; extractor/graph_path may be passed in to reuse a loaded graph."""
-    from utils.inception_tf import InceptionExtractor, resolve_graph_path
+    from utils.eval.inception_tf import InceptionExtractor, resolve_graph_path
     if cfg.batch_size < 1:
         raise EvalInputError(f'--batch_size {cfg.batch_size}: must be at least 1')
     ref_src, sample_src = open_image_source(cfg.ref_batch), open_image_source(cfg.sample_batch)

@@ -16,11 +16,11 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from utils import image_io
+from utils.sample import image_io
 from utils.checkpoint import CheckpointError, load_vae_weights
 from utils.model_io import DEFAULT_VAE_CKPT, build_models, default_var_ckpt, load_models
-from utils.editing import EDIT_MODES, expand_edit_spec, make_edit_spec, mode_mask, parse_box
-from utils.sample_args import (add_bool_arg, add_model_args, add_schedule_args, add_size_args, autocast_context,
+from utils.sample.editing import EDIT_MODES, expand_edit_spec, make_edit_spec, mode_mask, parse_box
+from utils.sample.args import (add_bool_arg, add_model_args, add_schedule_args, add_size_args, autocast_context,
                                prepare_from_args, resolve_device, sampling_kwargs, spec_from_args)
 
 RANDOM = 'random'

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 import dist
-from utils.sample_plan import Batch, make_plan, png_name, rank_share, sample_folder_name
-from utils.compile_util import resolve_dtype
+from utils.sample.plan import Batch, make_plan, png_name, rank_share, sample_folder_name
+from utils.sample.compile_util import resolve_dtype
 from utils.model_io import default_var_ckpt
-from utils.sample_args import (add_bool_arg, add_model_args, add_schedule_args, autocast_context, prepare_from_args,
+from utils.sample.args import (add_bool_arg, add_model_args, add_schedule_args, autocast_context, prepare_from_args,
                                resolve_device, sampling_kwargs, spec_from_args)
 
 log = logging.getLogger('sampling')

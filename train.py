@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import DataLoader
 
 import dist
-from utils import arg_util
-from utils.arg_util import Derived, TrainArgs
+from utils.train import args as arg_util
+from utils.train.args import Derived, TrainArgs
 from utils.logging_util import ScalarWriter, format_duration, setup_logger
 
 MODEL_FLAGS = ('depth', 'use_implicit', 'p_depth', 'width', 'heads', 'saln', 'anorm', 'V', 'Cvae', 'vae_ch',
@@ -127,9 +127,9 @@ def build_trainer(args: TrainArgs, der: Derived, vae, var, device: torch.device)
     """Wrap the transformer (compile, DDP), make the optimizer, EMA and VARTrainer."""
     from torch.nn.parallel import DistributedDataParallel as DDP
     from trainer import VARTrainer
-    from utils.amp_opt import AmpOptimizer, build_adamw
-    from utils.ema import ModelEMA
-    from utils.lr_control import param_groups
+    from utils.train.amp_opt import AmpOptimizer, build_adamw
+    from utils.train.ema import ModelEMA
+    from utils.train.lr_control import param_groups
     var.grad_ckpt = bool(args.optim.grad_ckpt)
     _, params, groups = param_groups(var)
     opt = AmpOptimizer(build_adamw(groups, der.lr, device, fused=args.optim.afuse), params, der.precision,
@@ -144,8 +144,8 @@ def build_trainer(args: TrainArgs, der: Derived, vae, var, device: torch.device)
 
 def build_loaders(args: TrainArgs, der: Derived, start_g_it: int):
     """(num_classes, train sampler, train iterator, val loader)."""
-    from utils.data import build_datasets
-    from utils.data_sampler import DistInfiniteBatchSampler, EvalDistributedSampler
+    from utils.data.datasets import build_datasets
+    from utils.data.sampler import DistInfiniteBatchSampler, EvalDistributedSampler
     num_classes, train_set, val_set = build_datasets(args.data.data_path, der.final_reso, der.mid_reso_px,
                                                      args.data.hflip)
     sampler = DistInfiniteBatchSampler(len(train_set), der.glb_batch_size, dist.get_rank(), dist.get_world_size(),
@@ -280,7 +280,7 @@ class Run:
 
     # ---- the loop
     def _next_batch(self, it):
-        from utils.data import UnreadableImageError, unreadable_message
+        from utils.data.datasets import UnreadableImageError, unreadable_message
         try:
             return next(it)
         except (UnreadableImageError, RuntimeError) as e:
@@ -291,7 +291,7 @@ class Run:
 
     def train(self):
         """Run from self.prog.g_it to the end, validating and saving on schedule."""
-        from utils.lr_control import apply_lr_wd, lr_ratio, prog_stage, wd_at
+        from utils.train.lr_control import apply_lr_wd, lr_ratio, prog_stage, wd_at
         a, der = self.args, self.der
         o, s, r = a.optim, a.sched, a.run
         log_every = r.log_every or max(1, min(100, self.iters_ep // 20))

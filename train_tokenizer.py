@@ -16,8 +16,8 @@ from typing import List, Optional
 
 def build_parser() -> argparse.ArgumentParser:
     """One flag per TokenizerConfig field, typed from its default; help text from the field metadata."""
-    from utils.sample_args import int_tuple, str2bool
-    from utils.tokenizer_trainer import TokenizerConfig
+    from utils.sample.args import int_tuple, str2bool
+    from utils.train.tokenizer_trainer import TokenizerConfig
     p = argparse.ArgumentParser(description='Train the multi-scale VQVAE tokenizer of VAR / VIAR.',
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     defaults = TokenizerConfig()
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None):
     """Parse flags, train, print the final metrics as JSON."""
     from utils.checkpoint import CheckpointError
-    from utils.tokenizer_trainer import TokenizerConfig, TokenizerConfigError, train_tokenizer
+    from utils.train.tokenizer_trainer import TokenizerConfig, TokenizerConfigError, train_tokenizer
     args = build_parser().parse_args(argv)
     cfg = TokenizerConfig(**vars(args))
     if not cfg.data_path:

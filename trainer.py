@@ -16,9 +16,9 @@ import torch.nn.functional as F
 
 import dist
 from models.jfb import draw_jfb_iters, step_rng
-from utils.amp_opt import AmpOptimizer
-from utils.ema import ModelEMA
-from utils.lr_control import prog_warmup
+from utils.train.amp_opt import AmpOptimizer
+from utils.train.ema import ModelEMA
+from utils.train.lr_control import prog_warmup
 
 
 @dataclass

@@ -20,8 +20,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils import fid_math  # noqa: E402
-from utils.npz_io import open_image_source, prefetch  # noqa: E402
+from utils.eval import fid_math  # noqa: E402
+from utils.eval.npz_io import open_image_source, prefetch  # noqa: E402
 
 
 def rss_gb() -> float:
@@ -43,7 +43,7 @@ def load_adm(path: str, graph_path: str, workdir: str):
 
 def bench_extraction(args, graph_path: str, npz_path: str, adm) -> None:
     """Images/s from an npz file to pool + spatial features, ours then ADM's."""
-    from utils.inception_tf import InceptionExtractor
+    from utils.eval.inception_tf import InceptionExtractor
     ex = InceptionExtractor(graph_path)
     src = open_image_source(npz_path)
     ex.run(next(src.batches(args.batch_size)))                  # warm-up
@@ -74,7 +74,7 @@ def bench_extraction(args, graph_path: str, npz_path: str, adm) -> None:
 
 def bench_precision_recall(args, adm) -> None:
     """Seconds for radii of both sets plus the precision/recall pass."""
-    from utils.inception_tf import TFDistanceKernel
+    from utils.eval.inception_tf import TFDistanceKernel
     rng = np.random.default_rng(0)
     centers = rng.normal(0, 0.25, (50, args.dim))
     def feats(n, shift):
@@ -120,7 +120,7 @@ def main():
     work = tempfile.mkdtemp(prefix='eval_speed_')
     graph_path = args.inception_pb
     if graph_path is None:
-        from utils.inception_tf import write_standin_graph
+        from utils.eval.inception_tf import write_standin_graph
         graph_path = write_standin_graph(os.path.join(work, 'standin.pb'), pool_width=2048, spatial_channels=64,
                                          num_classes=1008, resize=8)
     graph_path = os.path.abspath(graph_path)

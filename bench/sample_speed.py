@@ -196,7 +196,7 @@ def _our_handlers():
         device = torch.device(msg['device'])
         from models.schedules import IterSchedule
         from utils.checkpoint import load_vae_weights, load_var_weights
-        from utils.compile_util import prepare_for_sampling
+        from utils.sample.compile_util import prepare_for_sampling
         from utils.model_io import ModelSpec, build_models
         spec = ModelSpec.from_dict(msg['model'])
         vae, var = build_models(spec, device)
@@ -226,7 +226,7 @@ def _our_handlers():
 # ---------------------------------------------------------------- the parent
 
 def build_parser() -> argparse.ArgumentParser:
-    from utils.sample_args import add_size_args
+    from utils.sample.args import add_size_args
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = p.add_argument_group('models (random weights unless --var_ckpt)')
     m.add_argument('--models', type=str, default='VAR,VIAR', help='which of VAR, VIAR to run (a checkpoint fixes it)')
@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument('--dtype', type=str, default='fp32', choices=('fp32', 'bf16', 'fp16'), help='autocast dtype')
     r.add_argument('--device', type=str, default='', help='cpu, cuda, cuda:1; default cuda when available')
     r.add_argument('--threads', type=int, default=0, help='torch threads per child (0: torch default)')
-    r.add_argument('--compile', action='store_true', help='torch.compile the project side (utils/compile_util.py)')
+    r.add_argument('--compile', action='store_true', help='torch.compile the project side (utils/sample/compile_util.py)')
     r.add_argument('--warmup', type=int, default=1, help='untimed calls per child first')
     r.add_argument('--reps', type=int, default=3, help='timed calls per child')
     r.add_argument('--official', type=str, default='', metavar='PATH',
@@ -358,7 +358,7 @@ def machine_name() -> str:
 
 def main(argv=None):
     import torch
-    from utils.sample_args import resolve_device
+    from utils.sample.args import resolve_device
     args = build_parser().parse_args(argv)
     if args.p_depth is not None:
         args.pre_depth = args.post_depth = args.p_depth

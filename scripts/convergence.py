@@ -127,7 +127,7 @@ def plot(result: Dict, path: str) -> None:
 # ---------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    from utils.sample_args import add_model_args, add_size_args
+    from utils.sample.args import add_model_args, add_size_args
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     add_model_args(p, depth=16, var_ckpt=None, vae_ckpt=None, compile_flag=False)   # hooks record iterates
     add_size_args(p)
@@ -148,7 +148,7 @@ def load_viar(args, device):
     """(vae, var): a VIAR checkpoint, or random weights with --var_ckpt random."""
     from utils.checkpoint import CheckpointError, load_vae_weights
     from utils.model_io import build_models, load_models
-    from utils.sample_args import spec_from_args
+    from utils.sample.args import spec_from_args
     if args.var_ckpt is None:
         raise SystemExit('give --var_ckpt PATH (a VIAR checkpoint) or --var_ckpt random')
     args.use_implicit = True
@@ -169,7 +169,7 @@ def load_viar(args, device):
 
 
 def main(argv=None) -> Dict:
-    from utils.sample_args import autocast_context, resolve_device
+    from utils.sample.args import autocast_context, resolve_device
     args = build_parser().parse_args(argv)
     if args.T < 1 or args.bs < 1:
         raise SystemExit('--T and --bs must be >= 1')

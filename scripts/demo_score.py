@@ -121,8 +121,8 @@ def score_samples(clf, samples_dir: str) -> Dict[str, object]:
 
 def tokenizer_mse(vae_ckpt: str, data_path: str) -> float:
     """Reconstruction MSE on [-1, 1] of the val images through the tokenizer file."""
-    from utils.data import build_datasets
-    from utils.tokenizer_trainer import load_tokenizer, recon_mse
+    from utils.data.datasets import build_datasets
+    from utils.train.tokenizer_trainer import load_tokenizer, recon_mse
     vae, arch = load_tokenizer(vae_ckpt)
     _, _, val_set = build_datasets(data_path, arch['reso'], arch['reso'])
     return recon_mse(vae, val_set)

@@ -4,7 +4,7 @@ import torch
 
 from models import schedules as S
 from tests.tiny import tiny_vae_var
-from utils.compile_util import SamplingError, compile_targets, prepare_for_sampling
+from utils.sample.compile_util import SamplingError, compile_targets, prepare_for_sampling
 
 KW = dict(g_seed=3, cfg=1.5, top_k=1)   # greedy, so small float differences cannot flip a token
 

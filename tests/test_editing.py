@@ -9,8 +9,8 @@ import torch
 
 import gen_img
 from models import schedules as S
-from utils import image_io
-from utils.editing import (box_mask, edit_images, make_edit_spec, mask_to_scale, mode_mask, outpaint_mask,
+from utils.sample import image_io
+from utils.sample.editing import (box_mask, edit_images, make_edit_spec, mask_to_scale, mode_mask, outpaint_mask,
                            parse_box)
 from tests.test_gen_img import FAST, RES, export_tiny, read_png
 from tests.tiny import TINY_PN, tiny_vae_var

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import evaluator
-from utils import fid_math
-from utils.inception_tf import (InceptionExtractor, TFDistanceKernel, load_graph_def, resolve_graph_path,
+from utils.eval import fid_math
+from utils.eval.inception_tf import (InceptionExtractor, TFDistanceKernel, load_graph_def, resolve_graph_path,
                                 write_standin_graph)
-from utils.npz_io import EvalInputError, open_image_source
+from utils.eval.npz_io import EvalInputError, open_image_source
 
 METRIC_LINE = re.compile(r'^(Inception Score|FID|sFID|Precision|Recall): (\S+)$')
 

@@ -1,9 +1,9 @@
-"""Invariants of the evaluator arithmetic (utils/fid_math.py): FID, Inception Score, k-NN precision/recall."""
+"""Invariants of the evaluator arithmetic (utils/eval/fid_math.py): FID, Inception Score, k-NN precision/recall."""
 import numpy as np
 import pytest
 from scipy import linalg
 
-from utils import fid_math as fm
+from utils.eval import fid_math as fm
 
 
 def _random_cov(rng, d):

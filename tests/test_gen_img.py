@@ -1,4 +1,4 @@
-"""gen_img.py end to end on tiny slim exports, and the shared CLI helpers of utils/sample_args.py."""
+"""gen_img.py end to end on tiny slim exports, and the shared CLI helpers of utils/sample/args.py."""
 import argparse
 import os
 
@@ -9,10 +9,10 @@ import torch
 
 import gen_img
 from models import schedules as S
-from utils import image_io
+from utils.sample import image_io
 from utils.checkpoint import save_atomic
 from utils.model_io import ModelSpec, slim_export
-from utils.sample_args import (add_model_args, add_schedule_args, add_size_args, autocast_context, sampling_kwargs,
+from utils.sample.args import (add_model_args, add_schedule_args, add_size_args, autocast_context, sampling_kwargs,
                                schedule_from_args, spec_from_args, str2bool)
 from tests.tiny import TINY_PN, tiny_vae_var
 
@@ -142,7 +142,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
         gen_img.main(['--var_ckpt', str(tmp_path / 'nope.pth'), '--output_dir', str(tmp_path)])
 
 
-# ---------------------------------------------------------------- utils/sample_args.py
+# ---------------------------------------------------------------- utils/sample/args.py
 
 @pytest.mark.parametrize('text,want', [('True', True), ('true', True), ('1', True), ('yes', True),
                                        ('False', False), ('false', False), ('0', False), ('no', False)])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.proc_util import run_group
-from utils.sample_plan import make_plan, png_name, rank_share, sample_folder_name
+from utils.sample.plan import make_plan, png_name, rank_share, sample_folder_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLAN_CASES = [(3, 3, 2), (4, 50, 25), (2, 5, 7), (1, 1, 1), (5, 4, 3)]

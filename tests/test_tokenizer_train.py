@@ -9,7 +9,7 @@ from models import build_vae_var
 from models.quant import usage_margin
 from train_tokenizer import main as train_tokenizer_main
 from utils.checkpoint import load_vae_weights
-from utils.tokenizer_trainer import (EXPORT, LAST_CKPT, TokenizerConfig, TokenizerConfigError, build_tokenizer,
+from utils.train.tokenizer_trainer import (EXPORT, LAST_CKPT, TokenizerConfig, TokenizerConfigError, build_tokenizer,
                                      check_config, load_tokenizer, lr_at, restart_dead_codes, scale_residuals,
                                      train_tokenizer, vae_build_kwargs)
 

@@ -7,7 +7,7 @@ import torch
 
 from models import VQVAE, build_var
 from tests.tiny import tiny_tokens, tiny_vae_var
-from utils.lr_control import param_groups
+from utils.train.lr_control import param_groups
 
 COUNTS = json.load(open(os.path.join(os.path.dirname(__file__), 'data', 'official_checkpoint_keys.json')))['param_counts']
 

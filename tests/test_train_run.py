@@ -8,8 +8,8 @@ import torch
 import train
 from tests.tiny import tiny_vae_var
 from tests.train_helpers import make_image_folder, read_steps, run_train, tiny_flags
-from utils.amp_opt import AmpOptimizer, build_adamw
-from utils.lr_control import param_groups
+from utils.train.amp_opt import AmpOptimizer, build_adamw
+from utils.train.lr_control import param_groups
 
 
 @pytest.fixture(scope='module')

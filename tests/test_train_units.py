@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import dist
-from utils import arg_util
-from utils.amp_opt import AmpOptimizer, build_adamw
-from utils.data_sampler import DistInfiniteBatchSampler, EvalDistributedSampler
-from utils.ema import ModelEMA, ema_decay_at
-from utils.lr_control import NOWD_KEYS, lr_ratio, param_groups, prog_stage, prog_warmup, wd_at
+from utils.train import args as arg_util
+from utils.train.amp_opt import AmpOptimizer, build_adamw
+from utils.data.sampler import DistInfiniteBatchSampler, EvalDistributedSampler
+from utils.train.ema import ModelEMA, ema_decay_at
+from utils.train.lr_control import NOWD_KEYS, lr_ratio, param_groups, prog_stage, prog_warmup, wd_at
 from tests.tiny import tiny_vae_var
 
 RECIPE = ('--data_path=/x --depth=30 --bs=512 --ep=550 --tblr=8e-5 --fp16=1 --alng=1e-5 --wpe=0.01 '

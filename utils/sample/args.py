@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from models.schedules import IterSchedule, from_cli
-from utils.compile_util import AUTOCAST_DTYPES as DTYPES, SamplingError, autocast_for, prepare_for_sampling
+from utils.sample.compile_util import AUTOCAST_DTYPES as DTYPES, SamplingError, autocast_for, prepare_for_sampling
 from utils.model_io import DEFAULT_VAE_CKPT, ModelSpec
 
 _TRUE = {'1', 'true', 't', 'yes', 'y', 'on'}

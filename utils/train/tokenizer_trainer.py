@@ -167,15 +167,15 @@ def restart_dead_codes(quantizer: VectorQuantizer2, f_BChw: torch.Tensor, genera
 
 # ----------------------------------------------------------------------------- data
 def tokenizer_datasets(cfg: 'TokenizerConfig'):
-    """(train set of seeded samples, val set) from utils/data.py's class folders and official augmentation."""
-    from utils.data import build_datasets
+    """(train set of seeded samples, val set) from utils/data/datasets.py's class folders and official augmentation."""
+    from utils.data.datasets import build_datasets
     _, train_set, val_set = build_datasets(cfg.data_path, cfg.reso, round(cfg.mid_reso * cfg.reso), cfg.hflip)
     return train_set, val_set
 
 
 def batch_stream(train_set, bs: int, seed: int, start_step: int, workers: int) -> Iterator[torch.Tensor]:
     """Image batches (B, 3, H, W) from `start_step` on, exactly those a run from step 0 would see there."""
-    from utils.data_sampler import DistInfiniteBatchSampler
+    from utils.data.sampler import DistInfiniteBatchSampler
     sampler = DistInfiniteBatchSampler(len(train_set), bs, seed=seed)
     pos = sampler.position_at(start_step)
     sampler.epoch, sampler.it = pos['epoch'], pos['it']

@@ -14,8 +14,8 @@ from typing import Iterable, Optional, Tuple
 
 import numpy as np
 
-from utils.fid_math import ADM_BLOCK, SFID_CHANNELS, MomentAccumulator
-from utils.npz_io import EvalInputError
+from utils.eval.fid_math import ADM_BLOCK, SFID_CHANNELS, MomentAccumulator
+from utils.eval.npz_io import EvalInputError
 
 ADM_GRAPH_URL = ('https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/'
                  'classify_image_graph_def.pb')

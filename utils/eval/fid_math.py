@@ -1,7 +1,7 @@
 """Pure numpy arithmetic behind the ADM evaluator: FID/sFID, Inception Score, k-NN precision/recall.
 
 Shapes: N reference rows, M sample rows, D feature width, K classes.
-Everything here is deterministic numpy; TensorFlow only produces the features (utils/inception_tf.py).
+Everything here is deterministic numpy; TensorFlow only produces the features (utils/eval/inception_tf.py).
 """
 from typing import Callable, Optional, Tuple
 

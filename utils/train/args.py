@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from utils.sample_args import int_tuple, str2bool
+from utils.sample.args import int_tuple, str2bool
 
 PN_SHORTCUTS = {'256': '1_2_3_4_5_6_8_10_13_16', '512': '1_2_3_4_6_9_13_18_24_32',
                 '1024': '1_2_3_4_5_7_9_12_16_21_27_36_48_64'}
