@@ -3,10 +3,19 @@
 `initialize()` reads the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK) and starts a process
 group: nccl when the run is on CUDA, gloo on CPU. Without those variables the process runs alone and
 every collective below is a no-op (or the identity), so single-process code needs no branches.
+
+Environment:
+  VIAR_DIST_TIMEOUT_S  seconds a collective (and the process-group set-up) waits for the other ranks
+                       before failing; default 1800 (30 min). A peer whose process died usually fails
+                       the collective at once (its sockets close); a hung peer, or a lost node whose
+                       connections stay open, only after this timeout. Tests set a few seconds; it must
+                       exceed the longest legitimate wait (rank 0 writing a checkpoint while the others
+                       wait at the barrier).
 """
 import datetime
 import os
-from typing import Any, List
+import warnings
+from typing import Any, List, Optional
 
 import torch
 import torch.distributed as tdist
@@ -16,10 +25,28 @@ _device = torch.device('cpu')
 _initialized = False
 
 
-def initialize(device: str = 'auto', timeout_min: int = 30) -> torch.device:
+DEFAULT_TIMEOUT_S = 30 * 60
+
+
+def timeout_from_env() -> datetime.timedelta:
+    """The collective timeout: $VIAR_DIST_TIMEOUT_S seconds, else 30 minutes."""
+    raw = os.environ.get('VIAR_DIST_TIMEOUT_S', '').strip()
+    if not raw:
+        return datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)
+    try:
+        sec = float(raw)
+    except ValueError:
+        sec = -1.0
+    if not sec > 0:
+        raise SystemExit(f'VIAR_DIST_TIMEOUT_S={raw!r}: expected a positive number of seconds.')
+    return datetime.timedelta(seconds=sec)
+
+
+def initialize(device: str = 'auto', timeout_s: Optional[float] = None) -> torch.device:
     """Join the torchrun process group if there is one; returns this process's device.
 
     device: 'auto' (cuda:<local rank> when CUDA is available, else cpu), 'cpu' or 'cuda'.
+    timeout_s: collective timeout; None reads $VIAR_DIST_TIMEOUT_S (default 30 minutes).
     """
     global _rank, _local_rank, _world_size, _device, _initialized
     use_cuda = torch.cuda.is_available() if device in ('', 'auto') else device.startswith('cuda')
@@ -33,7 +60,7 @@ def initialize(device: str = 'auto', timeout_min: int = 30) -> torch.device:
         _device = torch.device('cpu')
     if int(os.environ.get('WORLD_SIZE', 1)) > 1 and not _initialized:
         backend = 'nccl' if use_cuda else 'gloo'
-        timeout = datetime.timedelta(minutes=timeout_min)
+        timeout = timeout_from_env() if timeout_s is None else datetime.timedelta(seconds=timeout_s)
         kw = dict(device_id=_device) if use_cuda else {}
         store = _attempt_store(timeout)
         if store is not None:
@@ -45,18 +72,29 @@ def initialize(device: str = 'auto', timeout_min: int = 30) -> torch.device:
 
 
 def _attempt_store(timeout: datetime.timedelta):
-    """Under torchrun, the rendezvous store with a prefix per restart attempt (None otherwise).
+    """Under torchrun with the agent's shared store, that store with a prefix per restart attempt.
 
     After `torchrun --max-restarts` restarts a killed group, the agent's store still holds the previous
     attempt's keys, and the new process group hangs on them (seen with torch 2.11 + gloo); a fresh key
-    prefix per attempt avoids that.
+    prefix per attempt avoids that. The attempt number is counted by each node's agent, so it is the
+    same on every rank only on one node (pytorch#135712): across nodes, a rank can read another attempt's
+    gloo addresses and fail, costing one more restart, or wait. Multi-node elastic runs therefore turn the
+    shared store off (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, as scripts/train.sh does): rank 0 then
+    hosts a new store on a new port each rendezvous round, which needs no prefix (None is returned and
+    init_process_group reads MASTER_ADDR/MASTER_PORT itself).
     """
     attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT')
     if attempt is None or 'MASTER_ADDR' not in os.environ:
         return None
-    agent_hosts = os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == str(True)
+    if os.environ.get('TORCHELASTIC_USE_AGENT_STORE') != str(True):
+        return None
+    nodes, restarts = int(os.environ.get('GROUP_WORLD_SIZE', 1)), int(os.environ.get('TORCHELASTIC_MAX_RESTARTS', 0))
+    if nodes > 1 and restarts > 0 and os.environ.get('LOCAL_RANK', '0') == '0':
+        warnings.warn(f'{nodes} nodes with torchrun --max-restarts={restarts} and the shared agent store: a restart '
+                      f'can fail or hang, as each node counts its own restarts (pytorch#135712). Set '
+                      f'TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun, as scripts/train.sh does.')
     store = tdist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), int(os.environ['WORLD_SIZE']),
-                           is_master=not agent_hosts and int(os.environ['RANK']) == 0, timeout=timeout)
+                           is_master=False, timeout=timeout)
     return tdist.PrefixStore(f'viar/attempt_{attempt}', store)
 
 
