@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # End-to-end demo on a CPU: real data (sklearn's handwritten digits), a tokenizer trained from scratch,
-# VIAR and VAR trained on its tokens, a class-by-seed sample grid, and scores. See docs/DEMO.md.
+# VIAR and VAR trained on its tokens, samples, and scores. See docs/DEMO.md.
 #
 #   bash scripts/demo.sh                  # full demo into demo_output/ (minutes on 2 CPU cores)
 #   DEMO_QUICK=1 DEMO_OUT=/tmp/d bash scripts/demo.sh   # a few steps of everything (what the tests run)
+#   DEMO_TABLE=1 bash scripts/demo.sh     # then the schedule table (scripts/demo_table.py, a few more minutes)
 #
 # Knobs (environment): DEMO_OUT (output folder), DEMO_QUICK=1, DEMO_VAE_STEPS, DEMO_AR_STEPS, DEMO_WIDTH, DEMO_TLR,
-# DEMO_SEEDS (images per class), DEMO_THREADS (threads of each process; default 1). VIAR and VAR train and
-# sample side by side, one single-threaded process each: on two cores that is faster than one process with
-# two threads, and a loaded machine does not stall it. Every run starts afresh in DEMO_OUT.
+# DEMO_SEEDS (images per class), DEMO_CFG, DEMO_TOP_K, DEMO_TOP_P, DEMO_ITER_LEFT, DEMO_ITER_RIGHT (sampling),
+# DEMO_THREADS (threads of each process; default 1), DEMO_TABLE=1. VIAR and VAR train and sample side by side,
+# one single-threaded process each: on two cores that is faster than one process with two threads, and a
+# loaded machine does not stall it. Every run starts afresh in DEMO_OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,15 +22,20 @@ else
   VAE_STEPS=${DEMO_VAE_STEPS:-120}; AR_STEPS=${DEMO_AR_STEPS:-200}; WIDTH=${DEMO_WIDTH:-96}; HEADS=4; NSEEDS=${DEMO_SEEDS:-10}
 fi
 TLR=${DEMO_TLR:-1.5e-3}
+# sampling defaults: chosen by FID against the held-out digits, reported against the train digits (docs/DEMO.md)
+CFG=${DEMO_CFG:-1.5}; TOP_K=${DEMO_TOP_K:-0}; TOP_P=${DEMO_TOP_P:-0}
+ITER_LEFT=${DEMO_ITER_LEFT:-4}; ITER_RIGHT=${DEMO_ITER_RIGHT:-4}
 export OMP_NUM_THREADS=${DEMO_THREADS:-1} MKL_NUM_THREADS=${DEMO_THREADS:-1}
 PY=.venv/bin/python
 start_ns=$(date +%s%N)
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 started_at=$(date +%s.%N)
 elapsed() { echo $(( ($(date +%s%N) - start_ns) / 1000000000 )); }
 log() { echo "[demo $(elapsed)s] $*"; }
 
 bash scripts/setup.sh
-rm -rf "$OUT/digits" "$OUT/vae" "$OUT/viar" "$OUT/var" "$OUT/samples" "$OUT/results.json" "$OUT/grid.png"
+rm -rf "$OUT/digits" "$OUT/vae" "$OUT/viar" "$OUT/var" "$OUT/samples" "$OUT/results.json" "$OUT/grid.png" \
+  "$OUT/pareto.png" "$OUT/schedule_table.md"
 mkdir -p "$OUT"
 
 log "1/5 digits -> $OUT/digits (16 px RGB, train/ and val/)"
@@ -56,10 +63,10 @@ wait "$pid_var" || { echo "VAR training failed:"; tail -n 20 "$OUT/var.stdout"; 
 [ "$ok" = 1 ] || exit 1
 t_ar=$(elapsed)
 
-log "4/5 samples: classes 0..9 x $NSEEDS seeds (cfg 1.5, no top-k/top-p, 4 implicit iterations per scale)"
+log "4/5 samples: classes 0..9 x $NSEEDS seeds (cfg $CFG, top-k $TOP_K, top-p $TOP_P, VIAR iterations $ITER_LEFT..$ITER_RIGHT)"
 SEEDS=$(seq -s ' ' 0 $((NSEEDS - 1)))
-GEN=(--vae_ckpt "$OUT/vae/vae.pth" --class_label 0 1 2 3 4 5 6 7 8 9 --seeds $SEEDS --cfg 1.5 --top_k 0 --top_p 0
-     --iter_left 4 --iter_right 4 --batch_size 50 --device cpu --progress False)
+GEN=(--vae_ckpt "$OUT/vae/vae.pth" --class_label 0 1 2 3 4 5 6 7 8 9 --seeds $SEEDS --cfg "$CFG" --top_k "$TOP_K"
+     --top_p "$TOP_P" --iter_left "$ITER_LEFT" --iter_right "$ITER_RIGHT" --batch_size 50 --device cpu --progress False)
 $PY gen_img.py --var_ckpt "$OUT/viar/var-slim.pth" --output_dir "$OUT/samples/viar" "${GEN[@]}" \
   > "$OUT/gen_viar.stdout" 2>&1 & pid_viar=$!
 $PY gen_img.py --var_ckpt "$OUT/var/var-slim.pth" --output_dir "$OUT/samples/var" "${GEN[@]}" \
@@ -69,12 +76,18 @@ wait "$pid_var" || { echo "VAR sampling failed:"; tail -n 20 "$OUT/gen_var.stdou
 [ "$ok" = 1 ] || exit 1
 t_gen=$(elapsed)
 
-log "5/5 scores -> $OUT/results.json, grid (left VIAR, right VAR; rows = digits 0..9, columns = seeds) -> $OUT/grid.png"
+log "5/5 scores -> $OUT/results.json, grid (left VIAR, right VAR; rows = digits 0..9, columns = the first 10 seeds) -> $OUT/grid.png"
 times > "$OUT/cpu_times.txt"   # CPU seconds of the finished stages (a builtin: it must run in this shell)
 $PY scripts/demo_score.py --data_path "$OUT/digits" --vae_ckpt "$OUT/vae/vae.pth" \
   --viar_ckpt "$OUT/viar/var-slim.pth" --viar_samples "$OUT/samples/viar" \
   --var_ckpt "$OUT/var/var-slim.pth" --var_samples "$OUT/samples/var" \
   --grid "$OUT/grid.png" --started_at "$started_at" --cpu_times "$(tail -n 1 "$OUT/cpu_times.txt")" \
-  --extra "{\"quick\": $QUICK, \"vae_steps\": $VAE_STEPS, \"ar_steps\": $AR_STEPS, \"width\": $WIDTH, \"tlr\": $TLR, \"threads\": $OMP_NUM_THREADS, \"stage_end_seconds\": {\"tokenizer\": $t_vae, \"transformers\": $t_ar, \"samples\": $t_gen}}" \
+  --extra "{\"quick\": $QUICK, \"vae_steps\": $VAE_STEPS, \"ar_steps\": $AR_STEPS, \"width\": $WIDTH, \"tlr\": $TLR, \"threads\": $OMP_NUM_THREADS, \"stage_end_seconds\": {\"tokenizer\": $t_vae, \"transformers\": $t_ar, \"samples\": $t_gen}, \"sample\": {\"cfg\": $CFG, \"top_k\": $TOP_K, \"top_p\": $TOP_P, \"iter_left\": $ITER_LEFT, \"iter_right\": $ITER_RIGHT, \"seeds_per_class\": $NSEEDS}, \"load_average_start\": \"$load_start\"}" \
   --out "$OUT/results.json"
-log "done"
+log "done ($(cut -d' ' -f1-3 /proc/loadavg) load average at the end, $load_start at the start)"
+
+if [ "${DEMO_TABLE:-0}" = 1 ]; then
+  log "table: VIAR schedules and VAR over seed sets -> $OUT/results.json (schedule_table), $OUT/schedule_table.md, $OUT/pareto.png"
+  $PY scripts/demo_table.py --out_dir "$OUT" --markdown "$OUT/schedule_table.md" ${DEMO_TABLE_ARGS:-}
+  log "table done"
+fi

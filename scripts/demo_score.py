@@ -1,12 +1,14 @@
-"""Score the digits demo: tokenizer reconstruction, class consistency of VIAR / VAR samples, parameter counts.
+"""Score the digits demo: class consistency, FID / precision / recall, diversity and copy rate of the VIAR and
+VAR samples, tokenizer reconstruction, parameter counts, and a labelled sample grid.
 
     python scripts/demo_score.py --data_path demo_output/digits --vae_ckpt demo_output/vae/vae.pth \
-        --viar_ckpt demo_output/viar/slim.pth --viar_samples demo_output/samples/viar \
-        --var_ckpt demo_output/var/slim.pth --var_samples demo_output/samples/var --out demo_output/results.json
+        --viar_ckpt demo_output/viar/var-slim.pth --viar_samples demo_output/samples/viar \
+        --var_ckpt demo_output/var/var-slim.pth --var_samples demo_output/samples/var --out demo_output/results.json
 
-Class consistency = accuracy, on generated images, of a logistic-regression classifier trained on the
-real training digits; every image is box-averaged back to 8x8 grayscale in the digits' 0..16 range.
-Generated files are found by gen_img.py's names (`class{c}_seed{s}.png`) anywhere under a samples folder.
+Every image is box-averaged back to 8x8 grayscale (the digits' own resolution) and scaled to 0..1: its 64
+pixel features. Class consistency is the accuracy of a logistic regression trained on the real train
+digits; the other figures are defined in scripts/demo_quality.py and docs/DEMO.md. Generated files are
+found by gen_img.py's names (`class{c}_seed{s}.png`) anywhere under a samples folder.
 """
 import argparse
 import glob
@@ -73,22 +75,33 @@ def load_image(path: str) -> np.ndarray:
         return np.asarray(im.convert('RGB'))
 
 
-def load_folder_features(root: str) -> Tuple[np.ndarray, np.ndarray]:
-    """(features (N, 64), labels (N,)) of an ImageFolder with numeric class folders (`root/<digit>/*.png`)."""
-    feats, labels = [], []
+def load_folder_images(root: str) -> Tuple[np.ndarray, np.ndarray]:
+    """(uint8 images (N, H, W, 3), labels (N,)) of an ImageFolder with numeric class folders (`root/<digit>/*.png`)."""
+    imgs, labels = [], []
     for cls in sorted(os.listdir(root)) if os.path.isdir(root) else []:
         if not cls.isdigit():
             continue
         for path in sorted(glob.glob(os.path.join(root, cls, '*.png'))):
-            feats.append(to_digit_features(load_image(path)))
+            imgs.append(load_image(path))
             labels.append(int(cls))
-    if not feats:
+    if not imgs:
         raise SystemExit(f'demo_score: no digit images in {root!r}; write them with scripts/make_digits.py')
-    return np.stack(feats), np.array(labels)
+    return np.stack(imgs), np.array(labels)
+
+
+def pixel_features(imgs_NHWC: np.ndarray) -> np.ndarray:
+    """uint8 images -> (N, 64) box-averaged 8x8 levels scaled to 0..1: what every judge in the demo sees."""
+    return np.stack([to_digit_features(im) for im in imgs_NHWC]) / DIGIT_MAX
+
+
+def load_folder_features(root: str) -> Tuple[np.ndarray, np.ndarray]:
+    """(features (N, 64) in 0..16, labels (N,)) of an ImageFolder with numeric class folders."""
+    imgs, labels = load_folder_images(root)
+    return pixel_features(imgs) * DIGIT_MAX, labels
 
 
 def load_samples(root: str) -> Tuple[np.ndarray, np.ndarray, List[Tuple[int, int, str]]]:
-    """(features, classes, [(class, seed, path)]) of every `class{c}_seed{s}.png` under root."""
+    """(features in 0..16, classes, [(class, seed, path)]) of every `class{c}_seed{s}.png` under root."""
     found = []
     for path in sorted(glob.glob(os.path.join(root, '**', 'class*_seed*.png'), recursive=True)):
         cs = parse_sample_name(os.path.basename(path))
@@ -101,22 +114,77 @@ def load_samples(root: str) -> Tuple[np.ndarray, np.ndarray, List[Tuple[int, int
 
 
 # ----------------------------------------------------------------------------- scoring
-def train_classifier(data_path: str, seed: int = 0):
-    """Logistic regression on the real train digits; returns (classifier, accuracy on the real val digits)."""
-    from sklearn.linear_model import LogisticRegression
-    x_tr, y_tr = load_folder_features(os.path.join(data_path, 'train'))
-    x_va, y_va = load_folder_features(os.path.join(data_path, 'val'))
-    clf = LogisticRegression(max_iter=5000, random_state=seed)
-    clf.fit(x_tr / DIGIT_MAX, y_tr)
-    return clf, float((clf.predict(x_va / DIGIT_MAX) == y_va).mean())
+def tokenizer_reconstructions(vae, imgs_NHWC: np.ndarray, bs: int = 256) -> np.ndarray:
+    """Pixel features (N, 64) in 0..1 of uint8 images passed through the tokenizer, rounded to uint8 as gen_img.py's
+    PNGs are: a transformer that memorised a training digit's tokens draws exactly this image of it."""
+    import torch
+    from utils.sample.image_io import to_uint8_HWC
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(imgs_NHWC), bs):
+            x_B3HW = torch.from_numpy(imgs_NHWC[i:i + bs]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+            rec_B3HW = vae.img_to_reconstructed_img(x_B3HW, last_one=True).add(1).mul(0.5)
+            out.extend(to_uint8_HWC(r) for r in rec_B3HW)
+    return pixel_features(np.stack(out))
 
 
-def score_samples(clf, samples_dir: str) -> Dict[str, object]:
-    """Class consistency of the samples under a folder, overall and per class."""
+def build_judge(data_path: str, vae_ckpt: str = '', seed: int = 0):
+    """(demo_quality.Judge of the real digits under data_path, {set name: (pixel features, labels)} of the floors).
+
+    The floors are the real val digits ('real') and, with a tokenizer, their reconstructions ('recon'): the
+    best a model drawing through this tokenizer could do. Copies are judged against the tokenizer's
+    reconstructions of the train digits when a tokenizer is given (else against the raw digits).
+    """
+    import demo_quality
+    tr_imgs, tr_y = load_folder_images(os.path.join(data_path, 'train'))
+    va_imgs, va_y = load_folder_images(os.path.join(data_path, 'val'))
+    tr_rec = va_rec = None
+    if vae_ckpt:
+        from utils.train.tokenizer_trainer import load_tokenizer
+        vae, _ = load_tokenizer(vae_ckpt)
+        tr_rec, va_rec = tokenizer_reconstructions(vae.eval(), tr_imgs), tokenizer_reconstructions(vae, va_imgs)
+    va_x = pixel_features(va_imgs)
+    judge = demo_quality.fit_judge(pixel_features(tr_imgs), tr_y, va_x, va_y, train_rec=tr_rec, val_rec=va_rec,
+                                   seed=seed)
+    floors = {'real': (va_x, va_y)}
+    if va_rec is not None:
+        floors['recon'] = (va_rec, va_y)
+    return judge, floors
+
+
+RESULT_KEYS = {'consistency': 'class_consistency', 'n': 'n_samples'}   # score name -> results.json prefix, if not its own
+
+
+def named_results(set_name: str, scores: Dict[str, object]) -> Dict[str, object]:
+    """results.json keys of one scored set: '<figure>_<set name>', e.g. fid_viar, class_consistency_var."""
+    return {f'{RESULT_KEYS.get(k, k)}_{set_name}': v for k, v in scores.items()}
+
+
+def judge_results(judge, floors) -> Dict[str, object]:
+    """results.json keys that describe the judge and the floors it measures on real (and reconstructed) digits."""
+    import demo_quality
+    out = dict(classifier_acc_real=judge.classifier_acc_real, feature_net_acc_real=judge.feature_net_acc_real,
+               feature_width=judge.net.coefs_[0].shape[1], n_ref_train=len(judge.train_h), n_real_val=len(judge.val_h),
+               copy_threshold=judge.copy_threshold, copy_percentile=demo_quality.COPY_PERCENTILE,
+               copy_space='pixels of tokenizer reconstructions' if 'recon' in floors else 'pixels')
+    for name, (x_NP, y_N) in floors.items():
+        out.update(named_results(name, demo_quality.score(judge, x_NP, y_N)))
+    del out['class_consistency_real']   # that is classifier_acc_real
+    if 'recon' in floors:
+        # held-out digits are looked at for copies as samples are, through the tokenizer: about
+        # COPY_PERCENTILE % by construction (the raw digits, sharper than any reconstruction, would score 0)
+        out['copy_rate_real'] = out.pop('copy_rate_recon')
+    return out
+
+
+def score_samples(judge, samples_dir: str) -> Dict[str, object]:
+    """Every demo_quality figure of the samples under a folder, plus per-class consistency and the count."""
+    import demo_quality
     feats, classes, found = load_samples(samples_dir)
-    pred = clf.predict(feats / DIGIT_MAX)
-    return dict(consistency=float((pred == classes).mean()), n=len(found),
-                per_class=per_class_accuracy(pred, classes))
+    x_MP = feats / DIGIT_MAX
+    s = demo_quality.score(judge, x_MP, classes)
+    s.update(n=len(found), per_class=per_class_accuracy(judge.clf.predict(x_MP), classes))
+    return s
 
 
 def tokenizer_mse(vae_ckpt: str, data_path: str) -> float:
@@ -134,45 +202,86 @@ def transformer_params(ckpt: str) -> int:
     return count_params(read_state_dict(ckpt))
 
 
-def comparison_grid(sample_dirs: Sequence[str], scale: int = 4, pad: int = 3, gap: int = 12, line: int = 110
-                    ) -> np.ndarray:
-    """uint8 image: for each samples folder a block (rows = classes, columns = seeds), side by side, upscaled.
+HEADER_PX = 16   # band over the blocks for the model names: Pillow's default font is about 10 px tall
+LABEL_PX = 14    # column left of the blocks for each row's digit
+INK = (0, 0, 0)
 
-    Tiles are separated by `pad` px of gray (`line`) so bright strokes of neighbouring digits do not merge;
-    blocks by `gap` px of white.
+
+def sample_block(root: str, scale: int = 4, pad: int = 3, line: int = 110, max_seeds: int = 0
+                 ) -> Tuple[np.ndarray, List[int], int]:
+    """(uint8 block, its classes, tile height): rows = classes, columns = seeds (the first max_seeds, 0 = all)
+    of one samples folder, upscaled.
+
+    Tiles are separated by `pad` px of gray (`line`) so bright strokes of neighbouring digits do not merge.
     """
     from PIL import Image
-    blocks = []
-    for root in sample_dirs:
-        _, _, found = load_samples(root)
-        classes = sorted({c for c, _, _ in found})
-        seeds = sorted({s for _, s, _ in found})
-        where = {(c, s): p for c, s, p in found}
-        first = load_image(found[0][2])
-        h, w = first.shape[0] * scale, first.shape[1] * scale
-        block = np.full((len(classes) * (h + pad) + pad, len(seeds) * (w + pad) + pad, 3), line, np.uint8)
-        for i, c in enumerate(classes):
-            for j, s in enumerate(seeds):
-                if (c, s) in where:
-                    img = np.asarray(Image.fromarray(load_image(where[(c, s)])).resize((w, h), Image.NEAREST))
-                    y, x = pad + i * (h + pad), pad + j * (w + pad)
-                    block[y:y + h, x:x + w] = img
-        blocks.append(block)
-    height = max(b.shape[0] for b in blocks)
-    padded = [np.pad(b, ((0, height - b.shape[0]), (0, gap), (0, 0)), constant_values=255) for b in blocks]
-    return np.concatenate(padded, axis=1)[:, :-gap]
+    _, _, found = load_samples(root)
+    classes = sorted({c for c, _, _ in found})
+    seeds = sorted({s for _, s, _ in found})[:max_seeds or None]
+    where = {(c, s): p for c, s, p in found}
+    first = load_image(found[0][2])
+    h, w = first.shape[0] * scale, first.shape[1] * scale
+    block = np.full((len(classes) * (h + pad) + pad, len(seeds) * (w + pad) + pad, 3), line, np.uint8)
+    for i, c in enumerate(classes):
+        for j, s in enumerate(seeds):
+            if (c, s) in where:
+                img = np.asarray(Image.fromarray(load_image(where[(c, s)])).resize((w, h), Image.NEAREST))
+                y, x = pad + i * (h + pad), pad + j * (w + pad)
+                block[y:y + h, x:x + w] = img
+    return block, classes, h
+
+
+def block_offsets(widths: Sequence[int], gap: int, left: int) -> List[int]:
+    """x of each block's left edge when blocks of these widths sit side by side, `gap` apart, from x = left."""
+    return [left + sum(widths[:i]) + i * gap for i in range(len(widths))]
+
+
+def labelled_size(block_hws: Sequence[Tuple[int, int]], gap: int, header: int = HEADER_PX, label: int = LABEL_PX
+                  ) -> Tuple[int, int]:
+    """(height, width) of the labelled grid: the tallest block under the header band, the label column first."""
+    height = max(h for h, _ in block_hws) + header
+    width = label + sum(w for _, w in block_hws) + gap * (len(block_hws) - 1)
+    return height, width
+
+
+def comparison_grid(sample_dirs: Sequence[str], names: Sequence[str] = (), scale: int = 4, pad: int = 3,
+                    gap: int = 12, line: int = 110, header: int = HEADER_PX, label: int = LABEL_PX,
+                    max_seeds: int = 0) -> np.ndarray:
+    """uint8 image: one `sample_block` per samples folder side by side (`gap` px of white between), a header
+    band naming each block (`names`, e.g. VIAR, VAR) and a left column with each row's digit.
+
+    Labels are drawn with Pillow's default font, so nothing is downloaded. Rows are labelled from the first
+    block's classes and placed by its tile height (every folder holds the same classes in the demo).
+    """
+    from PIL import Image, ImageDraw, ImageFont
+    made = [sample_block(d, scale, pad, line, max_seeds) for d in sample_dirs]
+    blocks = [b for b, _, _ in made]
+    height, width = labelled_size([b.shape[:2] for b in blocks], gap, header, label)
+    canvas = Image.new('RGB', (width, height), (255, 255, 255))
+    xs = block_offsets([b.shape[1] for b in blocks], gap, label)
+    for x, b in zip(xs, blocks):
+        canvas.paste(Image.fromarray(b), (x, header))
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    for x, b, name in zip(xs, blocks, names):
+        draw.text((x + b.shape[1] / 2, header / 2), name, fill=INK, font=font, anchor='mm')
+    _, classes, tile_h = made[0]
+    for i, c in enumerate(classes):
+        draw.text((label / 2, header + pad + i * (tile_h + pad) + tile_h / 2), str(c), fill=INK, font=font,
+                  anchor='mm')
+    return np.asarray(canvas)
 
 
 def main(argv=None):
     """Compute the scores, write them as JSON (merged into an existing file's keys) and print them."""
     p = argparse.ArgumentParser(description='Score the digits demo (see docs/DEMO.md).')
     p.add_argument('--data_path', required=True, help='the image folder of make_digits.py (train/ and val/)')
-    p.add_argument('--vae_ckpt', default='', help='tokenizer file for the reconstruction MSE')
+    p.add_argument('--vae_ckpt', default='', help='tokenizer file: reconstruction MSE, and the copy reference')
     p.add_argument('--viar_ckpt', default='', help='VIAR checkpoint (for its parameter count)')
     p.add_argument('--viar_samples', default='', help='folder of VIAR samples from gen_img.py')
     p.add_argument('--var_ckpt', default='', help='VAR checkpoint (for its parameter count)')
     p.add_argument('--var_samples', default='', help='folder of VAR samples from gen_img.py')
-    p.add_argument('--grid', default='', help='write an upscaled VIAR | VAR sample grid PNG here')
+    p.add_argument('--grid', default='', help='write an upscaled, labelled VIAR | VAR sample grid PNG here')
+    p.add_argument('--grid_seeds', type=int, default=10, help='columns (the first seeds) of each half of the grid')
     p.add_argument('--started_at', type=float, default=None,
                    help='Unix time the run began; `seconds` = from then until the scores are written')
     p.add_argument('--cpu_times', default='', help="bash `times` line of the run's finished children (CPU seconds)")
@@ -182,22 +291,21 @@ def main(argv=None):
 
     results = json.load(open(args.out)) if os.path.isfile(args.out) else {}
     results.update(json.loads(args.extra))
-    clf, results['classifier_acc_real'] = train_classifier(args.data_path)
+    judge, floors = build_judge(args.data_path, args.vae_ckpt)
+    results.update(judge_results(judge, floors))
     if args.vae_ckpt:
         results['recon_mse'] = tokenizer_mse(args.vae_ckpt, args.data_path)
     for name, ckpt, samples in (('viar', args.viar_ckpt, args.viar_samples), ('var', args.var_ckpt, args.var_samples)):
         if samples:
-            s = score_samples(clf, samples)
-            results[f'class_consistency_{name}'] = s['consistency']
-            results[f'per_class_{name}'] = s['per_class']
-            results[f'n_samples_{name}'] = s['n']
+            results.update(named_results(name, score_samples(judge, samples)))
         if ckpt:
             results[f'params_{name}'] = transformer_params(ckpt)
     if args.grid:
         from PIL import Image
-        dirs = [d for d in (args.viar_samples, args.var_samples) if d]
+        dirs = [(n, d) for n, d in (('VIAR', args.viar_samples), ('VAR', args.var_samples)) if d]
         os.makedirs(os.path.dirname(os.path.abspath(args.grid)), exist_ok=True)
-        Image.fromarray(comparison_grid(dirs)).save(args.grid)
+        grid = comparison_grid([d for _, d in dirs], [n for n, _ in dirs], max_seeds=args.grid_seeds)
+        Image.fromarray(grid).save(args.grid)
         results['grid'] = args.grid
     if args.started_at is not None:
         results['seconds'] = round(time.time() - args.started_at, 1)

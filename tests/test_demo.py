@@ -11,7 +11,9 @@ from tests.tiny import tiny_vae_var
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+import demo_quality  # noqa: E402
 import demo_score  # noqa: E402
+import demo_table  # noqa: E402
 import make_digits  # noqa: E402
 
 
@@ -53,6 +55,189 @@ def test_param_count_from_state_dict_matches_the_model(use_implicit):
     assert demo_score.count_params(vae.state_dict()) == sum(p.numel() for p in vae.parameters())
 
 
+# ----------------------------------------------------------------------------- quality figures
+def _blobs(n_per_class=40, classes=3, dim=6, seed=0):
+    """(x, labels): a Gaussian blob per class, well apart."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(classes), n_per_class)
+    return rng.normal(size=(len(labels), dim)) + 4.0 * labels[:, None], labels
+
+
+def test_fid_is_zero_for_identical_sets_sees_a_mean_shift_and_ignores_order():
+    x, _ = _blobs()
+    perm = np.random.default_rng(1).permutation(len(x))
+    assert demo_quality.fid(x, x) == pytest.approx(0, abs=1e-8)
+    assert demo_quality.fid(x, x[perm]) == pytest.approx(0, abs=1e-8)
+    assert demo_quality.fid(x, x + 0.5) == pytest.approx(0.25 * x.shape[1], rel=1e-6)   # |shift|^2, same covariance
+    y, _ = _blobs(seed=2)
+    assert demo_quality.fid(x, y) == pytest.approx(demo_quality.fid(x, y[perm]), rel=1e-9)
+
+
+def test_precision_recall_identical_sets_are_one_far_sets_zero_and_order_free():
+    x, _ = _blobs()
+    assert demo_quality.precision_recall(x, x) == (1.0, 1.0)
+    assert demo_quality.precision_recall(x, x + 100.0) == (0.0, 0.0)
+    half = x[::2]    # every sample is a reference, so precision is 1
+    p, r = demo_quality.precision_recall(x, half)
+    assert p == 1.0 and 0 < r <= 1
+    perm = np.random.default_rng(1).permutation(len(half))
+    assert demo_quality.precision_recall(x, half[perm]) == (p, r)
+
+
+def test_diversity_is_one_for_the_real_set_zero_for_one_image_per_class_and_scales():
+    x, labels = _blobs()
+    assert demo_quality.diversity_ratio(x, labels, x, labels) == pytest.approx(1.0)
+    firsts = np.stack([x[labels == c][0] for c in labels])      # one repeated image per class
+    assert demo_quality.diversity_ratio(firsts, labels, x, labels) == 0.0
+    centre = np.stack([x[labels == c].mean(0) for c in labels])
+    assert demo_quality.diversity_ratio(centre + 2 * (x - centre), labels, x, labels) == pytest.approx(2.0)
+    perm = np.random.default_rng(1).permutation(len(x))
+    assert demo_quality.diversity_ratio(x[perm], labels[perm], x, labels) == pytest.approx(1.0)
+    assert demo_quality.mean_pairwise_distance(np.array([[0.0, 0.0], [3.0, 4.0]])) == pytest.approx(5.0)
+    assert demo_quality.mean_pairwise_distance(x[:1]) == 0.0
+
+
+def test_copy_rate_is_one_for_copies_of_training_rows_and_zero_far_away():
+    train, _ = _blobs(seed=0)
+    val, _ = _blobs(seed=1)
+    threshold = demo_quality.copy_threshold(demo_quality.nearest_distance(val, train))
+    assert threshold > 0
+    copies = train[np.random.default_rng(2).integers(0, len(train), 50)]
+    assert demo_quality.copy_rate(demo_quality.nearest_distance(copies, train), threshold) == 1.0
+    assert demo_quality.copy_rate(demo_quality.nearest_distance(train + 100.0, train), threshold) == 0.0
+    # the threshold is the 5th percentile, and "closer than" is strict
+    assert demo_quality.copy_threshold(np.arange(101.0)) == pytest.approx(5.0)
+    assert demo_quality.copy_rate(np.array([4.9, 5.0, 5.1, 0.0]), 5.0) == 0.5
+    nn_val = demo_quality.nearest_distance(val, train)
+    assert demo_quality.copy_rate(nn_val, threshold) == pytest.approx(0.05, abs=1 / len(val))
+
+
+@pytest.fixture(scope='module')
+def digit_judge():
+    """A judge fitted on 600 of sklearn's digits (pixel features in 0..1), with 200 held out."""
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x, y = d.data[:800] / 16.0, d.target[:800]
+    return demo_quality.fit_judge(x[:600], y[:600], x[600:], y[600:]), (x[:600], y[:600]), (x[600:], y[600:])
+
+
+def test_hidden_features_are_the_feature_nets_hidden_layer(digit_judge):
+    judge, (x_tr, _), (x_va, _) = digit_judge
+    h = demo_quality.hidden_features(judge.net, x_va)
+    assert h.shape == (len(x_va), demo_quality.FEATURE_WIDTH) and h.min() >= 0
+    logits = h @ judge.net.coefs_[1] + judge.net.intercepts_[1]
+    assert np.array_equal(judge.net.classes_[logits.argmax(1)], judge.net.predict(x_va))
+    assert judge.feature_net_acc_real > 0.85 and judge.classifier_acc_real > 0.85
+
+
+def test_judge_scores_the_floors_copies_and_a_collapsed_model(digit_judge):
+    judge, (x_tr, y_tr), (x_va, y_va) = digit_judge
+    real = demo_quality.score(judge, x_va, y_va)
+    assert real['diversity'] == pytest.approx(1.0)
+    assert real['copy_rate'] == pytest.approx(0.05, abs=1 / len(x_va))
+    assert real['fid'] < 2.0 and real['precision'] > 0.7 and real['recall'] > 0.7
+    copies = demo_quality.score(judge, x_tr[:200], y_tr[:200])
+    assert copies['copy_rate'] == 1.0 and copies['consistency'] > 0.95
+    right = judge.clf.predict(x_tr) == y_tr
+    one_each = np.stack([x_tr[right & (y_tr == c)][0] for c in y_va])    # a collapsed model: one image per class
+    collapsed = demo_quality.score(judge, one_each, y_va)
+    assert collapsed['consistency'] == 1.0                        # what class consistency alone would reward
+    assert collapsed['diversity'] == 0.0 and collapsed['recall'] < 0.2 and collapsed['fid'] > 3 * real['fid']
+    perm = np.random.default_rng(0).permutation(len(x_va))
+    shuffled = demo_quality.score(judge, x_va[perm], y_va[perm])
+    assert shuffled == pytest.approx(real)
+
+
+def test_results_keys_are_named_per_set():
+    keys = demo_score.named_results('viar', dict(consistency=1.0, fid=2.0, n=5, copy_rate=0.0))
+    assert keys == dict(class_consistency_viar=1.0, fid_viar=2.0, n_samples_viar=5, copy_rate_viar=0.0)
+
+
+# ----------------------------------------------------------------------------- labelled grid
+def _write_samples(root, classes, seeds, side=8, seed=0):
+    """gen_img.py-style files class{c}_seed{s}.png of random gray images under root/var-slim/."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    os.makedirs(root / 'var-slim', exist_ok=True)
+    for c in classes:
+        for s in seeds:
+            img = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+            Image.fromarray(img).save(root / 'var-slim' / f'class{c}_seed{s}.png')
+
+
+def test_labelled_size_arithmetic():
+    assert demo_score.labelled_size([(40, 30), (34, 20)], gap=5, header=16, label=14) == (56, 14 + 30 + 5 + 20)
+    assert demo_score.block_offsets([30, 20, 10], gap=5, left=14) == [14, 49, 74]
+
+
+def test_comparison_grid_has_a_named_header_band_and_row_labels(tmp_path):
+    classes, seeds, scale, pad = [0, 1, 2], [0, 1, 2, 3], 2, 3
+    for name in ('a', 'b'):
+        _write_samples(tmp_path / name, classes, seeds)
+    grid = demo_score.comparison_grid([tmp_path / 'a', tmp_path / 'b'], ['VIAR', 'VAR'], scale=scale, pad=pad,
+                                      gap=12, max_seeds=3)
+    tile = 8 * scale
+    block_hw = (len(classes) * (tile + pad) + pad, 3 * (tile + pad) + pad)     # max_seeds=3 of 4 columns
+    assert grid.shape == demo_score.labelled_size([block_hw, block_hw], 12) + (3,)
+    H, L = demo_score.HEADER_PX, demo_score.LABEL_PX
+    header, labels = grid[:H], grid[H:, :L]
+    assert (header < 128).any() and (labels < 128).any()                 # ink: the names and the digits
+    for i in range(len(classes)):                                        # one digit label beside each row
+        y = pad + i * (tile + pad)
+        assert (labels[y:y + tile] < 128).any()
+    # each name sits over its own block: ink in both halves of the header band
+    mid = L + block_hw[1] + 6
+    assert (header[:, L:mid] < 128).any() and (header[:, mid:] < 128).any()
+    unlabelled = demo_score.comparison_grid([tmp_path / 'a'], [], scale=scale, pad=pad)
+    assert (unlabelled[:H] == 255).all()                                 # no names: a blank band
+
+
+# ----------------------------------------------------------------------------- schedule table
+def test_table_rows_parse_and_name_their_schedule():
+    base = demo_table.Setting('viar', cfg=1.5, top_k=0, top_p=0.0)
+    s = demo_table.parse_setting('viar:iters=8-2,cfg=0.5,top_k=16', base)
+    assert (s.iter_left, s.iter_right, s.cfg, s.top_k, s.top_p) == (8, 2, 0.5, 16, 0.0)
+    assert s.label == 'VIAR Dec.(8,2)'
+    assert demo_table.parse_setting('viar:iters=2', base).label == 'VIAR Con.(2,2)'
+    assert demo_table.parse_setting('var', base).label == 'VAR'
+    for bad in ('vit', 'viar:temp=1'):
+        with pytest.raises(ValueError):
+            demo_table.parse_setting(bad, base)
+
+
+def test_seed_sets_are_disjoint_and_the_first_is_the_demos():
+    sets = demo_table.seed_sets(3, 4)
+    assert sets[0] == [0, 1, 2, 3] and sum(map(len, sets)) == len(set(sum(sets, []))) == 12
+    assert demo_table.image_plan([0, 1], [5, 6]) == [(0, 5), (0, 6), (1, 5), (1, 6)]
+
+
+def test_spread_pareto_front_and_resolvable():
+    assert demo_table.spread([1.0, 3.0]) == dict(mean=2.0, std=pytest.approx(2 ** 0.5), min=1.0, max=3.0)
+    assert demo_table.spread([2.0])['std'] == 0.0
+    # (FID, images/s): row 1 is beaten by row 0 on both axes; 0, 2 and 3 trade one for the other
+    assert demo_table.pareto_front([1.0, 2.0, 3.0, 0.5], [10.0, 5.0, 20.0, 1.0]) == [0, 2, 3]
+    assert demo_table.pareto_front([1.0, 1.0], [5.0, 5.0]) == [0, 1]      # ties beat nobody
+    a, b = dict(mean=1.0, std=0.1), dict(mean=1.3, std=0.1)
+    assert demo_table.resolvable(a, b) and not demo_table.resolvable(a, dict(mean=1.15, std=0.1))
+
+
+def test_table_samples_do_not_depend_on_the_batch_and_every_figure_is_reported(digit_judge):
+    _, var = tiny_vae_var(True, num_classes=3)     # 8 px images: box-averaged to the 64 pixel features
+    setting = demo_table.Setting('viar', cfg=1.5, top_k=0, top_p=0.0, iter_left=2, iter_right=1)
+    plan = demo_table.image_plan([0, 1, 2], [0, 1, 2])
+    x3, y3, _ = demo_table.sample_features(var, setting, plan, batch_size=3)
+    x4, y4, _ = demo_table.sample_features(var, setting, plan, batch_size=4)
+    assert np.array_equal(x3, x4) and np.array_equal(y3, y4) and x3.shape == (9, 64)
+    judge = digit_judge[0]
+    row = demo_table.run_row({'viar': var}, judge, setting, demo_table.seed_sets(2, 3), 4, 'train', classes=[0, 1, 2])
+    assert row['iters'] == [2, 1, 1, 1] and row['n_per_set'] == 9
+    for fig in demo_table.FIGURES:
+        assert len(row['per_set'][fig]) == 2 and np.isfinite(row[fig]['mean']), fig
+    assert row['images_per_s']['min'] > 0
+    assert 'VIAR Dec.(2,1)' in demo_table.markdown_table([row])
+
+
+@pytest.mark.slow
 def test_quick_demo_runs_end_to_end(tmp_path):
     """DEMO_QUICK=1: a few steps of every stage; checks the outputs, not the quality."""
     out = tmp_path / 'demo'
@@ -65,6 +250,15 @@ def test_quick_demo_runs_end_to_end(tmp_path):
         assert 0 <= results[key] <= 1, key
     assert results['classifier_acc_real'] > 0.9        # logistic regression on real 8x8 digits
     assert results['n_samples_viar'] == results['n_samples_var'] == 20
+    for name in ('viar', 'var', 'real'):                 # the quality figures exist and are finite, in range
+        for fig in ('fid', 'precision', 'recall', 'diversity', 'copy_rate'):
+            value = results[f'{fig}_{name}']
+            assert isinstance(value, float) and np.isfinite(value), (fig, name, value)
+            assert value >= 0 and (fig in ('fid', 'diversity') or value <= 1), (fig, name, value)
+    assert results['diversity_real'] == pytest.approx(1.0)
+    assert results['fid_real'] < 1.0 and results['precision_real'] > 0.8 and results['recall_real'] > 0.8
+    assert results['feature_width'] == demo_quality.FEATURE_WIDTH and results['feature_net_acc_real'] > 0.9
+    assert results['n_ref_train'] + results['n_real_val'] == 1797
     assert 0 < results['params_viar'] < results['params_var']
     assert results['seconds'] > 0
     for path in ('vae/vae.pth', 'viar/var-slim.pth', 'var/var-slim.pth', 'grid.png'):
@@ -72,3 +266,5 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     from PIL import Image
     w, h = Image.open(out / 'grid.png').size
     assert h > w / 2 > 0    # two blocks of 10 rows x 2 columns side by side: taller than half its width
+    tile = 16 * 4 + 3
+    assert (h, w) == demo_score.labelled_size([(10 * tile + 3, 2 * tile + 3)] * 2, 12)

@@ -1,0 +1,253 @@
+"""The paper's schedule table at demo scale: the demo's VIAR under several implicit-iteration schedules, and
+its VAR, each sampled over several seed sets, scored like the demo (scripts/demo_quality.py) and timed.
+
+    bash scripts/demo.sh && .venv/bin/python scripts/demo_table.py --out_dir demo_output --plot docs/demo/pareto.png
+    DEMO_TABLE=1 bash scripts/demo.sh          # the same, as the demo's last stage (plot in demo_output/)
+
+A row is a setting (model, cfg, top-k, top-p, iteration knob); it is sampled for classes 0..9 x `--per_class`
+seeds, once per seed set (set i uses seeds i*per_class .. (i+1)*per_class - 1, so set 0 is the demo's own
+samples), and every figure is reported as mean, std and range over the sets: the seed-to-seed spread that
+says which differences the demo can resolve. Images are sampled in this process, as gen_img.py samples
+them (one generator per image, seeded by its seed, batches of `--batch_size`), on `--threads` threads;
+images/s counts the whole call, tokenizer decode included. `--reference val` scores against the held-out
+digits instead of the train ones (the split the demo's defaults were chosen on, docs/DEMO.md).
+The table is merged into `<out_dir>/results.json` as `schedule_table` and printed as markdown.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+
+CLASSES = tuple(range(10))
+FIGURES = ('fid', 'precision', 'recall', 'consistency', 'diversity', 'copy_rate', 'images_per_s')
+DEFAULT_ROWS = ('viar:iters=1-1', 'viar:iters=2-2', 'viar:iters=4-4', 'viar:iters=8-8', 'viar:iters=4-1',
+                'viar:iters=8-2', 'var')
+
+
+# ----------------------------------------------------------------------------- pure helpers
+@dataclass(frozen=True)
+class Setting:
+    """How one row samples: which model, guidance, filtering and (VIAR) iteration knob."""
+    model: str              # 'viar' or 'var'
+    cfg: float
+    top_k: int
+    top_p: float
+    iter_left: int = 4
+    iter_right: int = 4
+
+    @property
+    def label(self) -> str:
+        """'VIAR Con.(4,4)' / 'VAR': the schedule only where it changes the samples."""
+        from models.schedules import knob_name
+        return 'VAR' if self.model == 'var' else f'VIAR {knob_name(self.iter_left, self.iter_right)}'
+
+
+def parse_setting(text: str, base: Setting) -> Setting:
+    """'viar:iters=8-2,cfg=1' -> base with those fields replaced (keys: iters, cfg, top_k, top_p)."""
+    model, _, rest = text.partition(':')
+    if model not in ('viar', 'var'):
+        raise ValueError(f'a row starts with viar or var, got {text!r}')
+    fields = dict(model=model)
+    for item in filter(None, rest.split(',')):
+        key, _, value = item.partition('=')
+        if key == 'iters':
+            left, _, right = value.partition('-')
+            fields.update(iter_left=int(left), iter_right=int(right or left))
+        elif key in ('cfg', 'top_p'):
+            fields[key] = float(value)
+        elif key == 'top_k':
+            fields[key] = int(value)
+        else:
+            raise ValueError(f'unknown key {key!r} in row {text!r} (iters, cfg, top_k, top_p)')
+    return replace(base, **fields)
+
+
+def seed_sets(n_sets: int, per_class: int) -> List[List[int]]:
+    """Disjoint seed lists: set i is seeds i*per_class .. (i+1)*per_class - 1 (set 0 = the demo's seeds)."""
+    return [list(range(i * per_class, (i + 1) * per_class)) for i in range(n_sets)]
+
+
+def image_plan(classes: Sequence[int], seeds: Sequence[int]) -> List[Tuple[int, int]]:
+    """(class, seed) of every image, class-major, as gen_img.py orders them."""
+    return [(c, s) for c in classes for s in seeds]
+
+
+def spread(values: Sequence[float]) -> Dict[str, float]:
+    """Mean, sample std (0 for one value), min and max of one figure over the seed sets."""
+    v = np.asarray(values, np.float64)
+    return dict(mean=float(v.mean()), std=float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                min=float(v.min()), max=float(v.max()))
+
+
+def pareto_front(fid_R: Sequence[float], speed_R: Sequence[float]) -> List[int]:
+    """Rows no other row beats on both axes (lower FID and higher images/s, at least as good on both)."""
+    rows = range(len(fid_R))
+    return [i for i in rows if not any(fid_R[j] <= fid_R[i] and speed_R[j] >= speed_R[i]
+                                       and (fid_R[j], speed_R[j]) != (fid_R[i], speed_R[i]) for j in rows)]
+
+
+def resolvable(a: Dict[str, float], b: Dict[str, float]) -> bool:
+    """Whether two rows' means differ by more than the larger seed-to-seed std of the two, twice over."""
+    return abs(a['mean'] - b['mean']) > 2 * max(a['std'], b['std'])
+
+
+def markdown_table(rows: List[Dict[str, object]]) -> str:
+    """The table as markdown: mean +- std over the seed sets for every figure."""
+    head = ('| row | cfg / top-k / top-p | iterations per scale | FID | precision | recall | consistency | diversity '
+            '| copy rate | images/s |')
+    lines = [head, '|' + '---|' * 10]
+    for r in rows:
+        st = r['setting']
+        cells = [r['label'], f"{st['cfg']:g} / {st['top_k']} / {st['top_p']:g}",
+                 ','.join(map(str, r['iters'])) if r['iters'] else '-']
+        for fig in FIGURES:
+            s = r[fig]
+            digits = 1 if fig == 'images_per_s' else 2 if fig == 'fid' else 3
+            cells.append(f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}")
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+# ----------------------------------------------------------------------------- sampling and scoring
+def sample_features(var, setting: Setting, plan: Sequence[Tuple[int, int]], batch_size: int
+                    ) -> Tuple[np.ndarray, np.ndarray, float]:
+    """(pixel features (M, 64) in 0..1, classes (M,), seconds) of the plan's images, as gen_img.py draws them."""
+    import torch
+    import demo_score
+    from utils.sample.image_io import to_uint8_HWC
+    imgs, t0 = [], time.perf_counter()
+    for i in range(0, len(plan), batch_size):
+        batch = plan[i:i + batch_size]
+        label_B = torch.tensor([c for c, _ in batch])
+        img_B3HW = var.autoregressive_infer_cfg(len(batch), label_B, g_seed=[s for _, s in batch], cfg=setting.cfg,
+                                                top_k=setting.top_k, top_p=setting.top_p,
+                                                iter_left=setting.iter_left, iter_right=setting.iter_right)
+        imgs.extend(to_uint8_HWC(im) for im in img_B3HW)
+    seconds = time.perf_counter() - t0
+    return demo_score.pixel_features(np.stack(imgs)), np.array([c for c, _ in plan]), seconds
+
+
+def run_row(models: Dict[str, object], judge, setting: Setting, sets: List[List[int]], batch_size: int,
+            reference: str, classes: Sequence[int] = CLASSES) -> Dict[str, object]:
+    """One table row: every figure over the seed sets, with each set's values kept."""
+    import demo_quality
+    from models.schedules import linspace_iters
+    var = models[setting.model]
+    per_set = []
+    for seeds in sets:
+        x_MP, labels_M, seconds = sample_features(var, setting, image_plan(classes, seeds), batch_size)
+        s = demo_quality.score(judge, x_MP, labels_M, reference=reference)
+        s['images_per_s'] = len(x_MP) / seconds
+        per_set.append(s)
+    row = dict(label=setting.label, setting=asdict(setting), n_per_set=len(classes) * len(sets[0]),
+               iters=linspace_iters(setting.iter_left, setting.iter_right, len(var.patch_nums))
+               if setting.model == 'viar' else [],
+               per_set={fig: [s[fig] for s in per_set] for fig in FIGURES})
+    row.update({fig: spread(row['per_set'][fig]) for fig in FIGURES})
+    return row
+
+
+def plot_pareto(rows: List[Dict[str, object]], path: str, title: str):
+    """FID against images/s, mean +- std over the seed sets, the Pareto front joined by a line."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for r in rows:
+        marker, color = ('s', 'tab:orange') if r['setting']['model'] == 'var' else ('o', 'tab:blue')
+        ax.errorbar(r['images_per_s']['mean'], r['fid']['mean'], xerr=r['images_per_s']['std'],
+                    yerr=r['fid']['std'], fmt=marker, color=color, capsize=3)
+        ax.annotate(r['label'].replace('VIAR ', ''), (r['images_per_s']['mean'], r['fid']['mean']),
+                    textcoords='offset points', xytext=(5, 5), fontsize=8)
+    front = sorted(pareto_front([r['fid']['mean'] for r in rows], [r['images_per_s']['mean'] for r in rows]),
+                   key=lambda i: rows[i]['images_per_s']['mean'])
+    ax.plot([rows[i]['images_per_s']['mean'] for i in front], [rows[i]['fid']['mean'] for i in front],
+            '--', color='gray', lw=1, label='Pareto front (means)')
+    ax.plot([], [], 'o', color='tab:blue', label='VIAR (schedule)')
+    ax.plot([], [], 's', color='tab:orange', label='VAR')
+    ax.set_xlabel('images / s (1 CPU thread, decode included)')
+    ax.set_ylabel('FID (digit-classifier features)')
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None):
+    """Sample and score every row, merge the table into results.json, print it, and plot it."""
+    p = argparse.ArgumentParser(description='Schedule table of the digits demo (see docs/DEMO.md).')
+    p.add_argument('--out_dir', default='demo_output', help='a finished demo run (digits/, vae/, viar/, var/)')
+    p.add_argument('--rows', nargs='+', default=list(DEFAULT_ROWS),
+                   help="settings, e.g. viar:iters=8-2 var viar:iters=4-4,cfg=1,top_k=16 (others from the flags)")
+    p.add_argument('--cfg', type=float, default=None, help="default: the demo run's own (its results.json)")
+    p.add_argument('--top_k', type=int, default=None)
+    p.add_argument('--top_p', type=float, default=None)
+    p.add_argument('--n_sets', type=int, default=5, help='seed sets per row')
+    p.add_argument('--per_class', type=int, default=None, help="seeds per class in a set; default the demo run's")
+    p.add_argument('--batch_size', type=int, default=50)
+    p.add_argument('--threads', type=int, default=1, help='torch threads (the demo samples on one per model)')
+    p.add_argument('--reference', choices=('train', 'val'), default='train',
+                   help='real digits every figure is measured against (val: the split defaults were chosen on)')
+    p.add_argument('--key', default='schedule_table', help='results.json key ("" = do not write results.json)')
+    p.add_argument('--plot', default='', help='Pareto plot PNG (default <out_dir>/pareto.png; "none" = no plot)')
+    p.add_argument('--markdown', default='', help='also write the markdown table here')
+    args = p.parse_args(argv)
+
+    import torch
+    import demo_score
+    from utils.model_io import load_models
+    torch.set_num_threads(args.threads)
+    res_path = os.path.join(args.out_dir, 'results.json')
+    run = json.load(open(res_path)) if os.path.isfile(res_path) else {}
+    sample = run.get('sample', {})
+    base = Setting('viar', cfg=args.cfg if args.cfg is not None else sample.get('cfg', 1.5),
+                   top_k=args.top_k if args.top_k is not None else sample.get('top_k', 0),
+                   top_p=args.top_p if args.top_p is not None else sample.get('top_p', 0.0),
+                   iter_left=sample.get('iter_left', 4), iter_right=sample.get('iter_right', 4))
+    per_class = args.per_class or sample.get('seeds_per_class', 10)
+    settings = [parse_setting(r, base) for r in args.rows]
+    vae_ckpt = os.path.join(args.out_dir, 'vae', 'vae.pth')
+    judge, _ = demo_score.build_judge(os.path.join(args.out_dir, 'digits'), vae_ckpt)
+    models = {m: load_models(os.path.join(args.out_dir, m, 'var-slim.pth'), vae_ckpt, device='cpu')[1]
+              for m in sorted({s.model for s in settings})}
+    sets = seed_sets(args.n_sets, per_class)
+    load_before = os.getloadavg()[0]
+    rows = []
+    for s in settings:
+        rows.append(run_row(models, judge, s, sets, args.batch_size, args.reference))
+        r = rows[-1]
+        print(f"{r['label']:>16}: FID {r['fid']['mean']:.3f} ± {r['fid']['std']:.3f}, precision "
+              f"{r['precision']['mean']:.3f}, recall {r['recall']['mean']:.3f}, diversity {r['diversity']['mean']:.3f}, "
+              f"{r['images_per_s']['mean']:.0f} img/s", flush=True)
+    same = [r['label'] for r in rows if not resolvable(r['fid'], rows[0]['fid'])]
+    print(f"FID within twice the seed-to-seed std of {rows[0]['label']}'s: {', '.join(same)}")
+    meta = dict(reference=args.reference, n_sets=args.n_sets, per_class=per_class, threads=args.threads,
+                batch_size=args.batch_size, load_average=[load_before, os.getloadavg()[0]])
+    table = markdown_table(rows)
+    print(f"\n{table}\n\n{args.n_sets} seed sets x {len(CLASSES) * per_class} images a row, reference: "
+          f"{args.reference} digits; load average {load_before:.2f} -> {os.getloadavg()[0]:.2f}")
+    if args.key:
+        run = json.load(open(res_path)) if os.path.isfile(res_path) else {}   # reread: keep others' keys
+        run[args.key] = dict(meta, rows=rows)
+        with open(res_path, 'w') as f:
+            json.dump(run, f, indent=2, sort_keys=True)
+    if args.markdown:
+        with open(args.markdown, 'w') as f:
+            f.write(table + '\n')
+    if args.plot != 'none':
+        plot_pareto(rows, args.plot or os.path.join(args.out_dir, 'pareto.png'),
+                    f'digits demo: {args.n_sets} seed sets x {len(CLASSES) * per_class} images, '
+                    f'reference {args.reference}, cfg {base.cfg:g}, top-k {base.top_k}, top-p {base.top_p:g}')
+
+
+if __name__ == '__main__':
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    main()
