@@ -1,4 +1,4 @@
-"""Fixed-point iteration z <- G(z, t) with fixed or residual-based stopping."""
+"""Fixed-point iteration z <- G(z, t) with fixed or residual-based stopping, plain or Anderson-accelerated."""
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -40,3 +40,78 @@ def fixed_point_iterate(G: Callable[[torch.Tensor, int], torch.Tensor], z0: torc
         if tau is not None and t + 1 >= min_iter and res.item() <= tau:
             return z, SolveStats(t + 1, res)
     return z, SolveStats(max_iter, res)
+
+
+def anderson_iterate(G: Callable[[torch.Tensor, int], torch.Tensor], z0: torch.Tensor, max_iter: int,
+                     tau: Optional[float] = None, stop_mode: str = 'rel', min_iter: int = 1,
+                     track_residual: bool = True, m: int = 5, lam: float = 1e-6, beta: float = 1.0):
+    """Anderson acceleration of z <- G(z, t): same arguments, calls and return as `fixed_point_iterate`.
+
+    G is called exactly once per t = 0, 1, ... in order (so iteration t writes KV cache t once), at an
+    extrapolated point z_{t+1} = sum_i a_i (beta G(z_i) + (1 - beta) z_i) over the last m iterates, whose
+    weights a (summing to 1) minimise ||sum_i a_i (G(z_i) - z_i)||^2 + lam * mean_i ||G(z_i) - z_i||^2 * ||a||^2.
+    Each row of dim 0 is its own problem (rows of a batch do not interact); a row whose system is singular
+    (all residuals zero, or equal ones with lam = 0) takes the plain step z_{t+1} = G(z_t). Returns the last
+    G output, as the plain iteration does, and synchronises with the device only for tau.
+    Anderson assumes one map G; VIAR's G_t depends on t through its per-iteration KV caches, by an amount
+    that shrinks as the earlier scales converge (docs/SPEED.md measures it).
+
+    >>> G = lambda z, t: torch.tensor([[0.9, 0.2], [-0.2, 0.9]]) @ z + 1   # a slow contraction
+    >>> _, plain = fixed_point_iterate(G, torch.zeros(2), 500, tau=1e-6)
+    >>> z, acc = anderson_iterate(G, torch.zeros(2), 500, tau=1e-6, m=3)
+    >>> bool(torch.allclose(z, torch.tensor([6.0, -2.0]), atol=1e-4)), plain.iters, acc.iters
+    (True, 153, 5)
+    """
+    R = z0.shape[0] if z0.dim() > 1 else 1
+    z, res = z0, None
+    Z_RmN = G_RmN = None   # ring buffers of the last m inputs z_i and outputs G(z_i), float32
+    for t in range(max_iter):
+        g = G(z, t)
+        if tau is not None or (track_residual and t == max_iter - 1):
+            res = residual_norm(g, z, stop_mode)
+        if t == max_iter - 1 or (tau is not None and t + 1 >= min_iter and res.item() <= tau):
+            return g, SolveStats(t + 1, res)
+        g_RN = g.reshape(R, -1).float()
+        if Z_RmN is None:
+            Z_RmN, G_RmN = g_RN.new_zeros(R, m, g_RN.shape[1]), g_RN.new_zeros(R, m, g_RN.shape[1])
+        Z_RmN[:, t % m], G_RmN[:, t % m] = z.reshape(R, -1).float(), g_RN
+        n = min(t + 1, m)
+        if n == 1:
+            z = g
+            continue
+        F_RnN = G_RmN[:, :n] - Z_RmN[:, :n]
+        H_Rnn = (F_RnN @ F_RnN.transpose(1, 2)).double()   # residuals span decades: solve in float64
+        H_Rnn.diagonal(dim1=1, dim2=2).add_(lam * H_Rnn.diagonal(dim1=1, dim2=2).mean(-1, keepdim=True))
+        A = H_Rnn.new_zeros(R, n + 1, n + 1)   # the bordered system [[0, 1^T], [1, H]] [mu, a] = [1, 0]
+        A[:, 0, 1:] = A[:, 1:, 0] = 1
+        A[:, 1:, 1:] = H_Rnn
+        rhs = H_Rnn.new_zeros(R, n + 1)
+        rhs[:, 0] = 1
+        sol, info = torch.linalg.solve_ex(A, rhs)
+        ok_R1 = ((info == 0) & sol.isfinite().all(-1))[:, None]
+        z_RN = (sol[:, None, 1:].float() @ (beta * G_RmN[:, :n] + (1 - beta) * Z_RmN[:, :n])).squeeze(1)
+        z = torch.where(ok_R1, z_RN, g_RN).view_as(g).to(g.dtype)
+    return z, SolveStats(0, None)   # max_iter == 0
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """How VIAR solves each scale's fixed point when sampling: 'picard' (plain iteration, the default and the
+    official behaviour) or 'anderson' (`anderson_iterate` with history m, regularisation lam, mixing beta)."""
+    kind: str = 'picard'
+    m: int = 5
+    lam: float = 1e-6
+    beta: float = 1.0
+
+    def __post_init__(self):
+        if self.kind not in ('picard', 'anderson'):
+            raise ValueError(f"solver kind must be 'picard' or 'anderson', got {self.kind!r}")
+        if self.m < 2 or self.lam < 0 or not 0 < self.beta <= 1:
+            raise ValueError(f'Anderson needs m >= 2, lam >= 0 and 0 < beta <= 1, got m={self.m}, lam={self.lam}, '
+                             f'beta={self.beta}')
+
+    def solve(self, G: Callable[[torch.Tensor, int], torch.Tensor], z0: torch.Tensor, **kw):
+        """(z, SolveStats) from z0; kw as `fixed_point_iterate` (max_iter, tau, stop_mode, min_iter)."""
+        if self.kind == 'anderson':
+            return anderson_iterate(G, z0, m=self.m, lam=self.lam, beta=self.beta, **kw)
+        return fixed_point_iterate(G, z0, **kw)

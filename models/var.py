@@ -20,6 +20,7 @@ from models.blocks import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin, init_blo
 from models.kv_cache import KVCache
 from models.layout import block_causal_bias, level_ids, num_tokens, scale_begin_ends
 from models.schedules import IterSchedule, linspace_iters
+from models.solver import SolverSpec
 
 
 @dataclass
@@ -93,8 +94,8 @@ class VARBase(nn.Module):
         """Teacher-forced pass over all tokens under the block-causal mask."""
         raise NotImplementedError
 
-    def new_infer_state(self, schedule: IterSchedule, fill_forward: bool) -> Any:
-        """Fresh KV caches for one sampling call."""
+    def new_infer_state(self, schedule: IterSchedule, fill_forward: bool, solver: Optional[SolverSpec] = None) -> Any:
+        """Fresh KV caches for one sampling call (and, for VIAR, how it solves each scale)."""
         raise NotImplementedError
 
     def infer_backbone(self, x_BlC, ada, state, si: int, schedule: IterSchedule, stats: SampleStats) -> torch.Tensor:
@@ -152,7 +153,8 @@ class VARBase(nn.Module):
                                  g_seed: Optional[int] = None, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
                                  more_smooth: bool = False, iter_left: int = 10, iter_right: int = 10,
                                  schedule: Optional[IterSchedule] = None, fill_forward: bool = True,
-                                 edit: Optional[EditSpec] = None, return_stats: bool = False):
+                                 edit: Optional[EditSpec] = None, return_stats: bool = False,
+                                 solver: Optional[SolverSpec] = None):
         """Sample B images of class label_B with classifier-free guidance; returns (B, 3, H, W) in [0, 1].
 
         label_B: LongTensor (B,), an int for all (negative = unconditional), or None (uniform random).
@@ -161,6 +163,8 @@ class VARBase(nn.Module):
         Implicit iterations per scale: `schedule`, else the official linspace(iter_left, iter_right).
         fill_forward=False attends, as the official code, to no earlier scale at an iteration index
         that scale never ran. With return_stats, returns (images, SampleStats).
+        solver: how VIAR solves each scale (None: the plain iteration; SolverSpec('anderson'), see
+        models/solver.py and docs/SPEED.md); VAR ignores it.
         """
         K = len(self.patch_nums)
         schedule = schedule or IterSchedule(linspace_iters(iter_left, iter_right, K))
@@ -183,7 +187,7 @@ class VARBase(nn.Module):
         ada = self.block_modulations(cond_RD)
         ada_head = self.head_nm.modulation(cond_RD)
         lvl_pos_1LC = self.lvl_embed(self.lvl_1L) + self.pos_1LC
-        state = self.new_infer_state(schedule, fill_forward)
+        state = self.new_infer_state(schedule, fill_forward, solver)
         stats = SampleStats()
 
         quant = self.vae_quant_proxy[0]
@@ -286,7 +290,7 @@ class VAR(VARBase):
             x_BLC = self._run_block(block, x_BLC, a, attn_bias)
         return x_BLC
 
-    def new_infer_state(self, schedule, fill_forward):
+    def new_infer_state(self, schedule, fill_forward, solver=None):
         return [KVCache(self.L) for _ in self.blocks]
 
     def infer_backbone(self, x_BlC, ada, state, si, schedule, stats):

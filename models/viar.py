@@ -14,7 +14,7 @@ import torch.nn as nn
 from models.blocks import AdaLNSelfAttn
 from models.jfb import draw_jfb_iters
 from models.kv_cache import IterKVCaches, KVCache
-from models.solver import fixed_point_iterate
+from models.solver import SolverSpec
 from models.var import VARBase
 
 
@@ -73,11 +73,11 @@ class VIAR(VARBase):
             z_BLC = self._run_block(block, z_BLC, a, attn_bias)
         return z_BLC
 
-    def new_infer_state(self, schedule, fill_forward):
+    def new_infer_state(self, schedule, fill_forward, solver=None):
         counts = None if schedule.adaptive else schedule.counts
         return dict(pre=[KVCache(self.L) for _ in self.pre_blocks],
                     imp=IterKVCaches(self.patch_nums, counts, fill_forward),
-                    post=[KVCache(self.L) for _ in self.post_blocks])
+                    post=[KVCache(self.L) for _ in self.post_blocks], solver=solver or SolverSpec())
 
     def infer_backbone(self, x_BlC, ada, state, si, schedule, stats):
         ada_pre, ada_imp, ada_post = self._split(ada)
@@ -85,7 +85,7 @@ class VIAR(VARBase):
             x_BlC = block(x_BlC, a, None, kv)
         caches: IterKVCaches = state['imp']
         tau = schedule.tau[si] if schedule.adaptive else None
-        z_BlC, st = fixed_point_iterate(
+        z_BlC, st = state['solver'].solve(
             lambda z, t: self.implicit_step(z, x_BlC, ada_imp, None, caches.get(t)), x_BlC,
             max_iter=schedule.counts[si], tau=tau, stop_mode=schedule.stop_mode, min_iter=schedule.min_iters)
         caches.end_scale(st.iters)

@@ -1,0 +1,188 @@
+"""Faster fixed points: Anderson acceleration (models/solver.py) and the study behind it (bench/fixed_point.py)."""
+import doctest
+
+import pytest
+import torch
+
+from bench import fixed_point as fp
+from models import schedules as S
+from models import solver
+from models.solver import SolverSpec, anderson_iterate, fixed_point_iterate
+from tests.tiny import tiny_vae_var
+
+
+def linear_contraction(R: int, N: int, radius: float, seed: int = 0):
+    """G(z) = A z + b per row, A with spectral norm `radius`; returns (G, the exact fixed point)."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(R, N, N, generator=g, dtype=torch.float64))
+    A = (radius * Q).float()                       # orthogonal times radius: a slow rotation-like contraction
+    b = torch.randn(R, N, generator=g)
+    z_star = torch.linalg.solve(torch.eye(N) - A, b)
+    return (lambda z, t: (A @ z.unsqueeze(-1)).squeeze(-1) + b), z_star
+
+
+def test_solver_doctests_run():
+    assert doctest.testmod(solver).failed == 0
+
+
+@pytest.mark.parametrize('radius', [0.5, 0.9])
+def test_anderson_reaches_the_fixed_point_in_fewer_iterations_than_picard(radius):
+    G, z_star = linear_contraction(R=3, N=12, radius=radius)
+    z0 = torch.zeros_like(z_star)
+    zp, plain = fixed_point_iterate(G, z0, 500, tau=1e-5)
+    za, acc = anderson_iterate(G, z0, 500, tau=1e-5, m=5)
+    assert plain.iters < 500 and acc.iters < plain.iters
+    for z in (zp, za):
+        assert torch.allclose(z, z_star, atol=1e-3, rtol=1e-3)
+
+
+def test_G_is_called_once_per_iteration_index_in_order():
+    G, z_star = linear_contraction(R=2, N=6, radius=0.8)
+    for tau in (None, 1e-4):
+        seen = []
+        _, st = anderson_iterate(lambda z, t: (seen.append(t), G(z, t))[1], torch.zeros_like(z_star), 40, tau=tau)
+        assert seen == list(range(st.iters)) and (tau is not None or st.iters == 40)
+    assert anderson_iterate(G, torch.zeros_like(z_star), 0)[1].iters == 0
+
+
+def test_singular_least_squares_falls_back_to_the_plain_step():
+    d = torch.tensor([[1.0, -2.0, 0.5]])
+    shift = lambda z, t: z + d                     # every residual equals d: the system is singular with lam = 0
+    z_plain, _ = fixed_point_iterate(shift, torch.zeros(1, 3), 6)
+    z_acc, st = anderson_iterate(shift, torch.zeros(1, 3), 6, lam=0.0)
+    assert torch.equal(z_acc, z_plain) and st.iters == 6
+    z0 = torch.randn(2, 3)
+    z_id, _ = anderson_iterate(lambda z, t: z.clone(), z0, 5)   # zero residuals: singular for any lam
+    assert torch.equal(z_id, z0)
+
+
+def test_rows_are_separate_problems_and_a_singular_row_does_not_touch_the_others():
+    G, z_star = linear_contraction(R=1, N=3, radius=0.9)
+    d = torch.tensor([1.0, -2.0, 0.5])
+    both = lambda z, t: torch.stack((z[0] + d, G(z[1:], t)[0]))   # row 0 singular, row 1 a contraction
+    z, _ = anderson_iterate(both, torch.zeros(2, 3), 12, lam=0.0)
+    alone, _ = anderson_iterate(G, torch.zeros(1, 3), 12, lam=0.0)
+    assert torch.equal(z[0], 12 * d) and torch.allclose(z[1], alone[0], atol=1e-6)
+
+
+def test_solver_spec_rejects_nonsense():
+    for bad in (dict(kind='newton'), dict(kind='anderson', m=1), dict(beta=0.0), dict(lam=-1.0)):
+        with pytest.raises(ValueError):
+            SolverSpec(**bad)
+
+
+# ---------------------------------------------------------------- on a tiny VIAR
+
+def implicit_calls(var):
+    """Record (scale length, KV cache object, its length before the call) for every implicit-block call."""
+    calls = []
+    handle = var.implicit_block.register_forward_pre_hook(
+        lambda m, args: calls.append((args[0].shape[1], args[3], args[3].length)))
+    return calls, handle
+
+
+@pytest.mark.parametrize('schedule', [S.constant(5, 4), S.adaptive(1e-3, 6, 4)])
+def test_anderson_writes_each_iteration_cache_once_per_scale_in_order(schedule):
+    _, var = tiny_vae_var(True)
+    calls, handle = implicit_calls(var)
+    try:
+        _, stats = var.autoregressive_infer_cfg(2, 1, g_seed=0, schedule=schedule, solver=SolverSpec('anderson', m=3),
+                                                return_stats=True)
+    finally:
+        handle.remove()
+    order = []   # cache objects by first use = iteration index
+    begin = 0
+    for si, pn in enumerate(var.patch_nums):
+        at_scale = [(kv, n) for l, kv, n in calls if l == pn * pn]
+        assert len(at_scale) == stats.iters[si]
+        for t, (kv, n) in enumerate(at_scale):
+            if kv not in order:
+                order.append(kv)
+            assert order.index(kv) == t and n == begin   # iteration t uses cache t, which holds only earlier scales
+        begin += pn * pn
+
+
+@pytest.mark.parametrize('schedule', [S.constant(3, 4), S.decreasing(5, 2, 4), S.adaptive(1e-2, 6, 4)])
+def test_default_solver_is_bit_identical_to_the_plain_iteration(schedule):
+    for use_implicit in (True, False):
+        _, var = tiny_vae_var(use_implicit)
+        kw = dict(g_seed=3, cfg=1.5, top_k=10, top_p=0.9, schedule=schedule)
+        today = var.autoregressive_infer_cfg(3, 2, **kw)
+        assert torch.equal(var.autoregressive_infer_cfg(3, 2, solver=SolverSpec(), **kw), today)
+        if not use_implicit:   # VAR has no implicit block: any solver is ignored
+            assert torch.equal(var.autoregressive_infer_cfg(3, 2, solver=SolverSpec('anderson'), **kw), today)
+
+
+# ---------------------------------------------------------------- the study's own solve path
+
+STUDY_KW = dict(m=3, lam=1e-6, beta=1.0, warm_interp='bicubic')
+
+
+@pytest.mark.parametrize('schedule', [S.constant(4, 4), S.adaptive(1e-2, 6, 4)])
+def test_study_path_with_the_options_off_is_bit_identical_and_leaves_the_model_untouched(schedule):
+    _, var = tiny_vae_var(True)
+    kw = dict(g_seed=[5, 6], cfg=1.5, schedule=schedule)
+    today = var.autoregressive_infer_cfg(2, torch.tensor([1, 3]), **kw)
+    anderson = var.autoregressive_infer_cfg(2, torch.tensor([1, 3]), solver=SolverSpec('anderson', m=3), **kw)
+    with fp.solving_with(var, fp.Option('picard'), **STUDY_KW):
+        assert torch.equal(var.autoregressive_infer_cfg(2, torch.tensor([1, 3]), **kw), today)
+    with fp.solving_with(var, fp.Option('anderson', anderson=True), **STUDY_KW):   # the study measures the shipped path
+        assert torch.equal(var.autoregressive_infer_cfg(2, torch.tensor([1, 3]), **kw), anderson)
+    assert 'infer_backbone' not in vars(var)
+    assert torch.equal(var.autoregressive_infer_cfg(2, torch.tensor([1, 3]), **kw), today)
+
+
+def test_warm_start_changes_only_the_start_of_later_scales():
+    _, var = tiny_vae_var(True)
+    firsts = {}
+    for opt in (fp.Option('picard'), fp.Option('warm', warm='value'), fp.Option('warm_delta', warm='delta')):
+        starts = []
+        h = var.implicit_block_projection.register_forward_pre_hook(lambda m, a: starts.append(a[0].clone()))
+        try:
+            with fp.solving_with(var, opt, **STUDY_KW):
+                var.autoregressive_infer_cfg(2, 1, g_seed=0, schedule=S.constant(2, 4))
+        finally:
+            h.remove()
+        firsts[opt.name] = starts[::2]   # the input [z0, x] of iteration 0 at each scale
+    C = var.C   # the projection's input is [z0, x]
+    for si in range(4):
+        assert torch.equal(firsts['picard'][si][..., :C], firsts['picard'][si][..., C:])   # today: z0 = x
+    for name in ('warm', 'warm_delta'):
+        assert torch.equal(firsts[name][0], firsts['picard'][0])             # scale 0: nothing to start from
+        assert torch.equal(firsts[name][1][..., C:], firsts['picard'][1][..., C:])   # x stays the injection
+        assert not torch.equal(firsts[name][1][..., :C], firsts[name][1][..., C:])   # only z0 changes
+    assert fp.resample_tokens(torch.arange(4.).view(1, 4, 1), 2).flatten().tolist() == [0., 1., 2., 3.]
+    assert fp.resample_tokens(torch.ones(2, 4, 3), 3).shape == (2, 9, 3)
+
+
+def test_probe_restores_the_caches():
+    _, var = tiny_vae_var(True)
+    kw = dict(g_seed=[1, 2], cfg=1.5, schedule=S.constant(3, 4))
+    today = var.autoregressive_infer_cfg(2, torch.tensor([0, 4]), **kw)
+    probe = []
+    with fp.solving_with(var, fp.Option('picard'), probe, **STUDY_KW):
+        assert torch.equal(var.autoregressive_infer_cfg(2, torch.tensor([0, 4]), **kw), today)
+    assert len(probe) == 4 and all(len(p) == 3 for p in probe)
+    assert max(probe[0]) == pytest.approx(min(probe[0]))   # scale 0 attends to nothing earlier: G_t is one map
+
+
+def test_equal_distance_arithmetic():
+    assert fp.interp_at([1e-3, 1e-1], [10, 2], 1e-2) == pytest.approx(6.0)
+    assert fp.interp_at([1e-3, 1e-1], [10, 2], 1.0) is None
+    pts = [dict(distance=d, it=i, schedule=str(d)) for d, i in ((1e-1, 4), (1e-2, 8), (5e-2, 9), (1e-3, 12))]
+    assert [p['distance'] for p in fp.frontier(pts, 'it')] == [1e-3, 1e-2, 1e-1]
+    base = [dict(distance=1e-2, it=10, schedule='tau')]
+    assert fp.at_equal_distance(base, pts, 'it')[0]['other'] == pytest.approx(8.0)
+    names = fp.parse_options('picard,warm,anderson+warm_delta')
+    assert [(o.anderson, o.warm) for o in names] == [(False, ''), (False, 'value'), (True, 'delta')]
+    with pytest.raises(ValueError):
+        fp.parse_options('broyden')
+
+
+def test_benchmark_runs_end_to_end_on_random_weights(tmp_path):
+    out = fp.main(['--var_ckpt', 'random', '--per_class', '1', '--taus', '0.1,0.01', '--counts', '2', '--reps', '0',
+                   '--ref_iters', '6', '--cap', '6', '--options', 'picard,warm,anderson', '--out', str(tmp_path)])
+    assert {r['option'] for r in out['rows']} == {'picard', 'warm', 'anderson'}
+    assert all(len(r['iters']) == 4 and r['distance'] >= 0 for r in out['rows'])
+    for name in ('fixed_point.json', 'fixed_point.md', 'fixed_point.png'):
+        assert (tmp_path / name).stat().st_size > 0
