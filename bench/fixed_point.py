@@ -356,7 +356,7 @@ def plot(result: Dict[str, Any], path: str) -> None:
             axes[1, 0].semilogy(range(1, len(longest['residual_curves'][-1]) + 1), longest['residual_curves'][-1],
                                 color=colors[n], label=f"{n} ({longest['schedule']})")
     axes[0, 0].set(xscale='log', yscale='log', xlabel='implicit iterations, summed over scales',
-                   ylabel='distance to Con.(50,50): max over scales of ||z - z*|| / ||z*||',
+                   ylabel=r'distance: max over scales of $\|z - z^*\| / \|z^*\|$',
                    title='distance vs iterations (o: adaptive tau, s: fixed counts)')
     axes[0, 1].set(yscale='log', xlabel='images/s (process CPU time)', ylabel='distance', title='distance vs speed')
     axes[1, 0].set(xlabel='iteration t at the last scale', ylabel=r'$\|G(z)-z\| / \|G(z)\|$',
@@ -367,14 +367,14 @@ def plot(result: Dict[str, Any], path: str) -> None:
         axes[1, 1].semilogy(range(len(curve)), [max(c, 1e-12) for c in curve], color=cmap(si / max(len(probe) - 1, 1)),
                             label=f'scale {si}')
     axes[1, 1].set(xlabel='cache index t', ylabel=r'$\|G_t(z^*) - z^*\| / \|G_t(z^*)\|$',
-                   title='how much the map depends on t (z* after 50 iterations)')
+                   title=f"how much the map depends on t (z* after {result['reference']['schedule']})")
     for ax in axes.flat:
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
     axes[1, 0].legend(fontsize=7)
     axes[1, 1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
