@@ -257,8 +257,9 @@ def load(args, device='cpu'):
                                  use_implicit=True, pre_depth=1, post_depth=1, embed_dim=32, num_heads=2,
                                  vae_ch_mult=(1, 1), vae_num_res_blocks=1)
     else:
-        from utils.model_io import load_models
-        vae, var, _ = load_models(args.var_ckpt, args.vae_ckpt or None, device=device)
+        from utils.model_io import ModelSpec, load_models
+        # the export's own config sets the architecture; the spec only fills what a bare state dict cannot tell
+        vae, var, _ = load_models(args.var_ckpt, args.vae_ckpt or None, ModelSpec(use_implicit=True), device=device)
     if not var.use_implicit:
         raise SystemExit(f'{args.var_ckpt} is an explicit VAR: this study needs a VIAR')
     return vae.eval(), var.eval()
