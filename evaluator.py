@@ -18,7 +18,9 @@ from typing import Optional
 
 import numpy as np
 
+from utils.atomic import atomic_path, write_json_atomic
 from utils.eval import fid_math
+from utils.logging_util import get_logger
 from utils.eval.npz_io import EvalInputError, ImageSource, open_image_source, prefetch, read_precomputed_stats
 
 CACHE_VERSION = 1
@@ -61,9 +63,7 @@ class SetFeatures:
     radii_N: np.ndarray
 
 
-def log(msg: str) -> None:
-    """Status lines go to stderr so stdout holds only the metric lines."""
-    print(msg, file=sys.stderr, flush=True)
+log = get_logger('evaluator', to_stderr=True)   # status lines on stderr: stdout holds only the metric lines
 
 
 # ----------------------------------------------------------------------------- caching
@@ -95,25 +95,22 @@ def _load_cache(path: str, key: dict) -> Optional[dict]:
         with np.load(path) as npz:
             data = {k: npz[k] for k in npz.files}
     except Exception as e:  # a broken cache is only a reason to recompute
-        log(f'ignoring unreadable cache {path} ({e})')
+        log.info(f'ignoring unreadable cache {path} ({e})')
         return None
     if str(data.get('key', '')) != json.dumps(key, sort_keys=True):
-        log(f'cache {path} is stale (reference or graph changed); recomputing')
+        log.info(f'cache {path} is stale (reference or graph changed); recomputing')
         return None
     return data
 
 
 def _save_cache(path: str, key: dict, arrays: dict) -> None:
     """Writes the cache atomically; an unwritable location only costs a warning."""
-    tmp = path + '.tmp.npz'
     try:
-        np.savez(tmp, key=np.array(json.dumps(key, sort_keys=True)), **arrays)
-        os.replace(tmp, path)
-        log(f'cached reference features in {path}')
+        with atomic_path(path) as tmp, open(tmp, 'wb') as f:   # a file object: np.savez adds no suffix
+            np.savez(f, key=np.array(json.dumps(key, sort_keys=True)), **arrays)
+        log.info(f'cached reference features in {path}')
     except OSError as e:
-        log(f'could not write cache {path} ({e}); the reference will be recomputed next time')
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        log.info(f'could not write cache {path} ({e}); the reference will be recomputed next time')
 
 
 # ----------------------------------------------------------------------------- features
@@ -141,7 +138,7 @@ def _with_precomputed(feats: SetFeatures, path: str) -> SetFeatures:
     stats = read_precomputed_stats(path)
     if stats is None:
         return feats
-    log(f'using the FID statistics stored in {path}')
+    log.info(f'using the FID statistics stored in {path}')
     if np.shape(stats['mu']) != feats.mu.shape or np.shape(stats['mu_s']) != feats.mu_s.shape:
         raise EvalInputError(f'{path}: stored statistics have widths {np.shape(stats["mu"])}/{np.shape(stats["mu_s"])} '
                              f'but the Inception graph gives {feats.mu.shape}/{feats.mu_s.shape}; '
@@ -158,12 +155,12 @@ def reference_features(src: ImageSource, extractor, kernel, cfg: EvalConfig, gra
     data = (_load_cache(cache_path, key) if cfg.cache else None) or {}
     dirty = False
     if 'pool' not in data:
-        log(f'computing reference activations for {src.path} ...')
+        log.info(f'computing reference activations for {src.path} ...')
         acts = extract(src, extractor, cfg, 'reference')
         data = {'pool': acts.pool_NP, 'mu': acts.mu, 'sigma': acts.sigma, 'mu_s': acts.mu_s, 'sigma_s': acts.sigma_s}
         dirty = True
     else:
-        log(f'using cached reference activations from {cache_path}')
+        log.info(f'using cached reference activations from {cache_path}')
     radii_key = f'radii_{kernel.name}_k{fid_math.NHOOD_K}'   # float16 rounding may differ per device
     if radii_key not in data:
         data[radii_key] = radii(data['pool'], kernel, cfg, 'reference radii')
@@ -176,7 +173,7 @@ def reference_features(src: ImageSource, extractor, kernel, cfg: EvalConfig, gra
 
 def sample_features(src: ImageSource, extractor, kernel, cfg: EvalConfig) -> SetFeatures:
     """Sample features; never cached (samples change from run to run)."""
-    log(f'computing sample activations for {src.path} ...')
+    log.info(f'computing sample activations for {src.path} ...')
     acts = extract(src, extractor, cfg, 'samples')
     r = radii(acts.pool_NP, kernel, cfg, 'sample radii')
     return _with_precomputed(SetFeatures(acts.pool_NP, acts.mu, acts.sigma, acts.mu_s, acts.sigma_s, r), src.path)
@@ -252,10 +249,8 @@ def report(metrics: Metrics, cfg: EvalConfig) -> None:
         out = {**asdict(metrics), 'is_mode': 'adm' if cfg.adm_is else 'shuffled',
                'is_seed': None if cfg.adm_is else cfg.is_seed, 'pr_dtype': cfg.pr_dtype,
                'ref_batch': cfg.ref_batch, 'sample_batch': cfg.sample_batch}
-        os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)
-        with open(cfg.json, 'w') as f:
-            json.dump(out, f, indent=2)
-        log(f'wrote {cfg.json}')
+        write_json_atomic(out, cfg.json)
+        log.info(f'wrote {cfg.json}')
 
 
 def parse_args(argv=None) -> EvalConfig:

@@ -16,14 +16,16 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from utils import cli
+from utils.checkpoint import CheckpointError
+from utils.logging_util import get_logger
+from utils.model_io import DEFAULT_VAE_CKPT, load_or_build
 from utils.sample import image_io
-from utils.checkpoint import CheckpointError, load_vae_weights
-from utils.model_io import DEFAULT_VAE_CKPT, build_models, default_var_ckpt, load_models
+from utils.sample.compile_util import SamplingError, prepare_for_sampling
+from utils.sample.config import add_model_source_args, add_sample_args, parse, resolve_device
 from utils.sample.editing import EDIT_MODES, expand_edit_spec, make_edit_spec, mode_mask, parse_box
-from utils.sample.args import (add_bool_arg, add_model_args, add_schedule_args, add_size_args, autocast_context,
-                               prepare_from_args, resolve_device, sampling_kwargs, spec_from_args)
 
-RANDOM = 'random'
+log = get_logger('gen_img')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,27 +34,22 @@ def build_parser() -> argparse.ArgumentParser:
         description='VAR / VIAR image generation and zero-shot editing',
         epilog="Checkpoints: without --var_ckpt the official file is used (ckpts/viar.pth with --use_implicit, "
                "else ckpts/var_d{depth}.pth; downloaded when missing); '--var_ckpt random' skips loading (size "
-               "flags describe the model). Without --vae_ckpt: the tokenizer a slim export embeds, else "
+               "flags describe the model). A checkpoint sets the architecture itself (typed model flags that "
+               "disagree are reported). Without --vae_ckpt: the tokenizer a slim export embeds or records, else "
                f"{DEFAULT_VAE_CKPT} (downloaded when missing); with random weights, a random tokenizer.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_model_args(p, depth=30, var_ckpt=None, vae_ckpt=None, dtype='auto')
-    p.add_argument('--ema', action='store_true', help="load the EMA weights of a training export ('model_ema')")
-    add_size_args(p)
+    add_model_source_args(p, defaults=dict(depth=30))
+    add_sample_args(p)
     g = p.add_argument_group('generation')
-    g.add_argument('--class_label', type=int, nargs='+', default=[970], help='one or more ImageNet class ids')
+    g.add_argument('--class_label', type=int, nargs='+', default=[970], help='one or more class ids')
     g.add_argument('--seeds', type=int, nargs='+', default=list(range(10, 20)), help='one image per seed and class')
-    g.add_argument('--cfg', type=float, default=1.5, help='classifier-free guidance weight at the last scale')
-    g.add_argument('--top_k', type=int, default=900, help='0 = no top-k filtering')
-    g.add_argument('--top_p', type=float, default=0.96, help='0 = no nucleus filtering')
-    g.add_argument('--more_smooth', action='store_true', help='Gumbel-softmax smoothing (visualisation only)')
     g.add_argument('--batch_size', type=int, default=1,
                    help='images per forward pass; does not change the images (each has its own seeded generator)')
-    add_schedule_args(p)
     o = p.add_argument_group('output')
     o.add_argument('--output_dir', type=str, default='gen_images')
-    add_bool_arg(o, '--save_grid', True, 'also write one grid PNG (rows = classes, columns = seeds)')
+    cli.add_bool_arg(o, '--save_grid', True, 'also write one grid PNG (rows = classes, columns = seeds)')
     o.add_argument('--nrow', type=int, default=4, help='grid images per row when there is one class')
-    add_bool_arg(o, '--progress', True, 'tqdm progress bar')
+    cli.add_bool_arg(o, '--progress', True, 'tqdm progress bar')
     e = p.add_argument_group('zero-shot editing (tokens outside the mask are kept at every scale)')
     e.add_argument('--edit_image', type=str, default='', help='image to edit; switches to editing')
     e.add_argument('--edit_mask', type=str, default='', help='PNG of the image size, white = regenerate')
@@ -61,25 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help='with --edit_box: regenerate the box (inpaint) or everything outside it (outpaint)')
     e.add_argument('--edit_class', type=int, default=None, help='class to regenerate under (default --class_label)')
     return p
-
-
-def load(args: argparse.Namespace, device: torch.device):
-    """(vae, var, tag): a checkpoint through utils.model_io (its own config wins), or random weights."""
-    spec = spec_from_args(args)
-    try:
-        if args.var_ckpt == RANDOM:
-            torch.manual_seed(0)   # the same random model on every run
-            vae, var = build_models(spec, device)
-            if args.vae_ckpt:
-                load_vae_weights(vae, args.vae_ckpt)
-            return vae.eval(), var.eval(), RANDOM
-        var_ckpt = args.var_ckpt or default_var_ckpt(args.depth, args.use_implicit)
-        vae, var, _ = load_models(var_ckpt, args.vae_ckpt, spec, device=device, ema=args.ema)
-    except CheckpointError as e:
-        raise SystemExit(f'error: {e}') from None
-    except ValueError as e:   # sizes the model constructors reject
-        raise SystemExit(f'error: cannot build the model from these flags: {e}') from None
-    return vae, var, os.path.splitext(os.path.basename(var_ckpt))[0]
 
 
 def check_classes(classes: Sequence[int], num_classes: int, flag: str = '--class_label'):
@@ -99,29 +77,29 @@ def chunks(items: Sequence, size: int) -> List[Sequence]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def sample_batch(var, plan: Sequence[Tuple[int, int]], sample_kw: dict, edit=None):
+def sample_batch(sampler, plan: Sequence[Tuple[int, int]], sample_kw: dict, edit=None):
     """(images (B, 3, H, W) in [0, 1], SampleStats) for a batch of (class, seed) pairs.
 
+    sampler: a `utils.sample.compile_util.Sampler` (signature of `var.autoregressive_infer_cfg`).
     One generator per image seeded with its seed (a list of seeds for B > 1), so an image's tokens
     depend only on its (class, seed), never on the batch it is in; B = 1 is exactly the official call.
     """
-    dev = var.class_emb.weight.device
-    label_B = torch.tensor([c for c, _ in plan], device=dev)
+    label_B = torch.tensor([c for c, _ in plan], device=sampler.device)
     seeds = [s for _, s in plan]
     g_seed = seeds[0] if len(seeds) == 1 else seeds
     if edit is not None:
         edit = expand_edit_spec(edit, len(plan))
-    return var.autoregressive_infer_cfg(len(plan), label_B, g_seed=g_seed, edit=edit, return_stats=True, **sample_kw)
+    return sampler(len(plan), label_B, g_seed=g_seed, edit=edit, return_stats=True, **sample_kw)
 
 
-def generate(var, plan: Sequence[Tuple[int, int]], batch_size: int, sample_kw: dict, edit=None,
+def generate(sampler, plan: Sequence[Tuple[int, int]], batch_size: int, sample_kw: dict, edit=None,
              progress: bool = True):
     """All images of the plan in order (N, 3, H, W) on the CPU, and each batch's SampleStats."""
     from tqdm import tqdm
     imgs, stats = [], []
     with tqdm(total=len(plan), unit='img', disable=not progress, file=sys.stdout) as bar:
         for batch in chunks(list(plan), batch_size):
-            img_B3HW, st = sample_batch(var, batch, sample_kw, edit)
+            img_B3HW, st = sample_batch(sampler, batch, sample_kw, edit)
             imgs.append(img_B3HW.float().cpu())
             stats.append(st)
             bar.update(len(batch))
@@ -202,49 +180,63 @@ def prepare_edit(args: argparse.Namespace, vae, var, device, out_dir: str):
     paths = [os.path.join(out_dir, name) for name in files]
     for path, img_3HW in zip(paths, files.values()):
         image_io.save_png(img_3HW, path)
-    print(f'[gen_img] editing {args.edit_image}: {int(mask_1HW.sum())} of {mask_1HW.numel()} pixels regenerated')
+    log.info(f'editing {args.edit_image}: {int(mask_1HW.sum())} of {mask_1HW.numel()} pixels regenerated')
     return edit, paths
+
+
+def banner(var, classes: Sequence[int], seeds: Sequence[int], sample, device, schedule_note: str) -> str:
+    """What this run does: the model, the images asked for, the schedule, device and precision."""
+    return (f'{var.describe()}; {len(classes)} class{"es" if len(classes) > 1 else ""} x {len(seeds)} '
+            f'seed{"s" if len(seeds) > 1 else ""} = {len(classes) * len(seeds)} images; cfg {sample.cfg:g}, '
+            f'top-k {sample.top_k}, top-p {sample.top_p:g}; {schedule_note}'
+            + (f' (solver {sample.solver}, m={sample.anderson_m})' if sample.solver != 'picard' else '')
+            + f'; device {device}, {sample.dtype}' + (', compiled' if sample.compile else ''))
 
 
 def main(argv: Optional[Sequence[str]] = None):
     """Parse flags, load the model, then generate or edit and write the PNGs."""
-    args = build_parser().parse_args(argv)
+    args, source, sample = parse(build_parser(), argv)
     if args.batch_size < 1:
         raise SystemExit('error: --batch_size must be >= 1.')
     if args.edit_image:
         check_edit_args(args)
-    device = resolve_device(args.device)
+        if sample.more_smooth:
+            raise SystemExit('error: --more_smooth does not apply to editing (edited tokens are drawn as sampled '
+                             'ones); drop it.')
+    device = resolve_device(source.device)
     if device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    vae, var, tag = load(args, device)
-    prepare_from_args(args, var)   # eval mode; --compile compiles in place
+    try:
+        loaded = load_or_build(source, device, log=log.warning)
+        vae, var = loaded.vae, loaded.var
+        sampler = prepare_for_sampling(var, compile=sample.compile, dtype=sample.dtype)
+        sample.check_model(var, log=log.warning)
+    except (CheckpointError, SamplingError) as e:
+        raise SystemExit(f'error: {e}') from None
     if args.edit_image and args.edit_class is not None:
         classes, class_flag = [args.edit_class], '--edit_class'
     else:
         classes, class_flag = list(args.class_label), '--class_label'
     check_classes(classes, var.num_classes, class_flag)
-    out_dir = os.path.join(args.output_dir, tag)
+    out_dir = os.path.join(args.output_dir, loaded.tag)
     os.makedirs(out_dir, exist_ok=True)
-    sample_kw = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth,
-                     **sampling_kwargs(args, len(var.patch_nums)))
-    kind = 'VIAR (implicit)' if var.use_implicit else 'VAR (explicit)'
-    print(f'[gen_img] {kind}, depth {var.depth}, width {var.C}, {var.num_classes} classes, device {device}, '
-          f'schedule {sample_kw["schedule"].label()}{", compiled" if args.compile else ""}')
+    sample_kw = sample.call_kwargs(len(var.patch_nums))
+    log.info(banner(var, classes, args.seeds, sample, device, var.schedule_note(sample_kw['schedule'])))
 
     plan, edit, paths = image_plan(classes, args.seeds), None, []
     if args.edit_image:
         edit, paths = prepare_edit(args, vae, var, device, out_dir)
 
     t0 = time.perf_counter()
-    with torch.inference_mode(), autocast_context(device, args.dtype):
-        imgs_N3HW, stats = generate(var, plan, args.batch_size, sample_kw, edit, progress=args.progress)
+    with torch.inference_mode():
+        imgs_N3HW, stats = generate(sampler, plan, args.batch_size, sample_kw, edit, progress=args.progress)
     dt = time.perf_counter() - t0
     paths += write_images(imgs_N3HW, plan, classes, args.seeds, out_dir, 'edit_' if edit else '', args.save_grid,
                           args.nrow)
     for line in describe_stats(stats, min(args.batch_size, len(plan))):
-        print(f'[gen_img] {line}')
-    print(f'[gen_img] {len(plan)} images in {dt:.1f} s ({len(plan) / dt:.2f} img/s); wrote {len(paths)} files to {out_dir}')
+        log.info(line)
+    log.info(f'{len(plan)} images in {dt:.1f} s ({len(plan) / dt:.2f} img/s); wrote {len(paths)} files to {out_dir}')
     return paths
 
 

@@ -10,9 +10,7 @@ Run the same command again after a crash: finished PNGs are kept, the rest are m
 """
 import argparse
 import json
-import logging
 import os
-import resource
 import sys
 import time
 import zipfile
@@ -22,13 +20,17 @@ import numpy as np
 import torch
 
 import dist
+from utils import cli
+from utils.atomic import atomic_path, is_temp_name, write_json_atomic
+from utils.checkpoint import CheckpointError
+from utils.logging_util import get_logger
+from utils.memory import peak_memory
+from utils.model_io import default_var_ckpt, load_or_build
+from utils.sample.compile_util import SamplingError, prepare_for_sampling, resolve_dtype
+from utils.sample.config import add_model_source_args, add_sample_args, parse, resolve_device
 from utils.sample.plan import Batch, make_plan, png_name, rank_share, sample_folder_name
-from utils.sample.compile_util import resolve_dtype
-from utils.model_io import default_var_ckpt
-from utils.sample.args import (add_bool_arg, add_model_args, add_schedule_args, autocast_context, prepare_from_args,
-                               resolve_device, sampling_kwargs, spec_from_args)
 
-log = logging.getLogger('sampling')
+log = get_logger('sampling', is_master=False)   # set up for this rank in main()
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 PNG_TRAILER = b'\x00\x00\x00\x00IEND\xaeB`\x82'   # the empty IEND chunk every complete PNG ends with
 MEASURED = ('seconds', 'model_seconds', 'images_per_s', 'images_per_s_with_io', 'iters_per_scale', 'peak_memory_bytes',
@@ -40,18 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     """The official sampling.py flags plus the schedule, plan, precision and resume flags."""
     p = argparse.ArgumentParser(description='VAR / VIAR 50K sampler for FID (distributed, resumable)',
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_model_args(p, depth=30, var_ckpt=None, vae_ckpt=None, dtype='auto')
-    add_bool_arg(p, '--ema', False, "sample with the EMA weights of a training export ('model_ema')")
-    g = p.add_argument_group('sampling')
-    g.add_argument('--cfg', type=float, default=1.5, help='classifier-free guidance weight at the last scale')
-    g.add_argument('--top_k', type=int, default=900, help='0 = no top-k filtering')
-    g.add_argument('--top_p', type=float, default=0.96, help='0 = no nucleus filtering')
+    add_model_source_args(p, sizes=False, defaults=dict(depth=30))
+    add_sample_args(p, skip=('more_smooth',))   # visualisation only, never in FID sampling
+    g = p.add_argument_group('seeds')
     g.add_argument('--seed', type=int, default=1, help='global seed; every batch derives its own from it')
-    add_bool_arg(g, '--official_seeds', False,
-                 'official seed rule: batch seed = seed + chunk number inside the class, the same for all classes '
-                 '(all classes then share the same few noise streams)')
-    add_bool_arg(g, '--tf32', True, 'TF32 matmuls on CUDA, as the official script')
-    add_schedule_args(p)
+    cli.add_bool_arg(g, '--official_seeds', False,
+                     'official seed rule: batch seed = seed + chunk number inside the class, the same for all '
+                     'classes (all classes then share the same few noise streams)')
+    cli.add_bool_arg(g, '--tf32', True, 'TF32 matmuls on CUDA, as the official script')
     o = p.add_argument_group('plan and output')
     o.add_argument('--num_classes', dest='sample_classes', type=int, default=None, metavar='N',
                    help="sample classes 0..N-1; None = all of the model's classes (1000 for ImageNet)")
@@ -60,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='images per forward pass (capped at per_class: a batch never mixes classes); '
                         'part of the plan, so changing it changes the images')
     o.add_argument('--sample_dir', type=str, default='samples')
-    add_bool_arg(o, '--progress', True, 'tqdm progress bar with ETA (rank 0)')
+    cli.add_bool_arg(o, '--progress', True, 'tqdm progress bar with ETA (rank 0)')
     o.add_argument('--stop_after', type=int, default=0,
                    help='debugging: stop after this many batches of the global plan, before packing (tests resume)')
     return p
@@ -90,10 +88,8 @@ def png_complete(path: str) -> bool:
 def write_png_atomic(img_HW3: np.ndarray, path: str):
     """Write a PNG under a temp name, then rename: a file with the final name is always complete."""
     from PIL import Image
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f'.{name}.{os.getpid()}.tmp')
-    Image.fromarray(img_HW3).save(tmp, format='PNG')
-    os.replace(tmp, path)
+    with atomic_path(path, durable=False) as tmp:   # a lost PNG is remade by the next run: no fsync per image
+        Image.fromarray(img_HW3).save(tmp, format='PNG')
 
 
 def missing(folder: str, batch: Batch) -> List[int]:
@@ -126,9 +122,8 @@ def pack_npz(folder: str, num: int, npz_path: str, progress: bool = True) -> tup
                          f'Run the same command again to make them.')
     first = read_png(os.path.join(folder, png_name(0)))
     shape = (num,) + first.shape
-    tmp = os.path.join(os.path.dirname(os.path.abspath(npz_path)), f'.{os.path.basename(npz_path)}.{os.getpid()}.tmp')
     header = {'descr': np.lib.format.dtype_to_descr(np.dtype(np.uint8)), 'fortran_order': False, 'shape': shape}
-    try:
+    with atomic_path(npz_path) as tmp:
         with zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             with zf.open('arr_0.npy', 'w', force_zip64=True) as f:
                 np.lib.format.write_array_header_1_0(f, header)
@@ -138,28 +133,14 @@ def pack_npz(folder: str, num: int, npz_path: str, progress: bool = True) -> tup
                         raise SystemExit(f'error: {png_name(i)} is {img.shape}, {png_name(0)} is {first.shape}; '
                                          f'the folder mixes runs. Remove it and sample again.')
                     f.write(img.tobytes())
-        with open(tmp, 'rb+') as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, npz_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return shape
 
 
 def remove_temp_files(folder: str):
     """Delete half-written PNGs left by killed runs (only once every rank has finished writing)."""
     for name in os.listdir(folder):
-        if name.startswith('.') and name.endswith('.tmp'):
+        if is_temp_name(name):
             os.remove(os.path.join(folder, name))
-
-
-def write_json_atomic(obj, path: str):
-    """json.dump to a temp file, then rename."""
-    tmp = f'{path}.{os.getpid()}.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def read_json(path: str):
@@ -172,42 +153,44 @@ def read_json(path: str):
 
 # ---------------------------------------------------------------- sampling
 
-def sample_batch(var, batch: Batch, sample_kw: dict, device: torch.device, dtype: str):
+def sample_batch(sampler, batch: Batch, sample_kw: dict):
     """(uint8 images (B, H, W, 3), SampleStats) of one plan batch: its label and its generator seed."""
-    label_B = torch.full((batch.size,), batch.label, dtype=torch.long, device=device)
-    with torch.inference_mode(), autocast_context(device, dtype):
-        img_B3HW, stats = var.autoregressive_infer_cfg(batch.size, label_B, g_seed=batch.seed, return_stats=True,
-                                                       **sample_kw)
+    label_B = torch.full((batch.size,), batch.label, dtype=torch.long, device=sampler.device)
+    with torch.inference_mode():
+        img_B3HW, stats = sampler(batch.size, label_B, g_seed=batch.seed, return_stats=True, **sample_kw)
     return to_uint8_BHWC(img_B3HW), stats
 
 
-def peak_memory(device: torch.device) -> Dict:
-    """Peak memory of this process: CUDA max allocated on a GPU, else peak resident set size."""
-    if device.type == 'cuda':
-        return dict(kind='cuda_max_allocated', bytes=int(torch.cuda.max_memory_allocated(device)))
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # kilobytes on Linux
-    return dict(kind='cpu_peak_rss', bytes=int(rss_kb) * 1024)
-
-
-def plan_settings(args: argparse.Namespace, spec, sample_kw: dict, num_classes: int, dtype: str) -> Dict:
+def plan_settings(args: argparse.Namespace, var, spec, sample_kw: dict, num_classes: int, dtype: str) -> Dict:
     """Everything that decides the pixels of image i; a resumed run must match it."""
-    sched = sample_kw['schedule']
-    iterations = dict(counts=sched.counts, tau=sched.tau, stop_mode=sched.stop_mode, min_iters=sched.min_iters,
-                      fill_forward=sample_kw['fill_forward']) if spec.use_implicit else {}
     return json.loads(json.dumps(dict(
         var_ckpt=os.path.abspath(args.var_ckpt), vae_ckpt=os.path.abspath(args.vae_ckpt) if args.vae_ckpt else '',
         ema=bool(args.ema), model=spec.to_dict(), cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
         official_seeds=bool(args.official_seeds), num_classes=num_classes, per_class=args.per_class,
-        batch_size=args.batch_size, dtype=dtype, **iterations)))
+        batch_size=args.batch_size, dtype=dtype,
+        **var.schedule_settings(sample_kw['schedule'], sample_kw['fill_forward'], sample_kw['solver']))))
+
+
+def settings_diff(old: Dict, new: Dict, prefix: str = '') -> List[str]:
+    """'name: old -> new' for every setting that differs (nested dicts flattened as a.b)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += settings_diff(a, b, f'{prefix}{k}.')
+        elif a != b:
+            out.append(f'{prefix}{k}: {json.dumps(a)} -> {json.dumps(b)}')
+    return out
 
 
 def check_plan_file(folder: str, settings: Dict):
-    """Stop with a clear message when the folder holds images made with other settings."""
+    """Stop with a clear message (which setting, old and new value) when the folder holds images made
+    with other settings."""
     old = read_json(os.path.join(folder, PLAN_FILE))
     if old is not None and old != settings:
-        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        raise SystemExit(f'error: {folder} holds images sampled with other settings ({", ".join(diff)} differ). '
-                         f'Use another --sample_dir, or delete the folder to start over.')
+        raise SystemExit(f'error: {folder} holds images sampled with other settings ('
+                         + '; '.join(settings_diff(old, settings)) + '). Use another --sample_dir, or delete '
+                         'the folder to start over.')
 
 
 def run_stats(device, n_images: int, seconds: float, model_seconds: float, iters: List[List[int]]) -> Dict:
@@ -217,47 +200,23 @@ def run_stats(device, n_images: int, seconds: float, model_seconds: float, iters
                 peak_memory=peak_memory(device))
 
 
-def summarize(per_rank: List[Dict], schedule, use_implicit: bool) -> Dict:
+def summarize(per_rank: List[Dict], var, schedule) -> Dict:
     """Merge the ranks' figures: images/s over the slowest rank's time (model only, and with PNG writing)
-    and the mean implicit iterations per scale."""
+    and the mean implicit iterations per scale (None when the model has no implicit block)."""
     images = sum(r['images'] for r in per_rank)
     seconds = max(r['seconds'] for r in per_rank)
     model_seconds = max(r['model_seconds'] for r in per_rank)
     batches = sum(r['batches'] for r in per_rank)
     sums = [r['iters_sum'] for r in per_rank if r['iters_sum']]
-    mean_iters = [sum(col) / batches for col in zip(*sums)] if sums else None
+    planned = var.schedule_settings(schedule, True).get('counts')
     return dict(
         images_sampled_this_run=images, seconds=seconds, model_seconds=model_seconds,
         images_per_s=images / model_seconds if images and model_seconds > 0 else None,
         images_per_s_with_io=images / seconds if images and seconds > 0 else None,
-        iters_per_scale=mean_iters if use_implicit else None,
-        iters_per_scale_planned=list(schedule.counts) if use_implicit else None,
-        schedule=schedule.label() if use_implicit else 'explicit VAR (no implicit iterations)',
+        iters_per_scale=[sum(col) / batches for col in zip(*sums)] if sums else None,
+        iters_per_scale_planned=planned, schedule=var.schedule_note(schedule),
         peak_memory_bytes=max(r['peak_memory']['bytes'] for r in per_rank),
         peak_memory_kind=per_rank[0]['peak_memory']['kind'], per_rank=per_rank)
-
-
-def setup_logging(rank: int):
-    """Rank 0 logs to stdout; other ranks stay quiet."""
-    log.handlers.clear()
-    log.propagate = False
-    if rank == 0:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter('[sampling] %(message)s'))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-    else:
-        log.addHandler(logging.NullHandler())
-
-
-def load(args: argparse.Namespace, device: torch.device):
-    """(vae, var, spec) from --ckpt_path (its own config wins) and --vae_ckpt; bad files are clear errors."""
-    from utils.checkpoint import CheckpointError
-    from utils.model_io import load_models
-    try:
-        return load_models(args.var_ckpt, args.vae_ckpt, spec_from_args(args), device=device, ema=args.ema)
-    except CheckpointError as e:
-        raise SystemExit(f'error: {e}') from None
 
 
 def setup_device(args: argparse.Namespace) -> torch.device:
@@ -289,11 +248,11 @@ def find_todo(folder: str, plan: List[Batch], settings: Dict) -> List[tuple]:
     return todo
 
 
-def sample_todo(var, todo: List[tuple], folder: str, sample_kw: dict, device, dtype: str, total: int,
-                progress: bool) -> Dict:
+def sample_todo(sampler, todo: List[tuple], folder: str, sample_kw: dict, total: int, progress: bool) -> Dict:
     """Make this rank's round-robin share of `todo` into PNGs; returns this rank's figures."""
     from tqdm import tqdm
     rank, world = dist.get_rank(), dist.get_world_size()
+    device = sampler.device
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     iters, n_images = [], 0
@@ -302,7 +261,7 @@ def sample_todo(var, todo: List[tuple], folder: str, sample_kw: dict, device, dt
     t0, model_seconds = time.perf_counter(), 0.0
     for k, (batch, idx) in enumerate(rank_share(todo, rank, world)):
         t1 = time.perf_counter()
-        imgs_BHW3, st = sample_batch(var, batch, sample_kw, device, dtype)   # returns on the CPU: synchronised
+        imgs_BHW3, st = sample_batch(sampler, batch, sample_kw)   # returns on the CPU: synchronised
         model_seconds += time.perf_counter() - t1
         for i in idx:
             write_png_atomic(imgs_BHW3[i - batch.start], os.path.join(folder, png_name(i)))
@@ -331,16 +290,22 @@ def finish(folder: str, total: int, report: Dict, progress: bool) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> Optional[str]:
     """Split the global plan over the ranks, sample what is missing, then rank 0 packs the .npz and JSON."""
-    args = build_parser().parse_args(argv)
-    if args.var_ckpt is None:
-        args.var_ckpt = default_var_ckpt(args.depth, args.use_implicit)
+    global log
+    args, source, sample = parse(build_parser(), argv)
     device = setup_device(args)
     rank, world = dist.get_rank(), dist.get_world_size()
-    setup_logging(rank)
-    dtype = resolve_dtype(device.type, args.dtype)
+    log = get_logger('sampling', is_master=rank == 0)
+    dtype = resolve_dtype(device.type, sample.dtype)
     try:
-        vae, var, spec = load(args, device)
-        prepare_from_args(args, var)   # eval mode; --compile compiles in place (not part of the resume settings)
+        try:
+            loaded = load_or_build(source, device, log=log.warning)
+            args.var_ckpt = source.var_ckpt or default_var_ckpt(source.spec())
+            var, spec = loaded.var, loaded.spec
+            # eval mode; --compile compiles in place (not part of the resume settings: it only changes rounding)
+            sampler = prepare_for_sampling(var, compile=sample.compile, dtype=dtype)
+            sample.check_model(var, log=log.warning)
+        except (CheckpointError, SamplingError) as e:
+            raise SystemExit(f'error: {e}') from None
         num_classes = spec.num_classes if args.sample_classes is None else args.sample_classes
         if num_classes > spec.num_classes:
             raise SystemExit(f'error: --num_classes {num_classes} but the model has {spec.num_classes} classes.')
@@ -348,18 +313,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[str]:
             plan = make_plan(num_classes, args.per_class, args.batch_size, args.seed, args.official_seeds)
         except ValueError as e:
             raise SystemExit(f'error: {e}') from None
-        sample_kw = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
-                         **sampling_kwargs(args, len(var.patch_nums)))
-        folder = os.path.join(args.sample_dir, sample_folder_name(spec.use_implicit, spec.depth, args.var_ckpt,
-                                                                  args.cfg, args.seed))
-        settings = plan_settings(args, spec, sample_kw, num_classes, dtype)
+        sample_kw = sample.call_kwargs(len(var.patch_nums))
+        folder = os.path.join(args.sample_dir, sample_folder_name(var.run_name_head(), args.var_ckpt, args.cfg,
+                                                                  args.seed))
+        settings = plan_settings(args, var, spec, sample_kw, num_classes, dtype)
         todo = find_todo(folder, plan, settings)
         total = num_classes * args.per_class
         if args.stop_after:
             todo = todo[:args.stop_after]
-        log.info(f'{"VIAR" if spec.use_implicit else "VAR"} depth {spec.depth}, {world} process(es), {dtype}, '
+        log.info(f'{var.describe()}; {var.schedule_note(sample_kw["schedule"])}; {world} process(es), {dtype}, '
                  f'{total} images in {len(plan)} batches, {sum(len(i) for _, i in todo)} to make -> {folder}')
-        mine = sample_todo(var, todo, folder, sample_kw, device, dtype, total, args.progress)
+        mine = sample_todo(sampler, todo, folder, sample_kw, total, args.progress)
         if args.stop_after:
             log.info(f'stopped after {len(todo)} batches (--stop_after); run again without it to finish.')
             return None
@@ -367,7 +331,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[str]:
         if rank != 0:
             return None
         report = dict(world_size=world, device=str(device), model=spec.to_dict(),
-                      **summarize(per_rank, sample_kw['schedule'], spec.use_implicit),
+                      **summarize(per_rank, var, sample_kw['schedule']),
                       config=dict(vars(args), dtype=dtype, num_classes=num_classes), settings=settings)
         return finish(folder, total, report, args.progress)
     finally:

@@ -9,8 +9,6 @@ import json
 import math
 import os
 import random
-import resource
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -21,9 +19,12 @@ import torch
 from torch.utils.data import DataLoader
 
 import dist
+from utils.logging_util import ScalarWriter, format_duration, get_logger
+from utils.memory import peak_memory
 from utils.train import args as arg_util
 from utils.train.args import Derived, TrainArgs
-from utils.logging_util import ScalarWriter, format_duration, setup_logger
+from utils.train.hooks import TrainHooks
+from utils.train.plan import Pending, TrainPlan, default_log_every
 
 MODEL_FLAGS = ('depth', 'use_implicit', 'p_depth', 'width', 'heads', 'saln', 'anorm', 'V', 'Cvae', 'vae_ch',
                'vae_ch_mult', 'vae_num_res_blocks', 'pn', 'patch_size')
@@ -81,30 +82,19 @@ def check_resumable(ckpt: Dict[str, Any], args: TrainArgs, path: str):
 # ---------------------------------------------------------------- building
 
 def model_spec(args: TrainArgs, der: Derived, num_classes: int):
-    """The ModelSpec (utils.model_io) of this run: what the slim export carries as 'config'."""
-    from utils.model_io import ModelSpec
-    m = args.model
-    return ModelSpec(depth=m.depth, use_implicit=m.use_implicit, pre_depth=m.p_depth, post_depth=m.p_depth,
-                     embed_dim=der.width, num_heads=der.heads, patch_nums=der.patch_nums, V=m.V, Cvae=m.Cvae,
-                     vae_ch=m.vae_ch, vae_ch_mult=tuple(m.vae_ch_mult), vae_num_res_blocks=m.vae_num_res_blocks,
-                     num_classes=num_classes, shared_aln=m.saln, attn_l2_norm=m.anorm)
+    """The ModelSpec of this run: what the slim export carries as 'config'."""
+    return arg_util.model_spec(args, der.width, der.heads, der.patch_nums, num_classes)
 
 
 def build_models(args: TrainArgs, der: Derived, num_classes: int, device: torch.device, log):
     """(frozen vae, var) built identically on every rank; VAE weights from --vae_ckpt, or random with a warning."""
-    from models import build_vae_var
     from utils.checkpoint import CheckpointError, load_vae_weights, resolve_checkpoint
     m = args.model
     seed_everything(args.run.seed)   # same init on every rank
     try:
-        vae, var = build_vae_var(
-            device, patch_nums=der.patch_nums, V=m.V, Cvae=m.Cvae, ch=m.vae_ch, share_quant_resi=4,
-            num_classes=num_classes, depth=m.depth, shared_aln=m.saln, attn_l2_norm=m.anorm,
-            init_adaln=m.aln, init_adaln_gamma=m.alng, init_head=m.hd, init_std=m.ini,
-            use_implicit=m.use_implicit, pre_depth=m.p_depth, post_depth=m.p_depth,
-            embed_dim=der.width, num_heads=der.heads, vae_ch_mult=tuple(m.vae_ch_mult),
-            vae_num_res_blocks=m.vae_num_res_blocks, cond_drop_rate=m.cond_drop,
-            drop_path_rate=None if m.drop_path < 0 else m.drop_path,
+        vae, var = model_spec(args, der, num_classes).build(
+            device, init_adaln=m.aln, init_adaln_gamma=m.alng, init_head=m.hd, init_std=m.ini,
+            cond_drop_rate=m.cond_drop, drop_path_rate=None if m.drop_path < 0 else m.drop_path,
             jfb_no_grad=der.jfb_no_grad, jfb_with_grad=der.jfb_with_grad)
     except ValueError as e:
         raise SystemExit(f'cannot build the model: {e}') from None
@@ -123,7 +113,7 @@ def build_models(args: TrainArgs, der: Derived, num_classes: int, device: torch.
     return vae, var
 
 
-def build_trainer(args: TrainArgs, der: Derived, vae, var, device: torch.device):
+def build_trainer(args: TrainArgs, der: Derived, vae, var, device: torch.device, hooks: Optional[TrainHooks] = None):
     """Wrap the transformer (compile, DDP), make the optimizer, EMA and VARTrainer."""
     from torch.nn.parallel import DistributedDataParallel as DDP
     from trainer import VARTrainer
@@ -139,7 +129,8 @@ def build_trainer(args: TrainArgs, der: Derived, vae, var, device: torch.device)
     if dist.initialized():
         var_run = DDP(var_run, device_ids=[device.index] if device.type == 'cuda' else None,
                       find_unused_parameters=False, broadcast_buffers=False)
-    return VARTrainer(vae, var, var_run, opt, label_smooth=args.optim.ls, seed=args.run.seed, ema=ema)
+    return VARTrainer(vae, var, var_run, opt, label_smooth=args.optim.ls, seed=args.run.seed, ema=ema,
+                      jfb_draw=args.model.jfb_draw, hooks=hooks)
 
 
 def build_loaders(args: TrainArgs, der: Derived, start_g_it: int):
@@ -172,13 +163,6 @@ class Progress:
     nonfinite_run: int = 0        # consecutive skipped (non-finite) steps
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated (CUDA) or peak resident set size of this process (CPU), in MiB."""
-    if device.type == 'cuda':
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 class Run:
     """One training run: owns the trainer, loaders, loggers and checkpoints."""
 
@@ -191,7 +175,7 @@ class Run:
         if dist.is_master():
             os.makedirs(out, exist_ok=True)
         dist.barrier()
-        self.log = setup_logger(out, dist.is_master())
+        self.log = get_logger('train', out, dist.is_master(), timestamps=True)
         if self.device.type == 'cuda':
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(args.optim.tf32)
         self.ckpt = read_resume(self.der.last_ckpt)
@@ -210,13 +194,23 @@ class Run:
         self.total = arg_util.total_forwards(args, self.iters_ep)
         # warmup/progressive lengths are given in epochs; with --max_steps they scale with the shortened run
         frac = self.total / (args.sched.ep * self.iters_ep)
-        self.wp_it = self.der.wp_ep * self.iters_ep * frac
         self.prog_wp_it = self.der.pgwp_ep * self.iters_ep * frac
+        s, r = args.sched, args.run
+        self.plan = TrainPlan(
+            total=self.total, iters_ep=self.iters_ep, ac=args.optim.ac, peak_lr=self.der.lr, wd=self.der.wd,
+            wd_end=self.der.wd_end, sche=self.der.sche, wp_it=self.der.wp_ep * self.iters_ep * frac, wp0=s.wp0,
+            wpe=s.wpe, pg=s.pg, pg0=s.pg0, num_scales=len(self.der.patch_nums), save_freq=r.save_freq,
+            save_every_steps=r.save_every_steps, val_every=r.val_every,
+            log_every=r.log_every or default_log_every(self.iters_ep))
+        self.hooks = TrainHooks.from_args(args.hooks, self.log)
 
         self.random_vae = not args.model.vae_ckpt
+        # the slim export carries its tokenizer: the official file by name and sha256, any other embedded
+        from utils.model_io import tokenizer_ref
+        self.vae_ref = None if self.random_vae else tokenizer_ref(args.model.vae_ckpt)
         self.vae, self.var = build_models(args, self.der, self.num_classes, self.device, self.log)
         self.spec = model_spec(args, self.der, self.num_classes)
-        self.trainer = build_trainer(args, self.der, self.vae, self.var, self.device)
+        self.trainer = build_trainer(args, self.der, self.vae, self.var, self.device, self.hooks)
         seed_everything(args.run.seed * self.world + self.rank)
         if self.ckpt is not None:
             self._restore(self.ckpt)
@@ -260,8 +254,8 @@ class Run:
             if best:
                 save_atomic(state, self.der.best_ckpt)
             ema_sd = self.trainer.ema.model_state_dict(self.var) if self.trainer.ema is not None else None
-            save_atomic(slim_export(self.var, self.spec, vae=self.vae if self.random_vae else None,
-                                    var_ema_sd=ema_sd), self.der.slim_path)
+            save_atomic(slim_export(self.var, self.spec, vae=self.vae if self.vae_ref is None else None,
+                                    var_ema_sd=ema_sd, vae_ref=self.vae_ref), self.der.slim_path)
             self.log.info(f'[ckpt] after step {self.prog.g_it}: {self.der.last_ckpt}' + (' (+ best)' if best else ''))
         dist.barrier()
 
@@ -290,75 +284,61 @@ class Run:
             raise SystemExit(msg) from None
 
     def train(self):
-        """Run from self.prog.g_it to the end, validating and saving on schedule."""
-        from utils.train.lr_control import apply_lr_wd, lr_ratio, prog_stage, wd_at
+        """Run from self.prog.g_it to the end: the step policy is self.plan (pure), this loop only carries it out."""
+        from utils.train.lr_control import apply_lr_wd
         a, der = self.args, self.der
-        o, s, r = a.optim, a.sched, a.run
-        log_every = r.log_every or max(1, min(100, self.iters_ep // 20))
         self.log.info(f'[data] train {self.n_train} / val {self.n_val} images, {self.num_classes} classes, '
-                      f'{self.iters_ep} iters per epoch; global batch {der.glb_batch_size} x ac {o.ac}, '
+                      f'{self.iters_ep} iters per epoch; global batch {der.glb_batch_size} x ac {a.optim.ac}, '
                       f'{der.batch_size} per rank on {self.world} rank(s)')
         n_params = sum(p.numel() for p in self.var.parameters())
-        self.log.info(f'[model] {type(self.var).__name__} depth {a.model.depth} width {der.width}: '
-                      f'{n_params / 1e6:.2f}M params; peak lr {der.lr:.3g}, {der.precision}')
+        self.log.info(f'[model] {self.var.describe()}: {n_params / 1e6:.2f}M params; peak lr {der.lr:.3g}, '
+                      f'{der.precision}')
         self.log.info('[args]\n' + arg_util.format_args(a))
         if self.prog.g_it >= self.total:
             self.log.info(f'[done] nothing to do: step {self.prog.g_it} >= {self.total}')
         self.var.train()
         it_train = iter(self.ld_train)
-        pending_val = pending_save = False
+        pending = Pending()
         t_start, g_start = time.time(), self.prog.g_it
         while self.prog.g_it < self.total:
             g_it = self.prog.g_it
-            ep, it = divmod(g_it, self.iters_ep)
             img, label = self._next_batch(it_train)
             img, label = img.to(self.device, non_blocking=True), label.to(self.device, non_blocking=True)
-            lr = der.lr * lr_ratio(der.sche, g_it, self.wp_it, self.total, s.wp0, s.wpe)
-            wd = wd_at(der.wd, der.wd_end, g_it, self.total)
-            apply_lr_wd(self.trainer.opt.optimizer, lr, wd)
-            prog_si = prog_stage(g_it, self.wp_it, self.total, s.pg, s.pg0, len(der.patch_nums))
-            stepping = (g_it + 1) % o.ac == 0
-            st = self.trainer.train_step(img, label, g_it, stepping, prog_si, self.prog_wp_it,
-                                         poison=g_it + 1 in der.nan_steps)
+            sch = self.plan.schedule_at(g_it)
+            apply_lr_wd(self.trainer.opt.optimizer, sch.lr, sch.wd)
+            st = self.trainer.train_step(img, label, g_it, sch.stepping, sch.prog_si, self.prog_wp_it)
             self.prog.g_it = done = g_it + 1   # steps are numbered from 1 in logs and test hooks
             if self.step_log is not None:
-                self.step_log.write(json.dumps(dict(step=done, loss=st.loss, n=st.n, m=st.m, lr=lr,
+                self.step_log.write(json.dumps(dict(step=done, loss=st.loss, n=st.n, m=st.m, lr=sch.lr,
                                                     finite=st.loss_finite, stepped=st.stepped)) + '\n')
                 self.step_log.flush()
-            bad = not st.loss_finite or (stepping and not st.stepped and der.precision != 'fp16')
-            if bad:
-                self.prog.nonfinite_run += 1
-                self.log.warning(f'[skip] step {done}: non-finite {"loss" if not st.loss_finite else "gradient"}, '
-                                 f'no update ({self.prog.nonfinite_run} in a row)')
-                if self.prog.nonfinite_run >= o.max_nonfinite:
-                    raise SystemExit(f'stopped at step {done}: {self.prog.nonfinite_run} non-finite losses/gradients '
-                                     f'in a row (--max_nonfinite {o.max_nonfinite}). The last good checkpoint is '
-                                     f'{der.last_ckpt}; lower --tblr, try --bf16 or --fp16 0, or check the data.')
-            elif st.stepped:
-                self.prog.nonfinite_run = 0
-
-            if done % log_every == 0 or done == self.total or g_it == g_start:
-                self._report(st, g_it, lr, wd, t_start, g_start)
-            epoch_end = it + 1 == self.iters_ep or done == self.total
-            save_epoch = epoch_end and ((ep + 1) % r.save_freq == 0 or done == self.total)
-            pending_val |= save_epoch or (r.val_every > 0 and done % r.val_every == 0)
-            pending_save |= save_epoch or (r.save_every_steps > 0 and (done // o.ac) % r.save_every_steps == 0
-                                           and done % o.ac == 0)
-            if done % o.ac == 0 or done == self.total:   # only at optimizer-step boundaries
-                best = False
-                if pending_val:
-                    best = self._validate()
-                    pending_val = False
-                if pending_save or best:
-                    self._save(best)
-                    pending_save = False
-            # test hook; not again after a torchrun restart, which would otherwise kill every attempt
-            if done == r.kill_at_step and int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)) == 0:
-                self.log.warning(f'[test hook] SIGKILL after step {done}')
-                os.kill(os.getpid(), signal.SIGKILL)
+            self._count_nonfinite(st, done, sch.stepping)
+            events, pending = self.plan.events_at(done, pending, first=g_it == g_start)
+            if events.log:
+                self._report(st, g_it, sch.lr, sch.wd, t_start, g_start)
+            best = self._validate() if events.validate else False
+            if events.save or best:
+                self._save(best)
+            self.hooks.after_step(done)
         self.log.info(f'[done] {self.total} steps in {format_duration(time.time() - t_start)}; '
                       f'best val loss {self.prog.best_val:.4f}; outputs in {a.run.local_out_dir_path}')
         self.close()
+
+    def _count_nonfinite(self, st, done: int, stepping: bool):
+        """The non-finite policy: a skipped step is counted; too many in a row stop the run with the fix."""
+        o = self.args.optim
+        bad = not st.loss_finite or (stepping and not st.stepped and self.der.precision != 'fp16')
+        if not bad:
+            if st.stepped:
+                self.prog.nonfinite_run = 0
+            return
+        self.prog.nonfinite_run += 1
+        self.log.warning(f'[skip] step {done}: non-finite {"loss" if not st.loss_finite else "gradient"}, '
+                         f'no update ({self.prog.nonfinite_run} in a row)')
+        if self.prog.nonfinite_run >= o.max_nonfinite:
+            raise SystemExit(f'stopped at step {done}: {self.prog.nonfinite_run} non-finite losses/gradients '
+                             f'in a row (--max_nonfinite {o.max_nonfinite}). The last good checkpoint is '
+                             f'{self.der.last_ckpt}; lower --tblr, try --bf16 or --fp16 0, or check the data.')
 
     def _report(self, st, g_it: int, lr: float, wd: float, t_start: float, g_start: int):
         """Progress line (rank 0) and tensorboard scalars."""
@@ -367,9 +347,10 @@ class Run:
         sec_per_it = dt / done
         eta = sec_per_it * (self.total - g_it - 1)
         imgs = self.der.glb_batch_size * done / dt
-        mem = peak_memory_mb(self.device)
+        mem = peak_memory(self.device)['bytes'] / 2 ** 20
         ep, it = divmod(g_it, self.iters_ep)
-        jfb = f' n/m {st.n}/{st.m}' if self.trainer.use_implicit else ''
+        sjfb = dict(n=st.n, m=st.m) if st.n is not None else {}
+        jfb = f' n/m {st.n}/{st.m}' if sjfb else ''
         gn = f'{st.grad_norm:.3f}' if st.grad_norm is not None else '-'
         self.log.info(f'[ep {ep + 1}/{self.args.sched.ep} it {it + 1}/{self.iters_ep}] step {g_it + 1}/{self.total} '
                       f'loss {st.loss:.4f} Lm {st.L_mean:.4f} Lt {st.L_tail:.4f} acc m&t {st.acc_mean:.2f} '
@@ -380,7 +361,7 @@ class Run:
                     g_it)
         self.tb.add('AR_iter_scale_loss', {f'L_{self.der.resos[si]}': v for si, v in enumerate(st.scale_loss)}, g_it)
         self.tb.add('AR_opt', dict(lr=lr, wd=wd, grad_norm=st.grad_norm, scale_log2=st.scale_log2), g_it)
-        self.tb.add('AR_sjfb', dict(n=st.n, m=st.m) if self.trainer.use_implicit else {}, g_it)
+        self.tb.add('AR_sjfb', sjfb, g_it)
         self.tb.add('AR_speed', dict(images_per_s=imgs, sec_per_it=sec_per_it, peak_mem_mib=mem), g_it)
         self.tb.flush()
 

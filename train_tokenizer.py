@@ -10,26 +10,16 @@ Defaults are the official tokenizer's architecture (vae_ch160v4096z32, 256 px). 
 import argparse
 import json
 import sys
-from dataclasses import fields
 from typing import List, Optional
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """One flag per TokenizerConfig field, typed from its default; help text from the field metadata."""
-    from utils.sample.args import int_tuple, str2bool
+    """One flag per TokenizerConfig field (utils.cli, the generator train.py uses too)."""
+    from utils import cli
     from utils.train.tokenizer_trainer import TokenizerConfig
     p = argparse.ArgumentParser(description='Train the multi-scale VQVAE tokenizer of VAR / VIAR.',
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    defaults = TokenizerConfig()
-    for f in fields(TokenizerConfig):
-        default = getattr(defaults, f.name)
-        if isinstance(default, bool):
-            kw = dict(type=str2bool, nargs='?', const=True, metavar='BOOL')
-        elif isinstance(default, tuple):
-            kw = dict(type=int_tuple, metavar='1,2,...')
-        else:
-            kw = dict(type=type(default))
-        p.add_argument(f'--{f.name}', default=default, help=f.metadata.get('help', ''), **kw)
+    cli.add_dataclass_args(p, TokenizerConfig, 'tokenizer')
     return p
 
 
@@ -37,8 +27,8 @@ def main(argv: Optional[List[str]] = None):
     """Parse flags, train, print the final metrics as JSON."""
     from utils.checkpoint import CheckpointError
     from utils.train.tokenizer_trainer import TokenizerConfig, TokenizerConfigError, train_tokenizer
-    args = build_parser().parse_args(argv)
-    cfg = TokenizerConfig(**vars(args))
+    from utils import cli
+    cfg = cli.from_namespace(TokenizerConfig, build_parser().parse_args(argv))
     if not cfg.data_path:
         sys.exit('train_tokenizer: --data_path is required (a folder with train/<class>/ images, '
                  'e.g. `python scripts/make_digits.py --out demo_output/digits`)')

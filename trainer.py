@@ -3,8 +3,9 @@
 Shapes: B batch, L tokens over all scales, l tokens of one scale, V vocabulary.
 The loss is the official one: per-token cross-entropy (with label smoothing) times a weight of 1/L per
 token, summed over tokens and averaged over the batch; in progressive training only the scales up to
-`prog_si` count and the newest one is ramped in. S-JFB iteration counts (n, m) are drawn from a
-generator seeded by (seed, global step), so every rank draws the same pair.
+`prog_si` count and the newest one is ramped in. S-JFB iteration counts (n, m) come from the model's
+`sjfb_plan` (none for VAR): by default from a generator seeded by (seed, global step), so every rank
+draws the same pair; `jfb_draw='rank'` keeps the official per-rank draw.
 """
 import contextlib
 from dataclasses import dataclass, field
@@ -15,9 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dist
-from models.jfb import draw_jfb_iters, step_rng
 from utils.train.amp_opt import AmpOptimizer
 from utils.train.ema import ModelEMA
+from utils.train.hooks import TrainHooks
 from utils.train.lr_control import prog_warmup
 
 
@@ -30,8 +31,8 @@ class StepStats:
     acc_mean: float                   # top-1 accuracy %, all trained tokens
     acc_tail: float                   # top-1 accuracy %, last scale (-1 in progressive stages)
     scale_loss: List[float] = field(default_factory=list)   # plain CE per trained scale
-    n: int = 0                        # S-JFB iterations without grad (VIAR)
-    m: int = 0                        # S-JFB iterations with grad (VIAR)
+    n: Optional[int] = None           # S-JFB iterations without grad (None: no implicit block)
+    m: Optional[int] = None           # S-JFB iterations with grad
     loss_finite: bool = True
     stepped: bool = False             # the optimizer stepped on this call
     grad_norm: Optional[float] = None
@@ -70,36 +71,32 @@ class VARTrainer:
     """Trains a VAR/VIAR (possibly DDP-wrapped) on images tokenised on the fly by a frozen VQVAE."""
 
     def __init__(self, vae: nn.Module, var_wo_ddp: nn.Module, var: nn.Module, opt: AmpOptimizer,
-                 label_smooth: float = 0.0, seed: int = 0, ema: Optional[ModelEMA] = None):
+                 label_smooth: float = 0.0, seed: int = 0, ema: Optional[ModelEMA] = None, jfb_draw: str = 'step',
+                 hooks: Optional[TrainHooks] = None):
         self.vae, self.quantize = vae, vae.quantize
         self.var_wo_ddp, self.var, self.opt, self.ema = var_wo_ddp, var, opt, ema
         self.label_smooth, self.seed = label_smooth, seed
+        if jfb_draw not in ('step', 'rank'):
+            raise ValueError(f"jfb_draw must be 'step' or 'rank', got {jfb_draw!r}")
+        self.draw_per_step = jfb_draw == 'step'
+        self.hooks = hooks or TrainHooks()
         self.patch_nums = tuple(var_wo_ddp.patch_nums)
         self.begin_ends = list(var_wo_ddp.begin_ends)
         self.L, self.V = var_wo_ddp.L, var_wo_ddp.V
         self.last_l = self.patch_nums[-1] ** 2
-        self.use_implicit = bool(var_wo_ddp.use_implicit)
         self.prog = ProgState()
 
     # ---- pieces
     @torch.no_grad()
-    def tokenize(self, img_B3HW: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(targets gt_BL, teacher-forcing input x_BLCv_wo_first_l) from images in [-1, 1]."""
-        idx_Bl = self.vae.img_to_idxBl(img_B3HW)
-        return torch.cat(idx_Bl, dim=1), self.quantize.idxBl_to_var_input(idx_Bl)
+    def tokenize(self, img_B3HW: torch.Tensor, prog_si: int = -1) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(targets gt_BL, teacher-forcing input x_BLCv_wo_first_l) from images in [-1, 1] (up to scale prog_si)."""
+        idx_Bl = self.vae.img_to_idxBl(img_B3HW, prog_si=prog_si)
+        return torch.cat(idx_Bl, dim=1), self.quantize.idxBl_to_var_input(idx_Bl, prog_si=prog_si)
 
-    def draw_jfb(self, g_it: int) -> Tuple[int, int]:
-        """S-JFB (n, m) of global step g_it: identical on every rank; (0, 0) for VAR."""
-        if not self.use_implicit:
-            return 0, 0
-        return draw_jfb_iters(step_rng(self.seed, g_it), self.var_wo_ddp.jfb_no_grad, self.var_wo_ddp.jfb_with_grad)
-
-    def eval_jfb(self) -> Tuple[int, int]:
-        """Fixed (n, m) for evaluation: the rounded means of the S-JFB ranges ((0, 0) for VAR)."""
-        if not self.use_implicit:
-            return 0, 0
-        (n0, n1), (m0, m1) = self.var_wo_ddp.jfb_no_grad, self.var_wo_ddp.jfb_with_grad
-        return round((n0 + n1) / 2), round((m0 + m1) / 2)
+    def draw_jfb(self, g_it: int) -> Optional[Tuple[int, int]]:
+        """S-JFB (n, m) of global step g_it, from the model (None for VAR); identical on every rank unless
+        jfb_draw == 'rank' (the official per-rank draw)."""
+        return self.var_wo_ddp.sjfb_plan(g_it if self.draw_per_step else None, self.seed)
 
     def _metrics(self, logits_BLV: torch.Tensor, gt_BL: torch.Tensor, ce_BL: torch.Tensor, trained_si: int
                  ) -> torch.Tensor:
@@ -114,45 +111,40 @@ class VARTrainer:
 
     # ---- training
     def train_step(self, img_B3HW: torch.Tensor, label_B: torch.Tensor, g_it: int, stepping: bool,
-                   prog_si: int = -1, prog_wp_it: float = 1.0, poison: bool = False) -> StepStats:
+                   prog_si: int = -1, prog_wp_it: float = 1.0) -> StepStats:
         """One forward/backward on this rank's batch; steps the optimizer when `stepping`.
 
         A loss that is not finite on any rank skips the backward on every rank and drops the
-        accumulated grads (no update). `poison` (test hook) makes this step's loss NaN.
+        accumulated grads (no update). The test hooks may poison step g_it + 1's loss (NaN).
         """
         prog_wp = self.prog.advance(prog_si, prog_wp_it)
-        self.var_wo_ddp.prog_si = self.quantize.prog_si = prog_si
-        try:
-            gt_BL, x_BLCv = self.tokenize(img_B3HW)
-            n, m = self.draw_jfb(g_it)
-            ed = self.begin_ends[prog_si][1] if prog_si >= 0 else self.L
-            gt_BL = gt_BL[:, :ed]
-            sync = self.var.no_sync() if not stepping and hasattr(self.var, 'no_sync') else contextlib.nullcontext()
-            with sync:
-                with self.opt.amp_ctx():
-                    logits_BLV = self.var(label_B, x_BLCv, jfb_iters=(n, m))
-                ce_BL = F.cross_entropy(logits_BLV.float().transpose(1, 2), gt_BL, reduction='none',
-                                        label_smoothing=self.label_smooth)
-                w_1L = token_weights(self.begin_ends, self.L, prog_si, prog_wp, device=ce_BL.device)
-                loss = ce_BL.mul(w_1L).sum(dim=-1).mean()
-                if poison:
-                    loss = loss * float('nan')
-                bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device)
-                finite = dist.allreduce_sum(bad).item() == 0
-                if finite:
-                    res = self.opt.backward(loss, stepping)
-                elif stepping:
-                    self.opt.skip()
-            if not finite:
-                res = None
-            elif res.stepped and self.ema is not None:
-                self.ema.update(self.var_wo_ddp)
-            with torch.no_grad():
-                plain_BL = ce_BL.detach() if self.label_smooth == 0 else \
-                    F.cross_entropy(logits_BLV.detach().float().transpose(1, 2), gt_BL, reduction='none')
-                vals = self._metrics(logits_BLV.detach(), gt_BL, plain_BL, prog_si).tolist()
-        finally:
-            self.var_wo_ddp.prog_si = self.quantize.prog_si = -1
+        gt_BL, x_BLCv = self.tokenize(img_B3HW, prog_si)
+        plan = self.draw_jfb(g_it)
+        sync = self.var.no_sync() if not stepping and hasattr(self.var, 'no_sync') else contextlib.nullcontext()
+        with sync:
+            with self.opt.amp_ctx():
+                logits_BLV = self.var(label_B, x_BLCv, jfb_iters=plan, prog_si=prog_si)
+            ce_BL = F.cross_entropy(logits_BLV.float().transpose(1, 2), gt_BL, reduction='none',
+                                    label_smoothing=self.label_smooth)
+            w_1L = token_weights(self.begin_ends, self.L, prog_si, prog_wp, device=ce_BL.device)
+            loss = ce_BL.mul(w_1L).sum(dim=-1).mean()
+            if self.hooks.poisons(g_it + 1):
+                loss = loss * float('nan')
+            bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device)
+            finite = dist.allreduce_sum(bad).item() == 0
+            if finite:
+                res = self.opt.backward(loss, stepping)
+            elif stepping:
+                self.opt.skip()
+        if not finite:
+            res = None
+        elif res.stepped and self.ema is not None:
+            self.ema.update(self.var_wo_ddp)
+        with torch.no_grad():
+            plain_BL = ce_BL.detach() if self.label_smooth == 0 else \
+                F.cross_entropy(logits_BLV.detach().float().transpose(1, 2), gt_BL, reduction='none')
+            vals = self._metrics(logits_BLV.detach(), gt_BL, plain_BL, prog_si).tolist()
+        n, m = plan if plan is not None else (None, None)
         return StepStats(loss=float(loss.item()), L_mean=vals[0], L_tail=vals[1], acc_mean=vals[2], acc_tail=vals[3],
                          scale_loss=vals[4:], n=n, m=m, loss_finite=finite,
                          stepped=bool(res and res.stepped), grad_norm=res.grad_norm if res else None,
@@ -176,9 +168,8 @@ class VARTrainer:
             for img_B3HW, label_B in loader:
                 img_B3HW, label_B = img_B3HW.to(dev, non_blocking=True), label_B.to(dev, non_blocking=True)
                 gt_BL, x_BLCv = self.tokenize(img_B3HW)
-                jfb = self.eval_jfb()
                 with self.opt.amp_ctx():
-                    logits_BLV = self.var_wo_ddp(label_B, x_BLCv, jfb_iters=jfb)
+                    logits_BLV = self.var_wo_ddp(label_B, x_BLCv, jfb_iters=self.var_wo_ddp.eval_sjfb())
                 ce_BL = F.cross_entropy(logits_BLV.float().transpose(1, 2), gt_BL, reduction='none')
                 v = self._metrics(logits_BLV, gt_BL, ce_BL, -1)
                 B = gt_BL.shape[0]

@@ -8,7 +8,6 @@ model code prints goes to stderr.
 import hashlib
 import json
 import os
-import resource
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional
@@ -18,35 +17,23 @@ import torch
 
 # ---------------------------------------------------------------- memory
 
-def reset_peak_rss() -> bool:
-    """Reset this process's peak resident set size (Linux `clear_refs` 5); False where unsupported."""
-    try:
-        with open('/proc/self/clear_refs', 'w') as f:
-            f.write('5')
-        return True
-    except OSError:
-        return False
+def load_project_module(name: str, relpath: str):
+    """A project module that imports nothing from the project, loaded from its file under a private name.
+
+    The official runner keeps the project's root off sys.path (both have `models` and `utils` packages),
+    so the shared memory helpers and the schedule rules are loaded this way on both sides.
+    """
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), relpath)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident set size since the last reset (VmHWM), else since the process started."""
-    try:
-        with open('/proc/self/status') as f:
-            for line in f:
-                if line.startswith('VmHWM:'):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def current_rss_bytes() -> int:
-    """Resident set size now."""
-    try:
-        with open('/proc/self/statm') as f:
-            return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
-    except OSError:
-        return 0
+memory = load_project_module('viar_project_memory', os.path.join('utils', 'memory.py'))
+reset_peak_rss, peak_rss_bytes, current_rss_bytes = memory.reset_peak_rss, memory.peak_rss_bytes, memory.current_rss_bytes
+release_freed_memory = memory.release_freed_memory
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -57,7 +44,7 @@ def reset_peak_memory(device: torch.device) -> None:
     reset_peak_rss()
 
 
-def peak_memory(device: torch.device, overall: Optional[Dict[str, int]] = None) -> Dict[str, int]:
+def peak_so_far(device: torch.device, overall: Optional[Dict[str, int]] = None) -> Dict[str, int]:
     """Peak RSS of this process (or the running maximum `timed_call` kept in `overall`), plus CUDA max
     allocated bytes on a GPU."""
     seen = (overall or {}).get('peak', 0)
@@ -67,24 +54,6 @@ def peak_memory(device: torch.device, overall: Optional[Dict[str, int]] = None) 
 
 
 # ---------------------------------------------------------------- timing
-
-def release_freed_memory() -> bool:
-    """Make RSS follow live tensors: glibc serves blocks >= 64 KiB by mmap (returned on free) and trims its heap.
-
-    Without this, memory freed by earlier calls stays resident and a later phase's peak RSS says little
-    about what that phase allocated. False where glibc is not available (peaks then stay approximate).
-    """
-    try:
-        import ctypes
-        libc = ctypes.CDLL('libc.so.6')
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
-        libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
-        libc.malloc_trim(0)
-        return True
-    except (OSError, AttributeError):
-        return False
-
 
 def memory_probe(fn: Callable[[], Any], device: torch.device, decode: 'DecodeTimer',
                  overall: Optional[Dict[str, int]] = None) -> Dict[str, int]:
@@ -193,15 +162,6 @@ def profile_call(fn: Callable[[], Any], device: torch.device, top: int = 25) -> 
     return dict(total_self_cpu_s=total, ops=[dict(name=n, self_cpu_s=c, self_device_s=d, calls=k) for n, c, d, k in ops[:top]])
 
 
-def official_counts(iter_left: int, iter_right: int, num_scales: int) -> List[int]:
-    """Iterations per scale the official knob runs: linspace over 10 points, truncated to the scales (this
-    project's iter_left/iter_right space K points; the two agree for the standard 10 scales)."""
-    import numpy as np
-    if num_scales > 10:
-        raise ValueError('the official iteration knob covers at most 10 scales')
-    return np.linspace(iter_left, iter_right, 10, dtype=int).tolist()[:num_scales]
-
-
 def digest(t: torch.Tensor) -> str:
     """Short hash of a tensor's float32 bytes: equal digests mean bit-identical outputs."""
     return hashlib.sha1(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
@@ -221,7 +181,7 @@ def sampling_handlers(setup: Callable[[Dict[str, Any]], Dict[str, Any]], st: Dic
 
     def memory(msg):
         probe = memory_probe(st['call'], st['device'], st['decode'], st['overall'])
-        return dict(peak_memory(st['device'], st['overall']), probe=probe)
+        return dict(peak_so_far(st["device"], st["overall"]), probe=probe)
 
     def profile(msg):
         return profile_call(st['call'], st['device'])

@@ -68,13 +68,18 @@ def handlers():
         sch = msg['schedule']
         if sch.get('tau') is not None:
             raise ValueError('the official sampler has no adaptive schedule')
-        counts = measure.official_counts(sch['left'], sch['right'], len(m['patch_nums']))
+        if not sch.get('knob'):
+            raise ValueError(f'schedule {sch["name"]} is not an (iter_left, iter_right) knob; the official sampler '
+                             f'takes only those two numbers')
+        left, right = sch['knob']
+        schedules = measure.load_project_module('viar_project_schedules', os.path.join('models', 'schedules.py'))
+        counts = schedules.official_iters(left, right, len(m['patch_nums']))
         if counts != list(sch['counts']):
             raise ValueError(f'schedule counts {sch["counts"]} are not what the official knob runs ({counts})')
         read_kv, _, held = kv_bytes_probe(var)
         label_B = torch.arange(msg['B'], device=device) % m['num_classes']
         kw = dict(g_seed=msg['g_seed'], cfg=msg['cfg'], top_k=msg['top_k'], top_p=msg['top_p'],
-                  iter_left=sch['left'], iter_right=sch['right'])
+                  iter_left=left, iter_right=right)
         dtype = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[msg['dtype']]
 
         def call():

@@ -28,36 +28,11 @@ MiB = 2 ** 20
 
 # ---------------------------------------------------------------- pure helpers
 
-def parse_schedule(token: str, num_scales: int, cap: int = 20, tau_json: str = '', stop_mode: str = 'rel') -> Dict[str, Any]:
-    """One schedule token -> a JSON-able dict: 'A:B' (official linspace knob), 'tau=X' or 'tau=json' (adaptive)."""
-    token = token.strip()
-    if token.startswith('tau='):
-        value = token[4:]
-        if value == 'json':
-            from models.schedules import load_tau_json
-            if not tau_json:
-                raise ValueError("schedule 'tau=json' needs --tau_json PATH (written by scripts/convergence.py)")
-            taus = load_tau_json(tau_json, num_scales)
-            label = f'Ada.(json,cap={cap})'
-        else:
-            try:
-                taus = [float(value)] * num_scales
-            except ValueError:
-                raise ValueError(f"bad schedule {token!r}: tau must be a number, e.g. tau=0.01") from None
-            label = f'Ada.(tau={taus[0]:g},cap={cap})'
-        return dict(label=label, counts=[cap] * num_scales, tau=taus, stop_mode=stop_mode, left=None, right=None)
-    try:
-        a, b = (int(t) for t in token.split(':'))
-    except ValueError:
-        raise ValueError(f"bad schedule {token!r}: use 'A:B' (e.g. 20:5) or 'tau=0.01' or 'tau=json'") from None
-    kind = 'Con.' if a == b else 'Dec.' if a > b else 'Inc.'
-    if num_scales <= 10:
-        from bench.measure import official_counts
-        counts = official_counts(a, b, num_scales)
-    else:   # beyond the official knob's reach: the project's linspace over all scales
-        from models.schedules import linspace_iters
-        counts = linspace_iters(a, b, num_scales)
-    return dict(label=f'{kind}({a},{b})', counts=counts, tau=None, stop_mode=stop_mode, left=a, right=b)
+def parse_schedules(text: str, num_scales: int, cap: int, tau_json: str = '', stop_mode: str = 'rel') -> List[Dict]:
+    """The --schedules list as JSON-able schedules (models.schedules.from_token names and counts)."""
+    from models.schedules import from_token
+    tokens = [t for t in text.split(',') if t.strip()]
+    return [from_token(t, num_scales, cap, tau_json, stop_mode).to_dict() for t in tokens]
 
 
 def timing_basis(device: str, threads: int) -> str:
@@ -194,18 +169,17 @@ def _our_handlers():
         if msg['threads']:
             torch.set_num_threads(int(msg['threads']))
         device = torch.device(msg['device'])
+        from models.config import ModelSpec
         from models.schedules import IterSchedule
-        from utils.checkpoint import load_vae_weights, load_var_weights
+        from utils.checkpoint import load_vae_weights, load_var_weights, read_checkpoint
         from utils.sample.compile_util import prepare_for_sampling
-        from utils.model_io import ModelSpec, build_models
         spec = ModelSpec.from_dict(msg['model'])
-        vae, var = build_models(spec, device)
-        sd = torch.load(msg['state_path'], map_location=device, weights_only=False)
+        vae, var = spec.build(device)
+        sd = read_checkpoint(msg['state_path'])
         load_vae_weights(vae, sd['vae'])
         load_var_weights(var, sd['var'])
         del sd
-        sch = msg['schedule']
-        schedule = IterSchedule(list(sch['counts']), tau=sch['tau'], stop_mode=sch['stop_mode'], name=sch['label'])
+        schedule = IterSchedule.from_dict(msg['schedule'])
         sampler = prepare_for_sampling(var.eval(), compile=msg['compile'], dtype=msg['dtype'])
         label_B = torch.arange(msg['B'], device=device) % spec.num_classes
         kw = dict(g_seed=msg['g_seed'], cfg=msg['cfg'], top_k=msg['top_k'], top_p=msg['top_p'], schedule=schedule,
@@ -226,35 +200,24 @@ def _our_handlers():
 # ---------------------------------------------------------------- the parent
 
 def build_parser() -> argparse.ArgumentParser:
-    from utils.sample.args import add_size_args
+    from utils.sample.config import add_model_source_args, add_sample_args
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = p.add_argument_group('models (random weights unless --var_ckpt)')
     m.add_argument('--models', type=str, default='VAR,VIAR', help='which of VAR, VIAR to run (a checkpoint fixes it)')
-    m.add_argument('--depth', type=int, default=16)
-    m.add_argument('--pre_depth', type=int, default=5, help='VIAR explicit blocks before the implicit block')
-    m.add_argument('--post_depth', type=int, default=5, help='VIAR explicit blocks after it')
     m.add_argument('--p_depth', type=int, default=None, help='sets both --pre_depth and --post_depth')
-    m.add_argument('--var_ckpt', type=str, default='', help='transformer checkpoint (slim export or official file)')
-    m.add_argument('--vae_ckpt', type=str, default='', help='VQVAE checkpoint (default: random tokenizer weights)')
     m.add_argument('--seed', type=int, default=0, help='seed of the random weights')
-    add_size_args(p)
-    s = p.add_argument_group('sampling')
+    add_model_source_args(p, skip=('use_implicit', 'ema'), defaults=dict(
+        var_ckpt='random', vae_ckpt='', device=''))
+    s = p.add_argument_group('schedules')
     s.add_argument('--schedules', type=str, default=DEFAULT_SCHEDULES,
-                   help="comma list: 'A:B' = official linspace(A, B) knob; 'tau=X' or 'tau=json' = adaptive")
-    s.add_argument('--tau_cap', type=int, default=20, help='adaptive: iteration cap per scale')
-    s.add_argument('--tau_json', type=str, default='', help="per-scale tau for 'tau=json' (convergence.py output)")
-    s.add_argument('--stop_mode', type=str, default='rel', choices=('rel', 'abs'))
+                   help="comma list: 'A:B' = the iter_left/iter_right knob (this project's K-point rule); 'A:B/10' = "
+                        "the official 10-point rule; 'tau=X' or 'tau=json' = adaptive (--tau_cap, --tau_json)")
     s.add_argument('--bs', type=int, default=4, help='images per call (the CFG batch is twice this)')
-    s.add_argument('--cfg', type=float, default=1.5)
-    s.add_argument('--top_k', type=int, default=900)
-    s.add_argument('--top_p', type=float, default=0.96)
     s.add_argument('--g_seed', type=int, default=0, help='sampling seed (same images every call)')
-    s.add_argument('--official_kv', action='store_true', help='fill_forward=False (official KV behaviour)')
+    add_sample_args(p, only=('cfg', 'top_k', 'top_p', 'tau_json', 'tau_cap', 'stop_mode', 'official_kv', 'dtype',
+                             'compile'), defaults=dict(dtype='fp32'))
     r = p.add_argument_group('run')
-    r.add_argument('--dtype', type=str, default='fp32', choices=('fp32', 'bf16', 'fp16'), help='autocast dtype')
-    r.add_argument('--device', type=str, default='', help='cpu, cuda, cuda:1; default cuda when available')
     r.add_argument('--threads', type=int, default=0, help='torch threads per child (0: torch default)')
-    r.add_argument('--compile', action='store_true', help='torch.compile the project side (utils/sample/compile_util.py)')
     r.add_argument('--warmup', type=int, default=1, help='untimed calls per child first')
     r.add_argument('--reps', type=int, default=3, help='timed calls per child')
     r.add_argument('--official', type=str, default='', metavar='PATH',
@@ -265,34 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def model_spec(args, use_implicit: bool):
-    """ModelSpec from the flags for one model kind."""
-    from utils.model_io import ModelSpec
-    spec = ModelSpec(depth=args.depth, use_implicit=use_implicit, pre_depth=args.pre_depth, post_depth=args.post_depth)
-    for field_name, flag in dict(embed_dim='width', num_heads='heads', patch_nums='patch_nums', V='V', Cvae='Cvae',
-                                 vae_ch='vae_ch', vae_ch_mult='vae_ch_mult', vae_num_res_blocks='vae_num_res_blocks',
-                                 num_classes='num_classes').items():
-        if getattr(args, flag, None) is not None:
-            setattr(spec, field_name, getattr(args, flag))
-    return spec
-
-
-def write_state(args, kind: str, tmpdir: str):
+def write_state(source, kind: str, tmpdir: str, seed: int):
     """Build (or load) one model pair, save both state dicts for the children; returns (spec, path)."""
+    import dataclasses
     import torch
-    from utils.model_io import load_models, build_models
-    if args.var_ckpt:
-        vae, var, spec = load_models(args.var_ckpt, args.vae_ckpt, model_spec(args, kind == 'VIAR'), random_vae_ok=True)
-    else:
-        spec = model_spec(args, kind == 'VIAR')
-        torch.manual_seed(args.seed)
-        vae, var = build_models(spec, 'cpu')
-        if args.vae_ckpt:
-            from utils.checkpoint import load_vae_weights
-            load_vae_weights(vae, args.vae_ckpt)
+    from utils.model_io import load_or_build
+    loaded = load_or_build(dataclasses.replace(source, use_implicit=kind == 'VIAR'), 'cpu', random_vae_ok=True,
+                           seed=seed)
     path = os.path.join(tmpdir, f'{kind}.pt')
-    torch.save({'vae': vae.state_dict(), 'var': var.state_dict()}, path)
-    return spec, path
+    torch.save({'vae': loaded.vae.state_dict(), 'var': loaded.var.state_dict()}, path)
+    return loaded.spec, path
 
 
 def run_config(args, spec, state_path: str, schedule: Dict[str, Any], device: str) -> Dict[str, Any]:
@@ -304,6 +249,7 @@ def run_config(args, spec, state_path: str, schedule: Dict[str, Any], device: st
     msg = dict(model=spec.to_dict(), state_path=state_path, schedule=schedule, B=args.bs, dtype=args.dtype,
                device=device, threads=args.threads, g_seed=args.g_seed, cfg=args.cfg, top_k=args.top_k,
                top_p=args.top_p, fill_forward=not args.official_kv, compile=args.compile)
+    is_viar = spec.kind == 'VIAR'
     kids = {'ours': Child([sys.executable, os.path.abspath(__file__), '--serve'], 'project', env=env, cwd=ROOT)}
     if args.official and schedule['tau'] is None:
         kids['official'] = Child([sys.executable, os.path.join(ROOT, 'bench', 'official_runner.py'),
@@ -321,8 +267,8 @@ def run_config(args, spec, state_path: str, schedule: Dict[str, Any], device: st
     finally:
         for c in kids.values():
             c.close()
-    row = dict(model='VIAR' if spec.use_implicit else 'VAR', schedule=schedule['label'] if spec.use_implicit else '-',
-               counts=schedule['counts'] if spec.use_implicit else None)
+    row = dict(model=spec.kind, schedule=schedule['name'] if is_viar else '-',
+               counts=schedule['counts'] if is_viar else None)
     for k in kids:
         last = reps[k][-1]
         row[k] = dict(summarise(reps[k], args.bs, timing_basis(device, args.threads)),
@@ -330,7 +276,7 @@ def run_config(args, spec, state_path: str, schedule: Dict[str, Any], device: st
                       rss_after_build_bytes=built[k]['rss_after_build_bytes'], **mem[k])
         if k in prof:
             row[k]['profile'] = prof[k]
-    row['iters_used'] = reps['ours'][-1]['iters'] if spec.use_implicit else None
+    row['iters_used'] = reps['ours'][-1]['iters']
     if 'official' in row:
         row['ratio'] = ratio(row['ours']['images_per_s'], row['official']['images_per_s'])
         row['transformer_ratio'] = ratio(row['ours']['transformer_images_per_s'], row['official']['transformer_images_per_s'])
@@ -358,42 +304,49 @@ def machine_name() -> str:
 
 def main(argv=None):
     import torch
-    from utils.sample.args import resolve_device
-    args = build_parser().parse_args(argv)
+    from models.schedules import DEFAULT_CAP
+    from utils.atomic import write_json_atomic
+    from utils.checkpoint import CheckpointError
+    from utils.model_io import peek_spec
+    from utils.sample.compile_util import SamplingError
+    from utils.sample.config import parse, resolve_device
+    args, source, sample = parse(build_parser(), argv, schedule_list=True)
     if args.p_depth is not None:
-        args.pre_depth = args.post_depth = args.p_depth
-    device = resolve_device(args.device)
-    if args.compile and args.warmup < 1:
+        source.pre_depth = source.post_depth = args.p_depth
+    device = resolve_device(source.device)
+    if sample.compile and args.warmup < 1:
         raise SystemExit('--compile needs --warmup >= 1: the first call compiles')
     if args.official and not os.path.isdir(os.path.join(args.official, 'models')):
         raise SystemExit(f'--official {args.official}: not a checkout of the official code (no models/ folder there)')
     kinds = [k.strip().upper() for k in args.models.split(',') if k.strip()]
     if not kinds or any(k not in ('VAR', 'VIAR') for k in kinds):
         raise SystemExit(f'--models must list VAR and/or VIAR, got {args.models!r}')
-    tokens = [t for t in args.schedules.split(',') if t.strip()]
-    try:   # fail on a bad token before any model is built
-        [parse_schedule(t, len(model_spec(args, True).patch_nums), args.tau_cap, args.tau_json, args.stop_mode)
-         for t in tokens]
-    except ValueError as e:
+    try:   # fail on a bad token before any model is built, on the scales of the model that will run
+        K = len(peek_spec(source).patch_nums)
+        cap = sample.tau_cap or DEFAULT_CAP
+        scheds = parse_schedules(args.schedules, K, cap, sample.tau_json, sample.stop_mode)
+    except (ValueError, SamplingError, CheckpointError) as e:
         raise SystemExit(f'--schedules: {e}') from None
+    if args.official and K != 10 and any(s['knob'] and not s['name'].endswith('/10') and s['knob'][0] != s['knob'][1]
+                                         for s in scheds):
+        raise SystemExit("--official on a model with K != 10 scales: 'A:B' runs this project's K-point rule, which "
+                         "the official sampler cannot; write 'A:B/10' for the official 10-point rule")
     os.makedirs(args.out, exist_ok=True)
     load_start = ' '.join(f'{x:.1f}' for x in os.getloadavg())
     rows = []
     with tempfile.TemporaryDirectory(prefix='sample_speed_') as tmp:
         for kind in kinds:
-            spec, state_path = write_state(args, kind, tmp)
-            if args.var_ckpt and (kind == 'VIAR') != spec.use_implicit:
-                print(f'skipping {kind}: the checkpoint is a {"VIAR" if spec.use_implicit else "VAR"}', file=sys.stderr)
-                continue
-            K = len(spec.patch_nums)
             try:
-                scheds = [parse_schedule(t, K, args.tau_cap, args.tau_json, args.stop_mode)
-                          for t in tokens] if kind == 'VIAR' else \
-                    [dict(label='-', counts=[0] * K, tau=None, stop_mode='rel', left=0, right=0)]
-            except ValueError as e:
-                raise SystemExit(f'--schedules: {e}') from None
-            for sched in scheds:
-                print(f'[sample_speed] {kind} {sched["label"]} ...', file=sys.stderr, flush=True)
+                spec, state_path = write_state(source, kind, tmp, args.seed)
+            except CheckpointError as e:
+                raise SystemExit(f'error: {e}') from None
+            if spec.kind != kind:
+                print(f'skipping {kind}: the checkpoint is a {spec.kind}', file=sys.stderr)
+                continue
+            configs = scheds if kind == 'VIAR' else [dict(name='-', counts=[0] * K, tau=None, stop_mode='rel',
+                                                          min_iters=1, knob=None)]
+            for sched in configs:
+                print(f'[sample_speed] {kind} {sched["name"]} ...', file=sys.stderr, flush=True)
                 rows.append(run_config(args, spec, state_path, sched, str(device)))
                 print(f'[sample_speed]   ours {rows[-1]["ours"]["images_per_s"]:.3f} img/s'
                       + (f', official {rows[-1]["official"]["images_per_s"]:.3f} img/s' if rows[-1].get('official') else ''),
@@ -401,16 +354,15 @@ def main(argv=None):
     last_spec = spec
     meta = dict(machine=torch.cuda.get_device_name(device) if device.type == 'cuda' else machine_name(),
                 device=str(device), threads=args.threads or torch.get_num_threads(), dtype=args.dtype, B=args.bs,
-                depth=last_spec.depth, width=last_spec.embed_dim or 64 * last_spec.depth,
+                depth=last_spec.depth, width=last_spec.width,
                 pre_depth=last_spec.pre_depth, post_depth=last_spec.post_depth, patch_nums=list(last_spec.patch_nums),
-                image_px=last_spec.patch_nums[-1] * 2 ** (len(last_spec.vae_ch_mult) - 1), var_ckpt=args.var_ckpt,
+                image_px=last_spec.image_px, var_ckpt='' if source.var_ckpt == 'random' else source.var_ckpt,
                 warmup=args.warmup, reps=args.reps, compile=args.compile, official=args.official or None,
                 basis=timing_basis(str(device), args.threads),
                 cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, fill_forward=not args.official_kv,
                 load_avg=f"{load_start} -> {' '.join(f'{x:.1f}' for x in os.getloadavg())}", torch=torch.__version__)
     result = dict(meta=meta, rows=rows)
-    with open(os.path.join(args.out, 'sample_speed.json'), 'w') as f:
-        json.dump(result, f, indent=1)
+    write_json_atomic(result, os.path.join(args.out, 'sample_speed.json'), indent=1)
     table = markdown_table(result)
     with open(os.path.join(args.out, 'sample_speed.md'), 'w') as f:
         f.write(table)

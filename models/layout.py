@@ -6,6 +6,10 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+# the official token pyramids by image side (VAR's --pn 256 / 512 / 1024)
+PYRAMIDS = {256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 512: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32),
+            1024: (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)}
+
 
 def scale_begin_ends(patch_nums: Sequence[int]) -> List[Tuple[int, int]]:
     """Token range [begin, end) of each scale in the flattened sequence."""

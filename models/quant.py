@@ -143,7 +143,6 @@ class VectorQuantizer2(nn.Module):
         self.record_hit = 0  # number of per-scale EMA updates so far (not saved, as in the official code)
         self.last_hit_SV: Optional[torch.Tensor] = None
         self.embedding = nn.Embedding(vocab_size, Cvae)
-        self.prog_si = -1  # progressive training: only scales <= prog_si are used; -1 means all
 
     def eini(self, eini: float) -> None:
         """Initialise the codebook: trunc-normal with std eini if > 0, uniform +-|eini|/V if < 0."""
@@ -259,9 +258,12 @@ class VectorQuantizer2(nn.Module):
                     ls_f_hat_BChw.append(f_hat)
         return f_hat if last_one else ls_f_hat_BChw
 
-    def f_to_idxBl_or_fhat(self, f_BChw: torch.Tensor, to_fhat: bool, v_patch_nums: Optional[PatchNums] = None
-                           ) -> List[torch.Tensor]:
-        """Quantize f scale by scale; per scale either the token indices (B, l) or f_hat (B, C, H, W) so far."""
+    def f_to_idxBl_or_fhat(self, f_BChw: torch.Tensor, to_fhat: bool, v_patch_nums: Optional[PatchNums] = None,
+                           prog_si: int = -1) -> List[torch.Tensor]:
+        """Quantize f scale by scale; per scale either the token indices (B, l) or f_hat (B, C, H, W) so far.
+
+        prog_si >= 0 (progressive training) stops after scale prog_si.
+        """
         B, C, H, W = f_BChw.shape
         patch_hws = to_patch_hws(v_patch_nums or self.v_patch_nums)
         if patch_hws[-1] != (H, W):
@@ -272,7 +274,7 @@ class VectorQuantizer2(nn.Module):
         out: List[torch.Tensor] = []
         SN = len(patch_hws)
         for si, (ph, pw) in enumerate(patch_hws):
-            if 0 <= self.prog_si < si:
+            if 0 <= prog_si < si:
                 break
             idx_Bl, h_BChw = self._quantize_scale(f_rest, ph, pw, last=si == SN - 1)
             h_BChw = self.phi(si, SN)(h_BChw)
@@ -282,14 +284,17 @@ class VectorQuantizer2(nn.Module):
         return out
 
     # ------------------------------------------------------------------ VAR inputs
-    def idxBl_to_var_input(self, gt_ms_idx_Bl: List[torch.Tensor]) -> torch.Tensor:
-        """Teacher-forcing input (B, L - first_l, C) float32: f_hat after scales < k, area-pooled to scale k."""
+    def idxBl_to_var_input(self, gt_ms_idx_Bl: List[torch.Tensor], prog_si: int = -1) -> torch.Tensor:
+        """Teacher-forcing input (B, L - first_l, C) float32: f_hat after scales < k, area-pooled to scale k.
+
+        prog_si >= 0 (progressive training) stops at the input of scale prog_si.
+        """
         B, C, SN = gt_ms_idx_Bl[0].shape[0], self.Cvae, len(self.v_patch_nums)
         H = W = self.v_patch_nums[-1]
         f_hat = gt_ms_idx_Bl[0].new_zeros(B, C, H, W, dtype=torch.float32)
         next_scales = []
         for si in range(SN - 1):
-            if self.prog_si == 0 or 0 <= self.prog_si - 1 < si:
+            if prog_si == 0 or 0 <= prog_si - 1 < si:
                 break
             pn, pn_next = self.v_patch_nums[si], self.v_patch_nums[si + 1]
             h_BChw = self.embedding(gt_ms_idx_Bl[si]).transpose(1, 2).reshape(B, C, pn, pn)

@@ -1,18 +1,48 @@
-"""Per-scale iteration schedules of the implicit block at inference (pure arithmetic).
+"""Per-scale iteration schedules of the implicit block at inference (pure arithmetic), and their names.
 
-The official knob is `iter_left, iter_right`: counts = linspace(left, right, K) cast to int
-(numpy truncation), so Con.(c, c) and Dec.(a, b) are both this knob. Beyond it: an explicit
-per-scale list, and an adaptive rule that stops a scale once the residual reaches `tau`.
+The knob is `iter_left, iter_right`. Two rules turn it into counts, and they have different names:
+- `linspace_iters` (this project's `--iter_left/--iter_right`): linspace(left, right, K) over the K scales,
+  cast to int. Named Con.(c,c), Dec.(a,b) or Inc.(a,b).
+- `official_iters` (what the official sampler runs): linspace(left, right, 10) cast to int, then the
+  first K values, whatever K is. Named with a '/10' suffix: Dec.(8,2)/10.
+For the standard 10 scales the two rules give the same counts and the plain name is used. Beyond the
+knob: an explicit per-scale list, and an adaptive rule that stops a scale once the residual reaches tau.
+Every tool prints a schedule with `IterSchedule.describe()`: its name and the counts it runs.
 """
+import json
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+OFFICIAL_POINTS = 10      # the official sampler's linspace always has 10 points
+DEFAULT_CAP = 20          # adaptive schedules: iteration cap per scale unless given
+
 
 def linspace_iters(iter_left: int, iter_right: int, num_scales: int) -> List[int]:
-    """Official schedule: np.linspace(left, right, K) truncated to int, e.g. Dec.(10,5) -> 10,9,8,8,7,7,6,6,5,5."""
+    """This project's knob rule: linspace(left, right, K) truncated to int, e.g. Dec.(10,5) -> 10,9,8,8,7,7,6,6,5,5."""
     return np.linspace(iter_left, iter_right, num_scales, dtype=int).tolist()
+
+
+def official_iters(iter_left: int, iter_right: int, num_scales: int) -> List[int]:
+    """The official sampler's rule: linspace(left, right, 10) truncated to int, then its first K values.
+
+    For K = 10 this equals `linspace_iters`; for K < 10 the official code never reaches iter_right
+    (Dec.(8,2) on 4 scales runs 8,7,6,6, where linspace_iters runs 8,6,4,2); K > 10 it cannot run.
+
+    >>> official_iters(8, 2, 4), linspace_iters(8, 2, 4)
+    ([8, 7, 6, 6], [8, 6, 4, 2])
+    """
+    if num_scales > OFFICIAL_POINTS:
+        raise ValueError(f'the official iteration knob covers at most {OFFICIAL_POINTS} scales, not {num_scales}')
+    return np.linspace(iter_left, iter_right, OFFICIAL_POINTS, dtype=int).tolist()[:num_scales]
+
+
+def knob_name(iter_left: int, iter_right: int, official: bool = False, num_scales: int = OFFICIAL_POINTS) -> str:
+    """Con.(c,c), Dec.(a,b) or Inc.(a,b); the official 10-point rule adds '/10' where it differs (K != 10)."""
+    kind = 'Con.' if iter_left == iter_right else 'Dec.' if iter_left > iter_right else 'Inc.'
+    suffix = f'/{OFFICIAL_POINTS}' if official and num_scales != OFFICIAL_POINTS and iter_left != iter_right else ''
+    return f'{kind}({iter_left},{iter_right}){suffix}'
 
 
 @dataclass(frozen=True)
@@ -21,21 +51,28 @@ class IterSchedule:
 
     fixed: `counts` per scale. adaptive (`tau` set): iterate until the residual
     ||G(z) - z|| (divided by ||G(z)|| when stop_mode == 'rel') is <= tau[k], at least
-    `min_iters` and at most `counts[k]` (the cap) iterations.
+    `min_iters` and at most `counts[k]` (the cap) iterations. `knob` records the (iter_left, iter_right)
+    it came from, if any (the official sampler takes those two numbers).
     """
     counts: List[int]
     tau: Optional[List[float]] = None
     stop_mode: str = 'rel'
     min_iters: int = 1
     name: str = field(default='', compare=False)
+    knob: Optional[Tuple[int, int]] = field(default=None, compare=False)
 
     def __post_init__(self):
         if any(c < 0 for c in self.counts):
             raise ValueError(f'iteration counts must be >= 0, got {self.counts}')
-        if self.tau is not None and len(self.tau) != len(self.counts):
-            raise ValueError(f'need one tau per scale ({len(self.counts)}), got {len(self.tau)}')
+        if self.tau is not None:
+            if len(self.tau) != len(self.counts):
+                raise ValueError(f'need one tau per scale ({len(self.counts)}), got {len(self.tau)}')
+            if any(not t >= 0 for t in self.tau):
+                raise ValueError(f'tau must be >= 0 (a residual is never below 0), got {self.tau}')
         if self.stop_mode not in ('rel', 'abs'):
             raise ValueError(f"stop_mode must be 'rel' or 'abs', got {self.stop_mode!r}")
+        if self.min_iters < 0:
+            raise ValueError(f'min_iters must be >= 0, got {self.min_iters}')
 
     @property
     def adaptive(self) -> bool:
@@ -46,23 +83,50 @@ class IterSchedule:
         return max(self.counts) if self.counts else 0
 
     def label(self) -> str:
-        """Short human label like the paper's: Con.(10,10), Dec.(20,5), list or adaptive."""
+        """Short human label like the paper's: Con.(10,10), Dec.(20,5), a list or adaptive."""
         if self.name:
             return self.name
         if self.adaptive:
-            return f'Ada.(tau={self.tau[-1]:g},cap={self.max_iters})'
+            taus = sorted(set(self.tau), key=self.tau.index)
+            tau = ','.join(f'{t:g}' for t in taus)
+            caps = sorted(set(self.counts))
+            cap = str(caps[0]) if len(caps) == 1 else ','.join(map(str, self.counts))
+            return f'Ada.(tau={tau};cap={cap})'
         return 'Iters(' + ','.join(map(str, self.counts)) + ')'
+
+    def describe(self) -> str:
+        """The label and what runs, e.g. 'Dec.(8,2): 8,6,4,2 iterations per scale'."""
+        counts = ','.join(map(str, self.counts))
+        text = f'{self.label()}: ' + (f'up to {counts}' if self.adaptive else counts) + ' iterations per scale'
+        if self.adaptive and self.stop_mode == 'abs':
+            text += ' (absolute residual)'
+        idle = [k + 1 for k, c in enumerate(self.counts) if c == 0]
+        if idle:
+            text += f'; scale{"s" if len(idle) > 1 else ""} {",".join(map(str, idle))} skip{"" if len(idle) > 1 else "s"} ' \
+                    f'the implicit block'
+        return text
+
+    def to_dict(self) -> dict:
+        """JSON-able form (for reports and child processes)."""
+        return dict(counts=list(self.counts), tau=self.tau, stop_mode=self.stop_mode, min_iters=self.min_iters,
+                    name=self.label(), knob=list(self.knob) if self.knob else None)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> 'IterSchedule':
+        return cls(list(d['counts']), tau=d.get('tau'), stop_mode=d.get('stop_mode', 'rel'),
+                   min_iters=d.get('min_iters', 1), name=d.get('name', ''),
+                   knob=tuple(d['knob']) if d.get('knob') else None)
 
 
 def constant(c: int, num_scales: int) -> IterSchedule:
     """Con.(c, c)."""
-    return IterSchedule(linspace_iters(c, c, num_scales), name=f'Con.({c},{c})')
+    return decreasing(c, c, num_scales)
 
 
-def decreasing(a: int, b: int, num_scales: int) -> IterSchedule:
-    """Dec.(a, b) with the official rounding (also any linspace knob)."""
-    kind = 'Con.' if a == b else 'Dec.' if a > b else 'Inc.'
-    return IterSchedule(linspace_iters(a, b, num_scales), name=f'{kind}({a},{b})')
+def decreasing(a: int, b: int, num_scales: int, official: bool = False) -> IterSchedule:
+    """The (a, b) knob under this project's K-point rule, or the official 10-point rule (`official=True`)."""
+    rule = official_iters if official else linspace_iters
+    return IterSchedule(rule(a, b, num_scales), name=knob_name(a, b, official, num_scales), knob=(a, b))
 
 
 def explicit(counts: Sequence[int], num_scales: int) -> IterSchedule:
@@ -80,37 +144,85 @@ def adaptive(tau: Union[float, Sequence[float]], cap: Union[int, Sequence[int]],
     caps = [int(cap)] * num_scales if np.isscalar(cap) else [int(c) for c in cap]
     if len(caps) != num_scales:
         raise ValueError(f'need one cap per scale ({num_scales}), got {len(caps)}')
+    if any(c < 1 for c in caps):
+        raise ValueError(f'the adaptive cap must be >= 1 iteration per scale, got {caps}')
     return IterSchedule(caps, tau=taus, stop_mode=stop_mode, min_iters=min_iters)
 
 
 def parse_int_list(text: str) -> List[int]:
     """'20,18,16' or '20_18_16' -> [20, 18, 16]."""
-    return [int(t) for t in text.replace('_', ',').split(',') if t.strip()]
+    try:
+        return [int(t) for t in text.replace('_', ',').split(',') if t.strip()]
+    except ValueError:
+        raise ValueError(f'expected comma-separated integers, got {text!r}') from None
 
 
 def parse_float_list(text: str) -> List[float]:
     """'0.01,0.02' -> [0.01, 0.02]."""
-    return [float(t) for t in text.replace('_', ',').split(',') if t.strip()]
+    try:
+        return [float(t) for t in text.replace('_', ',').split(',') if t.strip()]
+    except ValueError:
+        raise ValueError(f'expected comma-separated numbers, got {text!r}') from None
+
+
+def positive_taus(taus: Sequence[float]) -> List[float]:
+    """A command line's tau values, which must be > 0 (tau = 0 never stops early: use a fixed schedule)."""
+    if any(not t > 0 for t in taus):
+        raise ValueError(f'tau must be > 0 (0 never stops early: give a fixed schedule instead), got {list(taus)}')
+    return list(taus)
 
 
 def from_cli(num_scales: int, iter_left: int = 10, iter_right: int = 10, iters: str = '',
              tau: str = '', tau_json: str = '', cap: int = 0, stop_mode: str = 'rel') -> IterSchedule:
-    """One schedule from the sampling scripts' flags; the official knob when nothing else is given."""
+    """One schedule from the sampling scripts' flags; the knob (K-point rule) when nothing else is given."""
     if tau or tau_json:
-        taus = load_tau_json(tau_json, num_scales) if tau_json else parse_float_list(tau)
+        taus = positive_taus(load_tau_json(tau_json, num_scales) if tau_json else parse_float_list(tau))
         taus = taus * num_scales if len(taus) == 1 else taus
-        caps = parse_int_list(iters) if iters else [cap or max(iter_left, iter_right)] * num_scales
+        caps = parse_int_list(iters) if iters else [cap or DEFAULT_CAP] * num_scales
         return adaptive(taus, caps, num_scales, stop_mode=stop_mode)
     if iters:
         return explicit(parse_int_list(iters), num_scales)
     return decreasing(iter_left, iter_right, num_scales)
 
 
+def from_token(token: str, num_scales: int, cap: int = DEFAULT_CAP, tau_json: str = '',
+               stop_mode: str = 'rel') -> IterSchedule:
+    """One schedule of a benchmark list: 'A:B' (the knob, K-point rule), 'A:B/10' (the official 10-point rule),
+    'tau=X' or 'tau=json' (adaptive, per-scale tau from convergence.py's JSON)."""
+    token = token.strip()
+    if token.startswith('tau='):
+        value = token[4:]
+        if value == 'json':
+            if not tau_json:
+                raise ValueError("schedule 'tau=json' needs --tau_json PATH (written by scripts/convergence.py)")
+            return adaptive(positive_taus(load_tau_json(tau_json, num_scales)), cap, num_scales, stop_mode=stop_mode)
+        try:
+            taus = positive_taus(parse_float_list(value))
+        except ValueError as e:
+            raise ValueError(f'bad schedule {token!r}: ' + (str(e) if 'tau' in str(e) else
+                                                            'tau must be a number, e.g. tau=0.01')) from None
+        if len(taus) != 1:
+            raise ValueError(f'bad schedule {token!r}: one tau per token (use tau=json for one per scale)')
+        return adaptive(taus[0], cap, num_scales, stop_mode=stop_mode)
+    official = token.endswith(f'/{OFFICIAL_POINTS}')
+    try:
+        a, b = (int(t) for t in token[:-3 if official else None].split(':'))
+    except ValueError:
+        raise ValueError(f"bad schedule {token!r}: use 'A:B' (e.g. 20:5), 'A:B/10' (official 10-point rule), "
+                         f"'tau=0.01' or 'tau=json'") from None
+    return decreasing(a, b, num_scales, official=official)
+
+
 def load_tau_json(path: str, num_scales: int) -> List[float]:
-    """Per-scale tau from convergence.py's JSON (key 'suggested_tau')."""
-    import json
-    with open(path) as f:
-        taus = json.load(f).get('suggested_tau')
-    if not taus or len(taus) != num_scales:
-        raise ValueError(f'{path} has no "suggested_tau" list of {num_scales} values; run scripts/convergence.py first')
+    """Per-scale tau from convergence.py's JSON (key 'suggested_tau'), one value per scale of the model."""
+    try:
+        with open(path) as f:
+            taus = json.load(f).get('suggested_tau')
+    except (OSError, ValueError) as e:
+        raise ValueError(f'cannot read {path}: {e}') from None
+    if not taus:
+        raise ValueError(f'{path} has no "suggested_tau" list; run scripts/convergence.py first')
+    if len(taus) != num_scales:
+        raise ValueError(f'{path} lists {len(taus)} tau values but this model has {num_scales} scales; '
+                         f'run scripts/convergence.py on this model')
     return [float(t) for t in taus]

@@ -53,7 +53,6 @@ class VARBase(nn.Module):
         self.Cvae, self.V = vae_local.Cvae, vae_local.vocab_size
         self.depth, self.C, self.D, self.num_heads = depth, embed_dim, embed_dim, num_heads
         self.num_classes, self.cond_drop_rate = num_classes, cond_drop_rate
-        self.prog_si = -1   # progressive training: >= 0 trains only scales [0, prog_si]
         self.patch_nums: Tuple[int, ...] = tuple(patch_nums)
         self.L, self.first_l = num_tokens(self.patch_nums), self.patch_nums[0] ** 2
         self.begin_ends = scale_begin_ends(self.patch_nums)
@@ -80,6 +79,45 @@ class VARBase(nn.Module):
         self.head_nm = AdaLNBeforeHead(self.C, self.D, norm_eps=norm_eps)
         self.head = nn.Linear(self.C, self.V)
         self.reset_embeddings()
+
+    # ---- what differs between VAR and VIAR, answered by the class ----
+    kind = 'VAR'
+
+    def sjfb_plan(self, step: Optional[int] = None, seed: int = 0) -> Optional[Tuple[int, int]]:
+        """S-JFB iterations (n without grad, m with grad) of a training step; None: no implicit block."""
+        return None
+
+    def eval_sjfb(self) -> Optional[Tuple[int, int]]:
+        """Fixed S-JFB iterations for validation; None: no implicit block."""
+        return None
+
+    def scale_loop_modules(self) -> List[nn.Module]:
+        """The modules whose forward runs in the sampling scale loop (what compile targets)."""
+        return [*self.backbone_blocks(), self.head_nm]
+
+    def run_name_head(self) -> str:
+        """Head of the official sample-folder name: 'd<depth>' for VAR, 'implicit' for VIAR."""
+        return f'd{self.depth}'
+
+    def describe(self) -> str:
+        """One line for logs: kind, depth, width, heads, scales, classes."""
+        return (f'{self.kind} depth {self.depth}{self._blocks_text()}, width {self.C}, {self.num_heads} heads, '
+                f'{len(self.patch_nums)} scales, {self.num_classes} classes')
+
+    def _blocks_text(self) -> str:
+        return ''
+
+    def schedule_note(self, schedule: IterSchedule) -> str:
+        """How this model uses an iteration schedule, for banners and reports."""
+        return 'no implicit block: iteration schedules do nothing'
+
+    def schedule_settings(self, schedule: IterSchedule, fill_forward: bool, solver: Optional[SolverSpec] = None) -> dict:
+        """The schedule (and solver) values that decide this model's samples ({} when it has no implicit block)."""
+        return {}
+
+    def register_iterate_hook(self, fn):
+        """fn(z_t, z_next) after every implicit iteration during sampling; VIAR only."""
+        raise ValueError(f'{self.describe()} has no implicit block to watch; this needs a VIAR')
 
     # ---- backbone interface (subclasses) ----
     def build_backbone(self):
@@ -122,13 +160,14 @@ class VARBase(nn.Module):
         return self.head(self.head_nm(h_BLC.float(), ada_head).float()).float()
 
     def forward(self, label_B: torch.LongTensor, x_BLCv_wo_first_l: torch.Tensor,
-                jfb_iters: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+                jfb_iters: Optional[Tuple[int, int]] = None, prog_si: int = -1) -> torch.Tensor:
         """Teacher forcing: logits_BLV for every token given the ground-truth earlier scales.
 
         x_BLCv_wo_first_l: (B, L - first_l, Cv) from `vae.quantize.idxBl_to_var_input`.
-        jfb_iters: (n, m) S-JFB iterations for VIAR (ignored by VAR); None draws them.
+        jfb_iters: (n, m) S-JFB iterations for VIAR (ignored by VAR); None draws them (`sjfb_plan()`).
+        prog_si >= 0 (progressive training): only scales 0..prog_si, so L becomes that scale's end.
         """
-        ed = self.begin_ends[self.prog_si][1] if self.prog_si >= 0 else self.L
+        ed = self.begin_ends[prog_si][1] if prog_si >= 0 else self.L
         B = x_BLCv_wo_first_l.shape[0]
         with torch.autocast(label_B.device.type, enabled=False):
             drop_B = torch.rand(B, device=label_B.device) < self.cond_drop_rate

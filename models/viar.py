@@ -5,6 +5,7 @@ Each iteration is z <- f(Proj([z, x]), c): x is the pre-blocks' output (input in
 z0 = x, Proj = Linear(2C, 2C) -> GELU(tanh) -> Linear(2C, C). Training uses S-JFB: n iterations
 without grad, then m with grad, so memory does not grow with the effective depth.
 """
+import dataclasses
 import random
 from typing import List, Optional, Tuple
 
@@ -12,16 +13,29 @@ import torch
 import torch.nn as nn
 
 from models.blocks import AdaLNSelfAttn
-from models.jfb import draw_jfb_iters
+from models.jfb import draw_jfb_iters, step_rng
 from models.kv_cache import IterKVCaches, KVCache
+from models.schedules import IterSchedule
 from models.solver import SolverSpec
 from models.var import VARBase
+
+
+class _Handles:
+    """Several hook handles removed together."""
+
+    def __init__(self, handles):
+        self.handles = handles
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
 
 
 class VIAR(VARBase):
     """pre_depth explicit blocks, one implicit block, post_depth explicit blocks."""
 
     use_implicit = True
+    kind = 'VIAR'
 
     def __init__(self, vae_local, pre_depth: int = 5, post_depth: int = 5,
                  jfb_no_grad: Tuple[int, int] = (0, 10), jfb_with_grad: Tuple[int, int] = (1, 12), **kw):
@@ -45,6 +59,49 @@ class VIAR(VARBase):
     def backbone_blocks(self) -> List[AdaLNSelfAttn]:
         return [*self.pre_blocks, self.implicit_block, *self.post_blocks]
 
+    # ---- answers to the questions VARBase asks
+    def sjfb_plan(self, step: Optional[int] = None, seed: int = 0) -> Tuple[int, int]:
+        """(n, m) of a training step: identical on every rank for a given (seed, step); step=None draws from
+        Python's global `random`, which is seeded per rank (the official code's draw)."""
+        return draw_jfb_iters(random if step is None else step_rng(seed, step), self.jfb_no_grad, self.jfb_with_grad)
+
+    def eval_sjfb(self) -> Tuple[int, int]:
+        """The rounded means of the S-JFB ranges."""
+        (n0, n1), (m0, m1) = self.jfb_no_grad, self.jfb_with_grad
+        return round((n0 + n1) / 2), round((m0 + m1) / 2)
+
+    def scale_loop_modules(self) -> List[nn.Module]:
+        return [*super().scale_loop_modules(), self.implicit_block_projection]
+
+    def run_name_head(self) -> str:
+        return 'implicit'
+
+    def _blocks_text(self) -> str:
+        return f' ({self.pre_depth} pre + implicit + {self.post_depth} post)'
+
+    def schedule_note(self, schedule: IterSchedule) -> str:
+        return f'schedule {schedule.describe()}'
+
+    def schedule_settings(self, schedule: IterSchedule, fill_forward: bool, solver: Optional[SolverSpec] = None) -> dict:
+        out = dict(counts=list(schedule.counts), tau=schedule.tau, stop_mode=schedule.stop_mode,
+                   min_iters=schedule.min_iters, fill_forward=fill_forward)
+        if solver is not None and solver != SolverSpec():   # the default keeps folders of earlier runs resumable
+            out['solver'] = dataclasses.asdict(solver)
+        return out
+
+    def register_iterate_hook(self, fn):
+        """fn(z_t, z_next) after every implicit iteration; returns a handle whose remove() detaches it."""
+        seen = {}
+
+        def before(module, args):   # the projection's input is cat(z_t, x)
+            seen['z'] = args[0][..., :self.C]
+
+        def after(module, args, out):
+            fn(seen.pop('z'), out)
+
+        return _Handles([self.implicit_block_projection.register_forward_pre_hook(before),
+                         self.implicit_block.register_forward_hook(after)])
+
     def _split(self, items):
         p = self.pre_depth
         return items[:p], items[p], items[p + 1:]
@@ -57,7 +114,7 @@ class VIAR(VARBase):
         ada_pre, ada_imp, ada_post = self._split(ada)
         for block, a in zip(self.pre_blocks, ada_pre):
             x_BLC = self._run_block(block, x_BLC, a, attn_bias)
-        n, m = jfb_iters if jfb_iters is not None else draw_jfb_iters(random, self.jfb_no_grad, self.jfb_with_grad)
+        n, m = jfb_iters if jfb_iters is not None else self.sjfb_plan()
         inj_BLC = x_BLC
         with torch.no_grad():   # n iterations that cost no activation memory
             z_BLC = x_BLC.detach()

@@ -72,10 +72,11 @@ class VQVAE(nn.Module):
         """Decode f_hat (B, Cvae, h, w) to an image (B, 3, H, W) clamped to [-1, 1]."""
         return self.decoder(self.post_quant_conv(f_hat)).clamp_(-1, 1)
 
-    def img_to_idxBl(self, inp_img_no_grad: torch.Tensor, v_patch_nums: Optional[PatchNums] = None
-                     ) -> List[torch.LongTensor]:
-        """Token indices per scale, each (B, pn * pn), smallest scale first."""
-        return self.quantize.f_to_idxBl_or_fhat(self.img_to_f(inp_img_no_grad), to_fhat=False, v_patch_nums=v_patch_nums)
+    def img_to_idxBl(self, inp_img_no_grad: torch.Tensor, v_patch_nums: Optional[PatchNums] = None,
+                     prog_si: int = -1) -> List[torch.LongTensor]:
+        """Token indices per scale, each (B, pn * pn), smallest scale first (up to scale prog_si if >= 0)."""
+        return self.quantize.f_to_idxBl_or_fhat(self.img_to_f(inp_img_no_grad), to_fhat=False,
+                                                v_patch_nums=v_patch_nums, prog_si=prog_si)
 
     def idxBl_to_img(self, ms_idx_Bl: List[torch.Tensor], same_shape: bool, last_one: bool = False
                      ) -> Union[List[torch.Tensor], torch.Tensor]:

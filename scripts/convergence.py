@@ -28,6 +28,8 @@ if __name__ == '__main__' and ROOT not in sys.path:   # run as a script: make th
 
 import torch  # noqa: E402
 
+from utils.atomic import write_json_atomic  # noqa: E402
+
 
 # ---------------------------------------------------------------- arithmetic (pure)
 
@@ -54,26 +56,20 @@ def suggest_tau(cosine_t: Sequence[float], solver_residual_t: Sequence[float], t
 # ---------------------------------------------------------------- recording
 
 class IterateRecorder:
-    """Forward hooks that turn each implicit iteration during sampling into one row of metrics per scale."""
+    """Turns each implicit iteration during sampling into one row of metrics per scale (through the model's
+    iterate hook, so the model code carries no analysis code)."""
 
     def __init__(self, var, B: int):
-        self.var, self.B, self.C = var, B, var.C
+        self.B = B
         self.scale_of_len = {pn * pn: si for si, pn in enumerate(var.patch_nums)}
         self.rows: List[List[Dict[str, float]]] = [[] for _ in var.patch_nums]
-        self._z = None
-        self._hooks = [var.implicit_block_projection.register_forward_pre_hook(self._before),
-                       var.implicit_block.register_forward_hook(self._after)]
+        self._handle = var.register_iterate_hook(self._record)
 
-    def _before(self, module, args):
-        self._z = args[0][..., :self.C]    # the projection's input is cat(z_t, x)
-
-    def _after(self, module, args, out):
-        si = self.scale_of_len[out.shape[1]]
-        self.rows[si].append(step_metrics(out, self._z, self.B))
+    def _record(self, z_BLC, z_next_BLC):
+        self.rows[self.scale_of_len[z_next_BLC.shape[1]]].append(step_metrics(z_next_BLC, z_BLC, self.B))
 
     def remove(self):
-        for h in self._hooks:
-            h.remove()
+        self._handle.remove()
 
     def curves(self, key: str) -> List[List[float]]:
         """Per scale, the metric `key` for t = 0 .. T-1."""
@@ -82,14 +78,17 @@ class IterateRecorder:
 
 @torch.no_grad()
 def measure_convergence(var, label_B: torch.Tensor, T: int, g_seed: Optional[int] = 0, cfg: float = 1.5,
-                        top_k: int = 900, top_p: float = 0.96, target_cos: float = 0.99) -> Dict:
-    """Sample with T iterations at every scale and return the convergence curves and suggested tau."""
+                        top_k: int = 900, top_p: float = 0.96, target_cos: float = 0.99, sampler=None) -> Dict:
+    """Sample with T iterations at every scale and return the convergence curves and suggested tau.
+
+    sampler: a compile_util Sampler of `var` (its dtype); default `var.autoregressive_infer_cfg` in fp32.
+    """
     from models.schedules import constant
     B = label_B.shape[0]
     rec = IterateRecorder(var, B)
     try:
-        var.autoregressive_infer_cfg(B, label_B, g_seed=g_seed, cfg=cfg, top_k=top_k, top_p=top_p,
-                                     schedule=constant(T, len(var.patch_nums)))
+        (sampler or var.autoregressive_infer_cfg)(B, label_B, g_seed=g_seed, cfg=cfg, top_k=top_k, top_p=top_p,
+                                                  schedule=constant(T, len(var.patch_nums)))
     finally:
         rec.remove()
     cosine, rel, solver = rec.curves('cosine'), rec.curves('rel_residual'), rec.curves('solver_residual')
@@ -127,54 +126,38 @@ def plot(result: Dict, path: str) -> None:
 # ---------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    from utils.sample.args import add_model_args, add_size_args
+    from utils.sample.config import add_model_source_args, add_sample_args
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    add_model_args(p, depth=16, var_ckpt=None, vae_ckpt=None, compile_flag=False)   # hooks record iterates
-    add_size_args(p)
+    add_model_source_args(p, defaults=dict(use_implicit=True))
+    # iterates are recorded by hooks, so no --compile; fp32 unless told otherwise (residuals near bf16 precision)
+    add_sample_args(p, only=('cfg', 'top_k', 'top_p', 'dtype'), defaults=dict(dtype='fp32'))
     g = p.add_argument_group('analysis')
     g.add_argument('--T', type=int, default=20, help='iterations run at every scale')
     g.add_argument('--bs', type=int, default=8, help='class-conditional samples averaged over')
     g.add_argument('--class_labels', type=int, nargs='*', default=None, help='labels (default: seeded random)')
     g.add_argument('--seed', type=int, default=0, help='seeds the labels, the sampling and random weights')
-    g.add_argument('--cfg', type=float, default=1.5)
-    g.add_argument('--top_k', type=int, default=900)
-    g.add_argument('--top_p', type=float, default=0.96)
     g.add_argument('--target_cos', type=float, default=0.99, help='cosine at which a scale counts as converged')
     g.add_argument('--out_dir', type=str, default='convergence_out')
     return p
 
 
-def load_viar(args, device):
-    """(vae, var): a VIAR checkpoint, or random weights with --var_ckpt random."""
-    from utils.checkpoint import CheckpointError, load_vae_weights
-    from utils.model_io import build_models, load_models
-    from utils.sample.args import spec_from_args
-    if args.var_ckpt is None:
-        raise SystemExit('give --var_ckpt PATH (a VIAR checkpoint) or --var_ckpt random')
-    args.use_implicit = True
-    spec = spec_from_args(args)
-    try:
-        if args.var_ckpt == 'random':
-            torch.manual_seed(args.seed)
-            vae, var = build_models(spec, device)
-            if args.vae_ckpt:
-                load_vae_weights(vae, args.vae_ckpt)
-        else:
-            vae, var, _ = load_models(args.var_ckpt, args.vae_ckpt, spec, device=device)
-    except CheckpointError as e:
-        raise SystemExit(f'error: {e}') from None
-    if not var.use_implicit:
-        raise SystemExit(f'{args.var_ckpt} is an explicit VAR: convergence needs a VIAR (implicit block)')
-    return vae.eval(), var.eval()
-
-
 def main(argv=None) -> Dict:
-    from utils.sample.args import autocast_context, resolve_device
-    args = build_parser().parse_args(argv)
+    from utils.checkpoint import CheckpointError
+    from utils.model_io import load_or_build
+    from utils.sample.compile_util import SamplingError, prepare_for_sampling
+    from utils.sample.config import parse, resolve_device
+    args, source, sample = parse(build_parser(), argv)
     if args.T < 1 or args.bs < 1:
         raise SystemExit('--T and --bs must be >= 1')
-    device = resolve_device(args.device)
-    vae, var = load_viar(args, device)
+    if source.var_ckpt is None:
+        raise SystemExit('give --var_ckpt PATH (a VIAR checkpoint) or --var_ckpt random')
+    device = resolve_device(source.device)
+    try:
+        loaded = load_or_build(source, device, seed=args.seed)
+        sampler = prepare_for_sampling(loaded.var, dtype=sample.dtype)
+    except (CheckpointError, SamplingError) as e:
+        raise SystemExit(f'error: {e}') from None
+    var = loaded.var
     if args.class_labels:
         bad = [c for c in args.class_labels if not 0 <= c < var.num_classes]
         if bad:
@@ -183,13 +166,14 @@ def main(argv=None) -> Dict:
     else:
         g = torch.Generator().manual_seed(args.seed)
         label_B = torch.randint(0, var.num_classes, (args.bs,), generator=g).to(device)
-    with autocast_context(device, args.dtype):
-        result = measure_convergence(var, label_B, args.T, g_seed=args.seed, cfg=args.cfg, top_k=args.top_k,
-                                     top_p=args.top_p, target_cos=args.target_cos)
-    result['var_ckpt'], result['labels'] = args.var_ckpt, label_B.tolist()
+    try:
+        result = measure_convergence(var, label_B, args.T, g_seed=args.seed, cfg=sample.cfg, top_k=sample.top_k,
+                                     top_p=sample.top_p, target_cos=args.target_cos, sampler=sampler)
+    except ValueError as e:   # a VAR: no implicit block to watch
+        raise SystemExit(f'error: {source.var_ckpt}: {e}') from None
+    result['var_ckpt'], result['labels'] = source.var_ckpt, label_B.tolist()
     os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, 'convergence.json'), 'w') as f:
-        json.dump(result, f, indent=1)
+    write_json_atomic(result, os.path.join(args.out_dir, 'convergence.json'), indent=1)
     plot(result, os.path.join(args.out_dir, 'convergence.png'))
     print(f'suggested adaptive tau per scale (stop_mode rel, target cosine {args.target_cos}):')
     for pn, tau, n, cos in zip(result['patch_nums'], result['suggested_tau'], result['iters_to_target'], result['cosine']):

@@ -4,37 +4,29 @@ import os
 
 import pytest
 
-from bench import measure, sample_speed as ss
+from bench import sample_speed as ss
 
 TINY = ['--depth', '4', '--width', '32', '--heads', '2', '--p_depth', '1', '--patch_nums', '1,2,3,4', '--V', '48',
         '--Cvae', '8', '--vae_ch', '32', '--vae_ch_mult', '1,1', '--vae_num_res_blocks', '1', '--num_classes', '5',
         '--bs', '2', '--top_k', '10', '--top_p', '0.9', '--threads', '1', '--device', 'cpu']
 
 
-def test_official_counts_follow_the_official_ten_point_linspace():
-    assert measure.official_counts(20, 5, 10) == [20, 18, 16, 15, 13, 11, 10, 8, 6, 5]
-    assert measure.official_counts(20, 5, 4) == [20, 18, 16, 15]    # truncated, not re-spaced
-    assert measure.official_counts(7, 7, 3) == [7, 7, 7]
-    with pytest.raises(ValueError):
-        measure.official_counts(10, 10, 11)
-
-
 def test_parse_schedule_tokens():
-    con = ss.parse_schedule('10:10', 4)
-    assert con['label'] == 'Con.(10,10)' and con['counts'] == [10] * 4 and con['tau'] is None
-    dec = ss.parse_schedule('20:5', 10)
-    assert dec['label'] == 'Dec.(20,5)' and dec['counts'][0] == 20 and dec['counts'][-1] == 5
-    ada = ss.parse_schedule('tau=0.05', 3, cap=7)
-    assert ada['tau'] == [0.05] * 3 and ada['counts'] == [7] * 3 and ada['label'].startswith('Ada.')
+    con, = ss.parse_schedules('10:10', 4, cap=20)
+    assert con['name'] == 'Con.(10,10)' and con['counts'] == [10] * 4 and con['tau'] is None
+    dec, = ss.parse_schedules('20:5', 10, cap=20)
+    assert dec['name'] == 'Dec.(20,5)' and dec['counts'][0] == 20 and dec['counts'][-1] == 5
+    ada, = ss.parse_schedules('tau=0.05', 3, cap=7)
+    assert ada['tau'] == [0.05] * 3 and ada['counts'] == [7] * 3 and ada['name'].startswith('Ada.')
     for bad in ('10', 'x:y', 'tau=json', 'tau=abc'):
         with pytest.raises(ValueError):
-            ss.parse_schedule(bad, 4)
+            ss.parse_schedules(bad, 4, cap=20)
 
 
 def test_parse_schedule_reads_convergence_json(tmp_path):
     path = tmp_path / 'convergence.json'
     path.write_text(json.dumps({'suggested_tau': [0.1, 0.2, 0.3]}))
-    assert ss.parse_schedule('tau=json', 3, cap=5, tau_json=str(path))['tau'] == [0.1, 0.2, 0.3]
+    assert ss.parse_schedules('tau=json', 3, cap=5, tau_json=str(path))[0]['tau'] == [0.1, 0.2, 0.3]
 
 
 def test_summarise_splits_transformer_and_decode_on_the_chosen_clock():
@@ -71,6 +63,7 @@ def test_table_and_plot_with_official_rows(tmp_path):
     assert (tmp_path / 'p.png').read_bytes()[:4] == b'\x89PNG'
 
 
+@pytest.mark.slow
 def test_benchmark_runs_tiny_models_end_to_end(tmp_path):
     out = tmp_path / 'bench'
     result = ss.main(TINY + ['--schedules', '2:1,tau=0.5', '--tau_cap', '3', '--warmup', '0', '--reps', '1',

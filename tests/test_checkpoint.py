@@ -4,8 +4,9 @@ import os
 import pytest
 import torch
 
-from utils.checkpoint import (CheckpointError, describe_state_dict, load_vae_weights, load_var_weights,
-                              resolve_checkpoint, save_atomic, unwrap_model)
+from models.config import spec_from_state_dict, state_dict_kind
+from utils.checkpoint import (CheckpointError, load_vae_weights, load_var_weights, resolve_checkpoint, save_atomic,
+                              unwrap_model)
 from tests.tiny import tiny_vae_var
 
 
@@ -39,12 +40,12 @@ def test_training_and_slim_layouts_and_wrappers_load(tmp_path):
 
 def test_describe_official_style_files():
     _, viar = tiny_vae_var(True, depth=6, width=64 * 6, heads=6, pre=2, post=1)
-    info = describe_state_dict(viar.state_dict())
-    assert info['kind'] == 'viar' and info['depth'] == 6 and info['pre_depth'] == 2 and info['post_depth'] == 1
+    info = spec_from_state_dict(viar.state_dict())
+    assert info.kind == 'VIAR' and info.depth == 6 and info.pre_depth == 2 and info.post_depth == 1
     vae, var = tiny_vae_var(False, depth=3)
-    assert describe_state_dict(var.state_dict())['kind'] == 'var'
-    assert describe_state_dict(var.state_dict())['depth'] == 3
-    assert describe_state_dict(vae.state_dict())['kind'] == 'vae'
+    assert spec_from_state_dict(var.state_dict()).kind == 'VAR'
+    assert spec_from_state_dict(var.state_dict()).depth == 3
+    assert state_dict_kind(vae.state_dict()) == 'vae'
 
 
 def test_wrong_files_say_what_they_are(tmp_path):
@@ -93,7 +94,8 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
 def test_tokenizer_choice_embedded_default_and_empty(tmp_path, monkeypatch):
     """load_models: no --vae_ckpt uses an export's embedded tokenizer, else the official file; an empty
     --vae_ckpt with nothing embedded is an error instead of a silently random tokenizer."""
-    from utils.model_io import ModelSpec, load_models, slim_export
+    from models.config import ModelSpec
+    from utils.model_io import load_models, slim_export
     vae, var = tiny_vae_var(True, seed=5)
     spec = ModelSpec(depth=4, use_implicit=True, pre_depth=1, post_depth=1, embed_dim=32, num_heads=2,
                      patch_nums=(1, 2, 3, 4), V=48, Cvae=8, vae_ch=32, vae_ch_mult=(1, 1), vae_num_res_blocks=1,

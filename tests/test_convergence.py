@@ -7,7 +7,7 @@ import torch
 
 from models import schedules as S
 from scripts import convergence as cv
-from utils.model_io import ModelSpec, build_models
+from models.config import ModelSpec
 
 SIZE = dict(depth=4, embed_dim=32, num_heads=2, patch_nums=(1, 2, 3, 4), V=48, Cvae=8, vae_ch=32, vae_ch_mult=(1, 1),
             vae_num_res_blocks=1, num_classes=5, use_implicit=True, pre_depth=1, post_depth=1)
@@ -34,7 +34,7 @@ def test_step_metrics_on_known_vectors():
 def _direct_curves(seed: int, T: int, B: int):
     """Rebuild the same random model and compute the metrics from raw iterates, without the script's hooks."""
     torch.manual_seed(seed)
-    _, var = build_models(ModelSpec(**SIZE))
+    _, var = ModelSpec(**SIZE).build()
     var.eval()
     iterates = []   # (z0 from the last pre-block, then every implicit-block output), in call order
     h1 = var.pre_blocks[-1].register_forward_hook(lambda m, a, o: iterates.append(('x', o.clone())))

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from bench.measure import official_counts
+from models.schedules import official_iters as official_counts
 from models import build_var
 from models import schedules as S
 from models.vqvae import VQVAE

