@@ -228,6 +228,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def plan_schedules(source, sample, text: str):
+    """(K, schedules): the --schedules list parsed on the scales of the model that will run (a checkpoint's own,
+    read before anything is built), so a bad token or a tau JSON for another pyramid fails at once."""
+    from models.schedules import DEFAULT_CAP
+    from utils.checkpoint import CheckpointError
+    from utils.model_io import peek_spec
+    try:
+        K = len(peek_spec(source).patch_nums)
+        return K, parse_schedules(text, K, sample.tau_cap or DEFAULT_CAP, sample.tau_json, sample.stop_mode)
+    except (ValueError, CheckpointError) as e:
+        raise SystemExit(f'--schedules: {e}') from None
+
+
 def write_state(source, kind: str, tmpdir: str, seed: int):
     """Build (or load) one model pair, save both state dicts for the children; returns (spec, path)."""
     import dataclasses
@@ -304,11 +317,8 @@ def machine_name() -> str:
 
 def main(argv=None):
     import torch
-    from models.schedules import DEFAULT_CAP
     from utils.atomic import write_json_atomic
     from utils.checkpoint import CheckpointError
-    from utils.model_io import peek_spec
-    from utils.sample.compile_util import SamplingError
     from utils.sample.config import parse, resolve_device
     args, source, sample = parse(build_parser(), argv, schedule_list=True)
     if args.p_depth is not None:
@@ -321,12 +331,7 @@ def main(argv=None):
     kinds = [k.strip().upper() for k in args.models.split(',') if k.strip()]
     if not kinds or any(k not in ('VAR', 'VIAR') for k in kinds):
         raise SystemExit(f'--models must list VAR and/or VIAR, got {args.models!r}')
-    try:   # fail on a bad token before any model is built, on the scales of the model that will run
-        K = len(peek_spec(source).patch_nums)
-        cap = sample.tau_cap or DEFAULT_CAP
-        scheds = parse_schedules(args.schedules, K, cap, sample.tau_json, sample.stop_mode)
-    except (ValueError, SamplingError, CheckpointError) as e:
-        raise SystemExit(f'--schedules: {e}') from None
+    K, scheds = plan_schedules(source, sample, args.schedules)
     if args.official and K != 10 and any(s['knob'] and not s['name'].endswith('/10') and s['knob'][0] != s['knob'][1]
                                          for s in scheds):
         raise SystemExit("--official on a model with K != 10 scales: 'A:B' runs this project's K-point rule, which "

@@ -28,7 +28,12 @@ LOGITS_MATMUL_NAME = 'softmax/logits/MatMul'
 
 def _tf():
     """The TF1-style API, imported on first use (importing TensorFlow takes seconds)."""
-    import tensorflow.compat.v1 as tf
+    try:
+        import tensorflow.compat.v1 as tf
+    except ImportError:
+        raise SystemExit('the evaluator needs TensorFlow, which this .venv lacks (set up with SETUP_WITHOUT_EVAL=1?): '
+                         'run `bash scripts/setup.sh` without it, or `.venv/bin/python -m pip install '
+                         '"$(grep ^tensorflow requirements.txt)"`') from None
     return tf
 
 
