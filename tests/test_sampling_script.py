@@ -269,6 +269,15 @@ def test_flags_parse_as_typed():
         parse(['--use_implicit', 'maybe'])
 
 
+def test_rerun_with_other_settings_names_each_setting_with_old_and_new_values(tiny_ckpt, reference, tmp_path):
+    out = tmp_path / 'rerun'
+    run_main(cli(tiny_ckpt, out, '--stop_after', '1'))
+    with pytest.raises(SystemExit) as e:
+        run_main(cli(tiny_ckpt, out, '--top_k', '10', '--iter_left', '4'))
+    msg = str(e.value)
+    assert 'top_k: 900 -> 10' in msg and 'counts: [3, 2, 2, 2] -> [4, 3, 2, 2]' in msg and '\n' not in msg
+
+
 def test_bad_plan_is_a_clear_error(tiny_ckpt, tmp_path):
     with pytest.raises(SystemExit, match='5 classes'):
         run_main(cli(tiny_ckpt, tmp_path, '--num_classes', '6'))
