@@ -1,30 +1,29 @@
-"""Fewer iterations for the same fixed point (a benchmark, not a test): warm start and Anderson acceleration.
+"""Fewer iterations for the same fixed point (a benchmark, not a test): plain iteration against Anderson acceleration.
 
-VIAR samples each scale by iterating z <- G_t(z) = f(Proj([z, x]), c) with z0 = x. This study runs, on one
-trained VIAR, these ways of getting there (docs/SPEED.md, "Fewer iterations for the same fixed point"):
+VIAR samples each scale by iterating z <- G_t(z) = f(Proj([z, x]), c) from z0 = x. This study runs, on one trained
+VIAR, the sampler's two solvers (docs/SPEED.md, "Fewer iterations for the same fixed point"):
 
-- picard: today's plain iteration from z0 = x (`SolverSpec()`, the sampler's default);
-- warm: start scale k from scale k-1's result resampled to scale k's grid, z0 = up(z*_{k-1}) (`--warm_interp`);
-  x_k stays the injection, only z0 changes. warm_delta: z0 = x_k + up(z*_{k-1} - x_{k-1}), which keeps scale
-  k's own pre-block output and carries over only what the iteration added at scale k-1. Warm starts did not
-  pay, so they live only here, to reproduce that result;
-- anderson: the sampler's `SolverSpec('anderson', m, lam, beta)` (`models.solver.anderson_iterate`);
-- anderson+warm: both.
+- picard: the plain iteration, `SolverSpec()` (the sampler's default);
+- anderson: `SolverSpec('anderson', m, lam, beta)` (`models.solver.anderson_iterate`),
 
-Each runs under adaptive schedules (stop at residual ||G(z) - z|| / ||G(z)|| <= tau, capped) and fixed counts.
-Distance to the long-run fixed point: every run is forced (`EditSpec`, all positions kept) onto the sampled
-tokens of a reference run of `--ref_iters` plain iterations at every scale (Con.(50,50)), so each scale sees
-the same input, and the distance at scale k is the relative L2 ||z_k - z_k^ref|| / ||z_k^ref|| of the final
-implicit-block output over the whole CFG batch (errors of earlier scales reach later ones through the
-KV caches, as in sampling). The headline distance is its maximum over scales. Also reported: the relative
-L2 of the head's logits, and, for free-running samples with the same seeds, the fraction of sampled tokens
-equal to the reference's. Images/s: best of `--reps` free-running calls, process CPU time, `--threads` 1.
+each through `var.autoregressive_infer_cfg(..., solver=...)`, under adaptive schedules (stop at the residual
+||G(z) - z|| / ||G(z)|| <= tau, capped) and fixed counts (`models.schedules`).
+Distance to the long-run fixed point: every run is forced (`EditSpec`, all positions kept) onto the sampled tokens
+of a reference run of `--ref_iters` plain iterations at every scale (Con.(50,50)), so each scale sees the same
+input, and the distance at scale k is the relative L2 ||z_k - z_k^ref|| / ||z_k^ref|| of the final implicit-block
+output over the whole CFG batch (errors of earlier scales reach later ones through the KV caches, as in sampling).
+The headline distance is its maximum over scales. Also reported: the relative L2 of the head's logits, and, for
+free-running samples with the same seeds, the fraction of sampled tokens equal to the reference's.
+Images/s: best of `--reps` free-running calls, process CPU time, `--threads` threads; those calls carry only the
+token hook, not the per-iteration one.
 
-The implicit block keeps one KV cache per iteration index t, so the map G_t depends on t. The study measures
-how much: after the reference's iterations at a scale, ||G_t(z*) - z*|| / ||G_t(z*)|| for every t, where z*
-is that scale's result (each cache t gets its own entry back afterwards).
+It watches the model only through its public hooks: `var.register_iterate_hook` (every implicit iteration),
+forward hooks on `var.head` (logits) and on the tokenizer's `quantize.embedding` (sampled tokens).
+Warm starts and the probe of how much G_t depends on t, both measured and reported in docs/SPEED.md, were
+removed (warm starts did not pay); they are in `git show 75554b3:bench/fixed_point.py`.
 
-    python bench/fixed_point.py --var_ckpt demo_output/viar/var-slim.pth --out bench_out/fixed_point
+    python bench/fixed_point.py --var_ckpt demo_output/viar/var-slim.pth --vae_ckpt demo_output/vae/vae.pth \
+        --out bench_out/fixed_point
     python bench/fixed_point.py --var_ckpt random --per_class 2 --taus 0.1,0.01 --reps 1   # smoke test
 
 Writes OUT/fixed_point.json, OUT/fixed_point.md (the tables) and OUT/fixed_point.png.
@@ -35,10 +34,7 @@ import math
 import os
 import sys
 import time
-import types
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __name__ == '__main__' and ROOT not in sys.path:   # run as a script: make the project importable
@@ -46,27 +42,20 @@ if __name__ == '__main__' and ROOT not in sys.path:   # run as a script: make th
 
 import torch  # noqa: E402
 
+from models.solver import SolverSpec  # noqa: E402
+
+SOLVERS = ('picard', 'anderson')
+
 
 # ---------------------------------------------------------------- options and arithmetic (pure)
 
-@dataclass(frozen=True)
-class Option:
-    """One way of solving each scale: Anderson or plain steps, and the warm start ('' = z0 = x)."""
-    name: str
-    anderson: bool = False
-    warm: str = ''   # '', 'value' or 'delta'
-
-
-def parse_options(text: str) -> List[Option]:
-    """'picard,warm,warm_delta,anderson,anderson+warm' -> Options ('warm' starts from up(z*_{k-1}))."""
+def parse_options(text: str, m: int = 5, lam: float = 1e-6, beta: float = 1.0) -> List[Tuple[str, SolverSpec]]:
+    """'picard,anderson' -> [(name, the SolverSpec it samples with)]; Anderson with history m, lam and beta."""
     out = []
     for name in (t.strip() for t in text.split(',') if t.strip()):
-        parts = set(name.split('+'))
-        bad = parts - {'picard', 'warm', 'warm_delta', 'anderson'}
-        if bad:
-            raise ValueError(f'unknown option part(s) {sorted(bad)} in {name!r}')
-        warm = 'delta' if 'warm_delta' in parts else 'value' if 'warm' in parts else ''
-        out.append(Option(name, anderson='anderson' in parts, warm=warm))
+        if name not in SOLVERS:
+            raise ValueError(f'unknown solver {name!r}: choose from {", ".join(SOLVERS)}')
+        out.append((name, SolverSpec('anderson', m=m, lam=lam, beta=beta) if name == 'anderson' else SolverSpec()))
     return out
 
 
@@ -111,103 +100,36 @@ def at_equal_distance(base: Sequence[Dict[str, Any]], other: Sequence[Dict[str, 
                  other=interp_at([q['distance'] for q in fr], [q[key] for q in fr], p['distance'])) for p in base]
 
 
-# ---------------------------------------------------------------- the solve of one scale, per option
+# ---------------------------------------------------------------- recording a sampling call through hooks
 
-def resample_tokens(z_BlC: torch.Tensor, pn_to: int, mode: str = 'bicubic') -> torch.Tensor:
-    """(B, pn*pn, C) token map of one scale -> (B, pn_to*pn_to, C), interpolated on the pn x pn grid."""
-    import torch.nn.functional as F
-    B, l, C = z_BlC.shape
-    pn = math.isqrt(l)
-    z_BChw = z_BlC.transpose(1, 2).reshape(B, C, pn, pn).float()
-    kw = {} if mode in ('area', 'nearest') else dict(align_corners=False)
-    out = F.interpolate(z_BChw, size=(pn_to, pn_to), mode=mode, **kw)
-    return out.reshape(B, C, pn_to * pn_to).transpose(1, 2).to(z_BlC.dtype)
-
-
-def _infer_backbone(self, x_BlC, ada, state, si, schedule, stats):
-    """VIAR.infer_backbone with the study's solver (`self._fp_option`) and probe (`self._fp_probe`)."""
-    from models.solver import SolverSpec
-    opt, kw = self._fp_option, self._fp_kw
-    p = self.pre_depth
-    ada_pre, ada_imp, ada_post = ada[:p], ada[p], ada[p + 1:]
-    for block, a, kv in zip(self.pre_blocks, ada_pre, state['pre']):
-        x_BlC = block(x_BlC, a, None, kv)
-    caches = state['imp']
-    z0, prev = x_BlC, (self._fp_prev if si > 0 else None)   # kept off `state`, whose leaves must be caches
-    if opt.warm and prev is not None:   # x stays the injection; only the start changes
-        z_prev, x_prev = prev
-        pn = self.patch_nums[si]
-        if opt.warm == 'value':
-            z0 = resample_tokens(z_prev, pn, kw['warm_interp'])
-        else:
-            z0 = x_BlC + resample_tokens(z_prev - x_prev, pn, kw['warm_interp'])
-    G = lambda z, t: self.implicit_step(z, x_BlC, ada_imp, None, caches.get(t))
-    tau = schedule.tau[si] if schedule.adaptive else None
-    common = dict(max_iter=schedule.counts[si], tau=tau, stop_mode=schedule.stop_mode, min_iter=schedule.min_iters)
-    spec = SolverSpec('anderson', m=kw['m'], lam=kw['lam'], beta=kw['beta']) if opt.anderson else SolverSpec()
-    z_BlC, st = spec.solve(G, z0, **common)   # the sampler's own solvers
-    if self._fp_probe is not None:
-        self._fp_probe.append(probe_t_dependence(self, z_BlC, x_BlC, ada_imp, caches, st.iters))
-    self._fp_prev = (z_BlC, x_BlC)
-    caches.end_scale(st.iters)
-    stats.iters.append(st.iters)
-    stats.residuals.append(st.residual)
-    for block, a, kv in zip(self.post_blocks, ada_post, state['post']):
-        z_BlC = block(z_BlC, a, None, kv)
-    return z_BlC
-
-
-def probe_t_dependence(var, z_BlC, x_BlC, ada_imp, caches, iters: int) -> List[float]:
-    """||G_t(z) - z|| / ||G_t(z)|| for t < iters at the current scale; each cache t gets its entry back."""
-    from models.solver import residual_norm
-    l, out = z_BlC.shape[1], []
-    for t in range(iters):
-        cache = caches.get(t)
-        k, v = (a.clone() for a in cache.last_scale(l))
-        cache.length -= l   # G_t writes this scale's keys again: let it, then put the real ones back
-        out.append(float(residual_norm(var.implicit_step(z_BlC, x_BlC, ada_imp, None, cache), z_BlC)))
-        cache.k_BHLc[:, :, cache.length - l:cache.length].copy_(k)
-        cache.v_BHLc[:, :, cache.length - l:cache.length].copy_(v)
-    return out
-
-
-@contextmanager
-def solving_with(var, option: Option, probe: Optional[list] = None, **kw):
-    """Sample `var` (a VIAR) with the study's solver; the model is untouched once the block exits."""
-    var.infer_backbone = types.MethodType(_infer_backbone, var)   # this instance only
-    var._fp_option, var._fp_kw, var._fp_probe, var._fp_prev = option, kw, probe, None
+def check_viar(var, where: str):
+    """SystemExit unless `var` has an implicit block to watch (the model's own hook says whether it has)."""
     try:
-        yield var
-    finally:
-        for name in ('infer_backbone', '_fp_option', '_fp_kw', '_fp_probe', '_fp_prev'):
-            delattr(var, name)
+        var.register_iterate_hook(lambda z_t, z_next: None).remove()
+    except ValueError as e:
+        raise SystemExit(f'{where}: {e}') from None
 
 
 class Recorder:
-    """Forward hooks: the final implicit output and the head's logits per scale, the sampled tokens, and
-    the residual ||G(z) - z|| / ||G(z)|| of every iteration (z is the block's input iterate)."""
+    """What one sampling call computed, per scale: the sampled tokens (the tokenizer's embedding lookup) and, with
+    iterates=True, the last implicit iterate, the head's logits and the residual ||G(z) - z|| / ||G(z)|| of every
+    iteration (z the iterate the step was applied to, so an Anderson step's extrapolated point)."""
 
-    def __init__(self, var):
-        self.C = var.C
+    def __init__(self, var, vae, iterates: bool = True):
         self.scale_of_len = {pn * pn: si for si, pn in enumerate(var.patch_nums)}
         K = len(var.patch_nums)
         self.z: List[Optional[torch.Tensor]] = [None] * K
         self.logits: List[Optional[torch.Tensor]] = [None] * K
         self.residuals: List[List[float]] = [[] for _ in range(K)]
         self.tokens: List[torch.Tensor] = []
-        self._z_in = None
-        self._hooks = [var.implicit_block_projection.register_forward_pre_hook(self._before),
-                       var.implicit_block.register_forward_hook(self._after),
-                       var.head.register_forward_hook(self._head),
-                       var.vae_quant_proxy[0].embedding.register_forward_pre_hook(self._tokens)]
+        self._hooks = [vae.quantize.embedding.register_forward_pre_hook(self._tokens)]
+        if iterates:
+            self._hooks += [var.register_iterate_hook(self._iterate), var.head.register_forward_hook(self._head)]
 
-    def _before(self, module, args):
-        self._z_in = args[0][..., :self.C]   # the projection's input is cat(z_t, x)
-
-    def _after(self, module, args, out):
-        si = self.scale_of_len[out.shape[1]]
-        self.z[si] = out.detach().clone()
-        self.residuals[si].append(((out - self._z_in).float().norm() / (out.float().norm() + 1e-9)).item())
+    def _iterate(self, z_t, z_next):
+        si = self.scale_of_len[z_next.shape[1]]
+        self.z[si] = z_next.detach().clone()
+        self.residuals[si].append(((z_next - z_t).float().norm() / (z_next.float().norm() + 1e-9)).item())
 
     def _head(self, module, args, out):
         self.logits[self.scale_of_len[out.shape[1]]] = out.detach().clone()
@@ -221,26 +143,28 @@ class Recorder:
 
 
 @torch.no_grad()
-def run_once(var, option: Option, schedule, labels, seeds, cfg, top_k, top_p, kw, edit=None, probe=None):
+def run_once(var, vae, solver: SolverSpec, schedule, labels, seeds, cfg, top_k, top_p, edit=None,
+             iterates: bool = True):
     """One sampling call; returns (images, SampleStats, Recorder, process CPU seconds)."""
-    rec = Recorder(var)
+    rec = Recorder(var, vae, iterates)
     try:
-        with solving_with(var, option, probe, **kw):
-            t0 = time.process_time()
-            img, stats = var.autoregressive_infer_cfg(len(seeds), labels, g_seed=list(seeds), cfg=cfg, top_k=top_k,
-                                                      top_p=top_p, schedule=schedule, edit=edit, return_stats=True)
-            cpu_s = time.process_time() - t0
+        t0 = time.process_time()
+        img, stats = var.autoregressive_infer_cfg(len(seeds), labels, g_seed=list(seeds), cfg=cfg, top_k=top_k,
+                                                  top_p=top_p, schedule=schedule, edit=edit, return_stats=True,
+                                                  solver=solver)
+        cpu_s = time.process_time() - t0
     finally:
         rec.remove()
     return img, stats, rec, cpu_s
 
 
-def timed(var, option, schedule, labels, seeds, cfg, top_k, top_p, kw, reps: int) -> Dict[str, Any]:
+def timed(var, vae, solver, schedule, labels, seeds, cfg, top_k, top_p, reps: int) -> Dict[str, Any]:
     """Best process-CPU time of `reps` free-running calls after one warm-up (reps 0: the warm-up's own time),
     and the last call's tokens."""
     times = []
     for r in range(max(reps, 0) + 1):
-        img, stats, rec, cpu_s = run_once(var, option, schedule, labels, seeds, cfg, top_k, top_p, kw)
+        img, stats, rec, cpu_s = run_once(var, vae, solver, schedule, labels, seeds, cfg, top_k, top_p,
+                                          iterates=False)
         if r or not reps:
             times.append(cpu_s)
     return dict(cpu_s=times, images_per_s=len(seeds) / min(times), tokens=rec.tokens, img=img, iters=stats.iters)
@@ -249,69 +173,64 @@ def timed(var, option, schedule, labels, seeds, cfg, top_k, top_p, kw, reps: int
 # ---------------------------------------------------------------- the study
 
 def load(args, device='cpu'):
-    """(vae, var): a trained VIAR, or tiny random weights for a smoke test (`--var_ckpt random`)."""
+    """(vae, var): a trained VIAR (the file's own config sets the architecture), or tiny random weights for a smoke
+    test (`--var_ckpt random`)."""
     if args.var_ckpt == 'random':
-        from models import build_vae_var
+        from models.config import ModelSpec
         torch.manual_seed(args.seed)
-        vae, var = build_vae_var(device, patch_nums=(1, 2, 3, 4), V=48, Cvae=8, ch=32, num_classes=5, depth=4,
-                                 use_implicit=True, pre_depth=1, post_depth=1, embed_dim=32, num_heads=2,
-                                 vae_ch_mult=(1, 1), vae_num_res_blocks=1)
+        vae, var = ModelSpec(depth=4, use_implicit=True, pre_depth=1, post_depth=1, embed_dim=32, num_heads=2,
+                             patch_nums=(1, 2, 3, 4), V=48, Cvae=8, vae_ch=32, vae_ch_mult=(1, 1),
+                             vae_num_res_blocks=1, num_classes=5).build(device)
     else:
-        from utils.model_io import ModelSpec, load_models
-        # the export's own config sets the architecture; the spec only fills what a bare state dict cannot tell
-        vae, var, _ = load_models(args.var_ckpt, args.vae_ckpt or None, ModelSpec(use_implicit=True), device=device)
-    if not var.use_implicit:
-        raise SystemExit(f'{args.var_ckpt} is an explicit VAR: this study needs a VIAR')
+        from utils.model_io import load_models
+        vae, var, _ = load_models(args.var_ckpt, args.vae_ckpt or None, device=device)
+    check_viar(var, args.var_ckpt)
     return vae.eval(), var.eval()
 
 
-def study(var, args) -> Dict[str, Any]:
-    """Reference, probe, then every option under every schedule; returns the JSON-able result."""
+def study(vae, var, args) -> Dict[str, Any]:
+    """The reference, then every solver under every schedule; returns the JSON-able result."""
     from models import EditSpec
     from models import schedules as S
     K = len(var.patch_nums)
     labels = torch.arange(var.num_classes).repeat_interleave(args.per_class)
     seeds = list(range(args.first_seed, args.first_seed + len(labels)))
-    common = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
-                  kw=dict(m=args.m, lam=args.lam, beta=args.beta, warm_interp=args.warm_interp))
-    picard = Option('picard')
+    common = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
+    options = parse_options(args.options, args.m, args.lam, args.beta)
 
     ref_sched = S.constant(args.ref_iters, K)
-    _, ref_stats, ref, _ = run_once(var, picard, ref_sched, labels, seeds, **common)
-    keep = [torch.ones_like(t, dtype=torch.bool) for t in ref.tokens]
-    edit = EditSpec(gt_idx_Bl=ref.tokens, keep_Bl=keep)
-    probe: List[List[float]] = []
-    run_once(var, picard, ref_sched, labels, seeds, edit=edit, probe=probe, **common)
+    _, ref_stats, ref, _ = run_once(var, vae, SolverSpec(), ref_sched, labels, seeds, **common)
+    edit = EditSpec(gt_idx_Bl=ref.tokens, keep_Bl=[torch.ones_like(t, dtype=torch.bool) for t in ref.tokens])
     out: Dict[str, Any] = dict(reference=dict(schedule=ref_sched.label(), residual_last_iter=ref_stats.residuals,
-                                              residual_curves=ref.residuals),
-                               probe_t_dependence=probe, rows=[])
+                                              residual_curves=ref.residuals), rows=[])
 
     schedules = [(f'tau={tau:g}', S.adaptive(tau, args.cap, K)) for tau in args.taus]
     schedules += [(f'Con.({c},{c})', S.constant(c, K)) for c in args.counts]
     weights = [pn * pn for pn in var.patch_nums]   # an iteration at scale k costs about its tokens
-    for opt in parse_options(args.options):
+    for name, solver in options:
         for label, sched in schedules:
-            _, st, rec, _ = run_once(var, opt, sched, labels, seeds, edit=edit, **common)
+            _, st, rec, _ = run_once(var, vae, solver, sched, labels, seeds, edit=edit, **common)
             dz = [rel_l2(a, b) for a, b in zip(rec.z, ref.z)]
             dlogit = [rel_l2(a, b) for a, b in zip(rec.logits, ref.logits)]
-            t = timed(var, opt, sched, labels, seeds, reps=args.reps, **common)
+            t = timed(var, vae, solver, sched, labels, seeds, reps=args.reps, **common)
             agree = [(a == b).float().mean().item() for a, b in zip(t['tokens'], ref.tokens)]
-            row = dict(option=opt.name, anderson=opt.anderson, warm=opt.warm, schedule=label, iters=st.iters,
-                       total_iters=sum(st.iters), weighted_iters=sum(i * w for i, w in zip(st.iters, weights)),
-                       free_iters=t['iters'], distance_z=dz, distance=max(dz), distance_logits=dlogit,
-                       token_agreement=agree, images_per_s=t['images_per_s'], cpu_s=t['cpu_s'],
-                       residuals=st.residuals, residual_curves=rec.residuals)
+            row = dict(option=name, solver=dict(kind=solver.kind, m=solver.m, lam=solver.lam, beta=solver.beta),
+                       schedule=label, iters=st.iters, total_iters=sum(st.iters),
+                       weighted_iters=sum(i * w for i, w in zip(st.iters, weights)), free_iters=t['iters'],
+                       distance_z=dz, distance=max(dz), distance_logits=dlogit, token_agreement=agree,
+                       images_per_s=t['images_per_s'], cpu_s=t['cpu_s'], residuals=st.residuals,
+                       residual_curves=rec.residuals)
             out['rows'].append(row)
-            print(f"{opt.name:>16} {label:>12}  iters {st.iters}  dist {row['distance']:.2e}  "
+            print(f"{name:>10} {label:>12}  iters {st.iters}  dist {row['distance']:.2e}  "
                   f"agree {min(agree):.3f}  {row['images_per_s']:.1f} img/s", flush=True)
 
     adaptive_rows = lambda name: [r for r in out['rows'] if r['option'] == name and r['schedule'].startswith('tau=')]
     base = adaptive_rows('picard')
     out['equal_distance'] = {
-        opt.name: dict(total_iters=at_equal_distance(base, adaptive_rows(opt.name), 'total_iters'),
-                       weighted_iters=at_equal_distance(base, adaptive_rows(opt.name), 'weighted_iters'),
-                       images_per_s=at_equal_distance(base, adaptive_rows(opt.name), 'images_per_s', sign=-1.0))
-        for opt in parse_options(args.options) if opt.name != 'picard' and base}
+        name: dict(total_iters=at_equal_distance(base, adaptive_rows(name), 'total_iters'),
+                   weighted_iters=at_equal_distance(base, adaptive_rows(name), 'weighted_iters'),
+                   images_per_s=at_equal_distance(base, adaptive_rows(name), 'images_per_s', sign=-1.0))
+        for name, _ in options if name != 'picard' and base}
     return out
 
 
@@ -336,11 +255,11 @@ def markdown(result: Dict[str, Any]) -> str:
 
 
 def plot(result: Dict[str, Any], path: str) -> None:
-    """Distance against iterations and against images/s per option; residual curves; t-dependence of G_t."""
+    """Distance against iterations and against images/s per option; residual per iteration at the last scale."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     names = list(dict.fromkeys(r['option'] for r in result['rows']))
     colors = {n: plt.get_cmap('tab10')(i) for i, n in enumerate(names)}
     for n in names:
@@ -348,32 +267,24 @@ def plot(result: Dict[str, Any], path: str) -> None:
         con = [r for r in result['rows'] if r['option'] == n and not r['schedule'].startswith('tau=')]
         for rows, ls, mk in ((ada, '-', 'o'), (con, ':', 's')):
             if rows:
-                axes[0, 0].plot([r['total_iters'] for r in rows], [r['distance'] for r in rows], ls, marker=mk,
-                                color=colors[n], label=n if rows is ada else None)
-                axes[0, 1].plot([r['images_per_s'] for r in rows], [r['distance'] for r in rows], ls, marker=mk,
-                                color=colors[n])
+                axes[0].plot([r['total_iters'] for r in rows], [r['distance'] for r in rows], ls, marker=mk,
+                             color=colors[n], label=n if rows is ada else None)
+                axes[1].plot([r['images_per_s'] for r in rows], [r['distance'] for r in rows], ls, marker=mk,
+                             color=colors[n])
         longest = max(ada + con, key=lambda r: r['total_iters'], default=None)
         if longest:
-            axes[1, 0].semilogy(range(1, len(longest['residual_curves'][-1]) + 1), longest['residual_curves'][-1],
-                                color=colors[n], label=f"{n} ({longest['schedule']})")
-    axes[0, 0].set(xscale='log', yscale='log', xlabel='implicit iterations, summed over scales',
-                   ylabel=r'distance: max over scales of $\|z - z^*\| / \|z^*\|$',
-                   title='distance vs iterations (o: adaptive tau, s: fixed counts)')
-    axes[0, 1].set(yscale='log', xlabel='images/s (process CPU time)', ylabel='distance', title='distance vs speed')
-    axes[1, 0].set(xlabel='iteration t at the last scale', ylabel=r'$\|G(z)-z\| / \|G(z)\|$',
-                   title='residual per iteration, last scale (forced tokens)')
-    cmap = plt.get_cmap('viridis')
-    probe = result['probe_t_dependence']
-    for si, curve in enumerate(probe):
-        axes[1, 1].semilogy(range(len(curve)), [max(c, 1e-12) for c in curve], color=cmap(si / max(len(probe) - 1, 1)),
-                            label=f'scale {si}')
-    axes[1, 1].set(xlabel='cache index t', ylabel=r'$\|G_t(z^*) - z^*\| / \|G_t(z^*)\|$',
-                   title=f"how much the map depends on t (z* after {result['reference']['schedule']})")
-    for ax in axes.flat:
+            axes[2].semilogy(range(1, len(longest['residual_curves'][-1]) + 1), longest['residual_curves'][-1],
+                             color=colors[n], label=f"{n} ({longest['schedule']})")
+    axes[0].set(xscale='log', yscale='log', xlabel='implicit iterations, summed over scales',
+                ylabel=r'distance: max over scales of $\|z - z^*\| / \|z^*\|$',
+                title='distance vs iterations (o: adaptive tau, s: fixed counts)')
+    axes[1].set(yscale='log', xlabel='images/s (process CPU time)', ylabel='distance', title='distance vs speed')
+    axes[2].set(xlabel='iteration t at the last scale', ylabel=r'$\|G(z)-z\| / \|G(z)\|$',
+                title='residual per iteration, last scale (forced tokens)')
+    for ax in axes:
         ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=8)
-    axes[1, 0].legend(fontsize=7)
-    axes[1, 1].legend(fontsize=7)
+    axes[0].legend(fontsize=8)
+    axes[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -397,9 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--var_ckpt', required=True, help="a VIAR checkpoint (slim export), or 'random' (smoke test)")
     p.add_argument('--vae_ckpt', default='', help='tokenizer (default: the one the export embeds or records)')
-    p.add_argument('--options', default='picard,warm,warm_delta,anderson,anderson+warm',
-                   help='comma list of picard, warm, warm_delta, anderson and sums like anderson+warm')
-    p.add_argument('--warm_interp', choices=('bicubic', 'bilinear', 'area', 'nearest'), default='bicubic')
+    p.add_argument('--options', default='picard,anderson', help=f'comma list of solvers: {", ".join(SOLVERS)}')
     p.add_argument('--m', type=int, default=5, help='Anderson history size')
     p.add_argument('--lam', type=float, default=1e-6,
                    help='Anderson regularisation, relative to the mean squared residual')
@@ -424,12 +333,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> Dict[str, Any]:
     args = build_parser().parse_args(argv)
+    try:
+        parse_options(args.options, args.m, args.lam, args.beta)
+    except ValueError as e:
+        raise SystemExit(f'--options/--m/--lam/--beta: {e}') from None
     torch.set_num_threads(args.threads)
     mach = machine()
-    _, var = load(args)
+    vae, var = load(args)
     result = dict(args=vars(args), machine=mach, model=dict(patch_nums=list(var.patch_nums), width=var.C,
-                                                            num_classes=var.num_classes))
-    result.update(study(var, args))
+                                                            num_classes=var.num_classes, describe=var.describe()))
+    result.update(study(vae, var, args))
     result['machine']['load_avg_end'] = list(os.getloadavg())
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, 'fixed_point.json'), 'w') as f:

@@ -113,57 +113,26 @@ def test_default_solver_is_bit_identical_to_the_plain_iteration(schedule):
             assert torch.equal(var.autoregressive_infer_cfg(3, 2, solver=SolverSpec('anderson'), **kw), today)
 
 
-# ---------------------------------------------------------------- the study's own solve path
+# ---------------------------------------------------------------- the study (bench/fixed_point.py)
 
-STUDY_KW = dict(m=3, lam=1e-6, beta=1.0, warm_interp='bicubic')
-
-
-@pytest.mark.parametrize('schedule', [S.constant(4, 4), S.adaptive(1e-2, 6, 4)])
-def test_study_path_with_the_options_off_is_bit_identical_and_leaves_the_model_untouched(schedule):
-    _, var = tiny_vae_var(True)
-    kw = dict(g_seed=[5, 6], cfg=1.5, schedule=schedule)
-    today = var.autoregressive_infer_cfg(2, torch.tensor([1, 3]), **kw)
-    anderson = var.autoregressive_infer_cfg(2, torch.tensor([1, 3]), solver=SolverSpec('anderson', m=3), **kw)
-    with fp.solving_with(var, fp.Option('picard'), **STUDY_KW):
-        assert torch.equal(var.autoregressive_infer_cfg(2, torch.tensor([1, 3]), **kw), today)
-    with fp.solving_with(var, fp.Option('anderson', anderson=True), **STUDY_KW):   # the study measures the shipped path
-        assert torch.equal(var.autoregressive_infer_cfg(2, torch.tensor([1, 3]), **kw), anderson)
-    assert 'infer_backbone' not in vars(var)
-    assert torch.equal(var.autoregressive_infer_cfg(2, torch.tensor([1, 3]), **kw), today)
-
-
-def test_warm_start_changes_only_the_start_of_later_scales():
-    _, var = tiny_vae_var(True)
-    firsts = {}
-    for opt in (fp.Option('picard'), fp.Option('warm', warm='value'), fp.Option('warm_delta', warm='delta')):
-        starts = []
-        h = var.implicit_block_projection.register_forward_pre_hook(lambda m, a: starts.append(a[0].clone()))
-        try:
-            with fp.solving_with(var, opt, **STUDY_KW):
-                var.autoregressive_infer_cfg(2, 1, g_seed=0, schedule=S.constant(2, 4))
-        finally:
-            h.remove()
-        firsts[opt.name] = starts[::2]   # the input [z0, x] of iteration 0 at each scale
-    C = var.C   # the projection's input is [z0, x]
-    for si in range(4):
-        assert torch.equal(firsts['picard'][si][..., :C], firsts['picard'][si][..., C:])   # today: z0 = x
-    for name in ('warm', 'warm_delta'):
-        assert torch.equal(firsts[name][0], firsts['picard'][0])             # scale 0: nothing to start from
-        assert torch.equal(firsts[name][1][..., C:], firsts['picard'][1][..., C:])   # x stays the injection
-        assert not torch.equal(firsts[name][1][..., :C], firsts[name][1][..., C:])   # only z0 changes
-    assert fp.resample_tokens(torch.arange(4.).view(1, 4, 1), 2).flatten().tolist() == [0., 1., 2., 3.]
-    assert fp.resample_tokens(torch.ones(2, 4, 3), 3).shape == (2, 9, 3)
-
-
-def test_probe_restores_the_caches():
-    _, var = tiny_vae_var(True)
-    kw = dict(g_seed=[1, 2], cfg=1.5, schedule=S.constant(3, 4))
-    today = var.autoregressive_infer_cfg(2, torch.tensor([0, 4]), **kw)
-    probe = []
-    with fp.solving_with(var, fp.Option('picard'), probe, **STUDY_KW):
-        assert torch.equal(var.autoregressive_infer_cfg(2, torch.tensor([0, 4]), **kw), today)
-    assert len(probe) == 4 and all(len(p) == 3 for p in probe)
-    assert max(probe[0]) == pytest.approx(min(probe[0]))   # scale 0 attends to nothing earlier: G_t is one map
+def test_study_records_through_the_model_hooks_without_changing_the_samples():
+    vae, var = tiny_vae_var(True)
+    kw = dict(cfg=1.5, top_k=0, top_p=0.0)
+    labels, seeds = torch.tensor([1, 3]), [5, 6]
+    for schedule in (S.constant(4, 4), S.adaptive(1e-2, 6, 4)):
+        for solver in (SolverSpec(), SolverSpec('anderson', m=3)):
+            alone = var.autoregressive_infer_cfg(2, labels, g_seed=seeds, schedule=schedule, solver=solver, **kw)
+            img, stats, rec, _ = fp.run_once(var, vae, solver, schedule, labels, seeds, **kw)
+            assert torch.equal(img, alone)
+            assert [len(r) for r in rec.residuals] == stats.iters            # one record per implicit iteration
+            assert [t.shape[1] for t in rec.tokens] == [pn * pn for pn in var.patch_nums]
+            assert all(z.shape[1] == pn * pn for z, pn in zip(rec.z, var.patch_nums))
+            assert rec.logits[-1].shape[1] == var.patch_nums[-1] ** 2
+            if schedule.adaptive:   # the sampler stops on the same residual the hook recomputes
+                assert all(r[-1] == pytest.approx(s, rel=1e-4) for r, s in zip(rec.residuals, stats.residuals))
+    _, var_explicit = tiny_vae_var(False)
+    with pytest.raises(SystemExit, match='VIAR'):
+        fp.check_viar(var_explicit, 'tiny VAR')
 
 
 def test_equal_distance_arithmetic():
@@ -173,16 +142,19 @@ def test_equal_distance_arithmetic():
     assert [p['distance'] for p in fp.frontier(pts, 'it')] == [1e-3, 1e-2, 1e-1]
     base = [dict(distance=1e-2, it=10, schedule='tau')]
     assert fp.at_equal_distance(base, pts, 'it')[0]['other'] == pytest.approx(8.0)
-    names = fp.parse_options('picard,warm,anderson+warm_delta')
-    assert [(o.anderson, o.warm) for o in names] == [(False, ''), (False, 'value'), (True, 'delta')]
-    with pytest.raises(ValueError):
-        fp.parse_options('broyden')
+    assert fp.parse_options('picard, anderson', m=3) == [('picard', SolverSpec()),
+                                                         ('anderson', SolverSpec('anderson', m=3))]
+    for bad in ('broyden', 'warm', 'anderson+warm'):
+        with pytest.raises(ValueError):
+            fp.parse_options(bad)
 
 
 def test_benchmark_runs_end_to_end_on_random_weights(tmp_path):
     out = fp.main(['--var_ckpt', 'random', '--per_class', '1', '--taus', '0.1,0.01', '--counts', '2', '--reps', '0',
-                   '--ref_iters', '6', '--cap', '6', '--options', 'picard,warm,anderson', '--out', str(tmp_path)])
-    assert {r['option'] for r in out['rows']} == {'picard', 'warm', 'anderson'}
+                   '--ref_iters', '6', '--cap', '6', '--options', 'picard,anderson', '--m', '3',
+                   '--out', str(tmp_path)])
+    assert {r['option'] for r in out['rows']} == {'picard', 'anderson'}
     assert all(len(r['iters']) == 4 and r['distance'] >= 0 for r in out['rows'])
+    assert set(out['equal_distance']) == {'anderson'}
     for name in ('fixed_point.json', 'fixed_point.md', 'fixed_point.png'):
         assert (tmp_path / name).stat().st_size > 0
