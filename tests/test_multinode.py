@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 import pytest
 import torch
 
-from tests.proc_util import run_group
+from tests.proc_util import kill_tree, run_group
 from tests.train_helpers import ROOT, env_one_thread, make_image_folder, read_steps, tiny_flags
 
 TRAIN_SH = os.path.join(ROOT, 'scripts', 'train.sh')
@@ -32,39 +32,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _descendants(pid: int) -> List[int]:
-    """pid's child processes, recursively (from /proc; torchrun starts its workers in their own sessions)."""
-    children: Dict[int, List[int]] = {}
-    for entry in os.listdir('/proc'):
-        if entry.isdigit():
-            try:
-                with open(f'/proc/{entry}/stat') as f:
-                    ppid = int(f.read().rsplit(')', 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def _kill_tree(pid: int):
-    """SIGKILL a launcher, its workers (each in its own session) and everything they started, as a node loss."""
-    try:
-        os.kill(pid, signal.SIGSTOP)   # freeze the agent so that it starts no new worker while we collect them
-    except ProcessLookupError:
-        return
-    for p in [pid] + _descendants(pid):
-        for kill in (os.killpg, os.kill):
-            try:
-                kill(p, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-
 class Node:
     """One `bash scripts/train.sh` launcher (torchrun, elastic form) acting as one node; output in <log>."""
 
@@ -78,15 +45,16 @@ class Node:
             self.proc = subprocess.Popen(['bash', TRAIN_SH] + flags, cwd=ROOT, env=env, stdout=f,
                                          stderr=subprocess.STDOUT, start_new_session=True)
 
-    def wait(self, deadline: float) -> int:
+    def wait(self, deadline: float) -> Optional[int]:
+        """The launcher's exit status; None when it was still running at the deadline (it is then killed)."""
         try:
             return self.proc.wait(timeout=max(1.0, deadline - time.time()))
         except subprocess.TimeoutExpired:
             self.kill()
-            pytest.fail(f'node timed out; its log ends:\n{self.tail()}')
+            return None
 
     def kill(self):
-        _kill_tree(self.proc.pid)
+        kill_tree(self.proc.pid)
         self.proc.wait()
 
     def tail(self, n: int = 4000) -> str:
@@ -116,10 +84,17 @@ def _max_step(out: str) -> int:
     return max(steps)
 
 
-def _run_two_nodes(data: str, out: str, tag: str, b_extra=(), kill_b_after: Optional[int] = None) -> Dict:
-    """Node A (the rendezvous store's host) and node B train the tiny VIAR; B gets b_extra; with kill_b_after, B is
-    killed whole (launcher and worker) once a rank logged that step, then started again. Returns both ranks'
-    step logs, log.txt, the launchers' output and the last step logged before the kill."""
+def _tails(what: str, nodes: List[Node]) -> str:
+    """An assertion message: what happened, then the end of every launcher's output (a hang shows on both)."""
+    return '\n'.join([what] + [f'---- {n.log}:\n{n.tail()}' for n in nodes])
+
+
+def _run_two_nodes(data: str, out: str, tag: str, b_extra=(), restart_b: bool = False) -> Dict:
+    """Node A (the rendezvous store's host) and node B train the tiny VIAR; B gets b_extra. With restart_b, B's
+    first launcher is expected to die (b_extra holds --kill_node_at_step: its worker SIGKILLs the launcher and then
+    itself, at a step of the run, not at whatever step a poll of the logs happens to see); B is then started again
+    without b_extra. Returns both ranks' step logs, log.txt, the launchers' output and the last step logged when
+    B was found dead."""
     os.makedirs(out, exist_ok=True)
     flags = tiny_flags(data, out, True, f'--ep={STEPS // 2}', '--save_every_steps=4', *UNDO_RECIPE)
     port, deadline = _free_port(), time.time() + NODE_TIMEOUT_S
@@ -130,15 +105,13 @@ def _run_two_nodes(data: str, out: str, tag: str, b_extra=(), kill_b_after: Opti
         _wait_port(port)
         nodes.append(Node(port, tag, flags + list(b_extra), logs['B']))
         killed_at = None
-        if kill_b_after is not None:
-            while _max_step(out) < kill_b_after:
-                assert nodes[1].proc.poll() is None and time.time() < deadline, nodes[1].tail()
-                time.sleep(0.02)
-            nodes[1].kill()
+        if restart_b:
+            rc_b = nodes[1].wait(deadline)
+            assert rc_b == -signal.SIGKILL, _tails(f'node B exited with {rc_b}, not by its test hook', nodes)
             killed_at = _max_step(out)
-            nodes.append(Node(port, tag, flags, logs['B']))   # node B comes back (without the test hook)
+            nodes.append(Node(port, tag, flags, logs['B']))   # node B comes back (without the test hooks)
         rcs = [nodes[0].wait(deadline), nodes[-1].wait(deadline)]
-        assert rcs == [0, 0], '\n'.join(n.tail() for n in (nodes[0], nodes[-1]))
+        assert rcs == [0, 0], _tails(f'exit status of A and B {rcs} (None: timed out, killed)', nodes)
     finally:
         for n in nodes:
             if n.proc.poll() is None:
@@ -197,18 +170,31 @@ def test_two_nodes_train_together_with_identical_jfb_draws(reference):
     assert 'group_world_size=2' in ref['out_a'] and 'group_world_size=2' in ref['out_b']
 
 
+def test_kill_node_hook_fires_only_at_its_step_and_only_under_torchrun(monkeypatch):
+    from utils.train.hooks import TrainHooks
+    monkeypatch.delenv('TORCHELASTIC_RUN_ID', raising=False)
+    hooks = TrainHooks(kill_node_at_step=3)
+    for step in (1, 2, 4):
+        hooks.after_step(step)   # not its step: nothing happens
+    with pytest.raises(SystemExit, match='torchrun'):   # never the parent of a plain `python train.py`: a shell
+        hooks.after_step(3)
+
+
 @pytest.mark.slow
 def test_killed_worker_then_killed_node_both_resume_exactly(data, reference, tmp_path):
     """One run, two faults, both on node B (A hosts the rendezvous store, whose loss would end the run):
     1. --kill_at_step=14 SIGKILLs B's worker; B's torchrun restarts it, A's torchrun sees the new rendezvous round
        and restarts its worker too; both resume from the step-12 checkpoint.
-    2. Once a rank logged step 26, B's launcher and worker are SIGKILLed (a lost node) and B is started again with
-       the same command; A's worker fails on the dead peer, A's torchrun restarts it, the new B joins, and both
-       resume from the last checkpoint (a multiple of 4, 24 or later).
+    2. --kill_node_at_step=26: right after step 26 (of its restarted attempt) B's worker SIGKILLs B's torchrun and
+       then itself (a lost node), and B is started again with the same command minus the hooks; A's worker fails
+       on the dead peer, A's torchrun restarts it, the new B joins, and both resume from the last checkpoint
+       (a multiple of 4, 24 or later). The kill is part of the run, so it happens at step 26 however loaded the
+       machine is (a test that polled the logs for step 26 could see the run finish first).
     Steps after each checkpoint ran twice; read_steps keeps the last record, so the rerun ones are compared."""
     ref_out, ref = reference
     out = str(tmp_path / 'out')
-    run = _run_two_nodes(data, out, 'faults', b_extra=('--kill_at_step=14',), kill_b_after=26)
+    run = _run_two_nodes(data, out, 'faults', b_extra=('--kill_at_step=14', '--kill_node_at_step=26'),
+                         restart_b=True)
     resumed = [int(line.split(': step ')[1].split()[0]) for line in run['log'].splitlines() if '[resume]' in line]
     assert len(resumed) == 2 and resumed[0] == 12, run['log'][-3000:]
     assert resumed[1] % 4 == 0 and 24 <= resumed[1] <= run['killed_at'] < STEPS, (resumed, run['killed_at'])
