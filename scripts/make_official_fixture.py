@@ -1,6 +1,8 @@
 """Write tests/data/official_tiny.pt: outputs of the OFFICIAL VIAR code on tiny random weights.
 
     python scripts/make_official_fixture.py /path/to/official/VIAR   # a checkout of mobiushy/VIAR
+    python scripts/make_official_fixture.py /path/to/official/VIAR --config tiny_saln512
+    python scripts/make_official_fixture.py /path/to/official/VIAR --keys var_d36
 
 The official checkout is imported from PATH in this process only (both packages are called `models`,
 so nothing of this project is imported here); it is never part of the project and no test needs it:
@@ -11,6 +13,12 @@ official code computes from them: the teacher-forced logits (VIAR with n = 2 no-
 iterations) and the token maps `autoregressive_infer_cfg` samples at every scale, greedy and with
 top-k/top-p, for the official iteration knobs (3,3), (4,2), (1,8).
 tests/test_official_fixture.py loads all of it into this project's models and compares.
+
+`--config tiny_saln512` writes tests/data/official_tiny_saln512.pt instead: the same record for the
+shared-AdaLN (`--saln=1`) models on the 512 px pyramid 1,2,3,4,6,9,13,18,24,32 (L = 2240), read by
+tests/test_official_saln512.py; the default configuration and its file are left as they are.
+`--keys var_d36` builds VAR-d36-s (depth 36, shared AdaLN, 512 px pyramid) on the meta device and writes
+its state-dict keys, shapes and parameter count to tests/data/official_var_d36_keys.json (tests/test_512.py).
 """
 import os
 import subprocess
@@ -21,20 +29,27 @@ SIZES = dict(depth=4, embed_dim=16, num_heads=2, pre_depth=1, post_depth=1, V=48
 KNOBS = [(3, 3), (4, 2), (1, 8)]
 SAMPLERS = {'greedy': dict(top_k=1, top_p=0.0), 'topk_topp': dict(top_k=10, top_p=0.9)}
 LABELS_TRAIN, LABELS_SAMPLE, G_SEED, CFG = [1, 3], [0, 4], 5, 1.5
-OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests', 'data', 'official_tiny.pt')
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests', 'data')
+OUT = os.path.join(DATA, 'official_tiny.pt')
+PYRAMID_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+# name -> (sizes, shared AdaLN, output file); 'tiny' is the original fixture, unchanged
+CONFIGS = {'tiny': (SIZES, False, OUT),
+           'tiny_saln512': (dict(SIZES, patch_nums=PYRAMID_512), True, os.path.join(DATA, 'official_tiny_saln512.pt'))}
+# name -> (depth, shared AdaLN, patch_nums, output file) of a full-size official model listed on the meta device
+KEY_LISTS = {'var_d36': (36, True, PYRAMID_512, os.path.join(DATA, 'official_var_d36_keys.json'))}
 
 
-def official_models(use_implicit: bool, seed: int):
+def official_models(use_implicit: bool, seed: int, sizes: dict = SIZES, shared_aln: bool = False):
     """The official VQVAE (its fixed layout, ch 32) and VAR/VIAR with every parameter ~ N(0, 0.3^2)."""
     import torch
     from models.var import VAR
     from models.vqvae import VQVAE
-    s = SIZES
+    s = sizes
     vae = VQVAE(vocab_size=s['V'], z_channels=s['Cvae'], ch=32, test_mode=True, share_quant_resi=4,
                 v_patch_nums=s['patch_nums'])
     var = VAR(vae_local=vae, num_classes=s['num_classes'], depth=s['depth'], embed_dim=s['embed_dim'],
               num_heads=s['num_heads'], drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0, norm_eps=1e-6,
-              shared_aln=False, cond_drop_rate=0.1, attn_l2_norm=True, patch_nums=s['patch_nums'],
+              shared_aln=shared_aln, cond_drop_rate=0.1, attn_l2_norm=True, patch_nums=s['patch_nums'],
               use_implicit=use_implicit, pre_depth=s['pre_depth'], post_depth=s['post_depth'])
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -43,16 +58,21 @@ def official_models(use_implicit: bool, seed: int):
     return vae.eval(), var.eval()
 
 
-def record(use_implicit: bool) -> dict:
+def record(use_implicit: bool, sizes: dict = SIZES, shared_aln: bool = False, compact_mask: bool = False) -> dict:
     import torch
-    vae, var = official_models(use_implicit, seed=10 + use_implicit)
+    vae, var = official_models(use_implicit, seed=10 + use_implicit, sizes=sizes, shared_aln=shared_aln)
     var.cond_drop_rate = 0.0
     g = torch.Generator().manual_seed(20 + use_implicit)
-    idx_Bl = [torch.randint(0, SIZES['V'], (len(LABELS_TRAIN), pn * pn), generator=g) for pn in SIZES['patch_nums']]
+    idx_Bl = [torch.randint(0, sizes['V'], (len(LABELS_TRAIN), pn * pn), generator=g) for pn in sizes['patch_nums']]
     if use_implicit:   # the official trainer draws n and m; fixed here so the fixture is one forward
         var.implicit_no_grad_min_iters = var.implicit_no_grad_max_iters = 2
         var.implicit_with_grad_min_iters = var.implicit_with_grad_max_iters = 1
     out = dict(var_sd=var.state_dict(), quant_sd=vae.quantize.state_dict(), idx_Bl=idx_Bl, samples={})
+    if compact_mask:   # the (1, 1, L, L) mask is 20 MB at L = 2240: its sha256 stands in for it
+        import hashlib
+        mask = out['var_sd'].pop('attn_bias_for_masking')
+        out.update(mask_shape=tuple(mask.shape),
+                   mask_sha256=hashlib.sha256(mask.float().contiguous().numpy().tobytes()).hexdigest())
     with torch.no_grad():
         x = vae.quantize.idxBl_to_var_input(idx_Bl)
         out.update(x_BLCv=x, logits_BLV=var(torch.tensor(LABELS_TRAIN), x))
@@ -67,10 +87,60 @@ def record(use_implicit: bool) -> dict:
     return out
 
 
+def key_list(name: str) -> dict:
+    """Every state-dict key and shape, and the parameter count, of a full-size official model.
+
+    The official constructor calls .item() (drop-path rates), so it cannot run on the meta device; it runs on
+    the CPU with the layers' reset_parameters disabled, as the official build_vae_var does, and without
+    init_weights: the weights are allocated but never written, so the pages are never touched.
+    """
+    import torch
+    import torch.nn as nn
+    from models.var import VAR
+    from models.vqvae import VQVAE
+    depth, shared_aln, patch_nums, _ = KEY_LISTS[name]
+    for clz in (nn.Linear, nn.LayerNorm, nn.BatchNorm2d, nn.SyncBatchNorm, nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d,
+                nn.ConvTranspose2d):   # this process only: it builds nothing else
+        setattr(clz, 'reset_parameters', lambda self: None)
+    vae = VQVAE(vocab_size=4096, z_channels=32, ch=160, test_mode=True, share_quant_resi=4, v_patch_nums=patch_nums)
+    var = VAR(vae_local=vae, num_classes=1000, depth=depth, embed_dim=64 * depth, num_heads=depth, drop_rate=0.0,
+              attn_drop_rate=0.0, drop_path_rate=0.1 * depth / 24, norm_eps=1e-6, shared_aln=shared_aln,
+              cond_drop_rate=0.1, attn_l2_norm=True, patch_nums=patch_nums)
+    return dict(_about=f'{name}: the official VAR (depth {depth}, shared AdaLN {shared_aln}, patch_nums {patch_nums}) '
+                       f'built (weights never initialised) by scripts/make_official_fixture.py --keys {name}',
+                depth=depth, shared_aln=shared_aln, patch_nums=list(patch_nums),
+                param_count=sum(p.numel() for p in var.parameters()),
+                keys={k: list(v.shape) for k, v in var.state_dict().items()})
+
+
+def models_digest(official: str) -> str:
+    """sha256 over the official models/*.py files (name and bytes, sorted by name)."""
+    import hashlib
+    h = hashlib.sha256()
+    folder = os.path.join(official, 'models')
+    for name in sorted(n for n in os.listdir(folder) if n.endswith('.py')):
+        h.update(name.encode())
+        with open(os.path.join(folder, name), 'rb') as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def parse_argv(argv):
+    """(official checkout, config name, key-list name or None)."""
+    import argparse
+    p = argparse.ArgumentParser(description='Record outputs of the official VIAR code for the tests.')
+    p.add_argument('official', help='a checkout of the official VIAR code (mobiushy/VIAR)')
+    p.add_argument('--config', default='tiny', choices=sorted(CONFIGS), help='which tiny fixture to write')
+    p.add_argument('--keys', default=None, choices=sorted(KEY_LISTS),
+                   help='write this full-size model\'s key/shape list instead of a fixture')
+    a = p.parse_args(argv)
+    if not os.path.isdir(os.path.join(a.official, 'models')):
+        raise SystemExit(f'{a.official} is not a checkout of the official VIAR code (no models/ folder)')
+    return os.path.abspath(a.official), a.config, a.keys
+
+
 def main():
-    if len(sys.argv) != 2 or not os.path.isdir(os.path.join(sys.argv[1], 'models')):
-        raise SystemExit('usage: make_official_fixture.py PATH  (PATH: a checkout of the official VIAR code)')
-    official = os.path.abspath(sys.argv[1])
+    official, config, keys = parse_argv(sys.argv[1:])
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path[:] = [official] + [p for p in sys.path if p and os.path.abspath(p) not in (here, os.getcwd())]
     import torch
@@ -79,14 +149,28 @@ def main():
         commit = subprocess.run(['git', '-C', official, 'rev-parse', 'HEAD'], capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = ''
-    fixture = dict(meta=dict(official_commit=commit or 'unknown', torch=str(torch.__version__), sizes=SIZES, knobs=KNOBS,
-                             samplers=SAMPLERS, labels_train=LABELS_TRAIN, labels_sample=LABELS_SAMPLE, g_seed=G_SEED,
-                             cfg=CFG),
-                   var=record(False), viar=record(True))
-    tmp = OUT + '.tmp'
+    if not commit:   # not a git checkout: name the code by the hash of its models/ sources instead
+        commit = 'models-sha256:' + models_digest(official)
+    if keys is not None:
+        import json
+        out = KEY_LISTS[keys][-1]
+        listing = dict(key_list(keys), official_commit=commit or 'unknown', torch=str(torch.__version__))
+        with open(out + '.tmp', 'w') as f:
+            json.dump(listing, f, indent=0, sort_keys=True)
+        os.replace(out + '.tmp', out)
+        print(f'wrote {out}: {len(listing["keys"])} entries, {listing["param_count"]:,} parameters')
+        return
+    sizes, shared_aln, out = CONFIGS[config]
+    meta = dict(official_commit=commit or 'unknown', torch=str(torch.__version__), sizes=sizes, knobs=KNOBS,
+                samplers=SAMPLERS, labels_train=LABELS_TRAIN, labels_sample=LABELS_SAMPLE, g_seed=G_SEED, cfg=CFG)
+    if config != 'tiny':   # the original fixture's meta stays as it was
+        meta.update(config=config, shared_aln=shared_aln)
+    fixture = dict(meta=meta, var=record(False, sizes, shared_aln, config != 'tiny'),
+                   viar=record(True, sizes, shared_aln, config != 'tiny'))
+    tmp = out + '.tmp'
     torch.save(fixture, tmp)
-    os.replace(tmp, OUT)
-    print(f'wrote {OUT} ({os.path.getsize(OUT) / 1024:.0f} KiB) from the official code at {commit or "?"}')
+    os.replace(tmp, out)
+    print(f'wrote {out} ({os.path.getsize(out) / 1024:.0f} KiB) from the official code at {commit or "?"}')
 
 
 if __name__ == '__main__':

@@ -18,6 +18,7 @@ OFFICIAL_FILES = {
     'var_d20.pth': 'FoundationVision/var',
     'var_d24.pth': 'FoundationVision/var',
     'var_d30.pth': 'FoundationVision/var',
+    'var_d36.pth': 'FoundationVision/var',   # VAR-d36-s: 512 px, shared AdaLN
     'viar.pth': 'mobiushy/VIAR',
 }
 
@@ -144,6 +145,9 @@ def _describe(sd: Dict[str, torch.Tensor], model: Optional[nn.Module] = None, fa
         return 'not a VAR/VIAR/VQVAE checkpoint', None
     spec = spec_of_model(model) if model is not None else spec_from_state_dict(sd, fallback)
     blocks = f', pre {spec.pre_depth}, post {spec.post_depth}' if kind == 'VIAR' else ''
+    blocks += ', shared AdaLN' if spec.shared_aln else ''
+    pn = spec.patch_nums
+    blocks += '' if pn == type(spec)().patch_nums else f', {len(pn)} scales up to {pn[-1]}x{pn[-1]}'
     return f'a {kind} checkpoint (depth {spec.depth}, width {spec.width}{blocks})', spec
 
 

@@ -59,8 +59,8 @@ def disagreements(spec: ModelSpec, flags_spec: ModelSpec, typed: Callable[[str],
     """'--flag value (file: value)' for every architecture flag the user typed that the file overrides."""
     out = []
     for name, mine, theirs in flags_spec.differences(spec, ARCH_FIELDS):
-        flag = SPEC_FLAGS[name]
-        if typed(flag):
+        flag = SPEC_FLAGS.get(name)   # shared AdaLN and attention norm have no sampling flag: never typed
+        if flag is not None and typed(flag):
             show = (lambda v: ','.join(map(str, v)) if isinstance(v, tuple) else v)
             out.append(f'--{flag} {show(mine)} (file: {show(theirs)})')
     return out
