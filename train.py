@@ -73,7 +73,8 @@ def check_resumable(ckpt: Dict[str, Any], args: TrainArgs, path: str):
     """The checkpoint was trained with the same model and batch flags as this run."""
     old = arg_util.args_from_dict(ckpt.get('args', {})).flat()
     new = args.flat()
-    diff = [f'--{k} {old[k]} (now {new[k]})' for k in MODEL_FLAGS + ('bs', 'ac', 'seed') if old.get(k) != new.get(k)]
+    diff = [f'--{k} {old[k]} (now {new[k]})' for k in MODEL_FLAGS + ('bs', 'ac', 'seed', 'freeze')
+            if old.get(k) != new.get(k)]   # a file from before --freeze reads as '' (nothing frozen)
     if diff:
         raise SystemExit(f'{path} was trained with {", ".join(diff)}: run with the same flags to resume, '
                          f'or pass another --local_out_dir_path to start a new run.')
@@ -121,7 +122,7 @@ def build_trainer(args: TrainArgs, der: Derived, vae, var, device: torch.device,
     from utils.train.ema import ModelEMA
     from utils.train.lr_control import param_groups
     var.grad_ckpt = bool(args.optim.grad_ckpt)
-    _, params, groups = param_groups(var)
+    _, params, groups = param_groups(var, allow_frozen=bool(args.optim.freeze))   # --freeze: frozen ones left out
     opt = AmpOptimizer(build_adamw(groups, der.lr, device, fused=args.optim.afuse), params, der.precision,
                        args.optim.tclip, args.optim.ac, device.type)
     ema = ModelEMA(var, args.optim.ema) if args.optim.ema > 0 else None
@@ -135,6 +136,12 @@ def build_trainer(args: TrainArgs, der: Derived, vae, var, device: torch.device,
 
 def build_loaders(args: TrainArgs, der: Derived, start_g_it: int):
     """(num_classes, train sampler, train iterator, val loader)."""
+    if args.data.token_cache:   # pre-tokenised shards (utils/data/token_cache.py): same sampler and resume rules
+        from utils.data.token_cache import build_cache_loaders
+        return build_cache_loaders(args.data.token_cache, der.glb_batch_size, der.batch_size, args.run.seed,
+                                   der.workers, dist.get_rank(), dist.get_world_size(), start_g_it,
+                                   pin=dist.get_device().type == 'cuda', patch_nums=der.patch_nums,
+                                   resolution=der.final_reso, V=args.model.V, vae_ckpt=args.model.vae_ckpt)
     from utils.data.datasets import build_datasets
     from utils.data.sampler import DistInfiniteBatchSampler, EvalDistributedSampler
     num_classes, train_set, val_set = build_datasets(args.data.data_path, der.final_reso, der.mid_reso_px,
@@ -210,6 +217,12 @@ class Run:
         self.vae_ref = None if self.random_vae else tokenizer_ref(args.model.vae_ckpt)
         self.vae, self.var = build_models(args, self.der, self.num_classes, self.device, self.log)
         self.spec = model_spec(args, self.der, self.num_classes)
+        from utils.train.init_ckpt import apply_freeze, initialise
+        if self.ckpt is None:   # weights only; a resume always wins (a killed fine-tune continues where it was)
+            initialise(self.var, self.spec, args.model.init_ckpt, args.model.init_from_var, self.log.info)
+        elif args.model.init_ckpt or args.model.init_from_var:
+            self.log.info(f'[init] resuming from {self.der.last_ckpt}: --init_ckpt/--init_from_var not applied')
+        apply_freeze(self.var, args.optim.freeze, self.log.info)
         self.trainer = build_trainer(args, self.der, self.vae, self.var, self.device, self.hooks)
         seed_everything(args.run.seed * self.world + self.rank)
         if self.ckpt is not None:
@@ -376,7 +389,7 @@ class Run:
 def main(argv: Optional[List[str]] = None):
     """Parse flags, join the process group, train."""
     args = arg_util.parse_args(argv)
-    if args.data.data_path in ('', arg_util.PLACEHOLDER_DATA_PATH):
+    if args.data.data_path in ('', arg_util.PLACEHOLDER_DATA_PATH) and not args.data.token_cache:
         raise SystemExit('please pass --data_path=/path/to/imagenet (a folder with train/ and val/ class folders).')
     dist.initialize(args.run.device)
     try:

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dist
+from utils.data.token_cache import split_scales
 from utils.train.amp_opt import AmpOptimizer
 from utils.train.ema import ModelEMA
 from utils.train.hooks import TrainHooks
@@ -68,7 +69,7 @@ def token_weights(begin_ends: List[Tuple[int, int]], L: int, prog_si: int, prog_
 
 
 class VARTrainer:
-    """Trains a VAR/VIAR (possibly DDP-wrapped) on images tokenised on the fly by a frozen VQVAE."""
+    """Trains a VAR/VIAR (possibly DDP-wrapped) on images tokenised on the fly by a frozen VQVAE, or on cached tokens."""
 
     def __init__(self, vae: nn.Module, var_wo_ddp: nn.Module, var: nn.Module, opt: AmpOptimizer,
                  label_smooth: float = 0.0, seed: int = 0, ema: Optional[ModelEMA] = None, jfb_draw: str = 'step',
@@ -89,8 +90,12 @@ class VARTrainer:
     # ---- pieces
     @torch.no_grad()
     def tokenize(self, img_B3HW: torch.Tensor, prog_si: int = -1) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(targets gt_BL, teacher-forcing input x_BLCv_wo_first_l) from images in [-1, 1] (up to scale prog_si)."""
-        idx_Bl = self.vae.img_to_idxBl(img_B3HW, prog_si=prog_si)
+        """(targets gt_BL, teacher-forcing input x_BLCv_wo_first_l) from images in [-1, 1], or from the (B, L)
+        integer token indices of a token cache, which skip the encoder (up to scale prog_si)."""
+        if img_B3HW.is_floating_point():
+            idx_Bl = self.vae.img_to_idxBl(img_B3HW, prog_si=prog_si)
+        else:
+            idx_Bl = split_scales(img_B3HW, self.patch_nums, prog_si)
         return torch.cat(idx_Bl, dim=1), self.quantize.idxBl_to_var_input(idx_Bl, prog_si=prog_si)
 
     def draw_jfb(self, g_it: int) -> Optional[Tuple[int, int]]:

@@ -31,6 +31,8 @@ class DataArgs:
     hflip: bool = flag(False, 'random horizontal flip on train images')
     workers: int = flag(0, 'DataLoader worker processes per rank (0: load in the main process)')
     num_classes: int = flag(0, 'classes of the model (0: the number of class folders in train/)')
+    token_cache: str = flag('', 'train on the token maps scripts/extract_tokens.py wrote to this folder instead of '
+                                'images (no VQVAE encoder; --data_path not needed; crops/flips as stored)')
 
 
 @dataclass
@@ -60,6 +62,11 @@ class ModelArgs:
     vae_ch: int = flag(160, 'tokenizer base channels', aliases=('--vch',))
     vae_ch_mult: Tuple[int, ...] = flag((1, 1, 2, 2, 4), 'tokenizer channel multipliers (downsampling 2^(len-1))')
     vae_num_res_blocks: int = flag(2, 'tokenizer res blocks per level')
+    init_ckpt: str = flag('', 'start from these weights (official name, ar-ckpt-*.pth or var-slim.pth): weights only; '
+                              'another class count re-initialises the class rows, keeping the null-class row; '
+                              'ar-ckpt-last.pth in the output folder (a resume) wins')
+    init_from_var: str = flag('', 'VIAR only: start from a VAR file (pre-blocks = its first p blocks, post-blocks = '
+                                  'its last p, implicit block = its block depth//2, embeddings/AdaLN/head)')
 
 
 @dataclass
@@ -82,6 +89,8 @@ class OptimArgs:
     compile: bool = flag(False, 'torch.compile the transformer')
     tf32: bool = flag(True, 'TF32 matmuls on Ampere+ GPUs')
     max_nonfinite: int = flag(20, 'stop after this many non-finite losses in a row (each such step is skipped)')
+    freeze: str = flag('', "parameters not to train: comma-separated fnmatch patterns over parameter names, in order; "
+                           "'!pattern' unfreezes (e.g. '*,!implicit_block.*,!class_emb.*')")
 
 
 @dataclass
@@ -196,6 +205,12 @@ def derive(args: TrainArgs, world_size: int) -> Derived:
                          f'= {downsample} (--vae_ch_mult {"_".join(map(str, m.vae_ch_mult))}).')
     resos = tuple(p * d.patch_size for p in patch_nums)
     final_reso = max(resos)
+    if m.init_ckpt and m.init_from_var:
+        raise SystemExit('give --init_ckpt (fine-tune a model of the same kind) or --init_from_var (a VIAR from a '
+                         'VAR), not both.')
+    if m.init_from_var and not m.use_implicit:
+        raise SystemExit('--init_from_var initialises a VIAR: add --use_implicit True, or pass the VAR file as '
+                         '--init_ckpt to fine-tune it as a VAR.')
     if o.bf16 and o.fp16 == 1:
         raise SystemExit('--fp16 1 (fp16) and --bf16 both given: pick one (--bf16 is the same as --fp16 2).')
     precision = 'bf16' if (o.bf16 or o.fp16 == 2) else ('fp16' if o.fp16 == 1 else 'fp32')

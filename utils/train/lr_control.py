@@ -80,18 +80,21 @@ def no_weight_decay(name: str, param: torch.Tensor, nowd_keys: Iterable[str] = N
     return param.ndim == 1 or name.endswith('bias') or any(k in name for k in nowd_keys)
 
 
-def param_groups(model: nn.Module, nowd_keys: Iterable[str] = NOWD_KEYS
+def param_groups(model: nn.Module, nowd_keys: Iterable[str] = NOWD_KEYS, allow_frozen: bool = False
                  ) -> Tuple[List[str], List[nn.Parameter], List[Dict]]:
     """(names, params, groups) of the trainable parameters; groups 'D' (decayed) and 'ND' carry wd_sc/lr_sc.
 
-    Frozen parameters are an error, as official (the transformer has none; the VQVAE is outside it).
+    Frozen parameters are an error, as official (the transformer has none; the VQVAE is outside it), unless
+    allow_frozen (train.py --freeze): then they are left out of every group, so the optimizer never sees them.
     """
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-    if frozen:
+    if frozen and not allow_frozen:
         raise ValueError(f'param_groups expects every parameter trainable; frozen: {frozen[:5]}')
     names, params = [], []
     groups: Dict[str, Dict] = {}
     for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
         names.append(name)
         params.append(p)
         key = 'ND' if no_weight_decay(name, p, nowd_keys) else 'D'
