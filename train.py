@@ -40,17 +40,36 @@ def seed_everything(seed: int):
 
 
 def capture_rng() -> Dict[str, Any]:
-    """This process's python/numpy/torch (and CUDA) RNG states."""
-    st = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
+    """This process's python/numpy/torch (and CUDA) RNG states, as plain data a weights-only load reads: python's
+    is a tuple of ints, numpy's MT19937 state a dict with its key as an int64 tensor, torch's byte tensors."""
+    st = {'python': random.getstate(), 'numpy': numpy_rng_to_plain(np.random.get_state()),
+          'torch': torch.get_rng_state()}
     if torch.cuda.is_available() and dist.get_device().type == 'cuda':
         st['cuda'] = torch.cuda.get_rng_state(dist.get_device())
     return st
 
 
+def numpy_rng_to_plain(state: tuple) -> Dict[str, Any]:
+    """np.random.get_state()'s tuple (name, uint32 key array, pos, has_gauss, cached_gaussian) as a plain dict."""
+    name, key, pos, has_gauss, gauss = state
+    return {'bit_generator': str(name), 'key': torch.from_numpy(np.asarray(key, dtype=np.int64)), 'pos': int(pos),
+            'has_gauss': int(has_gauss), 'cached_gaussian': float(gauss)}
+
+
+def numpy_rng_from_saved(saved) -> tuple:
+    """The tuple np.random.set_state takes, from capture_rng's dict or from the tuple older checkpoints hold (its
+    key a numpy array, or a tensor after scripts/convert_checkpoint.py)."""
+    if isinstance(saved, dict):
+        saved = (saved['bit_generator'], saved['key'], saved['pos'], saved['has_gauss'], saved['cached_gaussian'])
+    name, key, pos, has_gauss, gauss = saved
+    key = key.numpy() if isinstance(key, torch.Tensor) else np.asarray(key)
+    return str(name), key.astype(np.uint32), int(pos), int(has_gauss), float(gauss)
+
+
 def restore_rng(st: Dict[str, Any]):
-    """Inverse of capture_rng."""
+    """Inverse of capture_rng (also for checkpoints written before it stored plain data)."""
     random.setstate(st['python'])
-    np.random.set_state(st['numpy'])
+    np.random.set_state(numpy_rng_from_saved(st['numpy']))
     torch.set_rng_state(st['torch'])
     if 'cuda' in st and dist.get_device().type == 'cuda':
         torch.cuda.set_rng_state(st['cuda'], dist.get_device())
@@ -59,14 +78,17 @@ def restore_rng(st: Dict[str, Any]):
 # ---------------------------------------------------------------- resume
 
 def read_resume(path: str) -> Optional[Dict[str, Any]]:
-    """The training checkpoint at path, None when there is none; an unreadable one is a clear error."""
+    """The training checkpoint at path, None when there is none; an unreadable one is a clear error, and one whose
+    loading would run code is refused (utils.checkpoint.read_checkpoint: weights only)."""
+    from utils.checkpoint import CheckpointError, UnsafeCheckpointError, read_checkpoint
     if not os.path.isfile(path):
         return None
     try:
-        return torch.load(path, map_location='cpu', weights_only=False, mmap=True)   # mmap: ranks share pages
-    except Exception as e:
-        raise SystemExit(f'cannot read {path} to resume ({type(e).__name__}: {e}). Restore it, or move it away '
-                         f'to start from scratch.') from None
+        return read_checkpoint(path, mmap=True)   # mmap: ranks share pages
+    except UnsafeCheckpointError as e:
+        raise SystemExit(str(e)) from None
+    except CheckpointError as e:
+        raise SystemExit(f'cannot read {path} to resume: {e} Or move it away to start from scratch.') from None
 
 
 def check_resumable(ckpt: Dict[str, Any], args: TrainArgs, path: str):
@@ -251,7 +273,7 @@ class Run:
     def _save(self, best: bool):
         """ar-ckpt-last.pth (+ best) and the slim export, atomically, on rank 0; never with non-finite weights."""
         from utils.checkpoint import save_atomic
-        from utils.model_io import slim_export
+        from utils.model_io import save_slim, slim_export
         if not self.trainer.weights_finite():
             raise SystemExit(f'the model weights became non-finite by step {self.prog.g_it}; not saving them. '
                              f'The last good checkpoint is {self.der.last_ckpt}; lower --tblr or --tclip and resume.')
@@ -267,8 +289,8 @@ class Run:
             if best:
                 save_atomic(state, self.der.best_ckpt)
             ema_sd = self.trainer.ema.model_state_dict(self.var) if self.trainer.ema is not None else None
-            save_atomic(slim_export(self.var, self.spec, vae=self.vae if self.vae_ref is None else None,
-                                    var_ema_sd=ema_sd, vae_ref=self.vae_ref), self.der.slim_path)
+            save_slim(slim_export(self.var, self.spec, vae=self.vae if self.vae_ref is None else None,
+                                  var_ema_sd=ema_sd, vae_ref=self.vae_ref), self.der.slim_path)   # + .safetensors
             self.log.info(f'[ckpt] after step {self.prog.g_it}: {self.der.last_ckpt}' + (' (+ best)' if best else ''))
         dist.barrier()
 

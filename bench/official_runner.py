@@ -60,7 +60,9 @@ def handlers():
                   norm_eps=1e-6, shared_aln=m['shared_aln'], cond_drop_rate=0.1, attn_l2_norm=m['attn_l2_norm'],
                   patch_nums=tuple(m['patch_nums']), use_implicit=m['use_implicit'], pre_depth=m['pre_depth'],
                   post_depth=m['post_depth']).to(device)
-        sd = torch.load(msg['state_path'], map_location=device, weights_only=False)
+        # the project's one loader (weights only), loaded by path: the official package owns `utils` here
+        ckpt = measure.load_project_module('viar_project_checkpoint', os.path.join('utils', 'checkpoint.py'))
+        sd = ckpt.read_checkpoint(msg['state_path'])
         vae.load_state_dict(sd['vae'], strict=True)
         var.load_state_dict(sd['var'], strict=True)
         del sd

@@ -1,12 +1,20 @@
 """Checkpoint files: atomic writes, model unwrapping, official-file download, and loads that explain mismatches.
 
 One helper for every script: training state, slim exports and the official `vae_ch160v4096z32.pth`,
-`var_d{16,20,24,30}.pth`, `viar.pth` all load through `load_var_weights` / `load_vae_weights`.
+`var_d{16,20,24,30}.pth`, `viar.pth` all load through `load_var_weights` / `load_vae_weights`, and every file
+is read by `read_checkpoint`: `.pth` with `torch.load(weights_only=True)` (tensors, numbers, strings, lists,
+dicts; plus numpy arrays, for the RNG state of checkpoints written before this rule), `.safetensors` through
+utils.safetensors_io. Loading never runs code: a file that asks to (an old or a hostile pickle) is refused
+with UnsafeCheckpointError, which names `scripts/convert_checkpoint.py` for files the user trusts.
+This module imports nothing from the project at import time (bench/official_runner.py loads it by path).
 """
 import hashlib
 import os
+import pickle
 import re
 import socket
+import warnings
+import zipfile
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -21,10 +29,33 @@ OFFICIAL_FILES = {
     'var_d36.pth': 'FoundationVision/var',   # VAR-d36-s: 512 px, shared AdaLN
     'viar.pth': 'mobiushy/VIAR',
 }
+# sha256 of each official file, checked before a downloaded (or ckpts/-placed) file is used. FoundationVision/var:
+# the digests its Hugging Face LFS pointers carry at revision 6d0ee6598a42f75079aa79e58b012b57b284c91b, as pinned
+# by public configs that download them (the tokenizer's and var_d16's also recorded independently elsewhere).
+# viar.pth, var_d36.pth: no published digest was found (the hub is unreachable from where this was written), so
+# they are not checked; put the digest the hub shows for the file here (None: not checked).
+OFFICIAL_SHA256 = {
+    'vae_ch160v4096z32.pth': '7c3ec27ae28a3f87055e83211ea8cc8558bd1985d7b51742d074fb4c2fcf186c',
+    'var_d16.pth': '4f6151aad91c94e03e224dd7358d8389fa05301c0c291279566998efb54b0ecb',
+    'var_d20.pth': 'f7d232978e6fe82a4f2e0f5d82b012e01b1aa5abfe93ce2b56104ec0e878a10f',
+    'var_d24.pth': '12c03619b2d3906ed19fe59539a90aadf60d72287dbaa31cf540435e76ddf789',
+    'var_d30.pth': '7b11551dd4d794c7d6ed10b3d2822d42efe609a86128171b646e543dd2633b56',
+    'var_d36.pth': None,
+    'viar.pth': None,
+}
+CONVERT = 'python scripts/convert_checkpoint.py'
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable, or does not fit the requested model."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A file whose unpickling would run code (an old or a hostile pickle): never loaded."""
+
+
+class OfficialDigestError(CheckpointError):
+    """A file with an official name in the download folder whose bytes are not the official file's."""
 
 
 def save_atomic(obj: Any, path: str):
@@ -59,35 +90,118 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def resolve_checkpoint(path: str, ckpt_dir: str = 'ckpts') -> str:
     """A local path; an official file name missing locally is downloaded from the Hugging Face hub into ckpt_dir."""
     if path and os.path.isfile(path):
-        return path
+        return verify_official(path, ckpt_dir)
     name = os.path.basename(path or '')
     if name in OFFICIAL_FILES:
         local = os.path.join(ckpt_dir, name)
         if os.path.isfile(local):
-            return local
-        repo = OFFICIAL_FILES[name]
-        url = f'https://huggingface.co/{repo}/resolve/main/{name}'
+            return verify_official(local, ckpt_dir)
+        url = official_url(name)
         if not hub_reachable():   # fail at once instead of after the hub client's retries
             raise CheckpointError(f'{path!r} not found and the Hugging Face hub is unreachable from here. Download '
                                   f'{url} and put it at {local} (or pass its path).')
         try:
             from huggingface_hub import hf_hub_download
-            return hf_hub_download(repo_id=repo, filename=name, local_dir=ckpt_dir)
+            got = hf_hub_download(repo_id=OFFICIAL_FILES[name], filename=name, local_dir=ckpt_dir)
         except Exception as e:   # offline, hub down, or no huggingface_hub
             raise CheckpointError(
                 f'{path!r} not found and could not be downloaded from the Hugging Face hub ({type(e).__name__}). '
                 f'Download {url} and put it at {local} (or pass its path).') from None
-    raise CheckpointError(f'checkpoint {path!r} does not exist. Pass the path of a .pth file '
+        return verify_official(got, os.path.dirname(got))
+    raise CheckpointError(f'checkpoint {path!r} does not exist. Pass the path of a .pth or .safetensors file '
                           f'(official names download automatically: {", ".join(OFFICIAL_FILES)}).')
 
 
-def read_checkpoint(path: str) -> Any:
-    """What a checkpoint file holds (the one place this project reads checkpoint files)."""
+def official_url(name: str) -> str:
+    """Where the hub serves an official file."""
+    return f'https://huggingface.co/{OFFICIAL_FILES[name]}/resolve/main/{name}'
+
+
+def verify_official(path: str, ckpt_dir: str = 'ckpts', pinned: Optional[Dict[str, Optional[str]]] = None) -> str:
+    """path, after checking an official file in the download folder against its pinned sha256 (OFFICIAL_SHA256);
+    a mismatch is a one-line OfficialDigestError. A file elsewhere is the user's own and is not checked, even
+    if it has an official name (a fine-tuned var_d16.pth)."""
+    name = os.path.basename(path)
+    want = (OFFICIAL_SHA256 if pinned is None else pinned).get(name)
+    if not want or os.path.abspath(os.path.dirname(path)) != os.path.abspath(ckpt_dir):
+        return path
+    got = sha256_of(path)
+    if got != want:
+        raise OfficialDigestError(f'{path} is not the official {name}: its sha256 differs from the pinned digest '
+                                  f'({got[:12]}... instead of {want[:12]}...); the download is corrupt or was '
+                                  f'replaced. Delete it and download {official_url(name)} again.')
+    return path
+
+
+def _numpy_array_globals() -> list:
+    """What unpickling a numpy array needs, and nothing else: the array reconstructor (it makes an empty array
+    of an allowed type), the array and dtype types. Checkpoints written before RNG states were stored as
+    tensors hold numpy's MT19937 key this way; numpy 1.x wrote the reconstructor's path as numpy.core."""
+    import numpy as np
+    core = getattr(np, '_core', None) or np.core
+    rebuild = core.multiarray._reconstruct
+    dtype_classes = [c for c in vars(getattr(np, 'dtypes', object)).values()   # numpy >= 1.25: one per dtype
+                     if isinstance(c, type) and issubclass(c, np.dtype)]
+    return [rebuild, (rebuild, 'numpy.core.multiarray._reconstruct'), (rebuild, 'numpy._core.multiarray._reconstruct'),
+            np.ndarray, np.dtype, *dtype_classes]
+
+
+def refusal(path: str, why: str = '') -> str:
+    """The one line every entry point prints for a file whose loading would run code (why: 'calls io.open')."""
+    what = f' (it {why})' if why else ''
+    return (f'{path} asks to run code when loaded{what} and was not loaded. If you trust this file, convert it '
+            f'to the safe format: {CONVERT} {path} OUT --i_trust_this_file')
+
+
+def _refused_call(message: str, path: str) -> Optional[str]:
+    """Why a weights-only load refused a file ('calls io.open'), from its error; None when the failure is
+    damage, not a refusal."""
+    m = re.search(r'GLOBAL (\S+)', message) or re.search(r'Can only (?:create new object|build) .* got (.+)$',
+                                                          message, re.M)
+    if m:
+        return f'calls {m.group(1).strip()}'
+    if re.search(r'Unsupported operand|persistent|String is too long', message):
+        with open(path, 'rb') as f:   # a pickle stream (PROTO opcode) or a torch zip: instructions outside the set
+            if f.read(1) == b'\x80' or zipfile.is_zipfile(path):
+                return 'holds pickle instructions outside the weights-only set'
+    return None
+
+
+def read_checkpoint(path: str, mmap: bool = False) -> Any:
+    """What a checkpoint file holds (the one place this project reads checkpoint files), without running code.
+
+    .pth: torch.load(weights_only=True) with numpy arrays allowed (data only); mmap=True maps the tensors
+    instead of reading them (ranks of a node share the pages; a legacy non-zip file is read normally).
+    .safetensors: utils.safetensors_io. A file asking for anything else raises UnsafeCheckpointError; a
+    truncated or foreign file, CheckpointError.
+    """
+    if str(path).endswith('.safetensors'):
+        return _read_safetensors(path)
     try:
-        return torch.load(path, map_location='cpu', weights_only=False)
+        with torch.serialization.safe_globals(_numpy_array_globals()), warnings.catch_warnings():
+            warnings.filterwarnings('ignore', message='Detected pickle protocol')   # raw pickles: refused below
+            return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        why = _refused_call(str(e), path)
+        if why is not None:
+            raise UnsafeCheckpointError(refusal(path, why)) from None
+        raise _unreadable(path, e) from None
     except Exception as e:
-        raise CheckpointError(f'{path} cannot be read ({type(e).__name__}: {e}); the file is truncated or not a '
-                              f'PyTorch checkpoint. Download or export it again.') from None
+        raise _unreadable(path, e) from None
+
+
+def _unreadable(path: str, e: Exception) -> CheckpointError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ''
+    return CheckpointError(f'{path} cannot be read ({type(e).__name__}: {first}); the file is truncated or not a '
+                           f'PyTorch checkpoint. Download or export it again.')
+
+
+def _read_safetensors(path: str) -> Any:
+    try:
+        from utils.safetensors_io import read_safetensors
+        return read_safetensors(path)
+    except Exception as e:   # safetensors' own errors, a bad JSON metadata entry, a missing file
+        raise _unreadable(path, e) from None
 
 
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
@@ -123,6 +237,8 @@ def resolve_recorded(ref: Dict[str, str], where: str, ckpt_dir: str = 'ckpts') -
     name = ref.get('name', '')
     try:
         path = resolve_checkpoint(os.path.join(ckpt_dir, name), ckpt_dir)
+    except OfficialDigestError:
+        raise
     except CheckpointError as e:
         raise CheckpointError(f'{where} records its tokenizer as {name} (sha256 {ref.get("sha256", "?")[:12]}...), '
                               f'which is not here: {e} Or pass --vae_ckpt PATH.') from None
@@ -203,3 +319,53 @@ def _strict_load(model: nn.Module, sd: Dict[str, torch.Tensor], where: str, stri
         raise CheckpointError(f'{where} does not fit the model: ' + '; '.join(parts) +
                               '. Check the model flags (depth, patch_nums, V, Cvae, ch) against the file.')
     model.load_state_dict(sd, strict=strict)
+
+
+# ---------------------------------------------------------------- sharded checkpoints (torch.distributed.checkpoint)
+
+DCP_MODULES = ('torch.distributed.checkpoint.metadata', 'torch.distributed.checkpoint.filesystem',
+               'torch.distributed.checkpoint.planner')
+
+
+class _Refused(pickle.UnpicklingError):
+    """A global outside the allow-list (as opposed to a damaged pickle)."""
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    """Unpickles a DCP `.metadata` file allowing only what it is made of: DCP's own metadata dataclasses and
+    enums, torch.Size, dtypes and the layout lookup, and paths; anything else (a callable) is refused."""
+
+    def find_class(self, module: str, name: str):
+        if module in DCP_MODULES:
+            import importlib
+            obj = getattr(importlib.import_module(module), name, None)
+            if isinstance(obj, type) and obj.__module__ == module:   # a class defined there, not an import
+                return obj
+        elif module == 'torch' and name == 'Size':
+            return torch.Size
+        elif module == 'torch' and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        elif (module, name) == ('torch.serialization', '_get_layout'):   # maps a layout name to torch.strided etc.
+            return torch.serialization._get_layout
+        elif module == 'pathlib' and name in ('PosixPath', 'WindowsPath', 'PurePosixPath', 'PureWindowsPath'):
+            import pathlib
+            return getattr(pathlib, name)
+        elif (module, name) == ('collections', 'OrderedDict'):
+            import collections
+            return collections.OrderedDict
+        raise _Refused(f'{module}.{name}')
+
+
+def read_dcp_metadata(path: str):
+    """The `Metadata` in a torch.distributed.checkpoint folder's `.metadata` file (a pickle that DCP itself
+    loads with full unpickling), read without running code; a hostile file is an UnsafeCheckpointError."""
+    try:
+        with open(path, 'rb') as f:
+            return _DCPMetadataUnpickler(f).load()
+    except _Refused as e:
+        raise UnsafeCheckpointError(f'{path} asks to run code when loaded (it calls {e}) and was not loaded: '
+                                    f'it is not metadata that torch.distributed.checkpoint writes.') from None
+    except (pickle.UnpicklingError, OSError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+            KeyError) as e:
+        raise CheckpointError(f'{path} cannot be read as sharded-checkpoint metadata ({type(e).__name__}: {e}); '
+                              f'the folder is incomplete or damaged.') from None

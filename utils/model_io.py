@@ -8,6 +8,8 @@ the official files, from what its weights show (`models.config.spec_from_state_d
 user typed that disagrees is reported in one warning line naming the flag, a default is silently replaced.
 Tokenizer: `vae_ckpt` when given; else the one a slim export embeds ('vae'); else the one it records
 ('vae_ref': the official file's name and sha256); else the official file.
+Files: `.pth` or `.safetensors` (train.py writes its slim export as both); every read goes through
+`utils.checkpoint.read_checkpoint`, which never runs code.
 """
 import os
 from dataclasses import dataclass, field
@@ -185,3 +187,18 @@ def slim_export(var, spec: ModelSpec, vae=None, var_ema_sd=None, vae_ref: Option
     if vae_ref is not None:
         out['vae_ref'] = dict(vae_ref)
     return out
+
+
+def safetensors_twin(path: str) -> str:
+    """The .safetensors file written beside a slim export `path` (var-slim.pth -> var-slim.safetensors)."""
+    return os.path.splitext(path)[0] + '.safetensors'
+
+
+def save_slim(export: Dict[str, Any], path: str):
+    """Write a slim export twice, atomically: `path` (torch.save, loads weights-only) and its .safetensors twin
+    (weights, EMA weights and embedded tokenizer under 'model/', 'model_ema/', 'vae/'; config and vae_ref as
+    JSON metadata). Both load with load_models and sample the same images."""
+    from utils.checkpoint import save_atomic
+    from utils.safetensors_io import write_safetensors
+    save_atomic(export, path)
+    write_safetensors(export, safetensors_twin(path))

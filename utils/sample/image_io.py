@@ -2,8 +2,11 @@
 
 Tensors: generated images are (B, 3, H, W) in [0, 1]; loaded images are (1, 3, R, R) in [-1, 1] (the
 VQVAE's range); masks are (1, R, R) bool with True = pixel to regenerate.
+Images read here may come from anyone (the web app's uploads): a file over MAX_IMAGE_BYTES or an image over
+MAX_IMAGE_SIDE pixels a side is refused before it is decoded, and Pillow's decompression-bomb check is an error.
 """
 import os
+import warnings
 from typing import Tuple
 
 import numpy as np
@@ -12,8 +15,12 @@ import torch
 import torchvision
 
 
+MAX_IMAGE_BYTES = 20 * 2 ** 20   # 20 MiB: far above any photo the 256 px models need
+MAX_IMAGE_SIDE = 4096            # pixels per side, checked on the header, before decoding
+
+
 class ImageInputError(ValueError):
-    """An input image or mask that is missing, unreadable or does not fit."""
+    """An input image or mask that is missing, unreadable, too large or does not fit."""
 
 
 def to_uint8_HWC(img_3HW: torch.Tensor) -> np.ndarray:
@@ -46,12 +53,27 @@ def save_grid(imgs_B3HW: torch.Tensor, path: str, nrow: int, padding: int = 2):
 
 
 def _open(path: str, what: str) -> PImage.Image:
+    """The decoded image, after the size limits: bytes first, then the header's width and height."""
     if not path or not os.path.isfile(path):
         raise ImageInputError(f'{what} {path!r} does not exist; pass the path of an image file (PNG, JPEG).')
+    nbytes = os.path.getsize(path)
+    if nbytes > MAX_IMAGE_BYTES:
+        raise ImageInputError(f'{what} {path!r} is {nbytes / 2 ** 20:.1f} MiB; images up to '
+                              f'{MAX_IMAGE_BYTES // 2 ** 20} MiB are read. Save it smaller (the model uses 256 px).')
     try:
-        img = PImage.open(path)
-        img.load()
+        with warnings.catch_warnings():   # Pillow's decompression-bomb warning is an error here
+            warnings.simplefilter('error', PImage.DecompressionBombWarning)
+            img = PImage.open(path)       # reads the header only
+            w, h = img.size
+            if max(w, h) > MAX_IMAGE_SIDE:
+                raise ImageInputError(f'{what} {path!r} is {w}x{h} pixels; images up to {MAX_IMAGE_SIDE}x'
+                                      f'{MAX_IMAGE_SIDE} are read. Resize it (the model uses 256 px).')
+            img.load()
         return img
+    except ImageInputError:
+        raise
+    except (PImage.DecompressionBombError, PImage.DecompressionBombWarning) as e:
+        raise ImageInputError(f'{what} {path!r} decodes to too many pixels ({e}); it was not read.') from None
     except Exception as e:
         raise ImageInputError(f'{what} {path!r} cannot be read as an image ({type(e).__name__}: {e}).') from None
 

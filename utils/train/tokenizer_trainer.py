@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from models.quant import VectorQuantizer2, usage_margin
 from models.vqvae import VQVAE
-from utils.checkpoint import CheckpointError, extract_state_dict, load_vae_weights, save_atomic
+from utils.checkpoint import CheckpointError, extract_state_dict, load_vae_weights, read_checkpoint, save_atomic
 
 LAST_CKPT = 'vae-ckpt-last.pth'   # resumable: model, optimizer, step, RNG
 EXPORT = 'vae.pth'                # model + config only, for train.py --vae_ckpt / gen_img.py --vae_ckpt
@@ -119,7 +119,7 @@ def load_tokenizer(path: str, device='cpu') -> Tuple[VQVAE, Dict[str, Any]]:
     """Rebuild a tokenizer written by this trainer from its file alone; returns (vae in eval mode, arch)."""
     if not os.path.isfile(path):
         raise CheckpointError(f'tokenizer file {path!r} does not exist; train one with train_tokenizer.py')
-    obj = torch.load(path, map_location='cpu', weights_only=False)
+    obj = read_checkpoint(path)   # weights only: a file that asks to run code is refused
     if not (isinstance(obj, dict) and isinstance(obj.get('config'), dict)):
         raise CheckpointError(f'{path} records no tokenizer config; pass the sizes with flags instead '
                               f'(--V --Cvae --vae_ch --vae_ch_mult --vae_num_res_blocks --patch_nums)')
@@ -244,9 +244,10 @@ def resume_state(cfg: TokenizerConfig, vae: VQVAE, opt: torch.optim.Optimizer, l
     path = os.path.join(cfg.out_dir, LAST_CKPT)
     if not (cfg.resume and os.path.isfile(path)):
         return 0
-    obj = torch.load(path, map_location='cpu', weights_only=False)
-    if obj.get('config') != cfg.arch():
-        raise TokenizerConfigError(f'{path} was trained with {obj.get("config")}, not {cfg.arch()}; '
+    obj = read_checkpoint(path)   # weights only: a file that asks to run code is refused (CheckpointError)
+    stored = obj.get('config') if isinstance(obj, dict) else None
+    if stored != cfg.arch():
+        raise TokenizerConfigError(f'{path} was trained with {stored}, not {cfg.arch()}; '
                                    f'use another --out_dir or --resume False')
     load_vae_weights(vae, extract_state_dict(obj, path), where=path)
     opt.load_state_dict(obj['optimizer'])
