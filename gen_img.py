@@ -190,7 +190,8 @@ def banner(var, classes: Sequence[int], seeds: Sequence[int], sample, device, sc
             f'seed{"s" if len(seeds) > 1 else ""} = {len(classes) * len(seeds)} images; cfg {sample.cfg:g}, '
             f'top-k {sample.top_k}, top-p {sample.top_p:g}; {schedule_note}'
             + (f' (solver {sample.solver}, m={sample.anderson_m})' if sample.solver != 'picard' else '')
-            + f'; device {device}, {sample.dtype}' + (', compiled' if sample.compile else ''))
+            + f'; device {device}, {sample.resolved_dtype(torch.device(device).type)}'
+            + (', fast' if sample.fast else '') + (', compiled' if sample.compile else ''))
 
 
 def main(argv: Optional[Sequence[str]] = None):
@@ -210,7 +211,7 @@ def main(argv: Optional[Sequence[str]] = None):
     try:
         loaded = load_or_build(source, device, log=log.warning)
         vae, var = loaded.vae, loaded.var
-        sampler = prepare_for_sampling(var, compile=sample.compile, dtype=sample.dtype)
+        sampler = prepare_for_sampling(var, compile=sample.compile, dtype=sample.dtype, fast=sample.fast)
         sample.check_model(var, log=log.warning)
     except (CheckpointError, SamplingError) as e:
         raise SystemExit(f'error: {e}') from None

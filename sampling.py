@@ -26,7 +26,7 @@ from utils.checkpoint import CheckpointError
 from utils.logging_util import get_logger
 from utils.memory import peak_memory
 from utils.model_io import default_var_ckpt, load_or_build
-from utils.sample.compile_util import SamplingError, prepare_for_sampling, resolve_dtype
+from utils.sample.compile_util import SamplingError, prepare_for_sampling
 from utils.sample.config import add_model_source_args, add_sample_args, parse, resolve_device
 from utils.sample.plan import Batch, make_plan, png_name, rank_share, sample_folder_name
 
@@ -295,14 +295,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[str]:
     device = setup_device(args)
     rank, world = dist.get_rank(), dist.get_world_size()
     log = get_logger('sampling', is_master=rank == 0)
-    dtype = resolve_dtype(device.type, sample.dtype)
+    dtype = sample.resolved_dtype(device.type)   # --fast picks it from this machine: part of the resume settings
     try:
         try:
             loaded = load_or_build(source, device, log=log.warning)
             args.var_ckpt = source.var_ckpt or default_var_ckpt(source.spec())
             var, spec = loaded.var, loaded.spec
             # eval mode; --compile compiles in place (not part of the resume settings: it only changes rounding)
-            sampler = prepare_for_sampling(var, compile=sample.compile, dtype=dtype)
+            sampler = prepare_for_sampling(var, compile=sample.compile, dtype=dtype, fast=sample.fast)
             sample.check_model(var, log=log.warning)
         except (CheckpointError, SamplingError) as e:
             raise SystemExit(f'error: {e}') from None

@@ -70,6 +70,40 @@ def memory_probe(fn: Callable[[], Any], device: torch.device, decode: 'DecodeTim
                 decode_peak_bytes=r['decode_peak_bytes'], peak_bytes=max(r['transformer_peak_bytes'], r['decode_peak_bytes']))
 
 
+def counting_flops(fn: Callable[[], Any], box: Dict[str, int]) -> Callable[[], Any]:
+    """fn, counting the floating-point operations of each call into box['flops'] (matmuls, convolutions,
+    attention: torch's FlopCounterMode, 2 per multiply-add); compiled code it cannot count runs uncounted (0)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def call():
+        try:
+            with FlopCounterMode(display=False) as counter:
+                out = fn()
+            box['flops'] = int(counter.get_total_flops())
+            return out
+        except Exception:   # a compiled graph under a dispatch mode: time it, report no count
+            box['flops'] = 0
+            return fn()
+    return call
+
+
+def gemm_rate(dtype: torch.dtype, basis: str = 'wall', M: int = 1360, K: int = 768, N: int = 3072,
+              reps: int = 20) -> float:
+    """Peak FLOP/s of one (M, K) @ (K, N) matmul in `dtype` on this CPU with torch's current threads, best of
+    `reps` calls after two warm-up calls (the default shape: a 256 px scale's FFN input at width 768).
+    basis 'cpu' times by process CPU time (what other processes on a shared machine do not inflate) and
+    scales by the thread count; 'wall' by the wall clock."""
+    a, b = torch.randn(M, K).to(dtype), torch.randn(K, N).to(dtype)
+    clock = time.process_time if basis == 'cpu' else time.perf_counter
+    best = float('inf')
+    for i in range(reps + 2):
+        t0 = clock()
+        torch.mm(a, b)
+        if i >= 2:
+            best = min(best, clock() - t0)
+    return 2 * M * K * N / best * (torch.get_num_threads() if basis == 'cpu' else 1)
+
+
 def sync(device: torch.device) -> None:
     """Wait for queued device work (no-op on CPU)."""
     if device.type == 'cuda':
@@ -171,7 +205,8 @@ def sampling_handlers(setup: Callable[[Dict[str, Any]], Dict[str, Any]], st: Dic
                       describe: Callable[[Any], tuple]) -> Dict[str, Callable]:
     """`serve` handlers for a sampling child: `setup(msg)` fills `st` with device, call, decode (a DecodeTimer)
     and overall ({}); `describe(out)` turns the call's output into (images, KV-cache bytes, iterations or None).
-    run = one timed call, memory = the peak of one more call, profile = per-op self times of one call."""
+    run = one timed call, memory = the peak (and the FLOPs) of one more call, profile = per-op self times of
+    one call."""
 
     def run(msg):
         r = timed_call(st['call'], st['device'], st['decode'], st['overall'])
@@ -179,9 +214,10 @@ def sampling_handlers(setup: Callable[[Dict[str, Any]], Dict[str, Any]], st: Dic
         r.update(digest=digest(img), kv_cache_bytes=kv_cache_bytes, iters=iters)
         return r
 
-    def memory(msg):
-        probe = memory_probe(st['call'], st['device'], st['decode'], st['overall'])
-        return dict(peak_so_far(st["device"], st["overall"]), probe=probe)
+    def memory(msg):   # the FLOPs of the same call are counted on the way (the counter allocates nothing)
+        box = {}
+        probe = memory_probe(counting_flops(st['call'], box), st['device'], st['decode'], st['overall'])
+        return dict(peak_so_far(st["device"], st["overall"]), probe=probe, flops=box.get('flops', 0))
 
     def profile(msg):
         return profile_call(st['call'], st['device'])

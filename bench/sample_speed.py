@@ -23,6 +23,7 @@ if __name__ == '__main__' and ROOT not in sys.path:   # run as a script: make th
     sys.path.insert(0, ROOT)
 
 DEFAULT_SCHEDULES = '20:20,10:10,20:5,10:5,5:5,tau=0.01'
+AUTOCAST_TORCH = {'fp32': 'float32', 'bf16': 'bfloat16', 'fp16': 'float16'}   # torch dtype names, imported lazily
 MiB = 2 ** 20
 
 
@@ -62,6 +63,27 @@ def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return a / b if a and b else None
 
 
+def bound_fraction(side: Dict[str, Any], B: int, gemm_rates: Dict[str, float]) -> Dict[str, Optional[float]]:
+    """The physical bound of one call, FLOPs / this CPU's peak GEMM rate in the side's dtype (seconds), and the
+    fraction of it the side reaches (bound / its best call time; 1.0 = every FLOP at the peak GEMM rate)."""
+    rate, flops, ips = gemm_rates.get(side.get('dtype')), side.get('flops'), side.get('images_per_s')
+    if not (rate and flops and ips):
+        return dict(bound_s=None, of_bound=None)
+    bound_s = flops / rate
+    return dict(bound_s=bound_s, of_bound=bound_s / (B / ips))
+
+
+CPU_FLAGS_SHOWN = ('avx2', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'amx_tile', 'amx_bf16', 'amx_int8')
+
+
+def cpu_meta(flags, capability: str, env: Dict[str, str]) -> Dict[str, Any]:
+    """What decides this CPU's speed in each dtype: its flags that matter, torch's kernel level, the ISA caps."""
+    from utils.sample.compile_util import native_bf16
+    return dict(flags=[f for f in CPU_FLAGS_SHOWN if f in flags], capability=capability,
+                caps={k: env[k] for k in ('ATEN_CPU_CAPABILITY', 'ONEDNN_MAX_CPU_ISA') if env.get(k)},
+                native_bf16=native_bf16(flags, env.get('ONEDNN_MAX_CPU_ISA')))
+
+
 def memory_of(side: Dict[str, Any]) -> int:
     """The peak memory plotted and tabled: of the memory-probe call, CUDA max allocated on a GPU, else peak RSS."""
     return side['probe']['peak_bytes']
@@ -84,6 +106,14 @@ def markdown_table(result: Dict[str, Any]) -> str:
     if has_off:
         head += ['official img/s', 'official transformer img/s', f'official {mem_name} MiB', 'official transformer +MiB',
                  'official KV MiB', 'ratio', 'transformer ratio', 'same images']
+    extra = sorted({k for r in rows for k in r if k.startswith('official_') and isinstance(r[k], dict)})
+    for k in extra:   # further official dtypes (--official_dtypes)
+        head += [f'official {k[9:]} img/s', f'ratio vs official {k[9:]}']
+    has_bound = any(r['ours'].get('of_bound') is not None for r in rows)
+    sides = ['ours'] + (['official'] if has_off else []) + extra
+    if has_bound:
+        head += ['GFLOP/call'] + [f'{"ours" if k == "ours" else "official " + (k[9:] or meta.get("official_dtypes", ["?"])[0])}'
+                                  f' of bound' for k in sides]
     fmt = lambda x, p=2: '-' if x is None else f'{x:.{p}f}'   # noqa: E731
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for r in rows:
@@ -99,8 +129,22 @@ def markdown_table(result: Dict[str, Any]) -> str:
                           fmt(r['transformer_ratio']), 'yes' if r['same_images'] else 'NO']
             else:
                 cells += ['n/a'] * 8
+        for k in extra:
+            cells += [fmt(r[k]['images_per_s']), fmt(r[f'ratio_{k}'])] if r.get(k) else ['n/a'] * 2
+        if has_bound:
+            cells += [fmt((o.get('flops') or 0) / 1e9, 1) or '-']
+            cells += [f"{100 * r[k]['of_bound']:.0f}%" if r.get(k) and r[k].get('of_bound') else 'n/a' for k in sides]
         lines.append('| ' + ' | '.join(cells) + ' |')
-    note = (f"\n{meta['machine']}; {meta['device']}, {meta['threads']} thread(s), {meta['dtype']}, batch {meta['B']}, "
+    cpu = meta.get('cpu') or {}
+    rates = ', '.join(f'{d} {g:.0f}' for d, g in (meta.get('gemm_gflops') or {}).items())
+    note = (f"\n{meta['machine']}"
+            + (f" (flags: {' '.join(cpu['flags']) or 'none of ' + '/'.join(CPU_FLAGS_SHOWN)}; torch kernels "
+               f"{cpu['capability']}{''.join(f', {k}={v}' for k, v in cpu['caps'].items())})" if cpu else '')
+            + (f"; peak GEMM GFLOP/s (1360x768 @ 768x3072): {rates}" if rates else '')
+            + f"; {meta['device']}, {meta['threads']} thread(s), ours {meta['dtype']}"
+            + (' --fast' if meta.get('fast') else '')
+            + (f", official {','.join(meta['official_dtypes'])}" if has_off and meta.get('official_dtypes') else '')
+            + f", batch {meta['B']}, "
             f"depth {meta['depth']} (width {meta['width']}), VIAR pre/post {meta['pre_depth']}/{meta['post_depth']}, "
             f"patch_nums {','.join(map(str, meta['patch_nums']))} ({meta['image_px']} px), "
             f"{'checkpoint ' + meta['var_ckpt'] if meta['var_ckpt'] else 'random weights'}; "
@@ -180,7 +224,7 @@ def _our_handlers():
         load_var_weights(var, sd['var'])
         del sd
         schedule = IterSchedule.from_dict(msg['schedule'])
-        sampler = prepare_for_sampling(var.eval(), compile=msg['compile'], dtype=msg['dtype'])
+        sampler = prepare_for_sampling(var.eval(), compile=msg['compile'], dtype=msg['dtype'], fast=msg['fast'])
         label_B = torch.arange(msg['B'], device=device) % spec.num_classes
         kw = dict(g_seed=msg['g_seed'], cfg=msg['cfg'], top_k=msg['top_k'], top_p=msg['top_p'], schedule=schedule,
                   fill_forward=msg['fill_forward'], return_stats=True)
@@ -215,13 +259,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--bs', type=int, default=4, help='images per call (the CFG batch is twice this)')
     s.add_argument('--g_seed', type=int, default=0, help='sampling seed (same images every call)')
     add_sample_args(p, only=('cfg', 'top_k', 'top_p', 'tau_json', 'tau_cap', 'stop_mode', 'official_kv', 'dtype',
-                             'compile'), defaults=dict(dtype='fp32'))
+                             'compile', 'fast'), defaults=dict(dtype='fp32'))
     r = p.add_argument_group('run')
     r.add_argument('--threads', type=int, default=0, help='torch threads per child (0: torch default)')
     r.add_argument('--warmup', type=int, default=1, help='untimed calls per child first')
     r.add_argument('--reps', type=int, default=3, help='timed calls per child')
     r.add_argument('--official', type=str, default='', metavar='PATH',
                    help='also run the official implementation from this checkout, side by side')
+    r.add_argument('--official_dtypes', type=str, default='', metavar='LIST',
+                   help="autocast dtypes of the official side, e.g. fp32,bf16: one official child each, all "
+                        "alternating with ours (default: the dtype ours runs in)")
     r.add_argument('--profile', action='store_true',
                    help='also profile one call per side (torch.profiler) into sample_speed_profile.md')
     r.add_argument('--out', type=str, default='bench_out')
@@ -261,14 +308,25 @@ def run_config(args, spec, state_path: str, schedule: Dict[str, Any], device: st
         env['OMP_NUM_THREADS'] = str(args.threads)
     msg = dict(model=spec.to_dict(), state_path=state_path, schedule=schedule, B=args.bs, dtype=args.dtype,
                device=device, threads=args.threads, g_seed=args.g_seed, cfg=args.cfg, top_k=args.top_k,
-               top_p=args.top_p, fill_forward=not args.official_kv, compile=args.compile)
+               top_p=args.top_p, fill_forward=not args.official_kv, compile=args.compile, fast=args.fast)
     is_viar = spec.kind == 'VIAR'
     kids = {'ours': Child([sys.executable, os.path.abspath(__file__), '--serve'], 'project', env=env, cwd=ROOT)}
+    dtypes = {'ours': args.dtype}
     if args.official and schedule['tau'] is None:
-        kids['official'] = Child([sys.executable, os.path.join(ROOT, 'bench', 'official_runner.py'),
-                                  os.path.abspath(args.official)], 'official', env=env, cwd=ROOT)
+        for dt in args.official_dtypes:   # the first is 'official', the others 'official_<dtype>'
+            k = 'official' if dt == args.official_dtypes[0] else f'official_{dt}'
+            kids[k] = Child([sys.executable, os.path.join(ROOT, 'bench', 'official_runner.py'),
+                             os.path.abspath(args.official)], k, env=env, cwd=ROOT)
+            dtypes[k] = dt
+    if not is_viar:   # the official sampler always takes the knob, which a VAR ignores: pass its default
+        from models.schedules import official_iters
+        K = len(spec.patch_nums)
+        official_msg = dict(msg, schedule=dict(schedule, knob=[10, 10], counts=official_iters(10, 10, K)))
+    else:
+        official_msg = msg
     try:
-        built = {k: c.ask(cmd='setup', **msg) for k, c in kids.items()}
+        built = {k: c.ask(cmd='setup', **dict(msg if k == 'ours' else official_msg, dtype=dtypes[k]))
+                 for k, c in kids.items()}
         reps = {k: [] for k in kids}
         for i in range(args.warmup + args.reps):
             for k, c in kids.items():   # alternate, so load changes hit both sides alike
@@ -285,8 +343,9 @@ def run_config(args, spec, state_path: str, schedule: Dict[str, Any], device: st
     for k in kids:
         last = reps[k][-1]
         row[k] = dict(summarise(reps[k], args.bs, timing_basis(device, args.threads)),
-                      kv_cache_bytes=last['kv_cache_bytes'], digest=last['digest'],
+                      kv_cache_bytes=last['kv_cache_bytes'], digest=last['digest'], dtype=dtypes[k],
                       rss_after_build_bytes=built[k]['rss_after_build_bytes'], **mem[k])
+        row[k].update(bound_fraction(row[k], args.bs, args.gemm_rates))
         if k in prof:
             row[k]['profile'] = prof[k]
     row['iters_used'] = reps['ours'][-1]['iters']
@@ -298,7 +357,23 @@ def run_config(args, spec, state_path: str, schedule: Dict[str, Any], device: st
             row[f'{clock}_transformer_ratio'] = ratio(row['ours'][f'{clock}_transformer_images_per_s'],
                                                       row['official'][f'{clock}_transformer_images_per_s'])
         row['same_images'] = row['ours']['digest'] == row['official']['digest']
+    for k in kids:
+        if k.startswith('official_'):
+            row[f'ratio_{k}'] = ratio(row['ours']['images_per_s'], row[k]['images_per_s'])
     return row
+
+
+def resolve_dtypes(args, sample, device_type: str) -> None:
+    """args.dtype: ours, resolved (with --fast and no --dtype typed: the machine's fast dtype); args.official_dtypes:
+    the official children's list (default: ours)."""
+    from utils.sample.compile_util import AUTOCAST_DTYPES, resolve_dtype
+    from utils.sample.config import was_typed
+    asked = args.dtype if was_typed(sample, 'dtype') or not args.fast else 'auto'
+    args.dtype = resolve_dtype(device_type, asked, args.fast)
+    args.official_dtypes = [d.strip() for d in args.official_dtypes.split(',') if d.strip()] or [args.dtype]
+    bad = [d for d in args.official_dtypes if d not in AUTOCAST_DTYPES]
+    if bad:
+        raise SystemExit(f'--official_dtypes: {bad} not among {sorted(AUTOCAST_DTYPES)}')
 
 
 def machine_name() -> str:
@@ -319,6 +394,7 @@ def main(argv=None):
     import torch
     from utils.atomic import write_json_atomic
     from utils.checkpoint import CheckpointError
+    from utils.sample.compile_util import read_cpu_flags
     from utils.sample.config import parse, resolve_device
     args, source, sample = parse(build_parser(), argv, schedule_list=True)
     if args.p_depth is not None:
@@ -332,12 +408,20 @@ def main(argv=None):
     if not kinds or any(k not in ('VAR', 'VIAR') for k in kinds):
         raise SystemExit(f'--models must list VAR and/or VIAR, got {args.models!r}')
     K, scheds = plan_schedules(source, sample, args.schedules)
+    resolve_dtypes(args, sample, device.type)
     if args.official and K != 10 and any(s['knob'] and not s['name'].endswith('/10') and s['knob'][0] != s['knob'][1]
                                          for s in scheds):
         raise SystemExit("--official on a model with K != 10 scales: 'A:B' runs this project's K-point rule, which "
                          "the official sampler cannot; write 'A:B/10' for the official 10-point rule")
     os.makedirs(args.out, exist_ok=True)
     load_start = ' '.join(f'{x:.1f}' for x in os.getloadavg())
+    args.gemm_rates = {}
+    if device.type == 'cpu':   # the physical bound: this CPU's peak GEMM rate in every dtype that runs
+        from bench.measure import gemm_rate
+        threads = torch.get_num_threads()
+        torch.set_num_threads(args.threads or threads)
+        args.gemm_rates = {d: gemm_rate(getattr(torch, AUTOCAST_TORCH[d]), timing_basis('cpu', args.threads)) for d in dict.fromkeys([args.dtype] + args.official_dtypes)}
+        torch.set_num_threads(threads)
     rows = []
     with tempfile.TemporaryDirectory(prefix='sample_speed_') as tmp:
         for kind in kinds:
@@ -358,7 +442,10 @@ def main(argv=None):
                       file=sys.stderr, flush=True)
     last_spec = spec
     meta = dict(machine=torch.cuda.get_device_name(device) if device.type == 'cuda' else machine_name(),
-                device=str(device), threads=args.threads or torch.get_num_threads(), dtype=args.dtype, B=args.bs,
+                device=str(device), threads=args.threads or torch.get_num_threads(), dtype=args.dtype, fast=args.fast,
+                official_dtypes=args.official_dtypes if args.official else [], B=args.bs,
+                cpu=cpu_meta(read_cpu_flags(), torch.backends.cpu.get_cpu_capability(), dict(os.environ))
+                if device.type == 'cpu' else None, gemm_gflops={d: r / 1e9 for d, r in args.gemm_rates.items()},
                 depth=last_spec.depth, width=last_spec.width,
                 pre_depth=last_spec.pre_depth, post_depth=last_spec.post_depth, patch_nums=list(last_spec.patch_nums),
                 image_px=last_spec.image_px, var_ckpt='' if source.var_ckpt == 'random' else source.var_ckpt,

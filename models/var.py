@@ -132,8 +132,10 @@ class VARBase(nn.Module):
         """Teacher-forced pass over all tokens under the block-causal mask."""
         raise NotImplementedError
 
-    def new_infer_state(self, schedule: IterSchedule, fill_forward: bool, solver: Optional[SolverSpec] = None) -> Any:
-        """Fresh KV caches for one sampling call (and, for VIAR, how it solves each scale)."""
+    def new_infer_state(self, schedule: IterSchedule, fill_forward: bool, solver: Optional[SolverSpec] = None,
+                        fast: bool = False) -> Any:
+        """Fresh KV caches for one sampling call (and, for VIAR, how it solves each scale; fast: the fast path's
+        reordered arithmetic, same maths)."""
         raise NotImplementedError
 
     def infer_backbone(self, x_BlC, ada, state, si: int, schedule: IterSchedule, stats: SampleStats) -> torch.Tensor:
@@ -193,7 +195,7 @@ class VARBase(nn.Module):
                                  more_smooth: bool = False, iter_left: int = 10, iter_right: int = 10,
                                  schedule: Optional[IterSchedule] = None, fill_forward: bool = True,
                                  edit: Optional[EditSpec] = None, return_stats: bool = False,
-                                 solver: Optional[SolverSpec] = None):
+                                 solver: Optional[SolverSpec] = None, fast: bool = False):
         """Sample B images of class label_B with classifier-free guidance; returns (B, 3, H, W) in [0, 1].
 
         label_B: LongTensor (B,), an int for all (negative = unconditional), or None (uniform random).
@@ -204,6 +206,8 @@ class VARBase(nn.Module):
         that scale never ran. With return_stats, returns (images, SampleStats).
         solver: how VIAR solves each scale (None: the plain iteration; SolverSpec('anderson'), see
         models/solver.py and docs/SPEED.md); VAR ignores it.
+        fast: the same maths with other rounding (VIAR computes its input injection once per scale); the
+        default False keeps the official arithmetic bit for bit. Usually set by utils.sample.compile_util.
         """
         K = len(self.patch_nums)
         schedule = schedule or IterSchedule(linspace_iters(iter_left, iter_right, K))
@@ -226,7 +230,7 @@ class VARBase(nn.Module):
         ada = self.block_modulations(cond_RD)
         ada_head = self.head_nm.modulation(cond_RD)
         lvl_pos_1LC = self.lvl_embed(self.lvl_1L) + self.pos_1LC
-        state = self.new_infer_state(schedule, fill_forward, solver)
+        state = self.new_infer_state(schedule, fill_forward, solver, fast)
         stats = SampleStats()
 
         quant = self.vae_quant_proxy[0]
@@ -329,7 +333,7 @@ class VAR(VARBase):
             x_BLC = self._run_block(block, x_BLC, a, attn_bias)
         return x_BLC
 
-    def new_infer_state(self, schedule, fill_forward, solver=None):
+    def new_infer_state(self, schedule, fill_forward, solver=None, fast=False):
         return [KVCache(self.L) for _ in self.blocks]
 
     def infer_backbone(self, x_BlC, ada, state, si, schedule, stats):

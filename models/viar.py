@@ -4,13 +4,18 @@ Shapes: B batch, L tokens, l tokens of one scale, C width.
 Each iteration is z <- f(Proj([z, x]), c): x is the pre-blocks' output (input injection),
 z0 = x, Proj = Linear(2C, 2C) -> GELU(tanh) -> Linear(2C, C). Training uses S-JFB: n iterations
 without grad, then m with grad, so memory does not grow with the effective depth.
+The sampling fast path splits Proj's first Linear over [z, x]: W [z, x] + b = W_z z + (W_x x + b), the
+bracket computed once per scale (`injection`), W_z and W_x views of the one weight.
 """
 import dataclasses
 import random
+from collections import OrderedDict
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.hooks import RemovableHandle
 
 from models.blocks import AdaLNSelfAttn
 from models.jfb import draw_jfb_iters, step_rng
@@ -18,17 +23,6 @@ from models.kv_cache import IterKVCaches, KVCache
 from models.schedules import IterSchedule
 from models.solver import SolverSpec
 from models.var import VARBase
-
-
-class _Handles:
-    """Several hook handles removed together."""
-
-    def __init__(self, handles):
-        self.handles = handles
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
 
 
 class VIAR(VARBase):
@@ -44,6 +38,7 @@ class VIAR(VARBase):
         if jfb_with_grad[0] < 1:
             raise ValueError('S-JFB needs at least one iteration with grad (jfb_with_grad[0] >= 1)')
         super().__init__(vae_local, **kw)
+        self._iterate_hooks = OrderedDict()   # register_iterate_hook; called by the sampling scale loop
 
     def build_backbone(self):
         C, depth = self.C, self.depth
@@ -90,17 +85,11 @@ class VIAR(VARBase):
         return out
 
     def register_iterate_hook(self, fn):
-        """fn(z_t, z_next) after every implicit iteration; returns a handle whose remove() detaches it."""
-        seen = {}
-
-        def before(module, args):   # the projection's input is cat(z_t, x)
-            seen['z'] = args[0][..., :self.C]
-
-        def after(module, args, out):
-            fn(seen.pop('z'), out)
-
-        return _Handles([self.implicit_block_projection.register_forward_pre_hook(before),
-                         self.implicit_block.register_forward_hook(after)])
+        """fn(z_t, z_next) after every implicit iteration during sampling (z_t: the iterate G was called at,
+        z_next = G(z_t); on the exact and the fast path alike); returns a handle whose remove() detaches it."""
+        handle = RemovableHandle(self._iterate_hooks)
+        self._iterate_hooks[handle.id] = fn
+        return handle
 
     def _split(self, items):
         p = self.pre_depth
@@ -109,6 +98,23 @@ class VIAR(VARBase):
     def implicit_step(self, z_BLC, inj_BLC, ada_imp, attn_bias, kv: Optional[KVCache] = None):
         """One iteration G(z) = f(Proj([z, x]), c)."""
         return self.implicit_block(self.implicit_block_projection(torch.cat((z_BLC, inj_BLC), dim=-1)), ada_imp, attn_bias, kv)
+
+    def injection(self, x_BlC):
+        """Fast path, once per scale: (W_x x + b, W_z) of Proj's first Linear, W = [W_z | W_x] (2C, 2C), in the
+        matmul dtype (autocast's, else the weight's: then W_z is a view of the parameter)."""
+        lin = self.implicit_block_projection[0]
+        W, b = lin.weight, lin.bias
+        dev = x_BlC.device.type
+        if torch.is_autocast_enabled(dev):   # cast once per scale: autocast would cast the W_z view every iteration
+            W, b = W.to(torch.get_autocast_dtype(dev)), b.to(torch.get_autocast_dtype(dev))
+        return F.linear(x_BlC.to(W.dtype), W[:, self.C:], b), W[:, :self.C]
+
+    def implicit_step_hoisted(self, z_BlC, inj_Bl2C, W_z, ada_imp, attn_bias, kv: Optional[KVCache] = None):
+        """G(z) as `implicit_step`, with the injection precomputed: Linear(2C, 2C)([z, x]) = z W_z^T + inj."""
+        _, act, lin2 = self.implicit_block_projection
+        h_N2C = torch.addmm(inj_Bl2C.flatten(0, 1), z_BlC.flatten(0, 1).to(W_z.dtype), W_z.t())
+        h_BlC = lin2(act(h_N2C.view_as(inj_Bl2C)))
+        return self.implicit_block(h_BlC, ada_imp, attn_bias, kv)
 
     def train_backbone(self, x_BLC, ada, attn_bias, jfb_iters):
         ada_pre, ada_imp, ada_post = self._split(ada)
@@ -130,11 +136,28 @@ class VIAR(VARBase):
             z_BLC = self._run_block(block, z_BLC, a, attn_bias)
         return z_BLC
 
-    def new_infer_state(self, schedule, fill_forward, solver=None):
+    def new_infer_state(self, schedule, fill_forward, solver=None, fast=False):
         counts = None if schedule.adaptive else schedule.counts
         return dict(pre=[KVCache(self.L) for _ in self.pre_blocks],
                     imp=IterKVCaches(self.patch_nums, counts, fill_forward),
-                    post=[KVCache(self.L) for _ in self.post_blocks], solver=solver or SolverSpec())
+                    post=[KVCache(self.L) for _ in self.post_blocks], solver=solver or SolverSpec(), fast=fast)
+
+    def _scale_map(self, x_BlC, ada_imp, caches: IterKVCaches, fast: bool):
+        """G(z, t) of one scale: iteration t attends through cache t; the iterate hooks see every call."""
+        if fast:
+            inj_Bl2C, W_z = self.injection(x_BlC)
+            G = lambda z, t: self.implicit_step_hoisted(z, inj_Bl2C, W_z, ada_imp, None, caches.get(t))  # noqa: E731
+        else:
+            G = lambda z, t: self.implicit_step(z, x_BlC, ada_imp, None, caches.get(t))  # noqa: E731
+        if not self._iterate_hooks:
+            return G
+
+        def watched(z, t):
+            z_next = G(z, t)
+            for fn in list(self._iterate_hooks.values()):
+                fn(z, z_next)
+            return z_next
+        return watched
 
     def infer_backbone(self, x_BlC, ada, state, si, schedule, stats):
         ada_pre, ada_imp, ada_post = self._split(ada)
@@ -143,7 +166,7 @@ class VIAR(VARBase):
         caches: IterKVCaches = state['imp']
         tau = schedule.tau[si] if schedule.adaptive else None
         z_BlC, st = state['solver'].solve(
-            lambda z, t: self.implicit_step(z, x_BlC, ada_imp, None, caches.get(t)), x_BlC,
+            self._scale_map(x_BlC, ada_imp, caches, state['fast']), x_BlC,
             max_iter=schedule.counts[si], tau=tau, stop_mode=schedule.stop_mode, min_iter=schedule.min_iters)
         caches.end_scale(st.iters)
         stats.iters.append(st.iters)

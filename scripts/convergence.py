@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     add_model_source_args(p, defaults=dict(use_implicit=True))
     # iterates are recorded by hooks, so no --compile; fp32 unless told otherwise (residuals near bf16 precision)
-    add_sample_args(p, only=('cfg', 'top_k', 'top_p', 'dtype'), defaults=dict(dtype='fp32'))
+    add_sample_args(p, only=('cfg', 'top_k', 'top_p', 'dtype', 'fast'), defaults=dict(dtype='fp32'))
     g = p.add_argument_group('analysis')
     g.add_argument('--T', type=int, default=20, help='iterations run at every scale')
     g.add_argument('--bs', type=int, default=8, help='class-conditional samples averaged over')
@@ -154,7 +154,7 @@ def main(argv=None) -> Dict:
     device = resolve_device(source.device)
     try:
         loaded = load_or_build(source, device, seed=args.seed)
-        sampler = prepare_for_sampling(loaded.var, dtype=sample.dtype)
+        sampler = prepare_for_sampling(loaded.var, dtype=sample.dtype, fast=sample.fast)
     except (CheckpointError, SamplingError) as e:
         raise SystemExit(f'error: {e}') from None
     var = loaded.var
@@ -172,6 +172,7 @@ def main(argv=None) -> Dict:
     except ValueError as e:   # a VAR: no implicit block to watch
         raise SystemExit(f'error: {source.var_ckpt}: {e}') from None
     result['var_ckpt'], result['labels'] = source.var_ckpt, label_B.tolist()
+    result['dtype'], result['fast'] = sampler.dtype, sampler.fast
     os.makedirs(args.out_dir, exist_ok=True)
     write_json_atomic(result, os.path.join(args.out_dir, 'convergence.json'), indent=1)
     plot(result, os.path.join(args.out_dir, 'convergence.png'))

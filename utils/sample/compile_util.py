@@ -1,9 +1,13 @@
-"""Prepare a VAR/VIAR for sampling: optional torch.compile of the per-scale compute, bf16/fp16 autocast.
+"""Prepare a VAR/VIAR for sampling: the fast path, optional torch.compile of the per-scale compute, autocast.
 
-    sampler = prepare_for_sampling(var, compile=args.compile, dtype=args.dtype)
+    sampler = prepare_for_sampling(var, compile=args.compile, dtype=args.dtype, fast=args.fast)
     img = sampler(B, label_B, g_seed=seed, cfg=1.5, schedule=schedule)   # = var.autoregressive_infer_cfg
 
-fp32 without compile is exactly `var.autoregressive_infer_cfg` (bit for bit). compile=True compiles,
+fp32 without compile or fast is exactly `var.autoregressive_infer_cfg` (bit for bit, the official numbers).
+fast=True keeps the maths and changes the rounding (docs/SPEED.md, "The fast path"): dtype 'auto' becomes
+bf16 on a CPU with native bf16 (avx512_bf16 / amx_bf16), fp16 on CUDA, fp32 elsewhere (`fast_dtype`); VIAR
+computes its input injection once per scale (`autoregressive_infer_cfg(fast=True)`); the VQVAE decoder runs
+channels_last (set in place on the model's decoder; `prepare_for_sampling(var)` without fast sets it back). compile=True compiles,
 in place (`nn.Module.compile`), every transformer block, VIAR's input-injection projection, the head
 norm and (compile_vae) the VQVAE decoder; the Python parts (scale loop, KV-cache bookkeeping,
 sampling) stay eager, and each block's graph breaks at its KV-cache write. The blocks' shapes are
@@ -13,21 +17,73 @@ overhead that dominates the small early scales.
 Compiled kernels sum in another order, so compiled samples match eager ones within float tolerance.
 """
 import contextlib
-from typing import List, Optional
+import os
+from typing import FrozenSet, Iterable, List, Optional
 
 import torch
 import torch.nn as nn
 
 AUTOCAST_DTYPES = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+# relative residual ||G(z) - z|| / ||G(z)|| below which implicit iterations in this autocast dtype stop falling:
+# on the demo's trained VIAR, 50 iterations per scale level off at 2.5e-3..3.5e-3 in bf16 and 3.2e-4..4.3e-4 in
+# fp16 (fp32: 1.8e-7; docs/SPEED.md). An adaptive tau below it would run every scale to its cap.
+RESIDUAL_FLOOR = {'bf16': 4e-3, 'fp16': 5e-4}
 
 
 class SamplingError(ValueError):
     """A sampling option this machine or model cannot honour (the message says what to change)."""
 
 
-def resolve_dtype(device_type: str, dtype: str) -> str:
-    """'auto' -> 'fp16' on CUDA (as the official scripts), 'fp32' elsewhere; other names unchanged."""
+def cpu_flags(cpuinfo_text: str) -> FrozenSet[str]:
+    """The feature flags of the first processor in a /proc/cpuinfo text (x86 'flags', ARM 'Features')."""
+    for line in cpuinfo_text.splitlines():
+        key, sep, value = line.partition(':')
+        if sep and key.strip() in ('flags', 'Features'):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def read_cpu_flags(path: str = '/proc/cpuinfo') -> FrozenSet[str]:
+    """This machine's CPU flags (empty where /proc/cpuinfo cannot be read, e.g. not Linux)."""
+    try:
+        with open(path) as f:
+            return cpu_flags(f.read())
+    except OSError:
+        return frozenset()
+
+
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) that still include native bf16 dot products
+_BF16_ISAS = ('AVX512_CORE_BF16', 'AVX512_CORE_FP16', 'AVX512_CORE_AMX', 'AVX512_CORE_AMX_FP16', 'AVX10_1_512',
+              'AVX10_1_512_AMX', 'AVX10_1_512_AMX_FP16', 'AVX10_2_512', 'AVX10_2_512_AMX_2', 'ALL', 'DEFAULT')
+
+
+def native_bf16(flags: Iterable[str], max_isa: Optional[str] = None) -> bool:
+    """Whether bf16 matmuls run natively: avx512_bf16 or amx_bf16 in the CPU flags, and no oneDNN ISA cap
+    (`ONEDNN_MAX_CPU_ISA`, e.g. AVX2 to emulate an older machine) below the bf16 instructions."""
+    flags = set(flags)
+    if not flags & {'avx512_bf16', 'amx_bf16'}:
+        return False
+    return not max_isa or max_isa.strip().upper() in _BF16_ISAS
+
+
+def fast_dtype(device_type: str, flags: Optional[Iterable[str]] = None, max_isa: Optional[str] = None) -> str:
+    """The dtype `fast` picks for 'auto': fp16 on CUDA (the official sampling), bf16 on a CPU with native bf16,
+    fp32 elsewhere (a CPU without it runs bf16 slower than fp32). flags/max_isa default to this machine's."""
+    if device_type == 'cuda':
+        return 'fp16'
+    if device_type != 'cpu':
+        return 'fp32'
+    if flags is None:
+        flags, max_isa = read_cpu_flags(), os.environ.get('ONEDNN_MAX_CPU_ISA')
+    return 'bf16' if native_bf16(flags, max_isa) else 'fp32'
+
+
+def resolve_dtype(device_type: str, dtype: str, fast: bool = False) -> str:
+    """'auto' -> 'fp16' on CUDA (as the official scripts), 'fp32' elsewhere, or with fast `fast_dtype` (bf16 on
+    a CPU with native bf16); other names unchanged."""
     if dtype == 'auto':
+        if fast:
+            return fast_dtype(device_type)
         return 'fp16' if device_type == 'cuda' else 'fp32'
     if dtype not in AUTOCAST_DTYPES:
         raise SamplingError(f"dtype must be one of {sorted(AUTOCAST_DTYPES) + ['auto']}, got {dtype!r}")
@@ -53,10 +109,12 @@ def compile_targets(var: nn.Module) -> List[nn.Module]:
 
 
 class Sampler:
-    """Callable with the signature of `var.autoregressive_infer_cfg`, run under the chosen autocast."""
+    """Callable with the signature of `var.autoregressive_infer_cfg`, run under the chosen autocast (and, fast,
+    on the model's fast path)."""
 
-    def __init__(self, var: nn.Module, dtype: str = 'fp32', compiled: bool = False, mode: Optional[str] = None):
-        self.var, self.dtype, self.compiled, self.mode = var, dtype, compiled, mode
+    def __init__(self, var: nn.Module, dtype: str = 'fp32', compiled: bool = False, mode: Optional[str] = None,
+                 fast: bool = False):
+        self.var, self.dtype, self.compiled, self.mode, self.fast = var, dtype, compiled, mode, fast
         self.device = var.lvl_1L.device
         self.device_type = self.device.type
 
@@ -66,32 +124,44 @@ class Sampler:
 
     @torch.no_grad()
     def __call__(self, *args, **kwargs):
+        if self.fast:
+            kwargs.setdefault('fast', True)
         with self.autocast():
             return self.var.autoregressive_infer_cfg(*args, **kwargs)
 
     def __repr__(self) -> str:
-        return f'Sampler(dtype={self.dtype}, compiled={self.compiled}, mode={self.mode})'
+        return f'Sampler(dtype={self.dtype}, compiled={self.compiled}, mode={self.mode}, fast={self.fast})'
+
+
+def set_decoder_layout(vae: nn.Module, layout: torch.memory_format) -> None:
+    """The VQVAE decoder's conv weights in `layout`, in place: channels_last (fast: oneDNN's native layout, no
+    reorder around each convolution; other rounding) or contiguous (the exact path: the official arithmetic)."""
+    vae.post_quant_conv.to(memory_format=layout)
+    vae.decoder.to(memory_format=layout)
 
 
 def prepare_for_sampling(var: nn.Module, compile: bool = False, dtype: str = 'fp32', mode: Optional[str] = None,
-                         backend: str = 'inductor', compile_vae: bool = True) -> Sampler:
+                         backend: str = 'inductor', compile_vae: bool = True, fast: bool = False) -> Sampler:
     """Put `var` in eval mode, optionally compile its scale-loop modules (and its VQVAE decoder) in place;
     return a Sampler.
 
-    dtype: 'fp32', 'bf16', 'fp16' or 'auto' (fp16 on CUDA, fp32 elsewhere), the autocast of every call.
+    dtype: 'fp32', 'bf16', 'fp16' or 'auto' (fp16 on CUDA, fp32 elsewhere; with fast, `fast_dtype`: bf16 on a CPU
+    with native bf16), the autocast of every call; the Sampler's `dtype` is the resolved one.
+    fast: the fast path (same maths, other rounding; docs/SPEED.md); False keeps the official arithmetic.
     mode: torch.compile mode (None: 'reduce-overhead' on CUDA, the default elsewhere).
     backend: torch.compile backend ('inductor'; 'aot_eager' checks graph capture without code generation).
     compile_vae: with compile, also compile the VQVAE decoder (static shapes, default mode: it is
     compute-bound; on CPU inductor fuses its GroupNorm + SiLU, about 1.35x faster at 128 px).
     """
     device_type = var.lvl_1L.device.type
-    dtype = resolve_dtype(device_type, dtype)   # a bad dtype fails before any compile work
+    dtype = resolve_dtype(device_type, dtype, fast)   # a bad dtype fails before any compile work
     var.eval()
+    set_decoder_layout(var.vae_proxy[0], torch.channels_last if fast else torch.contiguous_format)
     mode = mode if mode is not None else default_mode(device_type)
     if compile:
         for m in compile_targets(var):
             m.compile(backend=backend, mode=mode, dynamic=True)
         if compile_vae:
             var.vae_proxy[0].decoder.compile(backend=backend)
-    return Sampler(var, dtype=dtype, compiled=compile, mode=mode if compile else None)
+    return Sampler(var, dtype=dtype, compiled=compile, mode=mode if compile else None, fast=fast)
 

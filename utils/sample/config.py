@@ -19,7 +19,7 @@ from models.schedules import DEFAULT_CAP, IterSchedule, from_cli
 from models.solver import SolverSpec
 from utils import cli
 from utils.cli import flag
-from utils.sample.compile_util import AUTOCAST_DTYPES, SamplingError
+from utils.sample.compile_util import AUTOCAST_DTYPES, RESIDUAL_FLOOR, SamplingError, resolve_dtype
 
 SCHEDULE_FLAGS = ('iter_left', 'iter_right', 'iters', 'tau', 'tau_json', 'tau_cap', 'stop_mode', 'official_kv',
                   'solver', 'anderson_m')
@@ -95,6 +95,9 @@ class SampleConfig:
                               'fp32 on CPU', choices=tuple(sorted(AUTOCAST_DTYPES)) + ('auto',))
     compile: bool = flag(False, 'torch.compile the blocks, the head and the VQVAE decoder (CUDA graphs on a GPU); '
                                 'the first batch compiles; samples equal the eager ones within float tolerance')
+    fast: bool = flag(False, 'the fast path: the same maths, other rounding (VIAR computes its input injection once '
+                             'per scale; with --dtype auto, bf16 on a CPU with native bf16, fp16 on CUDA, else fp32); '
+                             'the default exact path keeps the official arithmetic bit for bit')
     typed: Optional[Tuple[str, ...]] = dataclasses.field(default=None, metadata=dict(cli=False))
 
     def validate(self, schedule_list: bool = False) -> 'SampleConfig':
@@ -147,11 +150,24 @@ class SampleConfig:
         """`autoregressive_infer_cfg(fill_forward=...)`: False with --official_kv."""
         return not self.official_kv
 
+    def resolved_dtype(self, device_type: str) -> str:
+        """The autocast dtype these flags give on a device ('auto' resolved; with --fast, by this machine's CPU)."""
+        return resolve_dtype(device_type, self.dtype, self.fast)
+
     def check_model(self, var, log=print) -> None:
-        """Values that depend on the model: the vocabulary bounds top_k; schedule flags on a VAR do nothing."""
+        """Values that depend on the model and device: the vocabulary bounds top_k; schedule flags on a VAR do
+        nothing; --fast in reduced precision cannot reach a relative tau below that dtype's residual floor."""
         if self.top_k > var.V and self._typed('top_k'):   # the default 900 on a small vocabulary: no filtering
             raise SamplingError(f'--top_k {self.top_k} exceeds the vocabulary ({var.V} tokens); '
                                 f'use 0 for no top-k filtering')
+        if self.fast:
+            dtype = self.resolved_dtype(var.lvl_1L.device.type)
+            floor = RESIDUAL_FLOOR.get(dtype)
+            taus = self.schedule(len(var.patch_nums)).tau
+            if floor and taus and self.stop_mode == 'rel' and min(taus) < floor:
+                raise SamplingError(f'--tau {min(taus):g} is below the {dtype} residual floor ({floor:g}): --fast '
+                                    f'samples in {dtype} here, where the relative residual stops falling near '
+                                    f'{floor:g}; use --tau >= {floor:g}, or --dtype fp32 with --fast')
         given = [f'--{n}' for n in SCHEDULE_FLAGS if self._typed(n)]
         schedule = self.schedule(len(var.patch_nums))
         if given and not var.schedule_settings(schedule, self.fill_forward):   # the model has no implicit block

@@ -1,0 +1,259 @@
+"""The fast sampling path (`prepare_for_sampling(fast=True)`): the same maths as the exact path, other rounding.
+
+Faithfulness guard: under teacher forcing (every scale's tokens forced to the same ground truth, so a flipped
+draw cannot cascade), the fp32 fast path's logits equal the exact path's within 1e-4 relative and their argmax
+agrees on >= 99% of tokens; the bf16 figures are measured and printed (`pytest -s`). Also: the hoisted injection
+uses views of the one weight, the iterate hook and Anderson work on both paths, the CPU-flag rule that picks
+bf16, the tau floor, and sampling.py's refusal to finish a folder in another dtype.
+"""
+import json
+import os
+
+import pytest
+import torch
+
+from models import schedules as S
+from models.solver import SolverSpec
+from models.var import EditSpec
+from tests.tiny import tiny_tokens, tiny_vae_var
+from utils.sample.compile_util import (RESIDUAL_FLOOR, SamplingError, cpu_flags, fast_dtype, native_bf16,
+                                       prepare_for_sampling)
+from utils.sample.config import SampleConfig
+
+PN = (1, 2, 3, 4, 6, 8)   # 130 tokens per image: enough positions for a 99% agreement to mean something
+B = 4
+
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    """Tiny models: one thread is fastest, and on a loaded machine two spin against each other (40x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+CPUINFO_BF16 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC
+flags\t\t: fpu vme sse sse2 avx avx2 fma avx512f avx512dq avx512vl avx512_vnni avx512_bf16 vaes
+bugs\t\t: sysret_ss_attrs
+"""
+CPUINFO_AMX = "model name\t: Intel Xeon\nflags\t\t: avx2 avx512f amx_bf16 amx_tile amx_int8\n"
+CPUINFO_AVX2 = "model name\t: Intel Core\nflags\t\t: fpu sse2 avx avx2 fma\n"
+CPUINFO_ARM = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes crc32 bf16\n"
+
+
+# ---------------------------------------------------------------- which dtype --fast picks
+
+def test_cpu_flags_and_native_bf16_from_cpuinfo_text():
+    assert {'avx512_bf16', 'avx2'} <= cpu_flags(CPUINFO_BF16) and 'sysret_ss_attrs' not in cpu_flags(CPUINFO_BF16)
+    assert native_bf16(cpu_flags(CPUINFO_BF16)) and native_bf16(cpu_flags(CPUINFO_AMX))
+    assert not native_bf16(cpu_flags(CPUINFO_AVX2)) and not native_bf16(cpu_flags(CPUINFO_ARM))
+    assert cpu_flags('') == frozenset() and not native_bf16(cpu_flags('model name: x\n'))
+    # an ISA cap below the bf16 instructions (emulating an AVX2-only machine) means no native bf16
+    assert not native_bf16(cpu_flags(CPUINFO_BF16), 'AVX2') and not native_bf16(cpu_flags(CPUINFO_AMX), 'avx512_core')
+    assert native_bf16(cpu_flags(CPUINFO_BF16), 'AVX512_CORE_BF16') and native_bf16(cpu_flags(CPUINFO_AMX), 'ALL')
+
+
+def test_fast_dtype_by_device_and_cpu():
+    assert fast_dtype('cpu', cpu_flags(CPUINFO_BF16)) == 'bf16'
+    assert fast_dtype('cpu', cpu_flags(CPUINFO_AVX2)) == 'fp32'
+    assert fast_dtype('cpu', cpu_flags(CPUINFO_BF16), 'AVX2') == 'fp32'
+    assert fast_dtype('cuda', cpu_flags(CPUINFO_AVX2)) == 'fp16'   # as the official sampling
+    _, var = tiny_vae_var(True)
+    assert prepare_for_sampling(var, dtype='auto', fast=True).dtype == fast_dtype('cpu')   # this machine's rule
+    assert prepare_for_sampling(var, dtype='auto').dtype == 'fp32'                          # exact: unchanged
+    s = prepare_for_sampling(var, dtype='fp32', fast=True)
+    assert s.fast and s.dtype == 'fp32' and 'fast=True' in repr(s)
+
+
+# ---------------------------------------------------------------- the hoist: views, same maths
+
+def test_injection_uses_views_of_the_one_weight_and_changes_no_parameter():
+    _, var = tiny_vae_var(True)
+    before = {k: v.clone() for k, v in var.state_dict().items()}
+    W = var.implicit_block_projection[0].weight
+    x = torch.randn(2, 3, var.C)
+    inj, W_z = var.injection(x)
+    assert W_z._base is W and W_z.data_ptr() == W.data_ptr() and W_z.shape == (2 * var.C, var.C)
+    z = torch.randn(2, 3, var.C)
+    full = var.implicit_block_projection[0](torch.cat((z, x), -1))
+    torch.testing.assert_close(z @ W_z.T + inj, full, rtol=1e-5, atol=1e-6)
+    var.autoregressive_infer_cfg(2, 1, g_seed=0, schedule=S.constant(2, 4), fast=True)
+    after = var.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_fast_decoder_runs_channels_last_and_the_exact_sampler_restores_the_official_layout():
+    _, var = tiny_vae_var(True)
+    kw = dict(g_seed=3, cfg=1.5, top_k=1, schedule=S.constant(2, 4))
+    ref = var.autoregressive_infer_cfg(2, 1, **kw)
+    conv_w = var.vae_proxy[0].decoder.conv_in.weight
+    fast = prepare_for_sampling(var, fast=True)(2, 1, **kw)
+    assert conv_w.is_contiguous(memory_format=torch.channels_last) and not conv_w.is_contiguous()
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(prepare_for_sampling(var)(2, 1, **kw), ref)   # exact again: bit for bit
+    assert var.vae_proxy[0].decoder.conv_in.weight.is_contiguous()
+
+
+def test_var_fast_path_is_the_exact_path():
+    """VAR has no injection to hoist: in fp32 the fast path samples the exact path's tokens (only the decoder's
+    layout, hence its last bits, differs)."""
+    vae, var = tiny_vae_var(False)
+    toks = {}
+    for fast in (False, True):
+        seen = toks[fast] = []
+        h = vae.quantize.embedding.register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
+        try:
+            prepare_for_sampling(var, fast=fast)(2, 1, g_seed=3, cfg=1.5, top_k=10, top_p=0.9)
+        finally:
+            h.remove()
+    assert len(toks[True]) == 4 and all(torch.equal(a, b) for a, b in zip(toks[True], toks[False]))
+
+
+def teacher_forced_logits(var, idx_Bl, label_B, fast: bool, dtype: str, schedule, solver=None):
+    """Per scale, the head's logits (2B, l, V) of a KV-cached sampling call whose tokens are all forced to idx_Bl."""
+    logits = []
+    h = var.head.register_forward_hook(lambda m, a, out: logits.append(out.float().clone()))
+    edit = EditSpec(gt_idx_Bl=idx_Bl, keep_Bl=[torch.ones_like(i, dtype=torch.bool) for i in idx_Bl])
+    try:
+        prepare_for_sampling(var, dtype=dtype, fast=fast)(B, label_B, g_seed=0, cfg=1.5, top_k=0, top_p=0.0,
+                                                          edit=edit, schedule=schedule, solver=solver)
+    finally:
+        h.remove()
+    return logits
+
+
+def agreement(a_list, b_list):
+    """(max relative error over scales ||a - b|| / ||b||, fraction of positions whose argmax agrees, worst scale)."""
+    rel = max(float((a - b).norm() / b.norm()) for a, b in zip(a_list, b_list))
+    per_scale = [float((a.argmax(-1) == b.argmax(-1)).float().mean()) for a, b in zip(a_list, b_list)]
+    same = sum(float((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(a_list, b_list))
+    return rel, same / sum(b.shape[0] * b.shape[1] for b in b_list), min(per_scale)
+
+
+@pytest.fixture(scope='module')
+def guard_model():
+    vae, var = tiny_vae_var(True, depth=6, width=64, heads=4, pre=2, post=2, V=64, patch_nums=PN, seed=5)
+    idx_Bl, _ = tiny_tokens(vae, var, B, seed=2)
+    return var, idx_Bl, torch.tensor([0, 1, 2, 3])
+
+
+@pytest.mark.parametrize('schedule, solver', [(S.constant(6, len(PN)), None), (S.decreasing(8, 3, len(PN)), None),
+                                              (S.constant(6, len(PN)), SolverSpec('anderson', m=3))],
+                         ids=['Con6', 'Dec8-3', 'Con6-anderson'])
+def test_fp32_fast_path_logits_equal_the_exact_path_under_teacher_forcing(guard_model, schedule, solver):
+    var, idx_Bl, label_B = guard_model
+    exact = teacher_forced_logits(var, idx_Bl, label_B, False, 'fp32', schedule, solver)
+    fast = teacher_forced_logits(var, idx_Bl, label_B, True, 'fp32', schedule, solver)
+    rel, agree, worst = agreement(fast, exact)
+    assert len(fast) == len(exact) == len(PN)
+    assert rel <= 1e-4, f'fp32 fast logits differ by {rel:.2e} relative'
+    assert agree >= 0.99 and worst >= 0.99, (agree, worst)
+
+
+def test_bf16_fast_path_figures_are_measured(guard_model):
+    """bf16 rounding is not bounded by the guard: the figures are reported, beside the exact path's own bf16
+    autocast (the official reduced-precision arithmetic) measured the same way against fp32."""
+    var, idx_Bl, label_B = guard_model
+    sched = S.constant(6, len(PN))
+    ref = teacher_forced_logits(var, idx_Bl, label_B, False, 'fp32', sched)
+    fast = agreement(teacher_forced_logits(var, idx_Bl, label_B, True, 'bf16', sched), ref)
+    exact = agreement(teacher_forced_logits(var, idx_Bl, label_B, False, 'bf16', sched), ref)
+    print(f'\nbf16 vs fp32 exact, teacher-forced: fast rel {fast[0]:.2e}, argmax {fast[1]:.4f} (worst scale '
+          f'{fast[2]:.4f}); exact-path bf16 rel {exact[0]:.2e}, argmax {exact[1]:.4f} (worst {exact[2]:.4f})')
+    assert 0 < fast[0] < 0.1 and fast[1] > 0.5   # bf16 rounding, not a different computation
+
+
+# ---------------------------------------------------------------- the iterate hook and Anderson on both paths
+
+@pytest.mark.parametrize('fast', [False, True])
+def test_iterate_hook_records_the_iterates_on_both_paths(fast):
+    _, var = tiny_vae_var(True)
+    seen = []
+    handle = var.register_iterate_hook(lambda z, z_next: seen.append((z.clone(), z_next.clone())))
+    try:
+        var.autoregressive_infer_cfg(2, 1, g_seed=0, schedule=S.explicit([1, 2, 3, 1], 4), fast=fast)
+    finally:
+        handle.remove()
+    assert [s[1].shape[1] for s in seen] == [1, 4, 4, 9, 9, 9, 16]   # once per iteration, tokens of the scale
+    # Picard: the z the hook sees at t + 1 is the z_next it saw at t (the iterate itself, not a projection of it)
+    assert torch.equal(seen[1][1], seen[2][0]) and torch.equal(seen[3][1], seen[4][0]) and torch.equal(seen[4][1], seen[5][0])
+    var.autoregressive_infer_cfg(2, 1, g_seed=0, schedule=S.constant(1, 4), fast=fast)
+    assert len(seen) == 7   # removed
+
+
+def test_iterates_agree_between_paths_and_anderson_runs_on_both():
+    _, var = tiny_vae_var(True)
+    runs = {}
+    for fast in (False, True):
+        for solver in (SolverSpec(), SolverSpec('anderson', m=3)):
+            seen = []
+            handle = var.register_iterate_hook(lambda z, z_next: seen.append(z_next.clone()))
+            try:
+                _, st = var.autoregressive_infer_cfg(2, 1, g_seed=0, cfg=1.5, top_k=1, schedule=S.constant(5, 4),
+                                                     solver=solver, fast=fast, return_stats=True)
+            finally:
+                handle.remove()
+            runs[fast, solver.kind] = seen
+            assert st.iters == [5] * 4 and len(seen) == 20
+    for kind in ('picard', 'anderson'):
+        for a, b in zip(runs[True, kind], runs[False, kind]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(runs[False, 'anderson'][-1], runs[False, 'picard'][-1])   # Anderson did extrapolate
+
+
+# ---------------------------------------------------------------- options --fast cannot honour
+
+def test_tau_below_the_bf16_floor_is_refused_with_fast():
+    _, var = tiny_vae_var(True)
+    floor = RESIDUAL_FLOOR['bf16']
+    with pytest.raises(SamplingError, match='floor') as e:
+        SampleConfig(fast=True, dtype='bf16', tau=str(floor / 10)).check_model(var)
+    assert '--tau' in str(e.value) and '--dtype fp32' in str(e.value) and '\n' not in str(e.value)
+    SampleConfig(fast=True, dtype='bf16', tau=str(floor * 2)).check_model(var)         # above the floor
+    SampleConfig(fast=True, dtype='fp32', tau=str(floor / 10)).check_model(var)        # fp32 has no such floor
+    SampleConfig(fast=False, dtype='bf16', tau=str(floor / 10)).check_model(var)       # the exact path is left alone
+    SampleConfig(fast=True, dtype='bf16').check_model(var)                             # a fixed schedule
+
+
+def test_fast_flag_in_every_sampling_entry_point():
+    import gen_img
+    import sampling
+    from bench import sample_speed
+    from scripts import convergence
+    for parser in (gen_img.build_parser(), sampling.build_parser(), sample_speed.build_parser(),
+                   convergence.build_parser()):
+        assert parser.parse_args(['--fast']).fast is True and parser.parse_args([]).fast is False
+
+
+# ---------------------------------------------------------------- sampling.py records the dtype --fast picked
+
+def test_sampling_records_the_fast_dtype_and_refuses_to_finish_in_another(tmp_path):
+    import sampling
+    from models.config import ModelSpec
+    from utils.checkpoint import save_atomic
+    from utils.model_io import slim_export
+    vae, var = tiny_vae_var(True)
+    spec = ModelSpec(depth=4, use_implicit=True, pre_depth=1, post_depth=1, embed_dim=32, num_heads=2,
+                     patch_nums=(1, 2, 3, 4), V=48, Cvae=8, vae_ch=32, vae_ch_mult=(1, 1), vae_num_res_blocks=1,
+                     num_classes=5)
+    ckpt = str(tmp_path / 'tiny.pth')
+    save_atomic(slim_export(var, spec, vae=vae), ckpt)
+
+    def cli(out, *extra):
+        return ['--ckpt_path', ckpt, '--vae_ckpt', '', '--num_classes', '2', '--per_class', '2', '--batch_size', '2',
+                '--iter_left', '2', '--iter_right', '2', '--device', 'cpu', '--progress', 'False',
+                '--sample_dir', str(out), '--stop_after', '1', *extra]
+
+    sampling.main(cli(tmp_path / 'a', '--fast'))   # --dtype auto: the machine's fast dtype, recorded
+    plan, = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path / 'a') for f in fs if f == sampling.PLAN_FILE]
+    with open(plan) as f:
+        assert json.load(f)['dtype'] == fast_dtype('cpu') in ('bf16', 'fp32')
+    sampling.main(cli(tmp_path / 'b', '--dtype', 'fp32'))
+    with pytest.raises(SystemExit) as e:
+        sampling.main(cli(tmp_path / 'b', '--fast', '--dtype', 'bf16'))
+    assert 'dtype: "fp32" -> "bf16"' in str(e.value) and '\n' not in str(e.value)
+    sampling.main(cli(tmp_path / 'b', '--fast', '--dtype', 'fp32'))   # --fast in the folder's dtype finishes it
