@@ -5,6 +5,16 @@
 # and the app work without it; the evaluator then says how to add it. CI installs everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The browser of the web app's tests (tests/test_app.py): Debian's chromium and its matching chromium-driver,
+# installed where missing and apt is usable; elsewhere the browser tests are skipped and say why.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+      || echo "setup: apt could not install chromium / chromium-driver; the browser tests will be skipped"
+  else
+    echo "setup: no chromium / chromedriver, and no apt-get as root to install them; the browser tests will be skipped"
+  fi
+fi
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
