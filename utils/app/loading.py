@@ -1,0 +1,140 @@
+"""The web app's models: which files to serve, loading them through `utils.model_io.load_or_build`, their class
+names, and what to say when there is nothing to serve.
+
+Rule: `--var_ckpt` (with the model flags of gen_img.py) when given, plus `--compare_ckpt`; else the demo's two
+checkpoints in `--demo_dir` (VIAR first, VAR beside it); else nothing, and the page says how to get weights.
+"""
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
+
+from utils.checkpoint import CheckpointError
+from utils.model_io import Loaded, load_or_build
+from utils.sample.compile_util import SamplingError, prepare_for_sampling
+from utils.sample.config import ModelSource, SampleConfig, resolve_device
+
+IMAGENET_NAMES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                              'assets', 'imagenet_classes.txt')
+DEMO_FILES = (('VIAR', os.path.join('viar', 'var-slim.pth')), ('VAR', os.path.join('var', 'var-slim.pth')))
+HOW_TO_GET_WEIGHTS = ('No model to serve. Either train the CPU demo (`bash scripts/demo.sh`, a few minutes; then '
+                      '`python app.py` serves demo_output/), or pass a checkpoint: `python app.py --var_ckpt viar.pth '
+                      '--use_implicit True` downloads the official VIAR-d30 and its tokenizer into ckpts/ (a GPU is '
+                      'advised), `--var_ckpt PATH` serves a train.py export.')
+
+
+@dataclass
+class AppModel:
+    """One served model: its loaded pair, the sampler that runs it, the names of its classes."""
+    name: str
+    loaded: Loaded
+    sampler: object
+    class_names: List[str]
+
+    @property
+    def var(self):
+        return self.loaded.var
+
+    @property
+    def vae(self):
+        return self.loaded.vae
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.var.patch_nums)
+
+    @property
+    def resolution(self) -> int:
+        """Side in pixels of the images this model makes (and of the images it edits)."""
+        return self.var.patch_nums[-1] * self.vae.downsample
+
+    def describe(self) -> str:
+        return f'{self.name}: {self.var.describe()}, {self.resolution} px'
+
+
+def class_names(num_classes: int, names_file: str = IMAGENET_NAMES) -> List[str]:
+    """ImageNet's names for 1000 classes (the names file), 'digit d' for the demo's 10, else 'class i'."""
+    if num_classes == 1000 and os.path.isfile(names_file):
+        with open(names_file) as f:
+            names = [line.strip() for line in f if line.strip()]
+        if len(names) == 1000:
+            return names
+    if num_classes == 10:
+        return [f'digit {d}' for d in range(10)]
+    return [f'class {i}' for i in range(num_classes)]
+
+
+SERVER_FLAGS = ('dtype', 'compile', 'fast')   # sampling settings of the server, not of a request
+
+
+def server_settings(sample: SampleConfig) -> dict:
+    """The server-wide SampleConfig values `prepare_for_sampling` takes (those this SampleConfig has)."""
+    return {name: getattr(sample, name) for name in SERVER_FLAGS if hasattr(sample, name)}
+
+
+def serve_model(name: str, loaded: Loaded, sample: SampleConfig) -> AppModel:
+    """An AppModel around a loaded pair, with the sampler of the server's --dtype / --compile (/ --fast)."""
+    sampler = prepare_for_sampling(loaded.var, **server_settings(sample))
+    return AppModel(name, loaded, sampler, class_names(loaded.var.num_classes))
+
+
+def demo_files(demo_dir: str) -> List[Tuple[str, str]]:
+    """(name, path) of the demo checkpoints present in demo_dir (VIAR first)."""
+    return [(name, os.path.join(demo_dir, rel)) for name, rel in DEMO_FILES
+            if os.path.isfile(os.path.join(demo_dir, rel))]
+
+
+def demo_sample_defaults(demo_dir: str) -> dict:
+    """The sampling values the demo used (results.json 'sample'): the page's defaults when serving the demo."""
+    try:
+        with open(os.path.join(demo_dir, 'results.json')) as f:
+            sample = json.load(f).get('sample') or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    keys = ('cfg', 'top_k', 'top_p', 'iter_left', 'iter_right')
+    return {k: sample[k] for k in keys if isinstance(sample.get(k), (int, float))}
+
+
+def plan_sources(source: ModelSource, demo_dir: str, compare_ckpt: str = '') -> List[Tuple[str, ModelSource]]:
+    """(name, ModelSource) of every model to serve, by the rule of the module docstring (pure: no file is read
+    but the demo folder's listing)."""
+    out = []
+    if source.var_ckpt:
+        out.append(('model', source))
+    elif not compare_ckpt:
+        for name, path in demo_files(demo_dir):
+            out.append((name, dataclasses.replace(source, var_ckpt=path, typed=())))
+    if compare_ckpt:
+        if not out:
+            raise SystemExit('error: --compare_ckpt needs --var_ckpt (the first model) as well.')
+        out.append(('compare', dataclasses.replace(source, var_ckpt=compare_ckpt, typed=())))
+    return out
+
+
+def load_app_models(plan: Sequence[Tuple[str, ModelSource]], sample: SampleConfig,
+                    log: Callable[[str], None] = print) -> Tuple[List[AppModel], List[str]]:
+    """Load every planned model; (served models, error lines): a model that fails to load says why and is left
+    out, so the page can show the message instead of the server dying."""
+    models, errors = [], []
+    for name, src in plan:
+        try:
+            device = resolve_device(src.device)
+            loaded = load_or_build(src, device, log=log)
+            model = serve_model(name, loaded, sample)
+        except (CheckpointError, SamplingError, SystemExit, OSError) as e:
+            errors.append(f'{src.var_ckpt}: cannot load: {str(e).removeprefix("error: ")}')
+            continue
+        if name in ('model', 'compare'):
+            model.name = f'{loaded.var.kind} ({loaded.tag})'
+        models.append(model)
+    return models, errors
+
+
+def page_sample_defaults(models: Sequence[AppModel], demo: Optional[dict] = None) -> SampleConfig:
+    """The page's starting values: the demo's when serving it, else SampleConfig's; top-k within the vocabulary."""
+    defaults = SampleConfig(**(demo or {}))
+    vocab = min((m.var.V for m in models), default=None)
+    if vocab is not None and defaults.top_k > vocab:
+        defaults = dataclasses.replace(defaults, top_k=0)
+    return defaults

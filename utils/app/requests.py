@@ -1,0 +1,224 @@
+"""The web app's requests without the web: a request's values checked as the command line checks them
+(`SampleConfig.validate`, the schedule, class range, seeds, image and mask), then run on a served model.
+
+Every bad value raises `RequestError` with a one-line message that the page shows.
+Shapes: N images, B a batch of them, K scales, R pixels per side.
+"""
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from gen_img import check_classes, chunks, image_plan, sample_batch
+from utils.sample import image_io
+from utils.sample.compile_util import SamplingError
+from utils.sample.config import SampleConfig
+from utils.sample.editing import make_edit_spec, mode_mask, parse_box
+
+CONDEC, PER_SCALE, ADAPTIVE = 'Con./Dec. (iter_left, iter_right)', 'per-scale list (iters)', 'adaptive (tau, tau_cap)'
+SCHEDULE_MODES = (CONDEC, PER_SCALE, ADAPTIVE)
+MAX_IMAGES = 64   # images per request: the page answers in seconds, the queue stays short
+Progress = Callable[[float, str], None]
+
+
+class RequestError(ValueError):
+    """A request value the app cannot run; the message says what to change."""
+
+
+@dataclass
+class ScheduleRequest:
+    """The schedule controls of one request: the mode picks which fields count."""
+    mode: str = CONDEC
+    iter_left: int = 10
+    iter_right: int = 10
+    iters: str = ''
+    tau: str = ''
+    tau_cap: int = 0
+
+
+@dataclass
+class RunResult:
+    """What a request ran: images (N, 3, R, R) in [0, 1], their (class, seed), and the figures shown."""
+    images_N3HW: torch.Tensor
+    plan: list
+    schedule: str                          # IterSchedule.describe(), or the model's note for a VAR
+    iters: List[float]                     # implicit iterations per scale (mean over batches); [] for a VAR
+    kv_cache_mib: float                    # largest KV cache of a batch (cond + uncond rows)
+    seconds_per_image: float
+    model: str
+    notes: List[str] = field(default_factory=list)
+    extra_images: dict = field(default_factory=dict)   # editing: input, mask, reconstruction (3, R, R)
+
+
+def as_int(value, name: str, lo: Optional[int] = None) -> int:
+    """A whole number from a form field (Gradio numbers may arrive as floats), else RequestError."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise RequestError(f'{name} must be a whole number, got {value!r}') from None
+    if f != int(f):
+        raise RequestError(f'{name} must be a whole number, got {value!r}')
+    if lo is not None and f < lo:
+        raise RequestError(f'{name} must be >= {lo}, got {int(f)}')
+    return int(f)
+
+
+def as_float(value, name: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise RequestError(f'{name} must be a number, got {value!r}') from None
+
+
+def parse_seeds(text, limit: int = MAX_IMAGES) -> List[int]:
+    """'0,1,2,3', a range '0-7', or both ('0-3,10'); distinct seeds >= 0, at most `limit`."""
+    seeds: List[int] = []
+    for part in str(text or '').replace(' ', '').split(','):
+        if not part:
+            continue
+        try:
+            lo, _, hi = part.partition('-')
+            lo_i, hi_i = int(lo), int(hi) if hi else int(lo)
+        except ValueError:
+            raise RequestError(f"seeds must be whole numbers >= 0 like '0,1,2,3' or a range '0-7', "
+                               f'got {text!r}') from None
+        if hi_i < lo_i:
+            raise RequestError(f'seed range {part!r} runs backwards; write it low-high')
+        if hi_i - lo_i >= limit or len(seeds) + hi_i - lo_i + 1 > limit:
+            raise RequestError(f'at most {limit} images per request, got more seeds in {text!r}')
+        seeds += range(lo_i, hi_i + 1)
+    if not seeds:
+        raise RequestError("give at least one seed, e.g. '0,1,2,3' or '0-7'")
+    if len(set(seeds)) != len(seeds):
+        raise RequestError(f'seeds repeat in {text!r}; the same (class, seed) gives the same image')
+    return seeds
+
+
+def sample_config(cfg, top_k, top_p, schedule: ScheduleRequest, num_scales: int,
+                  base: Optional[SampleConfig] = None) -> SampleConfig:
+    """The SampleConfig of a request, validated as the CLI validates it; only the mode's schedule fields are set
+    (and count as typed), the rest keep the server's values (dtype, compile)."""
+    values = dict(cfg=as_float(cfg, 'cfg'), top_k=as_int(top_k, 'top_k'), top_p=as_float(top_p, 'top_p'))
+    if schedule.mode == CONDEC:
+        values.update(iter_left=as_int(schedule.iter_left, 'iter_left'),
+                      iter_right=as_int(schedule.iter_right, 'iter_right'))
+    elif schedule.mode == PER_SCALE:
+        if not str(schedule.iters or '').strip():
+            raise RequestError(f'iters: give {num_scales} counts, one per scale, e.g. '
+                               + ','.join(['4'] * num_scales))
+        values.update(iters=str(schedule.iters).strip())
+    elif schedule.mode == ADAPTIVE:
+        if not str(schedule.tau or '').strip():
+            raise RequestError('tau: give a residual to stop at (> 0), e.g. 0.01, or one per scale')
+        values.update(tau=str(schedule.tau).strip(), tau_cap=as_int(schedule.tau_cap, 'tau_cap', lo=0))
+    else:
+        raise RequestError(f'schedule mode must be one of {list(SCHEDULE_MODES)}, got {schedule.mode!r}')
+    config = dataclasses.replace(base or SampleConfig(), **values, typed=tuple(values))
+    try:
+        config.validate()
+        config.schedule(num_scales)   # list length, tau > 0, a cap >= 1
+    except SamplingError as e:
+        raise RequestError(str(e)) from None
+    return config
+
+
+def check_class(model, cls, name: str = 'class') -> int:
+    """A class id within the model's classes (gen_img.py's check)."""
+    cls = as_int(cls, name)
+    try:
+        check_classes([cls], model.var.num_classes, flag=name)
+    except SystemExit as e:
+        raise RequestError(str(e).removeprefix('error: ')) from None
+    return cls
+
+
+def _notes(model, config: SampleConfig) -> List[str]:
+    notes: List[str] = []
+    try:
+        config.check_model(model.var, log=notes.append)
+    except SamplingError as e:
+        raise RequestError(str(e)) from None
+    return [n.removeprefix('warning: ') for n in notes]
+
+
+def run(model, plan: Sequence, config: SampleConfig, batch_size: int, edit=None,
+        progress: Optional[Progress] = None) -> RunResult:
+    """Sample the plan's (class, seed) images in batches; progress(fraction, text) after each batch."""
+    batch_size = as_int(batch_size, 'batch size', lo=1)
+    notes = _notes(model, config)
+    kw = config.call_kwargs(model.num_scales)
+    imgs, stats, done = [], [], 0
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for batch in chunks(list(plan), batch_size):
+            img_B3HW, st = sample_batch(model.sampler, batch, kw, edit)
+            imgs.append(img_B3HW.float().cpu())
+            stats.append(st)
+            done += len(batch)
+            if progress:
+                progress(done / len(plan), f'{model.name}: {done}/{len(plan)} images')
+    dt = time.perf_counter() - t0
+    runs = [s.iters for s in stats if s.iters]
+    iters = [sum(col) / len(col) for col in zip(*runs)] if runs else []
+    schedule = kw['schedule']
+    text = schedule.describe() if model.var.schedule_settings(schedule, config.fill_forward) \
+        else model.var.schedule_note(schedule)
+    return RunResult(torch.cat(imgs), list(plan), text, iters, max(s.kv_cache_bytes for s in stats) / 2 ** 20,
+                     dt / len(plan), model.name, notes)
+
+
+def generate(model, cls, seeds, config: SampleConfig, batch_size=8, progress: Optional[Progress] = None
+             ) -> RunResult:
+    """Images of one class at the given seeds."""
+    cls = check_class(model, cls)
+    return run(model, image_plan([cls], parse_seeds(seeds)), config, batch_size, progress=progress)
+
+
+def edit_mask(model, mask_paths: Sequence[str], box: str, mode: str, image_wh) -> torch.Tensor:
+    """(1, R, R) bool, True = regenerate: the box (inpaint: inside, outpaint: outside) when given, else the
+    union of the drawn mask layers (white = drawn), inverted for outpaint."""
+    R = model.resolution
+    try:
+        if str(box or '').strip():
+            return mode_mask(mode, 1, R, R, parse_box(str(box).strip()))
+        if not mask_paths:
+            raise RequestError('draw the region to regenerate on the image, or give a box x0,y0,x1,y1')
+        mask_1RR = torch.zeros(1, R, R, dtype=torch.bool)
+        for path in mask_paths:
+            mask_1RR |= image_io.load_mask(path, R, image_wh)
+        if mode not in ('inpaint', 'outpaint'):
+            mode_mask(mode, 1, R, R, (0, 0, 1, 1))   # the editing code's message for a bad mode
+        return ~mask_1RR if mode == 'outpaint' else mask_1RR
+    except RequestError:
+        raise
+    except ValueError as e:   # parse_box, mode_mask, ImageInputError
+        raise RequestError(str(e)) from None
+
+
+def edit(model, image_path: str, mask_paths: Sequence[str], box: str, mode: str, cls, seeds,
+         config: SampleConfig, batch_size=8, progress: Optional[Progress] = None) -> RunResult:
+    """Zero-shot editing: keep the image's tokens outside the mask, sample inside under class `cls`."""
+    cls = check_class(model, cls, 'edit class')
+    seeds = parse_seeds(seeds)
+    if config.more_smooth:
+        raise RequestError('more_smooth does not apply to editing')
+    if not image_path:
+        raise RequestError('upload an image to edit')
+    R = model.resolution
+    try:
+        img_13RR, wh = image_io.load_image(image_path, R)
+    except ValueError as e:   # ImageInputError: unreadable, too large
+        raise RequestError(str(e)) from None
+    mask_1RR = edit_mask(model, mask_paths, box, mode, wh)
+    if not mask_1RR.any():
+        raise RequestError('the edit mask is empty (nothing to regenerate): draw on the image or give a box')
+    dev = model.sampler.device
+    with torch.inference_mode():
+        spec = make_edit_spec(model.vae, img_13RR.to(dev), mask_1RR.to(dev), model.var.patch_nums)
+        recon_13RR = model.vae.idxBl_to_img(spec.gt_idx_Bl, same_shape=True, last_one=True)
+    result = run(model, image_plan([cls], seeds), config, batch_size, edit=spec, progress=progress)
+    result.extra_images = {'input': img_13RR[0].add(1).mul(0.5), 'mask': image_io.mask_to_image(mask_1RR)[0],
+                           'reconstruction': recon_13RR[0].float().cpu().add(1).mul(0.5)}
+    return result
