@@ -257,3 +257,33 @@ def test_sampling_records_the_fast_dtype_and_refuses_to_finish_in_another(tmp_pa
         sampling.main(cli(tmp_path / 'b', '--fast', '--dtype', 'bf16'))
     assert 'dtype: "fp32" -> "bf16"' in str(e.value) and '\n' not in str(e.value)
     sampling.main(cli(tmp_path / 'b', '--fast', '--dtype', 'fp32'))   # --fast in the folder's dtype finishes it
+
+
+# ---------------------------------------------------------------- the benchmark's bound and extra official columns
+
+def test_physical_bound_and_extra_official_dtype_columns():
+    from bench import sample_speed as ss
+    side = dict(dtype='bf16', flops=2e9, images_per_s=4.0)
+    b = ss.bound_fraction(side, B=4, gemm_rates={'bf16': 1e10})   # bound 0.2 s, call 1 s
+    assert b['bound_s'] == pytest.approx(0.2) and b['of_bound'] == pytest.approx(0.2)
+    assert ss.bound_fraction(side, B=4, gemm_rates={'fp32': 1e10}) == dict(bound_s=None, of_bound=None)
+    meta = ss.cpu_meta(cpu_flags(CPUINFO_BF16), 'AVX512', {'ONEDNN_MAX_CPU_ISA': 'AVX2'})
+    assert meta['flags'] == ['avx2', 'avx512f', 'avx512_vnni', 'avx512_bf16'] and meta['native_bf16'] is False
+    assert meta['caps'] == {'ONEDNN_MAX_CPU_ISA': 'AVX2'}
+
+    def sd(ips, of):
+        probe = dict(base_bytes=1, transformer_peak_bytes=2, decode_peak_bytes=3, peak_bytes=3)
+        return dict(images_per_s=ips, transformer_images_per_s=ips, decode_images_per_s=ips, peak_rss_bytes=3,
+                    kv_cache_bytes=1, probe=probe, flops=2e9, of_bound=of)
+    row = dict(model='VAR', schedule='-', counts=None, iters_used=None, ours=sd(3.0, 0.5), official=sd(1.0, 0.3),
+               official_bf16=sd(2.0, 0.2), ratio=3.0, transformer_ratio=3.0, same_images=False, ratio_official_bf16=1.5)
+    meta = dict(machine='cpu x', device='cpu', threads=1, dtype='bf16', fast=True, official_dtypes=['fp32', 'bf16'],
+                cpu=meta, gemm_gflops={'bf16': 10.0}, B=4, depth=4, width=32, pre_depth=1, post_depth=1,
+                patch_nums=[1, 2], image_px=32, var_ckpt='', reps=1, warmup=0, load_avg='0', basis='cpu')
+    table = ss.markdown_table(dict(meta=meta, rows=[row]))
+    head, _, cells = [l for l in table.splitlines() if l.startswith('|')]
+    cols = dict(zip(head.strip('|').split(' | '), cells.strip('|').split(' | ')))
+    cols = {k.strip(): v.strip() for k, v in cols.items()}
+    assert cols['official bf16 img/s'] == '2.00' and cols['ratio vs official bf16'] == '1.50'
+    assert cols['ours of bound'] == '50%' and cols['official fp32 of bound'] == '30%' and cols['official bf16 of bound'] == '20%'
+    assert '--fast' in table and 'avx512_bf16' in table and 'ONEDNN_MAX_CPU_ISA=AVX2' in table
