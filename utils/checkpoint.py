@@ -125,12 +125,20 @@ def verify_official(path: str, ckpt_dir: str = 'ckpts', pinned: Optional[Dict[st
     want = (OFFICIAL_SHA256 if pinned is None else pinned).get(name)
     if not want or os.path.abspath(os.path.dirname(path)) != os.path.abspath(ckpt_dir):
         return path
+    st = os.stat(path)
+    seen = (os.path.abspath(path), st.st_size, st.st_mtime_ns, want)
+    if seen in _VERIFIED:   # hashed once per process (an 8 GB var_d30.pth takes seconds)
+        return path
     got = sha256_of(path)
     if got != want:
         raise OfficialDigestError(f'{path} is not the official {name}: its sha256 differs from the pinned digest '
                                   f'({got[:12]}... instead of {want[:12]}...); the download is corrupt or was '
                                   f'replaced. Delete it and download {official_url(name)} again.')
+    _VERIFIED.add(seen)
     return path
+
+
+_VERIFIED = set()   # (path, size, mtime, digest) of official files already checked by this process
 
 
 def _numpy_array_globals() -> list:
