@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-os.environ.setdefault('GRADIO_ANALYTICS_ENABLED', 'False')
+os.environ['GRADIO_ANALYTICS_ENABLED'] = 'False'   # no telemetry (Blocks also gets analytics_enabled=False)
 
 from utils import cli   # noqa: E402
 from utils.app import loading   # noqa: E402

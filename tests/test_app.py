@@ -364,6 +364,14 @@ def test_sample_config_sets_only_the_modes_fields():
     assert requests.sample_config(1.5, 0, 0, requests.ScheduleRequest(), K, base).dtype == 'bf16'
 
 
+def test_server_sampling_flags_reach_the_sampler():
+    """--dtype / --fast are server-wide: every served model's sampler runs with them, every request keeps them."""
+    m = loading.serve_model('VIAR', Loaded(*tiny_vae_var(True), None, 'tiny'), SampleConfig(fast=True, dtype='fp32'))
+    assert m.sampler.fast is True and m.sampler.dtype == 'fp32'
+    config = requests.sample_config(1.5, 0, 0, requests.ScheduleRequest(), K, SampleConfig(fast=True))
+    assert config.fast is True
+
+
 def test_app_flags():
     import app
     p = app.build_parser()

@@ -65,17 +65,12 @@ def class_names(num_classes: int, names_file: str = IMAGENET_NAMES) -> List[str]
     return [f'class {i}' for i in range(num_classes)]
 
 
-SERVER_FLAGS = ('dtype', 'compile', 'fast')   # sampling settings of the server, not of a request
-
-
-def server_settings(sample: SampleConfig) -> dict:
-    """The server-wide SampleConfig values `prepare_for_sampling` takes (those this SampleConfig has)."""
-    return {name: getattr(sample, name) for name in SERVER_FLAGS if hasattr(sample, name)}
+SERVER_FLAGS = ('dtype', 'compile', 'fast')   # sampling settings of the server (app.py flags), not of a request
 
 
 def serve_model(name: str, loaded: Loaded, sample: SampleConfig) -> AppModel:
-    """An AppModel around a loaded pair, with the sampler of the server's --dtype / --compile (/ --fast)."""
-    sampler = prepare_for_sampling(loaded.var, **server_settings(sample))
+    """An AppModel around a loaded pair, with the sampler of the server's --dtype / --compile / --fast."""
+    sampler = prepare_for_sampling(loaded.var, compile=sample.compile, dtype=sample.dtype, fast=sample.fast)
     return AppModel(name, loaded, sampler, class_names(loaded.var.num_classes))
 
 

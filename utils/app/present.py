@@ -52,9 +52,3 @@ def summary(result, title: str = '') -> str:
     lines += [f'note: {n}' for n in result.notes]
     return '  \n'.join(lines)
 
-
-def stats_dict(result) -> dict:
-    """The figures of a run as JSON (what the page's stats panel and API callers read)."""
-    return dict(model=result.model, schedule=result.schedule, iters=list(result.iters),
-                kv_cache_mib=round(result.kv_cache_mib, 4), seconds_per_image=round(result.seconds_per_image, 4),
-                images=len(result.plan), notes=list(result.notes))

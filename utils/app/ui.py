@@ -9,7 +9,7 @@ import functools
 import os
 from typing import List, Optional, Sequence
 
-os.environ.setdefault('GRADIO_ANALYTICS_ENABLED', 'False')   # before gradio is imported: no telemetry calls
+os.environ['GRADIO_ANALYTICS_ENABLED'] = 'False'   # before gradio is imported: no telemetry, whatever the shell says
 import gradio as gr   # noqa: E402
 
 from utils.app import present, requests   # noqa: E402
