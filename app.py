@@ -67,8 +67,9 @@ def main(argv: Optional[Sequence[str]] = None):
     demo, args = make_app(argv)
     from utils.app.ui import CSS, theme
     demo.queue(default_concurrency_limit=1, max_size=32)
+    log.info(f'open http://{args.host}:{args.port} (Ctrl+C stops; --share for a public link)')
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, theme=theme(), css=CSS,
-                max_file_size=f'{args.max_file_mb}mb', show_error=True)
+                max_file_size=f'{args.max_file_mb}mb', show_error=True, quiet=not args.share)
 
 
 if __name__ == '__main__':
