@@ -287,3 +287,21 @@ def test_physical_bound_and_extra_official_dtype_columns():
     assert cols['official bf16 img/s'] == '2.00' and cols['ratio vs official bf16'] == '1.50'
     assert cols['ours of bound'] == '50%' and cols['official fp32 of bound'] == '30%' and cols['official bf16 of bound'] == '20%'
     assert '--fast' in table and 'avx512_bf16' in table and 'ONEDNN_MAX_CPU_ISA=AVX2' in table
+
+
+@pytest.mark.slow
+def test_fast_path_compiles_and_samples_the_eager_fast_tokens():
+    """--fast --compile: graph capture of the blocks, the head norm and the channels_last decoder; the same tokens."""
+    vae, var = tiny_vae_var(True)
+    kw = dict(g_seed=3, cfg=1.5, top_k=1, schedule=S.explicit([2, 3, 1, 2], 4))
+    runs = []
+    for compile in (False, True):
+        toks = []
+        h = vae.quantize.embedding.register_forward_pre_hook(lambda m, a: toks.append(a[0].clone()))
+        try:
+            img = prepare_for_sampling(var, fast=True, compile=compile, backend='aot_eager')(2, 1, **kw)
+        finally:
+            h.remove()
+        runs.append((img, toks))
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+    torch.testing.assert_close(runs[1][0], runs[0][0], atol=1e-4, rtol=1e-4)
