@@ -118,6 +118,11 @@ def get_world_size() -> int:
     return _world_size
 
 
+def get_local_world_size() -> int:
+    """Number of processes on this node (torchrun's LOCAL_WORLD_SIZE; 1 in a single process)."""
+    return int(os.environ.get('LOCAL_WORLD_SIZE', 1)) if _initialized else 1
+
+
 def get_device() -> torch.device:
     """The device this process trains on."""
     return _device

@@ -153,7 +153,7 @@ def build_trainer(args: TrainArgs, der: Derived, vae, var, device: torch.device,
         var_run = DDP(var_run, device_ids=[device.index] if device.type == 'cuda' else None,
                       find_unused_parameters=False, broadcast_buffers=False)
     return VARTrainer(vae, var, var_run, opt, label_smooth=args.optim.ls, seed=args.run.seed, ema=ema,
-                      jfb_draw=args.model.jfb_draw, hooks=hooks)
+                      jfb_draw=args.model.jfb_draw, hooks=hooks, drop_draw=args.model.drop_draw)
 
 
 def build_loaders(args: TrainArgs, der: Derived, start_g_it: int):
@@ -171,14 +171,14 @@ def build_loaders(args: TrainArgs, der: Derived, start_g_it: int):
     sampler = DistInfiniteBatchSampler(len(train_set), der.glb_batch_size, dist.get_rank(), dist.get_world_size(),
                                        seed=args.run.seed)
     sampler.load_state_dict(sampler.position_at(start_g_it))
-    pin = dist.get_device().type == 'cuda'
+    from utils.data.loader import loader_kwargs
+    kw = loader_kwargs(der.workers, pin=dist.get_device().type == 'cuda')
     # its own generator: creating the iterator must not draw from the global RNG (resume exactness)
     loader_rng = torch.Generator().manual_seed(args.run.seed * dist.get_world_size() + dist.get_rank())
-    ld_train = DataLoader(train_set, batch_sampler=sampler, num_workers=der.workers, pin_memory=pin,
-                          persistent_workers=der.workers > 0, generator=loader_rng)
-    ld_val = DataLoader(val_set, batch_size=max(1, round(der.batch_size * 1.5)), num_workers=der.workers,
-                        pin_memory=pin, generator=torch.Generator().manual_seed(args.run.seed), sampler=EvalDistributedSampler(len(val_set), dist.get_rank(),
-                                                                       dist.get_world_size()))
+    ld_train = DataLoader(train_set, batch_sampler=sampler, generator=loader_rng, **kw)
+    ld_val = DataLoader(val_set, batch_size=max(1, round(der.batch_size * 1.5)), **kw,
+                        generator=torch.Generator().manual_seed(args.run.seed),
+                        sampler=EvalDistributedSampler(len(val_set), dist.get_rank(), dist.get_world_size()))
     return num_classes, len(train_set), len(val_set), sampler, ld_train, ld_val
 
 
@@ -199,7 +199,8 @@ class Run:
         self.args = args
         self.device = dist.get_device()
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
-        self.der = arg_util.derive(args, self.world)
+        from utils.data.loader import available_cpus
+        self.der = arg_util.derive(args, self.world, available_cpus(), dist.get_local_world_size())
         out = args.run.local_out_dir_path
         if dist.is_master():
             os.makedirs(out, exist_ok=True)
@@ -262,8 +263,15 @@ class Run:
         if len(rngs) == self.world:
             restore_rng(rngs[self.rank])
         else:
-            self.log.warning(f'resuming on {self.world} ranks a run saved on {len(rngs)}: data order and S-JFB draws '
-                             f'are kept, other random draws are reseeded.')
+            m = self.args.model
+            if m.jfb_draw == 'step' and m.drop_draw == 'step':
+                self.log.info(f'resuming on {self.world} ranks a run saved on {len(rngs)}: the data order, S-JFB, '
+                              f'class dropout and drop path are keyed by (seed, step), so training continues as it '
+                              f'would have; the per-rank generators are reseeded.')
+            else:
+                self.log.warning(f'resuming on {self.world} ranks a run saved on {len(rngs)}: the data order and '
+                                 f'the draws keyed by (seed, step) are kept, the per-rank draws (--jfb_draw/--drop_draw '
+                                 f'rank) are reseeded, so training continues differently.')
             seed_everything(self.args.run.seed * self.world + self.rank + 7919 * self.prog.g_it)
         ep, it = divmod(self.prog.g_it, self.iters_ep)
         self.log.info(f'[resume] {self.der.last_ckpt}: step {self.prog.g_it} (ep {ep}, it {it}), '
@@ -324,7 +332,8 @@ class Run:
         a, der = self.args, self.der
         self.log.info(f'[data] train {self.n_train} / val {self.n_val} images, {self.num_classes} classes, '
                       f'{self.iters_ep} iters per epoch; global batch {der.glb_batch_size} x ac {a.optim.ac}, '
-                      f'{der.batch_size} per rank on {self.world} rank(s)')
+                      f'{der.batch_size} per rank on {self.world} rank(s); {der.workers} loader worker(s) per rank '
+                      f'({der.workers_rule})')
         n_params = sum(p.numel() for p in self.var.parameters())
         self.log.info(f'[model] {self.var.describe()}: {n_params / 1e6:.2f}M params; peak lr {der.lr:.3g}, '
                       f'{der.precision}')

@@ -5,7 +5,9 @@ The loss is the official one: per-token cross-entropy (with label smoothing) tim
 token, summed over tokens and averaged over the batch; in progressive training only the scales up to
 `prog_si` count and the newest one is ramped in. S-JFB iteration counts (n, m) come from the model's
 `sjfb_plan` (none for VAR): by default from a generator seeded by (seed, global step), so every rank
-draws the same pair; `jfb_draw='rank'` keeps the official per-rank draw.
+draws the same pair; `jfb_draw='rank'` keeps the official per-rank draw. Class dropout and drop path are
+drawn for the whole global batch from (seed, step), each rank taking its rows (`var.training_draws`), so any
+world size trains the same run; `drop_draw='rank'` keeps the official per-rank generator.
 """
 import contextlib
 from dataclasses import dataclass, field
@@ -73,13 +75,16 @@ class VARTrainer:
 
     def __init__(self, vae: nn.Module, var_wo_ddp: nn.Module, var: nn.Module, opt: AmpOptimizer,
                  label_smooth: float = 0.0, seed: int = 0, ema: Optional[ModelEMA] = None, jfb_draw: str = 'step',
-                 hooks: Optional[TrainHooks] = None):
+                 hooks: Optional[TrainHooks] = None, drop_draw: str = 'step'):
         self.vae, self.quantize = vae, vae.quantize
         self.var_wo_ddp, self.var, self.opt, self.ema = var_wo_ddp, var, opt, ema
         self.label_smooth, self.seed = label_smooth, seed
         if jfb_draw not in ('step', 'rank'):
             raise ValueError(f"jfb_draw must be 'step' or 'rank', got {jfb_draw!r}")
         self.draw_per_step = jfb_draw == 'step'
+        if drop_draw not in ('step', 'rank'):
+            raise ValueError(f"drop_draw must be 'step' or 'rank', got {drop_draw!r}")
+        self.drop_per_step = drop_draw == 'step'
         self.hooks = hooks or TrainHooks()
         self.patch_nums = tuple(var_wo_ddp.patch_nums)
         self.begin_ends = list(var_wo_ddp.begin_ends)
@@ -103,6 +108,15 @@ class VARTrainer:
         jfb_draw == 'rank' (the official per-rank draw)."""
         return self.var_wo_ddp.sjfb_plan(g_it if self.draw_per_step else None, self.seed)
 
+    def batch_draws(self, g_it: int, rows: int, plan, device):
+        """Class-dropout and drop-path draws of step g_it for this rank's rows of the global batch (None: the model
+        draws them from the global generator, drop_draw == 'rank')."""
+        if not self.drop_per_step:
+            return None
+        world = dist.get_world_size()
+        return self.var_wo_ddp.training_draws(self.seed, g_it, dist.get_rank() * rows, rows, rows * world, plan,
+                                              device)
+
     def _metrics(self, logits_BLV: torch.Tensor, gt_BL: torch.Tensor, ce_BL: torch.Tensor, trained_si: int
                  ) -> torch.Tensor:
         """[L_mean, L_tail, acc_mean, acc_tail, per-scale CE...] as one tensor (one sync to read)."""
@@ -125,10 +139,11 @@ class VARTrainer:
         prog_wp = self.prog.advance(prog_si, prog_wp_it)
         gt_BL, x_BLCv = self.tokenize(img_B3HW, prog_si)
         plan = self.draw_jfb(g_it)
+        draws = self.batch_draws(g_it, label_B.shape[0], plan, label_B.device)
         sync = self.var.no_sync() if not stepping and hasattr(self.var, 'no_sync') else contextlib.nullcontext()
         with sync:
             with self.opt.amp_ctx():
-                logits_BLV = self.var(label_B, x_BLCv, jfb_iters=plan, prog_si=prog_si)
+                logits_BLV = self.var(label_B, x_BLCv, jfb_iters=plan, prog_si=prog_si, draws=draws)
             ce_BL = F.cross_entropy(logits_BLV.float().transpose(1, 2), gt_BL, reduction='none',
                                     label_smoothing=self.label_smooth)
             w_1L = token_weights(self.begin_ends, self.L, prog_si, prog_wp, device=ce_BL.device)

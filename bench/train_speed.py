@@ -7,6 +7,7 @@ allocated memory. `--official PATH` runs the same configs with the official mode
 (e.g. a mobiushy/VIAR checkout) in a separate process and prints our/official ratios.
 
     python bench/train_speed.py --width 128 --depths 4,8,12,16 --official /path/to/VIAR
+    python bench/train_speed.py --loader [--data_path DIR] --loader_workers 0,2   # the data loader alone (bench/loader_speed.py)
 """
 import argparse
 import json
@@ -43,6 +44,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--official', type=str, default='', help='path of an official VIAR checkout to compare with')
     p.add_argument('--json', type=str, default='', help='also write the rows here')
     p.add_argument('--impl', type=str, default='ours', choices=('ours', 'official'), help=argparse.SUPPRESS)
+    g = p.add_argument_group('--loader: the training data loader alone (bench/loader_speed.py)')
+    g.add_argument('--loader', action='store_true', help='measure the loader instead of training steps')
+    g.add_argument('--data_path', type=str, default='', help='class folders of JPEGs (default: synthetic ones)')
+    g.add_argument('--loader_images', type=int, default=64, help='synthetic JPEGs to make')
+    g.add_argument('--image_size', type=str, default='500x375', help='synthetic JPEG size, WxH')
+    g.add_argument('--reso', type=int, default=256, help='training resolution (crop side)')
+    g.add_argument('--loader_workers', type=str, default='0,2', help='worker counts to measure (0 always)')
+    g.add_argument('--loader_batches', type=int, default=8, help='timed batches per worker count')
+    g.add_argument('--gpu_rates', type=str, default='74,150,300', help='GPU training rates (img/s) to size CPUs for')
     return p.parse_args(argv)
 
 
@@ -154,6 +164,14 @@ def run_official(args) -> List[Dict]:
 def main(argv=None):
     """Print a table (and optional JSON) of our rows, with official ratios when --official is given."""
     args = parse_args(argv)
+    if args.loader:
+        sys.path.insert(0, ROOT)
+        from bench.loader_speed import run
+        rows = run(args)
+        if args.json:
+            with open(args.json, 'w') as f:
+                json.dump(rows, f, indent=1)
+        return
     if args.official and not os.path.isdir(os.path.join(args.official, 'models')):
         raise SystemExit(f'--official {args.official}: expected a VIAR checkout with a models/ folder')
     rows = measure(args)

@@ -22,9 +22,13 @@ class DropPath(nn.Module):
         super().__init__()
         self.drop_prob = drop_prob
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep_B: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """keep_B: (B,) scales drawn by the caller (models/draws.py: 0 or 1/keep per sample); None draws them
+        here from the global generator, as official."""
         if not self.training or self.drop_prob == 0.0:   # training first: a compiled eval block guards on nothing else
             return x
+        if keep_B is not None:
+            return x * keep_B.to(x.dtype).view((-1,) + (1,) * (x.ndim - 1))
         keep = 1 - self.drop_prob
         mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
         return x * mask.div_(keep)
@@ -126,12 +130,14 @@ class AdaLNSelfAttn(nn.Module):
         return self.ada_lin(cond).view(-1, 1, 6, self.C)
 
     def forward(self, x_BLC: torch.Tensor, ada_B16C: torch.Tensor, attn_bias: Optional[torch.Tensor],
-                kv: Optional[KVCache] = None) -> torch.Tensor:
+                kv: Optional[KVCache] = None, path_keep_2B: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """path_keep_2B: drop-path scales of the attention and MLP branches (models/draws.py); None: drawn here."""
         gamma1, gamma2, scale1, scale2, shift1, shift2 = ada_B16C.unbind(2)
+        keep_attn, keep_ffn = (None, None) if path_keep_2B is None else path_keep_2B.unbind(0)
         h = self.ln_wo_grad(x_BLC).mul(scale1.add(1)).add_(shift1)
-        x_BLC = x_BLC + self.drop_path(self.attn(h, attn_bias, kv).mul_(gamma1))
+        x_BLC = x_BLC + self.drop_path(self.attn(h, attn_bias, kv).mul_(gamma1), keep_attn)
         h = self.ln_wo_grad(x_BLC).mul(scale2.add(1)).add_(shift2)
-        return x_BLC + self.drop_path(self.ffn(h).mul(gamma2))
+        return x_BLC + self.drop_path(self.ffn(h).mul(gamma2), keep_ffn)
 
     def extra_repr(self) -> str:
         return f'shared_aln={self.shared_aln}'

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from models import sample_ops
+from models.draws import BatchDraws, step_draws
 from models.blocks import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin, init_block_
 from models.kv_cache import KVCache
 from models.layout import block_causal_bias, level_ids, num_tokens, scale_begin_ends
@@ -91,6 +92,35 @@ class VARBase(nn.Module):
         """Fixed S-JFB iterations for validation; None: no implicit block."""
         return None
 
+    def drop_path_probs(self, jfb_iters: Optional[Tuple[int, int]] = None) -> List[float]:
+        """The drop-path rate of every block call of a training forward, in call order."""
+        return [b.drop_path.drop_prob for b in self.backbone_blocks()]
+
+    def training_draws(self, seed: int, step: int, offset: int, rows: int, global_rows: int,
+                       jfb_iters: Optional[Tuple[int, int]] = None, device=None) -> BatchDraws:
+        """Class-dropout and drop-path draws of training step `step` for rows [offset, offset + rows) of a global
+        batch of global_rows, the same whatever the world size (models/draws.py); pass them to forward."""
+        return step_draws(seed, step, offset, rows, global_rows, self.cond_drop_rate, self.drop_path_probs(jfb_iters),
+                          device)
+
+    def fsdp_units(self) -> List[List[nn.Module]]:
+        """Groups of modules to shard as one FSDP unit each, in the order to wrap them (the root last, by the caller).
+
+        A block's attention and MLP form one unit, gathered while the block runs; its AdaLN projection is a unit of
+        its own, because the modulations of all blocks are computed together before the blocks run. What no unit
+        holds (embeddings, head, a shared AdaLN, VIAR's implicit block) is the root's unit.
+        """
+        units: List[List[nn.Module]] = []
+        for b in self.sharded_blocks():
+            if not b.shared_aln:
+                units.append([b.ada_lin])
+            units.append([b.attn, b.ffn])
+        return units
+
+    def sharded_blocks(self) -> List[AdaLNSelfAttn]:
+        """The blocks whose weights FSDP shards block by block (each runs once per training forward)."""
+        return self.backbone_blocks()
+
     def scale_loop_modules(self) -> List[nn.Module]:
         """The modules whose forward runs in the sampling scale loop (what compile targets)."""
         return [*self.backbone_blocks(), self.head_nm]
@@ -128,8 +158,9 @@ class VARBase(nn.Module):
         """Every distinct block, in order (the implicit block once)."""
         raise NotImplementedError
 
-    def train_backbone(self, x_BLC, ada, attn_bias, jfb_iters) -> torch.Tensor:
-        """Teacher-forced pass over all tokens under the block-causal mask."""
+    def train_backbone(self, x_BLC, ada, attn_bias, jfb_iters, path_keep_K2B=None) -> torch.Tensor:
+        """Teacher-forced pass over all tokens under the block-causal mask (path_keep_K2B: drop-path scales of
+        every block call, in the order of drop_path_probs; None draws them in the blocks)."""
         raise NotImplementedError
 
     def new_infer_state(self, schedule: IterSchedule, fill_forward: bool, solver: Optional[SolverSpec] = None,
@@ -151,10 +182,16 @@ class VARBase(nn.Module):
         cond = self.shared_ada_lin(cond_BD)
         return [b.modulation(cond) for b in self.backbone_blocks()]
 
-    def _run_block(self, block: AdaLNSelfAttn, x_BLC, ada, attn_bias, kv: Optional[KVCache] = None):
+    @staticmethod
+    def _check_calls(path_keep_K2B: Optional[torch.Tensor], calls: int):
+        if path_keep_K2B is not None and path_keep_K2B.shape[0] != calls:
+            raise ValueError(f'drop-path draws for {path_keep_K2B.shape[0]} block calls, this forward makes {calls}: '
+                             f'draw them with training_draws(..., jfb_iters) of the same (n, m)')
+
+    def _run_block(self, block: AdaLNSelfAttn, x_BLC, ada, attn_bias, kv: Optional[KVCache] = None, keep_2B=None):
         if self.grad_ckpt and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(block, x_BLC, ada, attn_bias, kv, use_reentrant=False)
-        return block(x_BLC, ada, attn_bias, kv)
+            return torch.utils.checkpoint.checkpoint(block, x_BLC, ada, attn_bias, kv, keep_2B, use_reentrant=False)
+        return block(x_BLC, ada, attn_bias, kv, keep_2B)
 
     def get_logits(self, h_BLC: torch.Tensor, cond_BD: torch.Tensor, ada_head: Optional[torch.Tensor] = None):
         """Vocabulary logits in float32."""
@@ -162,17 +199,22 @@ class VARBase(nn.Module):
         return self.head(self.head_nm(h_BLC.float(), ada_head).float()).float()
 
     def forward(self, label_B: torch.LongTensor, x_BLCv_wo_first_l: torch.Tensor,
-                jfb_iters: Optional[Tuple[int, int]] = None, prog_si: int = -1) -> torch.Tensor:
+                jfb_iters: Optional[Tuple[int, int]] = None, prog_si: int = -1,
+                draws: Optional[BatchDraws] = None) -> torch.Tensor:
         """Teacher forcing: logits_BLV for every token given the ground-truth earlier scales.
 
         x_BLCv_wo_first_l: (B, L - first_l, Cv) from `vae.quantize.idxBl_to_var_input`.
         jfb_iters: (n, m) S-JFB iterations for VIAR (ignored by VAR); None draws them (`sjfb_plan()`).
         prog_si >= 0 (progressive training): only scales 0..prog_si, so L becomes that scale's end.
+        draws: class dropout and drop path from `training_draws` (the same for any world size); None draws
+        them from the global generator, as official.
         """
         ed = self.begin_ends[prog_si][1] if prog_si >= 0 else self.L
         B = x_BLCv_wo_first_l.shape[0]
+        if draws is not None and draws.cond_drop_B.shape[0] != B:
+            raise ValueError(f'draws are for {draws.cond_drop_B.shape[0]} rows, the batch has {B}')
         with torch.autocast(label_B.device.type, enabled=False):
-            drop_B = torch.rand(B, device=label_B.device) < self.cond_drop_rate
+            drop_B = torch.rand(B, device=label_B.device) < self.cond_drop_rate if draws is None else draws.cond_drop_B
             label_B = torch.where(drop_B, self.num_classes, label_B)
             sos = cond_BD = self.class_emb(label_B)
             sos = sos.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, self.first_l, -1)
@@ -186,7 +228,8 @@ class VARBase(nn.Module):
         main_type = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_BLC.dtype
         x_BLC, attn_bias = x_BLC.to(main_type), attn_bias.to(main_type)
         ada = [a.to(main_type) for a in ada]
-        h_BLC = self.train_backbone(x_BLC, ada, attn_bias, jfb_iters)
+        h_BLC = self.train_backbone(x_BLC, ada, attn_bias, jfb_iters,
+                                    None if draws is None else draws.path_keep_K2B)
         return self.get_logits(h_BLC.float(), cond_BD)
 
     @torch.no_grad()
@@ -328,9 +371,10 @@ class VAR(VARBase):
     def backbone_blocks(self) -> List[AdaLNSelfAttn]:
         return list(self.blocks)
 
-    def train_backbone(self, x_BLC, ada, attn_bias, jfb_iters):
-        for block, a in zip(self.blocks, ada):
-            x_BLC = self._run_block(block, x_BLC, a, attn_bias)
+    def train_backbone(self, x_BLC, ada, attn_bias, jfb_iters, path_keep_K2B=None):
+        self._check_calls(path_keep_K2B, len(self.blocks))
+        for k, (block, a) in enumerate(zip(self.blocks, ada)):
+            x_BLC = self._run_block(block, x_BLC, a, attn_bias, None, None if path_keep_K2B is None else path_keep_K2B[k])
         return x_BLC
 
     def new_infer_state(self, schedule, fill_forward, solver=None, fast=False):

@@ -60,6 +60,18 @@ class VIAR(VARBase):
         Python's global `random`, which is seeded per rank (the official code's draw)."""
         return draw_jfb_iters(random if step is None else step_rng(seed, step), self.jfb_no_grad, self.jfb_with_grad)
 
+    def drop_path_probs(self, jfb_iters: Optional[Tuple[int, int]] = None) -> List[float]:
+        """Pre-blocks, then the implicit block once per iteration (n + m), then post-blocks."""
+        n, m = jfb_iters if jfb_iters is not None else (0, 0)
+        rate = lambda blocks: [b.drop_path.drop_prob for b in blocks]  # noqa: E731
+        return rate(self.pre_blocks) + rate([self.implicit_block]) * (n + m) + rate(self.post_blocks)
+
+    def sharded_blocks(self) -> List[AdaLNSelfAttn]:
+        """Pre- and post-blocks. The implicit block and its projection stay in the root's unit: FSDP then gathers
+        them once per step for all n + m iterations (and reduces their gradients once), where a unit of their own
+        would count every iteration as a use."""
+        return [*self.pre_blocks, *self.post_blocks]
+
     def eval_sjfb(self) -> Tuple[int, int]:
         """The rounded means of the S-JFB ranges."""
         (n0, n1), (m0, m1) = self.jfb_no_grad, self.jfb_with_grad
@@ -95,9 +107,10 @@ class VIAR(VARBase):
         p = self.pre_depth
         return items[:p], items[p], items[p + 1:]
 
-    def implicit_step(self, z_BLC, inj_BLC, ada_imp, attn_bias, kv: Optional[KVCache] = None):
-        """One iteration G(z) = f(Proj([z, x]), c)."""
-        return self.implicit_block(self.implicit_block_projection(torch.cat((z_BLC, inj_BLC), dim=-1)), ada_imp, attn_bias, kv)
+    def implicit_step(self, z_BLC, inj_BLC, ada_imp, attn_bias, kv: Optional[KVCache] = None, keep_2B=None):
+        """One iteration G(z) = f(Proj([z, x]), c) (keep_2B: its drop-path scales, models/draws.py)."""
+        return self.implicit_block(self.implicit_block_projection(torch.cat((z_BLC, inj_BLC), dim=-1)), ada_imp,
+                                   attn_bias, kv, keep_2B)
 
     def injection(self, x_BlC):
         """Fast path, once per scale: (W_x x + b, W_z) of Proj's first Linear, W = [W_z | W_x] (2C, 2C), in the
@@ -116,24 +129,27 @@ class VIAR(VARBase):
         h_BlC = lin2(act(h_N2C.view_as(inj_Bl2C)))
         return self.implicit_block(h_BlC, ada_imp, attn_bias, kv)
 
-    def train_backbone(self, x_BLC, ada, attn_bias, jfb_iters):
+    def train_backbone(self, x_BLC, ada, attn_bias, jfb_iters, path_keep_K2B=None):
         ada_pre, ada_imp, ada_post = self._split(ada)
-        for block, a in zip(self.pre_blocks, ada_pre):
-            x_BLC = self._run_block(block, x_BLC, a, attn_bias)
-        n, m = jfb_iters if jfb_iters is not None else self.sjfb_plan()
+        keep = (lambda k: None) if path_keep_K2B is None else (lambda k: path_keep_K2B[k])  # noqa: E731
+        p = self.pre_depth
+        n, m = jfb_iters if jfb_iters is not None else self.sjfb_plan()   # Python's random: no torch draw moves
+        self._check_calls(path_keep_K2B, p + n + m + len(self.post_blocks))
+        for k, (block, a) in enumerate(zip(self.pre_blocks, ada_pre)):
+            x_BLC = self._run_block(block, x_BLC, a, attn_bias, None, keep(k))
         inj_BLC = x_BLC
         with torch.no_grad():   # n iterations that cost no activation memory
             z_BLC = x_BLC.detach()
-            for _ in range(n):
-                z_BLC = self.implicit_step(z_BLC, inj_BLC, ada_imp, attn_bias)
-        for _ in range(m):      # backprop only through the last m
+            for t in range(n):
+                z_BLC = self.implicit_step(z_BLC, inj_BLC, ada_imp, attn_bias, None, keep(p + t))
+        for t in range(n, n + m):      # backprop only through the last m
             if self.grad_ckpt and self.training and torch.is_grad_enabled():
                 z_BLC = torch.utils.checkpoint.checkpoint(self.implicit_step, z_BLC, inj_BLC, ada_imp, attn_bias,
-                                                          use_reentrant=False)
+                                                          None, keep(p + t), use_reentrant=False)
             else:
-                z_BLC = self.implicit_step(z_BLC, inj_BLC, ada_imp, attn_bias)
-        for block, a in zip(self.post_blocks, ada_post):
-            z_BLC = self._run_block(block, z_BLC, a, attn_bias)
+                z_BLC = self.implicit_step(z_BLC, inj_BLC, ada_imp, attn_bias, None, keep(p + t))
+        for j, (block, a) in enumerate(zip(self.post_blocks, ada_post)):
+            z_BLC = self._run_block(block, z_BLC, a, attn_bias, None, keep(p + n + m + j))
         return z_BLC
 
     def new_infer_state(self, schedule, fill_forward, solver=None, fast=False):

@@ -35,7 +35,8 @@ def tiny_flags(data: str, out: str, implicit: bool, *extra: str) -> List[str]:
              '--pn=1_2_3_4', '--patch_size=4', '--vae_ch_mult=1_2_4', '--vae_ch=32', '--vae_num_res_blocks=1',
              '--V=32', '--Cvae=8', '--depth=4', '--width=32', '--heads=2', f'--use_implicit={implicit}',
              '--p_depth=1', '--jfb_n=0_3', '--jfb_m=1_3', '--bs=8', '--tlr=3e-3', '--twd=0.0', '--wp=0.5',
-             '--log_every=1', '--step_log', '--seed=1', '--save_freq=1000']
+             '--log_every=1', '--step_log', '--seed=1', '--save_freq=1000',
+             '--workers=0']   # in-process loading (official): no worker start-up per run; --workers=auto to override
     return flags + list(extra)
 
 

@@ -256,10 +256,11 @@ def build_cache_loaders(cache_dir: str, glb_batch_size: int, batch_size: int, se
     val_set = TokenShards(cache_dir, man, 'val', seed)
     sampler = CacheBatchSampler(len(train_set), glb_batch_size, rank, world_size, seed=seed)
     sampler.load_state_dict(sampler.position_at(start_g_it))
-    ld_train = DataLoader(train_set, batch_sampler=sampler, num_workers=workers, pin_memory=pin,
-                          persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed * world_size + rank))
+    from utils.data.loader import loader_kwargs
+    ld_train = DataLoader(train_set, batch_sampler=sampler, **loader_kwargs(workers, pin),
+                          generator=torch.Generator().manual_seed(seed * world_size + rank))
     # own generators: making an iterator must not draw from the global RNG (resume exactness, eval's cond-drop draws)
-    ld_val = DataLoader(val_set, batch_size=max(1, round(batch_size * 1.5)), num_workers=workers, pin_memory=pin,
+    ld_val = DataLoader(val_set, batch_size=max(1, round(batch_size * 1.5)), **loader_kwargs(workers, pin),
                         generator=torch.Generator().manual_seed(seed),
                         sampler=EvalDistributedSampler(len(val_set), rank, world_size))
     return len(man['classes']), len(train_set), len(val_set), sampler, ld_train, ld_val

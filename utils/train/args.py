@@ -29,7 +29,8 @@ class DataArgs:
     patch_size: int = flag(16, 'pixels per token at the last scale (= the tokenizer downsampling)')
     mid_reso: float = flag(1.125, 'resize the shorter side to mid_reso * final resolution, then crop')
     hflip: bool = flag(False, 'random horizontal flip on train images')
-    workers: int = flag(0, 'DataLoader worker processes per rank (0: load in the main process)')
+    workers: str = flag('auto', "DataLoader worker processes per rank: 'auto' = min(8, CPUs // ranks on this node), "
+                                "persistent and prefetching; 0 = load in the training process (official)")
     num_classes: int = flag(0, 'classes of the model (0: the number of class folders in train/)')
     token_cache: str = flag('', 'train on the token maps scripts/extract_tokens.py wrote to this folder instead of '
                                 'images (no VQVAE encoder; --data_path not needed; crops/flips as stored)')
@@ -56,6 +57,10 @@ class ModelArgs:
     jfb_draw: str = flag('step', "S-JFB draw: 'step' = the same (n, m) on every rank, from (seed, step), so a resume "
                                  "at any world size draws the same; 'rank' = the official per-rank draw from "
                                  "Python's global random (seeded seed*world+rank)", choices=('step', 'rank'))
+    drop_draw: str = flag('step', "class dropout and drop path: 'step' = drawn for the whole global batch from "
+                                  "(seed, step), each rank taking its rows, so any world size trains the same run; "
+                                  "'rank' = the official per-rank draws from the global torch generator (seeded "
+                                  "seed*world+rank)", choices=('step', 'rank'))
     vae_ckpt: str = flag('', 'tokenizer weights (e.g. ckpts/vae_ch160v4096z32.pth); empty: random weights (tests/demo only)')
     V: int = flag(4096, 'tokenizer vocabulary')
     Cvae: int = flag(32, 'tokenizer code dimension')
@@ -112,7 +117,8 @@ class RunArgs:
     """Outputs, logging, checkpoints and seeds."""
     exp_name: str = flag('text', 'experiment name (logged)')
     local_out_dir_path: str = flag('local_output', 'output folder: checkpoints, log.txt, tensorboard')
-    seed: int = flag(0, 'seed; rank r uses seed*world+r for torch/numpy/python, S-JFB draws use (seed, step)')
+    seed: int = flag(0, 'seed; rank r uses seed*world+r for torch/numpy/python; S-JFB, class dropout and drop path '
+                        'use (seed, step) unless --jfb_draw/--drop_draw rank')
     device: str = flag('auto', 'auto, cuda or cpu')
     save_freq: int = flag(5, 'validate and save ar-ckpt-last.pth every this many epochs (and at the end)')
     save_every_steps: int = flag(0, 'also save ar-ckpt-last.pth every this many steps (0: off)')
@@ -166,7 +172,8 @@ class Derived:
     final_reso: int
     mid_reso_px: int
     precision: str             # 'fp32', 'fp16' or 'bf16'
-    workers: int
+    workers: int               # loader processes per rank
+    workers_rule: str          # how that number was reached (logged)
     width: int
     heads: int
     jfb_no_grad: Tuple[int, int]
@@ -184,8 +191,12 @@ def _parse_range(name: str, value: Sequence[int], lo: int) -> Tuple[int, int]:
     return int(value[0]), int(value[1])
 
 
-def derive(args: TrainArgs, world_size: int) -> Derived:
-    """Every value that follows from the flags; bad combinations are a SystemExit with the fix."""
+def derive(args: TrainArgs, world_size: int, cpus: Optional[int] = None, ranks_per_node: Optional[int] = None
+           ) -> Derived:
+    """Every value that follows from the flags; bad combinations are a SystemExit with the fix.
+
+    cpus, ranks_per_node: for --workers auto (None: this process's CPUs, and all ranks on one node).
+    """
     d, m, o, s, r = args.data, args.model, args.optim, args.sched, args.run
     if o.ac < 1 or o.bs < 1:
         raise SystemExit(f'--bs and --ac must be positive (got --bs {o.bs} --ac {o.ac})')
@@ -223,6 +234,9 @@ def derive(args: TrainArgs, world_size: int) -> Derived:
     except ValueError as e:
         raise SystemExit(f'cannot build the model: {e}') from None
     sche = f'lin{s.pg:g}' if s.pg > 0 else s.sche
+    from utils.data.loader import available_cpus, resolve_workers
+    workers, workers_rule = resolve_workers(d.workers, available_cpus() if cpus is None else cpus,
+                                            world_size if ranks_per_node is None else ranks_per_node, batch_size)
     tb_name = re.sub(r'[^\w\-+,.]', '_', f'tb-VARd{m.depth}__pn{pn}__b{o.bs}ep{s.ep}{o.opt[:4]}lr{o.tblr:g}wd{o.twd:g}')
     out = r.local_out_dir_path
     return Derived(
@@ -231,7 +245,7 @@ def derive(args: TrainArgs, world_size: int) -> Derived:
         wd=o.twd, wd_end=o.twde or o.twd,
         wp_ep=s.wp or s.ep / 50, pgwp_ep=s.pgwp or s.ep / 300, sche=sche,
         patch_nums=patch_nums, resos=resos, final_reso=final_reso, mid_reso_px=round(d.mid_reso * final_reso),
-        precision=precision, workers=min(max(0, d.workers), batch_size), width=width, heads=heads,
+        precision=precision, workers=workers, workers_rule=workers_rule, width=width, heads=heads,
         jfb_no_grad=_parse_range('jfb_n', m.jfb_n, 0), jfb_with_grad=_parse_range('jfb_m', m.jfb_m, 1),
         tb_dir=os.path.join(out, tb_name), log_txt=os.path.join(out, 'log.txt'),
         last_ckpt=os.path.join(out, 'ar-ckpt-last.pth'), best_ckpt=os.path.join(out, 'ar-ckpt-best.pth'),
