@@ -19,11 +19,13 @@ QUICK=${DEMO_QUICK:-0}
 if [ "$QUICK" = 1 ]; then
   VAE_STEPS=${DEMO_VAE_STEPS:-4}; AR_STEPS=${DEMO_AR_STEPS:-3}; WIDTH=${DEMO_WIDTH:-32}; HEADS=2; NSEEDS=${DEMO_SEEDS:-2}
 else
-  VAE_STEPS=${DEMO_VAE_STEPS:-120}; AR_STEPS=${DEMO_AR_STEPS:-200}; WIDTH=${DEMO_WIDTH:-96}; HEADS=4; NSEEDS=${DEMO_SEEDS:-10}
+  VAE_STEPS=${DEMO_VAE_STEPS:-300}; AR_STEPS=${DEMO_AR_STEPS:-500}; WIDTH=${DEMO_WIDTH:-96}; HEADS=4; NSEEDS=${DEMO_SEEDS:-50}
 fi
 TLR=${DEMO_TLR:-1.5e-3}
-# sampling defaults: chosen by FID against the held-out digits, reported against the train digits (docs/DEMO.md)
-CFG=${DEMO_CFG:-1.5}; TOP_K=${DEMO_TOP_K:-0}; TOP_P=${DEMO_TOP_P:-0}
+# steps, seeds and sampling defaults: chosen by FID against the held-out digits, reported against the train
+# digits, within 7.5 minutes on 2 idle cores (docs/DEMO.md). No guidance: on these models any cfg > 0 trades
+# recall and diversity for precision and raises FID; top-k / top-p change nothing measurable.
+CFG=${DEMO_CFG:-0}; TOP_K=${DEMO_TOP_K:-0}; TOP_P=${DEMO_TOP_P:-0}
 ITER_LEFT=${DEMO_ITER_LEFT:-4}; ITER_RIGHT=${DEMO_ITER_RIGHT:-4}
 export OMP_NUM_THREADS=${DEMO_THREADS:-1} MKL_NUM_THREADS=${DEMO_THREADS:-1}
 PY=.venv/bin/python
@@ -32,14 +34,19 @@ load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 started_at=$(date +%s.%N)
 elapsed() { echo $(( ($(date +%s%N) - start_ns) / 1000000000 )); }
 log() { echo "[demo $(elapsed)s] $*"; }
+# cumulative CPU seconds of the finished children after each stage; `times` is a builtin and must run in this
+# shell (a subshell would report its own children), hence the file. demo_score.py turns the marks into stage CPU
+# times and the wall time the run would take on an idle machine.
+mark() { times > "$OUT/.times"; echo "$1 $(tail -n 1 "$OUT/.times")" >> "$OUT/cpu_times.txt"; }
 
 bash scripts/setup.sh
 rm -rf "$OUT/digits" "$OUT/vae" "$OUT/viar" "$OUT/var" "$OUT/samples" "$OUT/results.json" "$OUT/grid.png" \
-  "$OUT/pareto.png" "$OUT/schedule_table.md"
+  "$OUT/pareto.png" "$OUT/schedule_table.md" "$OUT/cpu_times.txt"
 mkdir -p "$OUT"
 
 log "1/5 digits -> $OUT/digits (16 px RGB, train/ and val/)"
 $PY scripts/make_digits.py --out "$OUT/digits" --size 16
+mark digits
 
 log "2/5 tokenizer: multi-scale VQVAE, $VAE_STEPS steps"
 $PY train_tokenizer.py --data_path "$OUT/digits" --out_dir "$OUT/vae" --reso 16 --mid_reso 1.0 \
@@ -47,7 +54,7 @@ $PY train_tokenizer.py --data_path "$OUT/digits" --out_dir "$OUT/vae" --reso 16 
   --bs 64 --lr 1e-3 --restart_every 20 --max_steps "$VAE_STEPS" --log_every 50 > "$OUT/vae.stdout" 2>&1 \
   || { tail -n 20 "$OUT/vae.stdout"; exit 1; }
 tail -n 2 "$OUT/vae/log.txt"
-t_vae=$(elapsed)
+t_vae=$(elapsed); mark tokenizer
 
 log "3/5 VIAR (1 pre, 1 implicit, 1 post block) and VAR (depth 6), width $WIDTH, $AR_STEPS steps each, in parallel"
 COMMON=(--data_path="$OUT/digits" --pn=1_2_3_4 --patch_size=4 --mid_reso=1.0 --hflip=False
@@ -61,7 +68,7 @@ ok=1
 wait "$pid_viar" || { echo "VIAR training failed:"; tail -n 20 "$OUT/viar.stdout"; ok=0; }
 wait "$pid_var" || { echo "VAR training failed:"; tail -n 20 "$OUT/var.stdout"; ok=0; }
 [ "$ok" = 1 ] || exit 1
-t_ar=$(elapsed)
+t_ar=$(elapsed); mark transformers
 
 log "4/5 samples: classes 0..9 x $NSEEDS seeds (cfg $CFG, top-k $TOP_K, top-p $TOP_P, VIAR iterations $ITER_LEFT..$ITER_RIGHT)"
 SEEDS=$(seq -s ' ' 0 $((NSEEDS - 1)))
@@ -74,16 +81,16 @@ $PY gen_img.py --var_ckpt "$OUT/var/var-slim.pth" --output_dir "$OUT/samples/var
 wait "$pid_viar" || { echo "VIAR sampling failed:"; tail -n 20 "$OUT/gen_viar.stdout"; ok=0; }
 wait "$pid_var" || { echo "VAR sampling failed:"; tail -n 20 "$OUT/gen_var.stdout"; ok=0; }
 [ "$ok" = 1 ] || exit 1
-t_gen=$(elapsed)
+t_gen=$(elapsed); mark samples
 
 log "5/5 scores -> $OUT/results.json, grid (left VIAR, right VAR; rows = digits 0..9, columns = the first 10 seeds) -> $OUT/grid.png"
-times > "$OUT/cpu_times.txt"   # CPU seconds of the finished stages (a builtin: it must run in this shell)
 $PY scripts/demo_score.py --data_path "$OUT/digits" --vae_ckpt "$OUT/vae/vae.pth" \
   --viar_ckpt "$OUT/viar/var-slim.pth" --viar_samples "$OUT/samples/viar" \
   --var_ckpt "$OUT/var/var-slim.pth" --var_samples "$OUT/samples/var" \
-  --grid "$OUT/grid.png" --started_at "$started_at" --cpu_times "$(tail -n 1 "$OUT/cpu_times.txt")" \
+  --grid "$OUT/grid.png" --started_at "$started_at" --cpu_times "$OUT/cpu_times.txt" \
   --extra "{\"quick\": $QUICK, \"vae_steps\": $VAE_STEPS, \"ar_steps\": $AR_STEPS, \"width\": $WIDTH, \"tlr\": $TLR, \"threads\": $OMP_NUM_THREADS, \"stage_end_seconds\": {\"tokenizer\": $t_vae, \"transformers\": $t_ar, \"samples\": $t_gen}, \"sample\": {\"cfg\": $CFG, \"top_k\": $TOP_K, \"top_p\": $TOP_P, \"iter_left\": $ITER_LEFT, \"iter_right\": $ITER_RIGHT, \"seeds_per_class\": $NSEEDS}, \"load_average_start\": \"$load_start\"}" \
   --out "$OUT/results.json"
+rm -f "$OUT/.times"
 log "done ($(cut -d' ' -f1-3 /proc/loadavg) load average at the end, $load_start at the start)"
 
 if [ "${DEMO_TABLE:-0}" = 1 ]; then

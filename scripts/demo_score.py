@@ -54,6 +54,25 @@ def parse_bash_times(line: str) -> float:
     return total
 
 
+PARALLEL = {'transformers': 2, 'samples': 2}   # demo.sh stages that run VIAR and VAR as two processes side by side
+
+
+def stage_cpu_seconds(marks: Sequence[str]) -> Dict[str, float]:
+    """CPU seconds of each stage from demo.sh's marks ('<stage> <bash `times` children line>', cumulative)."""
+    out, before = {}, 0.0
+    for line in marks:
+        stage, _, rest = line.strip().partition(' ')
+        total = parse_bash_times(rest)
+        out[stage], before = round(total - before, 1), total
+    return out
+
+
+def quiet_wall_estimate(cpu_by_stage: Dict[str, float], parallel: Dict[str, int] = PARALLEL) -> float:
+    """Wall seconds of the stages on an idle machine with a core per process: each stage's CPU time over the
+    processes it runs side by side (VIAR and VAR cost about the same, so neither waits long for the other)."""
+    return float(sum(cpu / parallel.get(stage, 1) for stage, cpu in cpu_by_stage.items()))
+
+
 def per_class_accuracy(pred: np.ndarray, labels: np.ndarray) -> Dict[int, float]:
     """Accuracy of predictions within each true class."""
     return {int(c): float((pred[labels == c] == c).mean()) for c in np.unique(labels)}
@@ -114,7 +133,7 @@ def load_samples(root: str) -> Tuple[np.ndarray, np.ndarray, List[Tuple[int, int
 
 
 # ----------------------------------------------------------------------------- scoring
-def tokenizer_reconstructions(vae, imgs_NHWC: np.ndarray, bs: int = 256) -> np.ndarray:
+def tokenizer_reconstructions(vae, imgs_NHWC: np.ndarray, bs: int = 1024) -> np.ndarray:
     """Pixel features (N, 64) in 0..1 of uint8 images passed through the tokenizer, rounded to uint8 as gen_img.py's
     PNGs are: a transformer that memorised a training digit's tokens draws exactly this image of it."""
     import torch
@@ -284,7 +303,7 @@ def main(argv=None):
     p.add_argument('--grid_seeds', type=int, default=10, help='columns (the first seeds) of each half of the grid')
     p.add_argument('--started_at', type=float, default=None,
                    help='Unix time the run began; `seconds` = from then until the scores are written')
-    p.add_argument('--cpu_times', default='', help="bash `times` line of the run's finished children (CPU seconds)")
+    p.add_argument('--cpu_times', default='', help="demo.sh's CPU marks file: '<stage> <bash times children line>' a line")
     p.add_argument('--extra', default='{}', help='JSON object of further keys to record')
     p.add_argument('--out', default='demo_output/results.json')
     args = p.parse_args(argv)
@@ -310,7 +329,12 @@ def main(argv=None):
     if args.started_at is not None:
         results['seconds'] = round(time.time() - args.started_at, 1)
     if args.cpu_times:
-        results['cpu_seconds'] = round(parse_bash_times(args.cpu_times), 1)
+        stages = stage_cpu_seconds(open(args.cpu_times).read().splitlines())
+        stages['scores'] = round(time.process_time(), 1)     # this process: single-threaded numpy / torch
+        results['cpu_seconds_by_stage'] = stages
+        results['cpu_seconds'] = round(sum(stages.values()), 1)
+        results['quiet_estimate_seconds'] = round(quiet_wall_estimate(stages), 1)
+    results['load_average_end'] = ' '.join(f'{x:.2f}' for x in os.getloadavg())
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, 'w') as f:
         json.dump(results, f, indent=2, sort_keys=True)

@@ -9,7 +9,9 @@ seeds, once per seed set (set i uses seeds i*per_class .. (i+1)*per_class - 1, s
 samples), and every figure is reported as mean, std and range over the sets: the seed-to-seed spread that
 says which differences the demo can resolve. Images are sampled in this process, as gen_img.py samples
 them (one generator per image, seeded by its seed, batches of `--batch_size`), on `--threads` threads;
-images/s counts the whole call, tokenizer decode included. `--reference val` scores against the held-out
+images/s counts the whole call, tokenizer decode included, per CPU second of this single-threaded process (what
+an idle core would take) and per wall second (what this machine took, under whatever else ran). Rows run in
+turn within each seed set, so a change of load while the table runs touches them all alike. `--reference val` scores against the held-out
 digits instead of the train ones (the split the demo's defaults were chosen on, docs/DEMO.md).
 The table is merged into `<out_dir>/results.json` as `schedule_table` and printed as markdown.
 """
@@ -24,7 +26,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 
 CLASSES = tuple(range(10))
-FIGURES = ('fid', 'precision', 'recall', 'consistency', 'diversity', 'copy_rate', 'images_per_s')
+FIGURES = ('fid', 'precision', 'recall', 'consistency', 'diversity', 'copy_rate', 'images_per_s', 'images_per_s_wall')
 DEFAULT_ROWS = ('viar:iters=1-1', 'viar:iters=2-2', 'viar:iters=4-4', 'viar:iters=8-8', 'viar:iters=4-1',
                 'viar:iters=8-2', 'var')
 
@@ -99,15 +101,15 @@ def resolvable(a: Dict[str, float], b: Dict[str, float]) -> bool:
 def markdown_table(rows: List[Dict[str, object]]) -> str:
     """The table as markdown: mean +- std over the seed sets for every figure."""
     head = ('| row | cfg / top-k / top-p | iterations per scale | FID | precision | recall | consistency | diversity '
-            '| copy rate | images/s |')
-    lines = [head, '|' + '---|' * 10]
+            '| copy rate | images/s (CPU) | images/s (wall) |')
+    lines = [head, '|' + '---|' * 11]
     for r in rows:
         st = r['setting']
         cells = [r['label'], f"{st['cfg']:g} / {st['top_k']} / {st['top_p']:g}",
                  ','.join(map(str, r['iters'])) if r['iters'] else '-']
         for fig in FIGURES:
             s = r[fig]
-            digits = 1 if fig == 'images_per_s' else 2 if fig == 'fid' else 3
+            digits = 0 if fig.startswith('images') else 2 if fig == 'fid' else 3
             cells.append(f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}")
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
@@ -115,12 +117,14 @@ def markdown_table(rows: List[Dict[str, object]]) -> str:
 
 # ----------------------------------------------------------------------------- sampling and scoring
 def sample_features(var, setting: Setting, plan: Sequence[Tuple[int, int]], batch_size: int
-                    ) -> Tuple[np.ndarray, np.ndarray, float]:
-    """(pixel features (M, 64) in 0..1, classes (M,), seconds) of the plan's images, as gen_img.py draws them."""
+                    ) -> Tuple[np.ndarray, np.ndarray, float, float]:
+    """(pixel features (M, 64) in 0..1, classes (M,), CPU seconds, wall seconds) of the plan's images, drawn as
+    gen_img.py draws them. CPU seconds are this process's: on one thread, what the wall time would be on an
+    idle core, and much less disturbed by other jobs than the wall time is."""
     import torch
     import demo_score
     from utils.sample.image_io import to_uint8_HWC
-    imgs, t0 = [], time.perf_counter()
+    imgs, c0, t0 = [], time.process_time(), time.perf_counter()
     for i in range(0, len(plan), batch_size):
         batch = plan[i:i + batch_size]
         label_B = torch.tensor([c for c, _ in batch])
@@ -128,28 +132,44 @@ def sample_features(var, setting: Setting, plan: Sequence[Tuple[int, int]], batc
                                                 top_k=setting.top_k, top_p=setting.top_p,
                                                 iter_left=setting.iter_left, iter_right=setting.iter_right)
         imgs.extend(to_uint8_HWC(im) for im in img_B3HW)
-    seconds = time.perf_counter() - t0
-    return demo_score.pixel_features(np.stack(imgs)), np.array([c for c, _ in plan]), seconds
+    cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+    return demo_score.pixel_features(np.stack(imgs)), np.array([c for c, _ in plan]), cpu, wall
 
 
-def run_row(models: Dict[str, object], judge, setting: Setting, sets: List[List[int]], batch_size: int,
-            reference: str, classes: Sequence[int] = CLASSES) -> Dict[str, object]:
-    """One table row: every figure over the seed sets, with each set's values kept."""
+def measure(var, judge, setting: Setting, seeds: Sequence[int], batch_size: int, reference: str,
+            classes: Sequence[int] = CLASSES) -> Dict[str, float]:
+    """Every figure of one setting on one seed set."""
     import demo_quality
+    x_MP, labels_M, cpu, wall = sample_features(var, setting, image_plan(classes, seeds), batch_size)
+    s = demo_quality.score(judge, x_MP, labels_M, reference=reference)
+    s.update(images_per_s=len(x_MP) / cpu, images_per_s_wall=len(x_MP) / wall)
+    return s
+
+
+def summarise_row(setting: Setting, per_set: List[Dict[str, float]], num_scales: int, n_per_set: int
+                  ) -> Dict[str, object]:
+    """A table row: the setting, its iteration counts, each set's figures and their spread."""
     from models.schedules import linspace_iters
-    var = models[setting.model]
-    per_set = []
-    for seeds in sets:
-        x_MP, labels_M, seconds = sample_features(var, setting, image_plan(classes, seeds), batch_size)
-        s = demo_quality.score(judge, x_MP, labels_M, reference=reference)
-        s['images_per_s'] = len(x_MP) / seconds
-        per_set.append(s)
-    row = dict(label=setting.label, setting=asdict(setting), n_per_set=len(classes) * len(sets[0]),
-               iters=linspace_iters(setting.iter_left, setting.iter_right, len(var.patch_nums))
-               if setting.model == 'viar' else [],
+    row = dict(label=setting.label, setting=asdict(setting), n_per_set=n_per_set,
+               iters=linspace_iters(setting.iter_left, setting.iter_right, num_scales) if setting.model == 'viar' else [],
                per_set={fig: [s[fig] for s in per_set] for fig in FIGURES})
     row.update({fig: spread(row['per_set'][fig]) for fig in FIGURES})
     return row
+
+
+def run_table(models: Dict[str, object], judge, settings: Sequence[Setting], sets: List[List[int]], batch_size: int,
+              reference: str, classes: Sequence[int] = CLASSES, log=print) -> List[Dict[str, object]]:
+    """All rows. Seed set by seed set, every row in turn, so a change in the machine's load while the table runs
+    slows all rows alike instead of the rows that happen to run late."""
+    per_row = [[] for _ in settings]
+    for k, seeds in enumerate(sets):
+        for i, setting in enumerate(settings):
+            per_row[i].append(measure(models[setting.model], judge, setting, seeds, batch_size, reference, classes))
+            m = per_row[i][-1]
+            log(f"set {k}: {setting.label:>16}: FID {m['fid']:.3f}, precision {m['precision']:.3f}, recall "
+                f"{m['recall']:.3f}, diversity {m['diversity']:.3f}, {m['images_per_s']:.0f} img/s")
+    return [summarise_row(s, per_row[i], len(models[s.model].patch_nums), len(classes) * len(sets[0]))
+            for i, s in enumerate(settings)]
 
 
 def plot_pareto(rows: List[Dict[str, object]], path: str, title: str):
@@ -170,7 +190,7 @@ def plot_pareto(rows: List[Dict[str, object]], path: str, title: str):
             '--', color='gray', lw=1, label='Pareto front (means)')
     ax.plot([], [], 'o', color='tab:blue', label='VIAR (schedule)')
     ax.plot([], [], 's', color='tab:orange', label='VAR')
-    ax.set_xlabel('images / s (1 CPU thread, decode included)')
+    ax.set_xlabel('images per CPU second (1 thread, decode included)')
     ax.set_ylabel('FID (digit-classifier features)')
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
@@ -220,15 +240,12 @@ def main(argv=None):
               for m in sorted({s.model for s in settings})}
     sets = seed_sets(args.n_sets, per_class)
     load_before = os.getloadavg()[0]
-    rows = []
-    for s in settings:
-        rows.append(run_row(models, judge, s, sets, args.batch_size, args.reference))
-        r = rows[-1]
-        print(f"{r['label']:>16}: FID {r['fid']['mean']:.3f} ± {r['fid']['std']:.3f}, precision "
-              f"{r['precision']['mean']:.3f}, recall {r['recall']['mean']:.3f}, diversity {r['diversity']['mean']:.3f}, "
-              f"{r['images_per_s']['mean']:.0f} img/s", flush=True)
-    same = [r['label'] for r in rows if not resolvable(r['fid'], rows[0]['fid'])]
-    print(f"FID within twice the seed-to-seed std of {rows[0]['label']}'s: {', '.join(same)}")
+    rows = run_table(models, judge, settings, sets, args.batch_size, args.reference,
+                     log=lambda line: print(line, flush=True))
+    for r in rows:
+        same = [o['label'] for o in rows if o is not r and not resolvable(r['fid'], o['fid'])]
+        print(f"{r['label']}: FID {r['fid']['mean']:.3f} ± {r['fid']['std']:.3f}; within twice the larger seed-to-seed "
+              f"std of: {', '.join(same) or 'none'}")
     meta = dict(reference=args.reference, n_sets=args.n_sets, per_class=per_class, threads=args.threads,
                 batch_size=args.batch_size, load_average=[load_before, os.getloadavg()[0]])
     table = markdown_table(rows)

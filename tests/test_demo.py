@@ -44,6 +44,10 @@ def test_sample_names_and_per_class_accuracy():
     assert demo_score.parse_sample_name('edit_class3_seed12.png') is None
     assert demo_score.parse_sample_name('class0-9_seeds0-9_grid.png') is None
     assert demo_score.parse_bash_times('8m3.982s 0m19.473s') == pytest.approx(503.455)
+    marks = ['digits 0m1.000s 0m0.500s', 'tokenizer 1m1.500s 0m1.000s', 'transformers 4m3.500s 0m4.000s']
+    cpu = demo_score.stage_cpu_seconds(marks)
+    assert cpu == dict(digits=1.5, tokenizer=61.0, transformers=185.0)
+    assert demo_score.quiet_wall_estimate(cpu) == pytest.approx(1.5 + 61.0 + 92.5)   # two processes side by side
     acc = demo_score.per_class_accuracy(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 2]))
     assert acc == {0: 1.0, 1: 0.5, 2: 1.0}
 
@@ -148,6 +152,20 @@ def test_judge_scores_the_floors_copies_and_a_collapsed_model(digit_judge):
     assert shuffled == pytest.approx(real)
 
 
+def test_tokenizer_reconstructions_are_the_pngs_a_memorising_model_would_write():
+    import torch
+    vae, _ = tiny_vae_var(False)      # 8 px images
+    imgs = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    rec = demo_score.tokenizer_reconstructions(vae, imgs, bs=2)
+    assert rec.shape == (5, 64) and 0 <= rec.min() and rec.max() <= 1
+    assert np.array_equal(rec, demo_score.tokenizer_reconstructions(vae, imgs, bs=5))   # batches do not matter
+    with torch.no_grad():
+        x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
+        direct = vae.img_to_reconstructed_img(x, last_one=True).add(1).mul(0.5)
+    pngs = (direct.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(rec, demo_score.pixel_features(pngs))
+
+
 def test_results_keys_are_named_per_set():
     keys = demo_score.named_results('viar', dict(consistency=1.0, fid=2.0, n=5, copy_rate=0.0))
     assert keys == dict(class_consistency_viar=1.0, fid_viar=2.0, n_samples_viar=5, copy_rate_viar=0.0)
@@ -225,16 +243,21 @@ def test_table_samples_do_not_depend_on_the_batch_and_every_figure_is_reported(d
     _, var = tiny_vae_var(True, num_classes=3)     # 8 px images: box-averaged to the 64 pixel features
     setting = demo_table.Setting('viar', cfg=1.5, top_k=0, top_p=0.0, iter_left=2, iter_right=1)
     plan = demo_table.image_plan([0, 1, 2], [0, 1, 2])
-    x3, y3, _ = demo_table.sample_features(var, setting, plan, batch_size=3)
-    x4, y4, _ = demo_table.sample_features(var, setting, plan, batch_size=4)
+    x3, y3, _, _ = demo_table.sample_features(var, setting, plan, batch_size=3)
+    x4, y4, _, _ = demo_table.sample_features(var, setting, plan, batch_size=4)
     assert np.array_equal(x3, x4) and np.array_equal(y3, y4) and x3.shape == (9, 64)
     judge = digit_judge[0]
-    row = demo_table.run_row({'viar': var}, judge, setting, demo_table.seed_sets(2, 3), 4, 'train', classes=[0, 1, 2])
-    assert row['iters'] == [2, 1, 1, 1] and row['n_per_set'] == 9
+    other = demo_table.Setting('viar', cfg=0.0, top_k=0, top_p=0.0, iter_left=1, iter_right=1)
+    rows = demo_table.run_table({'viar': var}, judge, [setting, other], demo_table.seed_sets(2, 3), 4, 'train',
+                                classes=[0, 1, 2], log=lambda line: None)
+    assert [r['iters'] for r in rows] == [[2, 1, 1, 1], [1, 1, 1, 1]] and rows[0]['n_per_set'] == 9
     for fig in demo_table.FIGURES:
-        assert len(row['per_set'][fig]) == 2 and np.isfinite(row[fig]['mean']), fig
-    assert row['images_per_s']['min'] > 0
-    assert 'VIAR Dec.(2,1)' in demo_table.markdown_table([row])
+        assert len(rows[0]['per_set'][fig]) == 2 and np.isfinite(rows[0][fig]['mean']), fig
+    assert rows[0]['images_per_s']['min'] > 0 and rows[0]['images_per_s_wall']['min'] > 0
+    # set 0 of the table is the same images as a direct draw of seeds 0..2
+    direct = demo_quality.score(judge, x3, y3)
+    assert rows[0]['per_set']['fid'][0] == pytest.approx(direct['fid'])
+    assert 'VIAR Dec.(2,1)' in demo_table.markdown_table(rows)
 
 
 @pytest.mark.slow
@@ -261,6 +284,8 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     assert results['n_ref_train'] + results['n_real_val'] == 1797
     assert 0 < results['params_viar'] < results['params_var']
     assert results['seconds'] > 0
+    assert set(results['cpu_seconds_by_stage']) == {'digits', 'tokenizer', 'transformers', 'samples', 'scores'}
+    assert 0 < results['quiet_estimate_seconds'] <= results['cpu_seconds']
     for path in ('vae/vae.pth', 'viar/var-slim.pth', 'var/var-slim.pth', 'grid.png'):
         assert (out / path).is_file(), path
     from PIL import Image
