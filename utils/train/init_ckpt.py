@@ -137,6 +137,11 @@ def var_to_viar_names(viar_keys: Sequence[str], var_depth: int, pre_depth: int, 
     return out
 
 
+def span(a: int, b: int) -> str:
+    """Block indices a..b-1 for a log line: '3' or '0..4'."""
+    return str(a) if b - a == 1 else f'{a}..{b - 1}'
+
+
 def freeze_mask(names: Sequence[str], patterns: Sequence[str]) -> Dict[str, bool]:
     """name -> frozen, applying the fnmatch patterns in order ('!pattern' unfreezes). A pattern that matches no
     name raises ValueError (a typo would otherwise train everything)."""
@@ -241,9 +246,9 @@ def load_init_from_var(viar: nn.Module, run_spec: ModelSpec, sd: Mapping[str, to
             new[key] = sd[src]
     viar.load_state_dict(new, strict=True)
     d, p, q = file_spec.depth, run_spec.pre_depth, run_spec.post_depth
-    done = dict(pre=f'pre_blocks.0..{p - 1} <- blocks.0..{p - 1}' if p else 'no pre-blocks',
+    done = dict(pre=f'pre_blocks.{span(0, p)} <- blocks.{span(0, p)}' if p else 'no pre-blocks',
                 implicit=f'implicit_block <- blocks.{d // 2}',
-                post=f'post_blocks.0..{q - 1} <- blocks.{d - q}..{d - 1}' if q else 'no post-blocks',
+                post=f'post_blocks.{span(0, q)} <- blocks.{span(d - q, d)}' if q else 'no post-blocks',
                 rest='embeddings, AdaLN and head from the VAR; implicit_block_projection: fresh init')
     log(f'[init] VIAR from VAR depth {d} ({where}): ' + '; '.join(done.values()))
     if file_spec.num_classes != run_spec.num_classes:
