@@ -90,13 +90,19 @@ def folders(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def trained(folders, tmp_path_factory):
-    """A 2-class tiny VAR and VIAR after 2 steps: their output folders (ar-ckpt-last.pth, var-slim.pth)."""
-    out = {}
-    for kind, implicit in (('var', False), ('viar', True)):
-        d = str(tmp_path_factory.mktemp(kind))
-        train.main(tiny_flags(folders[2], d, implicit, '--max_steps=2', '--depth=5'))
-        out[kind] = d
-    return out
+    """Output folders of a 2-class tiny VAR after 2 real steps (ar-ckpt-last.pth, var-slim.pth) and of a VIAR
+    (only its var-slim.pth, written directly)."""
+    from models.config import ModelSpec
+    from utils.model_io import slim_export
+    d = str(tmp_path_factory.mktemp('var'))
+    train.main(tiny_flags(folders[2], d, False, '--max_steps=2', '--depth=5'))
+    v = str(tmp_path_factory.mktemp('viar'))
+    spec = ModelSpec(depth=5, use_implicit=True, pre_depth=1, post_depth=1, embed_dim=32, num_heads=2,
+                     patch_nums=(1, 2, 3, 4), V=32, Cvae=8, vae_ch=32, vae_ch_mult=(1, 2, 4), vae_num_res_blocks=1,
+                     num_classes=2)
+    vae, viar = spec.build('cpu')
+    save_atomic(slim_export(viar, spec, vae=vae), os.path.join(v, 'var-slim.pth'))
+    return {'var': d, 'viar': v}
 
 
 def make_run(flags):
@@ -142,17 +148,20 @@ def test_official_layout_file_initialises_a_fine_tune(folders, trained, tmp_path
 
 
 def test_a_resume_wins_over_init_ckpt(folders, trained, tmp_path):
-    out = str(tmp_path / 'out')
-    other = os.path.join(trained['var'], 'var-slim.pth')
-    train.main(tiny_flags(folders[2], out, False, '--depth=5', '--max_steps=3', '--save_every_steps=2',
-                          f'--init_ckpt={other}'))
-    saved = file_sd(os.path.join(out, 'ar-ckpt-last.pth'))
-    run = make_run(tiny_flags(folders[2], out, False, '--depth=5', '--max_steps=6', f'--init_ckpt={other}'))
+    """An output folder holding ar-ckpt-last.pth (a real one, of a run with these flags) resumes from it."""
+    import shutil
+    out = tmp_path / 'out'
+    out.mkdir()
+    shutil.copy(os.path.join(trained['var'], 'ar-ckpt-last.pth'), out / 'ar-ckpt-last.pth')
+    saved = file_sd(str(out / 'ar-ckpt-last.pth'))
+    other = str(tmp_path / 'other.pth')   # weights that differ from the checkpoint's everywhere
+    save_atomic({k: v + 1 if v.is_floating_point() else v for k, v in saved.items()}, other)
+    run = make_run(tiny_flags(folders[2], str(out), False, '--depth=5', '--max_steps=6', f'--init_ckpt={other}'))
     try:
-        assert run.prog.g_it == 3
+        assert run.prog.g_it == 2
         assert all(torch.equal(v, saved[k]) for k, v in run.var.state_dict().items())
         assert not torch.equal(run.var.head.weight, file_sd(other)['head.weight'])
-        assert '--init_ckpt/--init_from_var not applied' in open(os.path.join(out, 'log.txt')).read()
+        assert '--init_ckpt/--init_from_var not applied' in open(out / 'log.txt').read()
     finally:
         run.close()
 

@@ -115,7 +115,7 @@ def test_cached_tokens_equal_on_the_fly_centre_crop_at_the_same_batch_size(setup
     assert len(torch.unique(want)) > 3   # a tokenizer that maps everything to one code would prove nothing
 
 
-@pytest.mark.parametrize('implicit', [True, False])
+@pytest.mark.parametrize('implicit', [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_training_from_the_cache_gives_the_image_training_losses(setup, tmp_path, implicit):
     """mid_reso 1.0 and no flip: the image run's random crop is the whole image, the cache's centre crop too."""
     data, vae, _, full = setup
