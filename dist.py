@@ -12,10 +12,11 @@ Environment:
                        exceed the longest legitimate wait (rank 0 writing a checkpoint while the others
                        wait at the barrier).
 """
+import contextlib
 import datetime
 import os
 import warnings
-from typing import Any, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as tdist
@@ -190,3 +191,120 @@ def finalize():
     if _initialized:
         tdist.destroy_process_group()
         _initialized = False
+
+
+def allreduce_max(t: torch.Tensor) -> torch.Tensor:
+    """In-place maximum over ranks; returns t."""
+    if _initialized:
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return t
+
+
+# ---------------------------------------------------------------- FSDP2: sharded parameters, gradients, optimizer state
+
+def fsdp_shard(model: torch.nn.Module, units: List[List[torch.nn.Module]], param_dtype: Optional[torch.dtype] = None,
+               reduce_dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
+    """Shard `model` over all ranks with FSDP2 (torch.distributed.fsdp.fully_shard), in place: every unit (a list
+    of modules gathered together) with params cast to param_dtype for compute and gradients reduced in
+    reduce_dtype, then the root, whose params (embeddings, head, whatever no unit holds) keep their dtype (the
+    model runs its embeddings in fp32 itself). Create the optimizer and EMA after this: they hold the shards."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    if not _initialized:
+        raise RuntimeError('fsdp_shard needs a process group of several ranks')
+    mesh = init_device_mesh(_device.type, (_world_size,))
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    for unit in units:
+        fully_shard(unit[0] if len(unit) == 1 else list(unit), mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=reduce_dtype))
+    return model
+
+
+def is_sharded(t: Any) -> bool:
+    """A DTensor (an FSDP2 parameter, gradient or optimizer state), as opposed to an ordinary tensor."""
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor; an ordinary tensor itself."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor (a collective: every rank calls it); an ordinary tensor itself."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def gather_full(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A state dict with every DTensor gathered whole, on the CPU (a collective: every rank calls it, in order)."""
+    return {k: full_tensor(v).detach().cpu() for k, v in sd.items()}
+
+
+def copy_full_into(dst: torch.Tensor, full: torch.Tensor):
+    """dst <- full, where dst may be a DTensor: each rank copies its own shard of `full` (no communication)."""
+    if is_sharded(dst):
+        from torch.distributed.tensor import distribute_tensor
+        part = distribute_tensor(full.to(dst.dtype), dst.device_mesh, dst.placements, src_data_rank=None)
+        dst.to_local().copy_(part.to_local())
+    else:
+        dst.copy_(full)
+
+
+def model_optim_state(model: torch.nn.Module, optimizer) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(model state, optimizer state) keyed by parameter names, sharded as the model is (DTensors under FSDP2,
+    ordinary tensors otherwise): what a sharded checkpoint saves, and the empty shapes it loads into."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    return get_state_dict(model, optimizer)
+
+
+def set_model_optim_state(model: torch.nn.Module, optimizer, model_sd: Dict[str, Any], optim_sd: Dict[str, Any],
+                          full: bool = False):
+    """Load states keyed by parameter names; full=True: whole (unsharded) tensors on every rank, each rank keeping
+    its shard (a DDP checkpoint resumed under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                   options=StateDictOptions(full_state_dict=full))
+
+
+def dcp_save(state: Dict[str, Any], folder: str):
+    """Write a dict of (sharded) tensors with torch.distributed.checkpoint: each rank writes its shards
+    (__<rank>_0.distcp, fsynced), rank 0 the .metadata; returns when every rank is done."""
+    import torch.distributed.checkpoint as dcp
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(folder, sync_files=True), no_dist=not _initialized)
+
+
+def dcp_load(state: Dict[str, Any], folder: str, metadata: Any):
+    """Fill a dict of (sharded) tensors in place from a torch.distributed.checkpoint folder, resharding to this
+    world size. `metadata` is the folder's .metadata as utils.checkpoint.read_dcp_metadata read it (restricted
+    unpickler): DCP's own reader, which unpickles the file fully, is never called."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class CheckedReader(dcp.FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            if getattr(metadata, 'storage_meta', None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    dcp.load(state, storage_reader=CheckedReader(folder), no_dist=not _initialized)
+
+
+@contextlib.contextmanager
+def fake_group(world_size: int, rank: int = 0) -> Iterator[None]:
+    """Pretend, in this one process, to be rank `rank` of `world_size` (torch's fake process group: collectives
+    return at once and move no data). For arithmetic on sharded shapes (bench/train_speed.py --fsdp, on the meta
+    device) and for counting FSDP's collectives; never for training."""
+    global _rank, _world_size, _initialized
+    from torch.testing._internal.distributed.fake_pg import FakeStore   # registers the 'fake' backend
+    if tdist.is_initialized():
+        raise RuntimeError('fake_group needs a process without a process group')
+    saved = (_rank, _world_size, _initialized)
+    tdist.init_process_group('fake', store=FakeStore(), rank=rank, world_size=world_size)
+    _rank, _world_size, _initialized = rank, world_size, True
+    try:
+        yield
+    finally:
+        tdist.destroy_process_group()
+        _rank, _world_size, _initialized = saved

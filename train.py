@@ -12,7 +12,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -91,6 +91,30 @@ def read_resume(path: str) -> Optional[Dict[str, Any]]:
         raise SystemExit(f'cannot read {path} to resume: {e} Or move it away to start from scratch.') from None
 
 
+def pick_resume(out: str, last_ckpt: str, prefer_sharded: bool, warn) -> Tuple[Optional[Dict[str, Any]], Any, str]:
+    """(state, sharded, path) of the checkpoint to resume from: ar-ckpt-last.pth or the newest complete sharded
+    folder (train.py --fsdp), whichever holds the later step (at equal steps, this run's own format). state is the
+    .pth's dict, or a folder's plain part (its 'trainer' without tensors); sharded is (folder, DCP metadata) or None.
+    Rank 0 picks (a refused folder is reported through warn, naming the file); every rank checks what it picked."""
+    from utils.train import sharded_ckpt
+    pth = read_resume(last_ckpt)
+    newest = None
+    if dist.is_master():
+        found = sharded_ckpt.newest_complete(out, warn)
+        newest = found[:2] if found is not None else None
+    newest = dist.broadcast_object(newest)
+    if newest is None or (pth is not None and (pth['g_it'] > newest[0] or
+                                               (pth['g_it'] == newest[0] and not prefer_sharded))):
+        return pth, None, last_ckpt if pth is not None else ''   # '': nothing to resume
+    folder = newest[1]
+    try:
+        _, md = sharded_ckpt.check_folder(folder)
+    except sharded_ckpt.IncompleteCheckpoint as e:
+        raise SystemExit(f'rank {dist.get_rank()} cannot use {folder}: {e} (is the output folder shared by every '
+                         f'node?)') from None
+    return sharded_ckpt.read_state(folder), (folder, md), folder
+
+
 def check_resumable(ckpt: Dict[str, Any], args: TrainArgs, path: str):
     """The checkpoint was trained with the same model and batch flags as this run."""
     old = arg_util.args_from_dict(ckpt.get('args', {})).flat()
@@ -136,20 +160,29 @@ def build_models(args: TrainArgs, der: Derived, num_classes: int, device: torch.
     return vae, var
 
 
-def build_trainer(args: TrainArgs, der: Derived, vae, var, device: torch.device, hooks: Optional[TrainHooks] = None):
-    """Wrap the transformer (compile, DDP), make the optimizer, EMA and VARTrainer."""
+def build_trainer(args: TrainArgs, der: Derived, vae, var, device: torch.device, hooks: Optional[TrainHooks] = None,
+                  log=None):
+    """Wrap the transformer (FSDP2 with --fsdp on several ranks; compile; else DDP), make the optimizer, EMA and
+    VARTrainer. The optimizer and EMA are made after sharding, so they hold shards too."""
     from torch.nn.parallel import DistributedDataParallel as DDP
     from trainer import VARTrainer
     from utils.train.amp_opt import AmpOptimizer, build_adamw
     from utils.train.ema import ModelEMA
     from utils.train.lr_control import param_groups
     var.grad_ckpt = bool(args.optim.grad_ckpt)
+    sharded = args.optim.fsdp and dist.initialized()
+    if sharded:
+        from utils.train.fsdp import fsdp_dtypes
+        dist.fsdp_shard(var, var.fsdp_units(), *fsdp_dtypes(der.precision))
+    elif args.optim.fsdp and log is not None:
+        log.info('[fsdp] one process: nothing to shard, the model trains whole; checkpoints are still sharded '
+                 'folders (ar-ckpt-step<N>/), which any number of ranks can resume')
     _, params, groups = param_groups(var, allow_frozen=bool(args.optim.freeze))   # --freeze: frozen ones left out
     opt = AmpOptimizer(build_adamw(groups, der.lr, device, fused=args.optim.afuse), params, der.precision,
                        args.optim.tclip, args.optim.ac, device.type)
     ema = ModelEMA(var, args.optim.ema) if args.optim.ema > 0 else None
     var_run = torch.compile(var) if args.optim.compile else var
-    if dist.initialized():
+    if dist.initialized() and not sharded:
         var_run = DDP(var_run, device_ids=[device.index] if device.type == 'cuda' else None,
                       find_unused_parameters=False, broadcast_buffers=False)
     return VARTrainer(vae, var, var_run, opt, label_smooth=args.optim.ls, seed=args.run.seed, ema=ema,
@@ -208,9 +241,10 @@ class Run:
         self.log = get_logger('train', out, dist.is_master(), timestamps=True)
         if self.device.type == 'cuda':
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(args.optim.tf32)
-        self.ckpt = read_resume(self.der.last_ckpt)
+        self.ckpt, self.ckpt_sharded, self.ckpt_path = pick_resume(out, self.der.last_ckpt, args.optim.fsdp,
+                                                                   self.log.warning)
         if self.ckpt is not None:
-            check_resumable(self.ckpt, args, self.der.last_ckpt)
+            check_resumable(self.ckpt, args, self.ckpt_path)
         self.prog = Progress(self.ckpt['g_it'], self.ckpt.get('best_val', math.inf), self.ckpt.get('nonfinite', 0)) \
             if self.ckpt is not None else Progress()
 
@@ -244,20 +278,25 @@ class Run:
         if self.ckpt is None:   # weights only; a resume always wins (a killed fine-tune continues where it was)
             initialise(self.var, self.spec, args.model.init_ckpt, args.model.init_from_var, self.log.info)
         elif args.model.init_ckpt or args.model.init_from_var:
-            self.log.info(f'[init] resuming from {self.der.last_ckpt}: --init_ckpt/--init_from_var not applied')
+            self.log.info(f'[init] resuming from {self.ckpt_path}: --init_ckpt/--init_from_var not applied')
         apply_freeze(self.var, args.optim.freeze, self.log.info)
-        self.trainer = build_trainer(args, self.der, self.vae, self.var, self.device, self.hooks)
+        self.trainer = build_trainer(args, self.der, self.vae, self.var, self.device, self.hooks, self.log)
+        if self.trainer.sharded:
+            self._log_shard_bytes()
         seed_everything(args.run.seed * self.world + self.rank)
         if self.ckpt is not None:
             self._restore(self.ckpt)
-        self.ckpt = None   # free the memory
+        self.ckpt = self.ckpt_sharded = None   # free the memory
         self.tb = ScalarWriter(self.der.tb_dir if dist.is_master() else None)
         self.step_log = open(os.path.join(out, f'steps-rank{self.rank}.jsonl'), 'a') if args.run.step_log else None
 
     def _restore(self, ck: Dict[str, Any]):
-        self.trainer.load_state_dict(ck['trainer'], load_vae=self.random_vae)
+        if self.ckpt_sharded is not None:
+            self._restore_sharded(ck)
+        else:   # a DDP checkpoint: under --fsdp each rank keeps its shards of it
+            self.trainer.load_state_dict(ck['trainer'], load_vae=self.random_vae)
         if self.random_vae and 'vae_local' not in ck['trainer']:
-            raise SystemExit(f'{self.der.last_ckpt} holds no tokenizer weights but --vae_ckpt is empty: '
+            raise SystemExit(f'{self.ckpt_path} holds no tokenizer weights but --vae_ckpt is empty: '
                              f'pass the --vae_ckpt this run was started with.')
         rngs: List[Dict] = ck.get('rng', [])
         if len(rngs) == self.world:
@@ -274,32 +313,78 @@ class Run:
                                  f'rank) are reseeded, so training continues differently.')
             seed_everything(self.args.run.seed * self.world + self.rank + 7919 * self.prog.g_it)
         ep, it = divmod(self.prog.g_it, self.iters_ep)
-        self.log.info(f'[resume] {self.der.last_ckpt}: step {self.prog.g_it} (ep {ep}, it {it}), '
+        self.log.info(f'[resume] {self.ckpt_path}: step {self.prog.g_it} (ep {ep}, it {it}), '
                       f'best val loss {self.prog.best_val:.4f}')
+
+    def _restore_sharded(self, ck: Dict[str, Any]):
+        """Fill the model, AdamW state and EMA from a sharded folder (resharded to this world size; a plain model
+        when this run does not shard), then the plain rest."""
+        folder, md = self.ckpt_sharded
+        tensors, _ = self.trainer.sharded_state_dict()
+        if 'ema' in tensors and not any(k.startswith('ema.') for k in md.state_dict_metadata):
+            self.log.info(f'[resume] {folder} holds no EMA: it starts from the current weights')
+            del tensors['ema']
+        try:
+            dist.dcp_load(tensors, folder, md)
+        except Exception as e:   # DCP reports a key or shape the folder lacks as a generic error: name the folder
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SystemExit(f'cannot resume from {folder}: {first[:300]}. Was it written by a run with other '
+                             f'model flags? Move it away to start from an earlier checkpoint.') from None
+        self.trainer.load_sharded_state_dict(tensors, ck['trainer'], load_vae=self.random_vae)
+
+    def _log_shard_bytes(self):
+        """Parameter + gradient + AdamW bytes this rank holds, read off its shards beside the arithmetic."""
+        from utils.train.fsdp import measured_rank_bytes, rank_bytes
+        params = [p for p in self.var.parameters() if p.requires_grad]
+        got = measured_rank_bytes(params, lambda p: dist.local_part(p).numel())
+        want = rank_bytes([tuple(p.shape) for p in params], self.world)
+        self.log.info(f'[fsdp] {len(self.var.fsdp_units())} units + the root over {self.world} ranks; rank 0 holds '
+                      f'params {got.params} B, grads {got.grads} B, AdamW {got.optim} B (arithmetic: {want.params}, '
+                      f'{want.grads}, {want.optim})')
 
     # ---- checkpoints
     def _save(self, best: bool):
-        """ar-ckpt-last.pth (+ best) and the slim export, atomically, on rank 0; never with non-finite weights."""
+        """ar-ckpt-last.pth (+ best), or with --fsdp a sharded folder, and the slim export; never with non-finite
+        weights."""
         from utils.checkpoint import save_atomic
-        from utils.model_io import save_slim, slim_export
         if not self.trainer.weights_finite():
+            last = (self.ckpt_path or 'none yet') if self.args.optim.fsdp else self.der.last_ckpt
             raise SystemExit(f'the model weights became non-finite by step {self.prog.g_it}; not saving them. '
-                             f'The last good checkpoint is {self.der.last_ckpt}; lower --tblr or --tclip and resume.')
+                             f'The last good checkpoint is {last}; lower --tblr or --tclip and resume.')
         rngs = dist.all_gather_object(capture_rng())
+        ep, it = divmod(self.prog.g_it, self.iters_ep)
+        state = {'epoch': ep, 'iter': it, 'g_it': self.prog.g_it, 'version': 1,
+                 'sampler': self.sampler.position_at(self.prog.g_it),
+                 'args': self.args.to_dict(), 'config': self.spec.to_dict(), 'world_size': self.world,
+                 'rng': rngs, 'best_val': self.prog.best_val, 'nonfinite': self.prog.nonfinite_run}
+        if self.args.optim.fsdp:   # every rank writes its shards; rank 0 the plain rest and the marker
+            from utils.train import sharded_ckpt
+            tensors, plain = self.trainer.sharded_state_dict(with_vae=self.random_vae)
+            self.ckpt_path = sharded_ckpt.save(self.args.run.local_out_dir_path, self.prog.g_it, tensors,
+                                               dict(state, trainer=plain), best, self.log.info)
+            self._save_slim()
+            self.log.info(f'[ckpt] after step {self.prog.g_it}: {self.ckpt_path}' + (' (best)' if best else ''))
+            return
         if dist.is_master():
-            ep, it = divmod(self.prog.g_it, self.iters_ep)
-            state = {'epoch': ep, 'iter': it, 'g_it': self.prog.g_it, 'version': 1,
-                     'sampler': self.sampler.position_at(self.prog.g_it),
-                     'trainer': self.trainer.state_dict(with_vae=self.random_vae),
-                     'args': self.args.to_dict(), 'config': self.spec.to_dict(), 'world_size': self.world,
-                     'rng': rngs, 'best_val': self.prog.best_val, 'nonfinite': self.prog.nonfinite_run}
+            state['trainer'] = self.trainer.state_dict(with_vae=self.random_vae)
             save_atomic(state, self.der.last_ckpt)
             if best:
                 save_atomic(state, self.der.best_ckpt)
-            ema_sd = self.trainer.ema.model_state_dict(self.var) if self.trainer.ema is not None else None
-            save_slim(slim_export(self.var, self.spec, vae=self.vae if self.vae_ref is None else None,
-                                  var_ema_sd=ema_sd, vae_ref=self.vae_ref), self.der.slim_path)   # + .safetensors
             self.log.info(f'[ckpt] after step {self.prog.g_it}: {self.der.last_ckpt}' + (' (+ best)' if best else ''))
+        self._save_slim()
+
+    def _save_slim(self):
+        """var-slim.pth and .safetensors for gen_img.py / sampling.py, written by rank 0; a sharded model is
+        gathered into one ordinary state dict first (every rank takes part)."""
+        from utils.model_io import save_slim, slim_export
+        ema_sd = self.trainer.ema.model_state_dict(self.var) if self.trainer.ema is not None else None
+        model_sd = None
+        if self.trainer.sharded:
+            model_sd = dist.gather_full(self.var.state_dict())
+            ema_sd = dist.gather_full(ema_sd) if ema_sd is not None else None
+        if dist.is_master():
+            save_slim(slim_export(self.var, self.spec, vae=self.vae if self.vae_ref is None else None,
+                                  var_ema_sd=ema_sd, vae_ref=self.vae_ref, model_sd=model_sd), self.der.slim_path)
         dist.barrier()
 
     def _validate(self) -> bool:

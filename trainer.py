@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 import dist
 from utils.data.token_cache import split_scales
@@ -183,13 +184,26 @@ class VARTrainer:
         dev = dist.get_device()
         sums = torch.zeros(5, device=dev)
         devices = [dev] if dev.type == 'cuda' else []
+        # a sharded model gathers its weights in every forward, so every rank runs as many as the one with the most
+        # batches (a rank with fewer repeats its last batch and counts nothing)
+        calls = len(loader)
+        if self.sharded:
+            calls = int(dist.allreduce_max(torch.tensor([calls], device=dev)).item())
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed + dist.get_rank())
-            for img_B3HW, label_B in loader:
-                img_B3HW, label_B = img_B3HW.to(dev, non_blocking=True), label_B.to(dev, non_blocking=True)
+            batch, it = None, iter(loader)
+            for k in range(calls):
+                if k < len(loader):
+                    batch, counts = next(it), True
+                else:   # the forward must run; a rank without a single batch borrows the first sample
+                    batch = batch if batch is not None else next(iter(DataLoader(loader.dataset, batch_size=1)))
+                    counts = False
+                img_B3HW, label_B = (t.to(dev, non_blocking=True) for t in batch)
                 gt_BL, x_BLCv = self.tokenize(img_B3HW)
                 with self.opt.amp_ctx():
                     logits_BLV = self.var_wo_ddp(label_B, x_BLCv, jfb_iters=self.var_wo_ddp.eval_sjfb())
+                if not counts:
+                    continue
                 ce_BL = F.cross_entropy(logits_BLV.float().transpose(1, 2), gt_BL, reduction='none')
                 v = self._metrics(logits_BLV, gt_BL, ce_BL, -1)
                 B = gt_BL.shape[0]
@@ -202,12 +216,25 @@ class VARTrainer:
 
     # ---- state
     def weights_finite(self) -> bool:
-        """Every transformer weight (and the EMA) is finite."""
+        """Every transformer weight (and the EMA) is finite (this rank's shards, agreed over ranks when sharded)."""
         names = [n for n, _ in self.var_wo_ddp.named_parameters()]
-        ok = all(torch.isfinite(p).all() for p in self.var_wo_ddp.parameters())
+        ok = all(torch.isfinite(dist.local_part(p)).all() for p in self.var_wo_ddp.parameters())
         if ok and self.ema is not None:   # parameters only: the attention-mask buffer holds -inf by design
-            ok = all(torch.isfinite(self.ema.shadow[n]).all() for n in names)
+            ok = all(torch.isfinite(dist.local_part(self.ema.shadow[n])).all() for n in names)
+        if self.sharded:
+            bad = torch.tensor([0.0 if ok else 1.0], device=dist.get_device())
+            ok = dist.allreduce_sum(bad).item() == 0
         return bool(ok)
+
+    @property
+    def sharded(self) -> bool:
+        """The transformer's parameters are FSDP2 shards (train.py --fsdp on several ranks)."""
+        return any(dist.is_sharded(p) for p in self.var_wo_ddp.parameters())
+
+    def param_names_in_optimizer_order(self) -> List[str]:
+        """Parameter names in the order of the optimizer's param groups (its state-dict indices)."""
+        name_of = {id(p): n for n, p in self.var_wo_ddp.named_parameters()}
+        return [name_of[id(p)] for g in self.opt.optimizer.param_groups for p in g['params']]
 
     def state_dict(self, with_vae: bool = False) -> Dict:
         """Transformer weights, optimizer/scaler, EMA and progressive state (official key names)."""
@@ -222,12 +249,54 @@ class VARTrainer:
         return sd
 
     def load_state_dict(self, sd: Dict, load_vae: bool = False):
-        """Restore what state_dict saved (the VQVAE only with load_vae)."""
-        self.var_wo_ddp.load_state_dict(sd['var_wo_ddp'], strict=True)
-        self.opt.load_state_dict(sd['var_opt'])
+        """Restore what state_dict saved (the VQVAE only with load_vae); a sharded model takes its shards of it."""
+        if self.sharded:   # a DDP checkpoint resumed under --fsdp: every rank reads the whole file, keeps its shards
+            from utils.train.sharded_ckpt import optim_by_name
+            osd = optim_by_name(sd['var_opt']['optimizer'], self.param_names_in_optimizer_order())
+            dist.set_model_optim_state(self.var_wo_ddp, self.opt.optimizer, sd['var_wo_ddp'], osd, full=True)
+            if self.opt.scaler is not None and 'scaler' in sd['var_opt']:
+                self.opt.scaler.load_state_dict(sd['var_opt']['scaler'])
+        else:
+            self.var_wo_ddp.load_state_dict(sd['var_wo_ddp'], strict=True)
+            self.opt.load_state_dict(sd['var_opt'])
         if self.ema is not None and 'ema' in sd:
-            self.ema.load_state_dict(sd['ema'])
+            self.ema.num_updates = sd['ema']['num_updates']
+            for k, v in sd['ema']['shadow'].items():
+                dist.copy_full_into(self.ema.shadow[k], v)
+        self._load_rest(sd, load_vae)
+
+    def _load_rest(self, sd: Dict, load_vae: bool):
         if load_vae and 'vae_local' in sd:
             self.vae.load_state_dict(sd['vae_local'], strict=True)
         cfg = sd.get('config', {})
         self.prog = ProgState(cfg.get('prog_it', 0), cfg.get('last_prog_si', -1), cfg.get('first_prog', True))
+
+    def sharded_state_dict(self, with_vae: bool = False) -> Tuple[Dict, Dict]:
+        """(tensors, plain): the model, AdamW state and EMA keyed by parameter name, as this rank holds them (its
+        shards when sharded; what a sharded checkpoint's shard files hold, and the tensors it loads into), and the
+        plain rest (optimizer hyper-parameters, scaler, EMA counter, progressive state, the tokenizer with_vae)."""
+        model_sd, optim_sd = dist.model_optim_state(self.var_wo_ddp, self.opt.optimizer)
+        tensors = {'model': model_sd, 'optim': optim_sd['state']}
+        plain = {'optim_groups': optim_sd['param_groups'],
+                 'config': {'patch_nums': self.patch_nums, 'label_smooth': self.label_smooth,
+                            'prog_it': self.prog.prog_it, 'last_prog_si': self.prog.last_prog_si,
+                            'first_prog': self.prog.first_prog}}
+        if self.opt.scaler is not None:
+            plain['scaler'] = self.opt.scaler.state_dict()
+        if self.ema is not None:
+            tensors['ema'] = self.ema.shadow
+            plain['ema'] = {'decay': self.ema.decay, 'num_updates': self.ema.num_updates}
+        if with_vae:
+            plain['vae_local'] = self.vae.state_dict()
+        return tensors, plain
+
+    def load_sharded_state_dict(self, tensors: Dict, plain: Dict, load_vae: bool = False):
+        """Restore from sharded_state_dict's pair, the tensors already filled from a checkpoint (in place: the
+        EMA's are its own shadow tensors)."""
+        dist.set_model_optim_state(self.var_wo_ddp, self.opt.optimizer, tensors['model'],
+                                   {'state': tensors['optim'], 'param_groups': plain['optim_groups']})
+        if self.opt.scaler is not None and 'scaler' in plain:
+            self.opt.scaler.load_state_dict(plain['scaler'])
+        if self.ema is not None and 'ema' in plain:
+            self.ema.num_updates = plain['ema']['num_updates']
+        self._load_rest(plain, load_vae)

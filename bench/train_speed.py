@@ -8,6 +8,7 @@ allocated memory. `--official PATH` runs the same configs with the official mode
 
     python bench/train_speed.py --width 128 --depths 4,8,12,16 --official /path/to/VIAR
     python bench/train_speed.py --loader [--data_path DIR] --loader_workers 0,2   # the data loader alone (bench/loader_speed.py)
+    python bench/train_speed.py --fsdp [--rss]    # memory per rank under --fsdp (bench/fsdp_memory.py)
 """
 import argparse
 import json
@@ -53,6 +54,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument('--loader_workers', type=str, default='0,2', help='worker counts to measure (0 always)')
     g.add_argument('--loader_batches', type=int, default=8, help='timed batches per worker count')
     g.add_argument('--gpu_rates', type=str, default='74,150,300', help='GPU training rates (img/s) to size CPUs for')
+    g = p.add_argument_group('--fsdp: memory per rank under train.py --fsdp (bench/fsdp_memory.py)')
+    g.add_argument('--fsdp', action='store_true', help='params + grads + AdamW bytes per rank, VAR-d36 and VIAR-d30')
+    g.add_argument('--rss', action='store_true', help='also measure peak RSS of a small model at 1 and 2 ranks')
+    g.add_argument('--rss_depth', type=int, default=12)
+    g.add_argument('--rss_width', type=int, default=768)
+    g.add_argument('--rss_steps', type=int, default=3)
     return p.parse_args(argv)
 
 
@@ -164,10 +171,10 @@ def run_official(args) -> List[Dict]:
 def main(argv=None):
     """Print a table (and optional JSON) of our rows, with official ratios when --official is given."""
     args = parse_args(argv)
-    if args.loader:
+    if args.loader or args.fsdp:
         sys.path.insert(0, ROOT)
-        from bench.loader_speed import run
-        rows = run(args)
+        from bench import fsdp_memory, loader_speed
+        rows = (loader_speed if args.loader else fsdp_memory).run(args)
         if args.json:
             with open(args.json, 'w') as f:
                 json.dump(rows, f, indent=1)

@@ -135,7 +135,9 @@ class AdaLNSelfAttn(nn.Module):
         gamma1, gamma2, scale1, scale2, shift1, shift2 = ada_B16C.unbind(2)
         keep_attn, keep_ffn = (None, None) if path_keep_2B is None else path_keep_2B.unbind(0)
         h = self.ln_wo_grad(x_BLC).mul(scale1.add(1)).add_(shift1)
-        x_BLC = x_BLC + self.drop_path(self.attn(h, attn_bias, kv).mul_(gamma1), keep_attn)
+        # out of place: under FSDP the attention output crosses a unit boundary (a graph input under compile, where
+        # an in-place op on it breaks autograd); same values
+        x_BLC = x_BLC + self.drop_path(self.attn(h, attn_bias, kv).mul(gamma1), keep_attn)
         h = self.ln_wo_grad(x_BLC).mul(scale2.add(1)).add_(shift2)
         return x_BLC + self.drop_path(self.ffn(h).mul(gamma2), keep_ffn)
 

@@ -175,11 +175,12 @@ def tokenizer_ref(vae_ckpt: str) -> Optional[Dict[str, str]]:
     return dict(name=name, sha256=sha256_of(resolve_checkpoint(vae_ckpt)))
 
 
-def slim_export(var, spec: ModelSpec, vae=None, var_ema_sd=None, vae_ref: Optional[Dict[str, str]] = None
-                ) -> Dict[str, Any]:
+def slim_export(var, spec: ModelSpec, vae=None, var_ema_sd=None, vae_ref: Optional[Dict[str, str]] = None,
+                model_sd: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The dict `train.py` saves for the sampling scripts: weights, config, and the tokenizer (embedded as
-    'vae', or recorded as 'vae_ref' = official name + sha256)."""
-    out = {'model': unwrap_model(var).state_dict(), 'config': spec.to_dict()}
+    'vae', or recorded as 'vae_ref' = official name + sha256). model_sd: the weights already gathered into one
+    ordinary state dict (a sharded model), else var's own."""
+    out = {'model': unwrap_model(var).state_dict() if model_sd is None else model_sd, 'config': spec.to_dict()}
     if var_ema_sd is not None:
         out['model_ema'] = var_ema_sd
     if vae is not None:

@@ -10,6 +10,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+import dist
+
 PRECISIONS = {'fp32': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 
 
@@ -68,7 +70,8 @@ class AmpOptimizer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.grad_clip if self.grad_clip > 0 else float('inf')
-        norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        # the global norm; under FSDP a DTensor already reduced over the gradient shards, the same on every rank
+        norm = float(dist.full_tensor(torch.nn.utils.clip_grad_norm_(self.params, max_norm)))
         scale_log2 = None
         if self.scaler is not None:
             # the scaler skips the step itself on inf/nan grads and lowers the scale

@@ -92,6 +92,10 @@ class OptimArgs:
     ema: float = flag(0.0, 'EMA decay of the weights (0: off), e.g. 0.9999')
     grad_ckpt: bool = flag(False, 'activation checkpointing of every block (less memory, ~30%% more compute)')
     compile: bool = flag(False, 'torch.compile the transformer')
+    fsdp: bool = flag(False, 'shard parameters, gradients and AdamW state over the ranks (FSDP2: fully_shard per '
+                             'block and on the root) instead of DDP; checkpoints become sharded folders '
+                             'ar-ckpt-step<N>/ that any world size resumes; with --bf16 (bf16 compute copies, fp32 '
+                             'gradient reduction); --fp16 1 is refused')
     tf32: bool = flag(True, 'TF32 matmuls on Ampere+ GPUs')
     max_nonfinite: int = flag(20, 'stop after this many non-finite losses in a row (each such step is skipped)')
     freeze: str = flag('', "parameters not to train: comma-separated fnmatch patterns over parameter names, in order; "
@@ -225,6 +229,9 @@ def derive(args: TrainArgs, world_size: int, cpus: Optional[int] = None, ranks_p
     if o.bf16 and o.fp16 == 1:
         raise SystemExit('--fp16 1 (fp16) and --bf16 both given: pick one (--bf16 is the same as --fp16 2).')
     precision = 'bf16' if (o.bf16 or o.fp16 == 2) else ('fp16' if o.fp16 == 1 else 'fp32')
+    if o.fsdp:
+        from utils.train.fsdp import fsdp_dtypes
+        fsdp_dtypes(precision)   # fp16 is refused with the fix
     width = m.width or 64 * m.depth
     heads = m.heads or m.depth
     if width % heads != 0:

@@ -1,0 +1,74 @@
+"""`train.py --fsdp`: the policy of sharding the transformer with FSDP2, and the bytes it leaves on each rank.
+
+The model says what to wrap (`var.fsdp_units()`: per block, its attention + MLP as one unit and its AdaLN
+projection as another; VIAR's implicit block and its projection stay in the root's unit, gathered once per
+step for all n + m iterations); dist.fsdp_shard wraps them, then the root. Precision: bf16 runs keep fp32
+sharded parameters, gather bf16 copies for compute and reduce gradients in fp32 (MixedPrecisionPolicy);
+fp32 runs stay fp32. fp16 (`--fp16 1`) is refused: its loss scaler would have to agree on overflow across
+gradient shards, and bf16 needs no scaler.
+
+Memory arithmetic (pure): FSDP2 shards every parameter on its first dimension in world-size chunks of
+ceil(dim0 / world) rows (torch.chunk), padding the last, so a rank holds at most that many rows of each
+parameter, and as many of its fp32 gradient and AdamW moments.
+"""
+import math
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence, Tuple
+
+import torch
+
+ADAMW_MOMENTS = 2          # exp_avg, exp_avg_sq, each like the parameter
+STATE_BYTES = 4            # fp32 sharded parameters, gradients and moments (bf16 only for the gathered copies)
+
+
+def fsdp_dtypes(precision: str) -> Tuple[Optional[torch.dtype], Optional[torch.dtype]]:
+    """(param dtype of the gathered units, gradient-reduction dtype) for a run's precision; fp16 is refused."""
+    if precision == 'fp16':
+        raise SystemExit('--fsdp with --fp16 1: fp16 needs a loss scaler that agrees on overflow across gradient '
+                         'shards, which this trainer does not have; train in bf16 instead: --fp16=2 (bf16 compute, '
+                         'fp32 gradient reduction, no scaler; scripts/train.sh sets --fp16=1, so add --fp16=2 after '
+                         'it, e.g. bash scripts/train.sh --fsdp --fp16=2).')
+    if precision == 'bf16':
+        return torch.bfloat16, torch.float32
+    return None, None
+
+
+def shard_rows(dim0: int, world: int) -> int:
+    """Rows of a parameter's first dimension that rank 0 (the fullest) holds: ceil(dim0 / world)."""
+    return math.ceil(dim0 / world)
+
+
+def shard_numel(shape: Sequence[int], world: int) -> int:
+    """Elements of a parameter of this shape on the fullest rank (a 0-d parameter is not split)."""
+    if len(shape) == 0:
+        return 1
+    return shard_rows(shape[0], world) * math.prod(shape[1:])
+
+
+@dataclass(frozen=True)
+class RankBytes:
+    """Persistent training state on the fullest rank (fp32 parameters, gradients, AdamW state)."""
+    params: int
+    grads: int
+    optim: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optim
+
+
+def rank_bytes(shapes: Iterable[Sequence[int]], world: int) -> RankBytes:
+    """Bytes of parameters + gradients + AdamW state one rank holds, for trainable parameters of these shapes
+    (AdamW's per-parameter step counter, a 4-byte scalar, counted with the optimizer state)."""
+    shapes = list(shapes)
+    n = sum(shard_numel(s, world) for s in shapes)
+    return RankBytes(params=n * STATE_BYTES, grads=n * STATE_BYTES,
+                     optim=n * STATE_BYTES * ADAMW_MOMENTS + len(shapes) * STATE_BYTES)
+
+
+def measured_rank_bytes(params: Iterable[torch.nn.Parameter], local_numel) -> RankBytes:
+    """The same quantity read off real (or meta) parameters: local_numel(p) is the elements this rank holds."""
+    params = [p for p in params if p.requires_grad]
+    n = sum(local_numel(p) for p in params)
+    return RankBytes(params=n * STATE_BYTES, grads=n * STATE_BYTES,
+                     optim=n * STATE_BYTES * ADAMW_MOMENTS + len(params) * STATE_BYTES)
