@@ -41,6 +41,7 @@ def served():
     """The app on a tiny VIAR (and a tiny VAR to compare), launched in-process on a free port; a client of it."""
     from utils.app.ui import CSS, build_app, theme
     models = tiny_models()
+    pillow_limit = PImage.MAX_IMAGE_PIXELS   # build_app lowers it for the serving process; restored below
     demo = build_app(list(models), SampleConfig(iter_left=4, iter_right=2, top_k=0, top_p=0))
     demo.queue(default_concurrency_limit=1)
     for attempt in range(3):
@@ -56,6 +57,7 @@ def served():
                 raise
     yield Client(url, verbose=False, download_files=True), models, url
     demo.close()
+    PImage.MAX_IMAGE_PIXELS = pillow_limit
 
 
 def gen_args(class_id=3, seeds='0,1,2,3', batch_size=8, cfg=1.5, top_k=0, top_p=0.0, mode=CONDEC, iter_left=4,
@@ -249,12 +251,22 @@ def test_edit_mask_of_another_size_says_so(served, picture, tmp_path):
         served[0].predict(**edit_args(picture, [str(tmp_path / 'small.png')]), api_name='/edit')
 
 
-@pytest.mark.skipif(not hasattr(image_io, 'MAX_IMAGE_SIDE'), reason='image_io has no upload limits yet')
 def test_edit_image_over_the_upload_limit_says_so(served, tmp_path):
     side = image_io.MAX_IMAGE_SIDE + 1
     PImage.new('RGB', (side, 8)).save(tmp_path / 'wide.png')
     with pytest.raises(AppError, match=f'images up to {image_io.MAX_IMAGE_SIDE}x{image_io.MAX_IMAGE_SIDE}'):
         served[0].predict(**edit_args(str(tmp_path / 'wide.png'), box='0,0,1,1'), api_name='/edit')
+
+
+def test_the_served_process_never_decodes_an_image_over_the_pixel_limit(served, tmp_path):
+    """Gradio decodes an upload before the app's own checks: in a process that built the app, Pillow refuses, on
+    the header, any image of more than MAX_IMAGE_SIDE**2 pixels (an image at the limit still opens)."""
+    side = image_io.MAX_IMAGE_SIDE
+    PImage.new('1', (side, side)).save(tmp_path / 'at.png')
+    PImage.new('1', (side + 1, side)).save(tmp_path / 'over.png')
+    assert PImage.open(tmp_path / 'at.png').size == (side, side)
+    with pytest.raises(PImage.DecompressionBombError):
+        PImage.open(tmp_path / 'over.png')
 
 
 # ---------------------------------------------------------------- the page: offline assets, no model

@@ -16,6 +16,7 @@ from utils.app import present, requests   # noqa: E402
 from utils.app.loading import HOW_TO_GET_WEIGHTS, AppModel   # noqa: E402
 from utils.app.requests import ADAPTIVE, CONDEC, PER_SCALE, SCHEDULE_MODES, RequestError, ScheduleRequest   # noqa
 from utils.logging_util import get_logger   # noqa: E402
+from utils.sample import image_io   # noqa: E402
 from utils.sample.config import SampleConfig   # noqa: E402
 
 log = get_logger('app')
@@ -124,6 +125,7 @@ def build_app(models: Sequence[AppModel], defaults: Optional[SampleConfig] = Non
     """
     defaults = defaults or SampleConfig()
     base = base or SampleConfig()
+    image_io.limit_decoding()   # uploads are decoded by Gradio before our checks: cap what Pillow will decode
     with gr.Blocks(title='VIAR: iterations per scale', analytics_enabled=False) as demo:
         gr.Markdown('# VIAR: the iteration knob\nOne trained model; turn the implicit iterations per scale and '
                     'watch quality, time and KV-cache memory.')

@@ -52,6 +52,14 @@ def save_grid(imgs_B3HW: torch.Tensor, path: str, nrow: int, padding: int = 2):
     save_png(make_grid(imgs_B3HW, nrow, padding), path)
 
 
+def limit_decoding():
+    """Make Pillow itself refuse to decode an image of more than MAX_IMAGE_SIDE**2 pixels, in this process. For a
+    server whose framework decodes uploads before the project sees them (Gradio's image editor does, with Pillow's
+    decompression-bomb warning silenced): Pillow raises DecompressionBombError above twice MAX_IMAGE_PIXELS, on the
+    header, before decoding."""
+    PImage.MAX_IMAGE_PIXELS = MAX_IMAGE_SIDE ** 2 // 2
+
+
 def _open(path: str, what: str) -> PImage.Image:
     """The decoded image, after the size limits: bytes first, then the header's width and height."""
     if not path or not os.path.isfile(path):
