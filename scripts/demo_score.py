@@ -196,10 +196,31 @@ def judge_results(judge, floors) -> Dict[str, object]:
     return out
 
 
+def load_npz_samples(path: str) -> Tuple[np.ndarray, np.ndarray, List[Tuple[int, int, str]]]:
+    """(features in 0..16, classes, [(class, index, path)]) of a sampling.py `.npz` (`arr_0`, uint8 NHWC in index
+    order, class-major): image i is of class i // per_class, per_class read from the `.plan.json` that sampling.py
+    keeps in the image folder beside the .npz."""
+    plan_path = os.path.join(path[:-len('.npz')], '.plan.json')
+    try:
+        with open(plan_path) as f:
+            per_class = int(json.load(f)['per_class'])
+        with np.load(path, allow_pickle=False) as z:
+            imgs = z['arr_0']
+    except (OSError, KeyError, ValueError) as e:
+        raise SystemExit(f'demo_score: cannot read {path} with its image folder\'s .plan.json ({e}); pass the .npz '
+                         f'that sampling.py wrote, with its folder beside it') from None
+    if imgs.ndim != 4 or imgs.dtype != np.uint8 or imgs.shape[-1] != 3:
+        raise SystemExit(f'demo_score: {path} holds {imgs.dtype} {tuple(imgs.shape)}, not uint8 images N x H x W x 3')
+    classes = np.arange(len(imgs)) // per_class
+    feats = np.stack([to_digit_features(im) for im in imgs])
+    return feats, classes, [(int(c), i, path) for i, c in enumerate(classes)]
+
+
 def score_samples(judge, samples_dir: str) -> Dict[str, object]:
-    """Every demo_quality figure of the samples under a folder, plus per-class consistency and the count."""
+    """Every demo_quality figure of the samples under a folder of gen_img.py PNGs, or in a sampling.py .npz, plus
+    per-class consistency and the count."""
     import demo_quality
-    feats, classes, found = load_samples(samples_dir)
+    feats, classes, found = (load_npz_samples if samples_dir.endswith('.npz') else load_samples)(samples_dir)
     x_MP = feats / DIGIT_MAX
     s = demo_quality.score(judge, x_MP, classes)
     s.update(n=len(found), per_class=per_class_accuracy(judge.clf.predict(x_MP), classes))
@@ -296,9 +317,9 @@ def main(argv=None):
     p.add_argument('--data_path', required=True, help='the image folder of make_digits.py (train/ and val/)')
     p.add_argument('--vae_ckpt', default='', help='tokenizer file: reconstruction MSE, and the copy reference')
     p.add_argument('--viar_ckpt', default='', help='VIAR checkpoint (for its parameter count)')
-    p.add_argument('--viar_samples', default='', help='folder of VIAR samples from gen_img.py')
+    p.add_argument('--viar_samples', default='', help='VIAR samples: a gen_img.py folder or a sampling.py .npz')
     p.add_argument('--var_ckpt', default='', help='VAR checkpoint (for its parameter count)')
-    p.add_argument('--var_samples', default='', help='folder of VAR samples from gen_img.py')
+    p.add_argument('--var_samples', default='', help='VAR samples: a gen_img.py folder or a sampling.py .npz')
     p.add_argument('--grid', default='', help='write an upscaled, labelled VIAR | VAR sample grid PNG here')
     p.add_argument('--grid_seeds', type=int, default=10, help='columns (the first seeds) of each half of the grid')
     p.add_argument('--started_at', type=float, default=None,

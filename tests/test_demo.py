@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from typing import List
 
 import numpy as np
 import pytest
@@ -260,14 +261,21 @@ def test_table_samples_do_not_depend_on_the_batch_and_every_figure_is_reported(d
     assert 'VIAR Dec.(2,1)' in demo_table.markdown_table(rows)
 
 
-@pytest.mark.slow
-def test_quick_demo_runs_end_to_end(tmp_path):
-    """DEMO_QUICK=1: a few steps of every stage; checks the outputs, not the quality."""
-    out = tmp_path / 'demo'
+@pytest.fixture(scope='module')
+def quick_demo(tmp_path_factory):
+    """A DEMO_QUICK=1 run of scripts/demo.sh (a few steps of every stage): its output folder."""
+    out = tmp_path_factory.mktemp('quick') / 'demo'
     env = dict(os.environ, DEMO_QUICK='1', DEMO_OUT=str(out))
     proc = subprocess.run(['bash', os.path.join(ROOT, 'scripts', 'demo.sh')], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_end_to_end(quick_demo):
+    """DEMO_QUICK=1: a few steps of every stage; checks the outputs, not the quality."""
+    out = quick_demo
     results = json.loads((out / 'results.json').read_text())
     for key in ('class_consistency_viar', 'class_consistency_var', 'classifier_acc_real', 'recon_mse'):
         assert 0 <= results[key] <= 1, key
@@ -293,3 +301,37 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     assert h > w / 2 > 0    # two blocks of 10 rows x 2 columns side by side: taller than half its width
     tile = 16 * 4 + 3
     assert (h, w) == demo_score.labelled_size([(10 * tile + 3, 2 * tile + 3)] * 2, 12)
+
+
+def readme_walkthrough() -> List[str]:
+    """The command lines of the README's "Next: explore the demo's models" block, comments dropped."""
+    text = open(os.path.join(ROOT, 'README.md')).read()
+    section = text.split("## Next: explore the demo's models", 1)[1]
+    block = section.split('```bash\n', 1)[1].split('```', 1)[0]
+    return [ln for ln in block.splitlines() if ln.strip() and not ln.lstrip().startswith('#')]
+
+
+@pytest.mark.slow
+def test_readme_walkthrough_runs_on_a_quick_demo(quick_demo, tmp_path):
+    """Every command of the README's walk-through runs as written, with demo_output/ pointed at a quick demo, and
+    does what the README says it does."""
+    lines = readme_walkthrough()
+    assert len(lines) >= 8 and all(ln.startswith('.venv/bin/python ') for ln in lines)
+    logs = []
+    for line in lines:
+        cmd = line.replace('demo_output', str(quick_demo)).replace('.venv/bin/python', sys.executable, 1)
+        proc = subprocess.run(['bash', '-c', cmd], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, OMP_NUM_THREADS='1'))
+        assert proc.returncode == 0, (line, proc.stdout[-2000:], proc.stderr[-2000:])
+        logs.append(proc.stdout + proc.stderr)
+    out = quick_demo / 'next'
+    assert 'schedule Con.(1,1): 1,1,1,1' in logs[0] and 'schedule Dec.(8,2): 8,6,4,2' in logs[1]
+    for run in ('con1', 'dec8_2', 'adaptive'):
+        assert len(list((out / run).glob('**/class3_seed[0-9].png'))) == 8, run
+    taus = json.loads((out / 'convergence' / 'convergence.json').read_text())['suggested_tau']
+    assert len(taus) == 4 and all(t > 0 for t in taus)
+    assert 'implicit iterations per scale:' in logs[3]
+    assert len(list((out / 'edit').glob('**/edit_class8_seed[0-9].png'))) == 4
+    scores = json.loads((out / 'fid' / 'scores.json').read_text())
+    assert scores['n_samples_viar'] == 500 and np.isfinite(scores['fid_viar'])
+    assert len(json.loads((out / 'bench' / 'sample_speed.json').read_text())['rows']) == 4
