@@ -12,7 +12,7 @@ are printed, with the time to write the cache (per image) and the machine.
                and a small VIAR (width 128, 4 heads, 1 pre + implicit + 1 post, n = 2, m = 1), batch 8
 
     python bench/token_cache_speed.py --configs demo,official256 --demo_vae /work/demo_own/vae/vae.pth \
-        --threads 1 --steps 6 --json docs/training/token_cache_speed.json
+        --threads 1 --steps 5 --json docs/training/token_cache_speed.json
 """
 import argparse
 import json
