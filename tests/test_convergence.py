@@ -71,6 +71,16 @@ def test_script_matches_direct_iterates_and_writes_files(tmp_path, capsys):
     assert 'suggested adaptive tau' in capsys.readouterr().out
 
 
+def test_fast_flag_keeps_fp32_unless_a_dtype_is_asked_and_records_it(tmp_path):
+    """--fast alone measures in fp32 (a bf16 residual floor would hide the convergence curve); the JSON says the
+    dtype and the fast flag it was measured with."""
+    cv.main(FLAGS + ['--T', '2', '--bs', '1', '--fast', '--out_dir', str(tmp_path / 'a')])
+    saved = json.loads((tmp_path / 'a' / 'convergence.json').read_text())
+    assert saved['dtype'] == 'fp32' and saved['fast'] is True
+    cv.main(FLAGS + ['--T', '2', '--bs', '1', '--fast', '--dtype', 'bf16', '--out_dir', str(tmp_path / 'b')])
+    assert json.loads((tmp_path / 'b' / 'convergence.json').read_text())['dtype'] == 'bf16'
+
+
 def test_suggested_tau_feeds_the_adaptive_schedule(tmp_path):
     cv.main(FLAGS + ['--T', '3', '--bs', '2', '--target_cos', '0.5', '--out_dir', str(tmp_path)])
     path = str(tmp_path / 'convergence.json')

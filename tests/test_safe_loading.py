@@ -183,6 +183,17 @@ def test_convergence_script_refuses(tmp_path):
     assert_refused(str(e.value), path, marker)
 
 
+def test_web_app_refuses_a_hostile_checkpoint(tmp_path):
+    """app.py --var_ckpt evil.pth: nothing served, the page's error is the one-line refusal, no code ran."""
+    from utils.app import loading
+    from utils.sample.config import ModelSource, SampleConfig
+    marker = tmp_path / 'marker'
+    path = hostile(tmp_path / 'evil.pth', marker, RunsShell)
+    models, errors = loading.load_app_models([('model', ModelSource(var_ckpt=path, device='cpu'))], SampleConfig())
+    assert models == [] and len(errors) == 1
+    assert_refused(errors[0], path, marker)
+
+
 def test_training_resume_refuses(tmp_path, image_folder):
     import train
     from tests.train_helpers import tiny_flags
