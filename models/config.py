@@ -6,7 +6,7 @@ depth of VAR, width, heads, pre/post blocks of VIAR, classes, vocabulary, code d
 the scale pyramid from the length of `pos_1LC`) and takes the rest from a fallback spec.
 """
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from models.layout import PYRAMIDS, num_tokens
 
@@ -51,6 +51,13 @@ class ModelSpec:
     def image_px(self) -> int:
         """Image side: last scale side times the tokenizer's downsampling."""
         return self.patch_nums[-1] * 2 ** (len(self.vae_ch_mult) - 1)
+
+    def summary(self) -> str:
+        """'a VIAR (depth 6, width 96, 4 heads, pre 1, post 1, 10 classes)'."""
+        blocks = f', pre {self.pre_depth}, post {self.post_depth}' if self.use_implicit else ''
+        extra = ', shared AdaLN' if self.shared_aln else ''
+        return (f'a {self.kind} (depth {self.depth}, width {self.width}, {self.heads} heads{blocks}{extra}, '
+                f'{self.num_classes} classes)')
 
     # ---- (de)serialisation
     def to_dict(self) -> Dict[str, Any]:
@@ -140,6 +147,33 @@ def state_dict_kind(sd: Mapping[str, Any]) -> str:
     if 'class_emb.weight' not in sd:
         return 'unknown'
     return 'VIAR' if any(k.startswith('implicit_block.') for k in sd) else 'VAR'
+
+
+def var_to_viar_names(viar_keys: Sequence[str], var_depth: int, pre_depth: int, post_depth: int
+                      ) -> Dict[str, Optional[str]]:
+    """VIAR key -> the VAR key it is initialised from (None: keeps its fresh init, i.e. the projection).
+
+    pre_blocks.i <- blocks.i; implicit_block <- blocks.(var_depth // 2); post_blocks.j <- blocks.(var_depth -
+    post_depth + j); every other key (embeddings, shared AdaLN, head) from the same name.
+    """
+    if pre_depth + post_depth > var_depth:
+        raise ValueError(f'{pre_depth} pre + {post_depth} post blocks need a VAR of depth >= {pre_depth + post_depth}, '
+                         f'got depth {var_depth}')
+    out = {}
+    for key in viar_keys:
+        if key.startswith('implicit_block_projection.'):
+            out[key] = None
+        elif key.startswith('pre_blocks.'):
+            i, rest = key[len('pre_blocks.'):].split('.', 1)
+            out[key] = f'blocks.{int(i)}.{rest}'
+        elif key.startswith('post_blocks.'):
+            j, rest = key[len('post_blocks.'):].split('.', 1)
+            out[key] = f'blocks.{var_depth - post_depth + int(j)}.{rest}'
+        elif key.startswith('implicit_block.'):
+            out[key] = f'blocks.{var_depth // 2}.{key[len("implicit_block."):]}'
+        else:
+            out[key] = key
+    return out
 
 
 def pyramid_for(L: int, K: int, fallback: Tuple[int, ...]) -> Optional[Tuple[int, ...]]:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import train
+from models.config import var_to_viar_names
 from models.layout import PYRAMIDS
 from tests.train_helpers import make_image_folder, read_steps, tiny_flags
 from utils.checkpoint import save_atomic
@@ -33,7 +34,7 @@ def test_var_to_viar_block_map():
     keys = ['pre_blocks.0.attn.mat_qkv.weight', 'pre_blocks.1.ffn.fc1.bias', 'implicit_block.attn.proj.weight',
             'post_blocks.0.ada_lin.1.weight', 'post_blocks.1.ada_lin.1.weight', 'implicit_block_projection.0.weight',
             'class_emb.weight', 'head.weight', 'pos_1LC']
-    m = ic.var_to_viar_names(keys, var_depth=7, pre_depth=2, post_depth=2)
+    m = var_to_viar_names(keys, var_depth=7, pre_depth=2, post_depth=2)
     assert m == {'pre_blocks.0.attn.mat_qkv.weight': 'blocks.0.attn.mat_qkv.weight',
                  'pre_blocks.1.ffn.fc1.bias': 'blocks.1.ffn.fc1.bias',
                  'implicit_block.attn.proj.weight': 'blocks.3.attn.proj.weight',        # 7 // 2
@@ -42,10 +43,10 @@ def test_var_to_viar_block_map():
                  'implicit_block_projection.0.weight': None,                            # keeps its fresh init
                  'class_emb.weight': 'class_emb.weight', 'head.weight': 'head.weight', 'pos_1LC': 'pos_1LC'}
     # the official VIAR-d30 from VAR-d30: implicit <- block 15, post <- 25..29
-    m30 = ic.var_to_viar_names(['implicit_block.x', 'post_blocks.4.x', 'post_blocks.0.x'], 30, 5, 5)
+    m30 = var_to_viar_names(['implicit_block.x', 'post_blocks.4.x', 'post_blocks.0.x'], 30, 5, 5)
     assert m30 == {'implicit_block.x': 'blocks.15.x', 'post_blocks.4.x': 'blocks.29.x', 'post_blocks.0.x': 'blocks.25.x'}
     with pytest.raises(ValueError, match='need a VAR of depth >= 6'):
-        ic.var_to_viar_names(keys, 5, 3, 3)
+        var_to_viar_names(keys, 5, 3, 3)
 
 
 def test_freeze_patterns_apply_in_order_with_exceptions():

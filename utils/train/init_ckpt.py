@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from models.config import ModelSpec, spec_from_state_dict, state_dict_kind
+from models.config import ModelSpec, spec_from_state_dict, state_dict_kind, var_to_viar_names
 from models.layout import PYRAMIDS, num_tokens
 
 # ModelSpec field -> the train.py flag that sets it (for "these flags load it")
@@ -34,7 +34,6 @@ TRAIN_FLAGS = dict(depth='depth', use_implicit='use_implicit', pre_depth='p_dept
                    patch_nums='pn')
 # what a VAR and the VIAR it initialises must share
 SHARED_WITH_VAR = ('embed_dim', 'num_heads', 'V', 'Cvae', 'shared_aln', 'attn_l2_norm', 'patch_nums')
-BLOCK_LISTS = ('blocks.', 'pre_blocks.', 'post_blocks.', 'implicit_block.')
 
 
 class InitError(SystemExit):
@@ -82,14 +81,6 @@ def resolution_mismatch(sd: Mapping[str, torch.Tensor], patch_nums: Sequence[int
             f"file's resolution (its --pn), or train this resolution from scratch.")
 
 
-def describe(spec: ModelSpec) -> str:
-    """'a VIAR (depth 6, width 96, 4 heads, pre 1, post 1, 10 classes)'."""
-    blocks = f', pre {spec.pre_depth}, post {spec.post_depth}' if spec.use_implicit else ''
-    extra = ', shared AdaLN' if spec.shared_aln else ''
-    return (f'a {spec.kind} (depth {spec.depth}, width {spec.width}, {spec.heads} heads{blocks}{extra}, '
-            f'{spec.num_classes} classes)')
-
-
 def flag_text(name: str, value) -> str:
     """One train.py flag for a ModelSpec field value."""
     if name == 'patch_nums':
@@ -106,35 +97,8 @@ def fit_message(file_spec: ModelSpec, run_spec: ModelSpec, where: str, fields: S
     hint = ''
     if file_spec.kind == 'VAR' and run_spec.kind == 'VIAR':
         hint = ' To start this VIAR from that VAR, pass it as --init_from_var instead.'
-    return (f'{where} is {describe(file_spec)}, but these flags build {describe(run_spec)}. Train with {flags} to '
+    return (f'{where} is {file_spec.summary()}, but these flags build {run_spec.summary()}. Train with {flags} to '
             f'fine-tune it.{hint}')
-
-
-def var_to_viar_names(viar_keys: Sequence[str], var_depth: int, pre_depth: int, post_depth: int
-                      ) -> Dict[str, Optional[str]]:
-    """VIAR key -> the VAR key it is initialised from (None: keeps its fresh init, i.e. the projection).
-
-    pre_blocks.i <- blocks.i; implicit_block <- blocks.(var_depth // 2); post_blocks.j <- blocks.(var_depth -
-    post_depth + j); every other key (embeddings, shared AdaLN, head) from the same name.
-    """
-    if pre_depth + post_depth > var_depth:
-        raise ValueError(f'{pre_depth} pre + {post_depth} post blocks need a VAR of depth >= {pre_depth + post_depth}, '
-                         f'got depth {var_depth}')
-    out = {}
-    for key in viar_keys:
-        if key.startswith('implicit_block_projection.'):
-            out[key] = None
-        elif key.startswith('pre_blocks.'):
-            i, rest = key[len('pre_blocks.'):].split('.', 1)
-            out[key] = f'blocks.{int(i)}.{rest}'
-        elif key.startswith('post_blocks.'):
-            j, rest = key[len('post_blocks.'):].split('.', 1)
-            out[key] = f'blocks.{var_depth - post_depth + int(j)}.{rest}'
-        elif key.startswith('implicit_block.'):
-            out[key] = f'blocks.{var_depth // 2}.{key[len("implicit_block."):]}'
-        else:
-            out[key] = key
-    return out
 
 
 def span(a: int, b: int) -> str:
@@ -241,7 +205,7 @@ def load_init_from_var(viar: nn.Module, run_spec: ModelSpec, sd: Mapping[str, to
             new[key] = adapt_class_emb(sd[src], own[key])
         elif src not in sd or sd[src].shape != own[key].shape:
             raise InitError(f'{where} has no tensor {src} of shape {tuple(own[key].shape)} for {key}: '
-                            f'it is {describe(file_spec)}, not a VAR this VIAR can start from.')
+                            f'it is {file_spec.summary()}, not a VAR this VIAR can start from.')
         else:
             new[key] = sd[src]
     viar.load_state_dict(new, strict=True)
