@@ -223,6 +223,16 @@ def test_edit_with_a_box_inpaint_and_outpaint(served, picture):
     assert white_fraction(shown[1]) == 0.75
 
 
+def test_edit_to_another_class_changes_the_regenerated_region(served, picture):
+    """Class-conditional editing: the same image, box and seeds edited to two classes give other pixels, and the
+    same class twice gives the same ones."""
+    client = served[0]
+    runs = [client.predict(**edit_args(picture, box='0,0,1,0.5', class_id=c), api_name='/edit')[1] for c in (1, 3, 1)]
+    a, b, again = ([read_png(e) for e in edited] for edited in runs)
+    assert all(np.array_equal(x, y) for x, y in zip(a, again))
+    assert any(not np.array_equal(x, y) for x, y in zip(a, b))
+
+
 def test_edit_with_a_drawn_mask(served, picture, tmp_path):
     layer = np.zeros((24, 24, 4), np.uint8)
     layer[0:12, 12:24] = 255   # the top-right quarter drawn in white, the rest transparent
