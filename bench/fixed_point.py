@@ -42,6 +42,7 @@ if __name__ == '__main__' and ROOT not in sys.path:   # run as a script: make th
 
 import torch  # noqa: E402
 
+from bench.sample_speed import machine_facts  # noqa: E402
 from models.solver import SolverSpec  # noqa: E402
 
 SOLVERS = ('picard', 'anderson')
@@ -290,20 +291,6 @@ def plot(result: Dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
-def machine() -> Dict[str, Any]:
-    """CPU model, the SIMD flags that decide CPU GEMM speed, and the load average now."""
-    from bench.sample_speed import machine_name
-    flags = set()
-    try:
-        with open('/proc/cpuinfo') as f:
-            flags = set(next(line for line in f if line.startswith('flags')).split(':', 1)[1].split())
-    except (OSError, StopIteration):
-        pass
-    return dict(cpu=machine_name(), avx2='avx2' in flags, avx512f='avx512f' in flags,
-                avx512_bf16='avx512_bf16' in flags, amx='amx_bf16' in flags, load_avg=list(os.getloadavg()),
-                torch=torch.__version__)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--var_ckpt', required=True, help="a VIAR checkpoint (slim export), or 'random' (smoke test)")
@@ -338,7 +325,7 @@ def main(argv=None) -> Dict[str, Any]:
     except ValueError as e:
         raise SystemExit(f'--options/--m/--lam/--beta: {e}') from None
     torch.set_num_threads(args.threads)
-    mach = machine()
+    mach = machine_facts()
     vae, var = load(args)
     result = dict(args=vars(args), machine=mach, model=dict(patch_nums=list(var.patch_nums), width=var.C,
                                                             num_classes=var.num_classes, describe=var.describe()))

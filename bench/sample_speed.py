@@ -390,6 +390,17 @@ def machine_name() -> str:
     return f'{name}, {os.cpu_count()} cores'
 
 
+def machine_facts() -> dict:
+    """CPU model, the SIMD flags that decide CPU GEMM speed, the load average now and torch's version: what every
+    benchmark JSON records beside its figures."""
+    import torch
+    from utils.sample.compile_util import read_cpu_flags
+    flags = read_cpu_flags()
+    return dict(cpu=machine_name(), avx2='avx2' in flags, avx512f='avx512f' in flags,
+                avx512_bf16='avx512_bf16' in flags, amx='amx_bf16' in flags,
+                load_avg=[round(x, 2) for x in os.getloadavg()], torch=torch.__version__)
+
+
 def main(argv=None):
     import torch
     from utils.atomic import write_json_atomic

@@ -49,19 +49,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def machine() -> Dict[str, Any]:
-    """CPU model, the flags that decide CPU GEMM speed, and the load average."""
-    from bench.sample_speed import machine_name
-    flags = set()
-    try:
-        with open('/proc/cpuinfo') as f:
-            flags = set(next(ln for ln in f if ln.startswith('flags')).split(':', 1)[1].split())
-    except (OSError, StopIteration):
-        pass
-    return dict(cpu=machine_name(), avx2='avx2' in flags, avx512_bf16='avx512_bf16' in flags, amx='amx_bf16' in flags,
-                load_avg=[round(x, 2) for x in os.getloadavg()])
-
-
 def synthetic_folder(root: str, n: int, classes: int, w: int, h: int) -> str:
     """train/ and val/ class folders of noisy JPEGs (w x h), as a stand-in for real photos."""
     import numpy as np
@@ -164,8 +151,9 @@ def run_config(name: str, a: argparse.Namespace, work: str) -> Dict[str, Any]:
 def main(argv=None):
     a = parse_args(argv)
     import torch
+    from bench.sample_speed import machine_facts
     torch.set_num_threads(a.threads)
-    before = machine()
+    before = machine_facts()
     rows: List[Dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as work:
         for name in a.configs.split(','):
@@ -176,7 +164,7 @@ def main(argv=None):
                   f"{r['step_s_cache']:.3f} s from the cache ({r['data_s_cache']:.4f} s loading): "
                   f"{r['ratio']:.2f}x; writing the cache {r['extract_s_per_image'] * 1000:.1f} ms/image, "
                   f"{r['cache_bytes_per_image'] / 1024:.2f} KiB/image", flush=True)
-    after = machine()
+    after = machine_facts()
     out = dict(machine=before, load_avg_after=after['load_avg'], threads=a.threads, steps=a.steps, rows=rows,
                torch=torch.__version__)
     print(f"machine: {before['cpu']}; avx2 {before['avx2']}, avx512_bf16 {before['avx512_bf16']}, amx {before['amx']}; "

@@ -233,15 +233,8 @@ def test_fast_flag_in_every_sampling_entry_point():
 
 def test_sampling_records_the_fast_dtype_and_refuses_to_finish_in_another(tmp_path):
     import sampling
-    from models.config import ModelSpec
-    from utils.checkpoint import save_atomic
-    from utils.model_io import slim_export
-    vae, var = tiny_vae_var(True)
-    spec = ModelSpec(depth=4, use_implicit=True, pre_depth=1, post_depth=1, embed_dim=32, num_heads=2,
-                     patch_nums=(1, 2, 3, 4), V=48, Cvae=8, vae_ch=32, vae_ch_mult=(1, 1), vae_num_res_blocks=1,
-                     num_classes=5)
-    ckpt = str(tmp_path / 'tiny.pth')
-    save_atomic(slim_export(var, spec, vae=vae), ckpt)
+    from tests.tiny import write_tiny_export
+    ckpt = write_tiny_export(tmp_path / 'tiny.pth')
 
     def cli(out, *extra):
         return ['--ckpt_path', ckpt, '--vae_ckpt', '', '--num_classes', '2', '--per_class', '2', '--batch_size', '2',

@@ -17,10 +17,9 @@ import torch
 
 import gen_img
 import train
-from models.config import ModelSpec
 from models.vqvae import VQVAE
 from tests.train_helpers import make_image_folder, tiny_flags
-from tests.tiny import tiny_vae_var
+from tests.tiny import tiny_spec, tiny_vae_var, write_tiny_export
 from utils.checkpoint import CheckpointError, save_atomic
 from utils.model_io import load_models, slim_export
 
@@ -61,11 +60,8 @@ def test_slim_export_embeds_the_tokenizer_the_run_trained_with(trained_with_a_to
 
 def test_a_recorded_official_tokenizer_that_is_missing_fails_at_once_in_one_line(tmp_path, monkeypatch):
     vae, var = tiny_vae_var(True)
-    spec = ModelSpec(depth=4, use_implicit=True, pre_depth=1, post_depth=1, embed_dim=32, num_heads=2,
-                     patch_nums=(1, 2, 3, 4), V=48, Cvae=8, vae_ch=32, vae_ch_mult=(1, 1), vae_num_res_blocks=1,
-                     num_classes=5)
     path = str(tmp_path / 'recorded.pth')
-    save_atomic(slim_export(var, spec, vae_ref=dict(name='vae_ch160v4096z32.pth', sha256='ab' * 32)), path)
+    save_atomic(slim_export(var, tiny_spec(), vae_ref=dict(name='vae_ch160v4096z32.pth', sha256='ab' * 32)), path)
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')   # as on a machine without internet: no download, no retries
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CheckpointError) as e:
@@ -82,12 +78,7 @@ def test_a_recorded_official_tokenizer_that_is_missing_fails_at_once_in_one_line
 def test_benchmark_reads_a_tau_json_on_the_checkpoints_scales(tmp_path):
     from bench import sample_speed as ss
     from utils.sample.config import parse
-    vae, var = tiny_vae_var(True)
-    spec = ModelSpec(depth=4, use_implicit=True, pre_depth=1, post_depth=1, embed_dim=32, num_heads=2,
-                     patch_nums=(1, 2, 3, 4), V=48, Cvae=8, vae_ch=32, vae_ch_mult=(1, 1), vae_num_res_blocks=1,
-                     num_classes=5)
-    ckpt = str(tmp_path / 'viar4.pth')
-    save_atomic(slim_export(var, spec, vae=vae), ckpt)
+    ckpt = write_tiny_export(tmp_path / 'viar4.pth')
     tau = tmp_path / 'convergence.json'
     tau.write_text(json.dumps({'suggested_tau': [0.1, 0.05, 0.02, 0.01]}))
     argv = ['--var_ckpt', ckpt, '--schedules', '4:4,tau=json', '--tau_json', str(tau)]
@@ -105,12 +96,7 @@ def exports(tmp_path_factory):
     root = tmp_path_factory.mktemp('exports')
     out = {}
     for kind, implicit in (('viar', True), ('var', False)):
-        vae, var = tiny_vae_var(implicit)
-        spec = ModelSpec(depth=4, use_implicit=implicit, pre_depth=1, post_depth=1, embed_dim=32, num_heads=2,
-                         patch_nums=(1, 2, 3, 4), V=48, Cvae=8, vae_ch=32, vae_ch_mult=(1, 1), vae_num_res_blocks=1,
-                         num_classes=5)
-        out[kind] = str(root / f'{kind}.pth')
-        save_atomic(slim_export(var, spec, vae=vae), out[kind])
+        out[kind] = write_tiny_export(root / f'{kind}.pth', implicit)
     return out
 
 

@@ -27,3 +27,20 @@ def tiny_tokens(vae, var, B: int, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     idx_Bl = [torch.randint(0, var.V, (B, pn * pn), generator=g) for pn in var.patch_nums]
     return idx_Bl, vae.quantize.idxBl_to_var_input(idx_Bl)
+
+
+def tiny_spec(use_implicit: bool = True):
+    """The ModelSpec of tiny_vae_var's defaults (what a slim export of those models records)."""
+    from models.config import ModelSpec
+    return ModelSpec(depth=4, use_implicit=use_implicit, pre_depth=1, post_depth=1, embed_dim=32, num_heads=2,
+                     patch_nums=TINY_PN, V=48, Cvae=8, vae_ch=32, vae_ch_mult=(1, 1), vae_num_res_blocks=1,
+                     num_classes=5)
+
+
+def write_tiny_export(path: str, use_implicit: bool = True) -> str:
+    """A slim export (weights, config, embedded tokenizer) of tiny_vae_var's models at `path`; returns the path."""
+    from utils.checkpoint import save_atomic
+    from utils.model_io import slim_export
+    vae, var = tiny_vae_var(use_implicit)
+    save_atomic(slim_export(var, tiny_spec(use_implicit), vae=vae), str(path))
+    return str(path)
