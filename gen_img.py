@@ -106,7 +106,7 @@ def generate(sampler, plan: Sequence[Tuple[int, int]], batch_size: int, sample_k
     return torch.cat(imgs), stats
 
 
-def describe_stats(stats, batch_size: int) -> List[str]:
+def describe_stats(stats, batch_size: int, cfg: float) -> List[str]:
     """Report lines: implicit iterations per scale (mean over batches when adaptive) and the KV-cache size."""
     lines = []
     iters = [s.iters for s in stats if s.iters]
@@ -115,7 +115,8 @@ def describe_stats(stats, batch_size: int) -> List[str]:
         text = ','.join(f'{m:g}' for m in mean)
         lines.append(f'implicit iterations per scale: {text} (total {sum(mean):g})')
     kv = max(s.kv_cache_bytes for s in stats)
-    lines.append(f'KV cache: {kv / 2 ** 20:.2f} MiB for a batch of {batch_size} (cond + uncond rows)')
+    rows = 'cond + uncond rows' if cfg != 0 else 'conditional rows only: cfg 0'
+    lines.append(f'KV cache: {kv / 2 ** 20:.2f} MiB for a batch of {batch_size} ({rows})')
     return lines
 
 
@@ -235,7 +236,7 @@ def main(argv: Optional[Sequence[str]] = None):
     dt = time.perf_counter() - t0
     paths += write_images(imgs_N3HW, plan, classes, args.seeds, out_dir, 'edit_' if edit else '', args.save_grid,
                           args.nrow)
-    for line in describe_stats(stats, min(args.batch_size, len(plan))):
+    for line in describe_stats(stats, min(args.batch_size, len(plan)), sample.cfg):
         log.info(line)
     log.info(f'{len(plan)} images in {dt:.1f} s ({len(plan) / dt:.2f} img/s); wrote {len(paths)} files to {out_dir}')
     return paths

@@ -108,6 +108,18 @@ def test_banner_says_what_this_run_does(exports, tmp_path, capsys):
     assert 'Dec.(4,1): 4,3,2,1 iterations per scale' in banner        # the schedule and its counts
 
 
+def test_kv_line_says_which_rows_it_counts_and_cfg_0_holds_half(exports, tmp_path, capsys):
+    """With guidance the KV caches hold the conditional and unconditional rows; at cfg 0 only the conditional
+    ones, half the bytes, and the report line says which."""
+    kv = {}
+    for cfg in (1.5, 0):
+        _gen(tmp_path / str(cfg), '--var_ckpt', exports['viar'], '--class_label', 1, '--seeds', 0, 1, '--cfg', cfg)
+        line = next(ln for ln in capsys.readouterr().out.splitlines() if 'KV cache:' in ln)
+        kv[cfg] = float(line.split('KV cache: ')[1].split(' MiB')[0])
+        assert ('cond + uncond rows' in line) == (cfg != 0) and ('conditional rows only' in line) == (cfg == 0)
+    assert kv[0] == pytest.approx(kv[1.5] / 2, abs=0.01)
+
+
 def test_a_scale_with_zero_iterations_is_said_to_skip_the_implicit_block(exports, tmp_path, capsys):
     _gen(tmp_path, '--var_ckpt', exports['viar'], '--class_label', 0, '--seeds', 0, '--iter_left', 0,
          '--iter_right', 3)

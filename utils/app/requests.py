@@ -45,7 +45,7 @@ class RunResult:
     plan: list
     schedule: str                          # IterSchedule.describe(), or the model's note for a VAR
     iters: List[float]                     # implicit iterations per scale (mean over batches); [] for a VAR
-    kv_cache_mib: float                    # largest KV cache of a batch (cond + uncond rows)
+    kv_cache_mib: float                    # largest KV cache of a batch (cond + uncond rows; cond only at cfg 0)
     seconds_per_image: float
     model: str
     notes: List[str] = field(default_factory=list)
