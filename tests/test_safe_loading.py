@@ -223,13 +223,39 @@ def test_tokenizer_resume_refuses(tmp_path, image_folder):
     assert not marker.exists()
 
 
+def _entry_point_argv(script: str, tmp_path, image_folder):
+    """(the hostile file's path, argv) that makes `script` read it: a checkpoint flag, or a resume file in the
+    output folder."""
+    from tests.train_helpers import tiny_flags
+    if script in ('gen_img.py', 'sampling.py', 'scripts/convergence.py'):
+        path = str(tmp_path / 'evil.pth')
+        extra = {'gen_img.py': ['--var_ckpt', path, '--output_dir', str(tmp_path / 'out'), *FAST],
+                 'sampling.py': ['--ckpt_path', path, '--vae_ckpt', '', '--num_classes', '1', '--per_class', '1',
+                                 '--batch_size', '1', '--sample_dir', str(tmp_path / 's'), *FAST],
+                 'scripts/convergence.py': ['--var_ckpt', path, '--device', 'cpu', '--out_dir', str(tmp_path / 'o')]}
+        return path, extra[script]
+    out = tmp_path / 'run'
+    out.mkdir()
+    if script == 'train.py':
+        return str(out / 'ar-ckpt-last.pth'), tiny_flags(image_folder, str(out), True, '--max_steps=2')
+    return str(out / 'vae-ckpt-last.pth'), ['--data_path', image_folder, '--out_dir', str(out), '--reso', '8',
+                                            '--patch_nums', '1,2,4', '--ch_mult', '1,2', '--num_res_blocks', '1',
+                                            '--ch', '32', '--V', '16', '--Cvae', '4', '--bs', '4', '--max_steps', '2',
+                                            '--tensorboard', 'False']
+
+
 @pytest.mark.slow
-def test_gen_img_command_line_prints_one_line_and_exits(tmp_path):
+@pytest.mark.parametrize('script', ['gen_img.py', 'sampling.py', 'scripts/convergence.py', 'train.py',
+                                    'train_tokenizer.py'])
+def test_command_line_prints_one_line_and_exits(script, tmp_path, image_folder):
+    """Each entry point, as a user runs it, given a file that asks to run code: exit code 1, exactly one line on
+    stderr (the refusal), no traceback, and the payload never ran."""
     marker = tmp_path / 'marker'
-    path = hostile(tmp_path / 'evil.pth', marker, RunsShell)
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'gen_img.py'), '--var_ckpt', path, '--output_dir',
-                           str(tmp_path / 'out'), *FAST], capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 1 and 'Traceback' not in proc.stderr
+    path, argv = _entry_point_argv(script, tmp_path, image_folder)
+    hostile(path, marker, RunsShell)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, proc.stderr
     assert_refused(lines[0], path, marker)
