@@ -8,6 +8,7 @@ A run started again in the same folder resumes from ar-ckpt-last.pth (also under
 import json
 import math
 import os
+import gc
 import random
 import sys
 import time
@@ -508,6 +509,7 @@ def main(argv: Optional[List[str]] = None):
     if args.data.data_path in ('', arg_util.PLACEHOLDER_DATA_PATH) and not args.data.token_cache:
         raise SystemExit('please pass --data_path=/path/to/imagenet (a folder with train/ and val/ class folders).')
     dist.initialize(args.run.device)
+    run = None
     try:
         run = Run(args)
         try:
@@ -515,6 +517,10 @@ def main(argv: Optional[List[str]] = None):
         finally:
             run.close()
     finally:
+        # the model, optimizer and (under --fsdp) its device mesh hold the process group: free them first, so the
+        # group's gloo threads are not torn down at interpreter exit, which aborted a finished FSDP rank now and then
+        run = None
+        gc.collect()
         dist.finalize()
 
 
