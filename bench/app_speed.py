@@ -19,14 +19,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault('GRADIO_ANALYTICS_ENABLED', 'False')
 
 
-def timed(fn, repeats: int):
-    """Seconds of each of `repeats` calls."""
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
+def seconds(fn) -> float:
+    """Wall seconds of one call."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def main(argv=None):
@@ -39,7 +36,7 @@ def main(argv=None):
     p.add_argument('--json', default='', help='also write the figures here')
     args = p.parse_args(argv)
     import torch
-    from bench.fixed_point import machine
+    from bench.sample_speed import machine_facts as machine
     from utils.app import loading, requests
     from utils.app.ui import CSS, build_app, theme
     from utils.sample.config import ModelSource, SampleConfig
@@ -78,8 +75,8 @@ def main(argv=None):
     in_process(), through_client()   # warm-up
     t_in, t_client = [], []
     for _ in range(args.repeats):   # interleaved, so a change of the machine's load hits both alike
-        t_in += timed(in_process, 1)
-        t_client += timed(through_client, 1)
+        t_in.append(seconds(in_process))
+        t_client.append(seconds(through_client))
     demo.close()
     after = machine()
 

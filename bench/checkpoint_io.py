@@ -29,22 +29,6 @@ def best_of(fn: Callable[[], object], reps: int) -> float:
     return min(out)
 
 
-def machine() -> str:
-    """CPU model, the SIMD flags that matter, core count and load average."""
-    name, flags = '?', set()
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name') and name == '?':
-                    name = line.split(':', 1)[1].strip()
-                if line.startswith('flags'):
-                    flags = set(line.split(':', 1)[1].split())
-    except OSError:
-        pass
-    simd = [f for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_tile', 'sha_ni') if f in flags]
-    return f'{name}, {os.cpu_count()} cores ({" ".join(simd)}), load {" ".join(f"{x:.1f}" for x in os.getloadavg())}'
-
-
 def main(argv=None) -> Dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--depth', type=int, default=16)
@@ -52,6 +36,7 @@ def main(argv=None) -> Dict[str, float]:
     p.add_argument('--reps', type=int, default=3)
     p.add_argument('--dir', type=str, default=None, help='folder for the files (default: a temp folder)')
     args = p.parse_args(argv)
+    from bench.sample_speed import machine_line
     from models.config import ModelSpec
     from utils.checkpoint import read_checkpoint, save_atomic, sha256_of
     from utils.model_io import slim_export
@@ -69,9 +54,9 @@ def main(argv=None) -> Dict[str, float]:
     r['read_pth_s'] = best_of(lambda: read_checkpoint(pth), args.reps)
     r['read_pth_mmap_s'] = best_of(lambda: read_checkpoint(pth, mmap=True), args.reps)
     r['read_safetensors_s'] = best_of(lambda: read_checkpoint(sft), args.reps)
-    r['sha256_s'] = best_of(lambda: sha256_of(pth), args.reps)
+    r['sha256_s'] = best_of(lambda: sha256_of(pth, cached=False), args.reps)
     print(f'{spec.kind} depth {spec.depth} (width {spec.width}) + tokenizer: {r["MiB"]:.0f} MiB of tensors; '
-          f'{machine()}; torch {torch.__version__}, 1 thread; best of {args.reps}, wall clock')
+          f'{machine_line()}; torch {torch.__version__}, 1 thread; best of {args.reps}, wall clock')
     print(f'write: .pth {r["write_pth_s"]:.2f} s, .safetensors {r["write_safetensors_s"]:.2f} s '
           f'(ratio {r["write_safetensors_s"] / r["write_pth_s"]:.2f})')
     print(f'read:  .pth weights-only {r["read_pth_s"]:.2f} s (mmap {r["read_pth_mmap_s"]:.2f} s), .safetensors '

@@ -151,8 +151,8 @@ def print_rss(rows: List[Dict]):
 def run(args) -> Dict:
     """bench/train_speed.py --fsdp: the meta table, and with --rss the measured one."""
     sys.path.insert(0, ROOT)
-    from bench.checkpoint_io import machine
-    print(f'# machine: {machine()}')
+    from bench.sample_speed import machine_line
+    print(f'# machine: {machine_line()}')
     print('# fp32 parameters + gradients + AdamW moments on the fullest rank under FSDP2 (bf16 runs gather bf16 '
           'copies for compute; the sharded state stays fp32)')
     out = dict(meta=meta_rows())

@@ -75,7 +75,7 @@ def measure_loader(data: str, workers: int, batches: int, batch_size: int, reso:
 def run(args) -> List[Dict]:
     """Print one row per worker count; returns the rows."""
     import sys
-    from bench.checkpoint_io import machine
+    from bench.sample_speed import machine_line
     tmp = None
     data = args.data_path
     if not data:
@@ -83,7 +83,7 @@ def run(args) -> List[Dict]:
         w, h = (int(t) for t in args.image_size.split('x'))
         data = make_jpegs(tmp, args.loader_images, (w, h))
     try:
-        print(f'# machine: {machine()}; torch threads {torch.get_num_threads()}; {sys.executable}')
+        print(f'# machine: {machine_line()}; torch threads {torch.get_num_threads()}; {sys.executable}')
         print(f'# loader: {data if args.data_path else f"{args.loader_images} synthetic {args.image_size} JPEGs"}, '
               f'{args.reso} px crops of a {round(1.125 * args.reso)} px LANCZOS resize, batch {args.batch}')
         print(f'{"workers":>7s} {"images":>6s} {"wall s":>7s} {"img/s":>7s} {"CPU s":>7s} {"img per CPU-s":>13s} '

@@ -23,7 +23,6 @@ if __name__ == '__main__' and ROOT not in sys.path:   # run as a script: make th
     sys.path.insert(0, ROOT)
 
 DEFAULT_SCHEDULES = '20:20,10:10,20:5,10:5,5:5,tau=0.01'
-AUTOCAST_TORCH = {'fp32': 'float32', 'bf16': 'bfloat16', 'fp16': 'float16'}   # torch dtype names, imported lazily
 MiB = 2 ** 20
 
 
@@ -401,6 +400,14 @@ def machine_facts() -> dict:
                 load_avg=[round(x, 2) for x in os.getloadavg()], torch=torch.__version__)
 
 
+def machine_line(flags=('avx2', 'avx512f', 'avx512_bf16', 'amx_tile', 'sha_ni')) -> str:
+    """The machine in one printed line: CPU model and cores, which of `flags` it has, the load average now."""
+    from utils.sample.compile_util import read_cpu_flags
+    have = read_cpu_flags()
+    simd = ' '.join(f for f in flags if f in have)
+    return f'{machine_name()} ({simd}), load {" ".join(f"{x:.1f}" for x in os.getloadavg())}'
+
+
 def main(argv=None):
     import torch
     from utils.atomic import write_json_atomic
@@ -429,9 +436,11 @@ def main(argv=None):
     args.gemm_rates = {}
     if device.type == 'cpu':   # the physical bound: this CPU's peak GEMM rate in every dtype that runs
         from bench.measure import gemm_rate
+        from utils.sample.compile_util import AUTOCAST_DTYPES
         threads = torch.get_num_threads()
         torch.set_num_threads(args.threads or threads)
-        args.gemm_rates = {d: gemm_rate(getattr(torch, AUTOCAST_TORCH[d]), timing_basis('cpu', args.threads)) for d in dict.fromkeys([args.dtype] + args.official_dtypes)}
+        args.gemm_rates = {d: gemm_rate(AUTOCAST_DTYPES[d] or torch.float32, timing_basis('cpu', args.threads))
+                           for d in dict.fromkeys([args.dtype] + args.official_dtypes)}
         torch.set_num_threads(threads)
     rows = []
     with tempfile.TemporaryDirectory(prefix='sample_speed_') as tmp:
