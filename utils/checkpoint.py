@@ -125,20 +125,12 @@ def verify_official(path: str, ckpt_dir: str = 'ckpts', pinned: Optional[Dict[st
     want = (OFFICIAL_SHA256 if pinned is None else pinned).get(name)
     if not want or os.path.abspath(os.path.dirname(path)) != os.path.abspath(ckpt_dir):
         return path
-    st = os.stat(path)
-    seen = (os.path.abspath(path), st.st_size, st.st_mtime_ns, want)
-    if seen in _VERIFIED:   # hashed once per process (an 8 GB var_d30.pth takes seconds)
-        return path
     got = sha256_of(path)
     if got != want:
         raise OfficialDigestError(f'{path} is not the official {name}: its sha256 differs from the pinned digest '
                                   f'({got[:12]}... instead of {want[:12]}...); the download is corrupt or was '
                                   f'replaced. Delete it and download {official_url(name)} again.')
-    _VERIFIED.add(seen)
     return path
-
-
-_VERIFIED = set()   # (path, size, mtime, digest) of official files already checked by this process
 
 
 def _numpy_array_globals() -> list:
@@ -228,13 +220,23 @@ def extract_state_dict(obj: Any, where: str = 'checkpoint') -> Dict[str, torch.T
     return {re.sub(r'^(module\.|_orig_mod\.)+', '', k): v for k, v in obj.items()}
 
 
-def sha256_of(path: str) -> str:
-    """Hex sha256 of a file's bytes."""
+def sha256_of(path: str, cached: bool = True) -> str:
+    """Hex sha256 of a file's bytes. Each file is hashed once per process while its size and mtime stay the same
+    (an 8 GB var_d30.pth takes seconds, and the official tokenizer is checked, recorded and compared by several
+    callers of one run); cached=False always reads the file (the benchmark of hashing)."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if cached and key in _DIGESTS:
+        return _DIGESTS[key]
     h = hashlib.sha256()
     with open(path, 'rb') as f:
         for chunk in iter(lambda: f.read(1 << 20), b''):
             h.update(chunk)
-    return h.hexdigest()
+    _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+_DIGESTS: Dict[tuple, str] = {}   # (path, size, mtime_ns) -> sha256 of the files this process has hashed
 
 
 def resolve_recorded(ref: Dict[str, str], where: str, ckpt_dir: str = 'ckpts') -> str:
