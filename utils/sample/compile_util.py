@@ -17,6 +17,7 @@ overhead that dominates the small early scales.
 Compiled kernels sum in another order, so compiled samples match eager ones within float tolerance.
 """
 import contextlib
+import functools
 import os
 from typing import FrozenSet, Iterable, List, Optional
 
@@ -43,8 +44,10 @@ def cpu_flags(cpuinfo_text: str) -> FrozenSet[str]:
     return frozenset()
 
 
+@functools.lru_cache(maxsize=None)
 def read_cpu_flags(path: str = '/proc/cpuinfo') -> FrozenSet[str]:
-    """This machine's CPU flags (empty where /proc/cpuinfo cannot be read, e.g. not Linux)."""
+    """This machine's CPU flags (empty where /proc/cpuinfo cannot be read, e.g. not Linux); read once per process
+    (the dtype rule asks for them from several places of one run)."""
     try:
         with open(path) as f:
             return cpu_flags(f.read())

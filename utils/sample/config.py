@@ -160,16 +160,16 @@ class SampleConfig:
         if self.top_k > var.V and self._typed('top_k'):   # the default 900 on a small vocabulary: no filtering
             raise SamplingError(f'--top_k {self.top_k} exceeds the vocabulary ({var.V} tokens); '
                                 f'use 0 for no top-k filtering')
+        schedule = self.schedule(len(var.patch_nums))
         if self.fast:
             dtype = self.resolved_dtype(var.lvl_1L.device.type)
             floor = RESIDUAL_FLOOR.get(dtype)
-            taus = self.schedule(len(var.patch_nums)).tau
+            taus = schedule.tau
             if floor and taus and self.stop_mode == 'rel' and min(taus) < floor:
                 raise SamplingError(f'--tau {min(taus):g} is below the {dtype} residual floor ({floor:g}): --fast '
                                     f'samples in {dtype} here, where the relative residual stops falling near '
                                     f'{floor:g}; use --tau >= {floor:g}, or --dtype fp32 with --fast')
         given = [f'--{n}' for n in SCHEDULE_FLAGS if self._typed(n)]
-        schedule = self.schedule(len(var.patch_nums))
         if given and not var.schedule_settings(schedule, self.fill_forward):   # the model has no implicit block
             log(f'warning: {", ".join(given)} ignored: {var.describe()}, {var.schedule_note(schedule)}')
 
