@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 import time
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -93,25 +93,34 @@ def sample_batch(sampler, plan: Sequence[Tuple[int, int]], sample_kw: dict, edit
 
 
 def generate(sampler, plan: Sequence[Tuple[int, int]], batch_size: int, sample_kw: dict, edit=None,
-             progress: bool = True):
-    """All images of the plan in order (N, 3, H, W) on the CPU, and each batch's SampleStats."""
+             progress: bool = True, on_batch: Optional[Callable[[int], None]] = None):
+    """All images of the plan in order (N, 3, H, W) on the CPU, and each batch's SampleStats. on_batch(done) is
+    called after each batch with the number of images made so far (the web app's progress)."""
     from tqdm import tqdm
-    imgs, stats = [], []
+    imgs, stats, done = [], [], 0
     with tqdm(total=len(plan), unit='img', disable=not progress, file=sys.stdout) as bar:
         for batch in chunks(list(plan), batch_size):
             img_B3HW, st = sample_batch(sampler, batch, sample_kw, edit)
             imgs.append(img_B3HW.float().cpu())
             stats.append(st)
+            done += len(batch)
             bar.update(len(batch))
+            if on_batch is not None:
+                on_batch(done)
     return torch.cat(imgs), stats
+
+
+def mean_iters(stats) -> List[float]:
+    """Implicit iterations each scale ran, averaged over the batches (they differ only when adaptive); [] for VAR."""
+    runs = [s.iters for s in stats if s.iters]
+    return [sum(col) / len(col) for col in zip(*runs)] if runs else []
 
 
 def describe_stats(stats, batch_size: int, cfg: float) -> List[str]:
     """Report lines: implicit iterations per scale (mean over batches when adaptive) and the KV-cache size."""
     lines = []
-    iters = [s.iters for s in stats if s.iters]
-    if iters:
-        mean = [sum(col) / len(col) for col in zip(*iters)]
+    mean = mean_iters(stats)
+    if mean:
         text = ','.join(f'{m:g}' for m in mean)
         lines.append(f'implicit iterations per scale: {text} (total {sum(mean):g})')
     kv = max(s.kv_cache_bytes for s in stats)

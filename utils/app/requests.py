@@ -11,11 +11,12 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from gen_img import check_classes, chunks, image_plan, sample_batch
+from gen_img import check_classes, image_plan, mean_iters
+from gen_img import generate as generate_images
 from utils.sample import image_io
 from utils.sample.compile_util import SamplingError
 from utils.sample.config import SampleConfig
-from utils.sample.editing import make_edit_spec, mode_mask, parse_box
+from utils.sample.editing import check_edit_mode, make_edit_spec, mode_mask, parse_box
 
 CONDEC, PER_SCALE, ADAPTIVE = 'Con./Dec. (iter_left, iter_right)', 'per-scale list (iters)', 'adaptive (tau, tau_cap)'
 SCHEDULE_MODES = (CONDEC, PER_SCALE, ADAPTIVE)
@@ -149,23 +150,16 @@ def run(model, plan: Sequence, config: SampleConfig, batch_size: int, edit=None,
     batch_size = as_int(batch_size, 'batch size', lo=1)
     notes = _notes(model, config)
     kw = config.call_kwargs(model.num_scales)
-    imgs, stats, done = [], [], 0
+    report = (lambda done: progress(done / len(plan), f'{model.name}: {done}/{len(plan)} images')) if progress else None
     t0 = time.perf_counter()
     with torch.inference_mode():
-        for batch in chunks(list(plan), batch_size):
-            img_B3HW, st = sample_batch(model.sampler, batch, kw, edit)
-            imgs.append(img_B3HW.float().cpu())
-            stats.append(st)
-            done += len(batch)
-            if progress:
-                progress(done / len(plan), f'{model.name}: {done}/{len(plan)} images')
+        imgs, stats = generate_images(model.sampler, list(plan), batch_size, kw, edit, progress=False, on_batch=report)
     dt = time.perf_counter() - t0
-    runs = [s.iters for s in stats if s.iters]
-    iters = [sum(col) / len(col) for col in zip(*runs)] if runs else []
+    iters = mean_iters(stats)
     schedule = kw['schedule']
     text = schedule.describe() if model.var.schedule_settings(schedule, config.fill_forward) \
         else model.var.schedule_note(schedule)
-    return RunResult(torch.cat(imgs), list(plan), text, iters, max(s.kv_cache_bytes for s in stats) / 2 ** 20,
+    return RunResult(imgs, list(plan), text, iters, max(s.kv_cache_bytes for s in stats) / 2 ** 20,
                      dt / len(plan), model.name, notes)
 
 
@@ -181,6 +175,7 @@ def edit_mask(model, mask_paths: Sequence[str], box: str, mode: str, image_wh) -
     union of the drawn mask layers (white = drawn), inverted for outpaint."""
     R = model.resolution
     try:
+        check_edit_mode(mode)
         if str(box or '').strip():
             return mode_mask(mode, 1, R, R, parse_box(str(box).strip()))
         if not mask_paths:
@@ -188,8 +183,6 @@ def edit_mask(model, mask_paths: Sequence[str], box: str, mode: str, image_wh) -
         mask_1RR = torch.zeros(1, R, R, dtype=torch.bool)
         for path in mask_paths:
             mask_1RR |= image_io.load_mask(path, R, image_wh)
-        if mode not in ('inpaint', 'outpaint'):
-            mode_mask(mode, 1, R, R, (0, 0, 1, 1))   # the editing code's message for a bad mode
         return ~mask_1RR if mode == 'outpaint' else mask_1RR
     except RequestError:
         raise

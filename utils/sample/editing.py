@@ -64,10 +64,15 @@ def outpaint_mask(B: int, H: int, W: int, box: Box, device=None) -> torch.Tensor
     return ~box_mask(B, H, W, box, device)
 
 
-def mode_mask(mode: str, B: int, H: int, W: int, box: Box, device=None) -> torch.Tensor:
-    """The mask of an edit mode: 'inpaint' (regenerate the box) or 'outpaint' (regenerate outside it)."""
+def check_edit_mode(mode: str):
+    """ValueError unless `mode` is one of EDIT_MODES."""
     if mode not in EDIT_MODES:
         raise ValueError(f'edit mode must be one of {EDIT_MODES}, got {mode!r}')
+
+
+def mode_mask(mode: str, B: int, H: int, W: int, box: Box, device=None) -> torch.Tensor:
+    """The mask of an edit mode: 'inpaint' (regenerate the box) or 'outpaint' (regenerate outside it)."""
+    check_edit_mode(mode)
     return (inpaint_mask if mode == 'inpaint' else outpaint_mask)(B, H, W, box, device)
 
 
