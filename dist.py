@@ -236,9 +236,15 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if is_sharded(t) else t
 
 
-def gather_full(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """A state dict with every DTensor gathered whole, on the CPU (a collective: every rank calls it, in order)."""
-    return {k: full_tensor(v).detach().cpu() for k, v in sd.items()}
+def gather_full(sd: Dict[str, torch.Tensor]) -> Optional[Dict[str, torch.Tensor]]:
+    """On rank 0, a state dict with every DTensor gathered whole, on the CPU; None on the other ranks, which take
+    part in each gather (a collective: every rank calls it, in order) but keep nothing."""
+    out = {}
+    for k, v in sd.items():
+        whole = full_tensor(v).detach()
+        if is_master():
+            out[k] = whole.cpu()
+    return out if is_master() else None
 
 
 def copy_full_into(dst: torch.Tensor, full: torch.Tensor):

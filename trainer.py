@@ -238,10 +238,7 @@ class VARTrainer:
 
     def state_dict(self, with_vae: bool = False) -> Dict:
         """Transformer weights, optimizer/scaler, EMA and progressive state (official key names)."""
-        sd = {'var_wo_ddp': self.var_wo_ddp.state_dict(), 'var_opt': self.opt.state_dict(),
-              'config': {'patch_nums': self.patch_nums, 'label_smooth': self.label_smooth,
-                         'prog_it': self.prog.prog_it, 'last_prog_si': self.prog.last_prog_si,
-                         'first_prog': self.prog.first_prog}}
+        sd = {'var_wo_ddp': self.var_wo_ddp.state_dict(), 'var_opt': self.opt.state_dict(), 'config': self._config()}
         if self.ema is not None:
             sd['ema'] = self.ema.state_dict()
         if with_vae:
@@ -260,10 +257,13 @@ class VARTrainer:
             self.var_wo_ddp.load_state_dict(sd['var_wo_ddp'], strict=True)
             self.opt.load_state_dict(sd['var_opt'])
         if self.ema is not None and 'ema' in sd:
-            self.ema.num_updates = sd['ema']['num_updates']
-            for k, v in sd['ema']['shadow'].items():
-                dist.copy_full_into(self.ema.shadow[k], v)
+            self.ema.load_state_dict(sd['ema'])
         self._load_rest(sd, load_vae)
+
+    def _config(self) -> Dict:
+        """The plain training state both checkpoint formats keep (official key names)."""
+        return {'patch_nums': self.patch_nums, 'label_smooth': self.label_smooth, 'prog_it': self.prog.prog_it,
+                'last_prog_si': self.prog.last_prog_si, 'first_prog': self.prog.first_prog}
 
     def _load_rest(self, sd: Dict, load_vae: bool):
         if load_vae and 'vae_local' in sd:
@@ -277,10 +277,7 @@ class VARTrainer:
         plain rest (optimizer hyper-parameters, scaler, EMA counter, progressive state, the tokenizer with_vae)."""
         model_sd, optim_sd = dist.model_optim_state(self.var_wo_ddp, self.opt.optimizer)
         tensors = {'model': model_sd, 'optim': optim_sd['state']}
-        plain = {'optim_groups': optim_sd['param_groups'],
-                 'config': {'patch_nums': self.patch_nums, 'label_smooth': self.label_smooth,
-                            'prog_it': self.prog.prog_it, 'last_prog_si': self.prog.last_prog_si,
-                            'first_prog': self.prog.first_prog}}
+        plain = {'optim_groups': optim_sd['param_groups'], 'config': self._config()}
         if self.opt.scaler is not None:
             plain['scaler'] = self.opt.scaler.state_dict()
         if self.ema is not None:

@@ -4,6 +4,8 @@ from typing import Dict
 import torch
 import torch.nn as nn
 
+import dist
+
 
 def ema_decay_at(decay: float, num_updates: int) -> float:
     """Decay warmed up as min(decay, (1 + t) / (10 + t)) so early averages are not dominated by the init."""
@@ -36,10 +38,11 @@ class ModelEMA:
         return {'decay': self.decay, 'num_updates': self.num_updates, 'shadow': self.shadow}
 
     def load_state_dict(self, sd: Dict):
-        """Restore from state_dict(); the decay of the current run is kept."""
+        """Restore from state_dict(); the decay of the current run is kept. Under FSDP the shadow tensors are
+        shards and each takes its part of the whole tensors saved by a DDP run."""
         self.num_updates = sd['num_updates']
         for k, v in sd['shadow'].items():
-            self.shadow[k].copy_(v)
+            dist.copy_full_into(self.shadow[k], v)
 
     def model_state_dict(self, like: nn.Module) -> Dict[str, torch.Tensor]:
         """The averaged weights in the model's own dtypes, loadable with like.load_state_dict."""
