@@ -41,16 +41,6 @@ class ExtractArgs:
     progress: bool = flag(True, 'progress bar (rank 0)')
 
 
-def patch_nums_of(pn: str) -> Tuple[int, ...]:
-    """'256' -> the official pyramid; '1_2_3' -> (1, 2, 3)."""
-    from utils.train.args import PN_SHORTCUTS
-    text = PN_SHORTCUTS.get(pn, pn)
-    try:
-        return tuple(int(t) for t in text.replace('-', '_').replace(',', '_').split('_'))
-    except ValueError:
-        raise SystemExit(f'--pn must be sides like 1_2_3_4_5_6_8_10_13_16 (or 256/512/1024), got {pn!r}') from None
-
-
 def check_args(a: ExtractArgs):
     """Cheap checks before anything is loaded."""
     if not a.data_path:
@@ -192,7 +182,8 @@ def run(a: ExtractArgs) -> str:
     from utils.data.datasets import build_datasets
     from utils.data.token_cache import MANIFEST, SPLITS, npy_complete, shard_names, shard_ranges
     check_args(a)
-    patch_nums = patch_nums_of(a.pn)
+    from utils.train.args import parse_pn
+    patch_nums = parse_pn(a.pn, separators='-_,')
     device = dist.initialize(a.device)
     rank, world = dist.get_rank(), dist.get_world_size()
     try:

@@ -21,6 +21,17 @@ PN_SHORTCUTS = {str(px): '_'.join(map(str, pn)) for px, pn in PYRAMIDS.items()}
 PLACEHOLDER_DATA_PATH = '/path/to/imagenet'
 
 
+def parse_pn(pn: str, separators: str = '-_') -> Tuple[int, ...]:
+    """--pn: a shortcut ('256', '512', '1024') or the sides joined by any of `separators` ('1_2_3')."""
+    text = PN_SHORTCUTS.get(pn, pn)
+    for sep in separators:
+        text = text.replace(sep, '_')
+    try:
+        return tuple(int(t) for t in text.split('_'))
+    except ValueError:
+        raise SystemExit(f'--pn must be sides like 1_2_3_4_5_6_8_10_13_16 (or 256/512/1024), got {pn!r}') from None
+
+
 @dataclass
 class DataArgs:
     """Where the images are and how they are augmented."""
@@ -209,23 +220,16 @@ def derive(args: TrainArgs, world_size: int, cpus: Optional[int] = None, ranks_p
         raise SystemExit(f'--bs {o.bs} cannot be split over {world_size} rank(s) x {o.ac} accumulation step(s): '
                          f'use a multiple of {split}.')
     batch_size = o.bs // split
-    pn = PN_SHORTCUTS.get(d.pn, d.pn)
-    try:
-        patch_nums = tuple(int(t) for t in pn.replace('-', '_').split('_'))
-    except ValueError:
-        raise SystemExit(f"--pn must be sides like 1_2_3_4_5_6_8_10_13_16 (or 256/512/1024), got {d.pn!r}") from None
+    pn = PN_SHORTCUTS.get(d.pn, d.pn)   # as typed, shortcuts expanded: part of the tensorboard folder name
+    patch_nums = parse_pn(d.pn)
     downsample = 2 ** (len(m.vae_ch_mult) - 1)
     if d.patch_size != downsample:
         raise SystemExit(f'--patch_size {d.patch_size} must equal the tokenizer downsampling 2^(len(vae_ch_mult)-1) '
                          f'= {downsample} (--vae_ch_mult {"_".join(map(str, m.vae_ch_mult))}).')
     resos = tuple(p * d.patch_size for p in patch_nums)
     final_reso = max(resos)
-    if m.init_ckpt and m.init_from_var:
-        raise SystemExit('give --init_ckpt (fine-tune a model of the same kind) or --init_from_var (a VIAR from a '
-                         'VAR), not both.')
-    if m.init_from_var and not m.use_implicit:
-        raise SystemExit('--init_from_var initialises a VIAR: add --use_implicit True, or pass the VAR file as '
-                         '--init_ckpt to fine-tune it as a VAR.')
+    from utils.train.init_ckpt import check_init_flags
+    check_init_flags(m.init_ckpt, m.init_from_var, m.use_implicit)
     if o.bf16 and o.fp16 == 1:
         raise SystemExit('--fp16 1 (fp16) and --bf16 both given: pick one (--bf16 is the same as --fp16 2).')
     precision = 'bf16' if (o.bf16 or o.fp16 == 2) else ('fp16' if o.fp16 == 1 else 'fp32')

@@ -180,9 +180,6 @@ def load_init_ckpt(var: nn.Module, run_spec: ModelSpec, sd: Mapping[str, torch.T
 def load_init_from_var(viar: nn.Module, run_spec: ModelSpec, sd: Mapping[str, torch.Tensor], where: str,
                        log: Callable[[str], None]) -> Dict[str, str]:
     """Initialise a VIAR from a VAR's weights (mapping of the module docstring); returns what was done."""
-    if not run_spec.use_implicit:
-        raise InitError('--init_from_var initialises a VIAR: add --use_implicit True, or pass the VAR file as '
-                        '--init_ckpt to fine-tune it as a VAR.')
     if state_dict_kind(sd) != 'VAR':
         raise InitError(f'{where} is a VIAR checkpoint, not a VAR: pass it as --init_ckpt to fine-tune it.')
     msg = resolution_mismatch(sd, run_spec.patch_nums, where)
@@ -222,6 +219,16 @@ def load_init_from_var(viar: nn.Module, run_spec: ModelSpec, sd: Mapping[str, to
     return done
 
 
+def check_init_flags(init_ckpt: str, init_from_var: str, use_implicit: bool):
+    """The flag combinations --init_ckpt / --init_from_var cannot serve: one line that says what to pass."""
+    if init_ckpt and init_from_var:
+        raise InitError('give --init_ckpt (fine-tune a model of the same kind) or --init_from_var (a VIAR from a '
+                        'VAR), not both.')
+    if init_from_var and not use_implicit:
+        raise InitError('--init_from_var initialises a VIAR: add --use_implicit True, or pass the VAR file as '
+                        '--init_ckpt to fine-tune it as a VAR.')
+
+
 def initialise(var: nn.Module, run_spec: ModelSpec, init_ckpt: str, init_from_var: str,
                log: Callable[[str], None]) -> Dict[str, str]:
     """Apply --init_ckpt or --init_from_var (at most one) to a freshly built model, on every rank.
@@ -229,9 +236,7 @@ def initialise(var: nn.Module, run_spec: ModelSpec, init_ckpt: str, init_from_va
     The local master resolves (downloads) an official name first; the other ranks then read the same file.
     """
     import dist
-    if init_ckpt and init_from_var:
-        raise InitError('give --init_ckpt (fine-tune a model of the same kind) or --init_from_var (a VIAR from a '
-                        'VAR), not both.')
+    check_init_flags(init_ckpt, init_from_var, run_spec.use_implicit)
     path = init_ckpt or init_from_var
     if not path:
         return {}
