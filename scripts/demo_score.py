@@ -350,7 +350,8 @@ def main(argv=None):
     if args.started_at is not None:
         results['seconds'] = round(time.time() - args.started_at, 1)
     if args.cpu_times:
-        stages = stage_cpu_seconds(open(args.cpu_times).read().splitlines())
+        with open(args.cpu_times) as f:
+            stages = stage_cpu_seconds(f.read().splitlines())
         stages['scores'] = round(time.process_time(), 1)     # this process: single-threaded numpy / torch
         results['cpu_seconds_by_stage'] = stages
         results['cpu_seconds'] = round(sum(stages.values()), 1)

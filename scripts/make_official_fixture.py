@@ -17,8 +17,9 @@ tests/test_official_fixture.py loads all of it into this project's models and co
 `--config tiny_saln512` writes tests/data/official_tiny_saln512.pt instead: the same record for the
 shared-AdaLN (`--saln=1`) models on the 512 px pyramid 1,2,3,4,6,9,13,18,24,32 (L = 2240), read by
 tests/test_official_saln512.py; the default configuration and its file are left as they are.
-`--keys var_d36` builds VAR-d36-s (depth 36, shared AdaLN, 512 px pyramid) on the meta device and writes
-its state-dict keys, shapes and parameter count to tests/data/official_var_d36_keys.json (tests/test_512.py).
+`--keys var_d36` builds VAR-d36-s (depth 36, shared AdaLN, 512 px pyramid) on the CPU without initialising its
+weights and writes its state-dict keys, shapes and parameter count to tests/data/official_var_d36_keys.json
+(tests/test_512.py).
 """
 import os
 import subprocess
@@ -35,7 +36,7 @@ PYRAMID_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
 # name -> (sizes, shared AdaLN, output file); 'tiny' is the original fixture, unchanged
 CONFIGS = {'tiny': (SIZES, False, OUT),
            'tiny_saln512': (dict(SIZES, patch_nums=PYRAMID_512), True, os.path.join(DATA, 'official_tiny_saln512.pt'))}
-# name -> (depth, shared AdaLN, patch_nums, output file) of a full-size official model listed on the meta device
+# name -> (depth, shared AdaLN, patch_nums, output file) of a full-size official model whose keys key_list lists
 KEY_LISTS = {'var_d36': (36, True, PYRAMID_512, os.path.join(DATA, 'official_var_d36_keys.json'))}
 
 
@@ -154,14 +155,14 @@ def main():
     if keys is not None:
         import json
         out = KEY_LISTS[keys][-1]
-        listing = dict(key_list(keys), official_commit=commit or 'unknown', torch=str(torch.__version__))
+        listing = dict(key_list(keys), official_commit=commit, torch=str(torch.__version__))
         with open(out + '.tmp', 'w') as f:
             json.dump(listing, f, indent=0, sort_keys=True)
         os.replace(out + '.tmp', out)
         print(f'wrote {out}: {len(listing["keys"])} entries, {listing["param_count"]:,} parameters')
         return
     sizes, shared_aln, out = CONFIGS[config]
-    meta = dict(official_commit=commit or 'unknown', torch=str(torch.__version__), sizes=sizes, knobs=KNOBS,
+    meta = dict(official_commit=commit, torch=str(torch.__version__), sizes=sizes, knobs=KNOBS,
                 samplers=SAMPLERS, labels_train=LABELS_TRAIN, labels_sample=LABELS_SAMPLE, g_seed=G_SEED, cfg=CFG)
     if config != 'tiny':   # the original fixture's meta stays as it was
         meta.update(config=config, shared_aln=shared_aln)
@@ -170,7 +171,7 @@ def main():
     tmp = out + '.tmp'
     torch.save(fixture, tmp)
     os.replace(tmp, out)
-    print(f'wrote {out} ({os.path.getsize(out) / 1024:.0f} KiB) from the official code at {commit or "?"}')
+    print(f'wrote {out} ({os.path.getsize(out) / 1024:.0f} KiB) from the official code at {commit}')
 
 
 if __name__ == '__main__':

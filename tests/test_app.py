@@ -323,13 +323,10 @@ def test_a_model_that_fails_to_load_says_why(tmp_path):
 def test_app_serves_a_checkpoint_from_the_command_line(tmp_path):
     """app.py --var_ckpt PATH (a slim export) and --compare_ckpt: both load, the page serves them by kind."""
     from utils.model_io import slim_export
-    from models.config import ModelSpec
+    from tests.tiny import tiny_spec
     import app
-    spec = ModelSpec(depth=4, embed_dim=32, num_heads=2, use_implicit=True, pre_depth=1, post_depth=1,
-                     patch_nums=(1, 2, 3, 4), V=48, Cvae=8, vae_ch=32, vae_ch_mult=(1, 1), vae_num_res_blocks=1,
-                     num_classes=5)
     torch.manual_seed(0)
-    for name, s in (('viar', spec), ('var', ModelSpec.from_dict(dict(spec.to_dict(), use_implicit=False)))):
+    for name, s in (('viar', tiny_spec(True)), ('var', tiny_spec(False))):
         vae, var = s.build('cpu')
         torch.save(slim_export(var, s, vae=vae), tmp_path / f'{name}.pth')
     demo, _ = app.make_app(['--var_ckpt', str(tmp_path / 'viar.pth'), '--compare_ckpt', str(tmp_path / 'var.pth'),

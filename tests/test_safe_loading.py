@@ -16,15 +16,14 @@ import pytest
 import torch
 
 from models.config import ModelSpec
-from tests.tiny import TINY_PN, tiny_vae_var
+from tests.tiny import tiny_spec, tiny_vae_var
 from utils import checkpoint as ck
 from utils.checkpoint import (CheckpointError, OfficialDigestError, UnsafeCheckpointError, load_var_weights,
                               read_checkpoint, read_dcp_metadata, save_atomic, sha256_of)
 from utils.model_io import load_models, safetensors_twin, save_slim, slim_export
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SPEC = ModelSpec(depth=4, use_implicit=True, pre_depth=1, post_depth=1, embed_dim=32, num_heads=2,
-                 patch_nums=TINY_PN, V=48, Cvae=8, vae_ch=32, vae_ch_mult=(1, 1), vae_num_res_blocks=1, num_classes=5)
+SPEC = tiny_spec(True)
 
 
 # ---------------------------------------------------------------- hostile files
