@@ -1,0 +1,85 @@
+"""IterKVCaches: which iterate of each earlier scale every per-iteration cache of the implicit block holds.
+
+The scale loop is simulated without a model: iteration t of scale s writes keys filled with 100 * s + t (values
+with its negative), so reading a cache back says, scale by scale, which iteration produced what it holds.
+"""
+from typing import List, Optional, Sequence
+
+import torch
+
+from models.kv_cache import IterKVCaches, KVCache
+
+PN = (1, 2, 3)   # scales of 1, 4 and 9 tokens: begin/end (0, 1), (1, 5), (5, 14)
+
+
+def run_scales(caches: IterKVCaches, iters: Sequence[int]) -> IterKVCaches:
+    """Drive the caches as VIAR's scale loop does: scale s runs iters[s] iterations, then end_scale."""
+    for s, (pn, n) in enumerate(zip(PN, iters)):
+        l = pn * pn
+        for t in range(n):
+            tag = float(100 * s + t)
+            caches.get(t).append(torch.full((2, 1, l, 3), tag), torch.full((2, 1, l, 3), -tag))
+        caches.end_scale(n)
+    return caches
+
+
+def held(cache: Optional[KVCache]) -> List[float]:
+    """The tag of every cached token run, one entry per run of equal tags (i.e. per scale written), in order."""
+    k = cache.k_BHLc[:, :, :cache.length]
+    v = cache.v_BHLc[:, :, :cache.length]
+    assert torch.equal(v, -k), 'values were not written with their keys'
+    assert (k == k[:1, :1, :, :1]).all(), 'a token holds mixed tags across batch, heads or channels'
+    tags = k[0, 0, :, 0].tolist()
+    return [t for i, t in enumerate(tags) if i == 0 or tags[i - 1] != t]
+
+
+def tokens_per_tag(cache: KVCache) -> List[int]:
+    """How many tokens each run of held() covers."""
+    tags = cache.k_BHLc[0, 0, :cache.length, 0].tolist()
+    out = []
+    for i, t in enumerate(tags):
+        if i and tags[i - 1] == t:
+            out[-1] += 1
+        else:
+            out.append(1)
+    return out
+
+
+def test_increasing_counts_fill_later_caches_with_the_last_iterate():
+    # scale 0 runs t = 0, 1; scale 1 t = 0..2; scale 2 t = 0..3. Cache 2 first appears at scale 1 and
+    # cache 3 at scale 2: each must start with the *last* iterate of the scales that stopped before it
+    caches = run_scales(IterKVCaches(PN, [2, 3, 4], fill_forward=True), [2, 3, 4])
+    assert held(caches.caches[0]) == [0, 100, 200]
+    assert held(caches.caches[1]) == [1, 101, 201]
+    assert held(caches.caches[2]) == [1, 102, 202]      # scale 0 stopped after t = 1
+    assert held(caches.caches[3]) == [1, 102, 203]      # scale 1 stopped after t = 2
+    assert held(caches.last) == [1, 102, 203]
+    assert tokens_per_tag(caches.caches[3]) == [1, 4, 9]   # every scale at its own slot
+
+
+def test_a_scale_that_stops_early_is_copied_into_caches_later_iterations_already_made():
+    # scale 0 makes caches 0..2; scale 1 runs only t = 0, so cache 1 (which scale 2 reads at t = 1) must get
+    # scale 1's t = 0 iterate at scale 1's slot; cache 2 is never read past scale 0 (capacity 1 token)
+    caches = run_scales(IterKVCaches(PN, [3, 1, 2], fill_forward=True), [3, 1, 2])
+    assert held(caches.caches[0]) == [0, 100, 200]
+    assert held(caches.caches[1]) == [1, 100, 201]
+    assert tokens_per_tag(caches.caches[1]) == [1, 4, 9]
+    assert held(caches.caches[2]) == [2]
+    assert held(caches.last) == [2, 100, 201]
+
+
+def test_adaptive_stops_are_filled_forward_from_each_scales_last_iterate():
+    # counts=None: an adaptive schedule, whose stops (here 2, 1, 3) are only known as the scales run
+    caches = run_scales(IterKVCaches(PN, None, fill_forward=True), [2, 1, 3])
+    assert held(caches.caches[0]) == [0, 100, 200]
+    assert held(caches.caches[1]) == [1, 100, 201]      # scale 1 stopped after t = 0
+    assert held(caches.caches[2]) == [1, 100, 202]      # made at scale 2 from scale 0's t = 1 and scale 1's t = 0
+    assert held(caches.last) == [1, 100, 202]
+
+
+def test_without_fill_forward_a_cache_holds_only_the_scales_that_ran_its_iteration():
+    caches = run_scales(IterKVCaches(PN, [2, 3, 4], fill_forward=False), [2, 3, 4])
+    assert held(caches.caches[1]) == [1, 101, 201]
+    assert held(caches.caches[2]) == [102, 202] and tokens_per_tag(caches.caches[2]) == [4, 9]
+    assert held(caches.caches[3]) == [203] and tokens_per_tag(caches.caches[3]) == [9]
+    assert caches.last is None
