@@ -128,16 +128,83 @@ def test_cfg_zero_equals_the_conditional_model():
     assert torch.equal(tf.argmax(-1), torch.cat(tokens, 1))
 
 
+def per_scale_iteration_reference(var, counts, fill_forward: bool):
+    """A full-sequence stand-in for VIAR's backbone that runs scale j's implicit iterations counts[j] times.
+
+    Iteration t runs G over every token under the block-causal mask; a scale that has stopped (counts[j] <= t)
+    keeps its last input z^j_{counts[j]-1}, so later scales attend to the keys of its last iterate (fill-forward).
+    Without fill-forward, a scale running iteration t sees no scale that did not run it (the official behaviour).
+    Assigned to `var.train_backbone`, teacher forcing then computes what KV-cached sampling should.
+    """
+    scale_L = torch.tensor([0] + [1] * 4 + [2] * 9 + [3] * 16)   # the scale of every token of pyramid 1_2_3_4
+    assert len(scale_L) == var.L
+    runs_for = torch.tensor(counts)[scale_L]                 # (L,) iterations each token's scale runs
+
+    def backbone(x_BLC, ada, attn_bias, jfb_iters, path_keep_K2B=None):
+        ada_pre, ada_imp, ada_post = var._split(ada)
+        for block, a in zip(var.pre_blocks, ada_pre):
+            x_BLC = block(x_BLC, a, attn_bias)
+        z_in, z_out = x_BLC, x_BLC
+        for t in range(max(counts)):
+            bias = attn_bias.clone()
+            if not fill_forward:                             # rows still iterating ignore scales that stopped
+                bias[:, :, (runs_for > t)[:, None] & (runs_for <= t)[None, :]] = -torch.inf
+            out = var.implicit_step(z_in, x_BLC, ada_imp, bias)
+            z_out = torch.where((runs_for > t)[:, None], out, z_out)
+            z_in = torch.where((runs_for > t + 1)[:, None], out, z_in)
+        for block, a in zip(var.post_blocks, ada_post):
+            z_out = block(z_out, a, attn_bias)
+        return z_out
+    return backbone
+
+
+def reference_logits(var, counts, fill_forward: bool, labels, tokens):
+    """(cond, uncond) logits of teacher forcing through per_scale_iteration_reference on the sampled tokens."""
+    x = var.vae_quant_proxy[0].idxBl_to_var_input(tokens)
+    var.train_backbone = per_scale_iteration_reference(var, counts, fill_forward)
+    try:
+        with torch.no_grad():
+            return var(labels, x), var(torch.full_like(labels, var.num_classes), x)
+    finally:
+        del var.train_backbone
+
+
+def max_diff(a, b) -> float:
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize('schedule', [S.explicit([1, 2, 3, 4], 4), S.explicit([2, 1, 3, 2], 4),
+                                      S.explicit([3, 3, 2, 1], 4), S.adaptive(0.3, 6, 4)])
+@pytest.mark.parametrize('fill_forward', [True, False])
+def test_cached_sampling_attends_to_each_scales_last_iterate(schedule, fill_forward):
+    """For the iterations each scale ran, the KV-cached logits equal the full-sequence reference above on the sampled
+    tokens; where some scale runs more iterations than an earlier one, the other setting's reference differs."""
+    _, var = tiny_vae_var(True)
+    var.cond_drop_rate = 0.0
+    labels = torch.tensor([1, 2])
+    _, logits, tokens, stats = sample_and_capture(var, 2, labels, g_seed=3, cfg=1.5, top_k=10, schedule=schedule,
+                                                  fill_forward=fill_forward)
+    counts = stats.iters
+    increasing = any(b > a for a, b in zip(counts, counts[1:]))
+    if schedule.adaptive:
+        assert increasing, f'tau 0.3 should stop some scale before a later one ({counts}): pick another tau'
+    else:
+        assert counts == schedule.counts
+    cached = torch.cat(logits, dim=1)
+    cond, null = reference_logits(var, counts, fill_forward, labels, tokens)
+    assert max_diff(cached[:2], cond) < 1e-4 and max_diff(cached[2:], null) < 1e-4, \
+        f'cached vs reference: {max_diff(cached[:2], cond):.2e}, {max_diff(cached[2:], null):.2e}'
+    other, _ = reference_logits(var, counts, not fill_forward, labels, tokens)
+    assert (max_diff(cond, other) > 1e-3) == increasing
+
+
 def test_fill_forward_only_matters_for_increasing_schedules():
+    """Non-increasing counts never reach an iteration index an earlier scale skipped: both settings sample alike."""
     _, var = tiny_vae_var(True)
     kw = dict(B=2, label_B=torch.tensor([1, 2]), g_seed=3, top_k=1)
-    dec = S.decreasing(4, 2, 4)
-    assert torch.equal(var.autoregressive_infer_cfg(schedule=dec, fill_forward=True, **kw),
-                       var.autoregressive_infer_cfg(schedule=dec, fill_forward=False, **kw))
-    inc = S.explicit([1, 2, 3, 4], 4)
-    _, lf, _, _ = sample_and_capture(var, 2, torch.tensor([1, 2]), g_seed=3, top_k=1, schedule=inc, fill_forward=True)
-    _, lo, _, _ = sample_and_capture(var, 2, torch.tensor([1, 2]), g_seed=3, top_k=1, schedule=inc, fill_forward=False)
-    assert torch.equal(lf[0], lo[0]) and not torch.allclose(lf[1], lo[1])
+    for sch in (S.decreasing(4, 2, 4), S.explicit([3, 3, 2, 0], 4)):
+        assert torch.equal(var.autoregressive_infer_cfg(schedule=sch, fill_forward=True, **kw),
+                           var.autoregressive_infer_cfg(schedule=sch, fill_forward=False, **kw))
 
 
 def test_cache_capacities_and_bytes_follow_the_schedule():
