@@ -166,6 +166,24 @@ def test_precision_recall_independent_of_block_and_dtype():
     assert 0.0 < want[0] < 1.0 and 0.0 < want[1] < 1.0
 
 
+def test_precision_recall_use_the_third_neighbour_as_adm():
+    """Four points on a line and the same four shifted by 7.5; squared radii worked out by hand.
+
+    ref 0, 1, 2, 4: sorted squared distances (the point itself first) are 0,1,4,16 | 0,1,1,9 | 0,1,4,4 | 0,4,9,16,
+    so the 3rd-neighbour radii are 16, 9, 4, 16 (the 2nd-neighbour ones 4, 1, 4, 9). The samples 7.5, 8.5, 9.5,
+    11.5 have the same radii. Only sample 7.5 lies in a reference ball (ref 4: 3.5^2 = 12.25 <= 16) and only ref 4
+    in a sample ball (sample 7.5: 12.25 <= 16): precision = recall = 1/4. With k = 2 no ball reaches across
+    (the widest, 9, is < 12.25), so both would be 0; k = 4 needs five rows.
+    """
+    ref = np.array([[0.0], [1.0], [2.0], [4.0]])
+    sample = ref + 7.5
+    assert fm.knn_radii(ref).tolist() == [16, 9, 4, 16]
+    assert fm.knn_radii(sample).tolist() == [16, 9, 4, 16]
+    assert fm.knn_radii(ref, k=2).tolist() == [4, 1, 4, 9]
+    assert _pr(ref, sample) == (0.25, 0.25)
+    assert fm.manifold_precision_recall(ref, fm.knn_radii(ref, k=2), sample, fm.knn_radii(sample, k=2)) == (0.0, 0.0)
+
+
 def test_numpy_kernel_rejects_float16():
     with pytest.raises(ValueError, match='float32/float64'):
         fm.NumpyDistanceKernel('float16')
