@@ -9,7 +9,7 @@ import torch
 import dist
 from utils.train import args as arg_util
 from utils.train.amp_opt import AmpOptimizer, build_adamw
-from utils.data.sampler import DistInfiniteBatchSampler, EvalDistributedSampler
+from utils.data.sampler import DistInfiniteBatchSampler, EvalDistributedSampler, epoch_permutation
 from utils.train.ema import ModelEMA, ema_decay_at
 from utils.train.hooks import parse_steps
 from utils.train.lr_control import lr_ratio, param_groups, prog_stage, prog_warmup, wd_at
@@ -26,6 +26,27 @@ def test_lr_warmup_is_linear_from_wp0_to_one():
     assert lr_ratio('lin0', 0, wp, 110, wp0, 0.01) == pytest.approx(wp0)
     assert lr_ratio('lin0', 5, wp, 110, wp0, 0.01) == pytest.approx(wp0 + (1 - wp0) * 0.5)
     assert lr_ratio('lin0', 10, wp, 110, wp0, 0.01) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize('wp_it', [0.0, 0.4])
+def test_lr_without_warmup_steps_starts_at_the_peak(wp_it):
+    """A warm-up that rounds to 0 steps (e.g. --wp 0, or 0.4 of a step) is no warm-up: the schedule starts at the
+    peak at step 0 and decays over all 10 intervals of an 11-step run, e.g. lin00: 1 - 0.99 * it / 10."""
+    for sche in ('lin00', 'cos'):
+        assert lr_ratio(sche, 0, wp_it, 11, 0.005, 0.01) == pytest.approx(1.0, abs=1e-12)
+        assert lr_ratio(sche, 5, wp_it, 11, 0.005, 0.01) == pytest.approx(0.505, abs=1e-12)   # half way in both
+        assert lr_ratio(sche, 10, wp_it, 11, 0.005, 0.01) == pytest.approx(0.01, abs=1e-12)
+    assert lr_ratio('lin00', 2, wp_it, 11, 0.005, 0.01) == pytest.approx(0.802, abs=1e-12)   # 1 - 0.99 * 0.2
+    plan = _plan(total=11, sche='lin00', wp_it=wp_it, peak_lr=2.0)
+    lrs = [plan.schedule_at(g).lr for g in range(11)]
+    assert lrs == pytest.approx([2.0 - 0.198 * g for g in range(11)], abs=1e-12)
+
+
+def test_lr_warmup_of_under_one_and_a_half_steps_is_one_step():
+    """wp 0.6 rounds to 1: step 0 at wp0, then the decay from the peak over the 9 intervals left."""
+    assert lr_ratio('lin00', 0, 0.6, 11, 0.005, 0.01) == pytest.approx(0.005, abs=1e-12)
+    assert lr_ratio('lin00', 1, 0.6, 11, 0.005, 0.01) == pytest.approx(1.0, abs=1e-12)
+    assert lr_ratio('lin00', 10, 0.6, 11, 0.005, 0.01) == pytest.approx(0.01, abs=1e-12)
 
 
 @pytest.mark.parametrize('sche,frac,want', [
@@ -191,18 +212,25 @@ def test_global_batches_do_not_depend_on_world_size_and_cover_the_epoch():
 
 
 def test_sampler_resumes_at_its_saved_position():
-    s = DistInfiniteBatchSampler(11, 4, seed=5)
+    s = DistInfiniteBatchSampler(11, 4, seed=5)      # 3 global batches per epoch, the last topped up by 1
     it = iter(s)
     head = [next(it) for _ in range(5)]
     state = s.state_dict()
     tail = [next(it) for _ in range(6)]
+    run = head + tail
+    for e in range(3):   # epoch e: its permutation in batches of 4, the last one padded with the permutation's start
+        perm = epoch_permutation(5, e, 11)
+        assert sorted(perm) == list(range(11))
+        assert [[i for i, _ in b] for b in run[3 * e:3 * e + 3]] == [perm[0:4], perm[4:8], perm[8:11] + perm[:1]], e
     t = DistInfiniteBatchSampler(11, 4, seed=5)
     t.load_state_dict(state)
-    assert [next(iter(t)) for _ in range(1)] == tail[:1]
-    u = DistInfiniteBatchSampler(11, 4, seed=5)
-    u.load_state_dict(u.position_at(5))
-    ui = iter(u)
-    assert [next(ui) for _ in range(6)] == tail and head   # same order whatever the restart point
+    ti = iter(t)
+    assert [next(ti) for _ in range(6)] == tail
+    for r in range(len(run)):   # same batches, augmentation seeds included, whatever the restart point
+        u = DistInfiniteBatchSampler(11, 4, seed=5)
+        u.load_state_dict(u.position_at(r))
+        ui = iter(u)
+        assert [next(ui) for _ in range(len(run) - r)] == run[r:], f'restart at batch {r}'
 
 
 def test_eval_sampler_splits_without_overlap():
