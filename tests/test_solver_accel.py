@@ -7,7 +7,7 @@ import torch
 from bench import fixed_point as fp
 from models import schedules as S
 from models import solver
-from models.solver import SolverSpec, anderson_iterate, fixed_point_iterate
+from models.solver import SolveStats, SolverSpec, anderson_iterate, fixed_point_iterate
 from tests.tiny import tiny_vae_var
 
 
@@ -102,15 +102,42 @@ def test_anderson_writes_each_iteration_cache_once_per_scale_in_order(schedule):
         begin += pn * pn
 
 
-@pytest.mark.parametrize('schedule', [S.constant(3, 4), S.decreasing(5, 2, 4), S.adaptive(1e-2, 6, 4)])
+class HandPicard:
+    """The plain iteration written out here, independent of models/solver.py: z <- G(z, t) for t < max_iter,
+    stopping after iteration t + 1 >= min_iter once ||z_new - z|| / ||z_new|| <= tau."""
+
+    def __init__(self):
+        self.calls = []
+
+    def solve(self, G, z0, max_iter, tau=None, stop_mode='rel', min_iter=1):
+        assert stop_mode == 'rel'
+        z, res, n = z0, None, 0
+        while n < max_iter:
+            z_new = G(z, n)
+            res = (z_new.float() - z.float()).norm() / (z_new.float().norm() + 1e-9)
+            z, n = z_new, n + 1
+            if tau is not None and n >= min_iter and res.item() <= tau:
+                break
+        self.calls.append(n)
+        return z, SolveStats(n, res)
+
+
+@pytest.mark.parametrize('schedule', [S.constant(3, 4), S.decreasing(5, 2, 4), S.adaptive(0.05, 6, 4)])
 def test_default_solver_is_bit_identical_to_the_plain_iteration(schedule):
-    for use_implicit in (True, False):
-        _, var = tiny_vae_var(use_implicit)
-        kw = dict(g_seed=3, cfg=1.5, top_k=10, top_p=0.9, schedule=schedule)
-        today = var.autoregressive_infer_cfg(3, 2, **kw)
-        assert torch.equal(var.autoregressive_infer_cfg(3, 2, solver=SolverSpec(), **kw), today)
-        if not use_implicit:   # VAR has no implicit block: any solver is ignored
-            assert torch.equal(var.autoregressive_infer_cfg(3, 2, solver=SolverSpec('anderson'), **kw), today)
+    """No solver and SolverSpec() give exactly the samples of the plain iteration written in the test."""
+    _, var = tiny_vae_var(True)
+    kw = dict(g_seed=3, cfg=1.5, top_k=10, top_p=0.9, schedule=schedule)
+    hand = HandPicard()
+    want, want_stats = var.autoregressive_infer_cfg(3, 2, solver=hand, return_stats=True, **kw)
+    assert want_stats.iters == hand.calls and (schedule.adaptive or hand.calls == schedule.counts)
+    for solver in (None, SolverSpec()):
+        got, stats = var.autoregressive_infer_cfg(3, 2, solver=solver, return_stats=True, **kw)
+        assert torch.equal(got, want) and stats.iters == want_stats.iters
+    if schedule.adaptive:
+        assert len(set(hand.calls)) > 1, f'tau stops every scale alike ({hand.calls}): the test needs another tau'
+    _, var = tiny_vae_var(False)   # VAR has no implicit block: any solver is ignored
+    plain = var.autoregressive_infer_cfg(3, 2, **kw)
+    assert torch.equal(var.autoregressive_infer_cfg(3, 2, solver=SolverSpec('anderson'), **kw), plain)
 
 
 # ---------------------------------------------------------------- the study (bench/fixed_point.py)
