@@ -83,7 +83,12 @@ def test_build_is_deterministic_and_official_init():
     proj = v.pre_blocks[0].attn.proj.weight
     assert abs(proj.std().item() / (std / (2 * v.depth) ** 0.5) - 1) < 0.3
     assert torch.allclose(v.pre_blocks[0].attn.scale_mul_1H11.exp(), torch.tensor(4.0))
-    assert torch.equal(v.attn_bias_for_masking, __import__('models.layout', fromlist=['x']).block_causal_bias(v.patch_nums))
+    # block-causal mask of pyramid 1_2_3_4, built from its token ranges: a row of scale s sees columns < end of s
+    mask = torch.full((30, 30), -torch.inf)
+    for begin, end in ((0, 1), (1, 5), (5, 14), (14, 30)):
+        mask[begin:end, :end] = 0.0
+    assert v.attn_bias_for_masking.shape == (1, 1, 30, 30)
+    assert torch.equal(v.attn_bias_for_masking[0, 0], mask)
 
 
 @pytest.mark.parametrize('use_implicit', [False, True])
