@@ -56,8 +56,13 @@ def test_writes_each_png_and_grid_and_matches_official_call(viar_ckpt, tmp_path)
     assert names == ['class3_seed5.png', 'class3_seed6.png', 'class3_seed7.png', 'class3_seeds5_6_7_grid.png']
     assert sorted(map(os.path.basename, paths)) == names
     assert read_png(out / 'class3_seed5.png').shape == (RES, RES, 3)
-    h, w = image_io.grid_size(3, 2, RES, RES)
-    assert read_png(out / 'class3_seeds5_6_7_grid.png').shape == (h, w, 3)
+    # 3 images of 8 px, 2 per row, 2 px of padding around and between them: 2 rows x 2 columns,
+    # 2 + 2 * (8 + 2) = 22 px each way, images at offsets 2 and 12, the fourth cell left white
+    grid = read_png(out / 'class3_seeds5_6_7_grid.png')
+    assert grid.shape == (22, 22, 3)
+    for (y, x), seed in zip(((2, 2), (2, 12), (12, 2)), (5, 6, 7)):
+        assert np.array_equal(grid[y:y + RES, x:x + RES], read_png(out / f'class3_seed{seed}.png')), seed
+    assert (grid[12:20, 12:20] == 255).all()
     # each image is the official one-image call with g_seed = seed
     _, var = tiny_vae_var(True)
     for seed in (5, 7):
@@ -70,7 +75,7 @@ def test_two_classes_grid_rows_are_classes(viar_ckpt, tmp_path):
     run(viar_ckpt, tmp_path, '--class_label', 1, 4, '--seeds', 2, 3, 9)
     out = tmp_path / 'tiny_viar'
     grid = read_png(out / 'classes1_4_seeds2_3_9_grid.png')
-    assert grid.shape[:2] == image_io.grid_size(6, 3, RES, RES)   # 2 rows x 3 columns
+    assert grid.shape == (22, 32, 3)   # 2 rows x 3 columns of 8 px, 2 px padding: 2 + 2 * 10, 2 + 3 * 10
     pad = 2
     for r, c in enumerate((1, 4)):
         for k, s in enumerate((2, 3, 9)):
