@@ -148,10 +148,14 @@ def test_json_report(reference):
     out, _ = reference
     with open(os.path.join(str(out), FOLDER + '.json')) as f:
         report = json.load(f)
-    planned = np.linspace(*ITERS, 4, dtype=int).tolist()
-    assert report['iters_per_scale_planned'] == planned
-    assert report['iters_per_scale'] == planned            # a fixed schedule runs exactly its counts
-    assert report['images'] == NUM_CLASSES * PER_CLASS == report['images_sampled_this_run']
+    # --iter_left 3 --iter_right 2 over 4 scales: linspace 3, 2.67, 2.33, 2 truncated to 3, 2, 2, 2 iterations.
+    # 3 classes x 3 images in batches of 2 that never mix classes: 2 + 1 per class, 6 batches, 9 images;
+    # summed over the batches, 6 x (3, 2, 2, 2) iterations
+    assert report['iters_per_scale_planned'] == [3, 2, 2, 2]
+    assert report['iters_per_scale'] == [3, 2, 2, 2]       # a fixed schedule runs exactly its counts
+    assert report['images'] == 9 == report['images_sampled_this_run']
+    [rank0] = report['per_rank']
+    assert rank0['images'] == 9 and rank0['batches'] == 6 and rank0['iters_sum'] == [18, 12, 12, 12]
     assert report['images_per_s'] > 0 and report['peak_memory_bytes'] > 0
     assert report['peak_memory_kind'] == 'cpu_peak_rss'
     assert report['settings']['batch_size'] == BATCH and report['model']['use_implicit'] is True
