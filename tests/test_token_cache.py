@@ -91,16 +91,46 @@ def test_cache_sampler_keeps_the_image_order_at_any_world_size():
 
 # ---------------------------------------------------------------- the cache equals on-the-fly tokens
 
-def test_cached_tokens_equal_on_the_fly_centre_crop_at_the_same_batch_size(setup):
-    data, vae_path, crop, _ = setup
-    from utils.data.datasets import build_datasets, build_transforms
+def tiny_vae(vae_path: str) -> VQVAE:
+    """The tokenizer of `tokenizer_file`, loaded back."""
     from utils.checkpoint import load_vae_weights
-    man = tc.open_cache(crop)
-    assert man['settings']['resolution'] == 16 and man['settings']['mid_reso_px'] == 18
-    assert man['splits']['train']['images'] == 16 and len(man['splits']['train']['shards']) == 2
     vae = VQVAE(vocab_size=32, z_channels=8, ch=32, test_mode=True, share_quant_resi=4, v_patch_nums=PN,
                 ch_mult=(1, 2, 4), num_res_blocks=1)
     load_vae_weights(vae, vae_path)
+    return vae.eval()
+
+
+def resized(path: str, side: int = 18):
+    """A (square) image of the test folder resized to side x side as the extractor does (LANCZOS)."""
+    import PIL.Image as PImage
+    img = PImage.open(path).convert('RGB')
+    assert img.size[0] == img.size[1]
+    return img.resize((side, side), PImage.LANCZOS)
+
+
+def crop_tensor(img, left: int, top: int, mirrored: bool) -> torch.Tensor:
+    """(3, 16, 16) in [-1, 1] of the 16 px crop at (left, top), mirrored left-right by PIL when asked."""
+    import PIL.Image as PImage
+    crop = img.crop((left, top, left + 16, top + 16))
+    if mirrored:
+        crop = crop.transpose(PImage.FLIP_LEFT_RIGHT)
+    arr = np.asarray(crop, dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1) * 2 - 1
+
+
+def encode(vae, imgs_B3HW: torch.Tensor) -> torch.Tensor:
+    """(B, L) token indices of a batch, scales concatenated (as the cache stores them)."""
+    with torch.no_grad():
+        return torch.cat(vae.img_to_idxBl(imgs_B3HW), dim=1)
+
+
+def test_cached_tokens_equal_on_the_fly_centre_crop_at_the_same_batch_size(setup):
+    data, vae_path, crop, _ = setup
+    from utils.data.datasets import build_datasets, build_transforms
+    man = tc.open_cache(crop)
+    assert man['settings']['resolution'] == 16 and man['settings']['mid_reso_px'] == 18
+    assert man['splits']['train']['images'] == 16 and len(man['splits']['train']['shards']) == 2
+    vae = tiny_vae(vae_path)
     _, train_set, val_set = build_datasets(data, 16, 18)
     _, centre = build_transforms(16, 18, hflip=False)
     for split, samples in (('train', train_set.base.samples), ('val', val_set.samples)):
@@ -133,21 +163,66 @@ def test_training_from_the_cache_gives_the_image_training_losses(setup, tmp_path
     assert val[0].split('Lm')[1] == val[1].split('Lm')[1]   # validation (centre crops) equal too
 
 
-def test_views_are_drawn_per_epoch_from_stored_crops_and_flips(setup, tmp_path):
-    data, vae, _, _ = setup
+def test_hflip_views_hold_the_tokens_of_the_left_right_mirrored_crop(setup, tmp_path):
+    """--hflip: view 1 of every training image is the tokenizer's output on its centre crop mirrored left to right."""
+    data, vae_path, _, _ = setup
     out = str(tmp_path / 'c')
-    extract('--data_path', data, '--vae_ckpt', vae, '--pn', '1_2_3_4', '--out', out, '--crops', 2, '--hflip',
+    extract('--data_path', data, '--vae_ckpt', vae_path, '--pn', '1_2_3_4', '--out', out, '--hflip', '--batch_size', 4,
+            '--shard_size', 8, '--device', 'cpu', '--progress', 'False')
+    man = tc.open_cache(out)
+    assert man['splits']['train']['views'] == 2
+    from utils.data.datasets import build_datasets
+    _, train_set, _ = build_datasets(data, 16, 18)
+    samples = train_set.base.samples
+    vae = tiny_vae(vae_path)
+    stored = torch.from_numpy(np.concatenate([np.load(os.path.join(out, f'train-0000{k}.tokens.npy'))
+                                              for k in range(2)]).astype(np.int64))   # (16 images, 2 views, L)
+    for b in range(0, 16, 4):   # the extractor's batches
+        imgs = [resized(p) for p, _ in samples[b:b + 4]]
+        plain = encode(vae, torch.stack([crop_tensor(im, 1, 1, False) for im in imgs]))       # 18 px: centre at 1
+        mirrored = encode(vae, torch.stack([crop_tensor(im, 1, 1, True) for im in imgs]))
+        upside_down = encode(vae, torch.stack([crop_tensor(im, 1, 1, False).flip(-2) for im in imgs]))
+        assert torch.equal(stored[b:b + 4, 0], plain), f'batch {b // 4}: view 0 is not the centre crop'
+        assert torch.equal(stored[b:b + 4, 1], mirrored), f'batch {b // 4}: view 1 is not the left-right mirror'
+        assert not torch.equal(mirrored, upside_down) and not torch.equal(mirrored, plain)   # the check can tell
+
+
+def test_views_are_drawn_per_epoch_from_stored_crops_and_flips(setup, tmp_path):
+    """Each stored view is the tokenizer's output on one 16 px crop of the 18 px image (view 2c) or on that same crop
+    mirrored (view 2c + 1); the two crops differ; training draws one of these views per (seed, epoch, image)."""
+    data, vae_path, _, _ = setup
+    out = str(tmp_path / 'c')
+    extract('--data_path', data, '--vae_ckpt', vae_path, '--pn', '1_2_3_4', '--out', out, '--crops', 2, '--hflip',
             '--seed', 5, '--device', 'cpu', '--progress', 'False', '--batch_size', 8)
     man = tc.open_cache(out)
     assert man['splits']['train']['views'] == 4 and man['splits']['val']['views'] == 1
     tok = np.load(os.path.join(out, 'train-00000.tokens.npy'))
     assert tok.dtype == np.uint16 and tok.shape == (16, 4, L)
-    assert (tok[:, 0] != tok[:, 2]).any()   # two random crops of 18 px images differ somewhere
+    stored = torch.from_numpy(tok.astype(np.int64))
+    from utils.data.datasets import build_datasets
+    _, train_set, _ = build_datasets(data, 16, 18)
+    samples = train_set.base.samples
+    vae = tiny_vae(vae_path)
+    offsets = [(left, top) for top in range(3) for left in range(3)]   # every 16 px crop of an 18 px image
+    imgs = [resized(p) for p, _ in samples[:8]]                       # the extractor's first batch
+    plain = {o: encode(vae, torch.stack([crop_tensor(im, *o, False) for im in imgs])) for o in offsets}
+    crop_of = {(i, c): {o for o in offsets if torch.equal(stored[i, 2 * c], plain[o][i])}   # offsets whose tokens
+               for i in range(8) for c in range(2)}                                          # match view 2c
+    assert all(crop_of.values()), 'some view 2c is no unmirrored crop of its image'
+    mirrored = {o: encode(vae, torch.stack([crop_tensor(im, *o, True) for im in imgs]))
+                for o in set().union(*crop_of.values())}
+    for (i, c), found in crop_of.items():
+        assert any(torch.equal(stored[i, 2 * c + 1], mirrored[o][i]) for o in found), \
+            f'image {i} view {2 * c + 1} is not view {2 * c} mirrored left-right'
+    assert any(crop_of[i, 0].isdisjoint(crop_of[i, 1]) for i in range(8))   # two random crops, not one twice
     ds = tc.TokenShards(out, man, 'train', seed=11)
+    drawn = set()
     for i in range(16):
         for epoch in range(3):
             v = tc.draw_view(11, epoch, i, 4)
-            assert torch.equal(ds[(i, epoch)][0], torch.from_numpy(tok[i, v].astype(np.int64)))
+            assert torch.equal(ds[(i, epoch)][0], stored[i, v])
+            drawn.add(v)
+    assert drawn == {0, 1, 2, 3}
 
 
 # ---------------------------------------------------------------- resumable extraction and bad input
