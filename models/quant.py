@@ -285,13 +285,15 @@ class VectorQuantizer2(nn.Module):
 
     # ------------------------------------------------------------------ VAR inputs
     def idxBl_to_var_input(self, gt_ms_idx_Bl: List[torch.Tensor], prog_si: int = -1) -> torch.Tensor:
-        """Teacher-forcing input (B, L - first_l, C) float32: f_hat after scales < k, area-pooled to scale k.
+        """Teacher-forcing input (B, L - first_l, C) float32 (float64 for a float64 quantizer): f_hat after scales
+        < k, area-pooled to scale k.
 
         prog_si >= 0 (progressive training) stops at the input of scale prog_si.
         """
         B, C, SN = gt_ms_idx_Bl[0].shape[0], self.Cvae, len(self.v_patch_nums)
         H = W = self.v_patch_nums[-1]
-        f_hat = gt_ms_idx_Bl[0].new_zeros(B, C, H, W, dtype=torch.float32)
+        dtype = torch.promote_types(self.embedding.weight.dtype, torch.float32)   # float32, or float64 for float64
+        f_hat = gt_ms_idx_Bl[0].new_zeros(B, C, H, W, dtype=dtype)
         next_scales = []
         for si in range(SN - 1):
             if prog_si == 0 or 0 <= prog_si - 1 < si:

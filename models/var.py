@@ -194,9 +194,9 @@ class VARBase(nn.Module):
         return block(x_BLC, ada, attn_bias, kv, keep_2B)
 
     def get_logits(self, h_BLC: torch.Tensor, cond_BD: torch.Tensor, ada_head: Optional[torch.Tensor] = None):
-        """Vocabulary logits in float32."""
+        """Vocabulary logits in float32 (float64 for a float64 model)."""
         ada_head = self.head_nm.modulation(cond_BD) if ada_head is None else ada_head
-        return self.head(self.head_nm(h_BLC.float(), ada_head).float()).float()
+        return at_least_fp32(self.head(at_least_fp32(self.head_nm(at_least_fp32(h_BLC), ada_head))))
 
     def forward(self, label_B: torch.LongTensor, x_BLCv_wo_first_l: torch.Tensor,
                 jfb_iters: Optional[Tuple[int, int]] = None, prog_si: int = -1,
@@ -219,7 +219,7 @@ class VARBase(nn.Module):
             sos = cond_BD = self.class_emb(label_B)
             sos = sos.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, self.first_l, -1)
             # word_embed always runs (on an empty slice at prog_si == 0) so DDP sees it used
-            words = self.word_embed(x_BLCv_wo_first_l[:, :ed - self.first_l].float())
+            words = self.word_embed(at_least_fp32(x_BLCv_wo_first_l[:, :ed - self.first_l]))
             x_BLC = torch.cat((sos, words), dim=1)
             x_BLC = x_BLC + (self.lvl_embed(self.lvl_1L[:, :ed].expand(B, -1)) + self.pos_1LC[:, :ed])
         attn_bias = self.attn_bias_for_masking[:, :, :ed, :ed]
@@ -230,7 +230,7 @@ class VARBase(nn.Module):
         ada = [a.to(main_type) for a in ada]
         h_BLC = self.train_backbone(x_BLC, ada, attn_bias, jfb_iters,
                                     None if draws is None else draws.path_keep_K2B)
-        return self.get_logits(h_BLC.float(), cond_BD)
+        return self.get_logits(h_BLC, cond_BD)
 
     @torch.no_grad()
     def autoregressive_infer_cfg(self, B: int, label_B: Optional[Union[int, torch.LongTensor]],
@@ -349,6 +349,12 @@ class VARBase(nn.Module):
 
     def extra_repr(self) -> str:
         return f'drop_path_rate={self.drop_path_rate:g}'
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 where the official code calls .float() (half types and float32); float64 stays float64, so a
+    model in float64 computes every step in float64 (the machine-independent references of the tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def state_nbytes(state) -> int:

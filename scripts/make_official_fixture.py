@@ -12,18 +12,27 @@ state dict (the only tokenizer part next-scale sampling reads besides the final 
 official code computes from them: the teacher-forced logits (VIAR with n = 2 no-grad and m = 1
 iterations) and the token maps `autoregressive_infer_cfg` samples at every scale, greedy and with
 top-k/top-p, for the official iteration knobs (3,3), (4,2), (1,8).
+Every output is recorded twice: in float32 (the official code as it is) and in float64 (`fp64` in the file), with
+the models and inputs converted by `.double()`. The official code casts to float32 in four places (the head's
+`.float()` calls, `word_embed(x.float())`, the quantizer's `dtype=torch.float32`); scripts/official_fp64.patch turns
+those casts into ones that keep float64 (float32 and the half types are cast exactly as before) and is applied to a
+temporary copy of the checkout, never to the checkout itself. float32 results depend on the CPU's kernels in their
+last bits; float64 ones agree across CPUs far below any real difference, which is what makes the tests
+machine-independent (tests/test_official_fixture.py).
 tests/test_official_fixture.py loads all of it into this project's models and compares.
 
 `--config tiny_saln512` writes tests/data/official_tiny_saln512.pt instead: the same record for the
 shared-AdaLN (`--saln=1`) models on the 512 px pyramid 1,2,3,4,6,9,13,18,24,32 (L = 2240), read by
-tests/test_official_saln512.py; the default configuration and its file are left as they are.
+tests/test_official_fixture.py as well.
 `--keys var_d36` builds VAR-d36-s (depth 36, shared AdaLN, 512 px pyramid) on the CPU without initialising its
 weights and writes its state-dict keys, shapes and parameter count to tests/data/official_var_d36_keys.json
 (tests/test_512.py).
 """
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 SIZES = dict(depth=4, embed_dim=16, num_heads=2, pre_depth=1, post_depth=1, V=48, Cvae=8, patch_nums=(1, 2, 3, 4),
              num_classes=5)
@@ -32,6 +41,7 @@ SAMPLERS = {'greedy': dict(top_k=1, top_p=0.0), 'topk_topp': dict(top_k=10, top_
 LABELS_TRAIN, LABELS_SAMPLE, G_SEED, CFG = [1, 3], [0, 4], 5, 1.5
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests', 'data')
 OUT = os.path.join(DATA, 'official_tiny.pt')
+FP64_PATCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'official_fp64.patch')
 PYRAMID_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
 # name -> (sizes, shared AdaLN, output file); 'tiny' is the original fixture, unchanged
 CONFIGS = {'tiny': (SIZES, False, OUT),
@@ -59,21 +69,10 @@ def official_models(use_implicit: bool, seed: int, sizes: dict = SIZES, shared_a
     return vae.eval(), var.eval()
 
 
-def record(use_implicit: bool, sizes: dict = SIZES, shared_aln: bool = False, compact_mask: bool = False) -> dict:
+def outputs(vae, var, idx_Bl) -> dict:
+    """Teacher-forced input and logits, and every scale's sampled token map for each sampler and knob."""
     import torch
-    vae, var = official_models(use_implicit, seed=10 + use_implicit, sizes=sizes, shared_aln=shared_aln)
-    var.cond_drop_rate = 0.0
-    g = torch.Generator().manual_seed(20 + use_implicit)
-    idx_Bl = [torch.randint(0, sizes['V'], (len(LABELS_TRAIN), pn * pn), generator=g) for pn in sizes['patch_nums']]
-    if use_implicit:   # the official trainer draws n and m; fixed here so the fixture is one forward
-        var.implicit_no_grad_min_iters = var.implicit_no_grad_max_iters = 2
-        var.implicit_with_grad_min_iters = var.implicit_with_grad_max_iters = 1
-    out = dict(var_sd=var.state_dict(), quant_sd=vae.quantize.state_dict(), idx_Bl=idx_Bl, samples={})
-    if compact_mask:   # the (1, 1, L, L) mask is 20 MB at L = 2240: its sha256 stands in for it
-        import hashlib
-        mask = out['var_sd'].pop('attn_bias_for_masking')
-        out.update(mask_shape=tuple(mask.shape),
-                   mask_sha256=hashlib.sha256(mask.float().contiguous().numpy().tobytes()).hexdigest())
+    out = dict(samples={})
     with torch.no_grad():
         x = vae.quantize.idxBl_to_var_input(idx_Bl)
         out.update(x_BLCv=x, logits_BLV=var(torch.tensor(LABELS_TRAIN), x))
@@ -86,6 +85,42 @@ def record(use_implicit: bool, sizes: dict = SIZES, shared_aln: bool = False, co
                 hook.remove()
                 out['samples'][(name, left, right)] = toks
     return out
+
+
+def record(use_implicit: bool, sizes: dict = SIZES, shared_aln: bool = False, compact_mask: bool = False) -> dict:
+    """Weights, inputs and the official outputs in float32; the same outputs in float64 under 'fp64'."""
+    import torch
+    vae, var = official_models(use_implicit, seed=10 + use_implicit, sizes=sizes, shared_aln=shared_aln)
+    var.cond_drop_rate = 0.0
+    g = torch.Generator().manual_seed(20 + use_implicit)
+    idx_Bl = [torch.randint(0, sizes['V'], (len(LABELS_TRAIN), pn * pn), generator=g) for pn in sizes['patch_nums']]
+    if use_implicit:   # the official trainer draws n and m; fixed here so the fixture is one forward
+        var.implicit_no_grad_min_iters = var.implicit_no_grad_max_iters = 2
+        var.implicit_with_grad_min_iters = var.implicit_with_grad_max_iters = 1
+    clone = lambda sd: {k: v.clone() for k, v in sd.items()}  # noqa: E731  (.double() below converts in place)
+    out = dict(var_sd=clone(var.state_dict()), quant_sd=clone(vae.quantize.state_dict()), idx_Bl=idx_Bl)
+    if compact_mask:   # the (1, 1, L, L) mask is 20 MB at L = 2240: its sha256 stands in for it
+        import hashlib
+        mask = out['var_sd'].pop('attn_bias_for_masking')
+        out.update(mask_shape=tuple(mask.shape),
+                   mask_sha256=hashlib.sha256(mask.float().contiguous().numpy().tobytes()).hexdigest())
+    out.update(outputs(vae, var, idx_Bl))
+    out['fp64'] = outputs(vae.double(), var.double(), idx_Bl)   # the same weights, exactly, in float64
+    return out
+
+
+def patched_copy(official: str) -> str:
+    """A temporary copy of the official checkout (without .git) with official_fp64.patch applied; the caller
+    removes it."""
+    tmp = tempfile.mkdtemp(prefix='official-fp64-')
+    shutil.copytree(official, os.path.join(tmp, 'code'), ignore=shutil.ignore_patterns('.git'))
+    code = os.path.join(tmp, 'code')
+    done = subprocess.run(['git', 'apply', '--unidiff-zero', FP64_PATCH], cwd=code, capture_output=True, text=True)
+    if done.returncode != 0:
+        shutil.rmtree(tmp)
+        raise SystemExit(f'{FP64_PATCH} does not apply to {official}: {done.stderr.strip()} '
+                         f'(it was made against the official commit e7efe43)')
+    return code
 
 
 def key_list(name: str) -> dict:
@@ -126,6 +161,15 @@ def models_digest(official: str) -> str:
     return h.hexdigest()[:16]
 
 
+def machine() -> str:
+    """The CPU the float32 outputs were computed on (their last bits depend on it)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), 'unknown')
+    except OSError:
+        return 'unknown'
+
+
 def parse_argv(argv):
     """(official checkout, config name, key-list name or None)."""
     import argparse
@@ -142,8 +186,17 @@ def parse_argv(argv):
 
 def main():
     official, config, keys = parse_argv(sys.argv[1:])
+    code = patched_copy(official)
+    try:
+        write(official, code, config, keys)
+    finally:
+        shutil.rmtree(os.path.dirname(code))
+
+
+def write(official: str, code: str, config: str, keys):
+    """Import the official models from `code` (the patched copy of `official`) and write the requested file."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path[:] = [official] + [p for p in sys.path if p and os.path.abspath(p) not in (here, os.getcwd())]
+    sys.path[:] = [code] + [p for p in sys.path if p and os.path.abspath(p) not in (here, os.getcwd())]
     import torch
     torch.set_num_threads(1)
     try:
@@ -163,7 +216,8 @@ def main():
         return
     sizes, shared_aln, out = CONFIGS[config]
     meta = dict(official_commit=commit, torch=str(torch.__version__), sizes=sizes, knobs=KNOBS,
-                samplers=SAMPLERS, labels_train=LABELS_TRAIN, labels_sample=LABELS_SAMPLE, g_seed=G_SEED, cfg=CFG)
+                samplers=SAMPLERS, labels_train=LABELS_TRAIN, labels_sample=LABELS_SAMPLE, g_seed=G_SEED, cfg=CFG,
+                dtypes=['float32', 'float64'], machine=machine())
     if config != 'tiny':   # the original fixture's meta stays as it was
         meta.update(config=config, shared_aln=shared_aln)
     fixture = dict(meta=meta, var=record(False, sizes, shared_aln, config != 'tiny'),
