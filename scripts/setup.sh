@@ -5,14 +5,20 @@
 # and the app work without it; the evaluator then says how to add it. CI installs everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The browser of the web app's tests (tests/test_app.py): Debian's chromium and its matching chromium-driver,
-# installed where missing and apt is usable; elsewhere the browser tests are skipped and say why.
-if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
-  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } \
-      || echo "setup: apt could not install chromium / chromium-driver; the browser tests will be skipped"
+# System packages for two groups of tests: Debian's chromium and chromium-driver (the web app in a headless browser,
+# tests/test_app.py) and shellcheck (the lint of the launch scripts, tests/test_multinode.py). Installed with apt only
+# when asked, SETUP_SYSTEM_PACKAGES=1 (as root; CI sets it); without them those tests are skipped and say so.
+missing=()
+for tool in chromium chromedriver shellcheck; do command -v "$tool" >/dev/null 2>&1 || missing+=("$tool"); done
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "${SETUP_SYSTEM_PACKAGES:-0}" = 1 ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "setup: installing chromium, chromium-driver and shellcheck with apt (about 300 MB)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver shellcheck >/dev/null; } \
+      || echo "setup: apt could not install them; the browser and lint tests will be skipped"
+  elif [ "${SETUP_SYSTEM_PACKAGES:-0}" = 1 ]; then
+    echo "setup: SETUP_SYSTEM_PACKAGES=1 needs apt-get and root; missing ${missing[*]}: those tests will be skipped"
   else
-    echo "setup: no chromium / chromedriver, and no apt-get as root to install them; the browser tests will be skipped"
+    echo "setup: missing ${missing[*]} (the browser / lint tests will be skipped); SETUP_SYSTEM_PACKAGES=1 bash scripts/setup.sh installs them with apt"
   fi
 fi
 PY=${PYTHON:-python3}

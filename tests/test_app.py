@@ -409,7 +409,7 @@ TINY_FLAGS = ['--var_ckpt', 'random', '--depth', '4', '--use_implicit', 'True', 
 CHROMIUM = shutil.which('chromium') or '/usr/bin/chromium'
 CHROMEDRIVER = shutil.which('chromedriver') or '/usr/bin/chromedriver'
 needs_chromium = pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
-                                    reason='no chromium / chromedriver (scripts/setup.sh installs them with apt)')
+                                    reason='no chromium / chromedriver: SETUP_SYSTEM_PACKAGES=1 bash scripts/setup.sh installs them')
 
 
 def free_port() -> int:

@@ -314,7 +314,7 @@ def test_slurm_script_parses_and_lints():
     try:
         lint = subprocess.run(['shellcheck', SLURM_SH, TRAIN_SH], capture_output=True, text=True)
     except FileNotFoundError:
-        pytest.skip('shellcheck is not installed (apt-get install shellcheck)')
+        pytest.skip('shellcheck is not installed: SETUP_SYSTEM_PACKAGES=1 bash scripts/setup.sh installs it')
     assert lint.returncode == 0, lint.stdout
 
 
