@@ -204,6 +204,7 @@ def banner(var, classes: Sequence[int], seeds: Sequence[int], sample, device, sc
             + (', fast' if sample.fast else '') + (', compiled' if sample.compile else ''))
 
 
+@cli.exits_on_write_error
 def main(argv: Optional[Sequence[str]] = None):
     """Parse flags, load the model, then generate or edit and write the PNGs."""
     args, source, sample = parse(build_parser(), argv)

@@ -88,7 +88,7 @@ def png_complete(path: str) -> bool:
 def write_png_atomic(img_HW3: np.ndarray, path: str):
     """Write a PNG under a temp name, then rename: a file with the final name is always complete."""
     from PIL import Image
-    with atomic_path(path, durable=False) as tmp:   # a lost PNG is remade by the next run: no fsync per image
+    with atomic_path(path, durable=False, need=img_HW3.nbytes) as tmp:   # a lost PNG is remade: no fsync per image
         Image.fromarray(img_HW3).save(tmp, format='PNG')
 
 
@@ -123,7 +123,7 @@ def pack_npz(folder: str, num: int, npz_path: str, progress: bool = True) -> tup
     first = read_png(os.path.join(folder, png_name(0)))
     shape = (num,) + first.shape
     header = {'descr': np.lib.format.dtype_to_descr(np.dtype(np.uint8)), 'fortran_order': False, 'shape': shape}
-    with atomic_path(npz_path) as tmp:
+    with atomic_path(npz_path, need=int(np.prod(shape))) as tmp:
         with zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             with zf.open('arr_0.npy', 'w', force_zip64=True) as f:
                 np.lib.format.write_array_header_1_0(f, header)
@@ -240,8 +240,10 @@ def find_todo(folder: str, plan: List[Batch], settings: Dict) -> List[tuple]:
             check_plan_file(folder, settings)
             write_json_atomic(settings, os.path.join(folder, PLAN_FILE))
             todo = [(b, idx) for b in plan for idx in [missing(folder, b)] if idx]
-        except (SystemExit, OSError) as e:
+        except SystemExit as e:
             error = str(e)
+        except OSError as e:   # a full disk or a read-only folder (utils.atomic.WriteError): its one line
+            error = f'error: {e}'
     todo, error = dist.broadcast_object((todo, error))   # one view of the folder: no batch done twice or lost
     if error:
         raise SystemExit(error)
@@ -288,6 +290,7 @@ def finish(folder: str, total: int, report: Dict, progress: bool) -> str:
     return npz_path
 
 
+@cli.exits_on_write_error
 def main(argv: Optional[Sequence[str]] = None) -> Optional[str]:
     """Split the global plan over the ranks, sample what is missing, then rank 0 packs the .npz and JSON."""
     global log

@@ -20,6 +20,8 @@ import torch
 from torch.utils.data import DataLoader
 
 import dist
+from utils import cli
+from utils.atomic import check_writable
 from utils.logging_util import ScalarWriter, format_duration, get_logger
 from utils.memory import peak_memory
 from utils.train import args as arg_util
@@ -237,7 +239,7 @@ class Run:
         self.der = arg_util.derive(args, self.world, available_cpus(), dist.get_local_world_size())
         out = args.run.local_out_dir_path
         if dist.is_master():
-            os.makedirs(out, exist_ok=True)
+            check_writable(out)
         dist.barrier()
         self.log = get_logger('train', out, dist.is_master(), timestamps=True)
         if self.device.type == 'cuda':
@@ -503,6 +505,7 @@ class Run:
             self.step_log = None
 
 
+@cli.exits_on_write_error
 def main(argv: Optional[List[str]] = None):
     """Parse flags, join the process group, train."""
     args = arg_util.parse_args(argv)

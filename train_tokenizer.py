@@ -12,10 +12,11 @@ import json
 import sys
 from typing import List, Optional
 
+from utils import cli
+
 
 def build_parser() -> argparse.ArgumentParser:
     """One flag per TokenizerConfig field (utils.cli, the generator train.py uses too)."""
-    from utils import cli
     from utils.train.tokenizer_trainer import TokenizerConfig
     p = argparse.ArgumentParser(description='Train the multi-scale VQVAE tokenizer of VAR / VIAR.',
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -23,11 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli.exits_on_write_error
 def main(argv: Optional[List[str]] = None):
     """Parse flags, train, print the final metrics as JSON."""
     from utils.checkpoint import CheckpointError
     from utils.train.tokenizer_trainer import TokenizerConfig, TokenizerConfigError, train_tokenizer
-    from utils import cli
     cfg = cli.from_namespace(TokenizerConfig, build_parser().parse_args(argv))
     if not cfg.data_path:
         sys.exit('train_tokenizer: --data_path is required (a folder with train/<class>/ images, '

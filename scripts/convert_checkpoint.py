@@ -27,6 +27,8 @@ if __name__ == '__main__' and ROOT not in sys.path:   # run as a script: make th
 
 import torch  # noqa: E402
 
+from utils import cli  # noqa: E402
+
 FORMATS = ('.pth', '.pt', '.safetensors')
 
 
@@ -126,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli.exits_on_write_error
 def main(argv: Optional[List[str]] = None) -> str:
     """Read, make plain, write, read back; returns OUT."""
     from utils.checkpoint import CheckpointError, read_checkpoint

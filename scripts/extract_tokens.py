@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple
 if __package__ in (None, ''):   # run as a script: the repository root on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.cli import flag   # noqa: E402  (light: argparse and dataclasses only)
+from utils.cli import exits_on_write_error, flag   # noqa: E402  (light: argparse and dataclasses only)
 
 
 @dataclass
@@ -168,7 +168,7 @@ def write_npy(arr, path: str):
     """np.save through utils.atomic.atomic_path (a kill never leaves a half-written shard under its name)."""
     import numpy as np
     from utils.atomic import atomic_path
-    with atomic_path(path) as tmp, open(tmp, 'wb') as f:
+    with atomic_path(path, need=arr.nbytes) as tmp, open(tmp, 'wb') as f:
         np.save(f, arr, allow_pickle=False)
 
 
@@ -201,7 +201,6 @@ def run(a: ExtractArgs) -> str:
                   data_path=os.path.abspath(a.data_path), classes=classes, L=num_tokens(patch_nums))
     man = start_manifest(a.out, settings, header)
     if rank == 0:
-        os.makedirs(a.out, exist_ok=True)
         write_json_atomic(man, os.path.join(a.out, MANIFEST))
     dist.barrier()
     L = num_tokens(patch_nums)
@@ -242,6 +241,7 @@ def run(a: ExtractArgs) -> str:
     return path
 
 
+@exits_on_write_error
 def main(argv: Optional[List[str]] = None) -> str:
     """Parse flags and write the cache."""
     import argparse

@@ -2,13 +2,61 @@
 
 A crash (or a full disk) leaves either the old file or the new one, never a half-written file with
 the final name. Every writer of results, checkpoints, images and reports in the project goes
-through `atomic_path`.
+through `atomic_path`. A write the user has to unblock (a full disk, a quota, a read-only folder) is a
+`WriteError` whose message is one line: the folder, the bytes needed, and that the old file is intact.
 """
 import contextlib
+import errno
 import json
 import os
+import re
+import shutil
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
+
+FULL = {errno.ENOSPC: 'no space left on the device', errno.EDQUOT: 'disk quota exceeded'}
+DENIED = {errno.EACCES: 'permission denied', errno.EPERM: 'operation not permitted',
+          errno.EROFS: 'read-only file system', errno.ENOTDIR: 'a part of the path is a file, not a folder'}
+# writers that report a failed write without its OSError: torch's zip writer ('[enforce fail at
+# inline_container.cc:672] . unexpected pos ...', '... file write failed') and safetensors ('... (os error 28)')
+_TORCH_WRITE_FAILED = re.compile(r'unexpected pos|file write failed')
+_OS_ERROR = re.compile(r'\(os error (\d+)\)')
+_PROBE_BYTES = 1 << 20
+
+
+class WriteError(OSError):
+    """A write the user has to unblock (a full disk, a read-only folder); str() is the one line that says so.
+
+    Made as WriteError(errno, line): errno stays the OS error's, for callers that branch on it."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def human_bytes(n: float) -> str:
+    """'512 B', '3.2 MiB', '1.4 GiB'."""
+    for unit in ('B', 'KiB', 'MiB', 'GiB'):
+        if n < 1024:
+            return f'{n:.0f} {unit}' if unit == 'B' else f'{n:.1f} {unit}'
+        n /= 1024
+    return f'{n:.1f} TiB'
+
+
+def full_disk_message(path: str, code: int, need: Optional[int], free: Optional[int], existed: bool) -> str:
+    """The one line for a write that ran out of space (code: ENOSPC or EDQUOT)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    size = f'about {human_bytes(need)}' if need else 'an unknown size'
+    room = f', {human_bytes(free)} free there' if free is not None else ''
+    kept = f'the previous {name} is intact' if existed else f'no partial {name} was left'
+    return (f'{FULL[code]} in {folder}: writing {name} needs {size}{room}; {kept}. Free some space (or write to '
+            f'another folder) and run the command again.')
+
+
+def denied_message(folder: str, code: int) -> str:
+    """The one line for a folder that cannot be written (code: EACCES, EPERM, EROFS or ENOTDIR)."""
+    fix = 'Pass another output folder' if code == errno.ENOTDIR else 'Make it writable or pass another output folder'
+    return f'cannot write into {os.path.abspath(folder)}: {DENIED[code]}. {fix}.'
+
 
 
 def _fsync_dir(folder: str):
@@ -21,35 +69,107 @@ def _fsync_dir(folder: str):
         os.close(fd)
 
 
+def _new_temp(path: str) -> str:
+    """Create an empty, new temporary file beside `path` and return its name."""
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix='.' + name + '.', suffix='.tmp', dir=folder)
+    os.close(fd)
+    return tmp
+
+
+def _probe_errno(tmp: str) -> Optional[int]:
+    """The errno of writing 1 MiB more into `tmp` (ENOSPC on a full disk), or None when it fits. Asked of the disk
+    when a writer reported a failed write without its OSError (torch's 'unexpected pos')."""
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_APPEND)
+        try:
+            for _ in range(_PROBE_BYTES >> 16):   # a short write is followed by one that fails
+                os.write(fd, bytes(1 << 16))
+            os.fsync(fd)   # network filesystems report a full disk here
+        finally:
+            os.close(fd)
+    except OSError as e:
+        return e.errno
+    return None
+
+
+def _errno_of(e: BaseException, tmp: str) -> Optional[int]:
+    """The OS error behind a failed write into `tmp`, also when the writer wrapped it in another exception."""
+    if isinstance(e, OSError):
+        return e.errno
+    if not isinstance(e, Exception):   # KeyboardInterrupt, SystemExit
+        return None
+    m = _OS_ERROR.search(str(e))
+    if m:
+        return int(m.group(1))
+    if _TORCH_WRITE_FAILED.search(str(e)) and os.path.lexists(tmp):
+        return _probe_errno(tmp)
+    return None
+
+
+def _free_bytes(folder: str) -> Optional[int]:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _begin(path: str) -> str:
+    """Create the folder and the temporary file of `path`; a folder that cannot be written is a WriteError."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        return _new_temp(path)
+    except OSError as e:
+        if e.errno in DENIED:
+            raise WriteError(e.errno, denied_message(folder, e.errno)) from None
+        if e.errno in FULL:   # no inode or block left even for an empty file
+            raise WriteError(e.errno, full_disk_message(path, e.errno, None, _free_bytes(folder),
+                                                        os.path.exists(path))) from None
+        raise
+
+
 @contextlib.contextmanager
-def atomic_path(path: str, durable: bool = True) -> Iterator[str]:
+def atomic_path(path: str, durable: bool = True, need: Optional[int] = None) -> Iterator[str]:
     """Yield a temporary path beside `path`; when the block succeeds it is fsynced and renamed onto `path`.
 
-    On an exception the temporary file is removed and `path` is untouched. durable=False skips the
-    fsyncs (many small files that can be remade, e.g. sample PNGs; the rename stays atomic).
+    On an exception the temporary file is removed and `path` is untouched; a full disk or a folder that cannot be
+    written becomes a WriteError (one line; need: the bytes the write needs, for that line). durable=False skips
+    the fsyncs (many small files that can be remade, e.g. sample PNGs; the rename stays atomic).
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
-    os.close(fd)
+    tmp = _begin(path)
     try:
         yield tmp
         if durable:
             with open(tmp, 'rb+') as f:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        code = _errno_of(e, tmp)   # before the temporary file goes: the probe writes into it
+        if os.path.lexists(tmp):
             os.remove(tmp)
+        folder = os.path.dirname(os.path.abspath(path))
+        if code in FULL:
+            raise WriteError(code, full_disk_message(path, code, need, _free_bytes(folder),
+                                                     os.path.exists(path))) from None
+        if code in DENIED:
+            raise WriteError(code, denied_message(folder, code)) from None
         raise
     if durable:
-        _fsync_dir(folder)
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def check_writable(folder: str):
+    """Create `folder` if needed and a file in it; a folder that cannot be written is a one-line WriteError now,
+    not at a run's first checkpoint."""
+    os.remove(_begin(os.path.join(folder, 'write-check')))
 
 
 def write_json_atomic(obj: Any, path: str, indent: int = 2):
     """json.dump to `path`, atomically."""
-    with atomic_path(path) as tmp, open(tmp, 'w') as f:
-        json.dump(obj, f, indent=indent)
+    text = json.dumps(obj, indent=indent)
+    with atomic_path(path, need=len(text.encode())) as tmp, open(tmp, 'w') as f:
+        f.write(text)
 
 
 def is_temp_name(name: str) -> bool:

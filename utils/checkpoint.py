@@ -59,10 +59,22 @@ class OfficialDigestError(CheckpointError):
 
 
 def save_atomic(obj: Any, path: str):
-    """torch.save through utils.atomic.atomic_path: a crash leaves the old file intact."""
+    """torch.save through utils.atomic.atomic_path: a crash leaves the old file intact, a full disk is a one-line
+    utils.atomic.WriteError that says how many bytes the file needs."""
     from utils.atomic import atomic_path
-    with atomic_path(str(path)) as tmp:
+    with atomic_path(str(path), need=payload_bytes(obj)) as tmp:
         torch.save(obj, tmp)
+
+
+def payload_bytes(obj: Any) -> int:
+    """Bytes of the tensors and arrays in a (nested) checkpoint object: about the size of its file."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(payload_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(payload_bytes(v) for v in obj)
+    return int(getattr(obj, 'nbytes', 0) or 0)   # numpy arrays
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

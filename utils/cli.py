@@ -8,6 +8,7 @@ disagrees with a typed flag can say so while an untouched default is silently re
 """
 import argparse
 import dataclasses
+import functools
 import sys
 import typing
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
@@ -25,6 +26,19 @@ def flag(default, help: str, aliases: Sequence[str] = (), choices: Optional[Sequ
                                                metavar=metavar))
     return dataclasses.field(default=default, metadata=dict(help=help, aliases=tuple(aliases), choices=choices,
                                                             nargs=nargs, metavar=metavar))
+
+
+def exits_on_write_error(main):
+    """An entry point's main() whose failed writes (utils.atomic.WriteError: a full disk, a read-only folder) end
+    the process with their one line and exit code 1, not a traceback."""
+    @functools.wraps(main)
+    def run(*args, **kwargs):
+        from utils.atomic import WriteError
+        try:
+            return main(*args, **kwargs)
+        except WriteError as e:
+            raise SystemExit(f'error: {e}') from None
+    return run
 
 
 def str2bool(value) -> bool:

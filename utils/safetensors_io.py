@@ -89,8 +89,9 @@ def write_safetensors(obj: Dict[str, Any], path: str):
     """Write a checkpoint dict as .safetensors, atomically (utils.atomic)."""
     from safetensors.torch import save_file
     from utils.atomic import atomic_path
+    from utils.checkpoint import payload_bytes
     tensors, meta = pack(obj)
-    with atomic_path(str(path)) as tmp:
+    with atomic_path(str(path), need=payload_bytes(tensors)) as tmp:
         save_file(tensors, tmp, metadata=meta)
 
 

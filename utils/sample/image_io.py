@@ -29,9 +29,11 @@ def to_uint8_HWC(img_3HW: torch.Tensor) -> np.ndarray:
 
 
 def save_png(img_3HW: torch.Tensor, path: str):
-    """Write one [0, 1] image as PNG, creating the folder."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    PImage.fromarray(to_uint8_HWC(img_3HW)).save(path)
+    """Write one [0, 1] image as PNG, creating the folder; atomically (utils.atomic), without an fsync per image."""
+    from utils.atomic import atomic_path
+    img_HW3 = to_uint8_HWC(img_3HW)
+    with atomic_path(path, durable=False, need=img_HW3.nbytes) as tmp:
+        PImage.fromarray(img_HW3).save(tmp, format='PNG')
 
 
 def make_grid(imgs_B3HW: torch.Tensor, nrow: int, padding: int = 2, pad_value: float = 1.0) -> torch.Tensor:

@@ -260,9 +260,10 @@ def resume_state(cfg: TokenizerConfig, vae: VQVAE, opt: torch.optim.Optimizer, l
 
 def train_tokenizer(cfg: TokenizerConfig) -> Dict[str, Any]:
     """Train (or resume) a tokenizer; writes out_dir/vae-ckpt-last.pth and out_dir/vae.pth, returns the metrics."""
+    from utils.atomic import check_writable
     from utils.logging_util import ScalarWriter, get_logger
     check_config(cfg)
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    check_writable(cfg.out_dir)
     device = torch.device(cfg.device)
     train_set, val_set = tokenizer_datasets(cfg)
 
