@@ -4,14 +4,16 @@ A crash (or a full disk) leaves either the old file or the new one, never a half
 the final name. Every writer of results, checkpoints, images and reports in the project goes
 through `atomic_path`. A write the user has to unblock (a full disk, a quota, a read-only folder) is a
 `WriteError` whose message is one line: the folder, the bytes needed, and that the old file is intact.
+The files get the mode the umask gives (0644 under umask 0022), as any other file the user creates.
 """
 import contextlib
 import errno
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
+import stat
 from typing import Any, Iterator, Optional
 
 FULL = {errno.ENOSPC: 'no space left on the device', errno.EDQUOT: 'disk quota exceeded'}
@@ -70,11 +72,16 @@ def _fsync_dir(folder: str):
 
 
 def _new_temp(path: str) -> str:
-    """Create an empty, new temporary file beside `path` and return its name."""
+    """Create an empty, new temporary file beside `path` and return its name. It is created with mode 0666 so that
+    the kernel applies the umask (tempfile.mkstemp makes 0600 files: teammates could not read the results)."""
     folder, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix='.' + name + '.', suffix='.tmp', dir=folder)
-    os.close(fd)
-    return tmp
+    while True:
+        tmp = os.path.join(folder, f'.{name}.{secrets.token_hex(4)}.tmp')
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def _probe_errno(tmp: str) -> Optional[int]:
@@ -138,8 +145,10 @@ def atomic_path(path: str, durable: bool = True, need: Optional[int] = None) -> 
     the fsyncs (many small files that can be remade, e.g. sample PNGs; the rename stays atomic).
     """
     tmp = _begin(path)
+    mode = stat.S_IMODE(os.stat(tmp).st_mode)   # what the umask allows
     try:
         yield tmp
+        os.chmod(tmp, mode)   # writers that replace the file they are given (safetensors) leave a 0600 file
         if durable:
             with open(tmp, 'rb+') as f:
                 os.fsync(f.fileno())
