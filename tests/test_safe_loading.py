@@ -90,10 +90,10 @@ def test_damaged_files_are_not_called_hostile(tmp_path):
     data = (tmp_path / 'ok.pth').read_bytes()
     (tmp_path / 'cut.pth').write_bytes(data[:len(data) // 2])
     (tmp_path / 'text.pth').write_text('not a checkpoint')
-    for name in ('cut.pth', 'text.pth'):
+    for name, says in (('cut.pth', 'truncated'), ('text.pth', 'is a text file')):
         with pytest.raises(CheckpointError) as e:
             read_checkpoint(str(tmp_path / name))
-        assert not isinstance(e.value, UnsafeCheckpointError) and 'truncated' in str(e.value)
+        assert not isinstance(e.value, UnsafeCheckpointError) and says in str(e.value)
         assert '\n' not in str(e.value)
 
 

@@ -203,9 +203,18 @@ def read_checkpoint(path: str, mmap: bool = False) -> Any:
 
 
 def _unreadable(path: str, e: Exception) -> CheckpointError:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ''
-    return CheckpointError(f'{path} cannot be read ({type(e).__name__}: {first}); the file is truncated or not a '
-                           f'PyTorch checkpoint. Download or export it again.')
+    """The one line for a file that did not load: what it is when it is no checkpoint (an image, a saved web page),
+    else a damaged checkpoint. Never the loader's advice to retry with weights_only=False, which would run code."""
+    from utils.file_kind import not_a_checkpoint
+    other = not_a_checkpoint(path)
+    if other:
+        return CheckpointError(f'{path} {other}')
+    first = re.split(r'(?<=\.)\s', str(e).strip())[0] if str(e).strip() else ''   # the first sentence
+    quiet = not first or re.search(r'weights.only', first, re.I)
+    detail = '' if quiet else f'; {type(e).__name__}: {first.rstrip(".")}'
+    size = os.path.getsize(path) if os.path.isfile(path) else 0
+    return CheckpointError(f'{path} cannot be read: it begins like a checkpoint but is truncated or damaged '
+                           f'({size} bytes{detail}). Download or export it again.')
 
 
 def _read_safetensors(path: str) -> Any:
