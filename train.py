@@ -2,7 +2,8 @@
 
 Outputs in --local_out_dir_path (default local_output/): ar-ckpt-last.pth (full training state, written
 atomically every --save_freq epochs, every --save_every_steps steps and at the end), ar-ckpt-best.pth (best
-val loss), var-slim.pth (model weights + config for gen_img.py / sampling.py), log.txt, tb-*/ (tensorboard).
+val loss), viar-slim.pth or var-slim.pth (model weights + config for gen_img.py / sampling.py), log.txt, tb-*/
+(tensorboard).
 A run started again in the same folder resumes from ar-ckpt-last.pth (also under torchrun --max-restarts).
 """
 import json
@@ -377,8 +378,8 @@ class Run:
         self._save_slim()
 
     def _save_slim(self):
-        """var-slim.pth and .safetensors for gen_img.py / sampling.py, written by rank 0; a sharded model is
-        gathered into one ordinary state dict first (every rank takes part)."""
+        """viar-slim.pth / var-slim.pth and .safetensors for gen_img.py / sampling.py, written by rank 0; a sharded
+        model is gathered into one ordinary state dict first (every rank takes part)."""
         from utils.model_io import save_slim, slim_export
         ema_sd = self.trainer.ema.model_state_dict(self.var) if self.trainer.ema is not None else None
         model_sd = None

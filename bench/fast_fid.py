@@ -52,7 +52,7 @@ def main(argv=None):
         seeds = [str(k * args.seeds + i) for i in range(args.seeds)]
         for name, flags in PATHS.items():
             out = os.path.join(args.out, name.replace(' ', '_'), f'set{k}')
-            gen_img.main(['--var_ckpt', os.path.join(args.demo, 'viar', 'var-slim.pth'), '--vae_ckpt',
+            gen_img.main(['--var_ckpt', os.path.join(args.demo, 'viar', 'viar-slim.pth'), '--vae_ckpt',
                           os.path.join(args.demo, 'vae', 'vae.pth'), '--class_label', *map(str, range(10)),
                           '--seeds', *seeds, '--cfg', str(s['cfg']), '--top_k', str(s['top_k']), '--top_p',
                           str(s['top_p']), '--iter_left', str(s['iter_left']), '--iter_right', str(s['iter_right']),

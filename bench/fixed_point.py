@@ -22,7 +22,7 @@ forward hooks on `var.head` (logits) and on the tokenizer's `quantize.embedding`
 Warm starts and the probe of how much G_t depends on t, both measured and reported in docs/SPEED.md, were
 removed (warm starts did not pay); they are in `git show 75554b3:bench/fixed_point.py`.
 
-    python bench/fixed_point.py --var_ckpt demo_output/viar/var-slim.pth --vae_ckpt demo_output/vae/vae.pth \
+    python bench/fixed_point.py --var_ckpt demo_output/viar/viar-slim.pth --vae_ckpt demo_output/vae/vae.pth \
         --out bench_out/fixed_point
     python bench/fixed_point.py --var_ckpt random --per_class 2 --taus 0.1,0.01 --reps 1   # smoke test
 

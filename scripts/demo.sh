@@ -74,7 +74,7 @@ log "4/5 samples: classes 0..9 x $NSEEDS seeds (cfg $CFG, top-k $TOP_K, top-p $T
 SEEDS=$(seq -s ' ' 0 $((NSEEDS - 1)))
 GEN=(--vae_ckpt "$OUT/vae/vae.pth" --class_label 0 1 2 3 4 5 6 7 8 9 --seeds $SEEDS --cfg "$CFG" --top_k "$TOP_K"
      --top_p "$TOP_P" --iter_left "$ITER_LEFT" --iter_right "$ITER_RIGHT" --batch_size 50 --device cpu --progress False)
-$PY gen_img.py --var_ckpt "$OUT/viar/var-slim.pth" --output_dir "$OUT/samples/viar" "${GEN[@]}" \
+$PY gen_img.py --var_ckpt "$OUT/viar/viar-slim.pth" --output_dir "$OUT/samples/viar" "${GEN[@]}" \
   > "$OUT/gen_viar.stdout" 2>&1 & pid_viar=$!
 $PY gen_img.py --var_ckpt "$OUT/var/var-slim.pth" --output_dir "$OUT/samples/var" "${GEN[@]}" \
   > "$OUT/gen_var.stdout" 2>&1 & pid_var=$!
@@ -85,7 +85,7 @@ t_gen=$(elapsed); mark samples
 
 log "5/5 scores -> $OUT/results.json, grid (left VIAR, right VAR; rows = digits 0..9, columns = the first 10 seeds) -> $OUT/grid.png"
 $PY scripts/demo_score.py --data_path "$OUT/digits" --vae_ckpt "$OUT/vae/vae.pth" \
-  --viar_ckpt "$OUT/viar/var-slim.pth" --viar_samples "$OUT/samples/viar" \
+  --viar_ckpt "$OUT/viar/viar-slim.pth" --viar_samples "$OUT/samples/viar" \
   --var_ckpt "$OUT/var/var-slim.pth" --var_samples "$OUT/samples/var" \
   --grid "$OUT/grid.png" --started_at "$started_at" --cpu_times "$OUT/cpu_times.txt" \
   --extra "{\"quick\": $QUICK, \"vae_steps\": $VAE_STEPS, \"ar_steps\": $AR_STEPS, \"width\": $WIDTH, \"tlr\": $TLR, \"threads\": $OMP_NUM_THREADS, \"stage_end_seconds\": {\"tokenizer\": $t_vae, \"transformers\": $t_ar, \"samples\": $t_gen}, \"sample\": {\"cfg\": $CFG, \"top_k\": $TOP_K, \"top_p\": $TOP_P, \"iter_left\": $ITER_LEFT, \"iter_right\": $ITER_RIGHT, \"seeds_per_class\": $NSEEDS}, \"load_average_start\": \"$load_start\"}" \

@@ -2,7 +2,7 @@
 VAR samples, tokenizer reconstruction, parameter counts, and a labelled sample grid.
 
     python scripts/demo_score.py --data_path demo_output/digits --vae_ckpt demo_output/vae/vae.pth \
-        --viar_ckpt demo_output/viar/var-slim.pth --viar_samples demo_output/samples/viar \
+        --viar_ckpt demo_output/viar/viar-slim.pth --viar_samples demo_output/samples/viar \
         --var_ckpt demo_output/var/var-slim.pth --var_samples demo_output/samples/var --out demo_output/results.json
 
 Every image is box-averaged back to 8x8 grayscale (the digits' own resolution) and scaled to 0..1: its 64

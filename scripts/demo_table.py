@@ -236,7 +236,7 @@ def main(argv=None):
     settings = [parse_setting(r, base) for r in args.rows]
     vae_ckpt = os.path.join(args.out_dir, 'vae', 'vae.pth')
     judge, _ = demo_score.build_judge(os.path.join(args.out_dir, 'digits'), vae_ckpt)
-    models = {m: load_models(os.path.join(args.out_dir, m, 'var-slim.pth'), vae_ckpt, device='cpu')[1]
+    models = {m: load_models(os.path.join(args.out_dir, m, f'{m}-slim.pth'), vae_ckpt, device='cpu')[1]
               for m in sorted({s.model for s in settings})}
     sets = seed_sets(args.n_sets, per_class)
     load_before = os.getloadavg()[0]

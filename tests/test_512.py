@@ -139,5 +139,5 @@ def test_viar_trains_at_512_with_the_pn_shortcut(tmp_path):
                           '--max_steps=2', '--mid_reso=1.0', '--width=16'))
     steps = read_steps(os.path.join(out, 'steps-rank0.jsonl'))
     assert sorted(steps) == [1, 2] and all(np.isfinite(s['loss']) for s in steps.values())
-    _, var, spec = load_models(os.path.join(out, 'var-slim.pth'), '')
+    _, var, spec = load_models(os.path.join(out, 'viar-slim.pth'), '')
     assert spec.use_implicit and spec.patch_nums == PYRAMIDS[512] and var.L == 2240

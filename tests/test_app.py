@@ -338,11 +338,11 @@ def test_app_serves_a_checkpoint_from_the_command_line(tmp_path):
 # ---------------------------------------------------------------- pure parts
 
 def test_plan_sources_rule(tmp_path):
-    for rel in ('viar/var-slim.pth', 'var/var-slim.pth'):
+    for rel in ('viar/viar-slim.pth', 'var/var-slim.pth'):
         os.makedirs(tmp_path / os.path.dirname(rel), exist_ok=True)
         (tmp_path / rel).write_bytes(b'')
     demo = loading.plan_sources(ModelSource(), str(tmp_path))
-    assert [n for n, _ in demo] == ['VIAR', 'VAR'] and demo[0][1].var_ckpt.endswith('viar/var-slim.pth')
+    assert [n for n, _ in demo] == ['VIAR', 'VAR'] and demo[0][1].var_ckpt.endswith('viar/viar-slim.pth')
     given = loading.plan_sources(ModelSource(var_ckpt='x.pth'), str(tmp_path), compare_ckpt='y.pth')
     assert [(n, s.var_ckpt) for n, s in given] == [('model', 'x.pth'), ('compare', 'y.pth')]
     assert loading.plan_sources(ModelSource(), str(tmp_path / 'none')) == []

@@ -294,7 +294,7 @@ def test_quick_demo_runs_end_to_end(quick_demo):
     assert results['seconds'] > 0
     assert set(results['cpu_seconds_by_stage']) == {'digits', 'tokenizer', 'transformers', 'samples', 'scores'}
     assert 0 < results['quiet_estimate_seconds'] <= results['cpu_seconds']
-    for path in ('vae/vae.pth', 'viar/var-slim.pth', 'var/var-slim.pth', 'grid.png'):
+    for path in ('vae/vae.pth', 'viar/viar-slim.pth', 'var/var-slim.pth', 'grid.png'):
         assert (out / path).is_file(), path
     from PIL import Image
     w, h = Image.open(out / 'grid.png').size

@@ -276,7 +276,7 @@ def test_a_fine_tune_runs_and_exports_a_model_of_the_new_classes(folders, traine
     train.main(tiny_flags(folders[3], out, True, '--depth=5', '--max_steps=2', '--freeze=pre_blocks.*,post_blocks.*',
                           f'--init_from_var={os.path.join(trained["var"], "var-slim.pth")}'))
     assert sorted(read_steps(os.path.join(out, 'steps-rank0.jsonl'))) == [1, 2]
-    _, var, spec = load_models(os.path.join(out, 'var-slim.pth'), '')
+    _, var, spec = load_models(os.path.join(out, 'viar-slim.pth'), '')
     assert spec.num_classes == 3 and spec.use_implicit
     img = var.autoregressive_infer_cfg(1, 2, g_seed=0, top_k=0, top_p=0.0, iter_left=2, iter_right=2)
     assert img.shape == (1, 3, 16, 16)

@@ -38,7 +38,7 @@ def trained_with_a_tokenizer_file(tmp_path_factory):
     save_atomic({'model': vae.state_dict()}, vae_path)
     out = str(root / 'out')
     train.main(tiny_flags(data, out, True, '--max_steps=2', f'--vae_ckpt={vae_path}'))
-    return os.path.join(out, 'var-slim.pth'), vae_path
+    return os.path.join(out, 'viar-slim.pth'), vae_path
 
 
 def _gen(tmp_path, *argv):

@@ -268,16 +268,16 @@ def test_fsdp_trains_what_ddp_trains_and_writes_sharded_checkpoints(runs):
     assert marker['world_size'] == 2 and {'__0_0.distcp', '__1_0.distcp'} <= set(marker['files'])
     # the slim export is one ordinary state dict, gathered on rank 0: the weights of the last folder
     from utils.model_io import load_models
-    vae, var, spec = load_models(os.path.join(fsdp, 'var-slim.pth'))
+    vae, var, spec = load_models(os.path.join(fsdp, 'viar-slim.pth'))
     into = {'model': var.state_dict(), 'ema': {k: torch.zeros_like(v) for k, v in var.state_dict().items()}}
     dist.dcp_load(into, os.path.join(fsdp, sharded_ckpt.folder_name(6)), md)
     from utils.checkpoint import read_checkpoint
-    slim = read_checkpoint(os.path.join(fsdp, 'var-slim.pth'))
+    slim = read_checkpoint(os.path.join(fsdp, 'viar-slim.pth'))
     for k, v in slim['model'].items():
         assert not dist.is_sharded(v) and torch.equal(v, into['model'][k]), k
     for k, v in slim['model_ema'].items():
         assert torch.equal(v, into['ema'][k].to(v.dtype)), k
-    _, var_st, _ = load_models(os.path.join(fsdp, 'var-slim.safetensors'))
+    _, var_st, _ = load_models(os.path.join(fsdp, 'viar-slim.safetensors'))
     assert all(torch.equal(a, b) for a, b in zip(var.state_dict().values(), var_st.state_dict().values()))
 
 

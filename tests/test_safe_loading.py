@@ -275,13 +275,13 @@ def test_training_outputs_load_weights_only_and_an_old_format_checkpoint_resumes
     new, old = tmp_path / 'new', tmp_path / 'old'
     flags = ('--save_every_steps=2', '--ema=0.9')
     train.main(tiny_flags(image_folder, str(new), True, '--max_steps=2', *flags))
-    for name in ('ar-ckpt-last.pth', 'var-slim.pth'):
+    for name in ('ar-ckpt-last.pth', 'viar-slim.pth'):
         strict_load(str(new / name))
     ck_new = strict_load(str(new / 'ar-ckpt-last.pth'))
     rng = ck_new['rng'][0]['numpy']
     assert isinstance(rng, dict) and isinstance(rng['key'], torch.Tensor) and rng['key'].shape == (624,)
     assert set(ck_new['trainer']) >= {'var_wo_ddp', 'var_opt', 'ema'}
-    slim_twin = read_checkpoint(safetensors_twin(str(new / 'var-slim.pth')))
+    slim_twin = read_checkpoint(safetensors_twin(str(new / 'viar-slim.pth')))
     assert set(slim_twin) == {'model', 'model_ema', 'config', 'vae'}
     # the same checkpoint as the code before this change wrote it: numpy's RNG state as a tuple with an ndarray
     shutil.copytree(new, old)

@@ -40,12 +40,13 @@ def test_torchrun_two_ranks_train_with_identical_jfb_draws(data, tmp_path, impli
     for r in (r0, r1):   # each rank's loss on its own half of the (overfittable) set falls clearly
         first, last = sum(r[s]['loss'] for s in range(1, 5)) / 4, sum(r[s]['loss'] for s in range(21, 25)) / 4
         assert last < first - 0.5
-    for name in ('ar-ckpt-last.pth', 'ar-ckpt-best.pth', 'var-slim.pth', 'log.txt'):
+    slim = 'viar-slim.pth' if implicit else 'var-slim.pth'
+    for name in ('ar-ckpt-last.pth', 'ar-ckpt-best.pth', slim, 'log.txt'):
         assert os.path.isfile(os.path.join(out, name)), name
     assert any(n.startswith('tb-') for n in os.listdir(out))
     # the slim export rebuilds the trained model for the sampling scripts
     from utils.model_io import load_models
-    _, var, spec = load_models(os.path.join(out, 'var-slim.pth'), '')
+    _, var, spec = load_models(os.path.join(out, slim), '')
     assert spec.use_implicit == implicit and spec.embed_dim == 32
     ck = torch.load(os.path.join(out, 'ar-ckpt-last.pth'), map_location='cpu', weights_only=False)
     assert ck['g_it'] == 24 and len(ck['rng']) == 2

@@ -1,6 +1,6 @@
 """Load (or build) the (VQVAE, VAR/VIAR) pair every script samples with: one loader, one policy.
 
-    vae, var, spec = load_models('demo_output/viar/var-slim.pth')      # Python: no flags needed
+    vae, var, spec = load_models('demo_output/viar/viar-slim.pth')      # Python: no flags needed
     loaded = load_or_build(source, device)                              # scripts: a ModelSource of flags
 
 Architecture: a checkpoint sets it, from its stored config (slim exports, training checkpoints) or, for
@@ -191,7 +191,7 @@ def slim_export(var, spec: ModelSpec, vae=None, var_ema_sd=None, vae_ref: Option
 
 
 def safetensors_twin(path: str) -> str:
-    """The .safetensors file written beside a slim export `path` (var-slim.pth -> var-slim.safetensors)."""
+    """The .safetensors file written beside a slim export `path` (viar-slim.pth -> viar-slim.safetensors)."""
     return os.path.splitext(path)[0] + '.safetensors'
 
 

@@ -17,7 +17,7 @@ from utils.sample.config import ModelSource, SampleConfig, resolve_device
 
 IMAGENET_NAMES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                               'assets', 'imagenet_classes.txt')
-DEMO_FILES = (('VIAR', os.path.join('viar', 'var-slim.pth')), ('VAR', os.path.join('var', 'var-slim.pth')))
+DEMO_FILES = (('VIAR', os.path.join('viar', 'viar-slim.pth')), ('VAR', os.path.join('var', 'var-slim.pth')))
 HOW_TO_GET_WEIGHTS = ('No model to serve. Either train the CPU demo (`bash scripts/demo.sh`, a few minutes; then '
                       '`python app.py` serves demo_output/), or pass a checkpoint: `python app.py --var_ckpt viar.pth '
                       '--use_implicit True` downloads the official VIAR-d30 and its tokenizer into ckpts/ (a GPU is '

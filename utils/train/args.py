@@ -78,9 +78,9 @@ class ModelArgs:
     vae_ch: int = flag(160, 'tokenizer base channels', aliases=('--vch',))
     vae_ch_mult: Tuple[int, ...] = flag((1, 1, 2, 2, 4), 'tokenizer channel multipliers (downsampling 2^(len-1))')
     vae_num_res_blocks: int = flag(2, 'tokenizer res blocks per level')
-    init_ckpt: str = flag('', 'start from these weights (official name, ar-ckpt-*.pth or var-slim.pth): weights only; '
-                              'another class count re-initialises the class rows, keeping the null-class row; '
-                              'ar-ckpt-last.pth in the output folder (a resume) wins')
+    init_ckpt: str = flag('', 'start from these weights (official name, ar-ckpt-*.pth or a *-slim.pth export): '
+                              'weights only; another class count re-initialises the class rows, keeping the null-class '
+                              'row; ar-ckpt-last.pth in the output folder (a resume) wins')
     init_from_var: str = flag('', 'VIAR only: start from a VAR file (pre-blocks = its first p blocks, post-blocks = '
                                   'its last p, implicit block = its block depth//2, embeddings/AdaLN/head)')
 
@@ -240,8 +240,9 @@ def derive(args: TrainArgs, world_size: int, cpus: Optional[int] = None, ranks_p
     heads = m.heads or m.depth
     if width % heads != 0:
         raise SystemExit(f'width {width} must be divisible by heads {heads} (--width/--heads)')
+    spec = model_spec(args, width, heads, patch_nums)
     try:
-        model_spec(args, width, heads, patch_nums).validate()
+        spec.validate()
     except ValueError as e:
         raise SystemExit(f'cannot build the model: {e}') from None
     sche = f'lin{s.pg:g}' if s.pg > 0 else s.sche
@@ -260,8 +261,14 @@ def derive(args: TrainArgs, world_size: int, cpus: Optional[int] = None, ranks_p
         jfb_no_grad=_parse_range('jfb_n', m.jfb_n, 0), jfb_with_grad=_parse_range('jfb_m', m.jfb_m, 1),
         tb_dir=os.path.join(out, tb_name), log_txt=os.path.join(out, 'log.txt'),
         last_ckpt=os.path.join(out, 'ar-ckpt-last.pth'), best_ckpt=os.path.join(out, 'ar-ckpt-best.pth'),
-        slim_path=os.path.join(out, 'var-slim.pth'),
+        slim_path=os.path.join(out, slim_name(spec.kind)),
     )
+
+
+def slim_name(kind: str) -> str:
+    """The slim export's file name: viar-slim.pth or var-slim.pth, so that the exports of a VIAR and a VAR run never
+    share a name (gen_img.py names its output folder after the file)."""
+    return f'{kind.lower()}-slim.pth'
 
 
 def model_spec(args: TrainArgs, width: int, heads: int, patch_nums: Tuple[int, ...], num_classes: int = 1000):

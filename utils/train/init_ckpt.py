@@ -143,7 +143,7 @@ def read_weights(path: str) -> Tuple[Dict[str, torch.Tensor], str]:
     kind = state_dict_kind(sd)
     if kind == 'vae':
         raise InitError(f'{path} is a VQVAE tokenizer file; pass it as --vae_ckpt. --init_ckpt and --init_from_var '
-                        f'take transformer weights (var_d*.pth, viar.pth, ar-ckpt-*.pth, var-slim.pth).')
+                        f'take transformer weights (var_d*.pth, viar.pth, ar-ckpt-*.pth, *-slim.pth).')
     if kind == 'unknown':
         raise InitError(f'{path} holds no VAR/VIAR weights (no class_emb.weight); pass a transformer checkpoint.')
     return sd, path
