@@ -6,6 +6,8 @@
 
 Models: --var_ckpt and the model flags of gen_img.py when given (official names download through the checkpoint
 helper), else the demo's checkpoints in --demo_dir; with neither, the page and the console say how to get weights.
+A checkpoint named on the command line that does not load (or demo models none of which loads) ends the server with
+the reason (exit code 1).
 Nothing else is fetched at run time: analytics off, a theme on system fonts.
 """
 import argparse
@@ -52,6 +54,9 @@ def make_app(argv: Optional[Sequence[str]] = None):
     from utils.app.ui import build_app
     plan = loading.plan_sources(source, args.demo_dir, args.compare_ckpt)
     models, errors = loading.load_app_models(plan, sample, log=log.warning)
+    fatal = loading.fatal_load_error(bool(source.var_ckpt), models, errors)
+    if fatal:
+        raise SystemExit(fatal)
     for line in errors:
         log.error(line)
     if not plan:

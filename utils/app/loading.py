@@ -126,6 +126,17 @@ def load_app_models(plan: Sequence[Tuple[str, ModelSource]], sample: SampleConfi
     return models, errors
 
 
+def fatal_load_error(named: bool, models: Sequence[AppModel], errors: Sequence[str]) -> Optional[str]:
+    """The line app.py exits with instead of serving, or None. named: the user passed --var_ckpt. A checkpoint the
+    user named that does not load ends the server, and so does a plan of which nothing loaded: a page without a
+    model has no endpoints (a gradio_client caller would get 'Cannot find a function'). A demo model that failed
+    beside one that loaded is shown on the page."""
+    if not errors or (models and not named):
+        return None
+    fix = '' if named else ' Run `bash scripts/demo.sh` again to remake the demo models, or pass --var_ckpt PATH.'
+    return 'error: ' + '; '.join(errors) + fix
+
+
 def page_sample_defaults(models: Sequence[AppModel], demo: Optional[dict] = None) -> SampleConfig:
     """The page's starting values: the demo's when serving it, else SampleConfig's; top-k within the vocabulary."""
     defaults = SampleConfig(**(demo or {}))
