@@ -6,9 +6,11 @@
 Every image is sampled with its own generator seeded by its seed (`g_seed=seed`, as the official
 script), so an image depends only on (class, seed), never on the batch it was drawn in.
 Writes `class{c}_seed{s}.png` per image and a grid (rows = classes, columns = seeds) into
-`output_dir/<checkpoint name>/`. See docs/GENERATION.md.
+`output_dir/<checkpoint name>/`, and `.model.json` there (the checkpoint and architecture that made them): a
+folder another model wrote is refused, not overwritten. See docs/GENERATION.md.
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -17,15 +19,17 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 from utils import cli
+from utils.atomic import write_json_atomic
 from utils.checkpoint import CheckpointError
 from utils.logging_util import get_logger
-from utils.model_io import DEFAULT_VAE_CKPT, load_or_build
+from utils.model_io import DEFAULT_VAE_CKPT, default_var_ckpt, load_or_build
 from utils.sample import image_io
 from utils.sample.compile_util import SamplingError, prepare_for_sampling
 from utils.sample.config import add_model_source_args, add_sample_args, parse, resolve_device
 from utils.sample.editing import EDIT_MODES, expand_edit_spec, make_edit_spec, mode_mask, parse_box
 
 log = get_logger('gen_img')
+MODEL_RECORD = '.model.json'   # in each output folder: the model whose images it holds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,6 +152,43 @@ def write_images(imgs_N3HW: torch.Tensor, plan, classes, seeds, out_dir: str, pr
     return paths
 
 
+def model_record(var_ckpt: str, ema: bool, spec) -> dict:
+    """What identifies the model whose images a folder holds: its checkpoint, EMA weights or not, its architecture
+    (as JSON reads it back)."""
+    path = os.path.abspath(var_ckpt) if os.path.isfile(var_ckpt) else var_ckpt
+    return json.loads(json.dumps(dict(checkpoint=path, ema=bool(ema), model=spec.to_dict())))
+
+
+def same_model(a: dict, b: dict) -> bool:
+    """Whether two records name one model; a .pth export and its .safetensors twin are one model."""
+    def key(r: dict) -> tuple:
+        return os.path.splitext(str(r.get('checkpoint')))[0], r.get('ema'), r.get('model')
+    return key(a) == key(b)
+
+
+def record_text(r: dict) -> str:
+    """'/runs/viar/viar-slim.pth (a VIAR (depth 6, ...), EMA weights)'."""
+    from models.config import ModelSpec
+    ema = ', EMA weights' if r.get('ema') else ''
+    return f"{r.get('checkpoint')} ({ModelSpec.from_dict(r.get('model') or {}).summary()}{ema})"
+
+
+def claim_output_dir(out_dir: str, record: dict):
+    """Refuse in one line to write into a folder whose images another model made (two checkpoints with one file
+    name share a folder); else write the record, which also says now whether the folder can be written."""
+    path = os.path.join(out_dir, MODEL_RECORD)
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):   # no record: a new folder, or one written before records were kept
+        old = None
+    if isinstance(old, dict) and not same_model(old, record):
+        raise SystemExit(f'error: {out_dir} holds the images of {record_text(old)}; this run samples '
+                         f'{record_text(record)} and would replace them. Pass another --output_dir, or remove '
+                         f'{out_dir} first.')
+    write_json_atomic(record, path)
+
+
 def check_edit_args(args: argparse.Namespace):
     """Cheap checks of the editing flags before any model is loaded."""
     if bool(args.edit_mask) == bool(args.edit_box):
@@ -232,7 +273,8 @@ def main(argv: Optional[Sequence[str]] = None):
         classes, class_flag = list(args.class_label), '--class_label'
     check_classes(classes, var.num_classes, class_flag)
     out_dir = os.path.join(args.output_dir, loaded.tag)
-    os.makedirs(out_dir, exist_ok=True)
+    claim_output_dir(out_dir, model_record(source.var_ckpt or default_var_ckpt(source.spec()), source.ema,
+                                           loaded.spec))
     sample_kw = sample.call_kwargs(len(var.patch_nums))
     log.info(banner(var, classes, args.seeds, sample, device, var.schedule_note(sample_kw['schedule'])))
 

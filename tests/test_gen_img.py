@@ -52,7 +52,7 @@ def run(ckpt: str, out_dir, *extra) -> list:
 def test_writes_each_png_and_grid_and_matches_official_call(viar_ckpt, tmp_path):
     paths = run(viar_ckpt, tmp_path, '--class_label', 3, '--seeds', 5, 6, 7, '--nrow', 2)
     out = tmp_path / 'tiny_viar'
-    names = sorted(os.listdir(out))
+    names = sorted(n for n in os.listdir(out) if n != gen_img.MODEL_RECORD)
     assert names == ['class3_seed5.png', 'class3_seed6.png', 'class3_seed7.png', 'class3_seeds5_6_7_grid.png']
     assert sorted(map(os.path.basename, paths)) == names
     assert read_png(out / 'class3_seed5.png').shape == (RES, RES, 3)
@@ -112,7 +112,8 @@ def test_random_weights_with_size_flags(tmp_path):
              '--V', 48, '--Cvae', 8, '--vae_ch', 32, '--vae_ch_mult', '1,1', '--vae_num_res_blocks', 1,
              '--num_classes', 5, '--class_label', 0, '--seeds', 1, 2]
     gen_img.main(['--output_dir', str(tmp_path), *FAST, *map(str, flags)])
-    assert sorted(os.listdir(tmp_path / 'random')) == ['class0_seed1.png', 'class0_seed2.png', 'class0_seeds1_2_grid.png']
+    assert sorted(os.listdir(tmp_path / 'random')) == [gen_img.MODEL_RECORD, 'class0_seed1.png', 'class0_seed2.png',
+                                                       'class0_seeds1_2_grid.png']
 
 
 def test_stats_report_iterations_and_kv_bytes(viar_ckpt, tmp_path, capsys):
