@@ -16,6 +16,12 @@ gr = pytest.importorskip('gradio')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(autouse=True)
+def pillow_limit(monkeypatch):
+    """build_app lowers Pillow's pixel limit for the serving process: the next test files get it back."""
+    monkeypatch.setattr(PImage, 'MAX_IMAGE_PIXELS', PImage.MAX_IMAGE_PIXELS)
+
+
 def png(path) -> str:
     PImage.fromarray(np.zeros((4, 4, 3), np.uint8)).save(str(path), format='PNG')
     return str(path)
