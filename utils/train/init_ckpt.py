@@ -44,12 +44,13 @@ class InitError(SystemExit):
 
 def adapt_class_emb(file_NC: torch.Tensor, init_MC: torch.Tensor) -> torch.Tensor:
     """(M + 1, C) class embedding: the file's rows when the class counts agree, else this run's initial class rows
-    0..M-1 with the file's null-class row (its last) as the new last row."""
+    0..M-1 with the file's null-class row (its last) as the new last row, on the model's device and in its dtype
+    (the file is read onto the CPU, the model may already sit on a GPU)."""
     if file_NC.shape == init_MC.shape:
         return file_NC
     if file_NC.shape[1] != init_MC.shape[1]:
         raise ValueError(f'class embedding width {file_NC.shape[1]} != {init_MC.shape[1]}')
-    return torch.cat([init_MC[:-1].to(file_NC.dtype), file_NC[-1:]], dim=0)
+    return torch.cat([init_MC[:-1], file_NC[-1:].to(init_MC)], dim=0)
 
 
 def pyramid_text(patch_nums: Sequence[int]) -> str:
