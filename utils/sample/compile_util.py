@@ -12,8 +12,8 @@ in place (`nn.Module.compile`), every transformer block, VIAR's input-injection 
 norm and (compile_vae) the VQVAE decoder; the Python parts (scale loop, KV-cache bookkeeping,
 sampling) stay eager, and each block's graph breaks at its KV-cache write. The blocks' shapes are
 dynamic, so all scales share a handful of graphs (scale 0, whose token count is 1, gets its own).
-On CUDA the blocks' default mode is 'reduce-overhead' (CUDA graphs), which removes the kernel-launch
-overhead that dominates the small early scales.
+No mode captures CUDA graphs (`compile_mode` says why), so the launch overhead of the small early scales
+remains on CUDA.
 Compiled kernels sum in another order, so compiled samples match eager ones within float tolerance.
 """
 import contextlib
@@ -101,9 +101,25 @@ def autocast_for(device_type: str, dtype: str):
     return torch.autocast(device_type=device_type, dtype=AUTOCAST_DTYPES[dtype])
 
 
-def default_mode(device_type: str) -> Optional[str]:
-    """torch.compile mode: CUDA graphs on a GPU (launch-bound early scales), inductor's default elsewhere."""
-    return 'reduce-overhead' if device_type == 'cuda' else None
+# torch.compile modes that replay CUDA graphs (CUDA graph trees) on a GPU
+CUDAGRAPH_MODES = ('reduce-overhead', 'max-autotune')
+
+
+def compile_mode(device_type: str, requested: Optional[str] = None) -> Optional[str]:
+    """The torch.compile mode of the scale-loop modules: `requested` (None: inductor's default, on every device),
+    refused where it would replay CUDA graphs on CUDA.
+
+    The modules are compiled one by one and the eager scale loop chains them. CUDA graph trees start a new
+    generation at each call of a compiled module and hand the previous call's outputs back to their memory pool,
+    while the next block takes that output as its input and the solver's residual and the iterate hooks read the
+    previous iterate after the next call; in the web app's worker threads their set-up also asserts on
+    thread-local state. So CUDA graphs wait for a scale step captured as one graph.
+    """
+    if device_type == 'cuda' and requested in CUDAGRAPH_MODES:
+        raise SamplingError(f'torch.compile mode {requested!r} replays CUDA graphs, which the separately compiled '
+                            f'blocks of the scale loop cannot use (each call would free the output the next one '
+                            f'reads); leave mode unset or pass max-autotune-no-cudagraphs.')
+    return requested
 
 
 def compile_targets(var: nn.Module) -> List[nn.Module]:
@@ -151,7 +167,7 @@ def prepare_for_sampling(var: nn.Module, compile: bool = False, dtype: str = 'fp
     dtype: 'fp32', 'bf16', 'fp16' or 'auto' (fp16 on CUDA, fp32 elsewhere; with fast, `fast_dtype`: bf16 on a CPU
     with native bf16), the autocast of every call; the Sampler's `dtype` is the resolved one.
     fast: the fast path (same maths, other rounding; docs/SPEED.md); False keeps the official arithmetic.
-    mode: torch.compile mode (None: 'reduce-overhead' on CUDA, the default elsewhere).
+    mode: torch.compile mode (None: inductor's default; `compile_mode` refuses CUDA-graph modes on CUDA).
     backend: torch.compile backend ('inductor'; 'aot_eager' checks graph capture without code generation).
     compile_vae: with compile, also compile the VQVAE decoder (static shapes, default mode: it is
     compute-bound; on CPU inductor fuses its GroupNorm + SiLU, about 1.35x faster at 128 px).
@@ -160,7 +176,7 @@ def prepare_for_sampling(var: nn.Module, compile: bool = False, dtype: str = 'fp
     dtype = resolve_dtype(device_type, dtype, fast)   # a bad dtype fails before any compile work
     var.eval()
     set_decoder_layout(var.vae_proxy[0], torch.channels_last if fast else torch.contiguous_format)
-    mode = mode if mode is not None else default_mode(device_type)
+    mode = compile_mode(device_type, mode)
     if compile:
         for m in compile_targets(var):
             m.compile(backend=backend, mode=mode, dynamic=True)

@@ -93,7 +93,7 @@ class SampleConfig:
     anderson_m: int = flag(5, 'Anderson history size (>= 2)')
     dtype: str = flag('auto', 'autocast dtype: fp32 = no autocast; auto = fp16 on CUDA (the official scripts), '
                               'fp32 on CPU; with --fast, bf16 on a CPU with native bf16', choices=tuple(sorted(AUTOCAST_DTYPES)) + ('auto',))
-    compile: bool = flag(False, 'torch.compile the blocks, the head and the VQVAE decoder (CUDA graphs on a GPU); '
+    compile: bool = flag(False, 'torch.compile the blocks, the head and the VQVAE decoder (no CUDA graphs); '
                                 'the first batch compiles; samples equal the eager ones within float tolerance')
     fast: bool = flag(False, 'the fast path: the same maths, other rounding (VIAR computes its input injection once '
                              'per scale; with --dtype auto, bf16 on a CPU with native bf16, fp16 on CUDA, else fp32); '
