@@ -53,6 +53,9 @@ def anderson_iterate(G: Callable[[torch.Tensor, int], torch.Tensor], z0: torch.T
     Each row of dim 0 is its own problem (rows of a batch do not interact); a row whose system is singular
     (all residuals zero, or equal ones with lam = 0) takes the plain step z_{t+1} = G(z_t). Returns the last
     G output, as the plain iteration does, and synchronises with the device only for tau.
+    The mixing runs in float32 (its solve in float64) with autocast off, whatever autocast G runs under: in
+    fp16 the Gram matrix of a 2 x 256 x 1920 scale overflows once residuals exceed ~0.36 per element, and in
+    bf16 its 8-bit mantissa leaves the weights too coarse to extrapolate (docs/SPEED.md measures both).
     Anderson assumes one map G; VIAR's G_t depends on t through its per-iteration KV caches, by an amount
     that shrinks as the earlier scales converge (docs/SPEED.md measures it).
 
@@ -71,26 +74,27 @@ def anderson_iterate(G: Callable[[torch.Tensor, int], torch.Tensor], z0: torch.T
             res = residual_norm(g, z, stop_mode)
         if t == max_iter - 1 or (tau is not None and t + 1 >= min_iter and res.item() <= tau):
             return g, SolveStats(t + 1, res)
-        g_RN = g.reshape(R, -1).float()
-        if Z_RmN is None:
-            Z_RmN, G_RmN = g_RN.new_zeros(R, m, g_RN.shape[1]), g_RN.new_zeros(R, m, g_RN.shape[1])
-        Z_RmN[:, t % m], G_RmN[:, t % m] = z.reshape(R, -1).float(), g_RN
         n = min(t + 1, m)
-        if n == 1:
-            z = g
-            continue
-        F_RnN = G_RmN[:, :n] - Z_RmN[:, :n]
-        H_Rnn = (F_RnN @ F_RnN.transpose(1, 2)).double()   # residuals span decades: solve in float64
-        H_Rnn.diagonal(dim1=1, dim2=2).add_(lam * H_Rnn.diagonal(dim1=1, dim2=2).mean(-1, keepdim=True))
-        A = H_Rnn.new_zeros(R, n + 1, n + 1)   # the bordered system [[0, 1^T], [1, H]] [mu, a] = [1, 0]
-        A[:, 0, 1:] = A[:, 1:, 0] = 1
-        A[:, 1:, 1:] = H_Rnn
-        rhs = H_Rnn.new_zeros(R, n + 1)
-        rhs[:, 0] = 1
-        sol, info = torch.linalg.solve_ex(A, rhs)
-        ok_R1 = ((info == 0) & sol.isfinite().all(-1))[:, None]
-        z_RN = (sol[:, None, 1:].float() @ (beta * G_RmN[:, :n] + (1 - beta) * Z_RmN[:, :n])).squeeze(1)
-        z = torch.where(ok_R1, z_RN, g_RN).view_as(g).to(g.dtype)
+        with torch.autocast(z0.device.type, enabled=False):
+            g_RN = g.reshape(R, -1).float()
+            if Z_RmN is None:
+                Z_RmN, G_RmN = g_RN.new_zeros(R, m, g_RN.shape[1]), g_RN.new_zeros(R, m, g_RN.shape[1])
+            Z_RmN[:, t % m], G_RmN[:, t % m] = z.reshape(R, -1).float(), g_RN
+            if n == 1:
+                z = g
+                continue
+            F_RnN = G_RmN[:, :n] - Z_RmN[:, :n]
+            H_Rnn = (F_RnN @ F_RnN.transpose(1, 2)).double()   # residuals span decades: solve in float64
+            H_Rnn.diagonal(dim1=1, dim2=2).add_(lam * H_Rnn.diagonal(dim1=1, dim2=2).mean(-1, keepdim=True))
+            A = H_Rnn.new_zeros(R, n + 1, n + 1)   # the bordered system [[0, 1^T], [1, H]] [mu, a] = [1, 0]
+            A[:, 0, 1:] = A[:, 1:, 0] = 1
+            A[:, 1:, 1:] = H_Rnn
+            rhs = H_Rnn.new_zeros(R, n + 1)
+            rhs[:, 0] = 1
+            sol, info = torch.linalg.solve_ex(A, rhs)
+            ok_R1 = ((info == 0) & sol.isfinite().all(-1))[:, None]
+            z_RN = (sol[:, None, 1:].float() @ (beta * G_RmN[:, :n] + (1 - beta) * Z_RmN[:, :n])).squeeze(1)
+            z = torch.where(ok_R1, z_RN, g_RN).view_as(g).to(g.dtype)
     return z, SolveStats(0, None)   # max_iter == 0
 
 
