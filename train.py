@@ -164,6 +164,21 @@ def build_models(args: TrainArgs, der: Derived, num_classes: int, device: torch.
     return vae, var
 
 
+def compile_for_training(var, backend: str = 'inductor'):
+    """torch.compile, in place, each module the training forward runs as a unit (the blocks, VIAR's projection and
+    the head norm: the model's `scale_loop_modules`); the loops that chain them stay eager. Returns `var`.
+
+    VIAR's S-JFB counts (n, m) are Python ints that drive its implicit loop: a compiled whole forward specialises
+    on each pair, so every new pair recompiles, and from the ninth Dynamo's recompile limit leaves the forward
+    eager. Compiled per module, the graphs depend only on grad mode, train/eval and whether a block drops paths;
+    shapes are dynamic, so the evaluation batch and the progressive stages after the first (one token, which
+    Dynamo specialises) reuse them.
+    """
+    for m in var.scale_loop_modules():
+        m.compile(backend=backend, dynamic=True)
+    return var
+
+
 def build_trainer(args: TrainArgs, der: Derived, vae, var, device: torch.device, hooks: Optional[TrainHooks] = None,
                   log=None):
     """Wrap the transformer (FSDP2 with --fsdp on several ranks; compile; else DDP), make the optimizer, EMA and
@@ -185,7 +200,7 @@ def build_trainer(args: TrainArgs, der: Derived, vae, var, device: torch.device,
     opt = AmpOptimizer(build_adamw(groups, der.lr, device, fused=args.optim.afuse), params, der.precision,
                        args.optim.tclip, args.optim.ac, device.type)
     ema = ModelEMA(var, args.optim.ema) if args.optim.ema > 0 else None
-    var_run = torch.compile(var) if args.optim.compile else var
+    var_run = compile_for_training(var) if args.optim.compile else var
     if dist.initialized() and not sharded:
         var_run = DDP(var_run, device_ids=[device.index] if device.type == 'cuda' else None,
                       find_unused_parameters=False, broadcast_buffers=False)
