@@ -24,7 +24,7 @@ from utils.checkpoint import CheckpointError
 from utils.logging_util import get_logger
 from utils.model_io import DEFAULT_VAE_CKPT, default_var_ckpt, load_or_build
 from utils.sample import image_io
-from utils.sample.compile_util import SamplingError, prepare_for_sampling
+from utils.sample.compile_util import SamplingError, prepare_for_sampling, sampling_tf32
 from utils.sample.config import add_model_source_args, add_sample_args, parse, resolve_device
 from utils.sample.editing import EDIT_MODES, expand_edit_spec, make_edit_spec, mode_mask, parse_box
 
@@ -257,9 +257,6 @@ def main(argv: Optional[Sequence[str]] = None):
             raise SystemExit('error: --more_smooth does not apply to editing (edited tokens are drawn as sampled '
                              'ones); drop it.')
     device = resolve_device(source.device)
-    if device.type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     try:
         loaded = load_or_build(source, device, log=log.warning)
         vae, var = loaded.vae, loaded.var
@@ -267,6 +264,8 @@ def main(argv: Optional[Sequence[str]] = None):
         sample.check_model(var, log=log.warning)
     except (CheckpointError, SamplingError) as e:
         raise SystemExit(f'error: {e}') from None
+    # CUDA's settings (nothing on a CPU): --dtype fp32 is full precision, so TF32 only with 16-bit autocast
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = sampling_tf32(sampler.dtype)
     if args.edit_image and args.edit_class is not None:
         classes, class_flag = [args.edit_class], '--edit_class'
     else:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import dist
-from utils.data.token_cache import split_scales
+from utils.data.token_cache import split_scales, tokenize_images
 from utils.train.amp_opt import AmpOptimizer
 from utils.train.ema import ModelEMA
 from utils.train.hooks import TrainHooks
@@ -99,7 +99,7 @@ class VARTrainer:
         """(targets gt_BL, teacher-forcing input x_BLCv_wo_first_l) from images in [-1, 1], or from the (B, L)
         integer token indices of a token cache, which skip the encoder (up to scale prog_si)."""
         if img_B3HW.is_floating_point():
-            idx_Bl = self.vae.img_to_idxBl(img_B3HW, prog_si=prog_si)
+            idx_Bl = tokenize_images(self.vae, img_B3HW, prog_si)
         else:
             idx_Bl = split_scales(img_B3HW, self.patch_nums, prog_si)
         return torch.cat(idx_Bl, dim=1), self.quantize.idxBl_to_var_input(idx_Bl, prog_si=prog_si)

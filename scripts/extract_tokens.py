@@ -148,6 +148,7 @@ def encode_shard(vae, views: Views, start: int, end: int, batch_size: int, worke
     import numpy as np
     import torch
     from torch.utils.data import DataLoader, Subset
+    from utils.data.token_cache import tokenize_images
     loader = DataLoader(Subset(views, range(start, end)), batch_size=batch_size, num_workers=workers, shuffle=False)
     toks, labels = [], []
     with torch.inference_mode():
@@ -155,7 +156,7 @@ def encode_shard(vae, views: Views, start: int, end: int, batch_size: int, worke
             B, W = x_BW3HW.shape[:2]
             per_view = []
             for v in range(W):   # one call per view at the batch size asked for (tokens do not depend on the mix)
-                idx_Bl = vae.img_to_idxBl(x_BW3HW[:, v].to(device, non_blocking=True))
+                idx_Bl = tokenize_images(vae, x_BW3HW[:, v].to(device, non_blocking=True))
                 per_view.append(torch.cat(idx_Bl, dim=1).cpu())
             toks.append(torch.stack(per_view, dim=1).numpy().astype(np.uint16))
             labels.append(label_B.numpy().astype(np.int64))

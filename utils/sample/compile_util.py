@@ -93,6 +93,13 @@ def resolve_dtype(device_type: str, dtype: str, fast: bool = False) -> str:
     return dtype
 
 
+def sampling_tf32(dtype: str) -> bool:
+    """Whether sampling lets CUDA run float32 matmuls and convolutions in TF32, for a resolved dtype: not for 'fp32',
+    which asks for full precision; for 'fp16' / 'bf16' yes (the official script's setting), where autocast already
+    runs the blocks' matmuls in 16 bits."""
+    return dtype in ('bf16', 'fp16')
+
+
 def autocast_for(device_type: str, dtype: str):
     """torch.autocast for 'bf16' / 'fp16'; a null context for 'fp32' ('auto' resolved first)."""
     dtype = resolve_dtype(device_type, dtype)
