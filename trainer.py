@@ -134,8 +134,11 @@ class VARTrainer:
                    prog_si: int = -1, prog_wp_it: float = 1.0) -> StepStats:
         """One forward/backward on this rank's batch; steps the optimizer when `stepping`.
 
-        A loss that is not finite on any rank skips the backward on every rank and drops the
-        accumulated grads (no update). The test hooks may poison step g_it + 1's loss (NaN).
+        A loss that is not finite on any rank drops, on every rank, the grads accumulated so far in its
+        window, its own included (a stepping call then takes no update). Whether the loss is finite is
+        agreed over ranks on the device and read only once the backward is queued, so the host never waits
+        for the GPU before it (the backward of such a loss runs and is thrown away). The test hooks may
+        poison step g_it + 1's loss (NaN).
         """
         prog_wp = self.prog.advance(prog_si, prog_wp_it)
         gt_BL, x_BLCv = self.tokenize(img_B3HW, prog_si)
@@ -151,16 +154,16 @@ class VARTrainer:
             loss = ce_BL.mul(w_1L).sum(dim=-1).mean()
             if self.hooks.poisons(g_it + 1):
                 loss = loss * float('nan')
-            bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device)
-            finite = dist.allreduce_sum(bad).item() == 0
-            if finite:
-                res = self.opt.backward(loss, stepping)
-            elif stepping:
-                self.opt.skip()
+            bad_1 = dist.allreduce_sum(loss.detach().isfinite().logical_not().float().reshape(1))
+            self.opt.backward(loss, stepping=False)
+        finite = bad_1.item() == 0   # the first host read of this step, after the backward is queued
+        res = None
         if not finite:
-            res = None
-        elif res.stepped and self.ema is not None:
-            self.ema.update(self.var_wo_ddp)
+            self.opt.skip()
+        elif stepping:
+            res = self.opt.step()
+            if res.stepped and self.ema is not None:
+                self.ema.update(self.var_wo_ddp)
         with torch.no_grad():
             plain_BL = ce_BL.detach() if self.label_smooth == 0 else \
                 F.cross_entropy(logits_BLV.detach().float().transpose(1, 2), gt_BL, reduction='none')
