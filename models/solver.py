@@ -54,8 +54,8 @@ def anderson_iterate(G: Callable[[torch.Tensor, int], torch.Tensor], z0: torch.T
     (all residuals zero, or equal ones with lam = 0) takes the plain step z_{t+1} = G(z_t). Returns the last
     G output, as the plain iteration does, and synchronises with the device only for tau.
     The mixing runs in float32 (its solve in float64) with autocast off, whatever autocast G runs under: in
-    fp16 the Gram matrix of a 2 x 256 x 1920 scale overflows once residuals exceed ~0.36 per element, and in
-    bf16 its 8-bit mantissa leaves the weights too coarse to extrapolate (docs/SPEED.md measures both).
+    fp16 the Gram matrix of a 2 x 256 x 1920 scale overflows once residuals exceed ~0.36 per element (the row
+    then takes plain steps), and in bf16 it has an 8-bit mantissa (docs/SPEED.md measures both).
     Anderson assumes one map G; VIAR's G_t depends on t through its per-iteration KV caches, by an amount
     that shrinks as the earlier scales converge (docs/SPEED.md measures it).
 
