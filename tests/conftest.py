@@ -1,5 +1,6 @@
-"""Shared pytest setup: the repo root on sys.path, single-threaded torch for stable CPU timings."""
+"""Shared pytest setup: the repo root on sys.path, the compiler check, and the one quick demo run the slow tests share."""
 import os
+import subprocess
 import sys
 
 import pytest
@@ -18,3 +19,15 @@ def _has_c_compiler() -> bool:
 # a compile test fails when compiling fails; it is skipped only where no C compiler exists, and says so
 needs_c_compiler = pytest.mark.skipif(not _has_c_compiler(),
                                       reason='no C++ compiler on this machine: inductor cannot generate code here')
+
+
+@pytest.fixture(scope='session')
+def quick_demo(tmp_path_factory):
+    """The output folder of one DEMO_QUICK=1 run of scripts/demo.sh (a few steps of every stage), made once per
+    session for every test that reads it (the README walk-through, the demo's own checks)."""
+    out = tmp_path_factory.mktemp('quick') / 'demo'
+    env = dict(os.environ, DEMO_QUICK='1', DEMO_OUT=str(out))
+    proc = subprocess.run(['bash', os.path.join(ROOT, 'scripts', 'demo.sh')], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out

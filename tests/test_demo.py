@@ -261,17 +261,6 @@ def test_table_samples_do_not_depend_on_the_batch_and_every_figure_is_reported(d
     assert 'VIAR Dec.(2,1)' in demo_table.markdown_table(rows)
 
 
-@pytest.fixture(scope='module')
-def quick_demo(tmp_path_factory):
-    """A DEMO_QUICK=1 run of scripts/demo.sh (a few steps of every stage): its output folder."""
-    out = tmp_path_factory.mktemp('quick') / 'demo'
-    env = dict(os.environ, DEMO_QUICK='1', DEMO_OUT=str(out))
-    proc = subprocess.run(['bash', os.path.join(ROOT, 'scripts', 'demo.sh')], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out
-
-
 @pytest.mark.slow
 def test_quick_demo_runs_end_to_end(quick_demo):
     """DEMO_QUICK=1: a few steps of every stage; checks the outputs, not the quality."""
