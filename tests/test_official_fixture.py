@@ -121,7 +121,8 @@ def test_teacher_forced_logits_equal_the_official(fixture, kind, dtype):
 
 def sample_with_margins(vae, var, meta: dict, sampler: str, knob: tuple, fill_forward: bool = False):
     """Our sampled token maps, and each decision's margin against the rounding error of the logits it came from:
-    (tokens per scale, margin per scale (B, l), error bound per scale)."""
+    (tokens, the tokens the decisions derived from our logits and the replayed draws lead to, margins (B, l),
+    error bounds), one entry per scale."""
     K, B, cfg = len(var.patch_nums), len(meta['labels_sample']), meta['cfg']
     counts = official_iters(*knob, K)
     toks, logits = [], []
@@ -140,19 +141,18 @@ def sample_with_margins(vae, var, meta: dict, sampler: str, knob: tuple, fill_fo
     top_k, top_p = meta['samplers'][sampler]['top_k'], meta['samplers'][sampler]['top_p']
     calls = len(var.backbone_blocks()) - 1 + max(counts) if var.use_implicit else var.depth
     stages = reduction_stages(calls, max(counts) if var.use_implicit else 0)
-    margins, errors = [], []
+    choices, margins, errors = [], [], []
     for si, (out_RlV, idx_Bl, q_NV) in enumerate(zip(logits, toks, draws)):
         t = cfg * si / (K - 1)
         guided_BlV = (1 + t) * out_RlV[:B] - t * out_RlV[B:]
         choice_Bl, margin_Bl = decisions(guided_BlV, top_k, top_p, q_NV.view(guided_BlV.shape))
-        # the margins are those of the sampler's own decisions: the replayed draws give its tokens
-        assert torch.equal(choice_Bl, idx_Bl), f'scale {si}: the replayed decisions are not the sampler\'s'
+        choices.append(choice_Bl)
         margins.append(margin_Bl)
         # each guided logit: (1 + t) cond - t uncond, so its error is (1 + 2t) that of one logit; the sampler's own
         # softmax and cumulative sum over V add V roundings
         errors.append((1 + 2 * t) * rounding_bound(dt, stages, longest_sum(var), out_RlV.abs().max().item())
                       + var.V * unit_roundoff(dt))
-    return toks, margins, errors
+    return toks, choices, margins, errors
 
 
 def robust(margin_Bl: torch.Tensor, error: float) -> torch.Tensor:
@@ -182,15 +182,17 @@ def test_sampled_tokens_equal_the_official(fixture, kind, sampler, knob, dtype):
     dt = DTYPES[dtype]
     vae, var = our_models(fixture, kind, dt)
     want = official(fixture, kind, dt)['samples'][(sampler, *knob)]
-    got, margins, errors = sample_with_margins(vae, var, FIXTURES[fixture]['meta'], sampler, knob)
+    got, choices, margins, errors = sample_with_margins(vae, var, FIXTURES[fixture]['meta'], sampler, knob)
     assert len(got) == len(want) == len(var.patch_nums)
-    for k, (a, b, m, e) in enumerate(zip(got, want, margins, errors)):
+    for k, (a, b, c, m, e) in enumerate(zip(got, want, choices, margins, errors)):
         sure = robust(m, e)
+        differ = a != b
+        assert not (differ & sure).any(), f'scale {k}: {(differ & sure).sum().item()} of {a.numel()} tokens differ'
+        # the margins are those of the sampler's own decisions: the replayed draws give its tokens
+        assert torch.equal(c, a), f'scale {k}: the decisions replayed from our logits are not the sampler\'s'
         if dt == torch.float64:   # far from every tie: these tokens are the same on any CPU
             assert sure.all(), (f'scale {k}: {(~sure).sum().item()} decisions within 4 x {e:.1e} of a tie '
                                 f'(smallest margin {m.min().item():.2e}); regenerate the fixture with another seed')
-        differ = a != b
-        assert not (differ & sure).any(), f'scale {k}: {(differ & sure).sum().item()} of {a.numel()} tokens differ'
         if differ.any():   # a decision inside the rounding error went the other way: later scales see other tokens
             break
 
@@ -203,6 +205,8 @@ def test_fill_forward_default_equals_the_official_for_non_increasing_knobs(knob)
     assert all(a >= b for a, b in zip(counts, counts[1:]))
     vae, var = our_models('tiny', 'viar', torch.float64)
     want = FIXTURES['tiny']['viar']['fp64']['samples'][('topk_topp', *knob)]
-    got, margins, errors = sample_with_margins(vae, var, FIXTURES['tiny']['meta'], 'topk_topp', knob, fill_forward=True)
-    assert all(robust(m, e).all() for m, e in zip(margins, errors))
+    got, choices, margins, errors = sample_with_margins(vae, var, FIXTURES['tiny']['meta'], 'topk_topp', knob,
+                                                        fill_forward=True)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert all(torch.equal(a, c) for a, c in zip(got, choices))
+    assert all(robust(m, e).all() for m, e in zip(margins, errors))
