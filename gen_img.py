@@ -169,8 +169,9 @@ def same_model(a: dict, b: dict) -> bool:
 def record_text(r: dict) -> str:
     """'/runs/viar/viar-slim.pth (a VIAR (depth 6, ...), EMA weights)'."""
     from models.config import ModelSpec
+    from utils.arch_flags import describe_spec
     ema = ', EMA weights' if r.get('ema') else ''
-    return f"{r.get('checkpoint')} ({ModelSpec.from_dict(r.get('model') or {}).summary()}{ema})"
+    return f"{r.get('checkpoint')} ({describe_spec(ModelSpec.from_dict(r.get('model') or {}))}{ema})"
 
 
 def claim_output_dir(out_dir: str, record: dict):

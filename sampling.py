@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The official sampling.py flags plus the schedule, plan, precision and resume flags."""
     p = argparse.ArgumentParser(description='VAR / VIAR 50K sampler for FID (distributed, resumable)',
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_model_source_args(p, sizes=False, defaults=dict(depth=30))
+    add_model_source_args(p, defaults=dict(depth=30), skip=('num_classes',))   # --num_classes: classes to sample
     add_sample_args(p, skip=('more_smooth',))   # visualisation only, never in FID sampling
     g = p.add_argument_group('seeds')
     g.add_argument('--seed', type=int, default=1, help='global seed; every batch derives its own from it')

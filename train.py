@@ -14,7 +14,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 import dist
 from utils import cli
+from utils.arch_flags import describe_spec
 from utils.atomic import check_writable
 from utils.logging_util import ScalarWriter, format_duration, get_logger
 from utils.memory import peak_memory
@@ -29,10 +30,6 @@ from utils.train import args as arg_util
 from utils.train.args import Derived, TrainArgs
 from utils.train.hooks import TrainHooks
 from utils.train.plan import Pending, TrainPlan, default_log_every
-
-MODEL_FLAGS = ('depth', 'use_implicit', 'p_depth', 'width', 'heads', 'saln', 'anorm', 'V', 'Cvae', 'vae_ch',
-               'vae_ch_mult', 'vae_num_res_blocks', 'pn', 'patch_size')
-
 
 # ---------------------------------------------------------------- seeds and RNG state
 
@@ -120,11 +117,10 @@ def pick_resume(out: str, last_ckpt: str, prefer_sharded: bool, warn) -> Tuple[O
 
 
 def check_resumable(ckpt: Dict[str, Any], args: TrainArgs, path: str):
-    """The checkpoint was trained with the same model and batch flags as this run."""
+    """The checkpoint was trained with the same batch flags as this run (its architecture: architecture.resolve)."""
     old = arg_util.args_from_dict(ckpt.get('args', {})).flat()
     new = args.flat()
-    diff = [f'--{k} {old[k]} (now {new[k]})' for k in MODEL_FLAGS + ('bs', 'ac', 'seed', 'freeze')
-            if old.get(k) != new.get(k)]   # a file from before --freeze reads as '' (nothing frozen)
+    diff = [f'--{k} {old[k]} (now {new[k]})' for k in ('bs', 'ac', 'seed', 'freeze') if old.get(k) != new.get(k)]
     if diff:
         raise SystemExit(f'{path} was trained with {", ".join(diff)}: run with the same flags to resume, '
                          f'or pass another --local_out_dir_path to start a new run.')
@@ -132,34 +128,55 @@ def check_resumable(ckpt: Dict[str, Any], args: TrainArgs, path: str):
 
 # ---------------------------------------------------------------- building
 
-def model_spec(args: TrainArgs, der: Derived, num_classes: int):
-    """The ModelSpec of this run: what the slim export carries as 'config'."""
-    return arg_util.model_spec(args, der.width, der.heads, der.patch_nums, num_classes)
+def remove_if_only_logs(folder: str):
+    """Remove an output folder a failed start made, when nothing but its log is in it."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    if set(names) <= {'log.txt'}:
+        for name in names:
+            os.remove(os.path.join(folder, name))
+        os.rmdir(folder)
 
 
-def build_models(args: TrainArgs, der: Derived, num_classes: int, device: torch.device, log):
-    """(frozen vae, var) built identically on every rank; VAE weights from --vae_ckpt, or random with a warning."""
+def read_init_file(path: str):
+    """(path, contents, transformer state dict) of --init_ckpt / --init_from_var; an official name missing locally
+    is downloaded once per node first."""
+    from utils.checkpoint import CheckpointError, resolve_checkpoint
+    from utils.train.init_ckpt import read_weights
+    if dist.is_local_master():
+        try:
+            resolve_checkpoint(path)
+        except CheckpointError:
+            pass   # every rank reports it below
+    dist.barrier()
+    obj, sd = read_weights(path)
+    return path, obj, sd
+
+
+def build_models(args: TrainArgs, der: Derived, spec, tokenizer, device: torch.device):
+    """(frozen vae, var) built identically on every rank; the tokenizer's weights from its file, from the checkpoint
+    that holds them, or random (architecture.Tokenizer)."""
     from utils.checkpoint import CheckpointError, load_vae_weights, resolve_checkpoint
     m = args.model
     seed_everything(args.run.seed)   # same init on every rank
     try:
-        vae, var = model_spec(args, der, num_classes).build(
-            device, init_adaln=m.aln, init_adaln_gamma=m.alng, init_head=m.hd, init_std=m.ini,
-            cond_drop_rate=m.cond_drop, drop_path_rate=None if m.drop_path < 0 else m.drop_path,
-            jfb_no_grad=der.jfb_no_grad, jfb_with_grad=der.jfb_with_grad)
+        vae, var = spec.build(device, init_adaln=m.aln, init_adaln_gamma=m.alng, init_head=m.hd, init_std=m.ini,
+                              cond_drop_rate=m.cond_drop, drop_path_rate=None if m.drop_path < 0 else m.drop_path,
+                              jfb_no_grad=der.jfb_no_grad, jfb_with_grad=der.jfb_with_grad)
     except ValueError as e:
         raise SystemExit(f'cannot build the model: {e}') from None
-    if m.vae_ckpt:
-        try:
+    try:
+        if tokenizer.weights is not None:
+            load_vae_weights(vae, tokenizer.weights, where=tokenizer.where)
+        elif not tokenizer.random:
             if dist.is_local_master():   # an official name missing locally is downloaded once per node
-                resolve_checkpoint(m.vae_ckpt)
+                resolve_checkpoint(tokenizer.path)
             dist.barrier()
-            load_vae_weights(vae, m.vae_ckpt)
-        except CheckpointError as e:
-            raise SystemExit(str(e)) from None
-    else:
-        log.warning('--vae_ckpt is empty: the tokenizer has RANDOM weights (fine for tests and demos, useless for '
-                    'ImageNet; pass --vae_ckpt ckpts/vae_ch160v4096z32.pth). Its weights go into the checkpoints.')
+            load_vae_weights(vae, tokenizer.path)
+    except CheckpointError as e:
+        raise SystemExit(str(e)) from None
     vae.eval().requires_grad_(False)
     return vae, var
 
@@ -208,18 +225,18 @@ def build_trainer(args: TrainArgs, der: Derived, vae, var, device: torch.device,
                       jfb_draw=args.model.jfb_draw, hooks=hooks, drop_draw=args.model.drop_draw)
 
 
-def build_loaders(args: TrainArgs, der: Derived, start_g_it: int):
-    """(num_classes, train sampler, train iterator, val loader)."""
+def build_loaders(args: TrainArgs, der: Derived, start_g_it: int, V: int, tokenizer):
+    """(class names, train size, val size, train sampler, train iterator, val loader)."""
     if args.data.token_cache:   # pre-tokenised shards (utils/data/token_cache.py): same sampler and resume rules
         from utils.data.token_cache import build_cache_loaders
         return build_cache_loaders(args.data.token_cache, der.glb_batch_size, der.batch_size, args.run.seed,
                                    der.workers, dist.get_rank(), dist.get_world_size(), start_g_it,
                                    pin=dist.get_device().type == 'cuda', patch_nums=der.patch_nums,
-                                   resolution=der.final_reso, V=args.model.V, vae_ckpt=args.model.vae_ckpt)
+                                   resolution=der.final_reso, V=V, tokenizer=tokenizer)
     from utils.data.datasets import build_datasets
     from utils.data.sampler import DistInfiniteBatchSampler, EvalDistributedSampler
-    num_classes, train_set, val_set = build_datasets(args.data.data_path, der.final_reso, der.mid_reso_px,
-                                                     args.data.hflip)
+    classes, train_set, val_set = build_datasets(args.data.data_path, der.final_reso, der.mid_reso_px,
+                                                 args.data.hflip)
     sampler = DistInfiniteBatchSampler(len(train_set), der.glb_batch_size, dist.get_rank(), dist.get_world_size(),
                                        seed=args.run.seed)
     sampler.load_state_dict(sampler.position_at(start_g_it))
@@ -231,7 +248,7 @@ def build_loaders(args: TrainArgs, der: Derived, start_g_it: int):
     ld_val = DataLoader(val_set, batch_size=max(1, round(der.batch_size * 1.5)), **kw,
                         generator=torch.Generator().manual_seed(args.run.seed),
                         sampler=EvalDistributedSampler(len(val_set), dist.get_rank(), dist.get_world_size()))
-    return num_classes, len(train_set), len(val_set), sampler, ld_train, ld_val
+    return classes, len(train_set), len(val_set), sampler, ld_train, ld_val
 
 
 # ---------------------------------------------------------------- the run
@@ -247,32 +264,58 @@ class Progress:
 class Run:
     """One training run: owns the trainer, loaders, loggers and checkpoints."""
 
-    def __init__(self, args: TrainArgs):
+    def __init__(self, args: TrainArgs, argv: Sequence[str] = ()):
+        from utils.train import architecture
         self.args = args
         self.device = dist.get_device()
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
-        from utils.data.loader import available_cpus
-        self.der = arg_util.derive(args, self.world, available_cpus(), dist.get_local_world_size())
         out = args.run.local_out_dir_path
-        if dist.is_master():
-            check_writable(out)
-        dist.barrier()
-        self.log = get_logger('train', out, dist.is_master(), timestamps=True)
+        self.log = get_logger('train', None, dist.is_master(), timestamps=True)   # the file once the run is valid
+        self.ckpt, self.ckpt_sharded, self.ckpt_path = pick_resume(out, os.path.join(out, 'ar-ckpt-last.pth'),
+                                                                   args.optim.fsdp, self.log.warning)
+        m = args.model
+        from utils.train.init_ckpt import check_init_flags
+        given = arg_util.given_fields(args.arch)
+        check_init_flags(m.init_ckpt, m.init_from_var, given.get('use_implicit', bool(m.init_from_var)))
+        init = None
+        if self.ckpt is None and (m.init_ckpt or m.init_from_var):
+            init = read_init_file(m.init_ckpt or m.init_from_var)
+        default_tok = architecture.DEFAULT_VAE_CKPT
+        if args.data.token_cache:   # a new run on a token cache: the tokenizer it was made with
+            from utils.data.token_cache import read_manifest
+            default_tok = read_manifest(args.data.token_cache)['tokenizer'].get('path') or default_tok
+        self.arch = architecture.resolve(given, m.vae_ckpt, args.data.patch_size, argv, init=init,
+                                         from_var=bool(m.init_from_var),
+                                         resume=(self.ckpt_path, self.ckpt) if self.ckpt is not None else None,
+                                         default_vae_ckpt=default_tok)
+        from utils.data.loader import available_cpus
+        self.der = arg_util.derive(args, self.world, available_cpus(), dist.get_local_world_size(), self.arch.spec)
         if self.device.type == 'cuda':
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(args.optim.tf32)
-        self.ckpt, self.ckpt_sharded, self.ckpt_path = pick_resume(out, self.der.last_ckpt, args.optim.fsdp,
-                                                                   self.log.warning)
         if self.ckpt is not None:
             check_resumable(self.ckpt, args, self.ckpt_path)
         self.prog = Progress(self.ckpt['g_it'], self.ckpt.get('best_val', math.inf), self.ckpt.get('nonfinite', 0)) \
             if self.ckpt is not None else Progress()
 
-        (num_classes_data, self.n_train, self.n_val, self.sampler, self.ld_train,
-         self.ld_val) = build_loaders(args, self.der, self.prog.g_it)
-        self.num_classes = args.data.num_classes or num_classes_data
-        if self.num_classes < num_classes_data:
-            raise SystemExit(f'--num_classes {self.num_classes} is smaller than the {num_classes_data} class folders '
-                             f'in {args.data.data_path}/train.')
+        (self.class_names, self.n_train, self.n_val, self.sampler, self.ld_train,
+         self.ld_val) = build_loaders(args, self.der, self.prog.g_it, self.arch.spec.V, self.arch.tokenizer)
+        self.spec = self.with_classes(self.arch.spec, len(self.class_names), given)
+        # every flag, the architecture and the data are valid: the output folder can be made (a run refused before
+        # this point leaves no folder behind, and one that fails while building removes the folder it made)
+        created = not os.path.isdir(out)
+        if dist.is_master():
+            check_writable(out)
+        dist.barrier()
+        self.log = get_logger('train', out, dist.is_master(), timestamps=True)
+        try:
+            self._build(args, m, out)
+        except BaseException:
+            if created and dist.is_master():
+                remove_if_only_logs(out)
+            raise
+
+    def _build(self, args: TrainArgs, m, out: str):
+        """Everything after the checks: the schedule, the models and their weights, the trainer, the loggers."""
         self.iters_ep = len(self.sampler)
         self.total = arg_util.total_forwards(args, self.iters_ep)
         # warmup/progressive lengths are given in epochs; with --max_steps they scale with the shortened run
@@ -287,16 +330,19 @@ class Run:
             log_every=r.log_every or default_log_every(self.iters_ep))
         self.hooks = TrainHooks.from_args(args.hooks, self.log)
 
-        self.random_vae = not args.model.vae_ckpt
-        # the slim export carries its tokenizer: the official file by name and sha256, any other embedded
+        tok = self.arch.tokenizer
+        self.log.info(f'[model] {describe_spec(self.spec)}, set by {self.arch.source}; tokenizer: {tok.describe()}')
+        if tok.random:
+            self.log.warning('the tokenizer has RANDOM weights (--vae_ckpt random): fine for tests, useless for real '
+                             'images. Its weights go into the checkpoints.')
+        # the slim export carries its tokenizer: an official file by name and sha256, any other embedded
         from utils.model_io import tokenizer_ref
-        self.vae_ref = None if self.random_vae else tokenizer_ref(args.model.vae_ckpt)
-        self.vae, self.var = build_models(args, self.der, self.num_classes, self.device, self.log)
-        self.spec = model_spec(args, self.der, self.num_classes)
+        self.vae_ref = tokenizer_ref(tok.path) if tok.path else None
+        self.vae, self.var = build_models(args, self.der, self.spec, tok, self.device)
         from utils.train.init_ckpt import apply_freeze, initialise
         if self.ckpt is None:   # weights only; a resume always wins (a killed fine-tune continues where it was)
-            initialise(self.var, self.spec, args.model.init_ckpt, args.model.init_from_var, self.log.info)
-        elif args.model.init_ckpt or args.model.init_from_var:
+            initialise(self.var, self.spec, self.arch.init_sd, self.arch.source, bool(m.init_from_var), self.log.info)
+        elif m.init_ckpt or m.init_from_var:
             self.log.info(f'[init] resuming from {self.ckpt_path}: --init_ckpt/--init_from_var not applied')
         apply_freeze(self.var, args.optim.freeze, self.log.info)
         self.trainer = build_trainer(args, self.der, self.vae, self.var, self.device, self.hooks, self.log)
@@ -309,14 +355,27 @@ class Run:
         self.tb = ScalarWriter(self.der.tb_dir if dist.is_master() else None)
         self.step_log = open(os.path.join(out, f'steps-rank{self.rank}.jsonl'), 'a') if args.run.step_log else None
 
+    def with_classes(self, spec, data_classes: int, given: Dict[str, Any]):
+        """The spec with its class count: the data's (a new run, a fine-tune), unless --num_classes is given; a
+        resume keeps its own. Fewer classes than the data has folders is refused."""
+        from dataclasses import replace
+        n = spec.num_classes if (self.ckpt is not None or 'num_classes' in given) else data_classes
+        if n < data_classes:
+            where = self.ckpt_path if self.ckpt is not None else 'num_classes'
+            raise SystemExit(f'{where}: the model has {n} classes, fewer than the {data_classes} class folders in '
+                             f'{self.args.data.data_path}/train.')
+        return replace(spec, num_classes=n)
+
+    def _tokenizer_record(self) -> Dict[str, Any]:
+        """What a training checkpoint records of its tokenizer (its weights go into 'trainer' unless it is a file)."""
+        tok = self.arch.tokenizer
+        return dict(path=tok.path, random=tok.random, where=tok.where)
+
     def _restore(self, ck: Dict[str, Any]):
         if self.ckpt_sharded is not None:
             self._restore_sharded(ck)
         else:   # a DDP checkpoint: under --fsdp each rank keeps its shards of it
-            self.trainer.load_state_dict(ck['trainer'], load_vae=self.random_vae)
-        if self.random_vae and 'vae_local' not in ck['trainer']:
-            raise SystemExit(f'{self.ckpt_path} holds no tokenizer weights but --vae_ckpt is empty: '
-                             f'pass the --vae_ckpt this run was started with.')
+            self.trainer.load_state_dict(ck['trainer'], load_vae=False)   # the tokenizer: build_models
         rngs: List[Dict] = ck.get('rng', [])
         if len(rngs) == self.world:
             restore_rng(rngs[self.rank])
@@ -349,7 +408,7 @@ class Run:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise SystemExit(f'cannot resume from {folder}: {first[:300]}. Was it written by a run with other '
                              f'model flags? Move it away to start from an earlier checkpoint.') from None
-        self.trainer.load_sharded_state_dict(tensors, ck['trainer'], load_vae=self.random_vae)
+        self.trainer.load_sharded_state_dict(tensors, ck['trainer'], load_vae=False)
 
     def _log_shard_bytes(self):
         """Parameter + gradient + AdamW bytes this rank holds, read off its shards beside the arithmetic."""
@@ -374,18 +433,19 @@ class Run:
         ep, it = divmod(self.prog.g_it, self.iters_ep)
         state = {'epoch': ep, 'iter': it, 'g_it': self.prog.g_it, 'version': 1,
                  'sampler': self.sampler.position_at(self.prog.g_it),
-                 'args': self.args.to_dict(), 'config': self.spec.to_dict(), 'world_size': self.world,
+                 'args': self.args.to_dict(), 'config': self.spec.to_dict(), 'tokenizer': self._tokenizer_record(),
+                 'class_names': list(self.class_names), 'world_size': self.world,
                  'rng': rngs, 'best_val': self.prog.best_val, 'nonfinite': self.prog.nonfinite_run}
         if self.args.optim.fsdp:   # every rank writes its shards; rank 0 the plain rest and the marker
             from utils.train import sharded_ckpt
-            tensors, plain = self.trainer.sharded_state_dict(with_vae=self.random_vae)
+            tensors, plain = self.trainer.sharded_state_dict(with_vae=not self.arch.tokenizer.path)
             self.ckpt_path = sharded_ckpt.save(self.args.run.local_out_dir_path, self.prog.g_it, tensors,
                                                dict(state, trainer=plain), best, self.log.info)
             self._save_slim()
             self.log.info(f'[ckpt] after step {self.prog.g_it}: {self.ckpt_path}' + (' (best)' if best else ''))
             return
         if dist.is_master():
-            state['trainer'] = self.trainer.state_dict(with_vae=self.random_vae)
+            state['trainer'] = self.trainer.state_dict(with_vae=not self.arch.tokenizer.path)
             save_atomic(state, self.der.last_ckpt)
             if best:
                 save_atomic(state, self.der.best_ckpt)
@@ -403,7 +463,8 @@ class Run:
             ema_sd = dist.gather_full(ema_sd) if ema_sd is not None else None
         if dist.is_master():
             save_slim(slim_export(self.var, self.spec, vae=self.vae if self.vae_ref is None else None,
-                                  var_ema_sd=ema_sd, vae_ref=self.vae_ref, model_sd=model_sd), self.der.slim_path)
+                                  var_ema_sd=ema_sd, vae_ref=self.vae_ref, model_sd=model_sd,
+                                  class_names=self.class_names), self.der.slim_path)
         dist.barrier()
 
     def _validate(self) -> bool:
@@ -434,13 +495,12 @@ class Run:
         """Run from self.prog.g_it to the end: the step policy is self.plan (pure), this loop only carries it out."""
         from utils.train.lr_control import apply_lr_wd
         a, der = self.args, self.der
-        self.log.info(f'[data] train {self.n_train} / val {self.n_val} images, {self.num_classes} classes, '
+        self.log.info(f'[data] train {self.n_train} / val {self.n_val} images, {len(self.class_names)} classes, '
                       f'{self.iters_ep} iters per epoch; global batch {der.glb_batch_size} x ac {a.optim.ac}, '
                       f'{der.batch_size} per rank on {self.world} rank(s); {der.workers} loader worker(s) per rank '
                       f'({der.workers_rule})')
         n_params = sum(p.numel() for p in self.var.parameters())
-        self.log.info(f'[model] {self.var.describe()}: {n_params / 1e6:.2f}M params; peak lr {der.lr:.3g}, '
-                      f'{der.precision}')
+        self.log.info(f'[model] {self.var.describe()}: {n_params / 1e6:.2f}M params; {der.lr_rule}, {der.precision}')
         self.log.info('[args]\n' + arg_util.format_args(a))
         if self.prog.g_it >= self.total:
             self.log.info(f'[done] nothing to do: step {self.prog.g_it} >= {self.total}')
@@ -524,13 +584,14 @@ class Run:
 @cli.exits_on_write_error
 def main(argv: Optional[List[str]] = None):
     """Parse flags, join the process group, train."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = arg_util.parse_args(argv)
     if args.data.data_path in ('', arg_util.PLACEHOLDER_DATA_PATH) and not args.data.token_cache:
         raise SystemExit('please pass --data_path=/path/to/imagenet (a folder with train/ and val/ class folders).')
     dist.initialize(args.run.device)
     run = None
     try:
-        run = Run(args)
+        run = Run(args, argv)
         try:
             run.train()
         finally:

@@ -247,10 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = p.add_argument_group('models (random weights unless --var_ckpt)')
     m.add_argument('--models', type=str, default='VAR,VIAR', help='which of VAR, VIAR to run (a checkpoint fixes it)')
-    m.add_argument('--p_depth', type=int, default=None, help='sets both --pre_depth and --post_depth')
     m.add_argument('--seed', type=int, default=0, help='seed of the random weights')
-    add_model_source_args(p, skip=('use_implicit', 'ema'), defaults=dict(
-        var_ckpt='random', vae_ckpt='', device=''))
+    add_model_source_args(p, skip=('ema',))
+    p.set_defaults(var_ckpt='random')   # random weights unless a checkpoint is given
     s = p.add_argument_group('schedules')
     s.add_argument('--schedules', type=str, default=DEFAULT_SCHEDULES,
                    help="comma list: 'A:B' = the iter_left/iter_right knob (this project's K-point rule); 'A:B/10' = "
@@ -292,7 +291,7 @@ def write_state(source, kind: str, tmpdir: str, seed: int):
     import dataclasses
     import torch
     from utils.model_io import load_or_build
-    loaded = load_or_build(dataclasses.replace(source, use_implicit=kind == 'VIAR'), 'cpu', random_vae_ok=True,
+    loaded = load_or_build(dataclasses.replace(source, arch=dict(source.arch, use_implicit=kind == 'VIAR')), 'cpu',
                            seed=seed)
     path = os.path.join(tmpdir, f'{kind}.pt')
     torch.save({'vae': loaded.vae.state_dict(), 'var': loaded.var.state_dict()}, path)
@@ -415,8 +414,6 @@ def main(argv=None):
     from utils.sample.compile_util import read_cpu_flags
     from utils.sample.config import parse, resolve_device
     args, source, sample = parse(build_parser(), argv, schedule_list=True)
-    if args.p_depth is not None:
-        source.pre_depth = source.post_depth = args.p_depth
     device = resolve_device(source.device)
     if sample.compile and args.warmup < 1:
         raise SystemExit('--compile needs --warmup >= 1: the first call compiles')

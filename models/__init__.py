@@ -1,4 +1,5 @@
 """Models: the multi-scale VQVAE tokenizer and the VAR / VIAR transformers."""
+import inspect
 from typing import Tuple
 
 import torch
@@ -11,13 +12,13 @@ from models.quant import VectorQuantizer2
 __all__ = ['build_vae_var', 'build_var', 'VAR', 'VIAR', 'VARBase', 'VQVAE', 'VectorQuantizer2', 'EditSpec', 'SampleStats']
 
 
-def build_var(vae_local, depth: int = 16, use_implicit: bool = False, pre_depth: int = 5, post_depth: int = 5,
-              jfb_no_grad=(0, 10), jfb_with_grad=(1, 12), **kw) -> VARBase:
-    """VAR or VIAR from `use_implicit`: the one place where that choice is made."""
+def build_var(vae_local, depth: int = 16, use_implicit: bool = False, **kw) -> VARBase:
+    """VAR or VIAR from `use_implicit`: the one place where that choice is made. Keywords only VIAR's constructor
+    takes (pre_depth, post_depth, the S-JFB ranges, ...) are left out for a VAR."""
     if use_implicit:
-        return VIAR(vae_local, pre_depth=pre_depth, post_depth=post_depth, jfb_no_grad=jfb_no_grad,
-                    jfb_with_grad=jfb_with_grad, depth=depth, **kw)
-    return VAR(vae_local, depth=depth, **kw)
+        return VIAR(vae_local, depth=depth, **kw)
+    viar_only = set(inspect.signature(VIAR.__init__).parameters) - set(inspect.signature(VARBase.__init__).parameters)
+    return VAR(vae_local, depth=depth, **{k: v for k, v in kw.items() if k not in viar_only})
 
 
 def build_vae_var(device, patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), V=4096, Cvae=32, ch=160, share_quant_resi=4,
@@ -27,13 +28,14 @@ def build_vae_var(device, patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), V=4096, 
                   use_implicit=False, pre_depth=5, post_depth=5, *,
                   embed_dim=None, num_heads=None, vae_ch_mult=(1, 1, 2, 2, 4), vae_num_res_blocks=2,
                   cond_drop_rate=0.1, drop_path_rate=None, jfb_no_grad=(0, 10), jfb_with_grad=(1, 12),
-                  ) -> Tuple[VQVAE, VARBase]:
+                  **var_kw) -> Tuple[VQVAE, VARBase]:
     """Build the frozen VQVAE and an initialised VAR/VIAR with the official sizing (width 64*depth, heads = depth).
 
     Keyword-compatible with the official `build_vae_var`; `flash_if_available` / `fused_if_available`
     are accepted for compatibility (attention always goes through scaled_dot_product_attention, which
-    picks flash / memory-efficient kernels itself). The transformer is built on the meta device and
-    materialised once, so no time goes into an init that init_weights overwrites.
+    picks flash / memory-efficient kernels itself); var_kw: further transformer keywords (models.config.ModelSpec
+    passes every transformer field). The transformer is built on the meta device and materialised once, so no time
+    goes into an init that init_weights overwrites.
     """
     del flash_if_available, fused_if_available
     width = embed_dim or 64 * depth
@@ -46,7 +48,7 @@ def build_vae_var(device, patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), V=4096, 
                         jfb_no_grad=jfb_no_grad, jfb_with_grad=jfb_with_grad,
                         num_classes=num_classes, embed_dim=width, num_heads=heads, drop_rate=0.0, attn_drop_rate=0.0,
                         drop_path_rate=dpr, norm_eps=1e-6, shared_aln=shared_aln, cond_drop_rate=cond_drop_rate,
-                        attn_l2_norm=attn_l2_norm, patch_nums=patch_nums)
+                        attn_l2_norm=attn_l2_norm, patch_nums=patch_nums, **var_kw)
     var = var.to_empty(device=device)
     with torch.no_grad():
         var.reset_buffers()

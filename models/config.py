@@ -1,37 +1,49 @@
 """The architecture of a (VQVAE, VAR/VIAR) pair as one typed config, and how to read it off the weights.
 
-`ModelSpec` is what a slim export stores as its 'config' and what every script builds from. The
-official files carry no config: `spec_from_state_dict` reads every size the weights determine (kind,
-depth of VAR, width, heads, pre/post blocks of VIAR, classes, vocabulary, code dim, shared AdaLN,
-the scale pyramid from the length of `pos_1LC`) and takes the rest from a fallback spec.
+`ModelSpec` declares every architecture field once: its name, type, default and meaning. A slim export stores it
+as its 'config', every script builds from it, and the command lines of training and sampling are generated from
+its fields (utils/arch_flags.py says how each flag is spelled). The official files carry no config:
+`spec_from_state_dict` reads every size the weights determine (kind, depth of VAR, width, heads, pre/post blocks
+of VIAR, classes, vocabulary, code dim, shared AdaLN, the scale pyramid from the length of `pos_1LC`) and takes the
+rest from a fallback spec.
 """
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from models.layout import PYRAMIDS, num_tokens
 
-ARCH_FIELDS = ('depth', 'use_implicit', 'pre_depth', 'post_depth', 'embed_dim', 'num_heads', 'patch_nums', 'V',
-               'Cvae', 'vae_ch', 'vae_ch_mult', 'vae_num_res_blocks', 'num_classes', 'shared_aln', 'attn_l2_norm')
+
+def _spec_field(default, doc: str, part: str = 'transformer'):
+    """A ModelSpec field: its default, what it means, and which model it shapes ('transformer' or 'tokenizer')."""
+    return field(default=default, metadata=dict(doc=doc, part=part))
 
 
 @dataclass
 class ModelSpec:
-    """Everything needed to rebuild a VQVAE + transformer pair (official ImageNet 256 px sizes by default)."""
-    depth: int = 16
-    use_implicit: bool = False
-    pre_depth: int = 5
-    post_depth: int = 5
-    embed_dim: Optional[int] = None     # default 64 * depth
-    num_heads: Optional[int] = None     # default depth
-    patch_nums: Tuple[int, ...] = PYRAMIDS[256]
-    V: int = 4096
-    Cvae: int = 32
-    vae_ch: int = 160
-    vae_ch_mult: Tuple[int, ...] = (1, 1, 2, 2, 4)
-    vae_num_res_blocks: int = 2
-    num_classes: int = 1000
-    shared_aln: bool = False
-    attn_l2_norm: bool = True
+    """Everything needed to rebuild a VQVAE + transformer pair (official ImageNet 256 px sizes by default).
+
+    Transformer fields go to the VAR/VIAR constructor under their own names (a field only VIAR takes is left out
+    for VAR); tokenizer fields build the VQVAE.
+    """
+    depth: int = _spec_field(16, 'nominal depth: the default width (64 x depth) and heads (depth), init scaling and '
+                                 'drop path; for VIAR, the explicit stack its implicit block replaces')
+    use_implicit: bool = _spec_field(False, 'VIAR (pre-blocks, one weight-shared implicit block, post-blocks) '
+                                            'instead of VAR')
+    pre_depth: int = _spec_field(5, 'VIAR: explicit blocks before the implicit block')
+    post_depth: int = _spec_field(5, 'VIAR: explicit blocks after the implicit block')
+    embed_dim: Optional[int] = _spec_field(None, 'embedding width (64 x depth when not set)')
+    num_heads: Optional[int] = _spec_field(None, 'attention heads (depth when not set)')
+    patch_nums: Tuple[int, ...] = _spec_field(PYRAMIDS[256], 'token-map side of every scale (256 px: 1,2,3,4,5,6,8,'
+                                                             '10,13,16)')
+    num_classes: int = _spec_field(1000, 'classes (one more row in class_emb: the null class of guidance)')
+    shared_aln: bool = _spec_field(False, 'one AdaLN projection shared by all blocks (VAR-d36-s)')
+    attn_l2_norm: bool = _spec_field(True, 'L2-normalised attention with a learnable scale per head')
+    V: int = _spec_field(4096, 'tokenizer vocabulary', 'tokenizer')
+    Cvae: int = _spec_field(32, 'tokenizer code dimension', 'tokenizer')
+    vae_ch: int = _spec_field(160, 'tokenizer base channels', 'tokenizer')
+    vae_ch_mult: Tuple[int, ...] = _spec_field((1, 1, 2, 2, 4), 'tokenizer channel multipliers per level (image '
+                                                                '= last scale x 2^(levels - 1))', 'tokenizer')
+    vae_num_res_blocks: int = _spec_field(2, 'tokenizer res blocks per level', 'tokenizer')
 
     # ---- derived
     @property
@@ -50,14 +62,12 @@ class ModelSpec:
     @property
     def image_px(self) -> int:
         """Image side: last scale side times the tokenizer's downsampling."""
-        return self.patch_nums[-1] * 2 ** (len(self.vae_ch_mult) - 1)
+        return self.patch_nums[-1] * self.downsample
 
-    def summary(self) -> str:
-        """'a VIAR (depth 6, width 96, 4 heads, pre 1, post 1, 10 classes)'."""
-        blocks = f', pre {self.pre_depth}, post {self.post_depth}' if self.use_implicit else ''
-        extra = ', shared AdaLN' if self.shared_aln else ''
-        return (f'a {self.kind} (depth {self.depth}, width {self.width}, {self.heads} heads{blocks}{extra}, '
-                f'{self.num_classes} classes)')
+    @property
+    def downsample(self) -> int:
+        """Pixels per token at the last scale (the official --patch_size)."""
+        return 2 ** (len(self.vae_ch_mult) - 1)
 
     # ---- (de)serialisation
     def to_dict(self) -> Dict[str, Any]:
@@ -69,7 +79,7 @@ class ModelSpec:
         known = {f.name for f in fields(cls)}
         return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known})
 
-    # ---- checks and descriptions
+    # ---- checks and comparisons
     def validate(self):
         """Raise ValueError with the fix when the sizes cannot build a model."""
         if self.depth < 1:
@@ -86,33 +96,23 @@ class ModelSpec:
         if self.num_classes < 1 or self.V < 2 or self.Cvae < 1:
             raise ValueError('num_classes, V and Cvae must be positive (V >= 2)')
 
-    def flags(self, against: Optional['ModelSpec'] = None) -> str:
-        """The sampling scripts' flags that build this spec (only those differing from `against`, if given)."""
-        ref = against or ModelSpec()
-        out = [f'--depth {self.depth}', f'--use_implicit {self.use_implicit}']
-        if self.use_implicit:
-            out += [f'--pre_depth {self.pre_depth}', f'--post_depth {self.post_depth}']
-        if self.width != 64 * self.depth or (against is not None and self.width != ref.width):
-            out.append(f'--width {self.width}')
-        if self.heads != self.depth or (against is not None and self.heads != ref.heads):
-            out.append(f'--heads {self.heads}')
-        for name, flag in (('patch_nums', 'patch_nums'), ('V', 'V'), ('Cvae', 'Cvae'), ('num_classes', 'num_classes')):
-            if getattr(self, name) != getattr(ref, name):
-                value = getattr(self, name)
-                out.append(f'--{flag} ' + (','.join(map(str, value)) if isinstance(value, tuple) else str(value)))
-        return ' '.join(out)
+    def value(self, name: str) -> Any:
+        """A field's effective value: width and heads resolved; VIAR's block counts None for a VAR."""
+        if name == 'embed_dim':
+            return self.width
+        if name == 'num_heads':
+            return self.heads
+        if name in ('pre_depth', 'post_depth') and not self.use_implicit:
+            return None
+        return getattr(self, name)
 
-    def differences(self, other: 'ModelSpec', names=ARCH_FIELDS) -> List[Tuple[str, Any, Any]]:
-        """(field, this value, other value) for every architecture field that differs (width/heads resolved)."""
+    def differences(self, other: 'ModelSpec', names: Optional[Sequence[str]] = None) -> List[Tuple[str, Any, Any]]:
+        """(field, this value, other value) for every field (of `names`, default all) whose effective value differs."""
         out = []
-        for name in names:
-            a, b = getattr(self, name), getattr(other, name)
-            if name == 'embed_dim':
-                a, b = self.width, other.width
-            elif name == 'num_heads':
-                a, b = self.heads, other.heads
-            elif name in ('pre_depth', 'post_depth') and not (self.use_implicit and other.use_implicit):
-                continue
+        for name in names or field_names():
+            a, b = self.value(name), other.value(name)
+            if name in ('pre_depth', 'post_depth') and (a is None or b is None):
+                continue   # a VAR has no pre/post blocks: the kind differs already
             if a != b:
                 out.append((name, a, b))
         return out
@@ -126,11 +126,14 @@ class ModelSpec:
         """
         from models import build_vae_var
         self.validate()
-        return build_vae_var(device, patch_nums=self.patch_nums, V=self.V, Cvae=self.Cvae, ch=self.vae_ch,
-                             num_classes=self.num_classes, depth=self.depth, shared_aln=self.shared_aln,
-                             attn_l2_norm=self.attn_l2_norm, use_implicit=self.use_implicit, pre_depth=self.pre_depth,
-                             post_depth=self.post_depth, embed_dim=self.embed_dim, num_heads=self.num_heads,
-                             vae_ch_mult=self.vae_ch_mult, vae_num_res_blocks=self.vae_num_res_blocks, **init)
+        transformer = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata['part'] == 'transformer'}
+        return build_vae_var(device, V=self.V, Cvae=self.Cvae, ch=self.vae_ch, vae_ch_mult=self.vae_ch_mult,
+                             vae_num_res_blocks=self.vae_num_res_blocks, **transformer, **init)
+
+
+def field_names(part: Optional[str] = None) -> Tuple[str, ...]:
+    """The ModelSpec fields, in declaration order (only those shaping `part`: 'transformer' or 'tokenizer')."""
+    return tuple(f.name for f in fields(ModelSpec) if part is None or f.metadata['part'] == part)
 
 
 # ---------------------------------------------------------------- reading sizes off the weights
@@ -177,13 +180,43 @@ def var_to_viar_names(viar_keys: Sequence[str], var_depth: int, pre_depth: int, 
 
 
 def pyramid_for(L: int, K: int, fallback: Tuple[int, ...]) -> Optional[Tuple[int, ...]]:
-    """The scale sides with K scales and L tokens: the fallback's if it fits, else a known official pyramid."""
+    """The scale sides with K scales and L tokens: the fallback's if it fits, else a known official pyramid, else
+    the only strictly increasing one there is (None when there are several, or none).
+
+    >>> pyramid_for(30, 4, ())
+    (1, 2, 3, 4)
+    """
     if len(fallback) == K and num_tokens(fallback) == L:
         return tuple(fallback)
     for pn in PYRAMIDS.values():
         if len(pn) == K and num_tokens(pn) == L:
             return pn
-    return None
+    found = increasing_sides(L, K, limit=2)
+    return found[0] if len(found) == 1 else None
+
+
+def increasing_sides(L: int, K: int, limit: int = 2, budget: int = 100_000) -> List[Tuple[int, ...]]:
+    """Up to `limit` strictly increasing sequences of K positive sides whose squares sum to L (a depth-first search
+    that gives up, returning what it found, after `budget` steps)."""
+    out: List[Tuple[int, ...]] = []
+    steps = [0]
+
+    def extend(prefix: Tuple[int, ...], rest: int):
+        steps[0] += 1
+        if len(out) >= limit or steps[0] > budget:
+            return
+        left = K - len(prefix)
+        if left == 0:
+            if rest == 0:
+                out.append(prefix)
+            return
+        s = (prefix[-1] if prefix else 0) + 1
+        while sum((s + i) ** 2 for i in range(left)) <= rest:   # the smallest sides still fit
+            extend(prefix + (s,), rest - s * s)
+            s += 1
+
+    extend((), L)
+    return out
 
 
 def spec_from_state_dict(sd: Mapping[str, Any], fallback: Optional[ModelSpec] = None) -> ModelSpec:
@@ -224,10 +257,14 @@ def spec_from_state_dict(sd: Mapping[str, Any], fallback: Optional[ModelSpec] = 
 
 
 def spec_of_model(var) -> ModelSpec:
-    """The transformer architecture of a built VAR/VIAR (its depth and scales from the object, not guessed)."""
-    fallback = ModelSpec(depth=var.depth, patch_nums=tuple(var.patch_nums), num_heads=var.num_heads,
-                         embed_dim=var.C, V=var.V, Cvae=var.Cvae, num_classes=var.num_classes)
-    return spec_from_state_dict(var.state_dict(), fallback)
+    """The transformer architecture of a built VAR/VIAR: what its weights show, and every field the model holds
+    under the field's own name (its depth, scales, VIAR's block counts, ...)."""
+    fallback = ModelSpec(depth=var.depth, embed_dim=var.C, num_heads=var.num_heads, patch_nums=tuple(var.patch_nums),
+                         V=var.V, Cvae=var.Cvae)
+    spec = spec_from_state_dict(var.state_dict(), fallback)
+    held = {name: getattr(var, name) for name in field_names('transformer') if name not in ('embed_dim', 'num_heads')
+            and hasattr(var, name)}
+    return ModelSpec.from_dict(dict(spec.to_dict(), **held))
 
 
 def vae_arch_from_state_dict(sd: Mapping[str, Any]) -> Dict[str, Any]:

@@ -19,6 +19,8 @@ from typing import Any, Dict, List, Optional, Tuple
 if __package__ in (None, ''):   # run as a script: the repository root on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from models.layout import PYRAMIDS   # noqa: E402
+from utils.arch_flags import parse_pn   # noqa: E402
 from utils.cli import exits_on_write_error, flag   # noqa: E402  (light: argparse and dataclasses only)
 
 
@@ -29,7 +31,8 @@ class ExtractArgs:
     out: str = flag('', 'cache folder to write (created; a rerun with the same flags resumes it)')
     vae_ckpt: str = flag('', 'tokenizer file (official name or a train_tokenizer.py vae.pth); its sha256 goes into '
                              'the manifest and train.py checks it')
-    pn: str = flag('256', "token-map sides, '_'-separated, or 256/512/1024 (train.py's --pn)")
+    pn: Tuple[int, ...] = flag(PYRAMIDS[256], "token-map sides, '_'-separated, or 256/512/1024 (train.py's --pn)",
+                               parse=parse_pn)
     mid_reso: float = flag(1.125, "resize the shorter side to mid_reso * resolution before cropping (train.py's)")
     crops: int = flag(1, 'crops stored per training image: 1 = the centre crop, K > 1 = K random crops')
     hflip: bool = flag(False, 'also store the horizontal flip of every crop')
@@ -183,8 +186,7 @@ def run(a: ExtractArgs) -> str:
     from utils.data.datasets import build_datasets
     from utils.data.token_cache import MANIFEST, SPLITS, npy_complete, shard_names, shard_ranges
     check_args(a)
-    from utils.train.args import parse_pn
-    patch_nums = parse_pn(a.pn, separators='-_,')
+    patch_nums = tuple(a.pn)
     device = dist.initialize(a.device)
     rank, world = dist.get_rank(), dist.get_world_size()
     try:

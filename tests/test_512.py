@@ -94,7 +94,7 @@ def test_official_layout_file_loads_strictly_with_everything_read_from_it(offici
     from utils.model_io import load_models
     var_path, vae_path, ref = official_layout_files
     notes = []
-    vae, var, spec = load_models(var_path, vae_path, typed=lambda f: f == 'depth', spec=ModelSpec(depth=30),
+    vae, var, spec = load_models(var_path, vae_path, given=dict(depth=30), spec=ModelSpec(depth=30),
                                  log=notes.append)
     assert (spec.depth, spec.shared_aln, spec.patch_nums, spec.image_px) == (4, True, PYRAMIDS[512], 512)
     assert all(torch.equal(v, ref.state_dict()[k]) for k, v in var.state_dict().items())

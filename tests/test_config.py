@@ -11,9 +11,10 @@ from models.config import ModelSpec, pyramid_for, spec_from_state_dict, vae_arch
 from models.layout import PYRAMIDS
 from tests.tiny import tiny_vae_var
 from utils import cli
+from utils.arch_flags import flags_to_build
 from utils.checkpoint import save_atomic
 from utils.model_io import load_models, load_or_build, slim_export
-from utils.sample.config import ModelSource, add_model_source_args, add_sample_args, parse
+from utils.sample.config import add_model_source_args, add_sample_args, parse
 
 TINY = dict(depth=4, pre_depth=1, post_depth=1, embed_dim=32, num_heads=2, patch_nums=(1, 2, 3, 4), V=48, Cvae=8,
             vae_ch=32, vae_ch_mult=(1, 1), vae_num_res_blocks=1, num_classes=5)
@@ -148,9 +149,9 @@ def test_python_loader_needs_no_flags_and_the_mismatch_hint_builds_the_file(var_
     hint = str(e.value)
     assert '--depth 3 --use_implicit True --pre_depth 1 --post_depth 1 --width 32 --heads 2' in hint
     # the hinted flags really build a model the file loads into
-    rebuilt = ModelSource(depth=3, use_implicit=True, pre_depth=1, post_depth=1, width=32, heads=2,
-                          patch_nums=(1, 2, 3, 4), V=48, Cvae=8, vae_ch=32, vae_ch_mult=(1, 1), vae_num_res_blocks=1,
-                          num_classes=5).spec().build()[1]
+    built_spec = ModelSpec(**dict(TINY, depth=3, num_heads=None, embed_dim=None, use_implicit=True))
+    hinted = hint.split('Build it with ')[1].split(', or ')[0].split()
+    rebuilt = _source(flags_to_build(built_spec).split() + hinted).spec().build()[1]   # parsed as a user types them
     load_var_weights(rebuilt, path3)
 
 

@@ -1,18 +1,19 @@
 """Fine-tuning: train.py --init_ckpt, --init_from_var (VIAR from VAR), --freeze, and their bad inputs.
 
-The pure pieces (class rows, the VAR -> VIAR block map, freeze patterns, the resolution refusal) first, then
-tiny runs of train.Run checking what the model holds before its first step.
+The pure pieces (class rows, the VAR -> VIAR block map, freeze patterns) first, then tiny runs of train.Run
+checking what the model holds before its first step: the file sets the architecture and the tokenizer, so these
+runs pass no architecture flag (arch=False) and no --vae_ckpt.
 """
 import os
+import re
 
 import pytest
 import torch
 
 import train
 from models.config import var_to_viar_names
-from models.layout import PYRAMIDS
-from tests.train_helpers import make_image_folder, read_steps, tiny_flags
-from utils.checkpoint import save_atomic
+from tests.train_helpers import make_image_folder, read_steps, suggested_argv, tiny_flags
+from utils.checkpoint import read_checkpoint, save_atomic
 from utils.train import init_ckpt as ic
 from utils.train.lr_control import param_groups
 
@@ -60,16 +61,6 @@ def test_freeze_patterns_apply_in_order_with_exceptions():
     assert ic.parse_patterns(' *, !class_emb.* ,,') == ['*', '!class_emb.*']
 
 
-def test_a_file_of_another_resolution_is_refused_without_interpolation():
-    sd = {'pos_1LC': torch.zeros(1, 680, 8), 'lvl_embed.weight': torch.zeros(10, 8)}
-    msg = ic.resolution_mismatch(sd, PYRAMIDS[512], 'var_d16.pth')
-    assert 'var_d16.pth was trained on the 256 px pyramid (--pn 256: 680 tokens)' in msg
-    assert 'this run trains the 512 px pyramid (--pn 512: 2240 tokens)' in msg and 'not interpolated' in msg
-    assert ic.resolution_mismatch(sd, PYRAMIDS[256], 'x') is None
-    assert '--pn 1_2_3 (14 tokens)' in ic.resolution_mismatch(
-        {'pos_1LC': torch.zeros(1, 30, 8), 'lvl_embed.weight': torch.zeros(4, 8)}, (1, 2, 3), 'x')
-
-
 def test_param_groups_refuse_frozen_parameters_unless_freezing():
     from tests.tiny import tiny_vae_var
     _, var = tiny_vae_var(True)
@@ -92,7 +83,7 @@ def folders(tmp_path_factory):
 @pytest.fixture(scope='module')
 def trained(folders, tmp_path_factory):
     """Output folders of a 2-class tiny VAR after 2 real steps (ar-ckpt-last.pth, var-slim.pth) and of a VIAR
-    (only its var-slim.pth, written directly)."""
+    (only its viar-slim.pth, written directly), and the VAR run's tokenizer as a file of its own."""
     from models.config import ModelSpec
     from utils.model_io import slim_export
     d = str(tmp_path_factory.mktemp('var'))
@@ -102,13 +93,16 @@ def trained(folders, tmp_path_factory):
                      patch_nums=(1, 2, 3, 4), V=32, Cvae=8, vae_ch=32, vae_ch_mult=(1, 2, 4), vae_num_res_blocks=1,
                      num_classes=2)
     vae, viar = spec.build('cpu')
-    save_atomic(slim_export(viar, spec, vae=vae), os.path.join(v, 'var-slim.pth'))
-    return {'var': d, 'viar': v}
+    save_atomic(slim_export(viar, spec, vae=vae), os.path.join(v, 'viar-slim.pth'))
+    tok = os.path.join(d, 'tokenizer.pth')
+    from utils.checkpoint import read_checkpoint
+    save_atomic(read_checkpoint(os.path.join(d, 'var-slim.pth'))['vae'], tok)
+    return {'var': d, 'viar': v, 'tokenizer': tok}
 
 
 def make_run(flags):
     train.dist.initialize('cpu')
-    return train.Run(train.arg_util.parse_args(flags))
+    return train.Run(train.arg_util.parse_args(flags), flags)
 
 
 def file_sd(path):
@@ -121,7 +115,8 @@ def file_sd(path):
 def test_init_ckpt_loads_every_weight_and_adapts_the_class_rows(folders, trained, tmp_path, n_run, name):
     """A slim export or a training checkpoint; 3 classes, 1 class (class-conditional on one class) or the same 2."""
     src = os.path.join(trained['var'], name)
-    run = make_run(tiny_flags(folders[n_run], str(tmp_path / 'out'), False, '--depth=5', f'--init_ckpt={src}'))
+    run = make_run(tiny_flags(folders[n_run], str(tmp_path / 'out'), False, f'--init_ckpt={src}', arch=False,
+                              vae_ckpt=''))   # no architecture flag: the file is a depth-5 VAR of 2 classes
     try:
         got, want = run.var.state_dict(), file_sd(src)
         assert run.prog.g_it == 0 and run.trainer.opt.optimizer.state == {}   # weights only: no step, no moments
@@ -130,6 +125,9 @@ def test_init_ckpt_loads_every_weight_and_adapts_the_class_rows(folders, trained
         assert torch.equal(got['class_emb.weight'][n_run], want['class_emb.weight'][2])   # the learned null row
         if n_run == 2:
             assert torch.equal(got['class_emb.weight'], want['class_emb.weight'])
+        assert run.spec.depth == 5 and run.spec.num_classes == n_run   # the file's architecture, the data's classes
+        vae_want = read_checkpoint(os.path.join(trained['var'], 'var-slim.pth'))['vae']
+        assert all(torch.equal(v, vae_want[k]) for k, v in run.vae.state_dict().items())   # the file's tokenizer
         log = open(tmp_path / 'out' / 'log.txt').read()
         assert ('class rows re-initialised' in log) == (n_run != 2)
         assert 'weights only: the optimizer, step and schedule start afresh' in log
@@ -138,12 +136,16 @@ def test_init_ckpt_loads_every_weight_and_adapts_the_class_rows(folders, trained
 
 
 def test_official_layout_file_initialises_a_fine_tune(folders, trained, tmp_path):
-    """A bare state dict (what the official var_d*.pth files are) works the same way."""
+    """A bare state dict (what the official var_d*.pth files are) works the same way: its weights give the
+    architecture and the pyramid, the tokenizer file its own sizes; no architecture flag."""
     bare = str(tmp_path / 'var_bare.pth')
     save_atomic(file_sd(os.path.join(trained['var'], 'var-slim.pth')), bare)
-    run = make_run(tiny_flags(folders[3], str(tmp_path / 'out'), False, '--depth=5', f'--init_ckpt={bare}'))
+    run = make_run(tiny_flags(folders[3], str(tmp_path / 'out'), False, f'--init_ckpt={bare}', arch=False,
+                              vae_ckpt=trained['tokenizer']))
     try:
         assert torch.equal(run.var.head.weight, file_sd(bare)['head.weight'])
+        assert (run.spec.depth, run.spec.width, run.spec.patch_nums, run.spec.vae_ch_mult) == (5, 32, (1, 2, 3, 4),
+                                                                                                (1, 2, 4))
     finally:
         run.close()
 
@@ -176,7 +178,8 @@ def test_init_from_var_maps_the_blocks_and_keeps_a_fresh_projection(folders, tra
         fresh_sd = {k: v.clone() for k, v in fresh.var.state_dict().items()}
     finally:
         fresh.close()
-    run = make_run(tiny_flags(folders[2], str(tmp_path / 'b'), True, '--depth=5', f'--init_from_var={src}'))
+    run = make_run(tiny_flags(folders[2], str(tmp_path / 'b'), True, '--p_depth=1', f'--init_from_var={src}',
+                              arch=False, vae_ckpt=''))   # the VAR sets the rest
     try:
         sd = run.var.state_dict()
         for k, v in sd.items():
@@ -227,54 +230,79 @@ def test_bad_freeze_is_one_line(folders, tmp_path, flags, match):
     assert '\n' not in str(e.value)
 
 
-def test_weights_that_do_not_fit_say_what_the_file_is_and_which_flags_load_it(folders, trained, tmp_path):
-    var_slim = os.path.join(trained['var'], 'var-slim.pth')
-    viar_slim = os.path.join(trained['viar'], 'var-slim.pth')
-    cases = [
-        # VAR weights into VIAR flags
-        (tiny_flags(folders[2], str(tmp_path / 'a'), True, '--depth=5', f'--init_ckpt={var_slim}'),
-         r'is a VAR \(depth 5, width 32, 2 heads, 2 classes\), but these flags build a VIAR .*Train with '
-         r'--use_implicit False to fine-tune it\. To start this VIAR from that VAR, pass it as --init_from_var'),
-        # another depth and width
-        (tiny_flags(folders[2], str(tmp_path / 'b'), False, '--depth=4', '--width=64', f'--init_ckpt={var_slim}'),
-         r'Train with --depth 5 --width 32 to fine-tune it'),
-        # another resolution
-        (tiny_flags(folders[2], str(tmp_path / 'c'), False, '--depth=5', '--pn=1_2_4', f'--init_ckpt={var_slim}'),
-         r'was trained on a pyramid of 4 scales and 30 tokens, but this run trains the pyramid --pn 1_2_4 '
-         r'\(21 tokens\).*not interpolated'),
-        # a VIAR given to --init_from_var, and --init_from_var on a VAR run
-        (tiny_flags(folders[2], str(tmp_path / 'd'), True, '--depth=5', f'--init_from_var={viar_slim}'),
-         r'is a VIAR checkpoint, not a VAR: pass it as --init_ckpt'),
-        (tiny_flags(folders[2], str(tmp_path / 'e'), False, '--depth=5', f'--init_from_var={var_slim}'),
-         r'--init_from_var initialises a VIAR: add --use_implicit True'),
-        (tiny_flags(folders[2], str(tmp_path / 'f'), True, '--depth=5', f'--init_from_var={var_slim}',
-                    f'--init_ckpt={var_slim}'), 'not both'),
-        (tiny_flags(folders[2], str(tmp_path / 'g'), True, '--depth=5', '--width=64', f'--init_from_var={var_slim}'),
-         r'is a VAR \(depth 5, width 32.*Train with --width 32 to initialise this VIAR from it'),
-        (tiny_flags(folders[2], str(tmp_path / 'h'), False, f'--init_ckpt={tmp_path / "missing.pth"}'),
-         r'missing.pth.* does not exist'),
-    ]
-    for flags, match in cases:
-        with pytest.raises(SystemExit, match=match) as e:
+def run_suggestions(flags, tries: int = 3):
+    """Run train.main on flags; while it refuses with a suggested command, run that; returns the refusals seen.
+    A suggestion never repeats the command it answers (no loop), and the last command runs."""
+    refusals = []
+    for _ in range(tries):
+        try:
             train.main(flags)
+            return refusals
+        except SystemExit as e:
+            msg = str(e)
+            assert '\n' not in msg, msg
+            refusals.append(msg)
+            assert 'python train.py ' in msg, msg   # a refusal of a flag says what works instead
+            nxt = suggested_argv(msg)
+            assert nxt != list(flags), msg
+            flags = nxt
+    raise AssertionError(f'still refused after {tries} suggestions: {refusals}')
+
+
+@pytest.mark.parametrize('case,extra,match', [
+    ('VAR weights into a VIAR', ['--use_implicit=True'],
+     r'--use_implicit True \(.*var-slim.pth: False\).*pass the file as --init_from_var'),
+    ('another depth and width', ['--depth=4', '--width=64'],
+     r'--depth 4 \(.*var-slim.pth: 5\), --width 64 \(.*: 32\): a fine-tune keeps the architecture'),
+    ('another resolution', ['--pn=1_2_4'], r'--pn 1_2_4 \(.*var-slim.pth: 1_2_3_4\)'),
+    ('another tokenizer size', ['--V=64'], r'--V 64 \(.*: 32\)'),
+    ('a patch size the tokenizer does not have', ['--patch_size=8'], r'--patch_size 8 contradicts'),
+    ('a random tokenizer', ['--vae_ckpt=random'], r'--vae_ckpt random contradicts .*which comes with the tokenizer'),
+])
+def test_a_flag_that_contradicts_the_file_is_named_and_the_suggestion_runs(folders, trained, tmp_path, case, extra,
+                                                                           match):
+    var_slim = os.path.join(trained['var'], 'var-slim.pth')
+    flags = tiny_flags(folders[2], str(tmp_path / 'a'), False, '--max_steps=1', f'--init_ckpt={var_slim}', *extra,
+                       arch=False, vae_ckpt='')
+    refusals = run_suggestions(flags)
+    assert len(refusals) == 1 and re.search(match, refusals[0]), refusals
+    assert sorted(read_steps(str(tmp_path / 'a' / 'steps-rank0.jsonl'))) == [1]
+
+
+def test_init_refusals_say_what_to_pass(folders, trained, tmp_path):
+    var_slim = os.path.join(trained['var'], 'var-slim.pth')
+    viar_slim = os.path.join(trained['viar'], 'viar-slim.pth')
+    cases = [
+        (['--p_depth=1', f'--init_from_var={viar_slim}'], r'is a VIAR checkpoint, not a VAR: pass it as --init_ckpt'),
+        (['--use_implicit=False', f'--init_from_var={var_slim}'], r'--init_from_var initialises a VIAR'),
+        ([f'--init_from_var={var_slim}', f'--init_ckpt={var_slim}'], 'not both'),
+        (['--p_depth=1', '--width=64', f'--init_from_var={var_slim}'],
+         r'--width 64 \(.*var-slim.pth: 32\): a VIAR started from a VAR keeps the architecture'),
+        ([f'--init_ckpt={tmp_path / "missing.pth"}'], r'missing.pth.* does not exist'),
+        ([f'--init_ckpt={trained["tokenizer"]}'], r'is a VQVAE tokenizer file; pass it as --vae_ckpt'),
+    ]
+    for extra, match in cases:
+        with pytest.raises(SystemExit, match=match) as e:
+            train.main(tiny_flags(folders[2], str(tmp_path / 'x'), True, *extra, arch=False, vae_ckpt=''))
         assert '\n' not in str(e.value), str(e.value)
+    assert not os.path.exists(tmp_path / 'x')   # a refused run leaves no output folder behind
 
 
 @pytest.mark.slow
 def test_init_errors_are_one_line_without_traceback_from_the_command_line(folders, trained, tmp_path):
     from tests.train_helpers import run_train
-    proc = run_train(tiny_flags(folders[2], str(tmp_path), True, '--depth=5',
-                                f'--init_ckpt={os.path.join(trained["var"], "var-slim.pth")}'), timeout=300)
+    proc = run_train(tiny_flags(folders[2], str(tmp_path), True, f'--init_ckpt={os.path.join(trained["var"], "var-slim.pth")}',
+                                arch=False, vae_ckpt=''), timeout=300)
     assert proc.returncode == 1 and 'Traceback' not in proc.stderr
-    assert 'pass it as --init_from_var' in proc.stderr.strip().splitlines()[-1]
+    assert 'pass the file as --init_from_var' in proc.stderr.strip().splitlines()[-1]
 
 
 def test_a_fine_tune_runs_and_exports_a_model_of_the_new_classes(folders, trained, tmp_path):
     """VIAR from VAR on 3 classes with a frozen body: trains, saves, and the export samples class 2."""
     from utils.model_io import load_models
     out = str(tmp_path / 'out')
-    train.main(tiny_flags(folders[3], out, True, '--depth=5', '--max_steps=2', '--freeze=pre_blocks.*,post_blocks.*',
-                          f'--init_from_var={os.path.join(trained["var"], "var-slim.pth")}'))
+    train.main(tiny_flags(folders[3], out, True, '--p_depth=1', '--max_steps=2', '--freeze=pre_blocks.*,post_blocks.*',
+                          f'--init_from_var={os.path.join(trained["var"], "var-slim.pth")}', arch=False, vae_ckpt=''))
     assert sorted(read_steps(os.path.join(out, 'steps-rank0.jsonl'))) == [1, 2]
     _, var, spec = load_models(os.path.join(out, 'viar-slim.pth'), '')
     assert spec.num_classes == 3 and spec.use_implicit

@@ -178,7 +178,7 @@ def sample_config(argv) -> SampleConfig:
 @pytest.mark.parametrize('argv,want', [([], False), (['--use_implicit'], True), (['--use_implicit', 'True'], True),
                                        (['--use_implicit', 'False'], False), (['--use_implicit', '--depth', '20'], True)])
 def test_use_implicit_flag_forms(argv, want):
-    assert model_parser().parse_args(argv).use_implicit is want
+    assert parse(model_parser(), argv)[1].spec().use_implicit is want
 
 
 def test_model_flags_map_to_spec():
@@ -190,8 +190,10 @@ def test_model_flags_map_to_spec():
     assert (spec.depth, spec.use_implicit, spec.pre_depth, spec.post_depth) == (20, True, 3, 5)
     assert (spec.embed_dim, spec.patch_nums, spec.V, spec.vae_ch_mult) == (64, (1, 2, 4), 32, (1, 2))
     assert (spec.num_heads, spec.Cvae, spec.num_classes) == (None, 32, 1000)   # not given: official values
-    assert set(source.typed) == {'depth', 'use_implicit', 'pre_depth', 'var_ckpt', 'width', 'patch_nums', 'V',
+    assert set(source.typed) == {'depth', 'use_implicit', 'pre_depth', 'var_ckpt', 'embed_dim', 'patch_nums', 'V',
                                  'vae_ch_mult'}
+    assert source.arch == dict(depth=20, use_implicit=True, pre_depth=3, embed_dim=64, patch_nums=(1, 2, 4), V=32,
+                               vae_ch_mult=(1, 2))   # only what was given: a checkpoint sets the rest
 
 
 K = 10

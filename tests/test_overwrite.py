@@ -8,6 +8,7 @@ import pytest
 import gen_img
 from tests.tiny import tiny_spec, tiny_vae_var
 from tests.train_helpers import tiny_flags
+from utils.arch_flags import describe_spec
 from utils.model_io import save_slim, slim_export
 
 FAST = ['--device', 'cpu', '--vae_ckpt', '', '--top_k', '0', '--top_p', '0', '--iter_left', '2', '--iter_right', '2',
@@ -42,8 +43,8 @@ def test_another_model_with_the_same_file_name_is_refused_in_one_line(exports, t
     before = pngs(folder)
     with pytest.raises(SystemExit) as e:
         run(exports['var'], tmp_path)
-    viar = tiny_spec(True).summary()
-    var = tiny_spec(False).summary()
+    viar = describe_spec(tiny_spec(True))
+    var = describe_spec(tiny_spec(False))
     assert str(e.value) == (f'error: {folder} holds the images of {exports["viar"]} ({viar}); this run samples '
                             f'{exports["var"]} ({var}) and would replace them. Pass another --output_dir, or remove '
                             f'{folder} first.')
@@ -79,8 +80,8 @@ def test_random_weights_of_other_sizes_are_another_model(tmp_path):
              '--Cvae', '8', '--vae_ch', '32', '--vae_ch_mult', '1,1', '--vae_num_res_blocks', '1', '--num_classes', '5']
     gen_img.main(['--output_dir', str(tmp_path), '--depth', '2', *sizes, *FAST])
     gen_img.main(['--output_dir', str(tmp_path), '--depth', '2', *sizes, *FAST])
-    with pytest.raises(SystemExit, match=r'holds the images of random \(a VAR \(depth 2.*this run samples random '
-                                         r'\(a VAR \(depth 3'):
+    with pytest.raises(SystemExit, match=r'holds the images of random \(VAR depth 2.*this run samples random '
+                                         r'\(VAR depth 3'):
         gen_img.main(['--output_dir', str(tmp_path), '--depth', '3', *sizes, *FAST])
 
 

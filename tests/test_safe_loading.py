@@ -445,7 +445,7 @@ def test_convert_an_old_file_only_when_trusted(tmp_path):
     # weights + config also fit a .safetensors file; a training state does not, and the message says what to do
     torch.save({'model': var.state_dict(), 'config': SPEC}, str(tmp_path / 'old_slim.pth'))
     convert(tmp_path / 'old_slim.pth', tmp_path / 'slim.safetensors', '--i_trust_this_file')
-    _, got, spec = load_models(str(tmp_path / 'slim.safetensors'), '', random_vae_ok=True)
+    _, got, spec = load_models(str(tmp_path / 'slim.safetensors'), 'random')
     assert spec == SPEC and all(torch.equal(a, b) for a, b in zip(got.state_dict().values(),
                                                                    var.state_dict().values()))
     with pytest.raises(SystemExit, match=r'new2\.pth, which also loads weights-only'):

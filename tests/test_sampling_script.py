@@ -262,12 +262,17 @@ def test_official_seeds_and_no_mixing(tiny_ckpt, reference, tmp_path):
 
 def test_flags_parse_as_typed():
     import sampling
+    from utils.sample.config import parse as parse_all
+
+    def spec(argv):
+        return parse_all(sampling.build_parser(), argv)[1].spec()
     parse = sampling.build_parser().parse_args
-    assert parse(['--use_implicit']).use_implicit is True
-    assert parse(['--use_implicit', 'False']).use_implicit is False
+    assert spec(['--use_implicit']).use_implicit is True
+    assert spec(['--use_implicit', 'False']).use_implicit is False
     assert parse(['--use_implicit', 'True', '--official_seeds', '--ema', 'no']).official_seeds is True
     args = parse([])
-    assert (args.cfg, args.top_k, args.top_p, args.seed, args.per_class, args.depth) == (1.5, 900, 0.96, 1, 50, 30)
+    assert (args.cfg, args.top_k, args.top_p, args.seed, args.per_class) == (1.5, 900, 0.96, 1, 50)
+    assert spec([]).depth == 30   # the official var_d30.pth when no checkpoint is named
     assert parse(['--ckpt_path', 'x.pth', '--num_classes', '10']).var_ckpt == 'x.pth'
     with pytest.raises(SystemExit):
         parse(['--use_implicit', 'maybe'])

@@ -7,7 +7,7 @@ import torch
 
 import train
 from tests.tiny import tiny_vae_var
-from tests.train_helpers import make_image_folder, read_steps, run_train, tiny_flags
+from tests.train_helpers import make_image_folder, read_steps, run_train, suggested_argv, tiny_flags
 from utils.train.amp_opt import AmpOptimizer, build_adamw
 from utils.train.hooks import TrainHooks
 from utils.train.lr_control import param_groups
@@ -79,8 +79,10 @@ def test_sigkill_then_restart_continues_exactly(data, tmp_path):
 def test_resume_with_other_model_flags_is_refused(data, tmp_path):
     out = str(tmp_path / 'out')
     train.main(tiny_flags(data, out, False, '--max_steps=2', '--save_every_steps=2'))
-    with pytest.raises(SystemExit, match='was trained with --depth 4 \\(now 5\\)'):
+    with pytest.raises(SystemExit, match=r'--depth 5 \(.*ar-ckpt-last.pth: 4\): resuming keeps the architecture') as e:
         train.main(tiny_flags(data, out, False, '--max_steps=4', '--depth=5'))
+    train.main(suggested_argv(str(e.value)))   # the command the refusal suggests resumes the run
+    assert sorted(read_steps(os.path.join(out, 'steps-rank0.jsonl'))) == [1, 2, 3, 4]
     open(os.path.join(out, 'ar-ckpt-last.pth'), 'wb').write(b'garbage')
     with pytest.raises(SystemExit, match='cannot read .*ar-ckpt-last.pth to resume'):
         train.main(tiny_flags(data, out, False, '--max_steps=4'))

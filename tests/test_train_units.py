@@ -117,7 +117,7 @@ def test_param_groups_follow_the_official_rule(use_implicit):
 
 def test_official_recipe_flags_and_derived_values():
     args = arg_util.parse_args(RECIPE)
-    assert args.model.use_implicit is True and args.model.p_depth == 5 and args.optim.fp16 == 1
+    assert args.arch.use_implicit is True and args.arch.p_depth == 5 and args.optim.fp16 == 1
     der = arg_util.derive(args, world_size=8)
     assert der.batch_size == 64 and der.glb_batch_size == 512
     assert der.lr == pytest.approx(8e-5 * 512 / 256)
@@ -167,7 +167,7 @@ def test_bad_flag_combinations_are_one_line_errors(argv, world, match):
 @pytest.mark.parametrize('text,want', [('True', True), ('False', False), ('1', True), ('0', False),
                                        ('true', True), ('false', False)])
 def test_booleans_parse_words_digits_and_bare_flags(text, want):
-    assert arg_util.parse_args([f'--use_implicit={text}']).model.use_implicit is want
+    assert arg_util.parse_args([f'--use_implicit={text}']).arch.use_implicit is want
     assert arg_util.parse_args(['--hflip', text]).data.hflip is want
     assert arg_util.parse_args(['--hflip']).data.hflip is True
 
@@ -182,7 +182,7 @@ def test_jfb_ranges_as_pairs_or_four_ints_and_round_trip():
 
 
 def test_every_official_training_flag_exists():
-    flags = {a.dest for a in arg_util.build_parser()._actions}
+    flags = {s[2:] for a in arg_util.build_parser()._actions for s in a.option_strings}
     official = ('depth ini hd aln alng fp16 tblr tlr twd twde tclip ls bs ac ep wp wp0 wpe sche opt saln anorm pn '
                 'patch_size mid_reso hflip workers pg pg0 pgwp seed use_implicit p_depth save_freq data_path '
                 'exp_name local_out_dir_path').split()

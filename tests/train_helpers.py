@@ -1,6 +1,7 @@
 """Shared pieces of the training tests: a tiny class-folder dataset and the flags of a tiny run."""
 import json
 import os
+import shlex
 import subprocess
 import sys
 from typing import Dict, List
@@ -29,15 +30,30 @@ def make_image_folder(root: str, classes: int = 2, per_class: int = 8, val_per_c
     return root
 
 
-def tiny_flags(data: str, out: str, implicit: bool, *extra: str) -> List[str]:
-    """A 4x4-token, width-32 VAR/VIAR with a random 16 px tokenizer; a few steps per second on a CPU core."""
-    flags = [f'--data_path={data}', f'--local_out_dir_path={out}', '--device=cpu',
-             '--pn=1_2_3_4', '--patch_size=4', '--vae_ch_mult=1_2_4', '--vae_ch=32', '--vae_num_res_blocks=1',
-             '--V=32', '--Cvae=8', '--depth=4', '--width=32', '--heads=2', f'--use_implicit={implicit}',
-             '--p_depth=1', '--jfb_n=0_3', '--jfb_m=1_3', '--bs=8', '--tlr=3e-3', '--twd=0.0', '--wp=0.5',
-             '--log_every=1', '--step_log', '--seed=1', '--save_freq=1000',
+TINY_ARCH = ['--pn=1_2_3_4', '--patch_size=4', '--vae_ch_mult=1_2_4', '--vae_ch=32', '--vae_num_res_blocks=1', '--V=32',
+             '--Cvae=8', '--depth=4', '--width=32', '--heads=2', '--p_depth=1']
+
+
+def tiny_flags(data: str, out: str, implicit: bool, *extra: str, arch: bool = True,
+               vae_ckpt: str = 'random') -> List[str]:
+    """A 4x4-token, width-32 VAR/VIAR with a random 16 px tokenizer; a few steps per second on a CPU core.
+
+    arch=False leaves out the architecture flags (a run whose file sets them); vae_ckpt='' leaves out --vae_ckpt
+    (the tokenizer a file comes with). The one place tests ask for a random tokenizer."""
+    flags = [f'--data_path={data}', f'--local_out_dir_path={out}', '--device=cpu', '--jfb_n=0_3', '--jfb_m=1_3',
+             '--bs=8', '--tlr=3e-3', '--twd=0.0', '--wp=0.5', '--log_every=1', '--step_log', '--seed=1',
+             '--save_freq=1000',
              '--workers=0']   # in-process loading (official): no worker start-up per run; --workers=auto to override
+    if arch:
+        flags += TINY_ARCH + [f'--use_implicit={implicit}']
+    if vae_ckpt:
+        flags.append(f'--vae_ckpt={vae_ckpt}')
     return flags + list(extra)
+
+
+def suggested_argv(message: str) -> List[str]:
+    """The train.py arguments of the command a refusal suggests ('... python train.py --a=1 ...')."""
+    return shlex.split(message.split('python train.py ', 1)[1])
 
 
 def read_steps(path: str) -> Dict[int, dict]:

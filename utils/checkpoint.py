@@ -310,8 +310,9 @@ def load_var_weights(var: nn.Module, path_or_sd, strict: bool = True, where: Opt
     if got_spec is None or want_spec is None or got_spec.differences(want_spec):
         if got_spec is not None:
             from models.config import ModelSpec
+            from utils.arch_flags import flags_to_build
             stored = obj.get('config') if isinstance(obj, dict) and isinstance(obj.get('config'), dict) else None
-            flags = (ModelSpec.from_dict(stored) if stored else got_spec).flags(against=want_spec)
+            flags = flags_to_build(ModelSpec.from_dict(stored) if stored else got_spec, against=want_spec)
             hint = (f' Build it with {flags}, or let utils.model_io.load_models({where!r}) build the model from '
                     f'the file (the sampling scripts do that: no flags needed).')
         elif got.startswith('a VQVAE'):

@@ -18,14 +18,14 @@ _FALSE = {'0', 'false', 'f', 'no', 'n', 'off'}
 
 
 def flag(default, help: str, aliases: Sequence[str] = (), choices: Optional[Sequence] = None, nargs=None,
-         metavar: Optional[str] = None):
-    """A dataclass field that carries its CLI help (and optional flag aliases, choices, nargs)."""
+         metavar: Optional[str] = None, name: Optional[str] = None, parse=None):
+    """A dataclass field that carries its CLI help (and optional flag aliases, choices, nargs; `name`: the flag's
+    spelling when it is not --<field>; `parse`: the argparse type when the annotation's is not the one)."""
+    meta = dict(help=help, aliases=tuple(aliases), choices=choices, nargs=nargs, metavar=metavar, name=name,
+                parse=parse)
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda d=default: type(d)(d),
-                                 metadata=dict(help=help, aliases=tuple(aliases), choices=choices, nargs=nargs,
-                                               metavar=metavar))
-    return dataclasses.field(default=default, metadata=dict(help=help, aliases=tuple(aliases), choices=choices,
-                                                            nargs=nargs, metavar=metavar))
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 def exits_on_write_error(main):
@@ -90,6 +90,8 @@ def _arg_kwargs(f: dataclasses.Field, tp) -> Dict[str, Any]:
         kw = dict(type=typing.get_args(tp)[0], nargs=meta.get('nargs') or '+')
     else:
         raise TypeError(f'no CLI type for field {f.name}: {tp}')
+    if meta.get('parse'):
+        kw['type'] = meta['parse']
     if meta.get('choices'):
         kw['choices'] = meta['choices']
     if meta.get('metavar'):
@@ -122,8 +124,8 @@ def add_dataclass_args(parser, clz, title: Optional[str] = None, only: Optional[
         if f.name in skip or (only is not None and f.name not in only) or f.metadata.get('cli') is False:
             continue
         default = defaults.get(f.name, _default_of(f))
-        g.add_argument(f'--{f.name}', *f.metadata.get('aliases', ()), dest=f.name, default=default,
-                       help=f.metadata.get('help', ''), **_arg_kwargs(f, hints[f.name]))
+        g.add_argument(f.metadata.get('name') or f'--{f.name}', *f.metadata.get('aliases', ()), dest=f.name,
+                       default=default, help=f.metadata.get('help', ''), **_arg_kwargs(f, hints[f.name]))
     return g
 
 

@@ -4,29 +4,27 @@
     loaded = load_or_build(source, device)                              # scripts: a ModelSource of flags
 
 Architecture: a checkpoint sets it, from its stored config (slim exports, training checkpoints) or, for
-the official files, from what its weights show (`models.config.spec_from_state_dict`); a model flag the
-user typed that disagrees is reported in one warning line naming the flag, a default is silently replaced.
-Tokenizer: `vae_ckpt` when given; else the one a slim export embeds ('vae'); else the one it records
-('vae_ref': the official file's name and sha256); else the official file.
+the official files, from what its weights show (`models.config.spec_from_state_dict`); an architecture flag the
+user gave that disagrees is reported in one warning line naming the flag and the file's value.
+Tokenizer: `vae_ckpt` when given ('random': random weights, for speed tests); else the one a slim export embeds
+('vae'); else the one it records ('vae_ref': the official file's name and sha256); else the official file. An
+empty `vae_ckpt` means not given, as in training.
 Files: `.pth` or `.safetensors` (train.py writes its slim export as both); every read goes through
 `utils.checkpoint.read_checkpoint`, which never runs code.
 """
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from models.config import ARCH_FIELDS, ModelSpec, spec_from_state_dict, state_dict_kind, vae_arch_from_state_dict
+from models.config import ModelSpec, spec_from_state_dict, state_dict_kind, vae_arch_from_state_dict
+from utils.arch_flags import contradiction_text, contradictions
 from utils.checkpoint import (OFFICIAL_FILES, CheckpointError, extract_state_dict, load_vae_weights,
-                              load_var_weights, read_checkpoint, resolve_checkpoint, unwrap_model)
+                              load_var_weights, read_checkpoint, resolve_checkpoint, resolve_recorded, unwrap_model)
 
 DEFAULT_VAE_CKPT = 'ckpts/vae_ch160v4096z32.pth'   # the official tokenizer of every official transformer
 RANDOM = 'random'
-# ModelSpec field -> the sampling scripts' flag that sets it
-SPEC_FLAGS = dict(depth='depth', use_implicit='use_implicit', pre_depth='pre_depth', post_depth='post_depth',
-                  embed_dim='width', num_heads='heads', patch_nums='patch_nums', V='V', Cvae='Cvae', vae_ch='vae_ch',
-                  vae_ch_mult='vae_ch_mult', vae_num_res_blocks='vae_num_res_blocks', num_classes='num_classes')
 
 
 def default_var_ckpt(spec: ModelSpec) -> str:
@@ -57,15 +55,13 @@ def spec_of_file(obj: Any, where: str, fallback: ModelSpec) -> ModelSpec:
     return spec_from_state_dict(sd, fallback)
 
 
-def disagreements(spec: ModelSpec, flags_spec: ModelSpec, typed: Callable[[str], bool]) -> List[str]:
-    """'--flag value (file: value)' for every architecture flag the user typed that the file overrides."""
-    out = []
-    for name, mine, theirs in flags_spec.differences(spec, ARCH_FIELDS):
-        flag = SPEC_FLAGS.get(name)   # shared AdaLN and attention norm have no sampling flag: never typed
-        if flag is not None and typed(flag):
-            show = (lambda v: ','.join(map(str, v)) if isinstance(v, tuple) else v)
-            out.append(f'--{flag} {show(mine)} (file: {show(theirs)})')
-    return out
+def disagreements(spec: ModelSpec, given: Mapping[str, Any], where: str) -> Optional[str]:
+    """The warning for architecture flags the user gave that the file overrides; None when all agree."""
+    items = contradictions(given, spec)
+    if not items:
+        return None
+    return (f'warning: {where} sets the architecture ({spec.kind} depth {spec.depth}, width {spec.width}); '
+            f'ignored: {contradiction_text(items, "file")}')
 
 
 @dataclass
@@ -76,28 +72,58 @@ class Loaded:
     spec: ModelSpec
     tag: str
     notes: List[str] = field(default_factory=list)
+    class_names: Optional[List[str]] = None   # what the export records (the training folders' names), if anything
 
 
-def _load_tokenizer(vae, vae_ckpt: Optional[str], obj: Any, where: str, random_vae_ok: bool):
+@dataclass
+class Tokenizer:
+    """Where the tokenizer's weights come from: a file (a path or an official name), weights a checkpoint holds
+    (`weights`; random=True as well when they were drawn at random for a test run), or random initialisation.
+    `where` names it in logs."""
+    path: str = ''
+    weights: Optional[Dict[str, Any]] = None
+    random: bool = False
+    where: str = ''
+
+    def describe(self) -> str:
+        if self.random:
+            return 'RANDOM weights (--vae_ckpt random: for tests and speed measurements)'
+        return self.where or self.path
+
+
+def tokenizer_of_file(obj: Any, where: str) -> Optional[Tokenizer]:
+    """The tokenizer a checkpoint embeds or records: a slim export's 'vae' / 'vae_ref', a training checkpoint's
+    weights or recorded file; None when it says nothing (the official files: their tokenizer is the official one)."""
+    if not isinstance(obj, dict):
+        return None
+    if isinstance(obj.get('vae'), dict):
+        return Tokenizer(weights=obj['vae'], where=f'the tokenizer {where} embeds')
+    if isinstance(obj.get('vae_ref'), dict):
+        return Tokenizer(path=resolve_recorded(obj['vae_ref'], where), where=f'the tokenizer {where} records')
+    trainer = obj.get('trainer')
+    recorded = obj.get('tokenizer')
+    if isinstance(trainer, dict) and isinstance(trainer.get('vae_local'), dict):
+        random = isinstance(recorded, dict) and bool(recorded.get('random'))
+        return Tokenizer(weights=trainer['vae_local'], random=random, where=f'the tokenizer {where} holds')
+    if isinstance(recorded, dict) and recorded.get('path'):
+        return Tokenizer(path=recorded['path'], where=f'{recorded["path"]} (recorded by {where})')
+    return None
+
+
+def _load_tokenizer(vae, vae_ckpt: Optional[str], obj: Any, where: str):
     """The tokenizer rule of the module docstring."""
-    if vae_ckpt:
-        load_vae_weights(vae, vae_ckpt)
-    elif isinstance(obj, dict) and isinstance(obj.get('vae'), dict):
-        load_vae_weights(vae, obj['vae'], where=f'{where} (embedded tokenizer)')
-    elif isinstance(obj, dict) and isinstance(obj.get('vae_ref'), dict) and vae_ckpt is None:
-        from utils.checkpoint import resolve_recorded
-        load_vae_weights(vae, resolve_recorded(obj['vae_ref'], where))
-    elif vae_ckpt is None:
-        load_vae_weights(vae, DEFAULT_VAE_CKPT)
-    elif not random_vae_ok:
-        raise CheckpointError(f'{where or "the model"} embeds no tokenizer and --vae_ckpt is empty: pass the '
-                              f'tokenizer file (the official one is {DEFAULT_VAE_CKPT}), or leave --vae_ckpt out '
-                              f'to use it.')
+    if vae_ckpt == RANDOM:
+        return
+    tok = None if vae_ckpt else tokenizer_of_file(obj, where)
+    if tok is not None and tok.weights is not None:
+        load_vae_weights(vae, tok.weights, where=tok.where)
+    else:
+        load_vae_weights(vae, vae_ckpt or (tok.path if tok is not None else DEFAULT_VAE_CKPT))
 
 
 def _with_tokenizer_sizes(spec: ModelSpec, vae_ckpt: Optional[str]) -> ModelSpec:
     """For a file without a config: the tokenizer's sizes from the tokenizer file itself."""
-    if not vae_ckpt:
+    if not vae_ckpt or vae_ckpt == RANDOM:
         return spec
     sd = extract_state_dict(read_checkpoint(resolve_checkpoint(vae_ckpt)), vae_ckpt)
     if state_dict_kind(sd) != 'vae':
@@ -106,25 +132,28 @@ def _with_tokenizer_sizes(spec: ModelSpec, vae_ckpt: Optional[str]) -> ModelSpec
 
 
 def load_models(var_ckpt: str, vae_ckpt: Optional[str] = None, spec: Optional[ModelSpec] = None, device='cpu',
-                ema: bool = False, random_vae_ok: bool = False, typed: Callable[[str], bool] = lambda flag: False,
+                ema: bool = False, given: Optional[Mapping[str, Any]] = None,
                 log: Callable[[str], None] = print) -> Tuple[Any, Any, ModelSpec]:
     """(vae, var, spec) from a checkpoint, strictly loaded, in eval mode; the file sets the architecture.
 
     spec: sizes the file cannot tell (an official file says nothing about its tokenizer's channels); the
-    official ones when None. typed(flag) says whether the user typed a model flag: those the file
-    overrides are reported through `log`. ema=True loads a training export's EMA weights ('model_ema').
-    vae_ckpt='' with nothing embedded is an error (random tokenizer) unless random_vae_ok (speed benchmarks).
+    official ones when None. given: the architecture flags the user gave (ModelSpec field -> value): those the
+    file overrides are reported through `log`. ema=True loads a training export's EMA weights ('model_ema').
     """
-    flags_spec = spec or ModelSpec()
-    path = resolve_checkpoint(var_ckpt)
-    obj = read_checkpoint(path)
-    file_spec = spec_of_file(obj, var_ckpt, flags_spec)
+    vae, var, file_spec, _ = _load(var_ckpt, vae_ckpt, spec, device, ema, given, log)
+    return vae, var, file_spec
+
+
+def _load(var_ckpt: str, vae_ckpt: Optional[str], spec: Optional[ModelSpec], device, ema: bool,
+          given: Optional[Mapping[str, Any]], log: Callable[[str], None]) -> Tuple[Any, Any, ModelSpec, Any]:
+    """load_models, and the file's contents."""
+    obj = read_checkpoint(resolve_checkpoint(var_ckpt))
+    file_spec = spec_of_file(obj, var_ckpt, spec or ModelSpec())
     if spec_in_file(obj) is None:
         file_spec = _with_tokenizer_sizes(file_spec, vae_ckpt)
-    overridden = disagreements(file_spec, flags_spec, typed)
-    if overridden:
-        log(f'warning: {var_ckpt} sets the architecture ({file_spec.kind} depth {file_spec.depth}, width '
-            f'{file_spec.width}); ignored: {", ".join(overridden)}')
+    warning = disagreements(file_spec, given or {}, var_ckpt)
+    if warning:
+        log(warning)
     vae, var = file_spec.build(device)
     if ema:
         if not (isinstance(obj, dict) and isinstance(obj.get('model_ema'), dict)):
@@ -132,8 +161,8 @@ def load_models(var_ckpt: str, vae_ckpt: Optional[str] = None, spec: Optional[Mo
         load_var_weights(var, {'model': obj['model_ema']}, where=var_ckpt)
     else:
         load_var_weights(var, obj, where=var_ckpt)
-    _load_tokenizer(vae, vae_ckpt, obj, var_ckpt, random_vae_ok)
-    return vae.eval(), var.eval(), file_spec
+    _load_tokenizer(vae, vae_ckpt, obj, var_ckpt)
+    return vae.eval(), var.eval(), file_spec, obj
 
 
 def peek_spec(source) -> ModelSpec:
@@ -145,8 +174,7 @@ def peek_spec(source) -> ModelSpec:
     return spec_of_file(read_checkpoint(resolve_checkpoint(var_ckpt)), var_ckpt, flags_spec)
 
 
-def load_or_build(source, device='cpu', log: Callable[[str], None] = print, random_vae_ok: bool = False,
-                  seed: int = 0) -> Loaded:
+def load_or_build(source, device='cpu', log: Callable[[str], None] = print, seed: int = 0) -> Loaded:
     """The pair a `utils.sample.config.ModelSource` describes: its checkpoint (an official name when none is
     given), or seeded random weights of the flags' size with --var_ckpt random (plus --vae_ckpt if given)."""
     flags_spec = source.spec()
@@ -154,15 +182,20 @@ def load_or_build(source, device='cpu', log: Callable[[str], None] = print, rand
         if source.var_ckpt == RANDOM:
             torch.manual_seed(seed)   # the same random model on every run
             vae, var = flags_spec.build(device)
-            if source.vae_ckpt:
+            if source.vae_ckpt and source.vae_ckpt != RANDOM:
                 load_vae_weights(vae, source.vae_ckpt)
             return Loaded(vae.eval(), var.eval(), flags_spec, RANDOM)
         var_ckpt = source.var_ckpt or default_var_ckpt(flags_spec)
-        vae, var, spec = load_models(var_ckpt, source.vae_ckpt, flags_spec, device=device, ema=source.ema,
-                                     random_vae_ok=random_vae_ok, typed=source.was_typed, log=log)
+        vae, var, spec, obj = _load(var_ckpt, source.vae_ckpt, flags_spec, device, source.ema, source.arch, log)
     except ValueError as e:   # sizes the model constructors reject
         raise CheckpointError(f'cannot build the model from these flags: {e}') from None
-    return Loaded(vae, var, spec, os.path.splitext(os.path.basename(var_ckpt))[0])
+    return Loaded(vae, var, spec, os.path.splitext(os.path.basename(var_ckpt))[0], class_names=class_names_in(obj))
+
+
+def class_names_in(obj: Any) -> Optional[List[str]]:
+    """The class names a slim export or training checkpoint records, if any."""
+    names = obj.get('class_names') if isinstance(obj, dict) else None
+    return [str(n) for n in names] if isinstance(names, (list, tuple)) else None
 
 
 def tokenizer_ref(vae_ckpt: str) -> Optional[Dict[str, str]]:
@@ -176,11 +209,13 @@ def tokenizer_ref(vae_ckpt: str) -> Optional[Dict[str, str]]:
 
 
 def slim_export(var, spec: ModelSpec, vae=None, var_ema_sd=None, vae_ref: Optional[Dict[str, str]] = None,
-                model_sd: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """The dict `train.py` saves for the sampling scripts: weights, config, and the tokenizer (embedded as
-    'vae', or recorded as 'vae_ref' = official name + sha256). model_sd: the weights already gathered into one
-    ordinary state dict (a sharded model), else var's own."""
+                model_sd: Optional[Dict[str, Any]] = None, class_names: Optional[List[str]] = None) -> Dict[str, Any]:
+    """The dict `train.py` saves for the sampling scripts: weights, config, the tokenizer (embedded as 'vae', or
+    recorded as 'vae_ref' = official name + sha256) and the class names (the training folders' names, in class-id
+    order). model_sd: the weights already gathered into one ordinary state dict (a sharded model), else var's own."""
     out = {'model': unwrap_model(var).state_dict() if model_sd is None else model_sd, 'config': spec.to_dict()}
+    if class_names:
+        out['class_names'] = list(class_names)
     if var_ema_sd is not None:
         out['model_ema'] = var_ema_sd
     if vae is not None:

@@ -116,8 +116,8 @@ class SeededSamples(Dataset):
 
 
 def build_datasets(data_path: str, final_reso: int, mid_reso_px: int, hflip: bool = False
-                   ) -> Tuple[int, SeededSamples, ClassFolder]:
-    """(num_classes, train set yielding seeded samples, val set); clear errors on a bad folder."""
+                   ) -> Tuple[List[str], SeededSamples, ClassFolder]:
+    """(class names: the folder names, train set yielding seeded samples, val set); clear errors on a bad folder."""
     if not data_path or not os.path.isdir(data_path):
         raise DataError(f'--data_path {data_path!r} is not a folder: pass the ImageNet root, '
                         f'e.g. --data_path=/data/imagenet with train/ and val/ inside.')
@@ -126,7 +126,7 @@ def build_datasets(data_path: str, final_reso: int, mid_reso_px: int, hflip: boo
     scan_classes(os.path.join(data_path, 'val'), 'val')
     train = ClassFolder(os.path.join(data_path, 'train'), classes, transform=train_tf)
     val = ClassFolder(os.path.join(data_path, 'val'), classes, transform=val_tf)
-    return len(classes), SeededSamples(train), val
+    return classes, SeededSamples(train), val
 
 
 def unreadable_message(err: BaseException) -> Optional[str]:

@@ -246,28 +246,38 @@ class CacheBatchSampler(DistInfiniteBatchSampler):
         return [(idx, epoch) for idx, _ in super().local_batch(epoch, it, perm)]
 
 
-def tokenizer_sha256(man: Dict[str, Any], cache_dir: str, vae_ckpt: str) -> str:
-    """sha256 of the --vae_ckpt file a cached run loads (the quantizer builds the teacher-forcing input)."""
+def tokenizer_sha256(man: Dict[str, Any], cache_dir: str, tokenizer) -> Optional[str]:
+    """sha256 of the tokenizer file a cached run loads (its quantizer builds the teacher-forcing input), for
+    check_matches; None when the run's tokenizer is weights a checkpoint embeds and they equal the recorded file's
+    (checked here). tokenizer: utils.train.architecture.Tokenizer."""
     from utils.checkpoint import CheckpointError, resolve_checkpoint, sha256_of
+    from utils.train.architecture import same_tokenizer
     recorded = man['tokenizer'].get('path')
-    if not vae_ckpt:
-        raise TokenCacheError(f'--token_cache {cache_dir} needs the tokenizer that made it as --vae_ckpt (recorded: '
-                              f'{recorded}): its quantizer turns the cached tokens into the teacher-forcing input.')
-    try:
-        return sha256_of(resolve_checkpoint(vae_ckpt))
-    except CheckpointError as e:
-        raise TokenCacheError(str(e)) from None
+    if tokenizer.random:
+        raise TokenCacheError(f'--token_cache {cache_dir} needs the tokenizer that made it (recorded: {recorded}), '
+                              f'not --vae_ckpt random: its quantizer turns the cached tokens into the teacher-forcing '
+                              f'input.')
+    if tokenizer.path:
+        try:
+            return sha256_of(resolve_checkpoint(tokenizer.path))
+        except CheckpointError as e:
+            raise TokenCacheError(str(e)) from None
+    if not (recorded and same_tokenizer(recorded, tokenizer)):
+        raise TokenCacheError(f'--token_cache {cache_dir} was made by the tokenizer {recorded}, which is not '
+                              f'{tokenizer.where} (or is not here to compare): extract the tokens again with that '
+                              f'tokenizer.')
+    return None
 
 
 def build_cache_loaders(cache_dir: str, glb_batch_size: int, batch_size: int, seed: int, workers: int, rank: int,
                         world_size: int, start_g_it: int, pin: bool = False, patch_nums: Sequence[int] = (),
-                        resolution: int = 0, V: int = 0, vae_ckpt: str = ''):
-    """(num_classes, n_train, n_val, sampler, train loader, val loader) over a checked cache, as train.build_loaders;
-    the cache must have been made for this pyramid, resolution, vocabulary and tokenizer file."""
+                        resolution: int = 0, V: int = 0, tokenizer=None):
+    """(class names, n_train, n_val, sampler, train loader, val loader) over a checked cache, as train.build_loaders;
+    the cache must have been made for this pyramid, resolution, vocabulary and tokenizer."""
     from torch.utils.data import DataLoader
     from utils.data.sampler import EvalDistributedSampler
     man = open_cache(cache_dir)
-    check_matches(man, cache_dir, patch_nums, resolution, V, tokenizer_sha256(man, cache_dir, vae_ckpt))
+    check_matches(man, cache_dir, patch_nums, resolution, V, tokenizer_sha256(man, cache_dir, tokenizer))
     train_set = TokenShards(cache_dir, man, 'train', seed)
     val_set = TokenShards(cache_dir, man, 'val', seed)
     sampler = CacheBatchSampler(len(train_set), glb_batch_size, rank, world_size, seed=seed)
@@ -279,4 +289,4 @@ def build_cache_loaders(cache_dir: str, glb_batch_size: int, batch_size: int, se
     ld_val = DataLoader(val_set, batch_size=max(1, round(batch_size * 1.5)), **loader_kwargs(workers, pin),
                         generator=torch.Generator().manual_seed(seed),
                         sampler=EvalDistributedSampler(len(val_set), rank, world_size))
-    return len(man['classes']), len(train_set), len(val_set), sampler, ld_train, ld_val
+    return list(man['classes']), len(train_set), len(val_set), sampler, ld_train, ld_val

@@ -10,7 +10,7 @@ typed: a checkpoint that disagrees with a typed model flag is reported, a defaul
 import argparse
 import dataclasses
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -18,15 +18,13 @@ from models.config import ModelSpec
 from models.schedules import DEFAULT_CAP, IterSchedule, from_cli
 from models.solver import SolverSpec
 from utils import cli
+from utils.arch_flags import add_arch_args, given_fields
 from utils.cli import flag
 from utils.sample.compile_util import AUTOCAST_DTYPES, RESIDUAL_FLOOR, SamplingError, resolve_dtype
 
 SCHEDULE_FLAGS = ('iter_left', 'iter_right', 'iters', 'tau', 'tau_json', 'tau_cap', 'stop_mode', 'official_kv',
                   'solver', 'anderson_m')
-SIZE_FLAGS = ('width', 'heads', 'patch_nums', 'V', 'Cvae', 'vae_ch', 'vae_ch_mult', 'vae_num_res_blocks',
-              'num_classes')
-LOAD_FLAGS = ('var_ckpt', 'vae_ckpt', 'ema', 'depth', 'use_implicit', 'pre_depth', 'post_depth', 'device')
-RANDOM = 'random'   # --var_ckpt random: seeded random weights of the size the flags give
+RANDOM = 'random'   # --var_ckpt random: seeded random weights of the size the flags give; --vae_ckpt random likewise
 
 
 @dataclass
@@ -36,36 +34,19 @@ class ModelSource:
                                          "downloaded into ckpts/ if missing), a slim export (carries its config), "
                                          "or 'random' (seeded random weights of the size the flags give)",
                                    aliases=('--ckpt_path',))
-    vae_ckpt: Optional[str] = flag(None, 'VQVAE tokenizer checkpoint; default: the one a slim export embeds or '
-                                         'records, else the official ckpts/vae_ch160v4096z32.pth')
+    vae_ckpt: Optional[str] = flag(None, "VQVAE tokenizer checkpoint, or 'random' (random weights: speed tests only); "
+                                         "default: the one a slim export embeds or records, else the official "
+                                         "ckpts/vae_ch160v4096z32.pth")
     ema: bool = flag(False, "load the EMA weights of a training export ('model_ema')")
-    depth: int = flag(16, 'transformer depth (official: 16, 20, 24, 30; VIAR: 30); a checkpoint overrides it')
-    use_implicit: bool = flag(False, 'VIAR (implicit block) instead of VAR; a checkpoint overrides it')
-    pre_depth: int = flag(5, 'VIAR: explicit blocks before the implicit block; a checkpoint overrides it')
-    post_depth: int = flag(5, 'VIAR: explicit blocks after the implicit block; a checkpoint overrides it')
     device: str = flag('', 'cuda, cuda:1, cpu; default cuda when available')
-    # sizes of files that carry no config, and of random weights (None: the official value)
-    width: Optional[int] = flag(None, 'embedding width (default 64 * depth)')
-    heads: Optional[int] = flag(None, 'attention heads (default depth)')
-    patch_nums: Optional[Tuple[int, ...]] = flag(None, 'scales, e.g. 1,2,3,4,5,6,8,10,13,16')
-    V: Optional[int] = flag(None, 'VQVAE vocabulary size (4096)')
-    Cvae: Optional[int] = flag(None, 'VQVAE code dimension (32)')
-    vae_ch: Optional[int] = flag(None, 'VQVAE base channels (160)')
-    vae_ch_mult: Optional[Tuple[int, ...]] = flag(None, 'VQVAE channel multipliers (1,1,2,2,4)')
-    vae_num_res_blocks: Optional[int] = flag(None, 'VQVAE res blocks per level (2)')
-    num_classes: Optional[int] = flag(None, 'number of classes (1000)')
+    arch: Dict[str, Any] = dataclasses.field(default_factory=dict, metadata=dict(cli=False))   # flags given
+    arch_defaults: Dict[str, Any] = dataclasses.field(default_factory=dict, metadata=dict(cli=False))
     typed: Optional[Tuple[str, ...]] = dataclasses.field(default=None, metadata=dict(cli=False))
 
     def spec(self) -> ModelSpec:
-        """The ModelSpec these flags describe (sizes not given keep the official values)."""
-        names = dict(width='embed_dim', heads='num_heads')
-        given = {names.get(n, n): getattr(self, n) for n in ('depth', 'use_implicit', 'pre_depth', 'post_depth')
-                 + SIZE_FLAGS if getattr(self, n) is not None}
-        return ModelSpec(**given)
-
-    def was_typed(self, name: str) -> bool:
-        """True when the user gave this flag (built from Python: a value other than the default)."""
-        return was_typed(self, name)
+        """The ModelSpec the flags describe: the architecture flags given, then this script's defaults (gen_img.py:
+        depth 30), then ModelSpec's."""
+        return ModelSpec(**{**self.arch_defaults, **self.arch})
 
 
 @dataclass
@@ -194,13 +175,13 @@ def was_typed(config, name: str) -> bool:
 
 # ---------------------------------------------------------------- command lines
 
-def add_model_source_args(parser, sizes: bool = True, defaults: Optional[dict] = None,
-                          skip: Iterable[str] = ()):
-    """The model flags (and, with sizes, the size flags of files without a config) as argument groups."""
-    cli.add_dataclass_args(parser, ModelSource, 'model', only=LOAD_FLAGS, skip=skip, defaults=defaults)
-    if sizes:
-        cli.add_dataclass_args(parser, ModelSource, 'model size (files without a config, or --var_ckpt random)',
-                               only=SIZE_FLAGS, skip=skip, defaults=defaults)
+def add_model_source_args(parser, defaults: Optional[dict] = None, skip: Iterable[str] = ()):
+    """The model flags and the architecture flags (utils/arch_flags.py; those in `skip` left out) as argument
+    groups. defaults: this script's architecture where neither a flag nor a checkpoint sets it (e.g. depth 30:
+    var_d30.pth)."""
+    cli.add_dataclass_args(parser, ModelSource, 'model', skip=skip)
+    add_arch_args(parser, skip=skip)
+    parser.set_defaults(arch_defaults=dict(defaults or {}))
 
 
 def add_sample_args(parser, only: Optional[Sequence[str]] = None, skip: Iterable[str] = (),
@@ -212,7 +193,9 @@ def add_sample_args(parser, only: Optional[Sequence[str]] = None, skip: Iterable
 def configs_from(ns: argparse.Namespace, typed: Iterable[str]) -> Tuple[ModelSource, SampleConfig]:
     """(ModelSource, SampleConfig) from parsed flags; flags a script did not add keep their defaults."""
     typed = tuple(sorted(typed))
-    return cli.from_namespace(ModelSource, ns, typed=typed), cli.from_namespace(SampleConfig, ns, typed=typed)
+    source = cli.from_namespace(ModelSource, ns, typed=typed, arch=given_fields(ns),
+                                arch_defaults=dict(getattr(ns, 'arch_defaults', {})))
+    return source, cli.from_namespace(SampleConfig, ns, typed=typed)
 
 
 def parse(parser: argparse.ArgumentParser, argv: Optional[List[str]] = None, schedule_list: bool = False

@@ -12,55 +12,35 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from models.layout import PYRAMIDS
 from utils import cli
+from utils.arch_flags import ArchFlags, add_arch_args, given_fields
 from utils.cli import flag
 from utils.train.hooks import TrainHookArgs
 
-PN_SHORTCUTS = {str(px): '_'.join(map(str, pn)) for px, pn in PYRAMIDS.items()}
 PLACEHOLDER_DATA_PATH = '/path/to/imagenet'
-
-
-def parse_pn(pn: str, separators: str = '-_') -> Tuple[int, ...]:
-    """--pn: a shortcut ('256', '512', '1024') or the sides joined by any of `separators` ('1_2_3')."""
-    text = PN_SHORTCUTS.get(pn, pn)
-    for sep in separators:
-        text = text.replace(sep, '_')
-    try:
-        return tuple(int(t) for t in text.split('_'))
-    except ValueError:
-        raise SystemExit(f'--pn must be sides like 1_2_3_4_5_6_8_10_13_16 (or 256/512/1024), got {pn!r}') from None
 
 
 @dataclass
 class DataArgs:
     """Where the images are and how they are augmented."""
     data_path: str = flag(PLACEHOLDER_DATA_PATH, 'ImageNet-style folder with train/<class>/*.JPEG and val/<class>/*.JPEG')
-    pn: str = flag('1_2_3_4_5_6_8_10_13_16', "token-map sides per scale, '_'-separated, or 256/512/1024")
-    patch_size: int = flag(16, 'pixels per token at the last scale (= the tokenizer downsampling)')
+    patch_size: Optional[int] = flag(None, 'pixels per token at the last scale: the tokenizer downsampling, '
+                                           '2^(len(vae_ch_mult) - 1); given, it must be that')
     mid_reso: float = flag(1.125, 'resize the shorter side to mid_reso * final resolution, then crop')
     hflip: bool = flag(False, 'random horizontal flip on train images')
     workers: str = flag('auto', "DataLoader worker processes per rank: 'auto' = min(8, CPUs // ranks on this node), "
                                 "persistent and prefetching; 0 = load in the training process (official)")
-    num_classes: int = flag(0, 'classes of the model (0: the number of class folders in train/)')
     token_cache: str = flag('', 'train on the token maps scripts/extract_tokens.py wrote to this folder instead of '
                                 'images (no VQVAE encoder; --data_path not needed; crops/flips as stored)')
 
 
 @dataclass
 class ModelArgs:
-    """The transformer and the frozen tokenizer."""
-    depth: int = flag(16, 'VAR depth; width 64*depth and heads = depth unless --width/--heads')
-    use_implicit: bool = flag(False, 'train VIAR (pre blocks, one implicit block, post blocks) instead of VAR')
-    p_depth: int = flag(5, 'VIAR: explicit blocks before and after the implicit block')
+    """How the transformer is initialised and trained, and the frozen tokenizer (its architecture: ArchFlags)."""
     ini: float = flag(-1.0, 'init std of Linear/Embedding weights (-1: sqrt(1/(3*width)))')
     hd: float = flag(0.02, 'head weight multiplier at init')
     aln: float = flag(0.5, 'multiplier of the AdaLN linear init')
     alng: float = flag(1e-5, 'multiplier of the AdaLN gamma channels at init')
-    saln: bool = flag(False, 'one AdaLN linear shared by all blocks')
-    anorm: bool = flag(True, 'L2-normalised attention')
-    width: int = flag(0, 'embedding width override (0: 64*depth)')
-    heads: int = flag(0, 'attention heads override (0: depth)')
     drop_path: float = flag(-1.0, 'max drop-path rate (-1: official 0.1*depth/24)')
     cond_drop: float = flag(0.1, 'probability of replacing the class by the null class (for CFG)')
     jfb_n: Tuple[int, ...] = flag((0, 10), 'S-JFB: range of iterations without grad, e.g. 0_10 (inclusive)')
@@ -72,12 +52,10 @@ class ModelArgs:
                                   "(seed, step), each rank taking its rows, so any world size trains the same run; "
                                   "'rank' = the official per-rank draws from the global torch generator (seeded "
                                   "seed*world+rank)", choices=('step', 'rank'))
-    vae_ckpt: str = flag('', 'tokenizer weights (e.g. ckpts/vae_ch160v4096z32.pth); empty: random weights (tests/demo only)')
-    V: int = flag(4096, 'tokenizer vocabulary')
-    Cvae: int = flag(32, 'tokenizer code dimension')
-    vae_ch: int = flag(160, 'tokenizer base channels', aliases=('--vch',))
-    vae_ch_mult: Tuple[int, ...] = flag((1, 1, 2, 2, 4), 'tokenizer channel multipliers (downsampling 2^(len-1))')
-    vae_num_res_blocks: int = flag(2, 'tokenizer res blocks per level')
+    vae_ckpt: Optional[str] = flag(None, "tokenizer: a file (the official vae_ch160v4096z32.pth, or a "
+                                         "train_tokenizer.py vae.pth), or 'random' (random weights: tests only); "
+                                         "default: the one --init_ckpt / --init_from_var / the resumed checkpoint "
+                                         "comes with, else the official ckpts/vae_ch160v4096z32.pth")
     init_ckpt: str = flag('', 'start from these weights (official name, ar-ckpt-*.pth or a *-slim.pth export): '
                               'weights only; another class count re-initialises the class rows, keeping the null-class '
                               'row; ar-ckpt-last.pth in the output folder (a resume) wins')
@@ -142,18 +120,14 @@ class RunArgs:
     step_log: bool = flag(False, 'every rank appends one JSON line per step (loss, n, m, lr) to steps-rank<r>.jsonl')
 
 
-# ModelSpec field -> the ModelArgs flag that sets it (width, heads, pyramid and classes are derived)
-SPEC_FROM_MODEL_ARGS = dict(depth='depth', use_implicit='use_implicit', pre_depth='p_depth', post_depth='p_depth',
-                            V='V', Cvae='Cvae', vae_ch='vae_ch', vae_ch_mult='vae_ch_mult',
-                            vae_num_res_blocks='vae_num_res_blocks', shared_aln='saln', attn_l2_norm='anorm')
-
-GROUPS = (('data', DataArgs), ('model', ModelArgs), ('optim', OptimArgs), ('sched', ScheduleArgs), ('run', RunArgs),
-          ('hooks', TrainHookArgs))
+GROUPS = (('arch', ArchFlags), ('data', DataArgs), ('model', ModelArgs), ('optim', OptimArgs),
+          ('sched', ScheduleArgs), ('run', RunArgs), ('hooks', TrainHookArgs))
 
 
 @dataclass
 class TrainArgs:
     """All training flags, grouped."""
+    arch: ArchFlags = field(default_factory=ArchFlags)
     data: DataArgs = field(default_factory=DataArgs)
     model: ModelArgs = field(default_factory=ModelArgs)
     optim: OptimArgs = field(default_factory=OptimArgs)
@@ -177,6 +151,7 @@ class Derived:
     batch_size: int            # per rank per forward
     glb_batch_size: int        # per forward over all ranks (= bs / ac)
     lr: float                  # peak lr
+    lr_rule: str               # how it was reached, for the log
     wd: float
     wd_end: float
     wp_ep: float               # warmup epochs
@@ -206,13 +181,18 @@ def _parse_range(name: str, value: Sequence[int], lo: int) -> Tuple[int, int]:
     return int(value[0]), int(value[1])
 
 
-def derive(args: TrainArgs, world_size: int, cpus: Optional[int] = None, ranks_per_node: Optional[int] = None
-           ) -> Derived:
-    """Every value that follows from the flags; bad combinations are a SystemExit with the fix.
+def derive(args: TrainArgs, world_size: int, cpus: Optional[int] = None, ranks_per_node: Optional[int] = None,
+           spec=None) -> Derived:
+    """Every value that follows from the flags and the architecture; bad combinations are a SystemExit with the fix.
 
-    cpus, ranks_per_node: for --workers auto (None: this process's CPUs, and all ranks on one node).
+    spec: the run's models.config.ModelSpec (utils/train/architecture.py; None: the architecture flags alone, as a
+    new run without a tokenizer file builds). cpus, ranks_per_node: for --workers auto (None: this process's CPUs,
+    and all ranks on one node).
     """
     d, m, o, s, r = args.data, args.model, args.optim, args.sched, args.run
+    if spec is None:
+        from models.config import ModelSpec
+        spec = ModelSpec(**given_fields(args.arch))
     if o.ac < 1 or o.bs < 1:
         raise SystemExit(f'--bs and --ac must be positive (got --bs {o.bs} --ac {o.ac})')
     split = o.ac * world_size
@@ -220,27 +200,20 @@ def derive(args: TrainArgs, world_size: int, cpus: Optional[int] = None, ranks_p
         raise SystemExit(f'--bs {o.bs} cannot be split over {world_size} rank(s) x {o.ac} accumulation step(s): '
                          f'use a multiple of {split}.')
     batch_size = o.bs // split
-    pn = PN_SHORTCUTS.get(d.pn, d.pn)   # as typed, shortcuts expanded: part of the tensorboard folder name
-    patch_nums = parse_pn(d.pn)
-    downsample = 2 ** (len(m.vae_ch_mult) - 1)
-    if d.patch_size != downsample:
+    patch_nums = tuple(spec.patch_nums)
+    if d.patch_size is not None and d.patch_size != spec.downsample:
         raise SystemExit(f'--patch_size {d.patch_size} must equal the tokenizer downsampling 2^(len(vae_ch_mult)-1) '
-                         f'= {downsample} (--vae_ch_mult {"_".join(map(str, m.vae_ch_mult))}).')
-    resos = tuple(p * d.patch_size for p in patch_nums)
+                         f'= {spec.downsample} (--vae_ch_mult {"_".join(map(str, spec.vae_ch_mult))}).')
+    resos = tuple(p * spec.downsample for p in patch_nums)
     final_reso = max(resos)
     from utils.train.init_ckpt import check_init_flags
-    check_init_flags(m.init_ckpt, m.init_from_var, m.use_implicit)
+    check_init_flags(m.init_ckpt, m.init_from_var, spec.use_implicit)
     if o.bf16 and o.fp16 == 1:
         raise SystemExit('--fp16 1 (fp16) and --bf16 both given: pick one (--bf16 is the same as --fp16 2).')
     precision = 'bf16' if (o.bf16 or o.fp16 == 2) else ('fp16' if o.fp16 == 1 else 'fp32')
     if o.fsdp:
         from utils.train.fsdp import fsdp_dtypes
         fsdp_dtypes(precision)   # fp16 is refused with the fix
-    width = m.width or 64 * m.depth
-    heads = m.heads or m.depth
-    if width % heads != 0:
-        raise SystemExit(f'width {width} must be divisible by heads {heads} (--width/--heads)')
-    spec = model_spec(args, width, heads, patch_nums)
     try:
         spec.validate()
     except ValueError as e:
@@ -249,15 +222,16 @@ def derive(args: TrainArgs, world_size: int, cpus: Optional[int] = None, ranks_p
     from utils.data.loader import available_cpus, resolve_workers
     workers, workers_rule = resolve_workers(d.workers, available_cpus() if cpus is None else cpus,
                                             world_size if ranks_per_node is None else ranks_per_node, batch_size)
-    tb_name = re.sub(r'[^\w\-+,.]', '_', f'tb-VARd{m.depth}__pn{pn}__b{o.bs}ep{s.ep}{o.opt[:4]}lr{o.tblr:g}wd{o.twd:g}')
+    pn = '_'.join(map(str, patch_nums))
+    tb_name = re.sub(r'[^\w\-+,.]', '_', f'tb-VARd{spec.depth}__pn{pn}__b{o.bs}ep{s.ep}{o.opt[:4]}lr{o.tblr:g}wd{o.twd:g}')
     out = r.local_out_dir_path
+    lr, lr_rule = peak_lr(o.tblr, o.tlr, o.bs)
     return Derived(
-        world_size=world_size, batch_size=batch_size, glb_batch_size=batch_size * world_size,
-        lr=o.tlr if o.tlr is not None else o.tblr * o.bs / 256,
+        world_size=world_size, batch_size=batch_size, glb_batch_size=batch_size * world_size, lr=lr, lr_rule=lr_rule,
         wd=o.twd, wd_end=o.twde or o.twd,
         wp_ep=s.wp or s.ep / 50, pgwp_ep=s.pgwp or s.ep / 300, sche=sche,
         patch_nums=patch_nums, resos=resos, final_reso=final_reso, mid_reso_px=round(d.mid_reso * final_reso),
-        precision=precision, workers=workers, workers_rule=workers_rule, width=width, heads=heads,
+        precision=precision, workers=workers, workers_rule=workers_rule, width=spec.width, heads=spec.heads,
         jfb_no_grad=_parse_range('jfb_n', m.jfb_n, 0), jfb_with_grad=_parse_range('jfb_m', m.jfb_m, 1),
         tb_dir=os.path.join(out, tb_name), log_txt=os.path.join(out, 'log.txt'),
         last_ckpt=os.path.join(out, 'ar-ckpt-last.pth'), best_ckpt=os.path.join(out, 'ar-ckpt-best.pth'),
@@ -265,17 +239,18 @@ def derive(args: TrainArgs, world_size: int, cpus: Optional[int] = None, ranks_p
     )
 
 
+def peak_lr(tblr: float, tlr: Optional[float], bs: int) -> Tuple[float, str]:
+    """(peak lr, how it was reached): --tlr when given, else the official tblr * bs / 256."""
+    if tlr is not None:
+        return tlr, f'peak lr {tlr:.3g} = --tlr'
+    lr = tblr * bs / 256
+    return lr, f'peak lr {lr:.3g} = tblr {tblr:g} x bs {bs} / 256'
+
+
 def slim_name(kind: str) -> str:
     """The slim export's file name: viar-slim.pth or var-slim.pth, so that the exports of a VIAR and a VAR run never
     share a name (gen_img.py names its output folder after the file)."""
     return f'{kind.lower()}-slim.pth'
-
-
-def model_spec(args: TrainArgs, width: int, heads: int, patch_nums: Tuple[int, ...], num_classes: int = 1000):
-    """The models.config.ModelSpec of this run: what the slim export carries as 'config'."""
-    from models.config import ModelSpec
-    sizes = {name: getattr(args.model, flag_name) for name, flag_name in SPEC_FROM_MODEL_ARGS.items()}
-    return ModelSpec(embed_dim=width, num_heads=heads, patch_nums=patch_nums, num_classes=num_classes, **sizes)
 
 
 def iters_per_epoch(dataset_len: int, glb_batch_size: int) -> int:
@@ -296,7 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description='Train VAR / VIAR (torchrun for several GPUs).',
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for group_name, clz in GROUPS:
-        cli.add_dataclass_args(parser, clz, group_name)
+        if clz is ArchFlags:
+            add_arch_args(parser)
+        else:
+            cli.add_dataclass_args(parser, clz, group_name)
     parser.add_argument('--jfb', type=int, nargs=4, metavar=('N0', 'N1', 'M0', 'M1'), default=None,
                         help='shorthand for --jfb_n N0_N1 --jfb_m M0_M1')
     # torch.distributed.launch passes --local-rank; torchrun sets LOCAL_RANK instead
