@@ -22,6 +22,7 @@ from tests.tiny import TINY_PN, tiny_vae_var
 TINY_SPEC = dict(depth=4, pre_depth=1, post_depth=1, embed_dim=32, num_heads=2, patch_nums=TINY_PN, V=48, Cvae=8,
                  vae_ch=32, vae_ch_mult=(1, 1), vae_num_res_blocks=1, num_classes=5)
 RES = 8   # tiny models make 8 px images
+CELL = RES * image_io.grid_scale(RES, RES)   # grids enlarge them (nearest neighbour) to 64 px
 FAST = ['--top_k', '0', '--top_p', '0', '--iter_left', '3', '--iter_right', '2', '--progress', 'False']
 
 
@@ -43,6 +44,28 @@ def read_png(path: str) -> np.ndarray:
     return np.asarray(PImage.open(path).convert('RGB'))
 
 
+def upscaled(img_HW3: np.ndarray) -> np.ndarray:
+    """An image as a grid cell shows it: each pixel a block of CELL // RES px."""
+    k = CELL // RES
+    return img_HW3.repeat(k, axis=0).repeat(k, axis=1)
+
+
+def test_grid_scale_enlarges_small_images_to_a_readable_cell(tmp_path):
+    """Grids of small images are enlarged by a whole factor to at least 64 px a cell, nearest neighbour (the
+    demo's 16 px digits 4x, as in its own grid); large images keep their size; the single PNGs never change."""
+    assert [image_io.grid_scale(s, s) for s in (8, 16, 20, 64, 256)] == [8, 4, 4, 1, 1]
+    assert image_io.grid_scale(16, 256) == 4 and image_io.grid_scale(8, 8, min_cell=16) == 2
+    imgs = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    image_io.save_grid(imgs, str(tmp_path / 'g.png'), nrow=2)
+    grid = read_png(tmp_path / 'g.png')
+    assert grid.shape[:2] == image_io.grid_size(3, 2, 16, 16, scale=4) == (134, 134)
+    first = image_io.to_uint8_HWC(imgs[0]).repeat(4, axis=0).repeat(4, axis=1)
+    assert np.array_equal(grid[2:66, 2:66], first)
+    big = torch.rand(2, 3, 64, 64)
+    image_io.save_grid(big, str(tmp_path / 'big.png'), nrow=2)
+    assert read_png(tmp_path / 'big.png').shape[:2] == image_io.grid_size(2, 2, 64, 64) == (68, 134)
+
+
 def run(ckpt: str, out_dir, *extra) -> list:
     """gen_img.main on a slim export (its tokenizer is embedded: --vae_ckpt '')."""
     return gen_img.main(['--var_ckpt', ckpt, '--vae_ckpt', '', '--device', 'cpu', '--output_dir', str(out_dir),
@@ -56,13 +79,13 @@ def test_writes_each_png_and_grid_and_matches_official_call(viar_ckpt, tmp_path)
     assert names == ['class3_seed5.png', 'class3_seed6.png', 'class3_seed7.png', 'class3_seeds5_6_7_grid.png']
     assert sorted(map(os.path.basename, paths)) == names
     assert read_png(out / 'class3_seed5.png').shape == (RES, RES, 3)
-    # 3 images of 8 px, 2 per row, 2 px of padding around and between them: 2 rows x 2 columns,
-    # 2 + 2 * (8 + 2) = 22 px each way, images at offsets 2 and 12, the fourth cell left white
+    # 3 images of 8 px enlarged 8x, 2 per row, 2 px of padding around and between them: 2 rows x 2 columns,
+    # 2 + 2 * (64 + 2) = 134 px each way, images at offsets 2 and 68, the fourth cell left white
     grid = read_png(out / 'class3_seeds5_6_7_grid.png')
-    assert grid.shape == (22, 22, 3)
-    for (y, x), seed in zip(((2, 2), (2, 12), (12, 2)), (5, 6, 7)):
-        assert np.array_equal(grid[y:y + RES, x:x + RES], read_png(out / f'class3_seed{seed}.png')), seed
-    assert (grid[12:20, 12:20] == 255).all()
+    assert CELL == 64 and grid.shape == (134, 134, 3)
+    for (y, x), seed in zip(((2, 2), (2, 68), (68, 2)), (5, 6, 7)):
+        assert np.array_equal(grid[y:y + CELL, x:x + CELL], upscaled(read_png(out / f'class3_seed{seed}.png'))), seed
+    assert (grid[68:132, 68:132] == 255).all()
     # each image is the official one-image call with g_seed = seed
     _, var = tiny_vae_var(True)
     for seed in (5, 7):
@@ -75,12 +98,12 @@ def test_two_classes_grid_rows_are_classes(viar_ckpt, tmp_path):
     run(viar_ckpt, tmp_path, '--class_label', 1, 4, '--seeds', 2, 3, 9)
     out = tmp_path / 'tiny_viar'
     grid = read_png(out / 'classes1_4_seeds2_3_9_grid.png')
-    assert grid.shape == (22, 32, 3)   # 2 rows x 3 columns of 8 px, 2 px padding: 2 + 2 * 10, 2 + 3 * 10
+    assert grid.shape == (134, 200, 3)   # 2 rows x 3 columns of 64 px cells, 2 px padding: 2 + 2 * 66, 2 + 3 * 66
     pad = 2
     for r, c in enumerate((1, 4)):
         for k, s in enumerate((2, 3, 9)):
-            y, x = pad + r * (RES + pad), pad + k * (RES + pad)
-            assert np.array_equal(grid[y:y + RES, x:x + RES], read_png(out / f'class{c}_seed{s}.png'))
+            y, x = pad + r * (CELL + pad), pad + k * (CELL + pad)
+            assert np.array_equal(grid[y:y + CELL, x:x + CELL], upscaled(read_png(out / f'class{c}_seed{s}.png')))
     assert not np.array_equal(read_png(out / 'class1_seed2.png'), read_png(out / 'class4_seed2.png'))
 
 

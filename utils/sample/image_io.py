@@ -17,6 +17,7 @@ import torchvision
 
 MAX_IMAGE_BYTES = 20 * 2 ** 20   # 20 MiB: far above any photo the 256 px models need
 MAX_IMAGE_SIDE = 4096            # pixels per side, checked on the header, before decoding
+GRID_MIN_CELL = 64               # px: grids enlarge smaller images (the demo's 16 px digits 4x) so a person can read them
 
 
 class ImageInputError(ValueError):
@@ -42,16 +43,31 @@ def make_grid(imgs_B3HW: torch.Tensor, nrow: int, padding: int = 2, pad_value: f
                                        pad_value=pad_value)
 
 
-def grid_size(n: int, nrow: int, h: int, w: int, padding: int = 2) -> Tuple[int, int]:
-    """(height, width) in pixels of make_grid's output for n images of h x w (pure arithmetic)."""
+def grid_scale(h: int, w: int, min_cell: int = GRID_MIN_CELL) -> int:
+    """The whole-number factor that brings the shorter side of an h x w image to at least min_cell px (1 when it is
+    already that big): 16 px -> 4, 8 px -> 8, 256 px -> 1."""
+    return max(1, -(-min_cell // max(1, min(h, w))))
+
+
+def grid_size(n: int, nrow: int, h: int, w: int, padding: int = 2, scale: int = 1) -> Tuple[int, int]:
+    """(height, width) in pixels of a grid of n images of h x w, each enlarged `scale` times (pure arithmetic)."""
     cols = min(max(1, nrow), n)
     rows = -(-n // cols)
-    return rows * (h + padding) + padding, cols * (w + padding) + padding
+    return rows * (h * scale + padding) + padding, cols * (w * scale + padding) + padding
 
 
-def save_grid(imgs_B3HW: torch.Tensor, path: str, nrow: int, padding: int = 2):
-    """Write a grid of [0, 1] images as one PNG."""
-    save_png(make_grid(imgs_B3HW, nrow, padding), path)
+def upscale_nearest(imgs_B3HW: torch.Tensor, scale: int) -> torch.Tensor:
+    """Each pixel as a scale x scale block (nearest neighbour: no new colours, edges stay sharp)."""
+    if scale == 1:
+        return imgs_B3HW
+    return imgs_B3HW.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+
+
+def save_grid(imgs_B3HW: torch.Tensor, path: str, nrow: int, padding: int = 2, min_cell: int = GRID_MIN_CELL):
+    """Write a grid of [0, 1] images as one PNG; images smaller than min_cell px are enlarged by `grid_scale`
+    (the single PNGs keep the model's resolution)."""
+    scale = grid_scale(imgs_B3HW.shape[-2], imgs_B3HW.shape[-1], min_cell)
+    save_png(make_grid(upscale_nearest(imgs_B3HW, scale), nrow, padding), path)
 
 
 def limit_decoding():
