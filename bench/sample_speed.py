@@ -24,6 +24,7 @@ if __name__ == '__main__' and ROOT not in sys.path:   # run as a script: make th
 
 DEFAULT_SCHEDULES = '20:20,10:10,20:5,10:5,5:5,tau=0.01'
 MiB = 2 ** 20
+SPREAD_LIMIT = 0.10   # timed calls of one row that differ by more than 10% (slowest / fastest - 1): not a steady figure
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -56,6 +57,28 @@ def summarise(reps: List[Dict[str, float]], B: int, basis: str = 'wall') -> Dict
     for key in ('images_per_s', 'transformer_images_per_s', 'decode_images_per_s'):
         out[key] = out[f'{basis}_{key}']
     return out
+
+
+def reliability(load: float, cpu_threads: int, rep_seconds: List[float], spread_limit: float = SPREAD_LIMIT
+                ) -> List[str]:
+    """Why a row's timing is unreliable ([] when it is not): a load average above the machine's hardware threads
+    (runnable processes, this one included, queued for a core, so the clock measured waiting as well), or timed
+    calls that disagree by more than spread_limit (slowest / fastest - 1)."""
+    why = []
+    if load > cpu_threads:
+        why.append(f'load {load:.1f} > {cpu_threads} CPU threads')
+    if len(rep_seconds) > 1 and min(rep_seconds) > 0:
+        spread = max(rep_seconds) / min(rep_seconds) - 1
+        if spread > spread_limit:
+            why.append(f'repeats differ by {100 * spread:.0f}% > {100 * spread_limit:.0f}%')
+    return why
+
+
+def timing_cell(row: Dict[str, Any]) -> str:
+    """The table's timing column: 'ok', 'UNRELIABLE: <why>', or '-' for a row measured without the check."""
+    if 'unreliable' not in row:
+        return '-'
+    return 'UNRELIABLE: ' + '; '.join(row['unreliable']) if row['unreliable'] else 'ok'
 
 
 def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
@@ -100,8 +123,8 @@ def markdown_table(result: Dict[str, Any]) -> str:
     meta, rows = result['meta'], result['rows']
     has_off = any(r.get('official') for r in rows)
     mem_name = 'CUDA max alloc' if meta['device'].startswith('cuda') else 'peak RSS'
-    head = ['model', 'schedule', 'iters/scale', 'img/s', 'transformer img/s', 'VAE img/s',
-            f'{mem_name} MiB', 'transformer +MiB', 'KV MiB']
+    head = ['model', 'schedule', 'iters/scale', 'img/s wall', 'img/s CPU', 'transformer img/s', 'VAE img/s',
+            f'{mem_name} MiB', 'transformer +MiB', 'KV MiB', 'timing']
     if has_off:
         head += ['official img/s', 'official transformer img/s', f'official {mem_name} MiB', 'official transformer +MiB',
                  'official KV MiB', 'ratio', 'transformer ratio', 'same images']
@@ -117,9 +140,12 @@ def markdown_table(result: Dict[str, Any]) -> str:
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for r in rows:
         o = r['ours']
+        on_clock = {c: o.get(f'{c}_images_per_s', o['images_per_s'] if meta['basis'] == c else None)
+                    for c in ('wall', 'cpu')}
         cells = [r['model'], r['schedule'], ','.join(map(str, r['iters_used'] or r['counts'] or [])) or '-',
-                 fmt(o['images_per_s']), fmt(o['transformer_images_per_s']), fmt(o['decode_images_per_s']),
-                 fmt(memory_of(o) / MiB, 0), fmt(transformer_delta(o) / MiB, 0), fmt(o['kv_cache_bytes'] / MiB, 1)]
+                 fmt(on_clock['wall']), fmt(on_clock['cpu']), fmt(o['transformer_images_per_s']),
+                 fmt(o['decode_images_per_s']), fmt(memory_of(o) / MiB, 0), fmt(transformer_delta(o) / MiB, 0),
+                 fmt(o['kv_cache_bytes'] / MiB, 1), timing_cell(r)]
         if has_off:
             f = r.get('official')
             if f:
@@ -148,8 +174,11 @@ def markdown_table(result: Dict[str, Any]) -> str:
             f"patch_nums {','.join(map(str, meta['patch_nums']))} ({meta['image_px']} px), "
             f"{'checkpoint ' + meta['var_ckpt'] if meta['var_ckpt'] else 'random weights'}; "
             f"best of {meta['reps']} calls after {meta['warmup']} warm-up"
-            f"{', alternating with the official code' if has_off else ''}, timed by "
-            f"{'process CPU time' if meta['basis'] == 'cpu' else 'wall clock'}; memory from one more call "
+            f"{', alternating with the official code' if has_off else ''}; img/s on both clocks (CPU: images per "
+            f"second of process CPU time, all threads), the other rates by "
+            f"{'process CPU time' if meta['basis'] == 'cpu' else 'wall clock'}; timing UNRELIABLE where the load "
+            f"average passed the CPU threads or the timed calls differ by more than {100 * SPREAD_LIMIT:.0f}%; "
+            f"memory from one more call "
             f"({'peak minus allocated before it' if meta['device'].startswith('cuda') else 'peak RSS; +MiB over the RSS before it, freed memory released'}); "
             f"load average {meta['load_avg']}.\n")
     return '\n'.join(lines) + '\n' + note
@@ -308,6 +337,7 @@ def run_config(args, spec, state_path: str, schedule: Dict[str, Any], device: st
                device=device, threads=args.threads, g_seed=args.g_seed, cfg=args.cfg, top_k=args.top_k,
                top_p=args.top_p, fill_forward=not args.official_kv, compile=args.compile, fast=args.fast)
     is_viar = spec.kind == 'VIAR'
+    load_before = os.getloadavg()[0]
     kids = {'ours': Child([sys.executable, os.path.abspath(__file__), '--serve'], 'project', env=env, cwd=ROOT)}
     dtypes = {'ours': args.dtype}
     if args.official and schedule['tau'] is None:
@@ -347,6 +377,9 @@ def run_config(args, spec, state_path: str, schedule: Dict[str, Any], device: st
         if k in prof:
             row[k]['profile'] = prof[k]
     row['iters_used'] = reps['ours'][-1]['iters']
+    basis = timing_basis(device, args.threads)
+    row['load_avg'] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    row['unreliable'] = reliability(max(row['load_avg']), os.cpu_count() or 1, row['ours'][f'{basis}_s'])
     if 'official' in row:
         row['ratio'] = ratio(row['ours']['images_per_s'], row['official']['images_per_s'])
         row['transformer_ratio'] = ratio(row['ours']['transformer_images_per_s'], row['official']['transformer_images_per_s'])
@@ -454,8 +487,11 @@ def main(argv=None):
             for sched in configs:
                 print(f'[sample_speed] {kind} {sched["name"]} ...', file=sys.stderr, flush=True)
                 rows.append(run_config(args, spec, state_path, sched, str(device)))
-                print(f'[sample_speed]   ours {rows[-1]["ours"]["images_per_s"]:.3f} img/s'
-                      + (f', official {rows[-1]["official"]["images_per_s"]:.3f} img/s' if rows[-1].get('official') else ''),
+                ours = rows[-1]['ours']
+                print(f'[sample_speed]   ours {ours["wall_images_per_s"]:.3f} img/s wall, '
+                      f'{ours["cpu_images_per_s"]:.3f} img/s CPU'
+                      + (f', official {rows[-1]["official"]["images_per_s"]:.3f} img/s' if rows[-1].get('official') else '')
+                      + (f'; UNRELIABLE: {"; ".join(rows[-1]["unreliable"])}' if rows[-1]['unreliable'] else ''),
                       file=sys.stderr, flush=True)
     last_spec = spec
     meta = dict(machine=torch.cuda.get_device_name(device) if device.type == 'cuda' else machine_name(),

@@ -40,6 +40,18 @@ def test_summarise_splits_transformer_and_decode_on_the_chosen_clock():
     assert ss.timing_basis('cpu', 1) == 'cpu' and ss.timing_basis('cpu', 2) == 'wall' and ss.timing_basis('cuda', 1) == 'wall'
 
 
+def test_reliability_flags_a_loaded_machine_and_repeats_that_disagree():
+    assert ss.reliability(1.5, 2, [1.0, 1.05, 1.02]) == []
+    assert ss.reliability(2.0, 2, [1.0, 1.09]) == []                       # at the thread count, within 10%
+    assert ss.reliability(3.1, 2, [1.0, 1.05]) == ['load 3.1 > 2 CPU threads']
+    assert ss.reliability(0.5, 2, [0.41, 1.0, 0.4]) == ['repeats differ by 150% > 10%']
+    assert len(ss.reliability(9.0, 2, [1.0, 2.0])) == 2
+    assert ss.reliability(0.5, 2, [1.0]) == []                             # one call: no spread to judge
+    assert ss.reliability(0.5, 2, [1.0, 1.3], spread_limit=0.5) == []
+    assert ss.timing_cell(dict(unreliable=[])) == 'ok' and ss.timing_cell({}) == '-'
+    assert ss.timing_cell(dict(unreliable=['a', 'b'])) == 'UNRELIABLE: a; b'
+
+
 def _side(ips, mem, kv=1024):
     probe = dict(base_bytes=mem // 2, transformer_peak_bytes=mem * 3 // 4, decode_peak_bytes=mem, peak_bytes=mem)
     return dict(images_per_s=ips, transformer_images_per_s=2 * ips, decode_images_per_s=3 * ips, peak_rss_bytes=mem,
@@ -53,11 +65,17 @@ def test_table_and_plot_with_official_rows(tmp_path):
                  official=_side(1.0, 2 ** 30), ratio=2.0, transformer_ratio=2.0, same_images=True),
             dict(model='VIAR', schedule='Con.(2,2)', counts=[2, 2], iters_used=[2, 2], ours=_side(1.5, 2 ** 29),
                  official=_side(1.0, 2 ** 29), ratio=1.5, transformer_ratio=1.5, same_images=False),
-            dict(model='VIAR', schedule='Ada.(tau=0.1,cap=2)', counts=[2, 2], iters_used=[1, 2], ours=_side(1.8, 2 ** 29))]
+            dict(model='VIAR', schedule='Ada.(tau=0.1,cap=2)', counts=[2, 2], iters_used=[1, 2],
+                 ours=dict(_side(1.8, 2 ** 29), wall_images_per_s=1.2, cpu_images_per_s=1.8),
+                 unreliable=['load 3.1 > 2 CPU threads'])]
     table = ss.markdown_table(dict(meta=meta, rows=rows))
     lines = [l for l in table.splitlines() if l.startswith('| ')]
     assert len(lines) == 1 + len(rows)
     assert '| yes |' in lines[1] and '| NO |' in lines[2] and 'n/a' in lines[3]
+    cols = [dict(zip(lines[0].split(' | '), line.split(' | '))) for line in lines[1:]]
+    assert (cols[2]['img/s wall'], cols[2]['img/s CPU']) == ('1.20', '1.80')       # both clocks, side by side
+    assert (cols[0]['img/s wall'], cols[0]['img/s CPU']) == ('-', '2.00')          # an older row: its basis only
+    assert cols[2]['timing'] == 'UNRELIABLE: load 3.1 > 2 CPU threads' and cols[0]['timing'] == '-'
     assert 'test cpu' in table
     ss.plot(dict(meta=meta, rows=rows), str(tmp_path / 'p.png'))
     assert (tmp_path / 'p.png').read_bytes()[:4] == b'\x89PNG'
@@ -82,6 +100,7 @@ def test_benchmark_runs_tiny_models_end_to_end(tmp_path):
         p = o['probe']
         assert 0 < p['base_bytes'] <= p['transformer_peak_bytes'] <= p['peak_bytes'] <= o['peak_rss_bytes']
         assert o['basis'] == 'cpu' and o['cpu_images_per_s'] > 0 and o['wall_images_per_s'] > 0
+        assert len(r['load_avg']) == 2 and isinstance(r['unreliable'], list)
         assert 'official' not in r
     # the implicit block's per-iteration caches make VIAR hold more KV bytes than its explicit blocks alone
     assert ada_row['ours']['kv_cache_bytes'] >= dec_row['ours']['kv_cache_bytes']
