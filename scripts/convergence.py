@@ -3,12 +3,17 @@
 Samples a batch of class-conditional images with T iterations at every scale, and records, per scale
 and iteration t, how far the iterate moved: the cosine similarity cos(z_{t+1}, z_t) and the relative
 residual ||z_{t+1} - z_t|| / ||z_t||, per sample over the scale's (tokens x channels), averaged over
-the conditional half of the CFG batch. z_0 is the pre-blocks' output (the input injection).
+the conditional half of the CFG batch. z_0 is the pre-blocks' output (the input injection). Iteration t is the
+t-th call of the implicit block (t = 1, 2, ...), the count the samplers report as "implicit iterations per scale".
 
 The iterates are read with forward hooks on the projection (its input holds z_t) and on the implicit
-block (its output is z_{t+1}), so the model code carries no analysis code. For each scale it suggests
-the adaptive stop threshold tau: the sampler's own residual (||G(z) - z|| / ||G(z)|| over the whole
-CFG batch, stop_mode 'rel') at the first iteration whose mean cosine reaches --target_cos.
+block (its output is z_{t+1}), so the model code carries no analysis code. For each scale it finds n, the
+first iteration whose mean cosine reaches --target_cos, and suggests the adaptive stop threshold tau that
+makes the sampler stop after n iterations: between its own residuals (||G(z) - z|| / ||G(z)|| over the whole
+CFG batch, stop_mode 'rel') after iterations n - 1 and n (their geometric mean). The residual after n alone
+would sit on the edge: a batch, or a later scale fed by earlier scales that stopped sooner, whose residual is a
+hair larger would run one more iteration. Measure with the cfg you will sample with (the residual covers the
+unconditional rows too when cfg > 0).
 
     python scripts/convergence.py --var_ckpt ckpts/viar.pth --vae_ckpt ckpts/vae_ch160v4096z32.pth --T 20
     python sampling.py ... --tau_json convergence_out/convergence.json --tau_cap 20
@@ -18,6 +23,7 @@ OUT/convergence.png (one curve per scale).
 """
 import argparse
 import json
+import math
 import os
 import sys
 from typing import Dict, List, Optional, Sequence
@@ -45,11 +51,15 @@ def step_metrics(z_next_BLC: torch.Tensor, z_BLC: torch.Tensor, B: int) -> Dict[
 
 
 def suggest_tau(cosine_t: Sequence[float], solver_residual_t: Sequence[float], target_cos: float):
-    """(tau, iterations): the sampler residual at the first iteration whose cosine reaches the target,
-    or at the last iteration (and None iterations) when it never does."""
-    for t, c in enumerate(cosine_t):
+    """(tau, n): n = the first iteration (1-based: the n-th call of the implicit block; entry n - 1 of the curves)
+    whose cosine reaches the target, and a tau at which the adaptive sampler stops after exactly n iterations with a
+    margin either side: the geometric mean of its residuals after iterations n - 1 and n (after n alone when n = 1,
+    or when the residual did not fall). When the target is never reached: the last residual and n = None."""
+    for i, c in enumerate(cosine_t):
         if c >= target_cos:
-            return float(solver_residual_t[t]), t + 1
+            res_n = float(solver_residual_t[i])
+            before = float(solver_residual_t[i - 1]) if i > 0 else res_n
+            return (math.sqrt(before * res_n) if before > res_n else res_n), i + 1
     return float(solver_residual_t[-1]), None
 
 
@@ -176,9 +186,11 @@ def main(argv=None) -> Dict:
     os.makedirs(args.out_dir, exist_ok=True)
     write_json_atomic(result, os.path.join(args.out_dir, 'convergence.json'), indent=1)
     plot(result, os.path.join(args.out_dir, 'convergence.png'))
-    print(f'suggested adaptive tau per scale (stop_mode rel, target cosine {args.target_cos}):')
+    print(f'suggested adaptive tau per scale (stop_mode rel, target cosine {args.target_cos}; iterations = calls of '
+          f'the implicit block, as the samplers\' "implicit iterations per scale" counts them):')
     for pn, tau, n, cos in zip(result['patch_nums'], result['suggested_tau'], result['iters_to_target'], result['cosine']):
-        reach = f'reached at t={n}' if n else f'not reached in {args.T} (final cosine {cos[-1]:.4f})'
+        reach = (f'cosine reached after {n} iteration{"s" if n > 1 else ""}; tau stops adaptive sampling there' if n else
+                 f'not reached in {args.T} iterations (final cosine {cos[-1]:.4f}): adaptive runs to its cap')
         print(f'  {pn:>3}x{pn:<3} tau={tau:.3g}  ({reach})')
     print(f"use: --tau_json {os.path.join(args.out_dir, 'convergence.json')}")
     return result

@@ -17,9 +17,31 @@ FLAGS = ['--var_ckpt', 'random', '--depth', '4', '--width', '32', '--heads', '2'
          '--top_k', '10', '--top_p', '0.9', '--cfg', '2.0']
 
 
-def test_suggest_tau_takes_the_first_iteration_reaching_the_target():
-    assert cv.suggest_tau([0.5, 0.995, 0.999], [0.3, 0.02, 0.01], 0.99) == (0.02, 2)
+def test_suggest_tau_sits_between_the_residuals_either_side_of_the_first_iteration_reaching_the_target():
+    tau, n = cv.suggest_tau([0.5, 0.995, 0.999], [0.3, 0.03, 0.01], 0.99)
+    assert n == 2 and tau == pytest.approx(math.sqrt(0.3 * 0.03)) and 0.03 < tau < 0.3
+    assert cv.suggest_tau([0.995, 0.999], [0.3, 0.03], 0.99) == (0.3, 1)      # one iteration: nothing before it
+    assert cv.suggest_tau([0.5, 0.995], [0.03, 0.3], 0.99) == (0.3, 2)        # a residual that rose: no margin below
     assert cv.suggest_tau([0.5, 0.6], [0.3, 0.2], 0.99) == (0.2, None)
+
+
+@pytest.mark.parametrize('target_cos', [0.5, 0.9, 0.99])
+def test_adaptive_sampling_at_the_suggested_tau_runs_the_iterations_convergence_reports(target_cos):
+    """'reached after n iterations' and the sampler's 'implicit iterations per scale' count the same thing (calls of
+    the implicit block), and the suggested tau stops the same batch after exactly n at every scale, though the
+    adaptive run's earlier scales stop sooner than the T iterations measured and so feed later scales other inputs."""
+    torch.manual_seed(0)
+    _, var = ModelSpec(**SIZE).build()
+    var.eval()
+    kw = dict(cfg=2.0, top_k=10, top_p=0.9)
+    for seed in range(4):
+        labels = torch.randint(0, 5, (3,), generator=torch.Generator().manual_seed(seed))
+        r = cv.measure_convergence(var, labels, 12, g_seed=seed, target_cos=target_cos, **kw)
+        assert None not in r['iters_to_target']
+        with torch.no_grad():
+            _, stats = var.autoregressive_infer_cfg(3, labels, g_seed=seed, schedule=S.adaptive(r['suggested_tau'], 12, 4),
+                                                    return_stats=True, **kw)
+        assert stats.iters == r['iters_to_target'], (seed, r['suggested_tau'])
 
 
 def test_step_metrics_on_known_vectors():
@@ -68,7 +90,10 @@ def test_script_matches_direct_iterates_and_writes_files(tmp_path, capsys):
     for k in range(4):
         assert saved['cosine'][k] == pytest.approx(cos[k], abs=1e-5)
         assert saved['rel_residual'][k] == pytest.approx(rel[k], rel=1e-4, abs=1e-6)
-    assert 'suggested adaptive tau' in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert 'suggested adaptive tau' in printed and 'iterations = calls of the implicit block' in printed
+    for pn, n in zip(saved['patch_nums'], saved['iters_to_target']):
+        assert (f'{pn}x{pn}' in printed and f'after {n} iteration' in printed) if n else 'not reached' in printed
 
 
 def test_fast_flag_keeps_fp32_unless_a_dtype_is_asked_and_records_it(tmp_path):
