@@ -1,6 +1,8 @@
 """The web app (app.py, utils/app/): every endpoint through gradio_client on tiny in-process models, the request
 checks, model choice and loading messages, the page's offline assets; a real headless Chromium (slow tier)."""
+import argparse
 import io
+import json
 import os
 import re
 import shutil
@@ -80,13 +82,14 @@ def read_png(item) -> np.ndarray:
 
 def test_generate_images_iterations_and_figures(served):
     client, (viar, _), _ = served
-    images, chart, summary = client.predict(**gen_args(batch_size=3), api_name='/generate')
+    images, chart, summary, kv_mib, seconds_per_image = client.predict(**gen_args(batch_size=3), api_name='/generate')
     assert len(images) == 4 and [im['caption'] for im in images] == [f'class 3 · seed {s}' for s in range(4)]
     want = schedules.decreasing(4, 2, K).counts
     assert chart_iters(chart) == want == [4, 3, 2, 2]
     assert f'iterations per scale: {", ".join(map(str, want))}' in summary and 'Dec.(4,2)' in summary
     kv = float(re.search(r'KV cache: ([\d.]+) MiB', summary).group(1))
     assert kv > 0 and re.search(r'([\d.]+) s per image', summary)
+    assert kv_mib == pytest.approx(kv, abs=0.005) and seconds_per_image > 0   # the summary's figures, as numbers
     # each image is the one its (class, seed) gives alone (batch 3 splits 4 images 3 + 1), saved losslessly
     for item, seed in zip(images, range(4)):
         assert read_png(item).shape == (PX, PX, 3)
@@ -98,14 +101,70 @@ def test_generate_images_iterations_and_figures(served):
 
 def test_generate_per_scale_list_and_adaptive(served):
     client = served[0]
-    _, chart, summary = client.predict(**gen_args(mode=PER_SCALE, iters='3,0,2,1'), api_name='/generate')
+    _, chart, summary, *_ = client.predict(**gen_args(mode=PER_SCALE, iters='3,0,2,1'), api_name='/generate')
     assert chart_iters(chart) == [3, 0, 2, 1]
     assert 'scale 2 skips the implicit block' in summary
     # adaptive: a tau no residual reaches runs every scale to its cap; a huge tau stops after the first iteration
-    _, chart, summary = client.predict(**gen_args(mode=ADAPTIVE, tau='1e-30', tau_cap=3), api_name='/generate')
+    _, chart, summary, *_ = client.predict(**gen_args(mode=ADAPTIVE, tau='1e-30', tau_cap=3), api_name='/generate')
     assert chart_iters(chart) == [3, 3, 3, 3] and 'Ada.(tau=1e-30;cap=3)' in summary
-    _, chart, _ = client.predict(**gen_args(mode=ADAPTIVE, tau='1e30', tau_cap=5), api_name='/generate')
+    _, chart, *_ = client.predict(**gen_args(mode=ADAPTIVE, tau='1e30', tau_cap=5), api_name='/generate')
     assert chart_iters(chart) == [1, 1, 1, 1]
+    # tau_cap 0 is the default cap, as the page's label says
+    _, chart, *_ = client.predict(**gen_args(mode=ADAPTIVE, tau='1e-30', tau_cap=0), api_name='/generate')
+    assert chart_iters(chart) == [schedules.DEFAULT_CAP] * K
+
+
+def test_tau_cap_says_what_0_means_on_the_page_and_in_help():
+    from utils.app.ui import build_app
+    from utils.sample.config import add_sample_args
+    demo = build_app(list(tiny_models()), SampleConfig())
+    caps = [b for b in demo.blocks.values() if str(getattr(b, 'elem_id', '')).endswith('tau_cap')]
+    assert len(caps) == 4    # Generate, Compare A and B, Edit
+    for b in caps:
+        assert b.label == f'tau_cap (0 = {schedules.DEFAULT_CAP})' and f'0 = the default cap, {schedules.DEFAULT_CAP}' in b.info
+    parser = argparse.ArgumentParser()
+    add_sample_args(parser)
+    text = ' '.join(next(a for a in parser._actions if a.dest == 'tau_cap').help.split())
+    assert f'0 (the default): {schedules.DEFAULT_CAP}' in text and 'max(iter_left, iter_right)' in text
+
+
+API = {   # endpoint -> (parameter names, return names) as gradio_client shows them
+    '/generate': (['class_id', 'seeds', 'batch_size', 'cfg', 'top_k', 'top_p', 'mode', 'iter_left', 'iter_right',
+                   'iters', 'tau', 'tau_cap'], ['images', 'iterations', 'summary', 'kv_mib', 'seconds_per_image']),
+    '/compare': (['what', 'class_id', 'seeds', 'cfg', 'top_k', 'top_p'] + [f'{ab}_{k}' for ab in 'ab' for k in (
+        'mode', 'iter_left', 'iter_right', 'iters', 'tau', 'tau_cap')],
+        ['images_a', 'summary_a', 'images_b', 'summary_b', 'iterations', 'kv_mib_a', 'seconds_per_image_a',
+         'kv_mib_b', 'seconds_per_image_b']),
+    '/edit': (['image', 'box', 'edit_mode', 'class_id', 'seeds', 'cfg', 'top_k', 'top_p', 'mode', 'iter_left',
+               'iter_right', 'iters', 'tau', 'tau_cap'], ['inputs', 'edited', 'summary', 'kv_mib', 'seconds_per_image']),
+}
+
+
+def test_every_input_and_output_has_a_readable_api_name(served):
+    """What `client.view_api()` shows: each parameter and each return named (no `value_34`), as docs/APP.md lists."""
+    from gradio_client.utils import sanitize_parameter_names
+    info = served[0].view_api(print_info=False, return_format='dict')['named_endpoints']
+    assert set(info) == set(API)
+    for endpoint, (params, returns) in API.items():
+        assert [p['parameter_name'] for p in info[endpoint]['parameters']] == params, endpoint
+        assert [sanitize_parameter_names(r['label']) for r in info[endpoint]['returns']] == returns, endpoint
+    doc = open(os.path.join(ROOT, 'docs', 'APP.md')).read()
+    for endpoint, (_, returns) in API.items():
+        row = next(ln for ln in doc.splitlines() if ln.startswith(f'| `{endpoint}` |'))
+        assert re.findall(r'`(\w+)`', row) == returns, endpoint
+
+
+def test_the_python_block_of_docs_app_md_runs_against_the_app(served, capsys):
+    """docs/APP.md's "Calling it from Python" block, as written, against the test app's address."""
+    doc = open(os.path.join(ROOT, 'docs', 'APP.md')).read()
+    block = doc.split('## Calling it from Python', 1)[1].split('```python\n', 1)[1].split('```', 1)[0]
+    assert "Client('http://127.0.0.1:7860/'" in block
+    exec(compile(block.replace('http://127.0.0.1:7860/', served[2]), 'docs/APP.md', 'exec'), {})
+    out = capsys.readouterr().out
+    assert "['class 3 · seed 0', 'class 3 · seed 1', 'class 3 · seed 2', 'class 3 · seed 3']" in out
+    assert 'iterations per scale: [4.0, 3.0, 2.0, 2.0]' in out and re.search(r'KV cache [\d.]+ MiB', out)
+    adaptive = json.loads(re.search(r'adaptive: (\[.*\])', out).group(1))
+    assert len(adaptive) == K and all(1 <= n <= 8 for n in adaptive)
 
 
 BAD_REQUESTS = [
@@ -168,7 +227,8 @@ def compare_args(what='two schedules', a=(CONDEC, 4, 4, '', '', 0), b=(CONDEC, 1
 
 
 def test_compare_two_schedules_same_seeds(served):
-    images_a, text_a, images_b, text_b, chart = served[0].predict(**compare_args(), api_name='/compare')
+    images_a, text_a, images_b, text_b, chart, kv_a, _, kv_b, _ = served[0].predict(**compare_args(),
+                                                                                    api_name='/compare')
     assert len(images_a) == len(images_b) == 2
     captions = ['class 2 · seed 5', 'class 2 · seed 6']
     assert [i['caption'] for i in images_a] == [i['caption'] for i in images_b] == captions
@@ -176,11 +236,11 @@ def test_compare_two_schedules_same_seeds(served):
     assert 'Con.(4,4)' in text_a and 'Con.(1,1)' in text_b
     # more iterations keep more implicit-block KV entries (one per iteration index)
     kv = [float(re.search(r'KV cache: ([\d.]+) MiB', t).group(1)) for t in (text_a, text_b)]
-    assert kv[0] > kv[1]
+    assert kv[0] > kv[1] and kv_a == pytest.approx(kv[0], abs=0.005) and kv_b == pytest.approx(kv[1], abs=0.005)
 
 
 def test_compare_viar_beside_var(served):
-    images_a, text_a, images_b, text_b, chart = served[0].predict(
+    images_a, text_a, images_b, text_b, chart, *_ = served[0].predict(
         **compare_args('the two models', b=(PER_SCALE, 0, 0, '9,9,9,9', '', 0)), api_name='/compare')
     assert len(images_a) == len(images_b) == 2
     assert chart_iters(chart, 'A') == [4, 4, 4, 4] and chart_iters(chart, 'B') == []   # a VAR has no implicit block
@@ -215,11 +275,11 @@ def white_fraction(item) -> float:
 
 def test_edit_with_a_box_inpaint_and_outpaint(served, picture):
     client = served[0]
-    shown, edited, summary = client.predict(**edit_args(picture, box='0,0,0.5,0.5'), api_name='/edit')
+    shown, edited, summary, *_ = client.predict(**edit_args(picture, box='0,0,0.5,0.5'), api_name='/edit')
     assert [s['caption'] for s in shown] == ['input', 'mask', 'reconstruction']
     assert all(read_png(s).shape == (PX, PX, 3) for s in shown + edited) and len(edited) == 2
     assert white_fraction(shown[1]) == 0.25 and 'iterations per scale: 3, 3, 3, 3' in summary
-    shown, _, _ = client.predict(**edit_args(picture, box='0,0,0.5,0.5', edit_mode='outpaint'), api_name='/edit')
+    shown, *_ = client.predict(**edit_args(picture, box='0,0,0.5,0.5', edit_mode='outpaint'), api_name='/edit')
     assert white_fraction(shown[1]) == 0.75
 
 
@@ -237,7 +297,7 @@ def test_edit_with_a_drawn_mask(served, picture, tmp_path):
     layer = np.zeros((24, 24, 4), np.uint8)
     layer[0:12, 12:24] = 255   # the top-right quarter drawn in white, the rest transparent
     PImage.fromarray(layer).save(tmp_path / 'layer.png')
-    shown, edited, _ = served[0].predict(**edit_args(picture, [str(tmp_path / 'layer.png')]), api_name='/edit')
+    shown, edited, *_ = served[0].predict(**edit_args(picture, [str(tmp_path / 'layer.png')]), api_name='/edit')
     mask = read_png(shown[1])[..., 0] > 127
     assert mask[:4, 4:].all() and not mask[4:].any() and not mask[:, :4].any()
     assert len(edited) == 2

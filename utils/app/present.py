@@ -41,6 +41,11 @@ def format_iters(iters: Sequence[float]) -> str:
     return ', '.join(f'{i:g}' for i in iters)
 
 
+def figures(result) -> Tuple[float, float]:
+    """(KV-cache MiB, seconds per image) of a run: the summary's figures as numbers, for API callers."""
+    return float(result.kv_cache_mib), float(result.seconds_per_image)
+
+
 def summary(result, title: str = '') -> str:
     """Markdown lines: the model, iterations per scale, the schedule, KV-cache MiB, seconds per image, notes."""
     lines = [f'**{title or result.model}**']

@@ -3,6 +3,8 @@
 The sampling controls are built from `SampleConfig`'s fields (label = the CLI flag, info = its help text), so
 the page and the command line name and explain the same values. Every handler turns a `RequestError` into a
 `gr.Error` (a one-line message in the page and to API callers, no traceback); requests queue, one at a time.
+A `gradio_client` caller sees each input under its handler's parameter name and each output under its label
+(`images`, `iterations`, `summary`, `kv_mib`, ...; docs/APP.md, "Calling it from Python"), so every output has one.
 """
 import dataclasses
 import functools
@@ -15,6 +17,7 @@ import gradio as gr   # noqa: E402
 from utils.app import present, requests   # noqa: E402
 from utils.app.loading import HOW_TO_GET_WEIGHTS, AppModel   # noqa: E402
 from utils.app.requests import ADAPTIVE, CONDEC, PER_SCALE, SCHEDULE_MODES, RequestError, ScheduleRequest   # noqa
+from models.schedules import DEFAULT_CAP   # noqa: E402
 from utils.logging_util import get_logger   # noqa: E402
 from utils.sample import image_io   # noqa: E402
 from utils.sample.config import SampleConfig   # noqa: E402
@@ -37,10 +40,17 @@ def field_help(name: str) -> str:
     return next(f for f in dataclasses.fields(SampleConfig) if f.name == name).metadata.get('help', '')
 
 
-def number(name: str, value, integer: bool = True, **kw) -> gr.Number:
-    """A SampleConfig field as a number box. No minimum / maximum here: the request check (SampleConfig.validate)
-    rejects a bad value with the command line's message."""
-    return gr.Number(value=value, label=name, info=field_help(name), precision=0 if integer else None, **kw)
+def number(name: str, value, integer: bool = True, label: str = '', info: str = '', **kw) -> gr.Number:
+    """A SampleConfig field as a number box (label: the flag, info: its help, unless given). No minimum / maximum
+    here: the request check (SampleConfig.validate) rejects a bad value with the command line's message."""
+    return gr.Number(value=value, label=label or name, info=info or field_help(name), precision=0 if integer else None,
+                     **kw)
+
+
+# the page's adaptive mode sets tau and tau_cap only, so a cap of 0 is always the default cap (the CLI's help adds
+# the case of a typed --iter_left / --iter_right, which the page never passes)
+TAU_CAP_LABEL = f'tau_cap (0 = {DEFAULT_CAP})'
+TAU_CAP_INFO = f'adaptive: at most this many iterations per scale; 0 = the default cap, {DEFAULT_CAP}'
 
 
 def sampling_controls(defaults: SampleConfig):
@@ -64,7 +74,7 @@ def schedule_controls(defaults: SampleConfig, num_scales: int, title: str = 'ite
                            info=field_help('iters'), visible=False, elem_id=f'{key}iters')
         with gr.Row(visible=False) as ada_row:
             tau = gr.Textbox(value='0.01', label='tau', info=field_help('tau'), elem_id=f'{key}tau')
-            cap = number('tau_cap', defaults.tau_cap, elem_id=f'{key}tau_cap')
+            cap = number('tau_cap', defaults.tau_cap, label=TAU_CAP_LABEL, info=TAU_CAP_INFO, elem_id=f'{key}tau_cap')
 
     def show(m):
         return (gr.update(visible=m == CONDEC), gr.update(visible=m == CONDEC), gr.update(visible=m == PER_SCALE),
@@ -89,10 +99,23 @@ def gallery(label: str, columns: int, elem_id: Optional[str] = None) -> gr.Galle
                       elem_classes='pixelated')
 
 
-def chart(label: str, elem_id: str, runs: int = 1) -> gr.BarPlot:
-    """Implicit iterations per scale (present.chart_table); several runs side by side in their own colours."""
-    return gr.BarPlot(x='scale', y='iterations', color='run' if runs > 1 else None, label=label, elem_id=elem_id,
-                      x_title='scale (index: side)', y_title='implicit iterations', height=260)
+def chart(elem_id: str, runs: int = 1) -> gr.BarPlot:
+    """Implicit iterations per scale (present.chart_table); several runs side by side in their own colours. Its
+    label is its API name: a client reads the rows [scale, iterations, run] under `iterations['data']`."""
+    return gr.BarPlot(x='scale', y='iterations', color='run' if runs > 1 else None, label='iterations',
+                      elem_id=elem_id, x_title='scale (index: side)',
+                      y_title='implicit iterations each scale ran' + (', A and B' if runs > 1 else ''), height=260)
+
+
+def summary_text(label: str = 'summary', elem_id: Optional[str] = None) -> gr.Markdown:
+    """A run's summary (present.summary); the label is not shown, it names the output for API callers."""
+    return gr.Markdown(label=label, elem_id=elem_id)
+
+
+def api_figures(suffix: str = '') -> List[gr.Number]:
+    """kv_mib and seconds_per_image of a run as numbers for API callers (present.figures); hidden: the page shows
+    them in the summary."""
+    return [gr.Number(label=f'{name}{suffix}', visible=False) for name in ('kv_mib', 'seconds_per_image')]
 
 
 def handler(fn):
@@ -156,8 +179,9 @@ def _generate_tab(model: AppModel, defaults: SampleConfig, base: SampleConfig):
                 go = gr.Button('Generate', variant='primary', elem_id='generate')
             with gr.Column(scale=1):
                 images = gallery('images', 4, elem_id='gen_images')
-                plot = chart('implicit iterations each scale ran', 'gen_chart')
-                text = gr.Markdown(elem_id='gen_summary')
+                plot = chart('gen_chart')
+                text = summary_text(elem_id='gen_summary')
+                figures = api_figures()
 
         @handler
         def generate(class_id, seeds, batch_size, cfg, top_k, top_p, mode, iter_left, iter_right, iters, tau,
@@ -166,8 +190,8 @@ def _generate_tab(model: AppModel, defaults: SampleConfig, base: SampleConfig):
             config = config_of(model, base, cfg, top_k, top_p, mode, iter_left, iter_right, iters, tau, tau_cap)
             r = requests.generate(model, class_id, seeds, config, batch_size, progress=progress_cb(progress))
             table = present.chart_table([(r.model, r)], model.var.patch_nums)
-            return present.gallery(r, model.class_names), table, present.summary(r)
-        go.click(generate, [cls, seeds, batch, *sample, *schedule], [images, plot, text], api_name='generate',
+            return (present.gallery(r, model.class_names), table, present.summary(r), *present.figures(r))
+        go.click(generate, [cls, seeds, batch, *sample, *schedule], [images, plot, text, *figures], api_name='generate',
                  **ONE_AT_A_TIME)
 
 
@@ -185,16 +209,17 @@ def _compare_tab(models: Sequence[AppModel], defaults: SampleConfig, base: Sampl
         with gr.Row():
             with gr.Column():
                 sched_a = schedule_controls(defaults, main.num_scales, 'schedule A', key='a_')
-                images_a = gallery('A', 4)
-                text_a = gr.Markdown()
+                images_a = gallery('images A', 4)
+                text_a = summary_text('summary A')
             with gr.Column():
                 right = dataclasses.replace(defaults, iter_left=max(1, defaults.iter_left // 2),
                                             iter_right=max(1, defaults.iter_right // 2))
                 sched_b = schedule_controls(right, main.num_scales, 'schedule B', key='b_')
-                images_b = gallery('B', 4)
-                text_b = gr.Markdown()
+                images_b = gallery('images B', 4)
+                text_b = summary_text('summary B')
         go = gr.Button('Compare', variant='primary', elem_id='compare')
-        plot = chart('implicit iterations each scale ran, A and B', 'cmp_chart', runs=2)
+        plot = chart('cmp_chart', runs=2)
+        figures = api_figures(' A') + api_figures(' B')
 
         @handler
         def compare(what, class_id, seeds, cfg, top_k, top_p, a_mode, a_iter_left, a_iter_right, a_iters, a_tau,
@@ -214,9 +239,10 @@ def _compare_tab(models: Sequence[AppModel], defaults: SampleConfig, base: Sampl
             table = present.chart_table(runs, main.var.patch_nums)
             (la, ra), (lb, rb) = runs
             return (present.gallery(ra, main.class_names), present.summary(ra, la),
-                    present.gallery(rb, second.class_names), present.summary(rb, lb), table)
+                    present.gallery(rb, second.class_names), present.summary(rb, lb), table,
+                    *present.figures(ra), *present.figures(rb))
         go.click(compare, [what, cls, seeds, *sample, *sched_a, *sched_b],
-                 [images_a, text_a, images_b, text_b, plot], api_name='compare', **ONE_AT_A_TIME)
+                 [images_a, text_a, images_b, text_b, plot, *figures], api_name='compare', **ONE_AT_A_TIME)
 
 
 def _edit_tab(model: AppModel, defaults: SampleConfig, base: SampleConfig):
@@ -242,9 +268,10 @@ def _edit_tab(model: AppModel, defaults: SampleConfig, base: SampleConfig):
                 schedule = schedule_controls(defaults, model.num_scales, key='edit_')
                 go = gr.Button('Edit', variant='primary', elem_id='edit')
             with gr.Column():
-                inputs = gallery('input, mask, tokenizer reconstruction', 3, elem_id='edit_inputs')
+                inputs = gallery('inputs', 3, elem_id='edit_inputs')   # captions: input, mask, reconstruction
                 images = gallery('edited', 4)
-                text = gr.Markdown()
+                text = summary_text()
+                figures = api_figures()
 
         @handler
         def edit(image, box, edit_mode, class_id, seeds, cfg, top_k, top_p, mode, iter_left, iter_right, iters, tau,
@@ -256,9 +283,9 @@ def _edit_tab(model: AppModel, defaults: SampleConfig, base: SampleConfig):
                               progress=progress_cb(progress))
             from utils.sample.image_io import to_uint8_HWC
             shown = [(to_uint8_HWC(img), name) for name, img in r.extra_images.items()]
-            return shown, present.gallery(r, model.class_names), present.summary(r)
-        go.click(edit, [editor, box, mode, cls, seeds, *sample, *schedule], [inputs, images, text], api_name='edit',
-                 **ONE_AT_A_TIME)
+            return shown, present.gallery(r, model.class_names), present.summary(r), *present.figures(r)
+        go.click(edit, [editor, box, mode, cls, seeds, *sample, *schedule], [inputs, images, text, *figures],
+                 api_name='edit', **ONE_AT_A_TIME)
 
 
 def editor_paths(value) -> tuple:

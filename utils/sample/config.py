@@ -62,8 +62,8 @@ class SampleConfig:
                           '--iter_left/--iter_right (with --tau: per-scale caps)')
     tau: str = flag('', 'adaptive: stop a scale once its residual <= tau (one value or one per scale)')
     tau_json: str = flag('', "adaptive: per-scale tau from scripts/convergence.py's JSON")
-    tau_cap: int = flag(0, f'adaptive: iteration cap per scale (0: max(iter_left, iter_right) when those are given, '
-                           f'else {DEFAULT_CAP})')
+    tau_cap: int = flag(0, f'adaptive: at most this many iterations per scale; 0 (the default): {DEFAULT_CAP}, or '
+                           f'max(iter_left, iter_right) when either is typed')
     stop_mode: str = flag('rel', 'adaptive: residual relative to ||G(z)|| (rel) or absolute (abs)',
                           choices=('rel', 'abs'))
     official_kv: bool = flag(False, 'attend, as the official code, to no earlier scale at an iteration index that '
