@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_source_args(p, defaults=dict(depth=30))
     add_sample_args(p)
     g = p.add_argument_group('generation')
-    g.add_argument('--class_label', type=int, nargs='+', default=[970], help='one or more class ids')
+    g.add_argument('--class_label', type=str, nargs='+', default=['970'],
+                   help='one or more classes: ids, or the names a trained export records (its class folders)')
     g.add_argument('--seeds', type=int, nargs='+', default=list(range(10, 20)), help='one image per seed and class')
     g.add_argument('--batch_size', type=int, default=1,
                    help='images per forward pass; does not change the images (each has its own seeded generator)')
@@ -60,8 +61,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument('--edit_box', type=str, default='', help='x0,y0,x1,y1 as fractions of width / height')
     e.add_argument('--edit_mode', type=str, default='inpaint', choices=EDIT_MODES,
                    help='with --edit_box: regenerate the box (inpaint) or everything outside it (outpaint)')
-    e.add_argument('--edit_class', type=int, default=None, help='class to regenerate under (default --class_label)')
+    e.add_argument('--edit_class', type=str, default=None,
+                   help='class to regenerate under, an id or a recorded name (default --class_label)')
     return p
+
+
+def class_ids(labels: Sequence[str], names: Optional[Sequence[str]], num_classes: int,
+              flag: str = '--class_label') -> List[int]:
+    """Class ids for --class_label values: an id as it is, a name by its index in the names the export records
+    (the training folders); an unknown name is a one-line error listing the names."""
+    ids = []
+    for label in labels:
+        text = str(label)
+        if names and text in names:
+            ids.append(list(names).index(text))
+        elif text.lstrip('-').isdigit():
+            ids.append(int(text))
+        else:
+            known = (f'its classes are named {", ".join(names[:20])}' + (', ...' if len(names) > 20 else '')
+                     if names else 'it records no class names: pass ids')
+            raise SystemExit(f'error: {flag} {text!r} is not a class of this model ({num_classes} classes); {known}.')
+    check_classes(ids, num_classes, flag)
+    return ids
 
 
 def check_classes(classes: Sequence[int], num_classes: int, flag: str = '--class_label'):
@@ -268,10 +289,9 @@ def main(argv: Optional[Sequence[str]] = None):
     # CUDA's settings (nothing on a CPU): --dtype fp32 is full precision, so TF32 only with 16-bit autocast
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = sampling_tf32(sampler.dtype)
     if args.edit_image and args.edit_class is not None:
-        classes, class_flag = [args.edit_class], '--edit_class'
+        classes = class_ids([args.edit_class], loaded.class_names, var.num_classes, '--edit_class')
     else:
-        classes, class_flag = list(args.class_label), '--class_label'
-    check_classes(classes, var.num_classes, class_flag)
+        classes = class_ids(args.class_label, loaded.class_names, var.num_classes)
     out_dir = os.path.join(args.output_dir, loaded.tag)
     claim_output_dir(out_dir, model_record(source.var_ckpt or default_var_ckpt(source.spec()), source.ema,
                                            loaded.spec))

@@ -265,14 +265,40 @@ class Run:
     """One training run: owns the trainer, loaders, loggers and checkpoints."""
 
     def __init__(self, args: TrainArgs, argv: Sequence[str] = ()):
-        from utils.train import architecture
         self.args = args
         self.device = dist.get_device()
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         out = args.run.local_out_dir_path
         self.log = get_logger('train', None, dist.is_master(), timestamps=True)   # the file once the run is valid
+        early: List[str] = []   # warnings before the log file exists: logged once it does (or when the run is refused)
+        try:
+            self._check(args, argv, out, early)
+        except BaseException:
+            for line in early:
+                self.log.warning(line)
+            raise
+        # every flag, the architecture and the data are valid: the output folder can be made (a run refused before
+        # this point leaves no folder behind, and one that fails while building removes the folder it made)
+        created = not os.path.isdir(out)
+        if dist.is_master():
+            check_writable(out)
+        dist.barrier()
+        self.log = get_logger('train', out, dist.is_master(), timestamps=True)
+        for line in early:
+            self.log.warning(line)
+        try:
+            self._build(args, args.model, out)
+        except BaseException:
+            if created and dist.is_master():
+                remove_if_only_logs(out)
+            raise
+
+    def _check(self, args: TrainArgs, argv: Sequence[str], out: str, early: List[str]):
+        """What can refuse the run before anything is written: the checkpoint it resumes, the file it starts from,
+        the architecture and tokenizer, the derived values and the data."""
+        from utils.train import architecture
         self.ckpt, self.ckpt_sharded, self.ckpt_path = pick_resume(out, os.path.join(out, 'ar-ckpt-last.pth'),
-                                                                   args.optim.fsdp, self.log.warning)
+                                                                   args.optim.fsdp, early.append)
         m = args.model
         from utils.train.init_ckpt import check_init_flags
         given = arg_util.given_fields(args.arch)
@@ -300,19 +326,6 @@ class Run:
         (self.class_names, self.n_train, self.n_val, self.sampler, self.ld_train,
          self.ld_val) = build_loaders(args, self.der, self.prog.g_it, self.arch.spec.V, self.arch.tokenizer)
         self.spec = self.with_classes(self.arch.spec, len(self.class_names), given)
-        # every flag, the architecture and the data are valid: the output folder can be made (a run refused before
-        # this point leaves no folder behind, and one that fails while building removes the folder it made)
-        created = not os.path.isdir(out)
-        if dist.is_master():
-            check_writable(out)
-        dist.barrier()
-        self.log = get_logger('train', out, dist.is_master(), timestamps=True)
-        try:
-            self._build(args, m, out)
-        except BaseException:
-            if created and dist.is_master():
-                remove_if_only_logs(out)
-            raise
 
     def _build(self, args: TrainArgs, m, out: str):
         """Everything after the checks: the schedule, the models and their weights, the trainer, the loggers."""
@@ -495,7 +508,10 @@ class Run:
         """Run from self.prog.g_it to the end: the step policy is self.plan (pure), this loop only carries it out."""
         from utils.train.lr_control import apply_lr_wd
         a, der = self.args, self.der
-        self.log.info(f'[data] train {self.n_train} / val {self.n_val} images, {len(self.class_names)} classes, '
+        from utils.data.datasets import HOLDOUT_FRACTION, data_roots
+        held = not a.data.token_cache and data_roots(a.data.data_path)[1] is None
+        note = f' (no val/ folder: {HOLDOUT_FRACTION:.0%} of each class held out of training)' if held else ''
+        self.log.info(f'[data] train {self.n_train} / val {self.n_val} images{note}, {len(self.class_names)} classes, '
                       f'{self.iters_ep} iters per epoch; global batch {der.glb_batch_size} x ac {a.optim.ac}, '
                       f'{der.batch_size} per rank on {self.world} rank(s); {der.workers} loader worker(s) per rank '
                       f'({der.workers_rule})')

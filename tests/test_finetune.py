@@ -291,8 +291,9 @@ def test_init_refusals_say_what_to_pass(folders, trained, tmp_path):
 @pytest.mark.slow
 def test_init_errors_are_one_line_without_traceback_from_the_command_line(folders, trained, tmp_path):
     from tests.train_helpers import run_train
-    proc = run_train(tiny_flags(folders[2], str(tmp_path), True, f'--init_ckpt={os.path.join(trained["var"], "var-slim.pth")}',
-                                arch=False, vae_ckpt=''), timeout=300)
+    proc = run_train(tiny_flags(folders[2], str(tmp_path), True, '--use_implicit=True',
+                                f'--init_ckpt={os.path.join(trained["var"], "var-slim.pth")}', arch=False, vae_ckpt=''),
+                     timeout=300)
     assert proc.returncode == 1 and 'Traceback' not in proc.stderr
     assert 'pass the file as --init_from_var' in proc.stderr.strip().splitlines()[-1]
 
@@ -308,3 +309,42 @@ def test_a_fine_tune_runs_and_exports_a_model_of_the_new_classes(folders, traine
     assert spec.num_classes == 3 and spec.use_implicit
     img = var.autoregressive_infer_cfg(1, 2, g_seed=0, top_k=0, top_p=0.0, iter_left=2, iter_right=2)
     assert img.shape == (1, 3, 16, 16)
+
+
+def test_a_new_run_never_trains_a_random_tokenizer_unless_asked(folders, tmp_path, monkeypatch):
+    """Without --vae_ckpt a new run loads the official tokenizer; where it cannot be had, one line says where to get
+    it and no output folder is left; --vae_ckpt random asks for random weights, and the log says so."""
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / 'out'
+    flags = tiny_flags(folders[2], str(out), False, '--max_steps=1', vae_ckpt='')
+    with pytest.raises(SystemExit, match=r'vae_ch160v4096z32.pth.*huggingface.co/FoundationVision/var') as e:
+        train.main(flags)
+    assert '\n' not in str(e.value) and not out.exists()
+    train.main(flags + ['--vae_ckpt=random'])
+    assert 'the tokenizer has RANDOM weights (--vae_ckpt random)' in (out / 'log.txt').read_text()
+
+
+def test_the_file_gives_one_description_of_the_model(folders, tmp_path):
+    """A VIAR of depth 6 and width 64 (its weights alone would say depth 1, 64 / 64): a fine-tune builds depth 6 and
+    describes it as the sampling tools do."""
+    import dataclasses
+    import gen_img
+    from tests.tiny import tiny_spec
+    from utils.arch_flags import describe_spec
+    from utils.model_io import load_or_build, save_slim, slim_export
+    from utils.sample.config import ModelSource, SampleConfig
+    spec = dataclasses.replace(tiny_spec(True), depth=6, embed_dim=64, num_heads=2, V=32, vae_ch_mult=(1, 2, 4),
+                               num_classes=2)
+    vae, var = spec.build()
+    path = str(tmp_path / 'viar-slim.pth')
+    save_slim(slim_export(var, spec, vae=vae), path)
+    run = make_run(tiny_flags(folders[2], str(tmp_path / 'out'), True, f'--init_ckpt={path}', arch=False, vae_ckpt=''))
+    try:
+        assert run.spec.depth == 6 and run.var.describe() == describe_spec(run.spec)
+        assert 'VIAR depth 6 (1 pre + implicit + 1 post), width 64' in (tmp_path / 'out' / 'log.txt').read_text()
+    finally:
+        run.close()
+    loaded = load_or_build(ModelSource(var_ckpt=path))
+    assert loaded.var.describe() == describe_spec(run.spec)
+    assert gen_img.banner(loaded.var, [0], [0], SampleConfig(), 'cpu', '').startswith(describe_spec(run.spec))

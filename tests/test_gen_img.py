@@ -275,3 +275,17 @@ def test_autocast_auto_is_fp32_on_cpu_and_bf16_autocasts():
         assert (x @ x).dtype == torch.bfloat16
     with pytest.raises(SamplingError, match='--dtype'):
         SampleConfig(dtype='fp8').validate()
+
+
+def test_class_labels_are_ids_or_the_names_an_export_records():
+    names = ['circle', 'square', '7']
+    assert gen_img.class_ids(['square', '0', 'circle'], names, 3) == [1, 0, 0]
+    assert gen_img.class_ids(['7'], names, 3) == [2]   # a folder named like a number is that folder
+    assert gen_img.class_ids(['2'], None, 3) == [2]
+    with pytest.raises(SystemExit, match=r"'triangle' is not a class of this model \(3 classes\); its classes are "
+                                         r"named circle, square, 7"):
+        gen_img.class_ids(['triangle'], names, 3)
+    with pytest.raises(SystemExit, match='records no class names: pass ids'):
+        gen_img.class_ids(['circle'], None, 3)
+    with pytest.raises(SystemExit, match='out of range'):
+        gen_img.class_ids(['5'], names, 3)

@@ -282,7 +282,7 @@ def test_training_outputs_load_weights_only_and_an_old_format_checkpoint_resumes
     assert isinstance(rng, dict) and isinstance(rng['key'], torch.Tensor) and rng['key'].shape == (624,)
     assert set(ck_new['trainer']) >= {'var_wo_ddp', 'var_opt', 'ema'}
     slim_twin = read_checkpoint(safetensors_twin(str(new / 'viar-slim.pth')))
-    assert set(slim_twin) == {'model', 'model_ema', 'config', 'vae'}
+    assert set(slim_twin) == {'model', 'model_ema', 'config', 'vae', 'class_names'}
     # the same checkpoint as the code before this change wrote it: numpy's RNG state as a tuple with an ndarray
     shutil.copytree(new, old)
     ck_old = torch.load(str(old / 'ar-ckpt-last.pth'), weights_only=True)

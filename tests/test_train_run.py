@@ -165,10 +165,9 @@ def _break(root, how):
 
 
 @pytest.mark.parametrize('how,match', [
-    ('missing', 'is not a folder: pass the ImageNet root'),
+    ('missing', 'is not a folder: pass a folder with one subfolder of images per class'),
     ('no_classes', 'has no class subfolders'),
     ('empty_class', 'class folder .*class9 holds no image'),
-    ('no_val', 'val folder .*val does not exist'),
 ])
 def test_bad_data_folders_are_clear_errors(tmp_path, how, match):
     root = make_image_folder(str(tmp_path / 'imgs'), per_class=2, val_per_class=1)
@@ -176,6 +175,30 @@ def test_bad_data_folders_are_clear_errors(tmp_path, how, match):
     with pytest.raises(SystemExit, match=match) as e:
         train.main(tiny_flags(root, str(tmp_path / 'out'), False, '--bs=2', '--max_steps=1'))
     assert '\n' not in str(e.value)
+
+
+@pytest.mark.parametrize('layout', ['train_only', 'class_folders'])
+def test_a_folder_without_val_holds_out_images_of_each_class_for_validation(tmp_path, layout):
+    """train/ alone, or the class folders themselves: 5% of each class (at least one) validates, never trains."""
+    import shutil
+    from utils.data.datasets import build_datasets, held_out
+    root = make_image_folder(str(tmp_path / 'imgs'), per_class=8, val_per_class=1)
+    shutil.rmtree(os.path.join(root, 'val'))
+    if layout == 'class_folders':
+        for c in os.listdir(os.path.join(root, 'train')):
+            shutil.move(os.path.join(root, 'train', c), os.path.join(root, c))
+        os.rmdir(os.path.join(root, 'train'))
+    classes, train_set, val_set = build_datasets(root, 16, 16)
+    assert classes == ['class0', 'class1'] and len(train_set) == 14 and len(val_set) == 2
+    assert sorted(t for _, t in val_set.samples) == [0, 1]   # one of each class
+    assert not {p for p, _ in val_set.samples} & {p for p, _ in train_set.base.samples}
+    assert held_out([0] * 40 + [1] * 3 + [2]) == held_out([0] * 40 + [1] * 3 + [2])   # the same on every run
+    assert [len([i for i in held_out([0] * 40 + [1] * 3 + [2]) if lo <= i < hi]) for lo, hi in
+            ((0, 40), (40, 43), (43, 44))] == [2, 1, 0]
+    out = str(tmp_path / 'out')
+    train.main(tiny_flags(root, out, False, '--bs=2', '--max_steps=1'))
+    assert '[data] train 14 / val 2 images (no val/ folder: 5% of each class held out of training), 2 classes' in \
+        open(os.path.join(out, 'log.txt')).read()
 
 
 def test_unreadable_image_names_the_file(tmp_path):

@@ -1,4 +1,6 @@
-"""ImageNet-style class folders (`<data_path>/train/<class>/*`, `<data_path>/val/<class>/*`) and the official augmentation.
+"""Class folders and the official augmentation: ImageNet's layout (`<data_path>/train/<class>/*`,
+`<data_path>/val/<class>/*`), or a folder of one subfolder per class (`<data_path>/<class>/*`, or train/ alone),
+whose validation images are then 5% of each class held out of training, the same on every run.
 
 Augmentation: resize the shorter side to round(mid_reso * final_reso) with LANCZOS, RandomCrop (train) or
 CenterCrop (val) to final_reso, optional horizontal flip (train), ToTensor, then x * 2 - 1.
@@ -13,7 +15,7 @@ transform runs under that seed in a forked RNG, so crops and flips depend only o
 not on the number of workers or on where a run was resumed.
 """
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import PIL.Image as PImage
 import torch
@@ -21,6 +23,9 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode, transforms
+
+
+HOLDOUT_FRACTION = 0.05   # of each class, for validation, when --data_path has no val/ folder
 
 
 class DataError(SystemExit):
@@ -65,8 +70,8 @@ def is_image(name: str) -> bool:
 def scan_classes(root: str, split: str) -> List[str]:
     """Sorted class folder names of a split, after checking each exists and holds an image."""
     if not os.path.isdir(root):
-        raise DataError(f'{split} folder {root} does not exist: --data_path must contain train/ and val/ '
-                        f'with one subfolder per class (ImageNet layout).')
+        raise DataError(f'{split} folder {root} does not exist: --data_path must contain one subfolder of images per '
+                        f'class (or train/ and val/ with one subfolder per class, the ImageNet layout).')
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
     if not classes:
         raise DataError(f'{root} has no class subfolders: put the images of each class in their own folder, '
@@ -115,18 +120,57 @@ class SeededSamples(Dataset):
         return self.base[item]
 
 
+def data_roots(data_path: str) -> Tuple[str, Optional[str]]:
+    """(train root, val root or None) of --data_path: `train/` and `val/` (ImageNet layout), `train/` alone, or the
+    class folders themselves (a folder of images per class); None: the validation images are held out of train."""
+    if not data_path or not os.path.isdir(data_path):
+        raise DataError(f'--data_path {data_path!r} is not a folder: pass a folder with one subfolder of images per '
+                        f'class (or ImageNet\'s layout, train/ and val/ inside).')
+    train = os.path.join(data_path, 'train')
+    if os.path.isdir(train):
+        val = os.path.join(data_path, 'val')
+        return train, val if os.path.isdir(val) else None
+    return data_path, None
+
+
+def held_out(targets: Sequence[int], fraction: float = HOLDOUT_FRACTION, seed: int = 0) -> List[int]:
+    """Indices of the validation images taken out of a training set without val/: in every class of n >= 2 images,
+    max(1, round(fraction * n)) of them, the same on every run and every rank (a fixed seed, not the run's)."""
+    g = torch.Generator().manual_seed(seed)
+    out: List[int] = []
+    for c in sorted(set(targets)):
+        idx = [i for i, t in enumerate(targets) if t == c]
+        if len(idx) >= 2:
+            k = max(1, round(fraction * len(idx)))
+            out += [idx[j] for j in torch.randperm(len(idx), generator=g)[:k].tolist()]
+    return sorted(out)
+
+
+def keep_only(folder: ClassFolder, indices: Sequence[int]) -> ClassFolder:
+    """The folder dataset restricted to these samples, in place."""
+    folder.samples = [folder.samples[i] for i in indices]
+    folder.imgs, folder.targets = folder.samples, [t for _, t in folder.samples]
+    return folder
+
+
 def build_datasets(data_path: str, final_reso: int, mid_reso_px: int, hflip: bool = False
                    ) -> Tuple[List[str], SeededSamples, ClassFolder]:
-    """(class names: the folder names, train set yielding seeded samples, val set); clear errors on a bad folder."""
-    if not data_path or not os.path.isdir(data_path):
-        raise DataError(f'--data_path {data_path!r} is not a folder: pass the ImageNet root, '
-                        f'e.g. --data_path=/data/imagenet with train/ and val/ inside.')
+    """(class names: the folder names, train set yielding seeded samples, val set); clear errors on a bad folder.
+    Without a val/ folder, HOLDOUT_FRACTION of each class's images are validation images instead (held_out)."""
     train_tf, val_tf = build_transforms(final_reso, mid_reso_px, hflip)
-    classes = scan_classes(os.path.join(data_path, 'train'), 'train')
-    scan_classes(os.path.join(data_path, 'val'), 'val')
-    train = ClassFolder(os.path.join(data_path, 'train'), classes, transform=train_tf)
-    val = ClassFolder(os.path.join(data_path, 'val'), classes, transform=val_tf)
-    return classes, SeededSamples(train), val
+    train_root, val_root = data_roots(data_path)
+    classes = scan_classes(train_root, 'train')
+    train = ClassFolder(train_root, classes, transform=train_tf)
+    if val_root is not None:
+        scan_classes(val_root, 'val')
+        return classes, SeededSamples(train), ClassFolder(val_root, classes, transform=val_tf)
+    val_idx = held_out(train.targets)
+    if not val_idx:
+        raise DataError(f'{train_root} has no class with two images or more: without a val/ folder some training '
+                        f'images are held out for validation; add images, or a val/ folder.')
+    val = keep_only(ClassFolder(train_root, classes, transform=val_tf), val_idx)
+    keep = sorted(set(range(len(train.samples))) - set(val_idx))
+    return classes, SeededSamples(keep_only(train, keep)), val
 
 
 def unreadable_message(err: BaseException) -> Optional[str]:

@@ -23,8 +23,6 @@ from utils.model_io import DEFAULT_VAE_CKPT, RANDOM, Tokenizer, tokenizer_of_fil
 
 FINE_TUNE_FREE = ('num_classes',)
 VIAR_FROM_VAR_FREE = ('num_classes', 'use_implicit', 'pre_depth', 'post_depth')
-OFFICIAL_TOKENIZER_HELP = ('the official tokenizer vae_ch160v4096z32.pth is downloaded from the Hugging Face repo '
-                           'FoundationVision/var into ckpts/ (or place it there yourself)')
 
 
 class ArchitectureError(SystemExit):
@@ -94,9 +92,8 @@ def tokenizer_sizes(tok: Tokenizer) -> Dict[str, Any]:
     try:
         sd = extract_state_dict(read_checkpoint(resolve_checkpoint(tok.path)), tok.path)
     except CheckpointError as e:
-        hint = f'; {OFFICIAL_TOKENIZER_HELP}' if os.path.basename(tok.path) == os.path.basename(DEFAULT_VAE_CKPT) else ''
-        raise ArchitectureError(f'error: the tokenizer {tok.path} cannot be loaded: {e}{hint}. Or pass '
-                                f'--vae_ckpt PATH (a train_tokenizer.py vae.pth), or --vae_ckpt random.') from None
+        raise ArchitectureError(f'error: the tokenizer {tok.path} cannot be loaded: {e} Or pass --vae_ckpt PATH (a '
+                                f'train_tokenizer.py vae.pth), or --vae_ckpt random for a test run.') from None
     if state_dict_kind(sd) != 'vae':
         raise ArchitectureError(f'error: --vae_ckpt {tok.path} is not a VQVAE tokenizer file; pass the tokenizer '
                                 f'(e.g. the vae.pth of train_tokenizer.py, or {DEFAULT_VAE_CKPT}).')
