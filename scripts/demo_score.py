@@ -311,8 +311,58 @@ def comparison_grid(sample_dirs: Sequence[str], names: Sequence[str] = (), scale
     return np.asarray(canvas)
 
 
+# ----------------------------------------------------------------------------- what a person reads at the end
+HEADLINE_SETS = (('real', 'real val digits (floor)'), ('recon', 'tokenizer round trip (floor)'), ('viar', 'VIAR'),
+                 ('var', 'VAR'))   # results.json suffix, row name; rows whose FID is absent are left out
+
+
+def _minutes(seconds: float) -> str:
+    return f'{seconds / 60:.1f} min'
+
+
+def headline(results: Dict[str, object], results_path: str) -> str:
+    """The end of a demo run in a few lines: what was trained and sampled, FID / precision / recall / class
+    consistency of each model beside the floors, where the grid and the full results are, what to try next.
+    Keys a run did not write (no VAR, no tokenizer, no grid) leave their line or row out."""
+    r = results
+    lines = []
+    if 'ar_steps' in r:
+        models = ' and '.join(f'{name} ({r[f"params_{key}"]:,} params)' if f'params_{key}' in r else name
+                              for key, name in (('viar', 'VIAR'), ('var', 'VAR')))
+        tok = f"tokenizer {r['vae_steps']} steps" + (f" (val MSE {r['recon_mse']:.3f})" if 'recon_mse' in r else '')
+        lines.append("demo: VIAR beside VAR on scikit-learn's handwritten digits, 16 px, on a CPU")
+        lines.append(f"trained: {tok}, then {models}, {r['ar_steps']} steps each, width {r.get('width', '?')}"
+                     + ('; DEMO_QUICK=1: a smoke test of the pipeline, not of the models' if r.get('quick') else ''))
+    sample = r.get('sample')
+    if isinstance(sample, dict):
+        lines.append(f"sampled: {sample.get('seeds_per_class')} images per digit and model, cfg {sample.get('cfg')}, "
+                     f"VIAR iterations per scale {sample.get('iter_left')}..{sample.get('iter_right')}")
+    rows = [(name, key) for key, name in HEADLINE_SETS if f'fid_{key}' in r]
+    if rows:
+        width = max(len(name) for name, _ in rows)
+        lines.append(f"{'':<{width}}  {'FID':>6}  {'precision':>9}  {'recall':>6}  {'class consistency':>17}")
+        for name, key in rows:
+            consistency = r.get('classifier_acc_real') if key == 'real' else r.get(f'class_consistency_{key}')
+            cells = [f"{r[f'fid_{key}']:6.2f}"] + [
+                f'{v:{w}.2f}' if isinstance(v, (int, float)) else f"{'-':>{w}}"
+                for v, w in ((r.get(f'precision_{key}'), 9), (r.get(f'recall_{key}'), 6), (consistency, 17))]
+            lines.append(f'{name:<{width}}  ' + '  '.join(cells))
+        lines.append('FID: lower is better (0 = the train digits\' own statistics); precision, recall and class '
+                     'consistency: higher is better, up to the floors (docs/DEMO.md, "What the scores mean")')
+    if r.get('grid'):
+        lines.append(f"grid: {r['grid']} (VIAR left, VAR right; rows = digits 0..9, columns = seeds)")
+    lines.append(f'every figure: {results_path}')
+    if 'seconds' in r:
+        lines.append(f"took {_minutes(r['seconds'])}" + (f", {_minutes(r['cpu_seconds'])} of CPU time"
+                                                         if 'cpu_seconds' in r else ''))
+    if 'ar_steps' in r:
+        lines.append('next: README.md, "Next: explore the demo\'s models" (iterations, adaptive stopping, '
+                     'in-painting, FID, speed)')
+    return '\n'.join(lines)
+
+
 def main(argv=None):
-    """Compute the scores, write them as JSON (merged into an existing file's keys) and print them."""
+    """Compute the scores, write them as JSON (merged into an existing file's keys) and print the headline."""
     p = argparse.ArgumentParser(description='Score the digits demo (see docs/DEMO.md).')
     p.add_argument('--data_path', required=True, help='the image folder of make_digits.py (train/ and val/)')
     p.add_argument('--vae_ckpt', default='', help='tokenizer file: reconstruction MSE, and the copy reference')
@@ -360,9 +410,7 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, 'w') as f:
         json.dump(results, f, indent=2, sort_keys=True)
-    for k in sorted(results):
-        if not k.startswith('per_class'):
-            print(f'{k:>26}: {results[k]}')
+    print(headline(results, args.out))
 
 
 if __name__ == '__main__':

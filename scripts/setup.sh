@@ -23,18 +23,23 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating the virtual environment .venv with $PY"
   "$PY" -m venv .venv
 fi
 reqs=requirements.txt
+size="about 7.3 GB on disk (CUDA libraries 2.7 GB, TensorFlow 1.9 GB, torch 1.2 GB; SETUP_WITHOUT_EVAL=1 leaves TensorFlow out)"
 if [ "${SETUP_WITHOUT_EVAL:-0}" = 1 ]; then
   reqs=.venv/requirements-without-eval.txt
   grep -v '^tensorflow' requirements.txt > "$reqs"
+  size="about 5.4 GB on disk (CUDA libraries 2.7 GB, torch 1.2 GB; TensorFlow left out)"
 fi
 stamp=.venv/.requirements.sha256
 want=$(sha256sum "$reqs" | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
+echo "setup: pip installs the $(grep -cvE '^[[:space:]]*(#|$)' "$reqs") packages of $reqs and their dependencies into .venv"
+echo "setup: $size; several minutes to download and unpack, silent until pip ends"
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -r "$reqs"
 echo "$want" > "$stamp"

@@ -1,6 +1,7 @@
 """The digits demo: data writing and scoring helpers, and a shortened run of scripts/demo.sh end to end."""
 import json
 import os
+import re
 import subprocess
 import sys
 from typing import List
@@ -12,6 +13,7 @@ from tests.tiny import tiny_vae_var
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+import demo_progress  # noqa: E402
 import demo_quality  # noqa: E402
 import demo_score  # noqa: E402
 import demo_table  # noqa: E402
@@ -51,6 +53,26 @@ def test_sample_names_and_per_class_accuracy():
     assert demo_score.quiet_wall_estimate(cpu) == pytest.approx(1.5 + 61.0 + 92.5)   # two processes side by side
     acc = demo_score.per_class_accuracy(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 2]))
     assert acc == {0: 1.0, 1: 0.5, 2: 1.0}
+
+
+# ----------------------------------------------------------------------------- what the console shows
+def test_progress_line_counts_steps_and_estimates_the_time_left():
+    assert demo_progress.progress_line('VIAR', 120, 500, 150) == 'VIAR: step 120/500 (24%), 2m30s in, ETA 7m55s'
+    assert demo_progress.progress_line('VIAR', None, None, 12.4) == 'VIAR: starting, 12s in'
+    assert demo_progress.progress_line('VAR', 500, 500, 600) == 'VAR: step 500/500 (100%), 10m00s in, finished'
+    assert demo_progress.progress_line('VAR', 0, 500, 5, 'images') == 'VAR: images 0/500 (0%), 5s in'
+    assert demo_progress.eta_seconds(0, 10, 5.0) is None and demo_progress.eta_seconds(5, 10, 5.0) == 5.0
+    assert [demo_progress.format_duration(s) for s in (0, 59.6, 61, 3725)] == ['0s', '1m00s', '1m01s', '1h02m']
+
+
+def test_progress_is_read_from_the_last_count_in_a_log():
+    train = ('  tblr : 0.0001\n[12-05 20:51:47 train] [ep 1/250 it 1/23] step 1/500 loss 4.8 | ETA 0:00:02\n'
+             '[12-05 20:51:48 train] [ep 1/250 it 11/23] step 11/500 loss 4.7\n[val] after step 11 (359 images)\n')
+    assert demo_progress.last_progress(train) == (11, 500, 'step')
+    assert demo_progress.last_progress('[tokenizer] step 50/300  loss 0.19  usage 48%') == (50, 300, 'step')
+    bar = '  0%|          | 0/500 [00:00<?, ?img/s]\r 10%|#         | 50/500 [00:02<00:18, 24.5img/s]'
+    assert demo_progress.last_progress(bar) == (50, 500, 'images')
+    assert demo_progress.last_progress('[data] train 1438 / val 359 images') is None
 
 
 @pytest.mark.parametrize('use_implicit', [False, True])
@@ -167,6 +189,62 @@ def test_tokenizer_reconstructions_are_the_pngs_a_memorising_model_would_write()
     assert np.array_equal(rec, demo_score.pixel_features(pngs))
 
 
+RESULTS = dict(vae_steps=300, ar_steps=500, width=96, quick=0, recon_mse=0.031, params_viar=71238, params_var=121644,
+               sample=dict(cfg=0, top_k=0, top_p=0, iter_left=4, iter_right=4, seeds_per_class=50),
+               fid_real=0.256, precision_real=0.933, recall_real=0.930, classifier_acc_real=0.953,
+               fid_recon=0.327, precision_recon=0.953, recall_recon=0.882, class_consistency_recon=0.94,
+               fid_viar=0.70, precision_viar=0.80, recall_viar=0.75, class_consistency_viar=0.91,
+               fid_var=0.66, precision_var=0.82, recall_var=0.77, class_consistency_var=0.92,
+               grid='demo_output/grid.png', seconds=912.0, cpu_seconds=1500.0, load_average_end='1 1 1')
+
+
+def test_headline_reads_as_a_result_not_a_key_dump():
+    text = demo_score.headline(RESULTS, 'demo_output/results.json')
+    lines = text.splitlines()
+    assert len(lines) <= 14 and 'load_average_end' not in text
+    assert any(ln.startswith('trained: tokenizer 300 steps') and '500 steps each' in ln and '71,238' in ln
+               for ln in lines)
+    rows = {ln.split('  ')[0]: ln.split() for ln in lines if ln.startswith(('real val', 'tokenizer round', 'VIAR ',
+                                                                             'VAR '))}
+    assert rows['VIAR'][1:] == ['0.70', '0.80', '0.75', '0.91'] and rows['VAR'][1:] == ['0.66', '0.82', '0.77', '0.92']
+    assert rows['real val digits (floor)'][-4:] == ['0.26', '0.93', '0.93', '0.95']   # consistency: the classifier
+    assert 'FID: lower is better' in text
+    assert 'grid: demo_output/grid.png' in text and 'every figure: demo_output/results.json' in text
+    assert "Next: explore the demo's models" in text and 'took 15.2 min' in text
+    # a scoring of one model's samples (the README walk-through): its row and the floor, nothing it did not compute
+    walk = {k: v for k, v in RESULTS.items() if k.endswith(('_real', '_viar')) and k != 'params_viar'}
+    text = demo_score.headline(walk, 'scores.json')
+    assert 'VIAR' in text and 'VAR ' not in text and 'tokenizer round trip' not in text and 'grid:' not in text
+    assert 'trained:' not in text and 'Next:' not in text and 'lower is better' in text
+
+
+def test_setup_says_what_it_installs_before_pip_starts(tmp_path):
+    """scripts/setup.sh names what it installs and its size before pip's quiet minutes, and nothing once installed."""
+    import shutil
+    (tmp_path / 'scripts').mkdir()
+    shutil.copy(os.path.join(ROOT, 'scripts', 'setup.sh'), tmp_path / 'scripts')
+    shutil.copy(os.path.join(ROOT, 'requirements.txt'), tmp_path)
+    fake = tmp_path / '.venv' / 'bin' / 'python'    # an existing .venv whose python only reports pip's calls
+    fake.parent.mkdir(parents=True)
+    fake.write_text('#!/bin/sh\necho "PIP $*"\n')
+    fake.chmod(0o755)
+    n = sum(1 for ln in open(tmp_path / 'requirements.txt') if ln.strip() and not ln.lstrip().startswith('#'))
+
+    def setup(**env):
+        proc = subprocess.run(['bash', str(tmp_path / 'scripts' / 'setup.sh')], capture_output=True, text=True,
+                              env=dict(os.environ, **env), timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.splitlines()
+
+    out = setup()
+    first_pip = next(i for i, ln in enumerate(out) if ln.startswith('PIP'))
+    before = '\n'.join(out[:first_pip])
+    assert f'the {n} packages of requirements.txt' in before and 'about 7.3 GB' in before and 'minutes' in before
+    assert setup() == [ln for ln in out if not ln.startswith(('setup: pip', 'setup: about', 'PIP'))]   # installed
+    (tmp_path / '.venv' / '.requirements.sha256').unlink()
+    assert 'about 5.4 GB' in '\n'.join(setup(SETUP_WITHOUT_EVAL='1'))
+
+
 def test_results_keys_are_named_per_set():
     keys = demo_score.named_results('viar', dict(consistency=1.0, fid=2.0, n=5, copy_rate=0.0))
     assert keys == dict(class_consistency_viar=1.0, fid_viar=2.0, n_samples_viar=5, copy_rate_viar=0.0)
@@ -262,9 +340,21 @@ def test_table_samples_do_not_depend_on_the_batch_and_every_figure_is_reported(d
 
 
 @pytest.mark.slow
-def test_quick_demo_runs_end_to_end(quick_demo):
-    """DEMO_QUICK=1: a few steps of every stage; checks the outputs, not the quality."""
-    out = quick_demo
+def test_quick_demo_runs_end_to_end(quick_demo, quick_demo_console):
+    """DEMO_QUICK=1: a few steps of every stage; checks the outputs, not the quality, and what the console shows:
+    progress lines while a stage runs (the interval lowered to a second), the headline at the end."""
+    out, console = quick_demo, quick_demo_console
+    for stage, names in (('2/5', ['tokenizer']), ('3/5', ['VIAR', 'VAR']), ('4/5', ['VIAR', 'VAR'])):
+        for name in names:
+            assert re.search(rf'^\[demo \d+s\] {stage} {name}: (starting|(step|images) \d+/\d+ \(\d+%\)), \d+',
+                             console, re.M), (stage, name, console[-3000:])
+    for log in ('vae.stdout', 'viar.stdout', 'var.stdout', 'gen_viar.stdout', 'gen_var.stdout'):
+        assert console.count(f'(log: {out / log})') == 1, log       # each log file named once
+    assert re.search(r'^\[demo \d+s\] 3/5 VIAR: step 3/3 \(100%\)', console, re.M)
+    headline = console[console.index('demo: VIAR beside VAR'):]
+    assert 'FID: lower is better' in headline and f'grid: {out / "grid.png"}' in headline
+    assert re.search(r'^VIAR +\d+\.\d\d +\d\.\d\d', headline, re.M) and "Next: explore the demo's models" in headline
+    assert 'load_average_end' not in console and 'n_ref_train' not in console   # the full JSON stays in the file
     results = json.loads((out / 'results.json').read_text())
     for key in ('class_consistency_viar', 'class_consistency_var', 'classifier_acc_real', 'recon_mse'):
         assert 0 <= results[key] <= 1, key
