@@ -8,7 +8,9 @@ VAR samples, tokenizer reconstruction, parameter counts, and a labelled sample g
 Every image is box-averaged back to 8x8 grayscale (the digits' own resolution) and scaled to 0..1: its 64
 pixel features. Class consistency is the accuracy of a logistic regression trained on the real train
 digits; the other figures are defined in scripts/demo_quality.py and docs/DEMO.md. Generated files are
-found by gen_img.py's names (`class{c}_seed{s}.png`) anywhere under a samples folder.
+found by gen_img.py's names (`class{c}_seed{s}.png`) anywhere under a samples folder. Copies are judged among the
+tokenizer's reconstructions; without --vae_ckpt that is the demo's tokenizer beside --data_path, so a command that
+names only the data and the samples scores exactly as the demo does.
 """
 import argparse
 import glob
@@ -169,6 +171,22 @@ def build_judge(data_path: str, vae_ckpt: str = '', seed: int = 0):
     if va_rec is not None:
         floors['recon'] = (va_rec, va_y)
     return judge, floors
+
+
+def demo_tokenizer(data_path: str) -> str:
+    """Where demo.sh keeps the tokenizer of a digits folder: `<data_path>/../vae/vae.pth`."""
+    return os.path.normpath(os.path.join(data_path, os.pardir, 'vae', 'vae.pth'))
+
+
+def resolve_vae_ckpt(flag: str, data_path: str, exists=os.path.isfile) -> str:
+    """The tokenizer to score with: --vae_ckpt as given; 'none' = none (copies judged on raw pixels); unset = the
+    demo's tokenizer beside --data_path when it exists, so every command scores as the demo does."""
+    if flag == 'none':
+        return ''
+    if flag:
+        return flag
+    beside = demo_tokenizer(data_path)
+    return beside if exists(beside) else ''
 
 
 RESULT_KEYS = {'consistency': 'class_consistency', 'n': 'n_samples'}   # score name -> results.json prefix, if not its own
@@ -365,7 +383,10 @@ def main(argv=None):
     """Compute the scores, write them as JSON (merged into an existing file's keys) and print the headline."""
     p = argparse.ArgumentParser(description='Score the digits demo (see docs/DEMO.md).')
     p.add_argument('--data_path', required=True, help='the image folder of make_digits.py (train/ and val/)')
-    p.add_argument('--vae_ckpt', default='', help='tokenizer file: reconstruction MSE, and the copy reference')
+    p.add_argument('--vae_ckpt', default='',
+                   help="tokenizer file: reconstruction MSE, and the copy reference (copies are judged among its "
+                        "reconstructions); default: the demo's, DATA_PATH/../vae/vae.pth, when it exists; "
+                        "'none': judge copies on raw pixels")
     p.add_argument('--viar_ckpt', default='', help='VIAR checkpoint (for its parameter count)')
     p.add_argument('--viar_samples', default='', help='VIAR samples: a gen_img.py folder or a sampling.py .npz')
     p.add_argument('--var_ckpt', default='', help='VAR checkpoint (for its parameter count)')
@@ -381,10 +402,14 @@ def main(argv=None):
 
     results = json.load(open(args.out)) if os.path.isfile(args.out) else {}
     results.update(json.loads(args.extra))
-    judge, floors = build_judge(args.data_path, args.vae_ckpt)
+    vae_ckpt = resolve_vae_ckpt(args.vae_ckpt, args.data_path)
+    if vae_ckpt and not args.vae_ckpt:
+        print(f"demo_score: the demo's tokenizer {vae_ckpt} (beside --data_path): copies are judged among its "
+              f"reconstructions, as the demo judges its own samples")
+    judge, floors = build_judge(args.data_path, vae_ckpt)
     results.update(judge_results(judge, floors))
-    if args.vae_ckpt:
-        results['recon_mse'] = tokenizer_mse(args.vae_ckpt, args.data_path)
+    if vae_ckpt:
+        results['recon_mse'] = tokenizer_mse(vae_ckpt, args.data_path)
     for name, ckpt, samples in (('viar', args.viar_ckpt, args.viar_samples), ('var', args.var_ckpt, args.var_samples)):
         if samples:
             results.update(named_results(name, score_samples(judge, samples)))

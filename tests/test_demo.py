@@ -218,6 +218,17 @@ def test_headline_reads_as_a_result_not_a_key_dump():
     assert 'trained:' not in text and 'Next:' not in text and 'lower is better' in text
 
 
+def test_scoring_finds_the_demos_tokenizer_beside_the_data():
+    """Without --vae_ckpt, demo_score judges copies among the reconstructions of the demo's tokenizer, as the demo
+    does; 'none' asks for raw pixels."""
+    assert demo_score.demo_tokenizer('demo_output/digits') == os.path.join('demo_output', 'vae', 'vae.pth')
+    assert demo_score.demo_tokenizer('/tmp/d/digits/') == '/tmp/d/vae/vae.pth'
+    assert demo_score.resolve_vae_ckpt('', 'demo_output/digits', exists=lambda p: True) == 'demo_output/vae/vae.pth'
+    assert demo_score.resolve_vae_ckpt('', 'demo_output/digits', exists=lambda p: False) == ''
+    assert demo_score.resolve_vae_ckpt('none', 'demo_output/digits', exists=lambda p: True) == ''
+    assert demo_score.resolve_vae_ckpt('my/vae.pth', 'demo_output/digits', exists=lambda p: False) == 'my/vae.pth'
+
+
 def test_setup_says_what_it_installs_before_pip_starts(tmp_path):
     """scripts/setup.sh names what it installs and its size before pip's quiet minutes, and nothing once installed."""
     import shutil
@@ -382,12 +393,38 @@ def test_quick_demo_runs_end_to_end(quick_demo, quick_demo_console):
     assert (h, w) == demo_score.labelled_size([(10 * tile + 3, 2 * tile + 3)] * 2, 12)
 
 
+def readme_next_section() -> str:
+    """The README's "Next: explore the demo's models" section."""
+    text = open(os.path.join(ROOT, 'README.md')).read()
+    return text.split("## Next: explore the demo's models", 1)[1].split('\n## ', 1)[0]
+
+
 def readme_walkthrough() -> List[str]:
     """The command lines of the README's "Next: explore the demo's models" block, comments dropped."""
-    text = open(os.path.join(ROOT, 'README.md')).read()
-    section = text.split("## Next: explore the demo's models", 1)[1]
-    block = section.split('```bash\n', 1)[1].split('```', 1)[0]
+    block = readme_next_section().split('```bash\n', 1)[1].split('```', 1)[0]
     return [ln for ln in block.splitlines() if ln.strip() and not ln.lstrip().startswith('#')]
+
+
+def readme_grid_paths() -> List[str]:
+    """The grid files the walk-through's text tells a reader to compare, shell braces expanded."""
+    paths = []
+    for path in re.findall(r'`(demo_output/[^`]*_grid\.png)`', readme_next_section()):
+        m = re.search(r'\{([^}]*)\}', path)
+        paths += [path[:m.start()] + alt + path[m.end():] for alt in m.group(1).split(',')] if m else [path]
+    return paths
+
+
+def test_readme_names_the_quick_demo_and_the_cost_of_the_walkthrough():
+    """The README's first block stays two commands and names DEMO_QUICK=1 beside the demo; the walk-through gives
+    sampling.py's cost in CPU seconds (a loaded machine's wall time is no figure to plan by)."""
+    text = open(os.path.join(ROOT, 'README.md')).read()
+    block, rest = text.split('```bash\n', 1)[1].split('```', 1)
+    commands = [ln for ln in block.splitlines() if ln.strip()]
+    assert len(commands) == 2 and commands[0].startswith('bash scripts/demo.sh')
+    assert 'DEMO_QUICK=1' in commands[0] + rest.split('\n\n', 2)[1] and '1.5 min' in commands[0] + rest[:400]
+    assert re.search(r"`sampling\.py`'s 500 images: [\d-]+ s of CPU time", readme_next_section())
+    assert readme_grid_paths() == ['demo_output/next/con1/viar-slim/class3_seeds0_1_2_3_etc8_grid.png',
+                                   'demo_output/next/dec8_2/viar-slim/class3_seeds0_1_2_3_etc8_grid.png']
 
 
 @pytest.mark.slow
@@ -397,6 +434,7 @@ def test_readme_walkthrough_runs_on_a_quick_demo(quick_demo, tmp_path):
     lines = readme_walkthrough()
     assert len(lines) >= 8 and all(ln.startswith('.venv/bin/python ') for ln in lines)
     logs = []
+    from PIL import Image
     for line in lines:
         cmd = line.replace('demo_output', str(quick_demo)).replace('.venv/bin/python', sys.executable, 1)
         proc = subprocess.run(['bash', '-c', cmd], cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -407,10 +445,30 @@ def test_readme_walkthrough_runs_on_a_quick_demo(quick_demo, tmp_path):
     assert 'schedule Con.(1,1): 1,1,1,1' in logs[0] and 'schedule Dec.(8,2): 8,6,4,2' in logs[1]
     for run in ('con1', 'dec8_2', 'adaptive'):
         assert len(list((out / run).glob('**/class3_seed[0-9].png'))) == 8, run
-    taus = json.loads((out / 'convergence' / 'convergence.json').read_text())['suggested_tau']
+    for path in readme_grid_paths():          # the grids the text names exist, their 16 px cells enlarged to 64
+        grid = quick_demo / path.removeprefix('demo_output/')
+        assert grid.is_file(), path
+        assert Image.open(grid).size == (2 + 4 * 66, 2 + 2 * 66)   # 8 seeds, 4 a row, 2 px apart
+    conv = json.loads((out / 'convergence' / 'convergence.json').read_text())
+    taus, reached = conv['suggested_tau'], conv['iters_to_target']
     assert len(taus) == 4 and all(t > 0 for t in taus)
-    assert 'implicit iterations per scale:' in logs[3]
+    # the adaptive run stops each scale where convergence.py said the cosine target is reached, counted alike
+    for n, pn in zip(reached, (1, 2, 3, 4)):
+        assert f'{pn}x{pn}' in logs[2] and (f'after {n} iteration' in logs[2] if n else 'not reached' in logs[2])
+    if None not in reached:
+        assert f"implicit iterations per scale: {','.join(map(str, reached))} " in logs[3], (logs[2], logs[3])
     assert len(list((out / 'edit').glob('**/edit_class8_seed[0-9].png'))) == 4
     scores = json.loads((out / 'fid' / 'scores.json').read_text())
     assert scores['n_samples_viar'] == 500 and np.isfinite(scores['fid_viar'])
+    # scored as the demo scores its own samples: copies among the demo tokenizer's reconstructions, same threshold
+    demo = json.loads((quick_demo / 'results.json').read_text())
+    for key in ('copy_space', 'copy_threshold', 'fid_real', 'fid_recon', 'recon_mse'):
+        assert scores[key] == demo[key], key
+    # and the walk-through's form of the command gives the demo's own figures for the demo's own samples
+    again = tmp_path / 'again.json'
+    demo_score.main(['--data_path', str(quick_demo / 'digits'), '--viar_samples', str(quick_demo / 'samples' / 'viar'),
+                     '--out', str(again)])
+    again = json.loads(again.read_text())
+    for fig in ('fid', 'precision', 'recall', 'diversity', 'copy_rate', 'class_consistency'):
+        assert again[f'{fig}_viar'] == demo[f'{fig}_viar'], fig
     assert len(json.loads((out / 'bench' / 'sample_speed.json').read_text())['rows']) == 4
