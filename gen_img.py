@@ -160,8 +160,9 @@ def seeds_tag(seeds: Sequence[int]) -> str:
 
 
 def write_images(imgs_N3HW: torch.Tensor, plan, classes, seeds, out_dir: str, prefix: str, save_grid: bool,
-                 nrow: int) -> List[str]:
-    """One PNG per (class, seed) and, for several images, the grid; returns the paths written."""
+                 nrow: int, class_names: Optional[Sequence[str]] = None) -> List[str]:
+    """One PNG per (class, seed) and, for several images, the grid (its rows labelled with the class names the
+    model records, if any); returns the paths written."""
     paths = []
     for img_3HW, (c, s) in zip(imgs_N3HW, plan):
         paths.append(os.path.join(out_dir, f'{prefix}class{c}_seed{s}.png'))
@@ -169,7 +170,12 @@ def write_images(imgs_N3HW: torch.Tensor, plan, classes, seeds, out_dir: str, pr
     if save_grid and len(plan) > 1:
         cls_tag = f'class{classes[0]}' if len(classes) == 1 else 'classes' + '_'.join(map(str, classes))
         paths.append(os.path.join(out_dir, f'{prefix}{cls_tag}_seeds{seeds_tag(seeds)}_grid.png'))
-        image_io.save_grid(imgs_N3HW, paths[-1], nrow=len(seeds) if len(classes) > 1 else nrow)
+        cols = len(seeds) if len(classes) > 1 else min(nrow, len(plan))
+        rows = -(-len(plan) // cols)
+        labels = None
+        if class_names:   # rows are classes; one class wraps its seeds over several rows
+            labels = [class_names[c] for c in classes] if len(classes) > 1 else [class_names[classes[0]]] * rows
+        image_io.save_grid(imgs_N3HW, paths[-1], nrow=cols, row_labels=labels)
     return paths
 
 
@@ -307,7 +313,7 @@ def main(argv: Optional[Sequence[str]] = None):
         imgs_N3HW, stats = generate(sampler, plan, args.batch_size, sample_kw, edit, progress=args.progress)
     dt = time.perf_counter() - t0
     paths += write_images(imgs_N3HW, plan, classes, args.seeds, out_dir, 'edit_' if edit else '', args.save_grid,
-                          args.nrow)
+                          args.nrow, loaded.class_names)
     for line in describe_stats(stats, min(args.batch_size, len(plan)), sample.cfg):
         log.info(line)
     log.info(f'{len(plan)} images in {dt:.1f} s ({len(plan) / dt:.2f} img/s); wrote {len(paths)} files to {out_dir}')

@@ -289,3 +289,23 @@ def test_class_labels_are_ids_or_the_names_an_export_records():
         gen_img.class_ids(['circle'], None, 3)
     with pytest.raises(SystemExit, match='out of range'):
         gen_img.class_ids(['5'], names, 3)
+
+
+def test_grid_rows_are_labelled_with_the_class_names(tmp_path):
+    """With the class names an export records, a white margin on the left names each row; without them the grid
+    is as before."""
+    imgs = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    plain, labelled = str(tmp_path / 'plain.png'), str(tmp_path / 'labelled.png')
+    gen_img.write_images(imgs, [(0, 0), (0, 1), (1, 0), (1, 1)], [0, 1], [0, 1], str(tmp_path), 'a_', True, 4)
+    gen_img.write_images(imgs, [(0, 0), (0, 1), (1, 0), (1, 1)], [0, 1], [0, 1], str(tmp_path), 'b_', True, 4,
+                         ['circle', 'square'])
+    a = read_png(tmp_path / 'a_classes0_1_seeds0_1_grid.png')
+    b = read_png(tmp_path / 'b_classes0_1_seeds0_1_grid.png')
+    margin = b.shape[1] - a.shape[1]
+    assert b.shape[0] == a.shape[0] and margin > 20
+    assert np.array_equal(b[:, margin:], a)   # the images unchanged, to the right of the labels
+    row_h = (a.shape[0] - 2) // 2
+    for r in range(2):   # each row's label is drawn (dark pixels) within that row's band of the margin
+        band = b[2 + r * row_h:2 + (r + 1) * row_h - 2, :margin]
+        assert (band < 128).any(), r
+    assert (b[:, :margin] > 128).mean() > 0.8   # mostly white

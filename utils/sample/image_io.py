@@ -7,7 +7,7 @@ MAX_IMAGE_SIDE pixels a side is refused before it is decoded, and Pillow's decom
 """
 import os
 import warnings
-from typing import Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import PIL.Image as PImage
@@ -63,11 +63,28 @@ def upscale_nearest(imgs_B3HW: torch.Tensor, scale: int) -> torch.Tensor:
     return imgs_B3HW.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
 
 
-def save_grid(imgs_B3HW: torch.Tensor, path: str, nrow: int, padding: int = 2, min_cell: int = GRID_MIN_CELL):
+def save_grid(imgs_B3HW: torch.Tensor, path: str, nrow: int, padding: int = 2, min_cell: int = GRID_MIN_CELL,
+              row_labels: Optional[Sequence[str]] = None):
     """Write a grid of [0, 1] images as one PNG; images smaller than min_cell px are enlarged by `grid_scale`
-    (the single PNGs keep the model's resolution)."""
+    (the single PNGs keep the model's resolution). row_labels: one text per row, written in a white margin on the
+    left (the class names of gen_img.py's rows)."""
     scale = grid_scale(imgs_B3HW.shape[-2], imgs_B3HW.shape[-1], min_cell)
-    save_png(make_grid(upscale_nearest(imgs_B3HW, scale), nrow, padding), path)
+    grid_3HW = make_grid(upscale_nearest(imgs_B3HW, scale), nrow, padding)
+    if not row_labels:
+        return save_png(grid_3HW, path)
+    from PIL import ImageDraw
+    img = PImage.fromarray(to_uint8_HWC(grid_3HW))
+    draw = ImageDraw.Draw(img)
+    margin = max(draw.textbbox((0, 0), str(t))[2] for t in row_labels) + 2 * padding + 4
+    out = PImage.new('RGB', (img.width + margin, img.height), 'white')
+    out.paste(img, (margin, 0))
+    draw, cell_h = ImageDraw.Draw(out), imgs_B3HW.shape[-2] * scale
+    for r, text in enumerate(row_labels):
+        top, bottom = draw.textbbox((0, 0), str(text))[1::2]
+        y = padding + r * (cell_h + padding) + (cell_h - (bottom - top)) // 2 - top
+        draw.text((padding + 2, y), str(text), fill='black')
+    with_labels = torch.from_numpy(np.asarray(out)).permute(2, 0, 1).float().div(255)
+    save_png(with_labels, path)
 
 
 def limit_decoding():
