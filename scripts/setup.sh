@@ -23,7 +23,6 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
-  echo "setup: creating the virtual environment .venv with $PY"
   "$PY" -m venv .venv
 fi
 reqs=requirements.txt
