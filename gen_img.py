@@ -147,7 +147,8 @@ def describe_stats(stats, batch_size: int, cfg: float) -> List[str]:
     mean = mean_iters(stats)
     if mean:
         text = ','.join(f'{m:g}' for m in mean)
-        lines.append(f'implicit iterations per scale: {text} (total {sum(mean):g})')
+        lines.append(f'implicit iterations per scale: {text} (total {sum(mean):g}; calls of the implicit block, as '
+                     f'scripts/convergence.py counts them)')
     kv = max(s.kv_cache_bytes for s in stats)
     rows = 'cond + uncond rows' if cfg != 0 else 'conditional rows only: cfg 0'
     lines.append(f'KV cache: {kv / 2 ** 20:.2f} MiB for a batch of {batch_size} ({rows})')

@@ -142,7 +142,7 @@ def test_random_weights_with_size_flags(tmp_path):
 def test_stats_report_iterations_and_kv_bytes(viar_ckpt, tmp_path, capsys):
     run(viar_ckpt, tmp_path, '--class_label', 0, '--seeds', 1, '--iters', '4,3,2,1')
     text = capsys.readouterr().out
-    assert 'implicit iterations per scale: 4,3,2,1' in text
+    assert 'implicit iterations per scale: 4,3,2,1' in text and 'calls of the implicit block' in text
     assert 'KV cache:' in text
 
 
