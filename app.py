@@ -52,14 +52,14 @@ def make_app(argv: Optional[Sequence[str]] = None):
     ns, source, sample = parse(build_parser(), argv)
     args = cli.from_namespace(AppArgs, ns)
     from utils.app.ui import build_app
-    plan = loading.plan_sources(source, args.demo_dir, args.compare_ckpt)
-    models, errors = loading.load_app_models(plan, sample, log=log.warning)
+    sources = loading.app_sources(source, args.demo_dir, args.compare_ckpt)
+    models, errors = loading.load_app_models(sources, sample, log=log.warning)
     fatal = loading.fatal_load_error(bool(source.var_ckpt), models, errors)
     if fatal:
         raise SystemExit(fatal)
     for line in errors:
         log.error(line)
-    if not plan:
+    if not sources:
         log.warning(loading.HOW_TO_GET_WEIGHTS)
     demo_defaults = loading.demo_sample_defaults(args.demo_dir) if not source.var_ckpt else {}
     defaults = loading.page_sample_defaults(models, demo_defaults)

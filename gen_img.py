@@ -12,13 +12,15 @@ folder another model wrote is refused, not overwritten. See docs/GENERATION.md.
 import argparse
 import json
 import os
-import sys
 import time
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 
+from models.config import ModelSpec
+from models.solver import SolverSpec
 from utils import cli
+from utils.arch_flags import describe_model, describe_spec
 from utils.atomic import write_json_atomic
 from utils.checkpoint import CheckpointError
 from utils.logging_util import get_logger
@@ -26,7 +28,9 @@ from utils.model_io import DEFAULT_VAE_CKPT, default_var_ckpt, load_or_build
 from utils.sample import image_io
 from utils.sample.compile_util import SamplingError, prepare_for_sampling, sampling_tf32
 from utils.sample.config import add_model_source_args, add_sample_args, parse, resolve_device
-from utils.sample.editing import EDIT_MODES, expand_edit_spec, make_edit_spec, mode_mask, parse_box
+from utils.sample.editing import EDIT_MODES, make_edit_spec, mode_mask, parse_box
+from utils.sample.generate import class_ids, generate, image_list, mean_iters
+from utils.sample.schedule_flags import schedule_note
 
 log = get_logger('gen_img')
 MODEL_RECORD = '.model.json'   # in each output folder: the model whose images it holds
@@ -66,81 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def class_ids(labels: Sequence[str], names: Optional[Sequence[str]], num_classes: int,
-              flag: str = '--class_label') -> List[int]:
-    """Class ids for --class_label values: an id as it is, a name by its index in the names the export records
-    (the training folders); an unknown name is a one-line error listing the names."""
-    ids = []
-    for label in labels:
-        text = str(label)
-        if names and text in names:
-            ids.append(list(names).index(text))
-        elif text.lstrip('-').isdigit():
-            ids.append(int(text))
-        else:
-            known = (f'its classes are named {", ".join(names[:20])}' + (', ...' if len(names) > 20 else '')
-                     if names else 'it records no class names: pass ids')
-            raise SystemExit(f'error: {flag} {text!r} is not a class of this model ({num_classes} classes); {known}.')
-    check_classes(ids, num_classes, flag)
-    return ids
-
-
-def check_classes(classes: Sequence[int], num_classes: int, flag: str = '--class_label'):
-    """Every class id must index the model's class embedding."""
-    bad = [c for c in classes if not 0 <= c < num_classes]
-    if bad:
-        raise SystemExit(f'error: {flag} {bad} out of range: this model has {num_classes} classes (0..{num_classes - 1}).')
-
-
-def image_plan(classes: Sequence[int], seeds: Sequence[int]) -> List[Tuple[int, int]]:
-    """(class, seed) of every image, class-major: the grid's rows are classes, its columns seeds."""
-    return [(c, s) for c in classes for s in seeds]
-
-
-def chunks(items: Sequence, size: int) -> List[Sequence]:
-    """Consecutive slices of at most `size` items."""
-    return [items[i:i + size] for i in range(0, len(items), size)]
-
-
-def sample_batch(sampler, plan: Sequence[Tuple[int, int]], sample_kw: dict, edit=None):
-    """(images (B, 3, H, W) in [0, 1], SampleStats) for a batch of (class, seed) pairs.
-
-    sampler: a `utils.sample.compile_util.Sampler` (signature of `var.autoregressive_infer_cfg`).
-    One generator per image seeded with its seed (a list of seeds for B > 1), so an image's tokens
-    depend only on its (class, seed), never on the batch it is in; B = 1 is exactly the official call.
-    """
-    label_B = torch.tensor([c for c, _ in plan], device=sampler.device)
-    seeds = [s for _, s in plan]
-    g_seed = seeds[0] if len(seeds) == 1 else seeds
-    if edit is not None:
-        edit = expand_edit_spec(edit, len(plan))
-    return sampler(len(plan), label_B, g_seed=g_seed, edit=edit, return_stats=True, **sample_kw)
-
-
-def generate(sampler, plan: Sequence[Tuple[int, int]], batch_size: int, sample_kw: dict, edit=None,
-             progress: bool = True, on_batch: Optional[Callable[[int], None]] = None):
-    """All images of the plan in order (N, 3, H, W) on the CPU, and each batch's SampleStats. on_batch(done) is
-    called after each batch with the number of images made so far (the web app's progress)."""
-    from tqdm import tqdm
-    imgs, stats, done = [], [], 0
-    with tqdm(total=len(plan), unit='img', disable=not progress, file=sys.stdout) as bar:
-        for batch in chunks(list(plan), batch_size):
-            img_B3HW, st = sample_batch(sampler, batch, sample_kw, edit)
-            imgs.append(img_B3HW.float().cpu())
-            stats.append(st)
-            done += len(batch)
-            bar.update(len(batch))
-            if on_batch is not None:
-                on_batch(done)
-    return torch.cat(imgs), stats
-
-
-def mean_iters(stats) -> List[float]:
-    """Implicit iterations each scale ran, averaged over the batches (they differ only when adaptive); [] for VAR."""
-    runs = [s.iters for s in stats if s.iters]
-    return [sum(col) / len(col) for col in zip(*runs)] if runs else []
-
-
 def describe_stats(stats, batch_size: int, cfg: float) -> List[str]:
     """Report lines: implicit iterations per scale (mean over batches when adaptive) and the KV-cache size."""
     lines = []
@@ -160,19 +89,19 @@ def seeds_tag(seeds: Sequence[int]) -> str:
     return '_'.join(map(str, seeds[:4])) + (f'_etc{len(seeds)}' if len(seeds) > 4 else '')
 
 
-def write_images(imgs_N3HW: torch.Tensor, plan, classes, seeds, out_dir: str, prefix: str, save_grid: bool,
+def write_images(imgs_N3HW: torch.Tensor, pairs, classes, seeds, out_dir: str, prefix: str, save_grid: bool,
                  nrow: int, class_names: Optional[Sequence[str]] = None) -> List[str]:
-    """One PNG per (class, seed) and, for several images, the grid (its rows labelled with the class names the
-    model records, if any); returns the paths written."""
+    """One PNG per (class, seed) pair and, for several images, the grid (its rows labelled with the class names
+    the model records, if any); returns the paths written."""
     paths = []
-    for img_3HW, (c, s) in zip(imgs_N3HW, plan):
+    for img_3HW, (c, s) in zip(imgs_N3HW, pairs):
         paths.append(os.path.join(out_dir, f'{prefix}class{c}_seed{s}.png'))
         image_io.save_png(img_3HW, paths[-1])
-    if save_grid and len(plan) > 1:
+    if save_grid and len(pairs) > 1:
         cls_tag = f'class{classes[0]}' if len(classes) == 1 else 'classes' + '_'.join(map(str, classes))
         paths.append(os.path.join(out_dir, f'{prefix}{cls_tag}_seeds{seeds_tag(seeds)}_grid.png'))
-        cols = len(seeds) if len(classes) > 1 else min(nrow, len(plan))
-        rows = -(-len(plan) // cols)
+        cols = len(seeds) if len(classes) > 1 else min(nrow, len(pairs))
+        rows = -(-len(pairs) // cols)
         labels = None
         if class_names:   # rows are classes; one class wraps its seeds over several rows
             labels = [class_names[c] for c in classes] if len(classes) > 1 else [class_names[classes[0]]] * rows
@@ -196,8 +125,6 @@ def same_model(a: dict, b: dict) -> bool:
 
 def record_text(r: dict) -> str:
     """'/runs/viar/viar-slim.pth (a VIAR (depth 6, ...), EMA weights)'."""
-    from models.config import ModelSpec
-    from utils.arch_flags import describe_spec
     ema = ', EMA weights' if r.get('ema') else ''
     return f"{r.get('checkpoint')} ({describe_spec(ModelSpec.from_dict(r.get('model') or {}))}{ema})"
 
@@ -266,10 +193,10 @@ def prepare_edit(args: argparse.Namespace, vae, var, device, out_dir: str):
 
 def banner(var, classes: Sequence[int], seeds: Sequence[int], sample, device, schedule_note: str) -> str:
     """What this run does: the model, the images asked for, the schedule, device and precision."""
-    return (f'{var.describe()}; {len(classes)} class{"es" if len(classes) > 1 else ""} x {len(seeds)} '
+    return (f'{describe_model(var)}; {len(classes)} class{"es" if len(classes) > 1 else ""} x {len(seeds)} '
             f'seed{"s" if len(seeds) > 1 else ""} = {len(classes) * len(seeds)} images; cfg {sample.cfg:g}, '
             f'top-k {sample.top_k}, top-p {sample.top_p:g}; {schedule_note}'
-            + (f' (solver {sample.solver}, m={sample.anderson_m})' if sample.solver != 'picard' else '')
+            + (f' (solver {sample.solver_spec()})' if sample.solver_spec() != SolverSpec() else '')
             + f'; device {device}, {sample.resolved_dtype(torch.device(device).type)}'
             + (', fast' if sample.fast else '') + (', compiled' if sample.compile else ''))
 
@@ -303,21 +230,21 @@ def main(argv: Optional[Sequence[str]] = None):
     claim_output_dir(out_dir, model_record(source.var_ckpt or default_var_ckpt(source.spec()), source.ema,
                                            loaded.spec))
     sample_kw = sample.call_kwargs(len(var.patch_nums))
-    log.info(banner(var, classes, args.seeds, sample, device, var.schedule_note(sample_kw['schedule'])))
+    log.info(banner(var, classes, args.seeds, sample, device, schedule_note(var.kind, sample_kw['schedule'])))
 
-    plan, edit, paths = image_plan(classes, args.seeds), None, []
+    pairs, edit, paths = image_list(classes, args.seeds), None, []
     if args.edit_image:
         edit, paths = prepare_edit(args, vae, var, device, out_dir)
 
     t0 = time.perf_counter()
     with torch.inference_mode():
-        imgs_N3HW, stats = generate(sampler, plan, args.batch_size, sample_kw, edit, progress=args.progress)
+        imgs_N3HW, stats = generate(sampler, pairs, args.batch_size, sample_kw, edit, progress=args.progress)
     dt = time.perf_counter() - t0
-    paths += write_images(imgs_N3HW, plan, classes, args.seeds, out_dir, 'edit_' if edit else '', args.save_grid,
+    paths += write_images(imgs_N3HW, pairs, classes, args.seeds, out_dir, 'edit_' if edit else '', args.save_grid,
                           args.nrow, loaded.class_names)
-    for line in describe_stats(stats, min(args.batch_size, len(plan)), sample.cfg):
+    for line in describe_stats(stats, min(args.batch_size, len(pairs)), sample.cfg):
         log.info(line)
-    log.info(f'{len(plan)} images in {dt:.1f} s ({len(plan) / dt:.2f} img/s); wrote {len(paths)} files to {out_dir}')
+    log.info(f'{len(pairs)} images in {dt:.1f} s ({len(pairs) / dt:.2f} img/s); wrote {len(paths)} files to {out_dir}')
     return paths
 
 

@@ -43,10 +43,10 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     before = machine()
-    plan = loading.plan_sources(ModelSource(device="cpu"), args.demo_dir)
-    if not plan:
+    sources = loading.app_sources(ModelSource(device="cpu"), args.demo_dir)
+    if not sources:
         raise SystemExit(f'error: no demo checkpoints in {args.demo_dir}; run `bash scripts/demo.sh` first.')
-    models, errors = loading.load_app_models(plan[:1], SampleConfig())
+    models, errors = loading.load_app_models(sources[:1], SampleConfig())
     if errors:
         raise SystemExit('error: ' + errors[0])
     model = models[0]

@@ -372,8 +372,8 @@ def test_no_model_says_how_to_get_weights(tmp_path, capsys):
 def test_a_model_that_fails_to_load_says_why(tmp_path):
     bad = tmp_path / 'broken.pth'
     bad.write_bytes(b'not a checkpoint')
-    plan = [('model', ModelSource(var_ckpt=str(bad), device='cpu'))]
-    models, errors = loading.load_app_models(plan, SampleConfig())
+    sources = [('model', ModelSource(var_ckpt=str(bad), device='cpu'))]
+    models, errors = loading.load_app_models(sources, SampleConfig())
     assert models == [] and len(errors) == 1 and str(bad) in errors[0] and 'cannot load' in errors[0]
     from utils.app.ui import build_app
     demo = build_app(models, errors=errors)
@@ -397,17 +397,17 @@ def test_app_serves_a_checkpoint_from_the_command_line(tmp_path):
 
 # ---------------------------------------------------------------- pure parts
 
-def test_plan_sources_rule(tmp_path):
+def test_app_sources_rule(tmp_path):
     for rel in ('viar/viar-slim.pth', 'var/var-slim.pth'):
         os.makedirs(tmp_path / os.path.dirname(rel), exist_ok=True)
         (tmp_path / rel).write_bytes(b'')
-    demo = loading.plan_sources(ModelSource(), str(tmp_path))
+    demo = loading.app_sources(ModelSource(), str(tmp_path))
     assert [n for n, _ in demo] == ['VIAR', 'VAR'] and demo[0][1].var_ckpt.endswith('viar/viar-slim.pth')
-    given = loading.plan_sources(ModelSource(var_ckpt='x.pth'), str(tmp_path), compare_ckpt='y.pth')
+    given = loading.app_sources(ModelSource(var_ckpt='x.pth'), str(tmp_path), compare_ckpt='y.pth')
     assert [(n, s.var_ckpt) for n, s in given] == [('model', 'x.pth'), ('compare', 'y.pth')]
-    assert loading.plan_sources(ModelSource(), str(tmp_path / 'none')) == []
+    assert loading.app_sources(ModelSource(), str(tmp_path / 'none')) == []
     with pytest.raises(SystemExit, match='--compare_ckpt needs --var_ckpt'):
-        loading.plan_sources(ModelSource(), str(tmp_path / 'none'), compare_ckpt='y.pth')
+        loading.app_sources(ModelSource(), str(tmp_path / 'none'), compare_ckpt='y.pth')
 
 
 def test_demo_defaults_come_from_results_json(tmp_path):

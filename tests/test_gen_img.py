@@ -16,6 +16,7 @@ from utils.cli import str2bool
 from utils.model_io import slim_export
 from utils.sample.compile_util import SamplingError, autocast_for, prepare_for_sampling
 from utils.sample.config import SampleConfig, add_model_source_args, add_sample_args, configs_from, parse
+from utils.sample.generate import class_ids, generate, image_list
 from tests.conftest import needs_c_compiler
 from tests.tiny import TINY_PN, tiny_vae_var
 
@@ -109,11 +110,11 @@ def test_two_classes_grid_rows_are_classes(viar_ckpt, tmp_path):
 
 def test_batching_seeds_gives_the_same_images(tmp_path):
     _, var = tiny_vae_var(True)
-    plan = gen_img.image_plan([0, 2], [1, 2, 3])
+    pairs = image_list([0, 2], [1, 2, 3])
     kw = dict(cfg=1.5, top_k=0, top_p=0.0, schedule=S.constant(2, len(TINY_PN)))
     sampler = prepare_for_sampling(var)
-    one, _ = gen_img.generate(sampler, plan, 1, kw, progress=False)
-    batched, _ = gen_img.generate(sampler, plan, 4, kw, progress=False)
+    one, _ = generate(sampler, pairs, 1, kw, progress=False)
+    batched, _ = generate(sampler, pairs, 4, kw, progress=False)
     assert torch.allclose(one, batched, atol=1e-5)
 
 
@@ -279,16 +280,16 @@ def test_autocast_auto_is_fp32_on_cpu_and_bf16_autocasts():
 
 def test_class_labels_are_ids_or_the_names_an_export_records():
     names = ['circle', 'square', '7']
-    assert gen_img.class_ids(['square', '0', 'circle'], names, 3) == [1, 0, 0]
-    assert gen_img.class_ids(['7'], names, 3) == [2]   # a folder named like a number is that folder
-    assert gen_img.class_ids(['2'], None, 3) == [2]
+    assert class_ids(['square', '0', 'circle'], names, 3) == [1, 0, 0]
+    assert class_ids(['7'], names, 3) == [2]   # a folder named like a number is that folder
+    assert class_ids(['2'], None, 3) == [2]
     with pytest.raises(SystemExit, match=r"'triangle' is not a class of this model \(3 classes\); its classes are "
                                          r"named circle, square, 7"):
-        gen_img.class_ids(['triangle'], names, 3)
+        class_ids(['triangle'], names, 3)
     with pytest.raises(SystemExit, match='records no class names: pass ids'):
-        gen_img.class_ids(['circle'], None, 3)
+        class_ids(['circle'], None, 3)
     with pytest.raises(SystemExit, match='out of range'):
-        gen_img.class_ids(['5'], names, 3)
+        class_ids(['5'], names, 3)
 
 
 def test_grid_rows_are_labelled_with_the_class_names(tmp_path):

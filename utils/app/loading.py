@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
+from utils.arch_flags import describe_model
 from utils.checkpoint import CheckpointError
 from utils.model_io import Loaded, load_or_build
 from utils.sample.compile_util import SamplingError, prepare_for_sampling
@@ -50,7 +51,7 @@ class AppModel:
         return self.var.patch_nums[-1] * self.vae.downsample
 
     def describe(self) -> str:
-        return f'{self.name}: {self.var.describe()}, {self.resolution} px'
+        return f'{self.name}: {describe_model(self.var)}, {self.resolution} px'
 
 
 def class_names(num_classes: int, names_file: str = IMAGENET_NAMES) -> List[str]:
@@ -91,7 +92,7 @@ def demo_sample_defaults(demo_dir: str) -> dict:
     return {k: sample[k] for k in keys if isinstance(sample.get(k), (int, float))}
 
 
-def plan_sources(source: ModelSource, demo_dir: str, compare_ckpt: str = '') -> List[Tuple[str, ModelSource]]:
+def app_sources(source: ModelSource, demo_dir: str, compare_ckpt: str = '') -> List[Tuple[str, ModelSource]]:
     """(name, ModelSource) of every model to serve, by the rule of the module docstring (pure: no file is read
     but the demo folder's listing)."""
     out = []
@@ -107,12 +108,12 @@ def plan_sources(source: ModelSource, demo_dir: str, compare_ckpt: str = '') -> 
     return out
 
 
-def load_app_models(plan: Sequence[Tuple[str, ModelSource]], sample: SampleConfig,
+def load_app_models(sources: Sequence[Tuple[str, ModelSource]], sample: SampleConfig,
                     log: Callable[[str], None] = print) -> Tuple[List[AppModel], List[str]]:
-    """Load every planned model; (served models, error lines): a model that fails to load says why and is left
+    """Load every model of `app_sources`; (served models, error lines): a model that fails to load says why and is left
     out, so the page can show the message instead of the server dying."""
     models, errors = [], []
-    for name, src in plan:
+    for name, src in sources:
         try:
             device = resolve_device(src.device)
             loaded = load_or_build(src, device, log=log)
@@ -128,7 +129,7 @@ def load_app_models(plan: Sequence[Tuple[str, ModelSource]], sample: SampleConfi
 
 def fatal_load_error(named: bool, models: Sequence[AppModel], errors: Sequence[str]) -> Optional[str]:
     """The line app.py exits with instead of serving, or None. named: the user passed --var_ckpt. A checkpoint the
-    user named that does not load ends the server, and so does a plan of which nothing loaded: a page without a
+    user named that does not load ends the server, and so does a list of sources none of which loaded: a page without a
     model has no endpoints (a gradio_client caller would get 'Cannot find a function'). A demo model that failed
     beside one that loaded is shown on the page."""
     if not errors or (models and not named):

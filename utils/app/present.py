@@ -16,7 +16,7 @@ CHART_COLUMNS = ('scale', 'iterations', 'run')
 def gallery(result, class_names: Sequence[str]) -> List[Tuple[np.ndarray, str]]:
     """(uint8 (R, R, 3) image, caption) per image, at the model's resolution."""
     return [(to_uint8_HWC(img_3HW), f'{class_names[c]} · seed {s}')
-            for img_3HW, (c, s) in zip(result.images_N3HW, result.plan)]
+            for img_3HW, (c, s) in zip(result.images_N3HW, result.pairs)]
 
 
 def scale_labels(patch_nums: Sequence[int]) -> List[str]:
@@ -53,7 +53,7 @@ def summary(result, title: str = '') -> str:
         lines.append(f'iterations per scale: {format_iters(result.iters)} (total {sum(result.iters):g})')
     lines += [f'schedule: {result.schedule}',
               f'KV cache: {result.kv_cache_mib:.2f} MiB · {result.seconds_per_image:.3f} s per image '
-              f'({len(result.plan)} images)']
+              f'({len(result.pairs)} images)']
     lines += [f'note: {n}' for n in result.notes]
     return '  \n'.join(lines)
 

@@ -11,12 +11,12 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from gen_img import check_classes, image_plan, mean_iters
-from gen_img import generate as generate_images
+from utils.sample import generate as gen
 from utils.sample import image_io
 from utils.sample.compile_util import SamplingError
 from utils.sample.config import SampleConfig
 from utils.sample.editing import check_edit_mode, make_edit_spec, mode_mask, parse_box
+from utils.sample.schedule_flags import schedule_note
 
 CONDEC, PER_SCALE, ADAPTIVE = 'Con./Dec. (iter_left, iter_right)', 'per-scale list (iters)', 'adaptive (tau, tau_cap)'
 SCHEDULE_MODES = (CONDEC, PER_SCALE, ADAPTIVE)
@@ -43,7 +43,7 @@ class ScheduleRequest:
 class RunResult:
     """What a request ran: images (N, 3, R, R) in [0, 1], their (class, seed), and the figures shown."""
     images_N3HW: torch.Tensor
-    plan: list
+    pairs: list                            # (class, seed) of each image
     schedule: str                          # IterSchedule.describe(), or the model's note for a VAR
     iters: List[float]                     # implicit iterations per scale (mean over batches); [] for a VAR
     kv_cache_mib: float                    # largest KV cache of a batch (cond + uncond rows; cond only at cfg 0)
@@ -129,7 +129,7 @@ def check_class(model, cls, name: str = 'class') -> int:
     """A class id within the model's classes (gen_img.py's check)."""
     cls = as_int(cls, name)
     try:
-        check_classes([cls], model.var.num_classes, flag=name)
+        gen.check_classes([cls], model.var.num_classes, flag=name)
     except SystemExit as e:
         raise RequestError(str(e).removeprefix('error: ')) from None
     return cls
@@ -144,30 +144,29 @@ def _notes(model, config: SampleConfig) -> List[str]:
     return [n.removeprefix('warning: ') for n in notes]
 
 
-def run(model, plan: Sequence, config: SampleConfig, batch_size: int, edit=None,
+def run(model, pairs: Sequence, config: SampleConfig, batch_size: int, edit=None,
         progress: Optional[Progress] = None) -> RunResult:
-    """Sample the plan's (class, seed) images in batches; progress(fraction, text) after each batch."""
+    """Sample the (class, seed) pairs' images in batches; progress(fraction, text) after each batch."""
     batch_size = as_int(batch_size, 'batch size', lo=1)
     notes = _notes(model, config)
     kw = config.call_kwargs(model.num_scales)
-    report = (lambda done: progress(done / len(plan), f'{model.name}: {done}/{len(plan)} images')) if progress else None
+    report = (lambda done: progress(done / len(pairs), f'{model.name}: {done}/{len(pairs)} images')) if progress else None
     t0 = time.perf_counter()
     with torch.inference_mode():
-        imgs, stats = generate_images(model.sampler, list(plan), batch_size, kw, edit, progress=False, on_batch=report)
+        imgs, stats = gen.generate(model.sampler, list(pairs), batch_size, kw, edit, progress=False, on_batch=report)
     dt = time.perf_counter() - t0
-    iters = mean_iters(stats)
+    iters = gen.mean_iters(stats)
     schedule = kw['schedule']
-    text = schedule.describe() if model.var.schedule_settings(schedule, config.fill_forward) \
-        else model.var.schedule_note(schedule)
-    return RunResult(imgs, list(plan), text, iters, max(s.kv_cache_bytes for s in stats) / 2 ** 20,
-                     dt / len(plan), model.name, notes)
+    text = schedule.describe() if model.var.kind == 'VIAR' else schedule_note(model.var.kind, schedule)
+    return RunResult(imgs, list(pairs), text, iters, max(s.kv_cache_bytes for s in stats) / 2 ** 20,
+                     dt / len(pairs), model.name, notes)
 
 
 def generate(model, cls, seeds, config: SampleConfig, batch_size=8, progress: Optional[Progress] = None
              ) -> RunResult:
     """Images of one class at the given seeds."""
     cls = check_class(model, cls)
-    return run(model, image_plan([cls], parse_seeds(seeds)), config, batch_size, progress=progress)
+    return run(model, gen.image_list([cls], parse_seeds(seeds)), config, batch_size, progress=progress)
 
 
 def edit_mask(model, mask_paths: Sequence[str], box: str, mode: str, image_wh) -> torch.Tensor:
@@ -211,7 +210,7 @@ def edit(model, image_path: str, mask_paths: Sequence[str], box: str, mode: str,
     with torch.inference_mode():
         spec = make_edit_spec(model.vae, img_13RR.to(dev), mask_1RR.to(dev), model.var.patch_nums)
         recon_13RR = model.vae.idxBl_to_img(spec.gt_idx_Bl, same_shape=True, last_one=True)
-    result = run(model, image_plan([cls], seeds), config, batch_size, edit=spec, progress=progress)
+    result = run(model, gen.image_list([cls], seeds), config, batch_size, edit=spec, progress=progress)
     result.extra_images = {'input': img_13RR[0].add(1).mul(0.5), 'mask': image_io.mask_to_image(mask_1RR)[0],
                            'reconstruction': recon_13RR[0].float().cpu().add(1).mul(0.5)}
     return result
