@@ -15,9 +15,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def readme_finetune_block():
-    """The command lines of the first bash block under '### Fine-tune on your own data'."""
+    """The command lines of the first bash block under '## Fine-tune on your own data'."""
     text = open(os.path.join(ROOT, 'README.md')).read()
-    section = text.split('### Fine-tune on your own data', 1)[1]
+    section = text.split('## Fine-tune on your own data', 1)[1]
     block = re.search(r'```bash\n(.*?)```', section, re.S).group(1)
     return [ln for ln in block.splitlines() if ln.strip() and not ln.startswith('#')]
 
