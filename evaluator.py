@@ -17,11 +17,13 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from utils.atomic import atomic_path, write_json_atomic
 from utils.eval import fid_math
-from utils.logging_util import get_logger
+from utils.eval.inception_tf import InceptionExtractor, TFDistanceKernel, resolve_graph_path
 from utils.eval.npz_io import EvalInputError, ImageSource, open_image_source, prefetch, read_precomputed_stats
+from utils.logging_util import get_logger
 
 CACHE_VERSION = 1
 PR_MODES = ('adm', 'float32', 'float64')
@@ -117,7 +119,6 @@ def _save_cache(path: str, key: dict, arrays: dict) -> None:
 
 def _bar(total: int, desc: str, enabled: bool, unit: str):
     """A tqdm progress bar on stderr."""
-    from tqdm.auto import tqdm
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not enabled, file=sys.stderr)
 
 
@@ -202,7 +203,6 @@ def compute_metrics(ref: SetFeatures, sample: SetFeatures, logits_weight_PK, ker
 def make_kernel(pr_dtype: str):
     """Distance kernel for precision/recall: ADM's TF float16 block, or exact numpy arithmetic."""
     if pr_dtype == 'adm':
-        from utils.eval.inception_tf import TFDistanceKernel
         return TFDistanceKernel()
     if pr_dtype in ('float32', 'float64'):
         return fid_math.NumpyDistanceKernel(pr_dtype)
@@ -220,7 +220,6 @@ def check_count(src: ImageSource) -> None:
 
 def evaluate(cfg: EvalConfig, extractor=None, graph_path: Optional[str] = None) -> Metrics:
     """Runs the whole evaluation; extractor/graph_path may be passed in to reuse a loaded graph."""
-    from utils.eval.inception_tf import InceptionExtractor, resolve_graph_path
     if cfg.batch_size < 1:
         raise EvalInputError(f'--batch_size {cfg.batch_size}: must be at least 1')
     ref_src, sample_src = open_image_source(cfg.ref_batch), open_image_source(cfg.sample_batch)
@@ -274,7 +273,7 @@ def parse_args(argv=None) -> EvalConfig:
 def main(argv=None) -> Metrics:
     """CLI entry: evaluate and print; user mistakes end with a one-line message."""
     cfg = parse_args(argv)
-    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')   # before TensorFlow is first imported
+    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')   # before TensorFlow is first imported (inception_tf._tf)
     try:
         metrics = evaluate(cfg)
     except EvalInputError as e:

@@ -4,7 +4,8 @@ in batches, and evaluate ADM's half-precision pairwise-distance block.
 Tensor names follow ADM's `classify_image_graph_def.pb`: images (float32 NHWC in 0..255) enter at
 `ExpandDims:0` (the graph resizes them itself), `pool_3:0` gives (N,1,1,P) pool features,
 `mixed_6/conv:0` the spatial map for sFID, and the weight feeding `softmax/logits/MatMul` maps pool
-features to class logits (no bias, as ADM). TensorFlow is imported only when a class is built.
+features to class logits (no bias, as ADM). TensorFlow is imported only when a class is built: it is optional
+(setup without it still samples) and takes seconds to import.
 """
 import os
 import urllib.error
@@ -13,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Optional, Tuple
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from utils.eval.fid_math import ADM_BLOCK, SFID_CHANNELS, MomentAccumulator
 from utils.eval.npz_io import EvalInputError
@@ -72,7 +74,6 @@ def resolve_graph_path(explicit: Optional[str] = None, search_dir: str = '.',
 
 def _download(url: str, dest: str, timeout: float) -> None:
     """Downloads url to dest through a temporary file so a failed download leaves nothing behind."""
-    from tqdm.auto import tqdm
     tmp = dest + '.tmp'
     print(f'downloading the Inception graph from {url} ...')
     try:
@@ -183,7 +184,6 @@ class InceptionExtractor:
             weight = matmul.inputs[1]
         self.sess = _session(self.graph)
         self.logits_weight_PK = np.asarray(self.sess.run(weight), np.float32)
-        self.images_seen = 0
 
     @property
     def pool_width(self) -> int:
@@ -194,7 +194,6 @@ class InceptionExtractor:
         """(pool_NP, spatial_NS) float32 features of one batch of uint8 images."""
         pool, spatial = self.sess.run([self._pool, self._spatial],
                                       {self._images: images_NHWC.astype(np.float32)})
-        self.images_seen += len(images_NHWC)
         return pool.reshape(len(pool), -1), spatial.reshape(len(spatial), -1)
 
     def extract(self, batches: Iterable[np.ndarray], count: int, progress=None) -> Activations:
@@ -214,10 +213,6 @@ class InceptionExtractor:
         if done != count:
             raise EvalInputError(f'expected {count} images but the input yielded {done}')
         return Activations(pool_NP, chunked_stats(pool_NP), spatial.stats())
-
-    def logits(self, pool_NP: np.ndarray) -> np.ndarray:
-        """Class logits pool @ W, as ADM's IS graph computes them (no bias)."""
-        return np.asarray(pool_NP, np.float32) @ self.logits_weight_PK
 
 
 # ----------------------------------------------------------------------------- ADM distance block
