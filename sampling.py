@@ -21,6 +21,7 @@ import torch
 
 import dist
 from utils import cli
+from utils.arch_flags import describe_model
 from utils.atomic import atomic_path, is_temp_name, write_json_atomic
 from utils.checkpoint import CheckpointError
 from utils.logging_util import get_logger
@@ -28,7 +29,8 @@ from utils.memory import peak_memory
 from utils.model_io import default_var_ckpt, load_or_build
 from utils.sample.compile_util import SamplingError, prepare_for_sampling
 from utils.sample.config import add_model_source_args, add_sample_args, parse, resolve_device
-from utils.sample.plan import Batch, make_plan, png_name, rank_share, sample_folder_name
+from utils.sample.plan import Batch, make_plan, png_name, rank_share, run_name_head, sample_folder_name
+from utils.sample.schedule_flags import schedule_note, schedule_settings
 
 log = get_logger('sampling', is_master=False)   # set up for this rank in main()
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
@@ -168,7 +170,7 @@ def plan_settings(args: argparse.Namespace, var, spec, sample_kw: dict, num_clas
         ema=bool(args.ema), model=spec.to_dict(), cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
         official_seeds=bool(args.official_seeds), num_classes=num_classes, per_class=args.per_class,
         batch_size=args.batch_size, dtype=dtype,
-        **var.schedule_settings(sample_kw['schedule'], sample_kw['fill_forward'], sample_kw['solver']))))
+        **schedule_settings(var.kind, sample_kw['schedule'], sample_kw['fill_forward'], sample_kw['solver']))))
 
 
 def settings_diff(old: Dict, new: Dict, prefix: str = '') -> List[str]:
@@ -208,13 +210,13 @@ def summarize(per_rank: List[Dict], var, schedule) -> Dict:
     model_seconds = max(r['model_seconds'] for r in per_rank)
     batches = sum(r['batches'] for r in per_rank)
     sums = [r['iters_sum'] for r in per_rank if r['iters_sum']]
-    planned = var.schedule_settings(schedule, True).get('counts')
+    planned = schedule_settings(var.kind, schedule, True).get('counts')
     return dict(
         images_sampled_this_run=images, seconds=seconds, model_seconds=model_seconds,
         images_per_s=images / model_seconds if images and model_seconds > 0 else None,
         images_per_s_with_io=images / seconds if images and seconds > 0 else None,
         iters_per_scale=[sum(col) / batches for col in zip(*sums)] if sums else None,
-        iters_per_scale_planned=planned, schedule=var.schedule_note(schedule),
+        iters_per_scale_planned=planned, schedule=schedule_note(var.kind, schedule),
         peak_memory_bytes=max(r['peak_memory']['bytes'] for r in per_rank),
         peak_memory_kind=per_rank[0]['peak_memory']['kind'], per_rank=per_rank)
 
@@ -317,15 +319,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[str]:
         except ValueError as e:
             raise SystemExit(f'error: {e}') from None
         sample_kw = sample.call_kwargs(len(var.patch_nums))
-        folder = os.path.join(args.sample_dir, sample_folder_name(var.run_name_head(), args.var_ckpt, args.cfg,
-                                                                  args.seed))
+        folder = os.path.join(args.sample_dir, sample_folder_name(run_name_head(var.kind, var.depth), args.var_ckpt,
+                                                                  args.cfg, args.seed))
         settings = plan_settings(args, var, spec, sample_kw, num_classes, dtype)
         todo = find_todo(folder, plan, settings)
         total = num_classes * args.per_class
         if args.stop_after:
             todo = todo[:args.stop_after]
-        log.info(f'{var.describe()}; {var.schedule_note(sample_kw["schedule"])}; {world} process(es), {dtype}, '
-                 f'{total} images in {len(plan)} batches, {sum(len(i) for _, i in todo)} to make -> {folder}')
+        log.info(f'{describe_model(var)}; {schedule_note(var.kind, sample_kw["schedule"])}; {world} process(es), '
+                 f'{dtype}, {total} images in {len(plan)} batches, {sum(len(i) for _, i in todo)} to make -> {folder}')
         mine = sample_todo(sampler, todo, folder, sample_kw, total, args.progress)
         if args.stop_after:
             log.info(f'stopped after {len(todo)} batches (--stop_after); run again without it to finish.')

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 import dist
 from utils import cli
-from utils.arch_flags import describe_spec
+from utils.arch_flags import describe_model, describe_spec
 from utils.atomic import check_writable
 from utils.logging_util import ScalarWriter, format_duration, get_logger
 from utils.memory import peak_memory
@@ -516,7 +516,8 @@ class Run:
                       f'{der.batch_size} per rank on {self.world} rank(s); {der.workers} loader worker(s) per rank '
                       f'({der.workers_rule})')
         n_params = sum(p.numel() for p in self.var.parameters())
-        self.log.info(f'[model] {self.var.describe()}: {n_params / 1e6:.2f}M params; {der.lr_rule}, {der.precision}')
+        self.log.info(f'[model] {describe_model(self.var)}: {n_params / 1e6:.2f}M params; {der.lr_rule}, '
+                      f'{der.precision}')
         self.log.info('[args]\n' + arg_util.format_args(a))
         if self.prog.g_it >= self.total:
             self.log.info(f'[done] nothing to do: step {self.prog.g_it} >= {self.total}')

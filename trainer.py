@@ -4,7 +4,7 @@ Shapes: B batch, L tokens over all scales, l tokens of one scale, V vocabulary.
 The loss is the official one: per-token cross-entropy (with label smoothing) times a weight of 1/L per
 token, summed over tokens and averaged over the batch; in progressive training only the scales up to
 `prog_si` count and the newest one is ramped in. S-JFB iteration counts (n, m) come from the model's
-`sjfb_plan` (none for VAR): by default from a generator seeded by (seed, global step), so every rank
+`draw_jfb_iters` (none for VAR): by default from a generator seeded by (seed, global step), so every rank
 draws the same pair; `jfb_draw='rank'` keeps the official per-rank draw. Class dropout and drop path are
 drawn for the whole global batch from (seed, step), each rank taking its rows (`var.training_draws`), so any
 world size trains the same run; `drop_draw='rank'` keeps the official per-rank generator.
@@ -107,7 +107,7 @@ class VARTrainer:
     def draw_jfb(self, g_it: int) -> Optional[Tuple[int, int]]:
         """S-JFB (n, m) of global step g_it, from the model (None for VAR); identical on every rank unless
         jfb_draw == 'rank' (the official per-rank draw)."""
-        return self.var_wo_ddp.sjfb_plan(g_it if self.draw_per_step else None, self.seed)
+        return self.var_wo_ddp.draw_jfb_iters(g_it if self.draw_per_step else None, self.seed)
 
     def batch_draws(self, g_it: int, rows: int, plan, device):
         """Class-dropout and drop-path draws of step g_it for this rank's rows of the global batch (None: the model
@@ -204,7 +204,7 @@ class VARTrainer:
                 img_B3HW, label_B = (t.to(dev, non_blocking=True) for t in batch)
                 gt_BL, x_BLCv = self.tokenize(img_B3HW)
                 with self.opt.amp_ctx():
-                    logits_BLV = self.var_wo_ddp(label_B, x_BLCv, jfb_iters=self.var_wo_ddp.eval_sjfb())
+                    logits_BLV = self.var_wo_ddp(label_B, x_BLCv, jfb_iters=self.var_wo_ddp.eval_jfb_iters())
                 if not counts:
                     continue
                 ce_BL = F.cross_entropy(logits_BLV.float().transpose(1, 2), gt_BL, reduction='none')

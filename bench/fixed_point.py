@@ -43,20 +43,20 @@ if __name__ == '__main__' and ROOT not in sys.path:   # run as a script: make th
 import torch  # noqa: E402
 
 from bench.sample_speed import machine_facts  # noqa: E402
-from models.solver import SolverSpec  # noqa: E402
-
-SOLVERS = ('picard', 'anderson')
+from models.solver import SOLVERS, SolverSpec  # noqa: E402
+from utils.arch_flags import describe_model  # noqa: E402
 
 
 # ---------------------------------------------------------------- options and arithmetic (pure)
 
 def parse_options(text: str, m: int = 5, lam: float = 1e-6, beta: float = 1.0) -> List[Tuple[str, SolverSpec]]:
-    """'picard,anderson' -> [(name, the SolverSpec it samples with)]; Anderson with history m, lam and beta."""
-    out = []
+    """'picard,anderson' -> [(name, the SolverSpec it samples with)]; m, lam and beta go to the solvers that take
+    them (Anderson: history, regularisation, mixing)."""
+    given, out = dict(m=m, lam=lam, beta=beta), []
     for name in (t.strip() for t in text.split(',') if t.strip()):
         if name not in SOLVERS:
             raise ValueError(f'unknown solver {name!r}: choose from {", ".join(SOLVERS)}')
-        out.append((name, SolverSpec('anderson', m=m, lam=lam, beta=beta) if name == 'anderson' else SolverSpec()))
+        out.append((name, SolverSpec(name, **{k: v for k, v in given.items() if k in SOLVERS[name].options})))
     return out
 
 
@@ -215,7 +215,7 @@ def study(vae, var, args) -> Dict[str, Any]:
             dlogit = [rel_l2(a, b) for a, b in zip(rec.logits, ref.logits)]
             t = timed(var, vae, solver, sched, labels, seeds, reps=args.reps, **common)
             agree = [(a == b).float().mean().item() for a, b in zip(t['tokens'], ref.tokens)]
-            row = dict(option=name, solver=dict(kind=solver.kind, m=solver.m, lam=solver.lam, beta=solver.beta),
+            row = dict(option=name, solver=solver.to_dict(),
                        schedule=label, iters=st.iters, total_iters=sum(st.iters),
                        weighted_iters=sum(i * w for i, w in zip(st.iters, weights)), free_iters=t['iters'],
                        distance_z=dz, distance=max(dz), distance_logits=dlogit, token_agreement=agree,
@@ -328,7 +328,7 @@ def main(argv=None) -> Dict[str, Any]:
     mach = machine_facts()
     vae, var = load(args)
     result = dict(args=vars(args), machine=mach, model=dict(patch_nums=list(var.patch_nums), width=var.C,
-                                                            num_classes=var.num_classes, describe=var.describe()))
+                                                            num_classes=var.num_classes, describe=describe_model(var)))
     result.update(study(vae, var, args))
     result['machine']['load_avg_end'] = list(os.getloadavg())
     os.makedirs(args.out, exist_ok=True)

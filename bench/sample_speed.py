@@ -30,8 +30,8 @@ SPREAD_LIMIT = 0.10   # timed calls of one row that differ by more than 10% (slo
 # ---------------------------------------------------------------- pure helpers
 
 def parse_schedules(text: str, num_scales: int, cap: int, tau_json: str = '', stop_mode: str = 'rel') -> List[Dict]:
-    """The --schedules list as JSON-able schedules (models.schedules.from_token names and counts)."""
-    from models.schedules import from_token
+    """The --schedules list as JSON-able schedules (utils.sample.schedule_flags.from_token names and counts)."""
+    from utils.sample.schedule_flags import from_token
     tokens = [t for t in text.split(',') if t.strip()]
     return [from_token(t, num_scales, cap, tau_json, stop_mode).to_dict() for t in tokens]
 

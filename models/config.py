@@ -81,16 +81,16 @@ class ModelSpec:
 
     # ---- checks and comparisons
     def validate(self):
-        """Raise ValueError with the fix when the sizes cannot build a model."""
+        """Raise ValueError with the fix, in field names, when the sizes cannot build a model
+        (utils.arch_flags.check_spec says it in flags)."""
         if self.depth < 1:
             raise ValueError(f'depth must be >= 1, got {self.depth}')
         if self.width % self.heads:
-            raise ValueError(f'width {self.width} must be divisible by heads {self.heads} (--width/--heads)')
+            raise ValueError(f'width {self.width} must be divisible by heads {self.heads} (embed_dim, num_heads)')
         if self.use_implicit and (self.pre_depth < 0 or self.post_depth < 0
                                   or self.pre_depth + self.post_depth >= self.depth):
-            raise ValueError(f'VIAR needs pre_depth + post_depth < depth, i.e. 2 * --p_depth < --depth for train.py '
-                             f'(got {self.pre_depth} + {self.post_depth} with depth {self.depth}): lower --p_depth '
-                             f'(--pre_depth/--post_depth) or raise --depth')
+            raise ValueError(f'VIAR needs pre_depth + post_depth < depth (got {self.pre_depth} + {self.post_depth} '
+                             f'with depth {self.depth}): lower pre_depth and post_depth or raise depth')
         if list(self.patch_nums) != sorted(set(self.patch_nums)) or not self.patch_nums or self.patch_nums[0] < 1:
             raise ValueError(f'patch_nums must be strictly increasing positive sides, got {self.patch_nums}')
         if self.num_classes < 1 or self.V < 2 or self.Cvae < 1:

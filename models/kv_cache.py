@@ -4,7 +4,7 @@ Shapes: B batch (2B with CFG), H heads, c head dim, l tokens of one scale, L all
 Every cache is allocated once (on its first write, when dtype and device are known) with a
 capacity planned from the schedule, and written in place: no torch.cat growth per scale.
 """
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -69,30 +69,13 @@ def implicit_cache_capacities(patch_nums: Sequence[int], counts: Sequence[int], 
     return caps
 
 
-def planned_kv_bytes(patch_nums: Sequence[int], explicit_layers: int, counts: Optional[Sequence[int]], rows: int,
-                     width: int, elem_bytes: int, fill_forward: bool = True) -> int:
-    """Bytes the KV caches of one sampling call hold, known before it runs (a fixed schedule).
-
-    Each explicit layer caches all L tokens; the implicit block (counts given, VIAR) one cache per
-    iteration index with the capacities above, plus an L-token cache of last iterates when some scale
-    runs more iterations than an earlier one (fill_forward). rows: 2B with CFG. For an adaptive schedule
-    pass its caps: the result is then an upper bound.
-    """
-    L = scale_begin_ends(patch_nums)[-1][1]
-    tokens = explicit_layers * L
-    if counts is not None:
-        tokens += sum(implicit_cache_capacities(patch_nums, counts, fill_forward))
-        if fill_forward and any(b > a for a, b in zip(counts, counts[1:])):
-            tokens += L
-    return 2 * rows * width * elem_bytes * tokens
-
-
 class IterKVCaches:
     """Per-iteration caches of the implicit block: iteration t attends to what iteration t produced before.
 
     Where an earlier scale j stopped before iteration t (increasing or adaptive schedules) and
     `fill_forward` is on, cache t holds j's last iterate there; off, it holds nothing for j, as the
     official code does. Caches are created the first time an iteration index is reached.
+    A solver calls G once per iteration index of a scale (models/solver.py): `get` refuses a second (scale, t).
     """
 
     def __init__(self, patch_nums: Sequence[int], counts: Optional[Sequence[int]], fill_forward: bool = True):
@@ -105,6 +88,7 @@ class IterKVCaches:
         self.needs_last = fill_forward and (counts is None or any(b > a for a, b in zip(counts, counts[1:])))
         self.last = KVCache(self.L) if self.needs_last else None
         self.si = 0
+        self.written_t: Set[int] = set()   # iteration indices the current scale has written
 
     def _capacity(self, t: int) -> int:
         if self.capacities is not None and t < len(self.capacities):
@@ -112,7 +96,14 @@ class IterKVCaches:
         return self.L
 
     def get(self, t: int) -> KVCache:
-        """Cache for iteration t at the current scale (created, and prefilled, on first use)."""
+        """Cache for iteration t to write the current scale into (created, and prefilled, on first use).
+
+        A second write of one (scale, t) would overflow a cache sized by the schedule, or leave the scale's keys
+        twice in one grown to L: it raises instead."""
+        if t in self.written_t:
+            raise RuntimeError(f'iteration {t} of scale {self.si} asked for its KV cache twice: a solver must call '
+                               f'G(z, t) once per t (models/solver.py)')
+        self.written_t.add(t)
         if t not in self.caches:
             cache = KVCache(self._capacity(t))
             if self.fill_forward and self.si > 0:
@@ -132,6 +123,7 @@ class IterKVCaches:
             if self.last is not None:
                 self.last.append(k, v)
         self.si += 1
+        self.written_t.clear()
 
     def nbytes(self) -> int:
         """Bytes held by all per-iteration caches (and the last-iterate cache)."""

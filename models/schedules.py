@@ -9,7 +9,6 @@ For the standard 10 scales the two rules give the same counts and the plain name
 knob: an explicit per-scale list, and an adaptive rule that stops a scale once the residual reaches tau.
 Every tool prints a schedule with `IterSchedule.describe()`: its name and the counts it runs.
 """
-import json
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -78,10 +77,6 @@ class IterSchedule:
     def adaptive(self) -> bool:
         return self.tau is not None
 
-    @property
-    def max_iters(self) -> int:
-        return max(self.counts) if self.counts else 0
-
     def label(self) -> str:
         """Short human label like the paper's: Con.(10,10), Dec.(20,5), a list or adaptive."""
         if self.name:
@@ -133,7 +128,7 @@ def explicit(counts: Sequence[int], num_scales: int) -> IterSchedule:
     """An explicit per-scale list, e.g. 20,18,16,14,12,10,8,6,5,5."""
     counts = [int(c) for c in counts]
     if len(counts) != num_scales:
-        raise ValueError(f'--iters needs {num_scales} counts (one per scale), got {len(counts)}: {counts}')
+        raise ValueError(f'an explicit schedule needs {num_scales} counts (one per scale), got {len(counts)}: {counts}')
     return IterSchedule(counts)
 
 
@@ -147,82 +142,3 @@ def adaptive(tau: Union[float, Sequence[float]], cap: Union[int, Sequence[int]],
     if any(c < 1 for c in caps):
         raise ValueError(f'the adaptive cap must be >= 1 iteration per scale, got {caps}')
     return IterSchedule(caps, tau=taus, stop_mode=stop_mode, min_iters=min_iters)
-
-
-def parse_int_list(text: str) -> List[int]:
-    """'20,18,16' or '20_18_16' -> [20, 18, 16]."""
-    try:
-        return [int(t) for t in text.replace('_', ',').split(',') if t.strip()]
-    except ValueError:
-        raise ValueError(f'expected comma-separated integers, got {text!r}') from None
-
-
-def parse_float_list(text: str) -> List[float]:
-    """'0.01,0.02' -> [0.01, 0.02]."""
-    try:
-        return [float(t) for t in text.replace('_', ',').split(',') if t.strip()]
-    except ValueError:
-        raise ValueError(f'expected comma-separated numbers, got {text!r}') from None
-
-
-def positive_taus(taus: Sequence[float]) -> List[float]:
-    """A command line's tau values, which must be > 0 (tau = 0 never stops early: use a fixed schedule)."""
-    if any(not t > 0 for t in taus):
-        raise ValueError(f'tau must be > 0 (0 never stops early: give a fixed schedule instead), got {list(taus)}')
-    return list(taus)
-
-
-def from_cli(num_scales: int, iter_left: int = 10, iter_right: int = 10, iters: str = '',
-             tau: str = '', tau_json: str = '', cap: int = 0, stop_mode: str = 'rel') -> IterSchedule:
-    """One schedule from the sampling scripts' flags; the knob (K-point rule) when nothing else is given."""
-    if tau or tau_json:
-        taus = positive_taus(load_tau_json(tau_json, num_scales) if tau_json else parse_float_list(tau))
-        taus = taus * num_scales if len(taus) == 1 else taus
-        caps = parse_int_list(iters) if iters else [cap or DEFAULT_CAP] * num_scales
-        return adaptive(taus, caps, num_scales, stop_mode=stop_mode)
-    if iters:
-        return explicit(parse_int_list(iters), num_scales)
-    return decreasing(iter_left, iter_right, num_scales)
-
-
-def from_token(token: str, num_scales: int, cap: int = DEFAULT_CAP, tau_json: str = '',
-               stop_mode: str = 'rel') -> IterSchedule:
-    """One schedule of a benchmark list: 'A:B' (the knob, K-point rule), 'A:B/10' (the official 10-point rule),
-    'tau=X' or 'tau=json' (adaptive, per-scale tau from convergence.py's JSON)."""
-    token = token.strip()
-    if token.startswith('tau='):
-        value = token[4:]
-        if value == 'json':
-            if not tau_json:
-                raise ValueError("schedule 'tau=json' needs --tau_json PATH (written by scripts/convergence.py)")
-            return adaptive(positive_taus(load_tau_json(tau_json, num_scales)), cap, num_scales, stop_mode=stop_mode)
-        try:
-            taus = positive_taus(parse_float_list(value))
-        except ValueError as e:
-            raise ValueError(f'bad schedule {token!r}: ' + (str(e) if 'tau' in str(e) else
-                                                            'tau must be a number, e.g. tau=0.01')) from None
-        if len(taus) != 1:
-            raise ValueError(f'bad schedule {token!r}: one tau per token (use tau=json for one per scale)')
-        return adaptive(taus[0], cap, num_scales, stop_mode=stop_mode)
-    official = token.endswith(f'/{OFFICIAL_POINTS}')
-    try:
-        a, b = (int(t) for t in token[:-3 if official else None].split(':'))
-    except ValueError:
-        raise ValueError(f"bad schedule {token!r}: use 'A:B' (e.g. 20:5), 'A:B/10' (official 10-point rule), "
-                         f"'tau=0.01' or 'tau=json'") from None
-    return decreasing(a, b, num_scales, official=official)
-
-
-def load_tau_json(path: str, num_scales: int) -> List[float]:
-    """Per-scale tau from convergence.py's JSON (key 'suggested_tau'), one value per scale of the model."""
-    try:
-        with open(path) as f:
-            taus = json.load(f).get('suggested_tau')
-    except (OSError, ValueError) as e:
-        raise ValueError(f'cannot read {path}: {e}') from None
-    if not taus:
-        raise ValueError(f'{path} has no "suggested_tau" list; run scripts/convergence.py first')
-    if len(taus) != num_scales:
-        raise ValueError(f'{path} lists {len(taus)} tau values but this model has {num_scales} scales; '
-                         f'run scripts/convergence.py on this model')
-    return [float(t) for t in taus]

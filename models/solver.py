@@ -1,6 +1,10 @@
-"""Fixed-point iteration z <- G(z, t) with fixed or residual-based stopping, plain or Anderson-accelerated."""
-from dataclasses import dataclass
-from typing import Callable, Optional
+"""Fixed-point solvers z <- G(z, t) with fixed or residual-based stopping, and SOLVERS, the table of them by name.
+
+The contract of G (VIAR's `_scale_map`): iteration t writes KV cache t, so a solver calls G exactly once per
+t = 0, 1, ... in order; a second call at one t is an error (models/kv_cache.py IterKVCaches).
+"""
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -99,23 +103,72 @@ def anderson_iterate(G: Callable[[torch.Tensor, int], torch.Tensor], z0: torch.T
 
 
 @dataclass(frozen=True)
-class SolverSpec:
-    """How VIAR solves each scale's fixed point when sampling: 'picard' (plain iteration, the default and the
-    official behaviour) or 'anderson' (`anderson_iterate` with history m, regularisation lam, mixing beta)."""
-    kind: str = 'picard'
-    m: int = 5
-    lam: float = 1e-6
-    beta: float = 1.0
+class Option:
+    """One option of a solver: its default, the check a value must pass (`rule` says it in words), its meaning."""
+    default: float
+    ok: Callable[[float], bool]
+    rule: str
+    doc: str
 
-    def __post_init__(self):
-        if self.kind not in ('picard', 'anderson'):
-            raise ValueError(f"solver kind must be 'picard' or 'anderson', got {self.kind!r}")
-        if self.m < 2 or self.lam < 0 or not 0 < self.beta <= 1:
-            raise ValueError(f'Anderson needs m >= 2, lam >= 0 and 0 < beta <= 1, got m={self.m}, lam={self.lam}, '
-                             f'beta={self.beta}')
+
+@dataclass(frozen=True)
+class Solver:
+    """A row of SOLVERS: solve(G, z0, max_iter, tau, stop_mode, min_iter, track_residual, **options) -> (z, stats)
+    with the contract of `fixed_point_iterate` (G called once per t = 0, 1, ... in order), one line on what it is,
+    and its options."""
+    solve: Callable
+    doc: str
+    options: Dict[str, Option] = field(default_factory=dict)
+
+
+# every solver the sampler can use, by name: the sampling flags, the benchmarks and the banners read this table
+SOLVERS: Dict[str, Solver] = {
+    'picard': Solver(fixed_point_iterate, 'plain iteration z <- G(z), the official sampler'),
+    'anderson': Solver(anderson_iterate, 'Anderson acceleration: fewer iterations to a tight tau (docs/SPEED.md)',
+                       dict(m=Option(5, lambda v: v >= 2, '>= 2', 'history size'),
+                            lam=Option(1e-6, lambda v: v >= 0, '>= 0', 'regularisation, relative to the mean '
+                                                                       'squared residual'),
+                            beta=Option(1.0, lambda v: 0 < v <= 1, 'in (0, 1]', 'mixing'))),
+}
+
+
+class SolverSpec:
+    """How VIAR solves each scale's fixed point when sampling: a SOLVERS name and its options (the rest default).
+
+    >>> SolverSpec('anderson', m=3)
+    SolverSpec('anderson', m=3, lam=1e-06, beta=1.0)
+    """
+
+    def __init__(self, kind: str = 'picard', **options: float):
+        if kind not in SOLVERS:
+            raise ValueError(f'unknown solver {kind!r}: choose from {", ".join(SOLVERS)}')
+        known = SOLVERS[kind].options
+        unknown = sorted(options.keys() - known.keys())
+        if unknown:
+            raise ValueError(f'solver {kind} has no option {unknown[0]!r} (its options: {", ".join(known) or "none"})')
+        self.kind = kind
+        self.options = {name: options.get(name, o.default) for name, o in known.items()}
+        for name, value in self.options.items():
+            if not known[name].ok(value):
+                raise ValueError(f'{kind} needs {name} {known[name].rule}, got {name}={value}')
+
+    def to_dict(self) -> dict:
+        """{'kind': name, option: value, ...}: JSON-able, and `SolverSpec(**d)` rebuilds it."""
+        return dict(kind=self.kind, **self.options)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, SolverSpec) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.to_dict().items()))
+
+    def __str__(self) -> str:
+        """'picard', 'anderson m=5 lam=1e-06 beta=1': for banners and logs."""
+        return ' '.join([self.kind] + [f'{k}={v:g}' for k, v in self.options.items()])
+
+    def __repr__(self) -> str:
+        return f'SolverSpec({self.kind!r}' + ''.join(f', {k}={v!r}' for k, v in self.options.items()) + ')'
 
     def solve(self, G: Callable[[torch.Tensor, int], torch.Tensor], z0: torch.Tensor, **kw):
         """(z, SolveStats) from z0; kw as `fixed_point_iterate` (max_iter, tau, stop_mode, min_iter)."""
-        if self.kind == 'anderson':
-            return anderson_iterate(G, z0, m=self.m, lam=self.lam, beta=self.beta, **kw)
-        return fixed_point_iterate(G, z0, **kw)
+        return SOLVERS[self.kind].solve(G, z0, **self.options, **kw)

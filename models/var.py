@@ -84,12 +84,12 @@ class VARBase(nn.Module):
     # ---- what differs between VAR and VIAR, answered by the class ----
     kind = 'VAR'
 
-    def sjfb_plan(self, step: Optional[int] = None, seed: int = 0) -> Optional[Tuple[int, int]]:
-        """S-JFB iterations (n without grad, m with grad) of a training step; None: no implicit block."""
+    def draw_jfb_iters(self, step: Optional[int] = None, seed: int = 0) -> Optional[Tuple[int, int]]:
+        """jfb_iters of a training step: S-JFB's (n iterations without grad, m with grad); None: no implicit block."""
         return None
 
-    def eval_sjfb(self) -> Optional[Tuple[int, int]]:
-        """Fixed S-JFB iterations for validation; None: no implicit block."""
+    def eval_jfb_iters(self) -> Optional[Tuple[int, int]]:
+        """Fixed jfb_iters for validation; None: no implicit block."""
         return None
 
     def drop_path_probs(self, jfb_iters: Optional[Tuple[int, int]] = None) -> List[float]:
@@ -125,29 +125,9 @@ class VARBase(nn.Module):
         """The modules whose forward runs in the sampling scale loop (what compile targets)."""
         return [*self.backbone_blocks(), self.head_nm]
 
-    def run_name_head(self) -> str:
-        """Head of the official sample-folder name: 'd<depth>' for VAR, 'implicit' for VIAR."""
-        return f'd{self.depth}'
-
-    def describe(self) -> str:
-        """One line for logs: kind, depth, width, heads, scales, classes."""
-        return (f'{self.kind} depth {self.depth}{self._blocks_text()}, width {self.C}, {self.num_heads} heads, '
-                f'{len(self.patch_nums)} scales, {self.num_classes} classes')
-
-    def _blocks_text(self) -> str:
-        return ''
-
-    def schedule_note(self, schedule: IterSchedule) -> str:
-        """How this model uses an iteration schedule, for banners and reports."""
-        return 'no implicit block: iteration schedules do nothing'
-
-    def schedule_settings(self, schedule: IterSchedule, fill_forward: bool, solver: Optional[SolverSpec] = None) -> dict:
-        """The schedule (and solver) values that decide this model's samples ({} when it has no implicit block)."""
-        return {}
-
     def register_iterate_hook(self, fn):
         """fn(z_t, z_next) after every implicit iteration during sampling; VIAR only."""
-        raise ValueError(f'{self.describe()} has no implicit block to watch; this needs a VIAR')
+        raise ValueError(f'a {self.kind} has no implicit block to watch; this needs a VIAR')
 
     # ---- backbone interface (subclasses) ----
     def build_backbone(self):
@@ -204,7 +184,7 @@ class VARBase(nn.Module):
         """Teacher forcing: logits_BLV for every token given the ground-truth earlier scales.
 
         x_BLCv_wo_first_l: (B, L - first_l, Cv) from `vae.quantize.idxBl_to_var_input`.
-        jfb_iters: (n, m) S-JFB iterations for VIAR (ignored by VAR); None draws them (`sjfb_plan()`).
+        jfb_iters: (n, m) S-JFB iterations for VIAR (ignored by VAR); None draws them (`draw_jfb_iters()`).
         prog_si >= 0 (progressive training): only scales 0..prog_si, so L becomes that scale's end.
         draws: class dropout and drop path from `training_draws` (the same for any world size); None draws
         them from the global generator, as official.

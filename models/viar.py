@@ -7,7 +7,6 @@ without grad, then m with grad, so memory does not grow with the effective depth
 The sampling fast path splits Proj's first Linear over [z, x]: W [z, x] + b = W_z z + (W_x x + b), the
 bracket computed once per scale (`injection`), W_z and W_x views of the one weight.
 """
-import dataclasses
 import random
 from collections import OrderedDict
 from typing import List, Optional, Tuple
@@ -18,9 +17,7 @@ import torch.nn.functional as F
 from torch.utils.hooks import RemovableHandle
 
 from models.blocks import AdaLNSelfAttn
-from models.jfb import draw_jfb_iters, step_rng
 from models.kv_cache import IterKVCaches, KVCache
-from models.schedules import IterSchedule
 from models.solver import SolverSpec
 from models.var import VARBase
 
@@ -55,10 +52,12 @@ class VIAR(VARBase):
         return [*self.pre_blocks, self.implicit_block, *self.post_blocks]
 
     # ---- answers to the questions VARBase asks
-    def sjfb_plan(self, step: Optional[int] = None, seed: int = 0) -> Tuple[int, int]:
-        """(n, m) of a training step: identical on every rank for a given (seed, step); step=None draws from
-        Python's global `random`, which is seeded per rank (the official code's draw)."""
-        return draw_jfb_iters(random if step is None else step_rng(seed, step), self.jfb_no_grad, self.jfb_with_grad)
+    def draw_jfb_iters(self, step: Optional[int] = None, seed: int = 0) -> Tuple[int, int]:
+        """(n, m) of a training step, n ~ U{jfb_no_grad}, m ~ U{jfb_with_grad} (inclusive bounds): identical on every
+        rank for a given (seed, step); step=None draws from Python's global `random`, seeded per rank (the official
+        code's draw)."""
+        rng = random if step is None else random.Random(f'sjfb-{seed}-{step}')
+        return rng.randint(*self.jfb_no_grad), rng.randint(*self.jfb_with_grad)
 
     def drop_path_probs(self, jfb_iters: Optional[Tuple[int, int]] = None) -> List[float]:
         """Pre-blocks, then the implicit block once per iteration (n + m), then post-blocks."""
@@ -72,29 +71,13 @@ class VIAR(VARBase):
         would count every iteration as a use."""
         return [*self.pre_blocks, *self.post_blocks]
 
-    def eval_sjfb(self) -> Tuple[int, int]:
+    def eval_jfb_iters(self) -> Tuple[int, int]:
         """The rounded means of the S-JFB ranges."""
         (n0, n1), (m0, m1) = self.jfb_no_grad, self.jfb_with_grad
         return round((n0 + n1) / 2), round((m0 + m1) / 2)
 
     def scale_loop_modules(self) -> List[nn.Module]:
         return [*super().scale_loop_modules(), self.implicit_block_projection]
-
-    def run_name_head(self) -> str:
-        return 'implicit'
-
-    def _blocks_text(self) -> str:
-        return f' ({self.pre_depth} pre + implicit + {self.post_depth} post)'
-
-    def schedule_note(self, schedule: IterSchedule) -> str:
-        return f'schedule {schedule.describe()}'
-
-    def schedule_settings(self, schedule: IterSchedule, fill_forward: bool, solver: Optional[SolverSpec] = None) -> dict:
-        out = dict(counts=list(schedule.counts), tau=schedule.tau, stop_mode=schedule.stop_mode,
-                   min_iters=schedule.min_iters, fill_forward=fill_forward)
-        if solver is not None and solver != SolverSpec():   # the default keeps folders of earlier runs resumable
-            out['solver'] = dataclasses.asdict(solver)
-        return out
 
     def register_iterate_hook(self, fn):
         """fn(z_t, z_next) after every implicit iteration during sampling (z_t: the iterate G was called at,
@@ -133,7 +116,7 @@ class VIAR(VARBase):
         ada_pre, ada_imp, ada_post = self._split(ada)
         keep = (lambda k: None) if path_keep_K2B is None else (lambda k: path_keep_K2B[k])  # noqa: E731
         p = self.pre_depth
-        n, m = jfb_iters if jfb_iters is not None else self.sjfb_plan()   # Python's random: no torch draw moves
+        n, m = jfb_iters if jfb_iters is not None else self.draw_jfb_iters()   # Python's random: no torch draw moves
         self._check_calls(path_keep_K2B, p + n + m + len(self.post_blocks))
         for k, (block, a) in enumerate(zip(self.pre_blocks, ada_pre)):
             x_BLC = self._run_block(block, x_BLC, a, attn_bias, None, keep(k))
@@ -159,7 +142,9 @@ class VIAR(VARBase):
                     post=[KVCache(self.L) for _ in self.post_blocks], solver=solver or SolverSpec(), fast=fast)
 
     def _scale_map(self, x_BlC, ada_imp, caches: IterKVCaches, fast: bool):
-        """G(z, t) of one scale: iteration t attends through cache t; the iterate hooks see every call."""
+        """G(z, t) of one scale: iteration t attends through, and writes this scale into, KV cache t; the iterate
+        hooks see every call. The contract for solvers: call G once per t = 0, 1, ... (a second call at one t would
+        overflow a cache sized by the schedule, or attend to this scale's keys twice): IterKVCaches raises on it."""
         if fast:
             inj_Bl2C, W_z = self.injection(x_BlC)
             G = lambda z, t: self.implicit_step_hoisted(z, inj_Bl2C, W_z, ada_imp, None, caches.get(t))  # noqa: E731

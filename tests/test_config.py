@@ -49,21 +49,26 @@ def test_dataclass_cli_types_aliases_and_explicit_flags():
 @pytest.mark.parametrize('use_implicit', [False, True])
 def test_the_model_answers_every_var_viar_question(use_implicit):
     from models import schedules as S
+    from models.config import spec_of_model
+    from utils.arch_flags import describe_spec
+    from utils.sample.plan import run_name_head
+    from utils.sample.schedule_flags import schedule_note, schedule_settings
     _, var = tiny_vae_var(use_implicit)
     sched = S.constant(2, 4)
+    head = run_name_head(var.kind, var.depth)
     if use_implicit:
-        n, m = var.sjfb_plan(5, seed=1)
-        assert (n, m) == var.sjfb_plan(5, seed=1) and 0 <= n <= 10 and 1 <= m <= 12   # rank-identical per step
-        assert var.eval_sjfb() == (5, 6) and var.run_name_head() == 'implicit'
+        n, m = var.draw_jfb_iters(5, seed=1)
+        assert (n, m) == var.draw_jfb_iters(5, seed=1) and 0 <= n <= 10 and 1 <= m <= 12   # rank-identical per step
+        assert var.eval_jfb_iters() == (5, 6) and head == 'implicit'
         assert var.implicit_block_projection in var.scale_loop_modules()
-        assert var.schedule_settings(sched, True)['counts'] == [2] * 4
-        assert 'Con.(2,2)' in var.schedule_note(sched)
+        assert schedule_settings(var.kind, sched, True)['counts'] == [2] * 4
+        assert 'Con.(2,2)' in schedule_note(var.kind, sched)
     else:
-        assert var.sjfb_plan(5) is None and var.eval_sjfb() is None and var.run_name_head() == 'd4'
-        assert var.schedule_settings(sched, True) == {} and 'do nothing' in var.schedule_note(sched)
+        assert var.draw_jfb_iters(5) is None and var.eval_jfb_iters() is None and head == 'd4'
+        assert schedule_settings(var.kind, sched, True) == {} and 'do nothing' in schedule_note(var.kind, sched)
         with pytest.raises(ValueError, match='no implicit block'):
             var.register_iterate_hook(lambda z, z_next: None)
-    assert var.head_nm in var.scale_loop_modules() and var.describe().startswith(var.kind)
+    assert var.head_nm in var.scale_loop_modules() and describe_spec(spec_of_model(var)).startswith(var.kind)
 
 
 def test_iterate_hook_sees_every_implicit_iteration():
@@ -94,10 +99,16 @@ def test_spec_from_state_dict_reads_sizes_pyramid_and_tokenizer():
 
 
 def test_a_bad_size_is_caught_by_the_spec():
+    from utils.arch_flags import check_spec
+    viar = ModelSpec(depth=4, use_implicit=True, pre_depth=2, post_depth=2)
+    with pytest.raises(ValueError, match='pre_depth \\+ post_depth < depth'):
+        viar.validate()   # in field names: the model layer knows no flags
     with pytest.raises(ValueError, match='2 \\* --p_depth < --depth'):
-        ModelSpec(depth=4, use_implicit=True, pre_depth=2, post_depth=2).validate()
+        check_spec(viar)  # the same check in flags
     with pytest.raises(ValueError, match='divisible by heads'):
         ModelSpec(depth=4, embed_dim=30, num_heads=4).validate()
+    with pytest.raises(ValueError, match='--width, --heads'):
+        check_spec(ModelSpec(depth=4, embed_dim=30, num_heads=4))
 
 
 # ---------------------------------------------------------------- the one loader's policy

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from models import schedules as S
-from scripts import convergence as cv
 from models.config import ModelSpec
+from scripts import convergence as cv
+from utils.sample import schedule_flags
 
 SIZE = dict(depth=4, embed_dim=32, num_heads=2, patch_nums=(1, 2, 3, 4), V=48, Cvae=8, vae_ch=32, vae_ch_mult=(1, 1),
             vae_num_res_blocks=1, num_classes=5, use_implicit=True, pre_depth=1, post_depth=1)
@@ -110,7 +111,7 @@ def test_suggested_tau_feeds_the_adaptive_schedule(tmp_path):
     cv.main(FLAGS + ['--T', '3', '--bs', '2', '--target_cos', '0.5', '--out_dir', str(tmp_path)])
     path = str(tmp_path / 'convergence.json')
     taus = json.loads(open(path).read())['suggested_tau']
-    sched = S.from_cli(4, tau_json=path, cap=3)
+    sched = schedule_flags.from_cli(4, tau_json=path, cap=3)
     assert sched.adaptive and sched.tau == pytest.approx(taus) and sched.counts == [3] * 4
 
 

@@ -331,7 +331,7 @@ def test_the_file_gives_one_description_of_the_model(folders, tmp_path):
     import dataclasses
     import gen_img
     from tests.tiny import tiny_spec
-    from utils.arch_flags import describe_spec
+    from utils.arch_flags import describe_model, describe_spec
     from utils.model_io import load_or_build, save_slim, slim_export
     from utils.sample.config import ModelSource, SampleConfig
     spec = dataclasses.replace(tiny_spec(True), depth=6, embed_dim=64, num_heads=2, V=32, vae_ch_mult=(1, 2, 4),
@@ -341,10 +341,10 @@ def test_the_file_gives_one_description_of_the_model(folders, tmp_path):
     save_slim(slim_export(var, spec, vae=vae), path)
     run = make_run(tiny_flags(folders[2], str(tmp_path / 'out'), True, f'--init_ckpt={path}', arch=False, vae_ckpt=''))
     try:
-        assert run.spec.depth == 6 and run.var.describe() == describe_spec(run.spec)
+        assert run.spec.depth == 6 and describe_model(run.var) == describe_spec(run.spec)
         assert 'VIAR depth 6 (1 pre + implicit + 1 post), width 64' in (tmp_path / 'out' / 'log.txt').read_text()
     finally:
         run.close()
     loaded = load_or_build(ModelSource(var_ckpt=path))
-    assert loaded.var.describe() == describe_spec(run.spec)
+    assert describe_model(loaded.var) == describe_spec(run.spec)
     assert gen_img.banner(loaded.var, [0], [0], SampleConfig(), 'cpu', '').startswith(describe_spec(run.spec))

@@ -8,6 +8,7 @@ from models.kv_cache import implicit_cache_capacities
 from models.sample_ops import filter_top_k_top_p_
 from models.solver import fixed_point_iterate
 from tests.tiny import tiny_vae_var
+from utils.sample import schedule_flags as flags
 
 
 def sample_and_capture(var, B, labels, **kw):
@@ -44,11 +45,11 @@ def test_official_rounding_of_decreasing_schedule():
     assert S.decreasing(10, 5, 10).counts == [10, 9, 8, 8, 7, 7, 6, 6, 5, 5]
     assert S.decreasing(20, 5, 10).counts == [20, 18, 16, 15, 13, 11, 10, 8, 6, 5]
     assert S.constant(10, 10).counts == [10] * 10
-    assert S.from_cli(10, iters='20,18,16,14,12,10,8,6,5,5').counts == [20, 18, 16, 14, 12, 10, 8, 6, 5, 5]
-    sch = S.from_cli(4, tau='0.1', cap=6)
+    assert flags.from_cli(10, iters='20,18,16,14,12,10,8,6,5,5').counts == [20, 18, 16, 14, 12, 10, 8, 6, 5, 5]
+    sch = flags.from_cli(4, tau='0.1', cap=6)
     assert sch.adaptive and sch.tau == [0.1] * 4 and sch.counts == [6] * 4
     with pytest.raises(ValueError, match='one per scale'):
-        S.from_cli(10, iters='3,3')
+        flags.from_cli(10, iters='3,3')
 
 
 def test_official_rule_takes_the_first_k_of_ten_points():
@@ -67,7 +68,7 @@ def test_schedule_names_say_which_rule_and_what_runs():
     assert k.describe() == 'Dec.(8,2): 8,6,4,2 iterations per scale'
     assert o.describe() == 'Dec.(8,2)/10: 8,7,6,6 iterations per scale'
     assert S.decreasing(8, 2, 10, official=True).label() == 'Dec.(8,2)'    # no suffix where the rules agree
-    assert S.from_token('8:2/10', 4).counts == o.counts and S.from_token('8:2', 4).counts == k.counts
+    assert flags.from_token('8:2/10', 4).counts == o.counts and flags.from_token('8:2', 4).counts == k.counts
     ada = S.adaptive([0.1, 0.05, 0.02, 0.01], 20, 4)
     assert ada.label() == 'Ada.(tau=0.1,0.05,0.02,0.01;cap=20)'       # every tau, not only the last
     assert S.adaptive(0.01, 20, 4).label() == 'Ada.(tau=0.01;cap=20)'

@@ -5,7 +5,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import schedules as S
-from models.kv_cache import planned_kv_bytes
+from models.kv_cache import implicit_cache_capacities
+from models.layout import num_tokens
 from tests.tiny import tiny_vae_var
 
 # ops that copy a device value to the host (a CUDA sync) or whose output shape depends on values
@@ -67,6 +68,20 @@ def test_cfg_zero_skips_the_unconditional_half(use_implicit):
     assert len(toks0) == 4 and all(torch.equal(a, b) for a, b in zip(toks0, toks1))
     torch.testing.assert_close(img0, img1, atol=1e-5, rtol=1e-5)
     assert st0.kv_cache_bytes * 2 == st1.kv_cache_bytes   # half the rows in every cache
+
+
+def planned_kv_bytes(patch_nums, explicit_layers: int, counts, rows: int, width: int, elem_bytes: int,
+                     fill_forward: bool = True) -> int:
+    """Bytes the KV caches of one sampling call hold, from the schedule alone: each explicit layer caches all L
+    tokens; the implicit block (counts given) one cache per iteration index, plus an L-token cache of last iterates
+    when some scale runs more iterations than an earlier one (fill_forward). rows: 2B with CFG."""
+    L = num_tokens(patch_nums)
+    tokens = explicit_layers * L
+    if counts is not None:
+        tokens += sum(implicit_cache_capacities(patch_nums, counts, fill_forward))
+        if fill_forward and any(b > a for a, b in zip(counts, counts[1:])):
+            tokens += L
+    return 2 * rows * width * elem_bytes * tokens
 
 
 @pytest.mark.parametrize('counts,fill_forward', [(None, True), ([3, 3, 3, 3], True), ([4, 3, 1, 1], True),

@@ -12,7 +12,7 @@ import torch
 
 from tests.conftest import needs_c_compiler
 from tests.proc_util import run_group
-from utils.sample.plan import make_plan, png_name, rank_share, sample_folder_name
+from utils.sample.plan import make_plan, png_name, rank_share, run_name_head, sample_folder_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLAN_CASES = [(3, 3, 2), (4, 50, 25), (2, 5, 7), (1, 1, 1), (5, 4, 3)]
@@ -62,8 +62,9 @@ def test_official_folder_name():
     from tests.tiny import tiny_vae_var
     _, viar = tiny_vae_var(True, depth=30, width=60, heads=2)
     _, var = tiny_vae_var(False, depth=16, width=32, heads=2)
-    assert sample_folder_name(viar.run_name_head(), 'ckpts/viar.pth', 1.5, 1) == 'implicit-viar.pth-cfg-1.5-seed-1'
-    assert sample_folder_name(var.run_name_head(), '/x/var_d16.pth', 2, 3) == 'd16-var_d16.pth-cfg-2.0-seed-3'
+    head = lambda m: run_name_head(m.kind, m.depth)   # noqa: E731
+    assert sample_folder_name(head(viar), 'ckpts/viar.pth', 1.5, 1) == 'implicit-viar.pth-cfg-1.5-seed-1'
+    assert sample_folder_name(head(var), '/x/var_d16.pth', 2, 3) == 'd16-var_d16.pth-cfg-2.0-seed-3'
     assert png_name(123) == '000123.png'
 
 

@@ -66,9 +66,13 @@ def test_rows_are_separate_problems_and_a_singular_row_does_not_touch_the_others
 
 
 def test_solver_spec_rejects_nonsense():
-    for bad in (dict(kind='newton'), dict(kind='anderson', m=1), dict(beta=0.0), dict(lam=-1.0)):
+    for bad in (dict(kind='newton'), dict(kind='anderson', m=1), dict(beta=0.0), dict(lam=-1.0),
+                dict(kind='anderson', beta=1.5), dict(kind='anderson', k=3)):
         with pytest.raises(ValueError):
             SolverSpec(**bad)
+    spec = SolverSpec('anderson', m=3)
+    assert SolverSpec(**spec.to_dict()) == spec != SolverSpec('anderson')
+    assert str(spec) == 'anderson m=3 lam=1e-06 beta=1' and str(SolverSpec()) == 'picard'
 
 
 # ---------------------------------------------------------------- on a tiny VIAR
@@ -100,6 +104,35 @@ def test_anderson_writes_each_iteration_cache_once_per_scale_in_order(schedule):
                 order.append(kv)
             assert order.index(kv) == t and n == begin   # iteration t uses cache t, which holds only earlier scales
         begin += pn * pn
+
+
+class TwiceAtOneT:
+    """A solver that breaks the contract of G: it calls G(z, 1) twice at every scale."""
+
+    def solve(self, G, z0, max_iter, **kw):
+        z = G(G(z0, 0), 1)
+        return G(z, 1), SolveStats(3, None)
+
+
+@pytest.mark.parametrize('schedule', [S.constant(3, 4), S.adaptive(1e-3, 3, 4)])
+@pytest.mark.parametrize('fill_forward', [True, False])
+def test_a_solver_calling_G_twice_at_one_t_is_refused(schedule, fill_forward):
+    _, var = tiny_vae_var(True)
+    with pytest.raises(RuntimeError, match='iteration 1 of scale 0 asked for its KV cache twice'):
+        var.autoregressive_infer_cfg(2, 1, g_seed=0, schedule=schedule, fill_forward=fill_forward,
+                                     solver=TwiceAtOneT())
+
+
+def test_every_registered_solver_keeps_the_contract_of_G():
+    G, z_star = linear_contraction(R=2, N=6, radius=0.8)
+    for name, row in solver.SOLVERS.items():
+        assert row.doc and all(o.ok(o.default) for o in row.options.values()), name
+        for tau in (None, 1e-4):
+            seen = []
+            z, st = SolverSpec(name).solve(lambda z, t: (seen.append(t), G(z, t))[1], torch.zeros_like(z_star),
+                                           max_iter=60, tau=tau)
+            assert seen == list(range(st.iters)), name
+        assert torch.allclose(z, z_star, atol=1e-3, rtol=1e-3), name
 
 
 class HandPicard:

@@ -9,10 +9,11 @@ Messages that list flags (what builds a file, what contradicts it) are written f
 """
 import argparse
 import dataclasses
+import re
 import typing
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
-from models.config import ModelSpec, field_names
+from models.config import ModelSpec, field_names, spec_of_model
 from models.layout import PYRAMIDS
 from utils import cli
 from utils.cli import flag
@@ -29,7 +30,7 @@ def parse_pn(text: str) -> Tuple[int, ...]:
     if str(text) in PN_SHORTCUTS:
         return PN_SHORTCUTS[str(text)]
     try:
-        return tuple(int(t) for t in str(text).replace('-', '_').replace(',', '_').split('_'))
+        return cli.int_tuple(str(text).replace('-', '_'))
     except ValueError:
         raise argparse.ArgumentTypeError(f'--pn must be sides like 1_2_3_4_5_6_8_10_13_16 (or 256/512/1024), '
                                          f'got {text!r}') from None
@@ -69,6 +70,17 @@ def add_arch_args(parser: argparse.ArgumentParser, title: str = 'architecture', 
     keeps None)."""
     return cli.add_dataclass_args(parser, ArchFlags, title, skip=skip,
                                   defaults={f.name: argparse.SUPPRESS for f in dataclasses.fields(ArchFlags)})
+
+
+def check_spec(spec: ModelSpec):
+    """spec.validate() with the fix in flags: each field it names as the flag that sets it (ValueError)."""
+    try:
+        spec.validate()
+    except ValueError as e:
+        text = re.sub(r'\b(' + '|'.join(field_names()) + r')\b', lambda m: flag_name(m[1]), str(e))
+        if 'pre_depth' in str(e):   # train.py sets both with the official --p_depth
+            text += '; with --p_depth: 2 * --p_depth < --depth'
+        raise ValueError(text) from None
 
 
 def given_fields(ns: Any) -> Dict[str, Any]:
@@ -120,3 +132,8 @@ def describe_spec(spec: ModelSpec) -> str:
     extra = ', shared AdaLN' if spec.shared_aln else ''
     return (f'{spec.kind} depth {spec.depth}{blocks}, width {spec.width}, {spec.heads} heads{extra}, '
             f'{len(spec.patch_nums)} scales, {spec.num_classes} classes')
+
+
+def describe_model(var) -> str:
+    """describe_spec of a built VAR/VIAR."""
+    return describe_spec(spec_of_model(var))

@@ -53,12 +53,16 @@ def str2bool(value) -> bool:
     raise argparse.ArgumentTypeError(f'expected a boolean (True/False, 1/0, yes/no), got {value!r}')
 
 
+class ValueTypeError(argparse.ArgumentTypeError, ValueError):
+    """A flag value that does not parse: argparse prints its message, Python callers catch a ValueError."""
+
+
 def int_tuple(text: str) -> tuple:
-    """'1,2,3,4' or '1_2_3_4' -> (1, 2, 3, 4)."""
+    """'1,2,3,4' or '1_2_3_4' -> (1, 2, 3, 4): the one parser of integer lists."""
     try:
         return tuple(int(t) for t in str(text).replace('_', ',').split(',') if t.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f'expected comma-separated integers like 1,2,3,4, got {text!r}') from None
+        raise ValueTypeError(f'expected comma-separated integers like 1,2,3,4, got {text!r}') from None
 
 
 def add_bool_arg(parser, name: str, default: bool = False, help: str = '', dest: Optional[str] = None):

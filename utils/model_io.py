@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 import torch
 
 from models.config import ModelSpec, spec_from_state_dict, state_dict_kind, vae_arch_from_state_dict
-from utils.arch_flags import contradiction_text, contradictions
+from utils.arch_flags import check_spec, contradiction_text, contradictions
 from utils.checkpoint import (OFFICIAL_FILES, CheckpointError, extract_state_dict, load_vae_weights,
                               load_var_weights, read_checkpoint, resolve_checkpoint, resolve_recorded, unwrap_model)
 
@@ -180,6 +180,7 @@ def load_or_build(source, device='cpu', log: Callable[[str], None] = print, seed
     flags_spec = source.spec()
     try:
         if source.var_ckpt == RANDOM:
+            check_spec(flags_spec)   # a bad size named by its flag
             torch.manual_seed(seed)   # the same random model on every run
             vae, var = flags_spec.build(device)
             if source.vae_ckpt and source.vae_ckpt != RANDOM:

@@ -15,16 +15,18 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from models.config import ModelSpec
-from models.schedules import DEFAULT_CAP, IterSchedule, from_cli
-from models.solver import SolverSpec
+from models.schedules import DEFAULT_CAP, IterSchedule
+from models.solver import SOLVERS, SolverSpec
 from utils import cli
-from utils.arch_flags import add_arch_args, given_fields
+from utils.arch_flags import add_arch_args, describe_model, given_fields
 from utils.cli import flag
+from utils.sample.schedule_flags import from_cli, schedule_note, schedule_settings
 from utils.sample.compile_util import AUTOCAST_DTYPES, RESIDUAL_FLOOR, SamplingError, resolve_dtype
 
 SCHEDULE_FLAGS = ('iter_left', 'iter_right', 'iters', 'tau', 'tau_json', 'tau_cap', 'stop_mode', 'official_kv',
                   'solver', 'anderson_m')
 RANDOM = 'random'   # --var_ckpt random: seeded random weights of the size the flags give; --vae_ckpt random likewise
+SOLVER_FLAGS = {'anderson_m': ('anderson', 'm')}   # flag -> (solver, its option in models.solver.SOLVERS)
 
 
 @dataclass
@@ -68,10 +70,10 @@ class SampleConfig:
                           choices=('rel', 'abs'))
     official_kv: bool = flag(False, 'attend, as the official code, to no earlier scale at an iteration index that '
                                     'scale never ran (only differs where a scale runs more iterations than an earlier one)')
-    solver: str = flag('picard', "how VIAR solves each scale: 'picard' (plain iteration, official) or 'anderson' "
-                                 "(Anderson acceleration: fewer iterations to a tight tau, docs/SPEED.md)",
-                       choices=('picard', 'anderson'))
-    anderson_m: int = flag(5, 'Anderson history size (>= 2)')
+    solver: str = flag('picard', 'how VIAR solves each scale: ' + '; '.join(f'{name}: {s.doc}' for name, s in
+                                                                            SOLVERS.items()), choices=tuple(SOLVERS))
+    anderson_m: int = flag(SOLVERS['anderson'].options['m'].default,
+                           'Anderson {0.doc} ({0.rule})'.format(SOLVERS['anderson'].options['m']))
     dtype: str = flag('auto', 'autocast dtype: fp32 = no autocast; auto = fp16 on CUDA (the official scripts), '
                               'fp32 on CPU; with --fast, bf16 on a CPU with native bf16', choices=tuple(sorted(AUTOCAST_DTYPES)) + ('auto',))
     compile: bool = flag(False, 'torch.compile the blocks, the head and the VQVAE decoder (no CUDA graphs); '
@@ -104,10 +106,12 @@ class SampleConfig:
             if self._typed(name) and not adaptive:
                 raise SamplingError(f'--{name} only applies to adaptive schedules: add --tau or --tau_json, '
                                     f'or drop --{name}')
-        if self.anderson_m < 2:
-            raise SamplingError(f'--anderson_m must be >= 2, got {self.anderson_m}')
-        if self._typed('anderson_m') and self.solver != 'anderson':
-            raise SamplingError('--anderson_m only applies with --solver anderson')
+        for name, (kind, option) in SOLVER_FLAGS.items():
+            rule = SOLVERS[kind].options[option]
+            if not rule.ok(getattr(self, name)):
+                raise SamplingError(f'--{name} must be {rule.rule}, got {getattr(self, name)}')
+            if self._typed(name) and self.solver != kind:
+                raise SamplingError(f'--{name} only applies with --solver {kind}')
         if self.dtype not in AUTOCAST_DTYPES and self.dtype != 'auto':
             raise SamplingError(f"--dtype must be one of {sorted(AUTOCAST_DTYPES) + ['auto']}, got {self.dtype!r}")
         return self
@@ -128,7 +132,9 @@ class SampleConfig:
 
     @property
     def fill_forward(self) -> bool:
-        """`autoregressive_infer_cfg(fill_forward=...)`: False with --official_kv."""
+        """`autoregressive_infer_cfg(fill_forward=...)`, the inverse of --official_kv: the flag keeps the official
+        name and meaning (attend to no earlier scale at an iteration index it never ran), the model argument says
+        what the default does instead (fill those caches forward with the scale's last iterate)."""
         return not self.official_kv
 
     def resolved_dtype(self, device_type: str) -> str:
@@ -151,12 +157,13 @@ class SampleConfig:
                                     f'samples in {dtype} here, where the relative residual stops falling near '
                                     f'{floor:g}; use --tau >= {floor:g}, or --dtype fp32 with --fast')
         given = [f'--{n}' for n in SCHEDULE_FLAGS if self._typed(n)]
-        if given and not var.schedule_settings(schedule, self.fill_forward):   # the model has no implicit block
-            log(f'warning: {", ".join(given)} ignored: {var.describe()}, {var.schedule_note(schedule)}')
+        if given and not schedule_settings(var.kind, schedule, self.fill_forward):   # the model has no implicit block
+            log(f'warning: {", ".join(given)} ignored: {describe_model(var)}, {schedule_note(var.kind, schedule)}')
 
     def solver_spec(self) -> SolverSpec:
-        """The models.solver.SolverSpec of --solver / --anderson_m."""
-        return SolverSpec(self.solver, m=self.anderson_m)
+        """The models.solver.SolverSpec of --solver and its option flags (SOLVER_FLAGS)."""
+        return SolverSpec(self.solver, **{option: getattr(self, name) for name, (kind, option) in SOLVER_FLAGS.items()
+                                          if kind == self.solver})
 
     def call_kwargs(self, num_scales: int) -> dict:
         """Keyword arguments of `autoregressive_infer_cfg` (and of a compile_util Sampler call)."""

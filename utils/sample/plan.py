@@ -66,7 +66,11 @@ def png_name(index: int) -> str:
     return f'{index:06d}.png'
 
 
+def run_name_head(kind: str, depth: int) -> str:
+    """Head of the official sample-folder name: 'implicit' for a VIAR, 'd<depth>' for a VAR."""
+    return 'implicit' if kind == 'VIAR' else f'd{depth}'
+
+
 def sample_folder_name(head: str, ckpt_path: str, cfg: float, seed: int) -> str:
-    """Official folder name <head>-<ckpt basename>-cfg-<cfg>-seed-<seed>; head is the model's `run_name_head()`
-    ('implicit' for VIAR, 'd<depth>' for VAR)."""
+    """Official folder name <head>-<ckpt basename>-cfg-<cfg>-seed-<seed>; head: `run_name_head`."""
     return f'{head}-{os.path.basename(ckpt_path)}-cfg-{float(cfg)}-seed-{seed}'

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from utils import cli
-from utils.arch_flags import ArchFlags, add_arch_args, given_fields
+from utils.arch_flags import ArchFlags, add_arch_args, check_spec, given_fields
 from utils.cli import flag
 from utils.train.hooks import TrainHookArgs
 
@@ -215,7 +215,7 @@ def derive(args: TrainArgs, world_size: int, cpus: Optional[int] = None, ranks_p
         from utils.train.fsdp import fsdp_dtypes
         fsdp_dtypes(precision)   # fp16 is refused with the fix
     try:
-        spec.validate()
+        check_spec(spec)
     except ValueError as e:
         raise SystemExit(f'cannot build the model: {e}') from None
     sche = f'lin{s.pg:g}' if s.pg > 0 else s.sche
