@@ -28,7 +28,7 @@ from utils.model_io import DEFAULT_VAE_CKPT, default_var_ckpt, load_or_build
 from utils.sample import image_io
 from utils.sample.compile_util import SamplingError, prepare_for_sampling, sampling_tf32
 from utils.sample.config import add_model_source_args, add_sample_args, parse, resolve_device
-from utils.sample.editing import EDIT_MODES, make_edit_spec, mode_mask, parse_box
+from utils.sample.editing import EDIT_MODES, mode_mask, parse_box, prepare_edit
 from utils.sample.generate import class_ids, generate, image_list, mean_iters
 from utils.sample.schedule_flags import schedule_note
 
@@ -176,17 +176,14 @@ def edit_inputs(args: argparse.Namespace, vae, var, device):
     return img_13HW.to(device), mask_1HW.to(device)
 
 
-def prepare_edit(args: argparse.Namespace, vae, var, device, out_dir: str):
+def start_edit(args: argparse.Namespace, vae, var, device, out_dir: str):
     """(EditSpec of the input image, paths): writes edit_input.png, edit_mask.png and edit_recon.png."""
     img_13HW, mask_1HW = edit_inputs(args, vae, var, device)
-    with torch.inference_mode():
-        edit = make_edit_spec(vae, img_13HW, mask_1HW, var.patch_nums)
-        recon_13HW = vae.idxBl_to_img(edit.gt_idx_Bl, same_shape=True, last_one=True)
-    files = {'edit_input.png': img_13HW[0].add(1).mul(0.5), 'edit_mask.png': image_io.mask_to_image(mask_1HW)[0],
-             'edit_recon.png': recon_13HW[0].add(1).mul(0.5)}
-    paths = [os.path.join(out_dir, name) for name in files]
-    for path, img_3HW in zip(paths, files.values()):
-        image_io.save_png(img_3HW, path)
+    edit, views = prepare_edit(vae, img_13HW, mask_1HW, var.patch_nums)
+    paths = []
+    for key, name in (('input', 'edit_input.png'), ('mask', 'edit_mask.png'), ('reconstruction', 'edit_recon.png')):
+        paths.append(os.path.join(out_dir, name))
+        image_io.save_png(views[key], paths[-1])
     log.info(f'editing {args.edit_image}: {int(mask_1HW.sum())} of {mask_1HW.numel()} pixels regenerated')
     return edit, paths
 
@@ -234,7 +231,7 @@ def main(argv: Optional[Sequence[str]] = None):
 
     pairs, edit, paths = image_list(classes, args.seeds), None, []
     if args.edit_image:
-        edit, paths = prepare_edit(args, vae, var, device, out_dir)
+        edit, paths = start_edit(args, vae, var, device, out_dir)
 
     t0 = time.perf_counter()
     with torch.inference_mode():

@@ -10,8 +10,7 @@ import torch
 import gen_img
 from models import schedules as S
 from utils.sample import image_io
-from utils.sample.editing import (box_mask, edit_images, make_edit_spec, mask_to_scale, mode_mask, outpaint_mask,
-                           parse_box)
+from utils.sample.editing import box_mask, make_edit_spec, mask_to_scale, mode_mask, parse_box
 from tests.test_gen_img import FAST, RES, export_tiny, read_png
 from tests.tiny import TINY_PN, tiny_vae_var
 
@@ -54,7 +53,7 @@ def test_box_masks_inpaint_and_outpaint_are_complements():
     inside = box_mask(2, 8, 8, (0.25, 0.5, 0.75, 1.0))
     assert inside.shape == (2, 8, 8)
     assert inside[:, 4:8, 2:6].all() and inside.sum() == 2 * 16
-    assert torch.equal(outpaint_mask(2, 8, 8, (0.25, 0.5, 0.75, 1.0)), ~inside)
+    assert torch.equal(mode_mask('outpaint', 2, 8, 8, (0.25, 0.5, 0.75, 1.0)), ~inside)
     assert torch.equal(mode_mask('inpaint', 2, 8, 8, (0.25, 0.5, 0.75, 1.0)), inside)
 
 
@@ -66,6 +65,12 @@ def test_parse_box_rejects_bad_boxes(bad):
 
 def random_image(B=1, seed=0):
     return torch.rand(B, 3, RES, RES, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def edit_images(var, vae, img_B3HW, mask_BHW, label_B, **sample_kw):
+    """Edited images (B, 3, H, W) in [0, 1]: sample inside the mask under label_B, keep the rest."""
+    spec = make_edit_spec(vae, img_B3HW, mask_BHW, var.patch_nums)
+    return var.autoregressive_infer_cfg(img_B3HW.shape[0], label_B, edit=spec, **sample_kw)
 
 
 def capture_tokens(var, B, label_B, **kw):
@@ -83,7 +88,7 @@ def capture_tokens(var, B, label_B, **kw):
 def test_tokens_outside_the_mask_are_the_images_own_tokens(use_implicit):
     vae, var = tiny_vae_var(use_implicit)
     img = random_image(2)
-    mask = torch.stack([box_mask(1, RES, RES, (0.5, 0.0, 1.0, 0.5))[0], outpaint_mask(1, RES, RES, (0.25, 0.25, 0.75, 0.75))[0]])
+    mask = torch.stack([box_mask(1, RES, RES, (0.5, 0.0, 1.0, 0.5))[0], mode_mask('outpaint', 1, RES, RES, (0.25, 0.25, 0.75, 0.75))[0]])
     spec = make_edit_spec(vae, img, mask, var.patch_nums)
     assert [t.shape for t in spec.gt_idx_Bl] == [(2, pn * pn) for pn in TINY_PN]
     _, tokens = capture_tokens(var, 2, torch.tensor([1, 3]), g_seed=4, top_k=0, top_p=0.0, edit=spec,

@@ -45,6 +45,13 @@ def read_png(path: str) -> np.ndarray:
     return np.asarray(PImage.open(path).convert('RGB'))
 
 
+def grid_size(n: int, nrow: int, h: int, w: int, padding: int = 2, scale: int = 1):
+    """(height, width) in pixels of a torchvision grid of n images of h x w, each enlarged `scale` times."""
+    cols = min(max(1, nrow), n)
+    rows = -(-n // cols)
+    return rows * (h * scale + padding) + padding, cols * (w * scale + padding) + padding
+
+
 def upscaled(img_HW3: np.ndarray) -> np.ndarray:
     """An image as a grid cell shows it: each pixel a block of CELL // RES px."""
     k = CELL // RES
@@ -59,12 +66,12 @@ def test_grid_scale_enlarges_small_images_to_a_readable_cell(tmp_path):
     imgs = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     image_io.save_grid(imgs, str(tmp_path / 'g.png'), nrow=2)
     grid = read_png(tmp_path / 'g.png')
-    assert grid.shape[:2] == image_io.grid_size(3, 2, 16, 16, scale=4) == (134, 134)
+    assert grid.shape[:2] == grid_size(3, 2, 16, 16, scale=4) == (134, 134)
     first = image_io.to_uint8_HWC(imgs[0]).repeat(4, axis=0).repeat(4, axis=1)
     assert np.array_equal(grid[2:66, 2:66], first)
     big = torch.rand(2, 3, 64, 64)
     image_io.save_grid(big, str(tmp_path / 'big.png'), nrow=2)
-    assert read_png(tmp_path / 'big.png').shape[:2] == image_io.grid_size(2, 2, 64, 64) == (68, 134)
+    assert read_png(tmp_path / 'big.png').shape[:2] == grid_size(2, 2, 64, 64) == (68, 134)
 
 
 def run(ckpt: str, out_dir, *extra) -> list:

@@ -15,7 +15,7 @@ from utils.sample import generate as gen
 from utils.sample import image_io
 from utils.sample.compile_util import SamplingError
 from utils.sample.config import SampleConfig
-from utils.sample.editing import check_edit_mode, make_edit_spec, mode_mask, parse_box
+from utils.sample.editing import check_edit_mode, mode_mask, parse_box, prepare_edit
 from utils.sample.schedule_flags import schedule_note
 
 CONDEC, PER_SCALE, ADAPTIVE = 'Con./Dec. (iter_left, iter_right)', 'per-scale list (iters)', 'adaptive (tau, tau_cap)'
@@ -207,10 +207,7 @@ def edit(model, image_path: str, mask_paths: Sequence[str], box: str, mode: str,
     if not mask_1RR.any():
         raise RequestError('the edit mask is empty (nothing to regenerate): draw on the image or give a box')
     dev = model.sampler.device
-    with torch.inference_mode():
-        spec = make_edit_spec(model.vae, img_13RR.to(dev), mask_1RR.to(dev), model.var.patch_nums)
-        recon_13RR = model.vae.idxBl_to_img(spec.gt_idx_Bl, same_shape=True, last_one=True)
+    spec, views = prepare_edit(model.vae, img_13RR.to(dev), mask_1RR.to(dev), model.var.patch_nums)
     result = run(model, gen.image_list([cls], seeds), config, batch_size, edit=spec, progress=progress)
-    result.extra_images = {'input': img_13RR[0].add(1).mul(0.5), 'mask': image_io.mask_to_image(mask_1RR)[0],
-                           'reconstruction': recon_13RR[0].float().cpu().add(1).mul(0.5)}
+    result.extra_images = views
     return result

@@ -281,8 +281,7 @@ def _edit_tab(model: AppModel, defaults: SampleConfig, base: SampleConfig):
             image_path, mask_paths = editor_paths(image)
             r = requests.edit(model, image_path, mask_paths, box, edit_mode, class_id, seeds, config, batch_size=8,
                               progress=progress_cb(progress))
-            from utils.sample.image_io import to_uint8_HWC
-            shown = [(to_uint8_HWC(img), name) for name, img in r.extra_images.items()]
+            shown = [(image_io.to_uint8_HWC(img), name) for name, img in r.extra_images.items()]
             return shown, present.gallery(r, model.class_names), present.summary(r), *present.figures(r)
         go.click(edit, [editor, box, mode, cls, seeds, *sample, *schedule], [inputs, images, text, *figures],
                  api_name='edit', **ONE_AT_A_TIME)

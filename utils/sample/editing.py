@@ -6,7 +6,7 @@ unmasked region is reproduced and the regenerated region is conditioned on it.
 
 Shapes: B batch, H, W pixels, pn side of a scale's token map, l = pn * pn tokens of one scale.
 """
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -54,16 +54,6 @@ def parse_box(box: Union[str, Sequence[float]]) -> Box:
     return x0, y0, x1, y1
 
 
-def inpaint_mask(B: int, H: int, W: int, box: Box, device=None) -> torch.Tensor:
-    """Regenerate the box, keep everything else."""
-    return box_mask(B, H, W, box, device)
-
-
-def outpaint_mask(B: int, H: int, W: int, box: Box, device=None) -> torch.Tensor:
-    """Keep the box, regenerate everything outside it."""
-    return ~box_mask(B, H, W, box, device)
-
-
 def check_edit_mode(mode: str):
     """ValueError unless `mode` is one of EDIT_MODES."""
     if mode not in EDIT_MODES:
@@ -71,9 +61,10 @@ def check_edit_mode(mode: str):
 
 
 def mode_mask(mode: str, B: int, H: int, W: int, box: Box, device=None) -> torch.Tensor:
-    """The mask of an edit mode: 'inpaint' (regenerate the box) or 'outpaint' (regenerate outside it)."""
+    """(B, H, W) bool, True = regenerate: 'inpaint' the box, 'outpaint' everything outside it."""
     check_edit_mode(mode)
-    return (inpaint_mask if mode == 'inpaint' else outpaint_mask)(B, H, W, box, device)
+    inside = box_mask(B, H, W, box, device)
+    return inside if mode == 'inpaint' else ~inside
 
 
 def make_edit_spec(vae, img_B3HW: torch.Tensor, mask_BHW: torch.Tensor,
@@ -92,6 +83,18 @@ def make_edit_spec(vae, img_B3HW: torch.Tensor, mask_BHW: torch.Tensor,
     return EditSpec(gt_idx_Bl=gt_idx_Bl, keep_Bl=keep_Bl)
 
 
+def prepare_edit(vae, img_13HW: torch.Tensor, mask_1HW: torch.Tensor, patch_nums: Sequence[int]
+                 ) -> Tuple[EditSpec, Dict[str, torch.Tensor]]:
+    """(EditSpec of one image and mask, the views shown beside the edits: {'input', 'mask', 'reconstruction'} as
+    [0, 1] images (3, H, W) on the CPU; the reconstruction is what the kept tokens decode to)."""
+    with torch.inference_mode():
+        spec = make_edit_spec(vae, img_13HW, mask_1HW, patch_nums)
+        recon_13HW = vae.idxBl_to_img(spec.gt_idx_Bl, same_shape=True, last_one=True)
+    views = dict(input=img_13HW[0].add(1).mul(0.5), mask=mask_1HW[0].float().expand(3, -1, -1),
+                 reconstruction=recon_13HW[0].float().add(1).mul(0.5))
+    return spec, {k: v.cpu() for k, v in views.items()}
+
+
 def expand_edit_spec(spec: EditSpec, B: int) -> EditSpec:
     """Repeat a one-image EditSpec for a batch of B samples (several seeds or classes)."""
     if spec.gt_idx_Bl[0].shape[0] == B:
@@ -100,13 +103,3 @@ def expand_edit_spec(spec: EditSpec, B: int) -> EditSpec:
         raise ValueError(f'can only expand a one-image EditSpec, this one has {spec.gt_idx_Bl[0].shape[0]}')
     return EditSpec(gt_idx_Bl=[t.expand(B, -1) for t in spec.gt_idx_Bl], keep_Bl=[t.expand(B, -1) for t in spec.keep_Bl])
 
-
-def edit_images(var, vae, img_B3HW: torch.Tensor, mask_BHW: torch.Tensor, label_B, **sample_kw) -> torch.Tensor:
-    """Edited images (B, 3, H, W) in [0, 1]: sample inside the mask under label_B, keep the rest.
-
-    sample_kw go to `var.autoregressive_infer_cfg` (g_seed, cfg, top_k, top_p, schedule, ...); with
-    return_stats=True the result is (images, SampleStats).
-    """
-    spec = make_edit_spec(vae, img_B3HW, mask_BHW, var.patch_nums)
-    B = img_B3HW.shape[0]
-    return var.autoregressive_infer_cfg(B, label_B, edit=spec, **sample_kw)

@@ -1,4 +1,5 @@
-"""Image files for the sampling scripts: PNG writing, grids, and loading images / masks for editing.
+"""Image files of the sampling scripts: PNG writing (single images, grids, sampling.py's samples) and loading
+images / masks for editing.
 
 Tensors: generated images are (B, 3, H, W) in [0, 1]; loaded images are (1, 3, R, R) in [-1, 1] (the
 VQVAE's range); masks are (1, R, R) bool with True = pixel to regenerate.
@@ -13,11 +14,15 @@ import numpy as np
 import PIL.Image as PImage
 import torch
 import torchvision
+from PIL import ImageDraw
 
+from utils.atomic import atomic_path
 
 MAX_IMAGE_BYTES = 20 * 2 ** 20   # 20 MiB: far above any photo the 256 px models need
 MAX_IMAGE_SIDE = 4096            # pixels per side, checked on the header, before decoding
 GRID_MIN_CELL = 64               # px: grids enlarge smaller images (the demo's 16 px digits 4x) so a person can read them
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+PNG_TRAILER = b'\x00\x00\x00\x00IEND\xaeB`\x82'   # the empty IEND chunk every complete PNG ends with
 
 
 class ImageInputError(ValueError):
@@ -29,31 +34,41 @@ def to_uint8_HWC(img_3HW: torch.Tensor) -> np.ndarray:
     return img_3HW.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
 
 
-def save_png(img_3HW: torch.Tensor, path: str):
-    """Write one [0, 1] image as PNG, creating the folder; atomically (utils.atomic), without an fsync per image."""
-    from utils.atomic import atomic_path
-    img_HW3 = to_uint8_HWC(img_3HW)
+def to_uint8_BHWC(img_B3HW: torch.Tensor) -> np.ndarray:
+    """[0, 1] images as uint8 (B, H, W, 3), truncating x * 255 as the official sampler does (FID samples)."""
+    return img_B3HW.detach().float().clamp(0, 1).mul(255).permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8)
+
+
+def write_png(img_HW3: np.ndarray, path: str):
+    """Write a uint8 (H, W, 3) image as PNG under a temp name, then rename (creating the folder): a file with the
+    final name is always complete. No fsync per image: a PNG lost in a crash is remade."""
     with atomic_path(path, durable=False, need=img_HW3.nbytes) as tmp:
         PImage.fromarray(img_HW3).save(tmp, format='PNG')
 
 
-def make_grid(imgs_B3HW: torch.Tensor, nrow: int, padding: int = 2, pad_value: float = 1.0) -> torch.Tensor:
-    """Tile images `nrow` per row with white padding (torchvision layout); returns (3, H', W')."""
-    return torchvision.utils.make_grid(imgs_B3HW.detach().float().cpu(), nrow=max(1, nrow), padding=padding,
-                                       pad_value=pad_value)
+def save_png(img_3HW: torch.Tensor, path: str):
+    """Write one [0, 1] image as PNG, rounded to the nearest level."""
+    write_png(to_uint8_HWC(img_3HW), path)
+
+
+def png_complete(path: str) -> bool:
+    """True when `path` is a whole PNG: the signature at the start and the IEND chunk at the end."""
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(len(PNG_SIGNATURE))
+            f.seek(0, os.SEEK_END)
+            if f.tell() < len(PNG_SIGNATURE) + len(PNG_TRAILER):
+                return False
+            f.seek(-len(PNG_TRAILER), os.SEEK_END)
+            return head == PNG_SIGNATURE and f.read() == PNG_TRAILER
+    except OSError:
+        return False
 
 
 def grid_scale(h: int, w: int, min_cell: int = GRID_MIN_CELL) -> int:
     """The whole-number factor that brings the shorter side of an h x w image to at least min_cell px (1 when it is
     already that big): 16 px -> 4, 8 px -> 8, 256 px -> 1."""
     return max(1, -(-min_cell // max(1, min(h, w))))
-
-
-def grid_size(n: int, nrow: int, h: int, w: int, padding: int = 2, scale: int = 1) -> Tuple[int, int]:
-    """(height, width) in pixels of a grid of n images of h x w, each enlarged `scale` times (pure arithmetic)."""
-    cols = min(max(1, nrow), n)
-    rows = -(-n // cols)
-    return rows * (h * scale + padding) + padding, cols * (w * scale + padding) + padding
 
 
 def upscale_nearest(imgs_B3HW: torch.Tensor, scale: int) -> torch.Tensor:
@@ -69,10 +84,10 @@ def save_grid(imgs_B3HW: torch.Tensor, path: str, nrow: int, padding: int = 2, m
     (the single PNGs keep the model's resolution). row_labels: one text per row, written in a white margin on the
     left (the class names of gen_img.py's rows)."""
     scale = grid_scale(imgs_B3HW.shape[-2], imgs_B3HW.shape[-1], min_cell)
-    grid_3HW = make_grid(upscale_nearest(imgs_B3HW, scale), nrow, padding)
+    grid_3HW = torchvision.utils.make_grid(upscale_nearest(imgs_B3HW.detach().float().cpu(), scale), nrow=max(1, nrow),
+                                           padding=padding, pad_value=1.0)   # white padding
     if not row_labels:
         return save_png(grid_3HW, path)
-    from PIL import ImageDraw
     img = PImage.fromarray(to_uint8_HWC(grid_3HW))
     draw = ImageDraw.Draw(img)
     margin = max(draw.textbbox((0, 0), str(t))[2] for t in row_labels) + 2 * padding + 4
@@ -153,7 +168,3 @@ def load_mask(path: str, size: int, image_wh: Tuple[int, int]) -> torch.Tensor:
     grey = np.asarray(square_crop_resize(mask.convert('L'), size, PImage.NEAREST))
     return torch.from_numpy(grey > 127).unsqueeze(0)
 
-
-def mask_to_image(mask_BHW: torch.Tensor) -> torch.Tensor:
-    """A bool mask as a white-on-black [0, 1] image batch (B, 3, H, W)."""
-    return mask_BHW.float().unsqueeze(1).expand(-1, 3, -1, -1)
