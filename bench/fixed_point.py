@@ -42,7 +42,7 @@ if __name__ == '__main__' and ROOT not in sys.path:   # run as a script: make th
 
 import torch  # noqa: E402
 
-from bench.sample_speed import machine_facts  # noqa: E402
+from bench.measure import machine_facts  # noqa: E402
 from models.solver import SOLVERS, SolverSpec  # noqa: E402
 from utils.arch_flags import describe_model  # noqa: E402
 

@@ -1,39 +1,67 @@
-"""Timing, memory and process plumbing shared by the sampling benchmark's child processes.
+"""The benchmarks' shared harness: the project root, the machine, memory, timing, and child processes.
 
-Imports nothing from the project's `models` package, so the official implementation's runner
-(whose package is also called `models`) can use it too. A child serves one config: it reads JSON
-commands on stdin and answers one JSON line each on a private copy of stdout, while anything the
-model code prints goes to stderr.
+Imports nothing from the project at import time, so the official implementation's runner (whose packages are
+also called `models` and `utils`) can use it too: project modules it needs are loaded by path. A sampling child
+serves one config: it reads JSON commands on stdin and answers one JSON line each on a private copy of stdout,
+while anything the model code prints goes to stderr.
 """
 import hashlib
 import json
 import os
+import platform
+import statistics
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the project root, above bench/
 
-# ---------------------------------------------------------------- memory
 
 def load_project_module(name: str, relpath: str):
-    """A project module that imports nothing from the project, loaded from its file under a private name.
-
-    The official runner keeps the project's root off sys.path (both have `models` and `utils` packages),
-    so the shared memory helpers and the schedule rules are loaded this way on both sides.
-    """
+    """A project module that imports nothing from the project, loaded from its file under a private name."""
     import importlib.util
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), relpath)
-    spec = importlib.util.spec_from_file_location(name, path)
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relpath))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+# ---------------------------------------------------------------- the machine
+
+def machine_name() -> str:
+    """CPU model and core count."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            name = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), name)
+    except OSError:
+        pass
+    return f'{name}, {os.cpu_count()} cores'
+
+
+def machine_facts() -> dict:
+    """CPU model, the SIMD flags that decide CPU GEMM speed, the load average now and torch's version: what every
+    benchmark JSON records beside its figures."""
+    from utils.sample.compile_util import read_cpu_flags
+    flags = read_cpu_flags()
+    return dict(cpu=machine_name(), avx2='avx2' in flags, avx512f='avx512f' in flags,
+                avx512_bf16='avx512_bf16' in flags, amx='amx_bf16' in flags,
+                load_avg=[round(x, 2) for x in os.getloadavg()], torch=torch.__version__)
+
+
+def machine_line(flags=('avx2', 'avx512f', 'avx512_bf16', 'amx_tile', 'sha_ni')) -> str:
+    """The machine in one printed line: CPU model and cores, which of `flags` it has, the load average now."""
+    from utils.sample.compile_util import read_cpu_flags
+    simd = ' '.join(f for f in flags if f in read_cpu_flags())
+    return f'{machine_name()} ({simd}), load {" ".join(f"{x:.1f}" for x in os.getloadavg())}'
+
+
+# ---------------------------------------------------------------- memory (utils/memory.py, loaded by path)
+
 memory = load_project_module('viar_project_memory', os.path.join('utils', 'memory.py'))
-reset_peak_rss, peak_rss_bytes, current_rss_bytes = memory.reset_peak_rss, memory.peak_rss_bytes, memory.current_rss_bytes
-release_freed_memory = memory.release_freed_memory
+peak_rss_bytes, current_rss_bytes = memory.peak_rss_bytes, memory.current_rss_bytes
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -41,7 +69,7 @@ def reset_peak_memory(device: torch.device) -> None:
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    reset_peak_rss()
+    memory.reset_peak_rss()
 
 
 def peak_so_far(device: torch.device, overall: Optional[Dict[str, int]] = None) -> Dict[str, int]:
@@ -63,7 +91,7 @@ def memory_probe(fn: Callable[[], Any], device: torch.device, decode: 'DecodeTim
         sync(device)
         base = int(torch.cuda.memory_allocated(device))
     else:
-        release_freed_memory()
+        memory.release_freed_memory()
         base = current_rss_bytes()
     r = timed_call(fn, device, decode, overall)
     return dict(base_bytes=base, transformer_peak_bytes=r['transformer_peak_bytes'],
@@ -126,14 +154,14 @@ class DecodeTimer:
 
     def _on_start(self, module, args):
         sync(self.device)
-        self.peaks['transformer'] = _phase_peak(self.device)
+        self.peaks['transformer'] = memory.peak_memory(self.device)['bytes']
         reset_peak_memory(self.device)
         self.start = (time.perf_counter(), time.process_time())
 
     def _on_end(self, module, args, output):
         sync(self.device)
         self.end = (time.perf_counter(), time.process_time())
-        self.peaks['decode'] = _phase_peak(self.device)
+        self.peaks['decode'] = memory.peak_memory(self.device)['bytes']
 
     def clear(self):
         self.start = self.end = None
@@ -147,11 +175,6 @@ class DecodeTimer:
     def remove(self):
         for h in self._hooks:
             h.remove()
-
-
-def _phase_peak(device: torch.device) -> int:
-    """Peak memory since the last reset: CUDA max allocated on a GPU, else peak RSS."""
-    return int(torch.cuda.max_memory_allocated(device)) if device.type == 'cuda' else peak_rss_bytes()
 
 
 def timed_call(fn: Callable[[], Any], device: torch.device, decode: Optional[DecodeTimer] = None,
@@ -199,6 +222,37 @@ def profile_call(fn: Callable[[], Any], device: torch.device, top: int = 25) -> 
 def digest(t: torch.Tensor) -> str:
     """Short hash of a tensor's float32 bytes: equal digests mean bit-identical outputs."""
     return hashlib.sha1(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def train_step_row(var, vae, forward: Callable, V: int, batch: int, num_classes: int, patch_nums, steps: int,
+                   warmup: int, bf16: bool, device: str) -> Dict[str, Any]:
+    """Median ms of one AdamW step (forward, cross-entropy, backward, step) on random tokens, the MiB autograd saves
+    for backward (parameters excluded) and on CUDA the peak allocated MiB; forward(label_B, x_BLCv) -> logits_BLV.
+    Takes the official models as well as ours."""
+    device = torch.device(device)
+    var.to(device).train()
+    vae.to(device)
+    g = torch.Generator().manual_seed(0)
+    idx_Bl = [torch.randint(0, V, (batch, p * p), generator=g).to(device) for p in patch_nums]
+    x_BLCv, gt_BL = vae.quantize.idxBl_to_var_input(idx_Bl), torch.cat(idx_Bl, 1)
+    label_B = torch.arange(batch, device=device) % num_classes
+    opt = torch.optim.AdamW(var.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    act = memory.saved_activation_bytes(lambda: forward(label_B, x_BLCv), var.parameters())
+    reset_peak_memory(device)
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits_BLV = forward(label_B, x_BLCv)
+        torch.nn.functional.cross_entropy(logits_BLV.float().reshape(-1, V), gt_BL.reshape(-1)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == 'cuda' else None
+    return dict(params_m=sum(p.numel() for p in var.parameters()) / 1e6, step_ms=1000 * statistics.median(times),
+                saved_act_mib=act / 2 ** 20, peak_mib=peak)
 
 
 def sampling_handlers(setup: Callable[[Dict[str, Any]], Dict[str, Any]], st: Dict[str, Any],

@@ -1,22 +1,20 @@
 """Child process that samples with the OFFICIAL VIAR implementation, for `sample_speed.py --official PATH`.
 
-Run only by the benchmark, as `python bench/official_runner.py PATH`: it puts PATH (a checkout of
-the official code, never part of this project) first on sys.path and keeps this project's root off
-it, because both packages are called `models`. It builds the official VQVAE and VAR/VIAR with the
-benchmark's sizes, loads the same random (or checkpoint) state dict as the project's child, and
-answers the same `measure.serve` commands. No test needs it.
+Run by the benchmark as `python bench/official_runner.py PATH`: PATH (a checkout of the official code) goes first on
+sys.path and this project's root comes off it, because both packages are called `models`. It builds the official
+VQVAE and VAR/VIAR at the benchmark's sizes, loads the state dict the project's child loads, and answers the same
+`measure.serve` commands.
 """
 import os
 import sys
 
-BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-PROJECT_ROOT = os.path.dirname(BENCH_DIR)
+import measure   # bench/ is sys.path[0] when this file runs as a script; measure imports nothing of the project
 
 
 def _isolate(official_path: str) -> None:
-    """sys.path: the official checkout first, this bench folder (for `measure`), nothing of the project."""
-    keep = [p for p in sys.path if p and os.path.abspath(p) not in (PROJECT_ROOT, BENCH_DIR, os.getcwd())]
-    sys.path[:] = [official_path, BENCH_DIR] + keep
+    """sys.path: the official checkout first, nothing of the project."""
+    mine = (measure.ROOT, os.path.dirname(os.path.abspath(__file__)), os.getcwd())
+    sys.path[:] = [official_path] + [p for p in sys.path if p and os.path.abspath(p) not in mine]
 
 
 def kv_bytes_probe(var):
@@ -39,9 +37,8 @@ def kv_bytes_probe(var):
 
 
 def handlers():
-    """Command handlers for `measure.serve`: setup, run, memory."""
+    """Command handlers for `measure.serve`: setup, run, memory, profile (sampling) and train_step."""
     import torch
-    import measure
     st = {}
 
     def setup(msg):
@@ -94,14 +91,30 @@ def handlers():
         measure.reset_peak_memory(device)
         return {'ok': True, 'rss_after_build_bytes': rss}
 
-    return measure.sampling_handlers(setup, st, describe=lambda img: (img, st['read_kv'](), None))
+    def train_step(msg):
+        """One row of `train_speed.py --official`: the official VAR/VIAR built as the project's row is."""
+        from models.var import VAR
+        from models.vqvae import VQVAE
+        row, common = msg['row'], dict(msg['common'], patch_nums=tuple(msg['common']['patch_nums']))
+        n, m = row['n'], max(row['m'], 1)
+        torch.manual_seed(0)
+        vae = VQVAE(vocab_size=msg['V'], z_channels=msg['Cvae'], ch=32, test_mode=True, share_quant_resi=4,
+                    v_patch_nums=common['patch_nums'])
+        var = VAR(vae_local=vae, flash_if_available=False, fused_if_available=False,
+                  use_implicit=row['model'] == 'viar', pre_depth=1, post_depth=1, implicit_no_grad_min_iters=n,
+                  implicit_no_grad_max_iters=n, implicit_with_grad_min_iters=m, implicit_with_grad_max_iters=m,
+                  **common)
+        var.init_weights(init_adaln=0.5, init_adaln_gamma=1e-5, init_head=0.02, init_std=-1)
+        return measure.train_step_row(var, vae, var, **msg['step'])
+
+    return dict(measure.sampling_handlers(setup, st, describe=lambda img: (img, st['read_kv'](), None)),
+                train_step=train_step)
 
 
 def main():
     if len(sys.argv) != 2 or not os.path.isdir(os.path.join(sys.argv[1], 'models')):
         raise SystemExit('usage: official_runner.py PATH  (PATH: a checkout of the official VIAR code, with models/)')
     _isolate(os.path.abspath(sys.argv[1]))
-    import measure
     measure.serve(handlers())
 
 

@@ -11,16 +11,15 @@ the two children alternate call by call (after warm-up), so machine load hits bo
 Writes OUT/sample_speed.json, OUT/sample_speed.md (a Markdown table) and OUT/sample_speed.png.
 """
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 from typing import Any, Dict, List, Optional
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if __name__ == '__main__' and ROOT not in sys.path:   # run as a script: make the project importable
-    sys.path.insert(0, ROOT)
+if __name__ == '__main__':   # `python bench/sample_speed.py`: the project root on sys.path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import measure  # noqa: E402
 
 DEFAULT_SCHEDULES = '20:20,10:10,20:5,10:5,5:5,tau=0.01'
 MiB = 2 ** 20
@@ -234,7 +233,6 @@ def plot(result: Dict[str, Any], path: str) -> None:
 def _our_handlers():
     """measure.serve handlers that sample with this project's models."""
     import torch
-    from bench import measure
     st = {}
 
     def setup(msg):
@@ -329,7 +327,6 @@ def write_state(source, kind: str, tmpdir: str, seed: int):
 
 def run_config(args, spec, state_path: str, schedule: Dict[str, Any], device: str) -> Dict[str, Any]:
     """One config: start the children, warm up, alternate timed calls, collect memory; one result row."""
-    from bench.measure import Child
     env = dict(os.environ)
     if args.threads:
         env['OMP_NUM_THREADS'] = str(args.threads)
@@ -338,13 +335,14 @@ def run_config(args, spec, state_path: str, schedule: Dict[str, Any], device: st
                top_p=args.top_p, fill_forward=not args.official_kv, compile=args.compile, fast=args.fast)
     is_viar = spec.kind == 'VIAR'
     load_before = os.getloadavg()[0]
-    kids = {'ours': Child([sys.executable, os.path.abspath(__file__), '--serve'], 'project', env=env, cwd=ROOT)}
+    kids = {'ours': measure.Child([sys.executable, os.path.abspath(__file__), '--serve'], 'project', env=env,
+                                  cwd=measure.ROOT)}
     dtypes = {'ours': args.dtype}
     if args.official and schedule['tau'] is None:
         for dt in args.official_dtypes:   # the first is 'official', the others 'official_<dtype>'
             k = 'official' if dt == args.official_dtypes[0] else f'official_{dt}'
-            kids[k] = Child([sys.executable, os.path.join(ROOT, 'bench', 'official_runner.py'),
-                             os.path.abspath(args.official)], k, env=env, cwd=ROOT)
+            kids[k] = measure.Child([sys.executable, os.path.join(measure.ROOT, 'bench', 'official_runner.py'),
+                                     os.path.abspath(args.official)], k, env=env, cwd=measure.ROOT)
             dtypes[k] = dt
     if not is_viar:   # the official sampler always takes the knob, which a VAR ignores: pass its default
         from models.schedules import official_iters
@@ -407,39 +405,6 @@ def resolve_dtypes(args, sample, device_type: str) -> None:
         raise SystemExit(f'--official_dtypes: {bad} not among {sorted(AUTOCAST_DTYPES)}')
 
 
-def machine_name() -> str:
-    """CPU model and core count, or the GPU name."""
-    name = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    name = line.split(':', 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f'{name}, {os.cpu_count()} cores'
-
-
-def machine_facts() -> dict:
-    """CPU model, the SIMD flags that decide CPU GEMM speed, the load average now and torch's version: what every
-    benchmark JSON records beside its figures."""
-    import torch
-    from utils.sample.compile_util import read_cpu_flags
-    flags = read_cpu_flags()
-    return dict(cpu=machine_name(), avx2='avx2' in flags, avx512f='avx512f' in flags,
-                avx512_bf16='avx512_bf16' in flags, amx='amx_bf16' in flags,
-                load_avg=[round(x, 2) for x in os.getloadavg()], torch=torch.__version__)
-
-
-def machine_line(flags=('avx2', 'avx512f', 'avx512_bf16', 'amx_tile', 'sha_ni')) -> str:
-    """The machine in one printed line: CPU model and cores, which of `flags` it has, the load average now."""
-    from utils.sample.compile_util import read_cpu_flags
-    have = read_cpu_flags()
-    simd = ' '.join(f for f in flags if f in have)
-    return f'{machine_name()} ({simd}), load {" ".join(f"{x:.1f}" for x in os.getloadavg())}'
-
-
 def main(argv=None):
     import torch
     from utils.atomic import write_json_atomic
@@ -465,11 +430,10 @@ def main(argv=None):
     load_start = ' '.join(f'{x:.1f}' for x in os.getloadavg())
     args.gemm_rates = {}
     if device.type == 'cpu':   # the physical bound: this CPU's peak GEMM rate in every dtype that runs
-        from bench.measure import gemm_rate
         from utils.sample.compile_util import AUTOCAST_DTYPES
         threads = torch.get_num_threads()
         torch.set_num_threads(args.threads or threads)
-        args.gemm_rates = {d: gemm_rate(AUTOCAST_DTYPES[d] or torch.float32, timing_basis('cpu', args.threads))
+        args.gemm_rates = {d: measure.gemm_rate(AUTOCAST_DTYPES[d] or torch.float32, timing_basis('cpu', args.threads))
                            for d in dict.fromkeys([args.dtype] + args.official_dtypes)}
         torch.set_num_threads(threads)
     rows = []
@@ -494,7 +458,7 @@ def main(argv=None):
                       + (f'; UNRELIABLE: {"; ".join(rows[-1]["unreliable"])}' if rows[-1]['unreliable'] else ''),
                       file=sys.stderr, flush=True)
     last_spec = spec
-    meta = dict(machine=torch.cuda.get_device_name(device) if device.type == 'cuda' else machine_name(),
+    meta = dict(machine=torch.cuda.get_device_name(device) if device.type == 'cuda' else measure.machine_name(),
                 device=str(device), threads=args.threads or torch.get_num_threads(), dtype=args.dtype, fast=args.fast,
                 official_dtypes=args.official_dtypes if args.official else [], B=args.bs,
                 cpu=cpu_meta(read_cpu_flags(), torch.backends.cpu.get_cpu_capability(), dict(os.environ))
@@ -521,7 +485,6 @@ def main(argv=None):
 
 if __name__ == '__main__':
     if sys.argv[1:2] == ['--serve']:
-        from bench import measure
         measure.serve(_our_handlers())
     else:
         main()

@@ -1,210 +1,503 @@
-"""Training step time and memory of VAR and VIAR over effective depth (a benchmark, not a test).
+"""Training benchmarks (not tests), one mode each; docs/TRAINING.md reports their figures.
 
-Effective depth D: VAR has D blocks; VIAR has 1 pre-block, n = D - 2 - m implicit iterations without grad,
-m with grad, 1 post-block. Each row: median time of one AdamW training step (forward, CE, backward, step)
-on random tokens, the bytes autograd saves for backward (parameters excluded), and on CUDA the peak
-allocated memory. `--official PATH` runs the same configs with the official models imported from PATH
-(e.g. a mobiushy/VIAR checkout) in a separate process and prints our/official ratios.
+  steps        median time of one AdamW step of VAR and VIAR over effective depth, the bytes autograd saves for
+               backward and on CUDA the peak allocated memory; --official PATH runs the official models beside ours
+  loader       the training data loader alone: images/s and images per CPU-second (alias --loader)
+  fsdp_memory  parameter, gradient and AdamW bytes per rank under `train.py --fsdp`; --rss measures a small model's
+               peak RSS at 1 and 2 ranks (alias --fsdp)
+  token_cache  a training step from image files against one from the token cache (scripts/extract_tokens.py)
 
-    python bench/train_speed.py --width 128 --depths 4,8,12,16 --official /path/to/VIAR
-    python bench/train_speed.py --loader [--data_path DIR] --loader_workers 0,2   # the data loader alone (bench/loader_speed.py)
-    python bench/train_speed.py --fsdp [--rss]    # memory per rank under --fsdp (bench/fsdp_memory.py)
+    .venv/bin/python bench/train_speed.py --width 128 --depths 4,8,16,24 --official /path/to/VIAR
+    .venv/bin/python bench/train_speed.py --mode loader --loader_images 384 --loader_batches 48
+    .venv/bin/python bench/train_speed.py --mode fsdp_memory --rss
+    .venv/bin/python bench/train_speed.py --mode token_cache --threads 1 --steps 5 --demo_vae demo_output/vae/vae.pth
 """
 import argparse
 import json
+import math
 import os
+import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from typing import Dict, List
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
 
-import torch
-import torch.nn.functional as F
+if __name__ == '__main__':   # `python bench/train_speed.py`: the project root on sys.path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import torch  # noqa: E402
 
+from bench import measure  # noqa: E402
+from utils import cli  # noqa: E402
+from utils.cli import flag  # noqa: E402
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """Benchmark flags."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--width', type=int, default=128)
-    p.add_argument('--heads', type=int, default=4)
-    p.add_argument('--pn', type=str, default='1_2_3_4_5_6', help="token-map sides, '_'-separated")
-    p.add_argument('--V', type=int, default=512)
-    p.add_argument('--Cvae', type=int, default=16)
-    p.add_argument('--num_classes', type=int, default=10)
-    p.add_argument('--batch', type=int, default=8)
-    p.add_argument('--depths', type=str, default='4,8,12,16', help='effective depths')
-    p.add_argument('--m', type=int, default=2, help='VIAR iterations with grad')
-    p.add_argument('--steps', type=int, default=5, help='timed steps per config')
-    p.add_argument('--warmup', type=int, default=2)
-    p.add_argument('--device', type=str, default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--bf16', action='store_true', help='bf16 autocast (CUDA)')
-    p.add_argument('--models', type=str, default='var,viar')
-    p.add_argument('--official', type=str, default='', help='path of an official VIAR checkout to compare with')
-    p.add_argument('--json', type=str, default='', help='also write the rows here')
-    p.add_argument('--impl', type=str, default='ours', choices=('ours', 'official'), help=argparse.SUPPRESS)
-    g = p.add_argument_group('--loader: the training data loader alone (bench/loader_speed.py)')
-    g.add_argument('--loader', action='store_true', help='measure the loader instead of training steps')
-    g.add_argument('--data_path', type=str, default='', help='class folders of JPEGs (default: synthetic ones)')
-    g.add_argument('--loader_images', type=int, default=64, help='synthetic JPEGs to make')
-    g.add_argument('--image_size', type=str, default='500x375', help='synthetic JPEG size, WxH')
-    g.add_argument('--reso', type=int, default=256, help='training resolution (crop side)')
-    g.add_argument('--loader_workers', type=str, default='0,2', help='worker counts to measure (0 always)')
-    g.add_argument('--loader_batches', type=int, default=8, help='timed batches per worker count')
-    g.add_argument('--gpu_rates', type=str, default='74,150,300', help='GPU training rates (img/s) to size CPUs for')
-    g = p.add_argument_group('--fsdp: memory per rank under train.py --fsdp (bench/fsdp_memory.py)')
-    g.add_argument('--fsdp', action='store_true', help='params + grads + AdamW bytes per rank, VAR-d36 and VIAR-d30')
-    g.add_argument('--rss', action='store_true', help='also measure peak RSS of a small model at 1 and 2 ranks')
-    g.add_argument('--rss_depth', type=int, default=12)
-    g.add_argument('--rss_width', type=int, default=768)
-    g.add_argument('--rss_steps', type=int, default=3)
-    return p.parse_args(argv)
+MODES = ('steps', 'loader', 'fsdp_memory', 'token_cache')
+DEFAULTS = dict(steps=5, warmup=2, threads=0)   # --steps, --warmup, --threads when not given; token_cache's below
+TOKEN_CACHE_DEFAULTS = dict(steps=6, warmup=1, threads=1)
 
 
-def configs(args) -> List[Dict]:
+@dataclass
+class BenchArgs:
+    """What every mode reads."""
+    mode: str = flag('steps', 'what to measure', choices=MODES)
+    batch: int = flag(8, 'images per step (steps, loader)')
+    steps: Optional[int] = flag(None, 'timed steps of each kind (default: steps 5, token_cache 6)')
+    warmup: Optional[int] = flag(None, 'untimed steps first (default: steps 2, token_cache 1)')
+    threads: Optional[int] = flag(None, "torch threads (default: torch's own; token_cache 1)")
+    json: str = flag('', 'also write the rows here')
+
+
+@dataclass
+class StepArgs:
+    """--mode steps: VIAR at effective depth D is 1 pre-block, n = D - 2 - m iterations without grad, m with, 1 post."""
+    width: int = flag(128, 'transformer width')
+    heads: int = flag(4, 'attention heads')
+    pn: Tuple[int, ...] = flag((1, 2, 3, 4, 5, 6), "token-map sides, '_'-separated")
+    V: int = flag(512, 'vocabulary size')
+    Cvae: int = flag(16, 'tokenizer latent channels')
+    num_classes: int = flag(10, 'classes')
+    depths: Tuple[int, ...] = flag((4, 8, 12, 16), 'effective depths')
+    m: int = flag(2, 'VIAR iterations with grad')
+    device: str = flag('auto', 'auto, cpu or cuda')
+    bf16: bool = flag(False, 'bf16 autocast (CUDA)')
+    models: str = flag('var,viar', 'which of var, viar to run')
+    official: str = flag('', 'path of an official VIAR checkout to compare with')
+
+
+@dataclass
+class LoaderArgs:
+    """--mode loader: JPEG decode, LANCZOS resize of the shorter side to 1.125 x reso, random crop, to tensor."""
+    data_path: str = flag('', 'class folders of JPEGs (default: synthetic ones)')
+    loader_images: int = flag(64, 'synthetic JPEGs to make')
+    image_size: str = flag('500x375', 'synthetic JPEG size, WxH')
+    reso: int = flag(256, 'training resolution (crop side)')
+    loader_workers: Tuple[int, ...] = flag((0, 2), 'worker counts to measure (0 always)')
+    loader_batches: int = flag(8, 'timed batches per worker count')
+    gpu_rates: str = flag('74,150,300', 'GPU training rates (img/s) to size CPUs for')
+
+
+@dataclass
+class FsdpArgs:
+    """--mode fsdp_memory: the bytes per rank of VAR-d36 and VIAR-d30, from arithmetic and from meta-device shards."""
+    rss: bool = flag(False, 'also measure peak RSS of a small model at 1 and 2 ranks')
+    rss_depth: int = flag(12, 'depth of the --rss model')
+    rss_width: int = flag(768, 'width of the --rss model')
+    rss_steps: int = flag(3, 'AdamW steps of the --rss model')
+    rss_child: bool = flag(False, argparse.SUPPRESS)   # one torchrun worker of --rss
+
+
+@dataclass
+class TokenCacheArgs:
+    """--mode token_cache: image steps and cached steps alternate in one process, so both see the same load."""
+    configs: str = flag('demo,official256', f'comma list of: {", ".join(("demo", "official256"))}')
+    demo_vae: str = flag('', "the demo's tokenizer (DEMO_OUT/vae/vae.pth); random weights if empty")
+    demo_data: str = flag('', "the demo's digit folder (DEMO_OUT/digits); synthetic if empty")
+
+
+GROUPS = (BenchArgs, StepArgs, LoaderArgs, FsdpArgs, TokenCacheArgs)
+
+
+def parse_args(argv=None):
+    """(BenchArgs, {group class: its parsed dataclass}) with the mode's defaults filled in."""
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for clz in GROUPS:
+        cli.add_dataclass_args(p, clz, clz.__doc__.split(':')[0] if clz is not BenchArgs else 'all modes')
+    p.add_argument('--loader', dest='mode', action='store_const', const='loader', help='same as --mode loader')
+    p.add_argument('--fsdp', dest='mode', action='store_const', const='fsdp_memory', help='same as --mode fsdp_memory')
+    ns = p.parse_args(argv)
+    groups = {clz: cli.from_namespace(clz, ns) for clz in GROUPS}
+    b = groups[BenchArgs]
+    for k, v in (TOKEN_CACHE_DEFAULTS if b.mode == 'token_cache' else DEFAULTS).items():
+        if getattr(b, k) is None:
+            setattr(b, k, v)
+    return b, groups
+
+
+def make_jpegs(root: str, n: int, size=(500, 375), classes: int = 4, seed: int = 0) -> str:
+    """n synthetic JPEGs in `classes` class folders under root/train, one per class in root/val: smooth content plus
+    grain at quality 90, about 100 KB at 500x375 like ImageNet's average file (pure noise decodes slower)."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for split, count in (('train', n), ('val', classes)):
+        for i in range(count):
+            d = os.path.join(root, split, f'c{i % classes}')
+            os.makedirs(d, exist_ok=True)
+            low = rng.integers(0, 256, (max(1, size[1] // 16), max(1, size[0] // 16), 3), dtype=np.uint8)
+            img = np.asarray(Image.fromarray(low).resize(size, Image.BICUBIC), dtype=np.int16)
+            img = np.clip(img + rng.integers(-32, 33, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(os.path.join(d, f'{i}.JPEG'), quality=90)
+    return root
+
+
+# ---------------------------------------------------------------- steps
+
+def step_configs(s: StepArgs) -> List[Dict]:
     """(model, effective depth, n, m) rows; VIAR rows need D >= m + 2."""
     rows = []
-    for D in (int(d) for d in args.depths.split(',')):
-        for kind in args.models.split(','):
+    for D in s.depths:
+        for kind in s.models.split(','):
             if kind == 'var':
                 rows.append(dict(model='var', eff_depth=D, n=0, m=0))
-            elif D - 2 - args.m >= 0:
-                rows.append(dict(model='viar', eff_depth=D, n=D - 2 - args.m, m=args.m))
+            elif D - 2 - s.m >= 0:
+                rows.append(dict(model='viar', eff_depth=D, n=D - 2 - s.m, m=s.m))
     return rows
 
 
-def build(args, row, patch_nums):
-    """(var, vae, forward(label, x) -> logits) for a row, from our models or the official ones."""
-    use_implicit = row['model'] == 'viar'
-    common = dict(num_classes=args.num_classes, depth=max(row['eff_depth'], 3), embed_dim=args.width,
-                  num_heads=args.heads, drop_path_rate=0.0, attn_l2_norm=True, patch_nums=patch_nums)
-    if args.impl == 'official':
-        from models import VAR as OfficialVAR, VQVAE as OfficialVQVAE   # resolved from --official PATH
-        vae = OfficialVQVAE(vocab_size=args.V, z_channels=args.Cvae, ch=32, test_mode=True, share_quant_resi=4,
-                            v_patch_nums=patch_nums)
-        n, m = row['n'], row['m']
-        var = OfficialVAR(vae_local=vae, flash_if_available=False, fused_if_available=False, use_implicit=use_implicit,
-                          pre_depth=1, post_depth=1, implicit_no_grad_min_iters=n, implicit_no_grad_max_iters=n,
-                          implicit_with_grad_min_iters=max(m, 1), implicit_with_grad_max_iters=max(m, 1), **common)
-        forward = var
-    else:
-        from models import VQVAE, build_var
-        vae = VQVAE(vocab_size=args.V, z_channels=args.Cvae, ch=32, test_mode=True, share_quant_resi=4,
-                    v_patch_nums=patch_nums, ch_mult=(1, 2), num_res_blocks=1)
-        var = build_var(vae, use_implicit=use_implicit, pre_depth=1, post_depth=1, **common)
-
-        def forward(label_B, x_BLCv):
-            return var(label_B, x_BLCv, jfb_iters=(row['n'], row['m']))
+def our_step_row(s: StepArgs, row: Dict, common: Dict, step_kw: Dict) -> Dict:
+    """This project's model for one row, measured by `measure.train_step_row`."""
+    from models import VQVAE, build_var
+    torch.manual_seed(0)
+    vae = VQVAE(vocab_size=s.V, z_channels=s.Cvae, ch=32, test_mode=True, share_quant_resi=4, v_patch_nums=s.pn,
+                ch_mult=(1, 2), num_res_blocks=1)
+    var = build_var(vae, use_implicit=row['model'] == 'viar', pre_depth=1, post_depth=1, **common)
     var.init_weights(init_adaln=0.5, init_adaln_gamma=1e-5, init_head=0.02, init_std=-1)
-    return var, vae, forward
+    jfb = (row['n'], row['m'])
+    return measure.train_step_row(var, vae, lambda label_B, x_BLCv: var(label_B, x_BLCv, jfb_iters=jfb), **step_kw)
 
 
-def saved_bytes(forward, var, label_B, x_BLCv) -> int:
-    """Bytes autograd keeps for backward in one forward (parameter storages excluded, each storage once)."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/measure.py, on both sides
-    import measure as bench_measure   # loads utils/memory.py by path, so the official child can use it too
-    return bench_measure.memory.saved_activation_bytes(lambda: forward(label_B, x_BLCv), var.parameters())
-
-
-def measure(args) -> List[Dict]:
-    """Run every config with the implementation chosen by --impl."""
-    if args.impl == 'official':
-        sys.path.insert(0, os.path.abspath(args.official))
-        os.chdir(os.path.abspath(args.official))
-    else:
-        sys.path.insert(0, ROOT)
-    dev = torch.device(args.device)
-    patch_nums = tuple(int(t) for t in args.pn.split('_'))
-    out = []
-    for row in configs(args):
-        torch.manual_seed(0)
-        var, vae, forward = build(args, row, patch_nums)
-        var.to(dev).train()
-        vae.to(dev)
-        g = torch.Generator().manual_seed(0)
-        idx_Bl = [torch.randint(0, args.V, (args.batch, p * p), generator=g).to(dev) for p in patch_nums]
-        x_BLCv = vae.quantize.idxBl_to_var_input(idx_Bl)
-        gt_BL = torch.cat(idx_Bl, 1)
-        label_B = torch.arange(args.batch, device=dev) % args.num_classes
-        opt = torch.optim.AdamW(var.parameters(), lr=1e-4, betas=(0.9, 0.95))
-        amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.bf16)
-        act = saved_bytes(forward, var, label_B, x_BLCv)
-        if dev.type == 'cuda':
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats(dev)
-        times = []
-        for i in range(args.warmup + args.steps):
-            t0 = time.perf_counter()
-            with amp:
-                logits_BLV = forward(label_B, x_BLCv)
-            loss = F.cross_entropy(logits_BLV.float().reshape(-1, args.V), gt_BL.reshape(-1))
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if dev.type == 'cuda':
-                torch.cuda.synchronize()
-            if i >= args.warmup:
-                times.append(time.perf_counter() - t0)
-        peak = torch.cuda.max_memory_allocated(dev) / 2 ** 20 if dev.type == 'cuda' else None
-        out.append(dict(row, impl=args.impl, params_m=sum(p.numel() for p in var.parameters()) / 1e6,
-                        step_ms=1000 * statistics.median(times), saved_act_mib=act / 2 ** 20, peak_mib=peak))
-        del var, vae, opt
-    return out
-
-
-def run_official(args) -> List[Dict]:
-    """The same configs with the official models, in a child process (their `models`/`dist` shadow ours)."""
-    argv = [sys.executable, os.path.abspath(__file__), '--impl', 'official']
-    for k, v in vars(args).items():
-        if k in ('impl', 'json') or v is False:
-            continue
-        argv += [f'--{k}'] if v is True else [f'--{k}', str(v)]
-    env = dict(os.environ, PYTHONPATH=os.path.abspath(args.official))
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f'the official run failed:\n{proc.stderr[-3000:]}')
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def main(argv=None):
-    """Print a table (and optional JSON) of our rows, with official ratios when --official is given."""
-    args = parse_args(argv)
-    if args.loader or args.fsdp:
-        sys.path.insert(0, ROOT)
-        from bench import fsdp_memory, loader_speed
-        rows = (loader_speed if args.loader else fsdp_memory).run(args)
-        if args.json:
-            with open(args.json, 'w') as f:
-                json.dump(rows, f, indent=1)
-        return
-    if args.official and not os.path.isdir(os.path.join(args.official, 'models')):
-        raise SystemExit(f'--official {args.official}: expected a VIAR checkout with a models/ folder')
-    rows = measure(args)
-    if args.impl == 'official':   # child process: rows as one JSON line
-        print(json.dumps(rows))
-        return
-    official = {(r['model'], r['eff_depth']): r for r in run_official(args)} if args.official else {}
-    print(f'# device {args.device}, width {args.width}, heads {args.heads}, pn {args.pn}, batch {args.batch}, '
-          f'VIAR m={args.m}, {"bf16" if args.bf16 else "fp32"}; time = median of {args.steps} steps')
-    head = f'{"model":5s} {"D":>3s} {"n":>3s} {"m":>2s} {"params(M)":>9s} {"step ms":>8s} {"act MiB":>8s} {"peak MiB":>9s}'
-    if official:
-        head += f' {"off ms":>8s} {"off act":>8s} {"t ratio":>7s} {"act ratio":>9s}'
-    print(head)
+def run_steps(b: BenchArgs, s: StepArgs) -> List[Dict]:
+    """Our rows, each followed by the official child's row of the same config when --official is given."""
+    if s.official and not os.path.isdir(os.path.join(s.official, 'models')):
+        raise SystemExit(f'--official {s.official}: expected a VIAR checkout with a models/ folder')
+    from utils.sample.config import resolve_device
+    device = str(resolve_device(s.device))
+    step_kw = dict(V=s.V, batch=b.batch, num_classes=s.num_classes, patch_nums=s.pn, steps=b.steps, warmup=b.warmup,
+                   bf16=s.bf16, device=device)
+    official = None
+    if s.official:   # a child process: the official package is also called `models`
+        env = dict(os.environ, **({'OMP_NUM_THREADS': str(b.threads)} if b.threads else {}))
+        official = measure.Child([sys.executable, os.path.join(measure.ROOT, 'bench', 'official_runner.py'),
+                                  os.path.abspath(s.official)], 'official', env=env, cwd=os.path.abspath(s.official))
+    rows = []
+    try:
+        for row in step_configs(s):
+            common = dict(num_classes=s.num_classes, depth=max(row['eff_depth'], 3), embed_dim=s.width,
+                          num_heads=s.heads, drop_path_rate=0.0, attn_l2_norm=True, patch_nums=s.pn)
+            rows.append(dict(row, **our_step_row(s, row, common, step_kw)))
+            if official:
+                rows[-1]['official'] = official.ask(cmd='train_step', row=row, common=common, V=s.V, Cvae=s.Cvae,
+                                                    step=step_kw)
+    finally:
+        if official:
+            official.close()
+    print(f'# device {device}, width {s.width}, heads {s.heads}, pn {"_".join(map(str, s.pn))}, batch {b.batch}, '
+          f'VIAR m={s.m}, {"bf16" if s.bf16 else "fp32"}; time = median of {b.steps} steps')
+    head = (f'{"model":5s} {"D":>3s} {"n":>3s} {"m":>2s} {"params(M)":>9s} {"step ms":>8s} {"act MiB":>8s} '
+            f'{"peak MiB":>9s}')
+    print(head + (f' {"off ms":>8s} {"off act":>8s} {"t ratio":>7s} {"act ratio":>9s}' if official else ''))
     for r in rows:
         peak = f'{r["peak_mib"]:9.1f}' if r['peak_mib'] is not None else f'{"-":>9s}'
         line = (f'{r["model"]:5s} {r["eff_depth"]:3d} {r["n"]:3d} {r["m"]:2d} {r["params_m"]:9.3f} '
                 f'{r["step_ms"]:8.1f} {r["saved_act_mib"]:8.2f} {peak}')
-        o = official.get((r['model'], r['eff_depth']))
+        o = r.get('official')
         if o:
             line += (f' {o["step_ms"]:8.1f} {o["saved_act_mib"]:8.2f} {r["step_ms"] / o["step_ms"]:7.2f} '
                      f'{r["saved_act_mib"] / max(o["saved_act_mib"], 1e-9):9.2f}')
-            r['official'] = o
         print(line)
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(rows, f, indent=1)
+    return rows
+
+
+# ---------------------------------------------------------------- loader
+
+def children_cpu_s() -> float:
+    """CPU seconds of this process's reaped children (the loader's workers, once they exit)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def measure_loader(data: str, workers: int, batches: int, batch_size: int, reso: int = 256, warmup: int = 1) -> Dict:
+    """Wall-clock and CPU rate of `batches` batches through the training loader with `workers` processes."""
+    from torch.utils.data import DataLoader
+    from utils.data.datasets import build_datasets
+    from utils.data.loader import loader_kwargs
+    from utils.data.sampler import DistInfiniteBatchSampler
+    _, train_set, _ = build_datasets(data, reso, round(1.125 * reso), hflip=False)
+    loader = DataLoader(train_set, batch_sampler=DistInfiniteBatchSampler(len(train_set), batch_size, seed=0),
+                        generator=torch.Generator().manual_seed(0), **loader_kwargs(workers, pin=False))
+    cpu0, kids0 = time.process_time(), children_cpu_s()
+    it = iter(loader)
+    for _ in range(warmup):   # worker start-up and the first batch are not the steady rate
+        next(it)
+    t0, cpu1 = time.perf_counter(), time.process_time()
+    for _ in range(batches):
+        next(it)
+    wall, main_cpu = time.perf_counter() - t0, time.process_time() - cpu1
+    del it, loader   # persistent workers exit here, so their CPU time reaches RUSAGE_CHILDREN
+    n = batches * batch_size
+    if workers == 0:
+        return dict(workers=0, images=n, wall_s=wall, img_per_s=n / wall, cpu_s=main_cpu, img_per_cpu_s=n / main_cpu)
+    # workers also made the warm-up batch and prefetched batches never consumed: their CPU time is reported, not
+    # turned into a per-CPU rate (workers=0 gives that cleanly)
+    return dict(workers=workers, images=n, wall_s=wall, img_per_s=n / wall,
+                cpu_s=children_cpu_s() - kids0 + time.process_time() - cpu0, img_per_cpu_s=None)
+
+
+def run_loader(b: BenchArgs, a: LoaderArgs) -> List[Dict]:
+    """One row per worker count, and the CPU cores each GPU rate of --gpu_rates needs at the measured rate."""
+    with tempfile.TemporaryDirectory(prefix='loader_bench_') as tmp:
+        data = a.data_path or make_jpegs(tmp, a.loader_images, tuple(int(t) for t in a.image_size.split('x')))
+        print(f'# machine: {measure.machine_line()}; torch threads {torch.get_num_threads()}; {sys.executable}')
+        print(f'# loader: {data if a.data_path else f"{a.loader_images} synthetic {a.image_size} JPEGs"}, '
+              f'{a.reso} px crops of a {round(1.125 * a.reso)} px LANCZOS resize, batch {b.batch}')
+        print(f'{"workers":>7s} {"images":>6s} {"wall s":>7s} {"img/s":>7s} {"CPU s":>7s} {"img per CPU-s":>13s} '
+              f'{"vs N x 1 core":>13s}')
+        rows = []
+        for w in sorted({0, *a.loader_workers}):
+            r = measure_loader(data, w, a.loader_batches, b.batch, a.reso)
+            rows.append(r)
+            per_cpu = f'{r["img_per_cpu_s"]:13.1f}' if r['img_per_cpu_s'] else f'{"-":>13s}'
+            scaling = f'{r["img_per_s"] / (w * rows[0]["img_per_cpu_s"]):13.2f}' if w else f'{"-":>13s}'
+            print(f'{w:7d} {r["images"]:6d} {r["wall_s"]:7.2f} {r["img_per_s"]:7.1f} {r["cpu_s"]:7.2f} {per_cpu} '
+                  f'{scaling}')
+    per_core = rows[0]['img_per_cpu_s']
+    for rate in (float(t) for t in a.gpu_rates.split(',')):
+        print(f'# a GPU training {rate:g} img/s needs {rate / per_core:.2f} CPU cores of loading at '
+              f'{per_core:.1f} img per CPU-s')
+    return rows
+
+
+# ---------------------------------------------------------------- fsdp_memory
+
+def build_meta(name: str):
+    """A full-size model on the meta device: 'VAR-d36' (512 px, shared AdaLN, width 2304) or 'VIAR-d30'."""
+    from models import build_var
+    from models.layout import PYRAMIDS
+    from models.vqvae import VQVAE
+    with torch.device('meta'):
+        vae = VQVAE(vocab_size=4096, z_channels=32, ch=160, share_quant_resi=4, test_mode=True)
+        if name == 'VAR-d36':
+            return build_var(vae, depth=36, embed_dim=2304, num_heads=36, shared_aln=True, attn_l2_norm=True,
+                             patch_nums=PYRAMIDS[512])
+        if name == 'VIAR-d30':
+            return build_var(vae, depth=30, embed_dim=1920, num_heads=30, use_implicit=True, pre_depth=5,
+                             post_depth=5, attn_l2_norm=True)
+    raise ValueError(f'unknown model {name!r}')
+
+
+def meta_rows(names=('VAR-d36', 'VIAR-d30'), worlds=(1, 2, 4, 8, 16, 32, 64)) -> List[Dict]:
+    """One row per (model, world size): the arithmetic of utils/train/fsdp.py beside the shards dist.fsdp_shard makes
+    under torch's fake process group (rank 0 of W; nothing allocated), and the root unit, which no block holds and
+    which stays gathered for the whole step (fp32)."""
+    import dist
+    from utils.train.fsdp import measured_rank_bytes, rank_bytes
+    rows = []
+    for name in names:
+        for world in worlds:
+            var = build_meta(name)
+            shapes = [tuple(p.shape) for p in var.parameters()]
+            in_units = {id(p) for unit in var.fsdp_units() for mod in unit for p in mod.parameters()}
+            root = sum(p.numel() for p in var.parameters() if id(p) not in in_units)
+            with dist.fake_group(world):
+                dist.fsdp_shard(var, var.fsdp_units(), torch.bfloat16, torch.float32)
+                got = measured_rank_bytes(var.parameters(), lambda p: dist.local_part(p).numel())
+            want = rank_bytes(shapes, world)
+            rows.append(dict(model=name, world=world, params=sum(map(math.prod, shapes)), want=want.__dict__,
+                             got=got.__dict__, total=want.total, match=want == got, root_fp32=root * 4))
+    return rows
+
+
+def rss_child(f: FsdpArgs):
+    """One torchrun worker of --rss: build, shard when there are several ranks, train; print its peak RSS as JSON."""
+    import torch.nn.functional as F
+    import dist
+    from models import build_vae_var
+    from utils.train.fsdp import measured_rank_bytes
+    dist.initialize('cpu')
+    torch.manual_seed(0)
+    base = measure.peak_rss_bytes()
+    vae, var = build_vae_var('cpu', patch_nums=(1, 2, 3, 4), V=4096, Cvae=32, ch=32, num_classes=1000,
+                             depth=f.rss_depth, embed_dim=f.rss_width, num_heads=f.rss_width // 64, vae_ch_mult=(1, 1),
+                             vae_num_res_blocks=1, attn_l2_norm=True)
+    var.train()
+    if dist.initialized():
+        dist.fsdp_shard(var, var.fsdp_units())
+    opt = torch.optim.AdamW(var.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
+    g = torch.Generator().manual_seed(dist.get_rank())
+    idx = [torch.randint(0, 4096, (2, p * p), generator=g) for p in (1, 2, 3, 4)]
+    x = vae.quantize.idxBl_to_var_input(idx)
+    t0 = time.process_time()
+    for _ in range(f.rss_steps):
+        F.cross_entropy(var(torch.tensor([1, 2]), x).flatten(0, 1), torch.cat(idx, 1).flatten()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    held = measured_rank_bytes(var.parameters(), lambda p: dist.local_part(p).numel())
+    print(json.dumps(dict(rank=dist.get_rank(), world=dist.get_world_size(), peak_rss=measure.peak_rss_bytes(),
+                          import_rss=base, held=held.total, params=sum(p.numel() for p in var.parameters()),
+                          cpu_s=time.process_time() - t0)), flush=True)
+    dist.finalize()
+
+
+def rss_rows(f: FsdpArgs, mmap_threshold: bool) -> List[Dict]:
+    """Each rank's line from a 1-rank (unsharded) and a 2-rank (gloo, --fsdp) torchrun; with mmap_threshold,
+    MALLOC_MMAP_THRESHOLD_=65536 returns freed blocks of 64 KiB and more to the system, so RSS follows live tensors
+    (glibc's default raises its threshold after the first large free and keeps FSDP's freed units in the heap)."""
+    rows = []
+    for world in (1, 2):
+        env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=measure.ROOT, VIAR_DIST_TIMEOUT_S='300')
+        env.pop('MALLOC_MMAP_THRESHOLD_', None)
+        if mmap_threshold:
+            env['MALLOC_MMAP_THRESHOLD_'] = '65536'
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={world}',
+               os.path.abspath(__file__), '--mode', 'fsdp_memory', '--rss_child', '--rss_depth', str(f.rss_depth),
+               '--rss_width', str(f.rss_width), '--rss_steps', str(f.rss_steps)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=measure.ROOT)
+        if proc.returncode != 0:
+            raise SystemExit(f'the {world}-rank run failed:\n{proc.stderr[-3000:]}')
+        rows += [dict(json.loads(line), malloc='mmap 64K' if mmap_threshold else 'default')
+                 for line in proc.stdout.splitlines() if line.startswith('{')]
+    return rows
+
+
+def run_fsdp(b: BenchArgs, f: FsdpArgs) -> Dict:
+    """The meta table, and with --rss the measured one."""
+    gib, mib = 2 ** 30, 2 ** 20
+    print(f'# machine: {measure.machine_line()}')
+    print('# fp32 parameters + gradients + AdamW moments on the fullest rank under FSDP2 (bf16 runs gather bf16 '
+          'copies for compute; the sharded state stays fp32)')
+    out = dict(meta=meta_rows())
+    print(f'{"model":9s} {"params":>14s} {"ranks":>5s} {"params GiB":>10s} {"grads GiB":>9s} {"AdamW GiB":>9s} '
+          f'{"total GiB":>9s} {"root fp32 GiB":>13s} {"meta shards = arithmetic":>24s}')
+    for r in out['meta']:
+        w = r['want']
+        print(f'{r["model"]:9s} {r["params"]:14,d} {r["world"]:5d} {w["params"] / gib:10.3f} {w["grads"] / gib:9.3f} '
+              f'{w["optim"] / gib:9.3f} {r["total"] / gib:9.3f} {r["root_fp32"] / gib:13.3f} {str(r["match"]):>24s}')
+    if f.rss:
+        print(f'# peak RSS, CPU, VAR depth {f.rss_depth} width {f.rss_width}, scales 1..4, batch 2 per rank, '
+              f'{f.rss_steps} AdamW steps; 1 rank unsharded, 2 ranks --fsdp (gloo); "held" = fp32 params + '
+              f'grads + AdamW on the rank')
+        out['rss'] = [r for thr in (False, True) for r in rss_rows(f, thr)]
+        print(f'{"malloc":>8s} {"ranks":>5s} {"rank":>4s} {"params":>12s} {"held MiB":>9s} {"peak RSS MiB":>12s} '
+              f'{"RSS after imports":>17s} {"RSS growth MiB":>14s}')
+        for r in out['rss']:
+            print(f'{r["malloc"]:>8s} {r["world"]:5d} {r["rank"]:4d} {r["params"]:12,d} {r["held"] / mib:9.1f} '
+                  f'{r["peak_rss"] / mib:12.1f} {r["import_rss"] / mib:17.1f} '
+                  f'{(r["peak_rss"] - r["import_rss"]) / mib:14.1f}')
+    return out
+
+
+# ---------------------------------------------------------------- token_cache
+
+TOKEN_CONFIGS = {   # demo: the demo's tokenizer and VIAR; official256: the official tokenizer architecture at 256 px
+    'demo': dict(pn=(1, 2, 3, 4), V=128, Cvae=16, vae_ch=32, vae_ch_mult=(1, 2, 4), vae_num_res_blocks=1,
+                 width=96, heads=4, depth=6, p=1, jfb_n=(0, 4), jfb_m=(1, 4), batch=64, img_side=8, n_images=128,
+                 classes=10),
+    'official256': dict(pn=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), V=4096, Cvae=32, vae_ch=160, vae_ch_mult=(1, 1, 2, 2, 4),
+                        vae_num_res_blocks=2, width=128, heads=4, depth=6, p=1, jfb_n=(2, 2), jfb_m=(1, 1), batch=8,
+                        img_side=500, n_images=16, classes=4),
+}
+
+
+def token_cache_row(name: str, b: BenchArgs, t: TokenCacheArgs, work: str) -> Dict[str, Any]:
+    """One config: write its cache, then alternate image and cached training steps of one trainer; medians."""
+    from torch.utils.data import DataLoader
+    from models.config import ModelSpec
+    from scripts.extract_tokens import main as extract
+    from trainer import VARTrainer
+    from utils.checkpoint import load_vae_weights, save_atomic
+    from utils.data.datasets import build_datasets
+    from utils.data.sampler import DistInfiniteBatchSampler
+    from utils.data.token_cache import CacheBatchSampler, TokenShards, open_cache
+    from utils.train.amp_opt import AmpOptimizer, build_adamw
+    from utils.train.lr_control import param_groups
+    c = TOKEN_CONFIGS[name]
+    spec = ModelSpec(depth=c['depth'], use_implicit=True, pre_depth=c['p'], post_depth=c['p'], embed_dim=c['width'],
+                     num_heads=c['heads'], patch_nums=c['pn'], V=c['V'], Cvae=c['Cvae'], vae_ch=c['vae_ch'],
+                     vae_ch_mult=c['vae_ch_mult'], vae_num_res_blocks=c['vae_num_res_blocks'], num_classes=c['classes'])
+    res = spec.image_px
+    demo = name == 'demo'
+    torch.manual_seed(0)
+    vae, var = spec.build('cpu', jfb_no_grad=c['jfb_n'], jfb_with_grad=c['jfb_m'])
+    if demo and t.demo_vae:
+        vae_path = t.demo_vae
+        load_vae_weights(vae, vae_path)
+    else:   # random weights, saved for the extractor
+        vae_path = os.path.join(work, f'{name}_vae.pth')
+        save_atomic(vae.state_dict(), vae_path)
+    if demo and t.demo_data:
+        data, mid = t.demo_data, 1.0
+    else:
+        side = c['img_side']
+        data = make_jpegs(os.path.join(work, f'{name}_imgs'), c['n_images'],
+                          (side, side * 3 // 4 if side > 64 else side), c['classes'])
+        mid = 1.125
+    cache = os.path.join(work, f'{name}_cache')
+    t0 = time.perf_counter()
+    extract(['--data_path', data, '--out', cache, '--vae_ckpt', vae_path, '--pn', '_'.join(map(str, c['pn'])),
+             '--mid_reso', str(mid), '--batch_size', str(c['batch']), '--device', 'cpu', '--progress', 'False'])
+    t_extract = time.perf_counter() - t0
+    man = open_cache(cache)
+    vae.eval().requires_grad_(False)
+    var.train()
+    _, params, groups = param_groups(var)
+    tr = VARTrainer(vae, var, var, AmpOptimizer(build_adamw(groups, 1e-4, torch.device('cpu')), params), seed=0)
+    _, train_set, _ = build_datasets(data, res, round(mid * res))
+    B = c['batch']
+    loaders = dict(images=DataLoader(train_set, batch_sampler=DistInfiniteBatchSampler(len(train_set), B, seed=0)),
+                   cache=DataLoader(TokenShards(cache, man, 'train'),
+                                    batch_sampler=CacheBatchSampler(len(train_set), B, seed=0)))
+    loaders = {k: iter(v) for k, v in loaders.items()}
+    step_s, data_s = {k: [] for k in loaders}, {k: [] for k in loaders}
+    for i in range(b.warmup + b.steps):
+        for kind, loader in loaders.items():
+            t0 = time.perf_counter()
+            x, y = next(loader)
+            t1 = time.perf_counter()
+            tr.train_step(x, y, g_it=i, stepping=True)
+            if i >= b.warmup:
+                step_s[kind].append(time.perf_counter() - t0)
+                data_s[kind].append(t1 - t0)
+    med = {k: statistics.median(v) for k, v in step_s.items()}
+    med_data = {k: statistics.median(v) for k, v in data_s.items()}
+    shard = man['splits']['train']['shards'][0]
+    return dict(config=name, resolution=res, tokens=var.L, batch=B, var_params=sum(p.numel() for p in var.parameters()),
+                vae_params=sum(p.numel() for p in vae.parameters()), step_s_images=med['images'],
+                step_s_cache=med['cache'], data_s_images=med_data['images'], data_s_cache=med_data['cache'],
+                ratio=med['images'] / med['cache'],
+                extract_s_per_image=t_extract / (man['splits']['train']['images'] + man['splits']['val']['images']),
+                cache_bytes_per_image=os.path.getsize(os.path.join(cache, 'train-00000.tokens.npy')) / shard['images'],
+                demo_weights=bool(demo and t.demo_vae))
+
+
+def run_token_cache(b: BenchArgs, t: TokenCacheArgs) -> Dict[str, Any]:
+    """Every config of --configs, one line each, and the machine before and after."""
+    before = measure.machine_facts()
+    rows: List[Dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as work:
+        for name in t.configs.split(','):
+            r = token_cache_row(name, b, t, work)
+            rows.append(r)
+            print(f"{name}: {r['resolution']} px, L {r['tokens']}, batch {r['batch']}, "
+                  f"VIAR {r['var_params'] / 1e6:.2f}M; "
+                  f"step {r['step_s_images']:.3f} s from images ({r['data_s_images']:.3f} s loading) vs "
+                  f"{r['step_s_cache']:.3f} s from the cache ({r['data_s_cache']:.4f} s loading): "
+                  f"{r['ratio']:.2f}x; writing the cache {r['extract_s_per_image'] * 1000:.1f} ms/image, "
+                  f"{r['cache_bytes_per_image'] / 1024:.2f} KiB/image", flush=True)
+    after = measure.machine_facts()
+    print(f"machine: {before['cpu']}; avx2 {before['avx2']}, avx512_bf16 {before['avx512_bf16']}, amx {before['amx']}; "
+          f"{b.threads} thread(s); load average {before['load_avg']} before, {after['load_avg']} after")
+    return dict(machine=before, load_avg_after=after['load_avg'], threads=b.threads, steps=b.steps, rows=rows,
+                torch=torch.__version__)
+
+
+def main(argv=None):
+    """Run the chosen mode; its rows go to --json too."""
+    b, g = parse_args(argv)
+    if g[FsdpArgs].rss_child:
+        return rss_child(g[FsdpArgs])
+    if b.threads:
+        torch.set_num_threads(b.threads)
+    run = dict(steps=lambda: run_steps(b, g[StepArgs]), loader=lambda: run_loader(b, g[LoaderArgs]),
+               fsdp_memory=lambda: run_fsdp(b, g[FsdpArgs]), token_cache=lambda: run_token_cache(b, g[TokenCacheArgs]))
+    rows = run[b.mode]()
+    if b.json:
+        from utils.atomic import write_json_atomic
+        write_json_atomic(rows, b.json, indent=1)
+    return rows
 
 
 if __name__ == '__main__':

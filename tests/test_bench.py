@@ -1,10 +1,12 @@
-"""The sampling benchmark: schedule parsing, summaries, and a tiny end-to-end run of the project side alone."""
+"""The benchmarks: sampling (schedule parsing, summaries, a tiny end-to-end run of the project side alone) and the
+training modes of bench/train_speed.py at tiny sizes."""
 import json
 import os
 
 import pytest
 
 from bench import sample_speed as ss
+from bench import train_speed as ts
 
 TINY = ['--depth', '4', '--width', '32', '--heads', '2', '--p_depth', '1', '--patch_nums', '1,2,3,4', '--V', '48',
         '--Cvae', '8', '--vae_ch', '32', '--vae_ch_mult', '1,1', '--vae_num_res_blocks', '1', '--num_classes', '5',
@@ -114,3 +116,51 @@ def test_bad_flags_are_clear_errors(tmp_path):
         ss.main(TINY + ['--official', str(tmp_path / 'nope'), '--out', str(tmp_path)])
     with pytest.raises(SystemExit, match='--schedules'):
         ss.main(TINY + ['--models', 'VIAR', '--schedules', '3', '--out', str(tmp_path)])
+
+
+# ---------------------------------------------------------------- bench/train_speed.py
+
+def test_train_speed_modes_their_aliases_and_defaults():
+    b, _ = ts.parse_args(['--loader'])
+    assert (b.mode, b.steps, b.warmup, b.threads) == ('loader', 5, 2, 0)
+    assert ts.parse_args(['--fsdp'])[0].mode == 'fsdp_memory'
+    b, _ = ts.parse_args(['--mode', 'token_cache'])
+    assert (b.steps, b.warmup, b.threads) == (6, 1, 1)
+    b, g = ts.parse_args(['--steps', '3', '--depths', '4_8', '--pn', '1,2'])
+    assert (b.mode, b.steps, g[ts.StepArgs].depths, g[ts.StepArgs].pn) == ('steps', 3, (4, 8), (1, 2))
+
+
+def test_train_steps_viar_saves_the_same_activations_at_any_depth(tmp_path):
+    out = tmp_path / 'rows.json'
+    rows = ts.main(['--depths', '3,5', '--m', '1', '--width', '32', '--heads', '2', '--pn', '1_2_3', '--V', '16',
+                    '--Cvae', '8', '--steps', '1', '--warmup', '0', '--device', 'cpu', '--json', str(out)])
+    assert json.loads(out.read_text()) == rows
+    by = {(r['model'], r['eff_depth']): r for r in rows}
+    assert by['viar', 5]['n'] == 2 and by['viar', 3]['n'] == 0
+    assert all(r['step_ms'] > 0 and r['peak_mib'] is None for r in rows)
+    assert by['viar', 5]['saved_act_mib'] == by['viar', 3]['saved_act_mib'] > 0     # no-grad iterations save nothing
+    assert by['var', 5]['saved_act_mib'] > by['var', 3]['saved_act_mib']
+
+
+def test_loader_mode_counts_images_per_cpu_second(tmp_path, capsys):
+    rows = ts.main(['--loader', '--loader_images', '8', '--image_size', '40x30', '--reso', '16',
+                    '--loader_workers', '0', '--loader_batches', '2', '--batch', '4', '--gpu_rates', '10'])
+    assert [(r['workers'], r['images']) for r in rows] == [(0, 8)] and rows[0]['img_per_cpu_s'] > 0
+    assert 'a GPU training 10 img/s needs' in capsys.readouterr().out
+
+
+def test_fsdp_memory_meta_shards_equal_the_arithmetic():
+    one, two = ts.meta_rows(names=('VIAR-d30',), worlds=(1, 2))
+    assert one['match'] and two['match'] and one['params'] == 770_884_426
+    assert two['total'] < one['total'] / 2 + one['root_fp32'] and two['root_fp32'] == one['root_fp32']
+
+
+@pytest.mark.slow
+def test_token_cache_mode_on_the_demo_config(tmp_path):
+    out = ts.main(['--mode', 'token_cache', '--configs', 'demo', '--steps', '1', '--warmup', '0', '--threads', '0',
+                   '--json', str(tmp_path / 'tc.json')])
+    r, = out['rows']
+    assert (r['config'], r['resolution'], r['tokens'], r['batch']) == ('demo', 16, 30, 64)
+    assert r['step_s_images'] > 0 and r['step_s_cache'] > 0 and r['cache_bytes_per_image'] > 0
+    assert set(json.loads((tmp_path / 'tc.json').read_text())) == {'machine', 'load_avg_after', 'threads', 'steps',
+                                                                    'rows', 'torch'}

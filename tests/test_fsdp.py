@@ -74,7 +74,7 @@ def test_shard_arithmetic():
 @pytest.mark.parametrize('world', [2, 3, 64])
 @pytest.mark.parametrize('implicit', [False, True])
 def test_fake_group_shards_match_the_arithmetic(world, implicit):
-    _, var = tiny_vae_var(implicit, depth=4, width=64, heads=2)   # (bench/fsdp_memory.py does this at full size on meta)
+    _, var = tiny_vae_var(implicit, depth=4, width=64, heads=2)   # (bench/train_speed.py --mode fsdp_memory: full size, on meta)
     shapes = [tuple(p.shape) for p in var.parameters()]
     with dist.fake_group(world):
         dist.fsdp_shard(var, var.fsdp_units(), torch.bfloat16, torch.float32)
