@@ -2,16 +2,16 @@
 
     python scripts/demo_progress.py --every 30 --t0 START --stage 3/5 VIAR=demo_output/viar.stdout VAR=...
 
-Every --every seconds, one line per log that has not finished: its last `step N/M` (train.py, train_tokenizer.py)
-or tqdm count `N/M [` (gen_img.py --progress), the share done and the time left at the rate so far. The first
-line of each log names its file. Runs until killed, or until the shell that started it has gone.
+Every --every seconds, one line per unfinished log: its last `step N/M` (train.py, train_tokenizer.py) or tqdm
+count `N/M [` (gen_img.py --progress), the share done and the time left at the rate so far; a log's first line names
+its file. Runs until killed, or until the shell that started it has gone. Standard library only: it starts at once.
 """
 import argparse
 import os
 import re
 import sys
 import time
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 STEP_RE = re.compile(r'\bstep (\d+)/(\d+)\b')   # train.py / train_tokenizer.py: '... step 120/500 loss ...'
 TQDM_RE = re.compile(r'\b(\d+)/(\d+) \[')         # a tqdm bar: ' 40%|####      | 200/500 [00:10<00:15, ...'
@@ -20,7 +20,7 @@ TAIL_BYTES = 16384                                 # the last progress line sits
 
 # ----------------------------------------------------------------------------- pure helpers
 def last_progress(text: str) -> Optional[Tuple[int, int, str]]:
-    """(done, total, unit) of the last step count ('step') or tqdm count ('images': gen_img.py's bar counts images)
+    """(done, total, unit) of the last step count ('step') or tqdm count ('images': gen_img.py's bar counts them)
     in a log's text, else None."""
     for pattern, unit in ((STEP_RE, 'step'), (TQDM_RE, 'images')):
         found = pattern.findall(text)
@@ -72,15 +72,12 @@ def read_tail(path: str, nbytes: int = TAIL_BYTES) -> str:
         return ''
 
 
-def parse_logs(items: List[str]) -> List[Tuple[str, str]]:
-    """'NAME=PATH' arguments -> [(name, path)]."""
-    out = []
-    for item in items:
-        name, sep, path = item.partition('=')
-        if not sep or not name or not path:
-            raise SystemExit(f'demo_progress: expected NAME=PATH, got {item!r}')
-        out.append((name, path))
-    return out
+def parse_log(item: str) -> Tuple[str, str]:
+    """'NAME=PATH' -> (name, path)."""
+    name, sep, path = item.partition('=')
+    if not (sep and name and path):
+        raise SystemExit(f'demo_progress: expected NAME=PATH, got {item!r}')
+    return name, path
 
 
 def main(argv=None):
@@ -90,9 +87,9 @@ def main(argv=None):
     p.add_argument('--stage', default='', help="the stage's tag, e.g. '3/5'")
     p.add_argument('logs', nargs='+', help='NAME=PATH of each log to read')
     args = p.parse_args(argv)
-    logs = parse_logs(args.logs)
+    logs = [parse_log(item) for item in args.logs]
     start, parent = time.time(), os.getppid()
-    t0 = args.t0 if args.t0 is not None else start
+    t0 = start if args.t0 is None else args.t0
     tag = f'{args.stage} ' if args.stage else ''
     named, finished = set(), set()
     while len(finished) < len(logs):

@@ -1,13 +1,8 @@
 """Quality figures of the digits demo beyond class consistency: FID, precision / recall, diversity, copy rate.
 
-Class consistency alone cannot tell a model that draws ten different 3s from one that draws the same 3
-ten times. These figures can: FID and precision / recall compare the samples' distribution with the
-real digits', diversity compares their spread within a class, and the copy rate catches memorised
-training digits. FID and precision / recall use the project's evaluator maths (utils/eval/fid_math.py)
-in the hidden layer of a small digit classifier instead of Inception's pool layer.
-
-Inputs are pixel features: the 64 box-averaged 8x8 levels of a digit scaled to 0..1 (scripts/demo_score.py
-makes them from PNGs). Nothing here reads files.
+Class consistency cannot tell ten different 3s from the same 3 ten times; these figures can. FID and precision /
+recall use the evaluator's maths (utils/eval/fid_math.py) in the hidden layer of a small digit classifier instead
+of Inception's pool layer. Inputs are pixel features (scripts/demo_score.py): nothing here reads files.
 
 Shapes: N reference rows, M sample rows, P = 64 pixel features, F = FEATURE_WIDTH hidden features.
 """
@@ -15,6 +10,9 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
+from scipy.spatial.distance import cdist, pdist
+from sklearn.linear_model import LogisticRegression
+from sklearn.neural_network import MLPClassifier
 
 from utils.eval.fid_math import NHOOD_K, frechet_distance, gaussian_stats, knn_radii, manifold_precision_recall
 
@@ -25,13 +23,11 @@ COPY_PERCENTILE = 5.0     # a sample is a copy when it is nearer to a training d
 # ----------------------------------------------------------------------------- classifiers
 def train_classifier(x_NP: np.ndarray, y_N: np.ndarray, seed: int = 0):
     """Logistic regression on pixel features: the class-consistency judge."""
-    from sklearn.linear_model import LogisticRegression
     return LogisticRegression(max_iter=5000, random_state=seed).fit(x_NP, y_N)
 
 
 def train_feature_net(x_NP: np.ndarray, y_N: np.ndarray, width: int = FEATURE_WIDTH, seed: int = 0):
     """A one-hidden-layer ReLU MLP digit classifier (sklearn, Adam, L2 1e-4, seeded) on pixel features."""
-    from sklearn.neural_network import MLPClassifier
     net = MLPClassifier(hidden_layer_sizes=(width,), activation='relu', alpha=1e-4, max_iter=1000,
                         random_state=seed)
     return net.fit(x_NP, y_N)
@@ -58,7 +54,6 @@ def precision_recall(ref_ND: np.ndarray, x_MD: np.ndarray, k: int = NHOOD_K) -> 
 # ----------------------------------------------------------------------------- diversity
 def mean_pairwise_distance(x_MD: np.ndarray) -> float:
     """Mean Euclidean distance over the M(M-1)/2 unordered pairs of rows (0 for fewer than two rows)."""
-    from scipy.spatial.distance import pdist
     if len(x_MD) < 2:
         return 0.0
     return float(pdist(np.asarray(x_MD, np.float64)).mean())   # differences first: identical rows give exactly 0
@@ -77,7 +72,6 @@ def diversity_ratio(x_MD: np.ndarray, labels_M: np.ndarray, real_ND: np.ndarray,
 # ----------------------------------------------------------------------------- memorisation
 def nearest_distance(x_MD: np.ndarray, ref_ND: np.ndarray) -> np.ndarray:
     """Euclidean distance from each row of x to its nearest row of ref -> (M,)."""
-    from scipy.spatial.distance import cdist
     return cdist(np.asarray(x_MD, np.float64), np.asarray(ref_ND, np.float64)).min(axis=1)
 
 
@@ -110,10 +104,9 @@ def fit_judge(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y
               train_rec: Optional[np.ndarray] = None, val_rec: Optional[np.ndarray] = None, seed: int = 0) -> Judge:
     """Train both classifiers on the train digits and measure the val digits' yardsticks.
 
-    train_rec / val_rec: the same digits through the tokenizer. Samples can only be tokenizer images, so a
-    memorised training digit comes out as its reconstruction, not as itself; its blur moves it further from
-    the original than most real val digits are from theirs (docs/DEMO.md), so copies are looked for among
-    the reconstructions, with the threshold from the val reconstructions. Without them, raw digits.
+    train_rec / val_rec: the same digits through the tokenizer. A memorised digit comes out as its blurred
+    reconstruction (docs/DEMO.md), so copies are looked for among the reconstructions, with the threshold from
+    the val reconstructions; without them, among the raw digits.
     """
     clf, net = train_classifier(train_x, train_y, seed), train_feature_net(train_x, train_y, seed=seed)
     copy_ref_NP = np.asarray(train_x if train_rec is None else train_rec, np.float64)

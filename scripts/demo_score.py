@@ -1,16 +1,15 @@
 """Score the digits demo: class consistency, FID / precision / recall, diversity and copy rate of the VIAR and
-VAR samples, tokenizer reconstruction, parameter counts, and a labelled sample grid.
+VAR samples, tokenizer reconstruction, parameter counts, CPU times, a labelled sample grid and a headline.
 
     python scripts/demo_score.py --data_path demo_output/digits --vae_ckpt demo_output/vae/vae.pth \
         --viar_ckpt demo_output/viar/viar-slim.pth --viar_samples demo_output/samples/viar \
         --var_ckpt demo_output/var/var-slim.pth --var_samples demo_output/samples/var --out demo_output/results.json
 
 Every image is box-averaged back to 8x8 grayscale (the digits' own resolution) and scaled to 0..1: its 64
-pixel features. Class consistency is the accuracy of a logistic regression trained on the real train
-digits; the other figures are defined in scripts/demo_quality.py and docs/DEMO.md. Generated files are
-found by gen_img.py's names (`class{c}_seed{s}.png`) anywhere under a samples folder. Copies are judged among the
-tokenizer's reconstructions; without --vae_ckpt that is the demo's tokenizer beside --data_path, so a command that
-names only the data and the samples scores exactly as the demo does.
+pixel features, what every judge sees (scripts/demo_quality.py, docs/DEMO.md). Samples are gen_img.py's
+`class{c}_seed{s}.png` anywhere under a folder, or a sampling.py `.npz`. Copies are judged among the tokenizer's
+reconstructions; without --vae_ckpt that is the demo's tokenizer beside --data_path, so a command that names only
+the data and the samples scores exactly as the demo does.
 """
 import argparse
 import glob
@@ -22,10 +21,22 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
 
-DIGIT_SIDE = 8
-DIGIT_MAX = 16.0
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # as a script: the project
+
+import demo_quality  # noqa: E402
+from make_digits import DIGIT_MAX, DIGIT_SIDE  # noqa: E402
+from utils.checkpoint import read_state_dict  # noqa: E402
+from utils.data.datasets import build_datasets, load_rgb  # noqa: E402
+from utils.sample.image_io import to_uint8_HWC  # noqa: E402
+from utils.train.tokenizer_trainer import load_tokenizer, recon_mse  # noqa: E402
+
 SAMPLE_RE = re.compile(r'^class(\d+)_seed(-?\d+)\.png$')
+PARALLEL = {'transformers': 2, 'samples': 2}   # demo.sh stages that run VIAR and VAR as two processes side by side
+BUFFERS = ('lvl_1L', 'attn_bias_for_masking', 'zero_k_bias', 'ema_vocab_hit_SV')  # state-dict keys that are not weights
+RESULT_KEYS = {'consistency': 'class_consistency', 'n': 'n_samples'}   # score name -> results.json prefix, if not its own
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -37,9 +48,13 @@ def to_digit_features(img_HWC: np.ndarray) -> np.ndarray:
     H, W = gray_HW.shape
     if H % DIGIT_SIDE or W % DIGIT_SIDE:
         raise ValueError(f'image of {H}x{W} px cannot be box-averaged to {DIGIT_SIDE}x{DIGIT_SIDE}')
-    r, c = H // DIGIT_SIDE, W // DIGIT_SIDE
-    small = gray_HW.reshape(DIGIT_SIDE, r, DIGIT_SIDE, c).mean(axis=(1, 3))
+    small = gray_HW.reshape(DIGIT_SIDE, H // DIGIT_SIDE, DIGIT_SIDE, W // DIGIT_SIDE).mean(axis=(1, 3))
     return (small / 255.0 * DIGIT_MAX).reshape(-1)
+
+
+def pixel_features(imgs_NHWC: np.ndarray) -> np.ndarray:
+    """uint8 images -> (N, 64) box-averaged 8x8 levels scaled to 0..1: what every judge in the demo sees."""
+    return np.stack([to_digit_features(im) for im in imgs_NHWC]) / DIGIT_MAX
 
 
 def parse_sample_name(name: str) -> Optional[Tuple[int, int]]:
@@ -50,13 +65,7 @@ def parse_sample_name(name: str) -> Optional[Tuple[int, int]]:
 
 def parse_bash_times(line: str) -> float:
     """User + system seconds from a line of bash's `times` output, e.g. '8m3.982s 0m19.473s' -> 503.455."""
-    total = 0.0
-    for m in re.finditer(r'(\d+)m([\d.]+)s', line):
-        total += int(m.group(1)) * 60 + float(m.group(2))
-    return total
-
-
-PARALLEL = {'transformers': 2, 'samples': 2}   # demo.sh stages that run VIAR and VAR as two processes side by side
+    return sum(int(m.group(1)) * 60 + float(m.group(2)) for m in re.finditer(r'(\d+)m([\d.]+)s', line))
 
 
 def stage_cpu_seconds(marks: Sequence[str]) -> Dict[str, float]:
@@ -80,49 +89,59 @@ def per_class_accuracy(pred: np.ndarray, labels: np.ndarray) -> Dict[int, float]
     return {int(c): float((pred[labels == c] == c).mean()) for c in np.unique(labels)}
 
 
-BUFFERS = ('lvl_1L', 'attn_bias_for_masking', 'zero_k_bias', 'ema_vocab_hit_SV')  # state-dict keys that are not weights
-
-
 def count_params(state_dict) -> int:
     """Number of trainable values in a VAR / VIAR / VQVAE state dict (the buffers in BUFFERS excluded)."""
     return int(sum(v.numel() for k, v in state_dict.items() if not k.endswith(BUFFERS)))
 
 
-# ----------------------------------------------------------------------------- file reading
-def load_image(path: str) -> np.ndarray:
-    """A PNG as uint8 RGB (H, W, 3)."""
-    from PIL import Image
-    with Image.open(path) as im:
-        return np.asarray(im.convert('RGB'))
+def named_results(set_name: str, scores: Dict[str, object]) -> Dict[str, object]:
+    """results.json keys of one scored set: '<figure>_<set name>', e.g. fid_viar, class_consistency_var."""
+    return {f'{RESULT_KEYS.get(k, k)}_{set_name}': v for k, v in scores.items()}
+
+
+def demo_tokenizer(data_path: str) -> str:
+    """Where demo.sh keeps the tokenizer of a digits folder: `<data_path>/../vae/vae.pth`."""
+    return os.path.normpath(os.path.join(data_path, os.pardir, 'vae', 'vae.pth'))
+
+
+def resolve_vae_ckpt(flag: str, data_path: str, exists=os.path.isfile) -> str:
+    """The tokenizer to score with: --vae_ckpt as given; 'none' = none (copies judged on raw pixels); unset = the
+    demo's tokenizer beside --data_path when it exists, so every command scores as the demo does."""
+    if flag:
+        return '' if flag == 'none' else flag
+    beside = demo_tokenizer(data_path)
+    return beside if exists(beside) else ''
+
+
+# ----------------------------------------------------------------------------- files
+def read_results(path: str) -> Dict[str, object]:
+    """The JSON object in a results file, {} when there is none yet."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def merge_results(path: str, keys: Dict[str, object]) -> Dict[str, object]:
+    """Write `keys` into the results file at path, keeping the keys others wrote there; returns the whole."""
+    results = dict(read_results(path), **keys)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, 'w') as f:
+        json.dump(results, f, indent=2, sort_keys=True)
+    return results
 
 
 def load_folder_images(root: str) -> Tuple[np.ndarray, np.ndarray]:
     """(uint8 images (N, H, W, 3), labels (N,)) of an ImageFolder with numeric class folders (`root/<digit>/*.png`)."""
-    imgs, labels = [], []
-    for cls in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-        if not cls.isdigit():
-            continue
-        for path in sorted(glob.glob(os.path.join(root, cls, '*.png'))):
-            imgs.append(load_image(path))
-            labels.append(int(cls))
-    if not imgs:
+    found = [(int(c), p) for c in (sorted(os.listdir(root)) if os.path.isdir(root) else []) if c.isdigit()
+             for p in sorted(glob.glob(os.path.join(root, c, '*.png')))]
+    if not found:
         raise SystemExit(f'demo_score: no digit images in {root!r}; write them with scripts/make_digits.py')
-    return np.stack(imgs), np.array(labels)
+    return np.stack([np.asarray(load_rgb(p)) for _, p in found]), np.array([c for c, _ in found])
 
 
-def pixel_features(imgs_NHWC: np.ndarray) -> np.ndarray:
-    """uint8 images -> (N, 64) box-averaged 8x8 levels scaled to 0..1: what every judge in the demo sees."""
-    return np.stack([to_digit_features(im) for im in imgs_NHWC]) / DIGIT_MAX
-
-
-def load_folder_features(root: str) -> Tuple[np.ndarray, np.ndarray]:
-    """(features (N, 64) in 0..16, labels (N,)) of an ImageFolder with numeric class folders."""
-    imgs, labels = load_folder_images(root)
-    return pixel_features(imgs) * DIGIT_MAX, labels
-
-
-def load_samples(root: str) -> Tuple[np.ndarray, np.ndarray, List[Tuple[int, int, str]]]:
-    """(features in 0..16, classes, [(class, seed, path)]) of every `class{c}_seed{s}.png` under root."""
+def find_samples(root: str) -> List[Tuple[int, int, str]]:
+    """[(class, seed, path)] of every gen_img.py `class{c}_seed{s}.png` under root."""
     found = []
     for path in sorted(glob.glob(os.path.join(root, '**', 'class*_seed*.png'), recursive=True)):
         cs = parse_sample_name(os.path.basename(path))
@@ -130,16 +149,29 @@ def load_samples(root: str) -> Tuple[np.ndarray, np.ndarray, List[Tuple[int, int
             found.append((cs[0], cs[1], path))
     if not found:
         raise SystemExit(f'demo_score: no generated images (class<c>_seed<s>.png) under {root!r}; run gen_img.py first')
-    feats = np.stack([to_digit_features(load_image(p)) for _, _, p in found])
-    return feats, np.array([c for c, _, _ in found]), found
+    return found
+
+
+def load_npz_samples(path: str) -> Tuple[np.ndarray, np.ndarray]:
+    """(uint8 images (N, H, W, 3), classes (N,)) of a sampling.py `.npz` (`arr_0`, class-major in index order): image
+    i is of class i // per_class, per_class read from the `.plan.json` sampling.py keeps in the folder beside it."""
+    try:
+        with open(os.path.join(path[:-len('.npz')], '.plan.json')) as f:
+            per_class = int(json.load(f)['per_class'])
+        with np.load(path, allow_pickle=False) as z:
+            imgs = z['arr_0']
+    except (OSError, KeyError, ValueError) as e:
+        raise SystemExit(f'demo_score: cannot read {path} with its image folder\'s .plan.json ({e}); pass the .npz '
+                         f'that sampling.py wrote, with its folder beside it') from None
+    if imgs.ndim != 4 or imgs.dtype != np.uint8 or imgs.shape[-1] != 3:
+        raise SystemExit(f'demo_score: {path} holds {imgs.dtype} {tuple(imgs.shape)}, not uint8 images N x H x W x 3')
+    return imgs, np.arange(len(imgs)) // per_class
 
 
 # ----------------------------------------------------------------------------- scoring
 def tokenizer_reconstructions(vae, imgs_NHWC: np.ndarray, bs: int = 1024) -> np.ndarray:
     """Pixel features (N, 64) in 0..1 of uint8 images passed through the tokenizer, rounded to uint8 as gen_img.py's
     PNGs are: a transformer that memorised a training digit's tokens draws exactly this image of it."""
-    import torch
-    from utils.sample.image_io import to_uint8_HWC
     out = []
     with torch.no_grad():
         for i in range(0, len(imgs_NHWC), bs):
@@ -152,18 +184,15 @@ def tokenizer_reconstructions(vae, imgs_NHWC: np.ndarray, bs: int = 1024) -> np.
 def build_judge(data_path: str, vae_ckpt: str = '', seed: int = 0):
     """(demo_quality.Judge of the real digits under data_path, {set name: (pixel features, labels)} of the floors).
 
-    The floors are the real val digits ('real') and, with a tokenizer, their reconstructions ('recon'): the
-    best a model drawing through this tokenizer could do. Copies are judged against the tokenizer's
-    reconstructions of the train digits when a tokenizer is given (else against the raw digits).
+    The floors are the real val digits ('real') and, with a tokenizer, their reconstructions ('recon'): the best a
+    model drawing through this tokenizer could do. With a tokenizer, copies are judged among its reconstructions.
     """
-    import demo_quality
     tr_imgs, tr_y = load_folder_images(os.path.join(data_path, 'train'))
     va_imgs, va_y = load_folder_images(os.path.join(data_path, 'val'))
     tr_rec = va_rec = None
     if vae_ckpt:
-        from utils.train.tokenizer_trainer import load_tokenizer
         vae, _ = load_tokenizer(vae_ckpt)
-        tr_rec, va_rec = tokenizer_reconstructions(vae.eval(), tr_imgs), tokenizer_reconstructions(vae, va_imgs)
+        tr_rec, va_rec = tokenizer_reconstructions(vae, tr_imgs), tokenizer_reconstructions(vae, va_imgs)
     va_x = pixel_features(va_imgs)
     judge = demo_quality.fit_judge(pixel_features(tr_imgs), tr_y, va_x, va_y, train_rec=tr_rec, val_rec=va_rec,
                                    seed=seed)
@@ -173,33 +202,8 @@ def build_judge(data_path: str, vae_ckpt: str = '', seed: int = 0):
     return judge, floors
 
 
-def demo_tokenizer(data_path: str) -> str:
-    """Where demo.sh keeps the tokenizer of a digits folder: `<data_path>/../vae/vae.pth`."""
-    return os.path.normpath(os.path.join(data_path, os.pardir, 'vae', 'vae.pth'))
-
-
-def resolve_vae_ckpt(flag: str, data_path: str, exists=os.path.isfile) -> str:
-    """The tokenizer to score with: --vae_ckpt as given; 'none' = none (copies judged on raw pixels); unset = the
-    demo's tokenizer beside --data_path when it exists, so every command scores as the demo does."""
-    if flag == 'none':
-        return ''
-    if flag:
-        return flag
-    beside = demo_tokenizer(data_path)
-    return beside if exists(beside) else ''
-
-
-RESULT_KEYS = {'consistency': 'class_consistency', 'n': 'n_samples'}   # score name -> results.json prefix, if not its own
-
-
-def named_results(set_name: str, scores: Dict[str, object]) -> Dict[str, object]:
-    """results.json keys of one scored set: '<figure>_<set name>', e.g. fid_viar, class_consistency_var."""
-    return {f'{RESULT_KEYS.get(k, k)}_{set_name}': v for k, v in scores.items()}
-
-
 def judge_results(judge, floors) -> Dict[str, object]:
     """results.json keys that describe the judge and the floors it measures on real (and reconstructed) digits."""
-    import demo_quality
     out = dict(classifier_acc_real=judge.classifier_acc_real, feature_net_acc_real=judge.feature_net_acc_real,
                feature_width=judge.net.coefs_[0].shape[1], n_ref_train=len(judge.train_h), n_real_val=len(judge.val_h),
                copy_threshold=judge.copy_threshold, copy_percentile=demo_quality.COPY_PERCENTILE,
@@ -214,52 +218,28 @@ def judge_results(judge, floors) -> Dict[str, object]:
     return out
 
 
-def load_npz_samples(path: str) -> Tuple[np.ndarray, np.ndarray, List[Tuple[int, int, str]]]:
-    """(features in 0..16, classes, [(class, index, path)]) of a sampling.py `.npz` (`arr_0`, uint8 NHWC in index
-    order, class-major): image i is of class i // per_class, per_class read from the `.plan.json` that sampling.py
-    keeps in the image folder beside the .npz."""
-    plan_path = os.path.join(path[:-len('.npz')], '.plan.json')
-    try:
-        with open(plan_path) as f:
-            per_class = int(json.load(f)['per_class'])
-        with np.load(path, allow_pickle=False) as z:
-            imgs = z['arr_0']
-    except (OSError, KeyError, ValueError) as e:
-        raise SystemExit(f'demo_score: cannot read {path} with its image folder\'s .plan.json ({e}); pass the .npz '
-                         f'that sampling.py wrote, with its folder beside it') from None
-    if imgs.ndim != 4 or imgs.dtype != np.uint8 or imgs.shape[-1] != 3:
-        raise SystemExit(f'demo_score: {path} holds {imgs.dtype} {tuple(imgs.shape)}, not uint8 images N x H x W x 3')
-    classes = np.arange(len(imgs)) // per_class
-    feats = np.stack([to_digit_features(im) for im in imgs])
-    return feats, classes, [(int(c), i, path) for i, c in enumerate(classes)]
-
-
-def score_samples(judge, samples_dir: str) -> Dict[str, object]:
-    """Every demo_quality figure of the samples under a folder of gen_img.py PNGs, or in a sampling.py .npz, plus
-    per-class consistency and the count."""
-    import demo_quality
-    feats, classes, found = (load_npz_samples if samples_dir.endswith('.npz') else load_samples)(samples_dir)
-    x_MP = feats / DIGIT_MAX
+def score_samples(judge, samples: str) -> Dict[str, object]:
+    """Every demo_quality figure of a folder of gen_img.py PNGs or a sampling.py .npz, per-class consistency and
+    the count."""
+    if samples.endswith('.npz'):
+        imgs, classes = load_npz_samples(samples)
+    else:
+        found = find_samples(samples)
+        imgs, classes = np.stack([np.asarray(load_rgb(p)) for _, _, p in found]), np.array([c for c, _, _ in found])
+    x_MP = pixel_features(imgs)
     s = demo_quality.score(judge, x_MP, classes)
-    s.update(n=len(found), per_class=per_class_accuracy(judge.clf.predict(x_MP), classes))
+    s.update(n=len(imgs), per_class=per_class_accuracy(judge.clf.predict(x_MP), classes))
     return s
 
 
 def tokenizer_mse(vae_ckpt: str, data_path: str) -> float:
     """Reconstruction MSE on [-1, 1] of the val images through the tokenizer file."""
-    from utils.data.datasets import build_datasets
-    from utils.train.tokenizer_trainer import load_tokenizer, recon_mse
     vae, arch = load_tokenizer(vae_ckpt)
     _, _, val_set = build_datasets(data_path, arch['reso'], arch['reso'])
     return recon_mse(vae, val_set)
 
 
-def transformer_params(ckpt: str) -> int:
-    """Trainable parameter count of the transformer in a checkpoint (slim export or training checkpoint)."""
-    from utils.checkpoint import read_state_dict
-    return count_params(read_state_dict(ckpt))
-
-
+# ----------------------------------------------------------------------------- the labelled grid
 HEADER_PX = 16   # band over the blocks for the model names: Pillow's default font is about 10 px tall
 LABEL_PX = 14    # column left of the blocks for each row's digit
 INK = (0, 0, 0)
@@ -267,25 +247,20 @@ INK = (0, 0, 0)
 
 def sample_block(root: str, scale: int = 4, pad: int = 3, line: int = 110, max_seeds: int = 0
                  ) -> Tuple[np.ndarray, List[int], int]:
-    """(uint8 block, its classes, tile height): rows = classes, columns = seeds (the first max_seeds, 0 = all)
-    of one samples folder, upscaled.
-
-    Tiles are separated by `pad` px of gray (`line`) so bright strokes of neighbouring digits do not merge.
-    """
-    from PIL import Image
-    _, _, found = load_samples(root)
+    """(uint8 block, its classes, tile height): rows = classes, columns = seeds (the first max_seeds, 0 = all) of
+    one samples folder, upscaled; tiles `pad` px apart on gray (`line`) so neighbouring strokes do not merge."""
+    found = find_samples(root)
     classes = sorted({c for c, _, _ in found})
     seeds = sorted({s for _, s, _ in found})[:max_seeds or None]
     where = {(c, s): p for c, s, p in found}
-    first = load_image(found[0][2])
-    h, w = first.shape[0] * scale, first.shape[1] * scale
+    first = load_rgb(found[0][2])
+    h, w = first.height * scale, first.width * scale
     block = np.full((len(classes) * (h + pad) + pad, len(seeds) * (w + pad) + pad, 3), line, np.uint8)
     for i, c in enumerate(classes):
         for j, s in enumerate(seeds):
             if (c, s) in where:
-                img = np.asarray(Image.fromarray(load_image(where[(c, s)])).resize((w, h), Image.NEAREST))
                 y, x = pad + i * (h + pad), pad + j * (w + pad)
-                block[y:y + h, x:x + w] = img
+                block[y:y + h, x:x + w] = np.asarray(load_rgb(where[(c, s)]).resize((w, h), Image.NEAREST))
     return block, classes, h
 
 
@@ -297,21 +272,16 @@ def block_offsets(widths: Sequence[int], gap: int, left: int) -> List[int]:
 def labelled_size(block_hws: Sequence[Tuple[int, int]], gap: int, header: int = HEADER_PX, label: int = LABEL_PX
                   ) -> Tuple[int, int]:
     """(height, width) of the labelled grid: the tallest block under the header band, the label column first."""
-    height = max(h for h, _ in block_hws) + header
-    width = label + sum(w for _, w in block_hws) + gap * (len(block_hws) - 1)
-    return height, width
+    return (max(h for h, _ in block_hws) + header,
+            label + sum(w for _, w in block_hws) + gap * (len(block_hws) - 1))
 
 
 def comparison_grid(sample_dirs: Sequence[str], names: Sequence[str] = (), scale: int = 4, pad: int = 3,
                     gap: int = 12, line: int = 110, header: int = HEADER_PX, label: int = LABEL_PX,
                     max_seeds: int = 0) -> np.ndarray:
-    """uint8 image: one `sample_block` per samples folder side by side (`gap` px of white between), a header
-    band naming each block (`names`, e.g. VIAR, VAR) and a left column with each row's digit.
-
-    Labels are drawn with Pillow's default font, so nothing is downloaded. Rows are labelled from the first
-    block's classes and placed by its tile height (every folder holds the same classes in the demo).
-    """
-    from PIL import Image, ImageDraw, ImageFont
+    """uint8 image: one `sample_block` per samples folder side by side (`gap` px of white between), a header band
+    naming each block (`names`, e.g. VIAR, VAR) and a left column with each row's digit, placed by the first block
+    (every folder holds the same classes). Pillow's default font: nothing is downloaded."""
     made = [sample_block(d, scale, pad, line, max_seeds) for d in sample_dirs]
     blocks = [b for b, _, _ in made]
     height, width = labelled_size([b.shape[:2] for b in blocks], gap, header, label)
@@ -380,7 +350,7 @@ def headline(results: Dict[str, object], results_path: str) -> str:
 
 
 def main(argv=None):
-    """Compute the scores, write them as JSON (merged into an existing file's keys) and print the headline."""
+    """Compute the scores, merge them into the results file's keys and print the headline."""
     p = argparse.ArgumentParser(description='Score the digits demo (see docs/DEMO.md).')
     p.add_argument('--data_path', required=True, help='the image folder of make_digits.py (train/ and val/)')
     p.add_argument('--vae_ckpt', default='',
@@ -400,8 +370,7 @@ def main(argv=None):
     p.add_argument('--out', default='demo_output/results.json')
     args = p.parse_args(argv)
 
-    results = json.load(open(args.out)) if os.path.isfile(args.out) else {}
-    results.update(json.loads(args.extra))
+    results = json.loads(args.extra)
     vae_ckpt = resolve_vae_ckpt(args.vae_ckpt, args.data_path)
     if vae_ckpt and not args.vae_ckpt:
         print(f"demo_score: the demo's tokenizer {vae_ckpt} (beside --data_path): copies are judged among its "
@@ -414,9 +383,8 @@ def main(argv=None):
         if samples:
             results.update(named_results(name, score_samples(judge, samples)))
         if ckpt:
-            results[f'params_{name}'] = transformer_params(ckpt)
+            results[f'params_{name}'] = count_params(read_state_dict(ckpt))
     if args.grid:
-        from PIL import Image
         dirs = [(n, d) for n, d in (('VIAR', args.viar_samples), ('VAR', args.var_samples)) if d]
         os.makedirs(os.path.dirname(os.path.abspath(args.grid)), exist_ok=True)
         grid = comparison_grid([d for _, d in dirs], [n for n, _ in dirs], max_seeds=args.grid_seeds)
@@ -428,16 +396,11 @@ def main(argv=None):
         with open(args.cpu_times) as f:
             stages = stage_cpu_seconds(f.read().splitlines())
         stages['scores'] = round(time.process_time(), 1)     # this process: single-threaded numpy / torch
-        results['cpu_seconds_by_stage'] = stages
-        results['cpu_seconds'] = round(sum(stages.values()), 1)
-        results['quiet_estimate_seconds'] = round(quiet_wall_estimate(stages), 1)
+        results.update(cpu_seconds_by_stage=stages, cpu_seconds=round(sum(stages.values()), 1),
+                       quiet_estimate_seconds=round(quiet_wall_estimate(stages), 1))
     results['load_average_end'] = ' '.join(f'{x:.2f}' for x in os.getloadavg())
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
-        json.dump(results, f, indent=2, sort_keys=True)
-    print(headline(results, args.out))
+    print(headline(merge_results(args.out, results), args.out))
 
 
 if __name__ == '__main__':
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     main()

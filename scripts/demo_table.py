@@ -4,19 +4,16 @@ its VAR, each sampled over several seed sets, scored like the demo (scripts/demo
     bash scripts/demo.sh && .venv/bin/python scripts/demo_table.py --out_dir demo_output --plot docs/demo/pareto.png
     DEMO_TABLE=1 bash scripts/demo.sh          # the same, as the demo's last stage (plot in demo_output/)
 
-A row is a setting (model, cfg, top-k, top-p, iteration knob); it is sampled for classes 0..9 x `--per_class`
-seeds, once per seed set (set i uses seeds i*per_class .. (i+1)*per_class - 1, so set 0 is the demo's own
-samples), and every figure is reported as mean, std and range over the sets: the seed-to-seed spread that
-says which differences the demo can resolve. Images are sampled in this process, as gen_img.py samples
-them (one generator per image, seeded by its seed, batches of `--batch_size`), on `--threads` threads;
-images/s counts the whole call, tokenizer decode included, per CPU second of this single-threaded process (what
-an idle core would take) and per wall second (what this machine took, under whatever else ran). Rows run in
-turn within each seed set, so a change of load while the table runs touches them all alike. `--reference val` scores against the held-out
-digits instead of the train ones (the split the demo's defaults were chosen on, docs/DEMO.md).
-The table is merged into `<out_dir>/results.json` as `schedule_table` and printed as markdown.
+A row is a setting (model, cfg, top-k, top-p, iteration knob), sampled for classes 0..9 x `--per_class` seeds once
+per seed set (set i: seeds i*per_class .. (i+1)*per_class - 1, so set 0 is the demo's own samples); every figure
+is reported as mean, std and range over the sets, the seed-to-seed spread that says which differences the demo can
+resolve. Images are drawn in this process as gen_img.py draws them (one generator per image, seeded by its seed);
+images/s counts the whole call, decode included, per CPU second of this process (what an idle core would take) and
+per wall second. Rows take turns within each seed set, so a change of load touches them all alike. `--reference
+val` scores against the held-out digits (the split the demo's defaults were chosen on, docs/DEMO.md). The table is
+merged into `<out_dir>/results.json` as `schedule_table` and printed as markdown.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -24,6 +21,17 @@ from dataclasses import asdict, dataclass, replace
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # as a script: the project
+
+import demo_quality  # noqa: E402
+import demo_score  # noqa: E402
+from models.schedules import knob_name, linspace_iters  # noqa: E402
+from utils.model_io import load_models  # noqa: E402
+from utils.sample.compile_util import Sampler  # noqa: E402
+from utils.sample.generate import generate, image_list  # noqa: E402
+from utils.sample.image_io import to_uint8_HWC  # noqa: E402
 
 CLASSES = tuple(range(10))
 FIGURES = ('fid', 'precision', 'recall', 'consistency', 'diversity', 'copy_rate', 'images_per_s', 'images_per_s_wall')
@@ -45,7 +53,6 @@ class Setting:
     @property
     def label(self) -> str:
         """'VIAR Con.(4,4)' / 'VAR': the schedule only where it changes the samples."""
-        from models.schedules import knob_name
         return 'VAR' if self.model == 'var' else f'VIAR {knob_name(self.iter_left, self.iter_right)}'
 
 
@@ -72,11 +79,6 @@ def parse_setting(text: str, base: Setting) -> Setting:
 def seed_sets(n_sets: int, per_class: int) -> List[List[int]]:
     """Disjoint seed lists: set i is seeds i*per_class .. (i+1)*per_class - 1 (set 0 = the demo's seeds)."""
     return [list(range(i * per_class, (i + 1) * per_class)) for i in range(n_sets)]
-
-
-def image_plan(classes: Sequence[int], seeds: Sequence[int]) -> List[Tuple[int, int]]:
-    """(class, seed) of every image, class-major, as gen_img.py orders them."""
-    return [(c, s) for c in classes for s in seeds]
 
 
 def spread(values: Sequence[float]) -> Dict[str, float]:
@@ -121,26 +123,18 @@ def sample_features(var, setting: Setting, plan: Sequence[Tuple[int, int]], batc
     """(pixel features (M, 64) in 0..1, classes (M,), CPU seconds, wall seconds) of the plan's images, drawn as
     gen_img.py draws them. CPU seconds are this process's: on one thread, what the wall time would be on an
     idle core, and much less disturbed by other jobs than the wall time is."""
-    import torch
-    import demo_score
-    from utils.sample.image_io import to_uint8_HWC
-    imgs, c0, t0 = [], time.process_time(), time.perf_counter()
-    for i in range(0, len(plan), batch_size):
-        batch = plan[i:i + batch_size]
-        label_B = torch.tensor([c for c, _ in batch])
-        img_B3HW = var.autoregressive_infer_cfg(len(batch), label_B, g_seed=[s for _, s in batch], cfg=setting.cfg,
-                                                top_k=setting.top_k, top_p=setting.top_p,
-                                                iter_left=setting.iter_left, iter_right=setting.iter_right)
-        imgs.extend(to_uint8_HWC(im) for im in img_B3HW)
+    sample_kw = {k: v for k, v in asdict(setting).items() if k != 'model'}
+    c0, t0 = time.process_time(), time.perf_counter()
+    img_M3HW, _ = generate(Sampler(var), plan, batch_size, sample_kw, progress=False)
+    imgs = np.stack([to_uint8_HWC(im) for im in img_M3HW])
     cpu, wall = time.process_time() - c0, time.perf_counter() - t0
-    return demo_score.pixel_features(np.stack(imgs)), np.array([c for c, _ in plan]), cpu, wall
+    return demo_score.pixel_features(imgs), np.array([c for c, _ in plan]), cpu, wall
 
 
 def measure(var, judge, setting: Setting, seeds: Sequence[int], batch_size: int, reference: str,
             classes: Sequence[int] = CLASSES) -> Dict[str, float]:
     """Every figure of one setting on one seed set."""
-    import demo_quality
-    x_MP, labels_M, cpu, wall = sample_features(var, setting, image_plan(classes, seeds), batch_size)
+    x_MP, labels_M, cpu, wall = sample_features(var, setting, image_list(classes, seeds), batch_size)
     s = demo_quality.score(judge, x_MP, labels_M, reference=reference)
     s.update(images_per_s=len(x_MP) / cpu, images_per_s_wall=len(x_MP) / wall)
     return s
@@ -149,7 +143,6 @@ def measure(var, judge, setting: Setting, seeds: Sequence[int], batch_size: int,
 def summarise_row(setting: Setting, per_set: List[Dict[str, float]], num_scales: int, n_per_set: int
                   ) -> Dict[str, object]:
     """A table row: the setting, its iteration counts, each set's figures and their spread."""
-    from models.schedules import linspace_iters
     row = dict(label=setting.label, setting=asdict(setting), n_per_set=n_per_set,
                iters=linspace_iters(setting.iter_left, setting.iter_right, num_scales) if setting.model == 'viar' else [],
                per_set={fig: [s[fig] for s in per_set] for fig in FIGURES})
@@ -174,7 +167,7 @@ def run_table(models: Dict[str, object], judge, settings: Sequence[Setting], set
 
 def plot_pareto(rows: List[Dict[str, object]], path: str, title: str):
     """FID against images/s, mean +- std over the seed sets, the Pareto front joined by a line."""
-    import matplotlib
+    import matplotlib   # here, not at the top: only the plot needs it, and it is slow to import
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
@@ -221,13 +214,9 @@ def main(argv=None):
     p.add_argument('--markdown', default='', help='also write the markdown table here')
     args = p.parse_args(argv)
 
-    import torch
-    import demo_score
-    from utils.model_io import load_models
     torch.set_num_threads(args.threads)
     res_path = os.path.join(args.out_dir, 'results.json')
-    run = json.load(open(res_path)) if os.path.isfile(res_path) else {}
-    sample = run.get('sample', {})
+    sample = demo_score.read_results(res_path).get('sample', {})
     base = Setting('viar', cfg=args.cfg if args.cfg is not None else sample.get('cfg', 1.5),
                    top_k=args.top_k if args.top_k is not None else sample.get('top_k', 0),
                    top_p=args.top_p if args.top_p is not None else sample.get('top_p', 0.0),
@@ -252,10 +241,7 @@ def main(argv=None):
     print(f"\n{table}\n\n{args.n_sets} seed sets x {len(CLASSES) * per_class} images a row, reference: "
           f"{args.reference} digits; load average {load_before:.2f} -> {os.getloadavg()[0]:.2f}")
     if args.key:
-        run = json.load(open(res_path)) if os.path.isfile(res_path) else {}   # reread: keep others' keys
-        run[args.key] = dict(meta, rows=rows)
-        with open(res_path, 'w') as f:
-            json.dump(run, f, indent=2, sort_keys=True)
+        demo_score.merge_results(res_path, {args.key: dict(meta, rows=rows)})
     if args.markdown:
         with open(args.markdown, 'w') as f:
             f.write(table + '\n')
@@ -266,5 +252,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     main()

@@ -2,9 +2,9 @@
 
     python scripts/make_digits.py --out demo_output/digits --size 16
 
-Each 8x8 digit (levels 0..16, ink = high) becomes an RGB image of `size` pixels by nearest-neighbour
-upscaling, so box-averaging back to 8x8 (`scripts/demo_score.py`) recovers the original levels.
-The split is stratified and fixed by `--seed`; rerunning with the same flags rewrites the same files.
+Each digit (levels 0..16, ink = high) becomes an RGB image of `size` pixels by nearest-neighbour upscaling, so
+box-averaging back to 8x8 (scripts/demo_score.py) recovers its levels. The split is stratified and fixed by
+`--seed`: the same flags rewrite the same files.
 """
 import argparse
 import os
@@ -13,6 +13,8 @@ import sys
 from typing import Tuple
 
 import numpy as np
+from PIL import Image
+from sklearn.datasets import load_digits
 
 DIGIT_SIDE = 8
 DIGIT_MAX = 16.0  # sklearn digits hold integer levels 0..16
@@ -42,33 +44,21 @@ def stratified_split(labels_N: np.ndarray, val_frac: float, seed: int) -> Tuple[
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
-def write_folder(out_dir: str, images_NHW3: np.ndarray, labels_N: np.ndarray, indices: np.ndarray) -> int:
-    """Write the chosen images as `out_dir/<class>/<index>.png`; returns how many were written."""
-    from PIL import Image
-    for i in indices:
-        cls_dir = os.path.join(out_dir, str(int(labels_N[i])))
-        os.makedirs(cls_dir, exist_ok=True)
-        Image.fromarray(images_NHW3[i]).save(os.path.join(cls_dir, f'{int(i):04d}.png'))
-    return len(indices)
-
-
 def make_digits(out: str, size: int = 16, val_frac: float = 0.2, seed: int = 0) -> Tuple[int, int]:
-    """Write the train and val folders under `out` (replacing old ones); returns (n_train, n_val)."""
-    from sklearn.datasets import load_digits
+    """Write the train and val folders under `out` (replacing what is there); returns (n_train, n_val)."""
     digits = load_digits()
     images = digits_to_uint8(digits.images, size)
-    train_idx, val_idx = stratified_split(digits.target, val_frac, seed)
-    counts = []
-    for split, idx in (('train', train_idx), ('val', val_idx)):
-        split_dir = os.path.join(out, split)
-        if os.path.isdir(split_dir):
-            shutil.rmtree(split_dir)
-        counts.append(write_folder(split_dir, images, digits.target, idx))
-    return counts[0], counts[1]
+    splits = dict(zip(('train', 'val'), stratified_split(digits.target, val_frac, seed)))
+    for split, indices in splits.items():
+        shutil.rmtree(os.path.join(out, split), ignore_errors=True)
+        for i in indices:
+            cls_dir = os.path.join(out, split, str(int(digits.target[i])))
+            os.makedirs(cls_dir, exist_ok=True)
+            Image.fromarray(images[i]).save(os.path.join(cls_dir, f'{int(i):04d}.png'))
+    return len(splits['train']), len(splits['val'])
 
 
 def main(argv=None):
-    """CLI entry."""
     p = argparse.ArgumentParser(description='Write the sklearn digits as an ImageFolder (train/ and val/).')
     p.add_argument('--out', default='demo_output/digits', help='folder that receives train/ and val/')
     p.add_argument('--size', type=int, default=16, help='image side in pixels (a multiple of 8)')

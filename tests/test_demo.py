@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tests.tiny import tiny_vae_var
+from utils.sample.generate import image_list
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'scripts'))
@@ -316,7 +317,7 @@ def test_table_rows_parse_and_name_their_schedule():
 def test_seed_sets_are_disjoint_and_the_first_is_the_demos():
     sets = demo_table.seed_sets(3, 4)
     assert sets[0] == [0, 1, 2, 3] and sum(map(len, sets)) == len(set(sum(sets, []))) == 12
-    assert demo_table.image_plan([0, 1], [5, 6]) == [(0, 5), (0, 6), (1, 5), (1, 6)]
+    assert image_list([0, 1], [5, 6]) == [(0, 5), (0, 6), (1, 5), (1, 6)]   # class-major, as gen_img.py
 
 
 def test_spread_pareto_front_and_resolvable():
@@ -332,7 +333,7 @@ def test_spread_pareto_front_and_resolvable():
 def test_table_samples_do_not_depend_on_the_batch_and_every_figure_is_reported(digit_judge):
     _, var = tiny_vae_var(True, num_classes=3)     # 8 px images: box-averaged to the 64 pixel features
     setting = demo_table.Setting('viar', cfg=1.5, top_k=0, top_p=0.0, iter_left=2, iter_right=1)
-    plan = demo_table.image_plan([0, 1, 2], [0, 1, 2])
+    plan = image_list([0, 1, 2], [0, 1, 2])
     x3, y3, _, _ = demo_table.sample_features(var, setting, plan, batch_size=3)
     x4, y4, _, _ = demo_table.sample_features(var, setting, plan, batch_size=4)
     assert np.array_equal(x3, x4) and np.array_equal(y3, y4) and x3.shape == (9, 64)
