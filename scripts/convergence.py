@@ -1,19 +1,12 @@
 """Convergence of VIAR's implicit block during sampling (the paper's Fig. 3), and per-scale adaptive tau.
 
-Samples a batch of class-conditional images with T iterations at every scale, and records, per scale
-and iteration t, how far the iterate moved: the cosine similarity cos(z_{t+1}, z_t) and the relative
-residual ||z_{t+1} - z_t|| / ||z_t||, per sample over the scale's (tokens x channels), averaged over
-the conditional half of the CFG batch. z_0 is the pre-blocks' output (the input injection). Iteration t is the
-t-th call of the implicit block (t = 1, 2, ...), the count the samplers report as "implicit iterations per scale".
-
-The iterates are read with forward hooks on the projection (its input holds z_t) and on the implicit
-block (its output is z_{t+1}), so the model code carries no analysis code. For each scale it finds n, the
-first iteration whose mean cosine reaches --target_cos, and suggests the adaptive stop threshold tau that
-makes the sampler stop after n iterations: between its own residuals (||G(z) - z|| / ||G(z)|| over the whole
-CFG batch, stop_mode 'rel') after iterations n - 1 and n (their geometric mean). The residual after n alone
-would sit on the edge: a batch, or a later scale fed by earlier scales that stopped sooner, whose residual is a
-hair larger would run one more iteration. Measure with the cfg you will sample with (the residual covers the
-unconditional rows too when cfg > 0).
+Samples class-conditional images with T iterations at every scale and records, per scale and iteration t (the
+t-th call of the implicit block, as the samplers count "implicit iterations per scale"), how far the iterate moved:
+cos(z_t, z_{t-1}) and ||z_t - z_{t-1}|| / ||z_{t-1}|| per sample, averaged over the conditional half of the CFG
+batch (z_0: the pre-blocks' output). For each scale it finds n, the first iteration whose mean cosine reaches
+--target_cos, and suggests the tau at which the adaptive sampler (stop_mode 'rel', residual over the whole CFG
+batch) stops after n: the geometric mean of its residuals after n - 1 and n, so that a batch whose residual is a
+hair larger does not run one more. Measure with the cfg you will sample with.
 
     python scripts/convergence.py --var_ckpt ckpts/viar.pth --vae_ckpt ckpts/vae_ch160v4096z32.pth --T 20
     python sampling.py ... --tau_json convergence_out/convergence.json --tau_cap 20
@@ -22,39 +15,42 @@ Writes OUT/convergence.json ({"patch_nums", "cosine", "rel_residual", "suggested
 OUT/convergence.png (one curve per scale).
 """
 import argparse
-import json
 import math
 import os
 import sys
 from typing import Dict, List, Optional, Sequence
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __name__ == '__main__' and ROOT not in sys.path:   # run as a script: make the project importable
     sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
-
+from models.schedules import constant  # noqa: E402
+from models.solver import residual_norm  # noqa: E402
 from utils.atomic import write_json_atomic  # noqa: E402
+from utils.checkpoint import CheckpointError  # noqa: E402
+from utils.model_io import load_or_build  # noqa: E402
+from utils.sample.compile_util import SamplingError, prepare_for_sampling  # noqa: E402
+from utils.sample.config import add_model_source_args, add_sample_args, parse, resolve_device  # noqa: E402
 
 
 # ---------------------------------------------------------------- arithmetic (pure)
 
 def step_metrics(z_next_BLC: torch.Tensor, z_BLC: torch.Tensor, B: int) -> Dict[str, float]:
     """Mean over the first B rows of cos(z_next, z) and ||z_next - z|| / ||z|| (each row flattened), plus the
-    sampler's residual ||z_next - z|| / ||z_next|| over all rows (what an adaptive schedule compares with tau)."""
-    a, b = z_next_BLC.float(), z_BLC.float()
-    a_BN, b_BN = a[:B].reshape(B, -1), b[:B].reshape(B, -1)
+    sampler's residual over all rows (what an adaptive schedule compares with tau)."""
+    a_BN, b_BN = z_next_BLC[:B].float().reshape(B, -1), z_BLC[:B].float().reshape(B, -1)
     cos_B = torch.nn.functional.cosine_similarity(a_BN, b_BN, dim=1, eps=1e-12)
     rel_B = (a_BN - b_BN).norm(dim=1) / b_BN.norm(dim=1).clamp_min(1e-12)
-    solver = (a - b).norm() / (a.norm() + 1e-9)   # = models.solver.residual_norm(..., 'rel')
-    return dict(cosine=cos_B.mean().item(), rel_residual=rel_B.mean().item(), solver_residual=solver.item())
+    return dict(cosine=cos_B.mean().item(), rel_residual=rel_B.mean().item(),
+                solver_residual=residual_norm(z_next_BLC, z_BLC, 'rel').item())
 
 
 def suggest_tau(cosine_t: Sequence[float], solver_residual_t: Sequence[float], target_cos: float):
-    """(tau, n): n = the first iteration (1-based: the n-th call of the implicit block; entry n - 1 of the curves)
-    whose cosine reaches the target, and a tau at which the adaptive sampler stops after exactly n iterations with a
-    margin either side: the geometric mean of its residuals after iterations n - 1 and n (after n alone when n = 1,
-    or when the residual did not fall). When the target is never reached: the last residual and n = None."""
+    """(tau, n): n = the first iteration (1-based; entry n - 1 of the curves) whose cosine reaches the target, and
+    the geometric mean of the residuals after iterations n - 1 and n (after n alone when n = 1 or the residual did
+    not fall). When the target is never reached: the last residual and n = None."""
     for i, c in enumerate(cosine_t):
         if c >= target_cos:
             res_n = float(solver_residual_t[i])
@@ -63,45 +59,28 @@ def suggest_tau(cosine_t: Sequence[float], solver_residual_t: Sequence[float], t
     return float(solver_residual_t[-1]), None
 
 
-# ---------------------------------------------------------------- recording
-
-class IterateRecorder:
-    """Turns each implicit iteration during sampling into one row of metrics per scale (through the model's
-    iterate hook, so the model code carries no analysis code)."""
-
-    def __init__(self, var, B: int):
-        self.B = B
-        self.scale_of_len = {pn * pn: si for si, pn in enumerate(var.patch_nums)}
-        self.rows: List[List[Dict[str, float]]] = [[] for _ in var.patch_nums]
-        self._handle = var.register_iterate_hook(self._record)
-
-    def _record(self, z_BLC, z_next_BLC):
-        self.rows[self.scale_of_len[z_next_BLC.shape[1]]].append(step_metrics(z_next_BLC, z_BLC, self.B))
-
-    def remove(self):
-        self._handle.remove()
-
-    def curves(self, key: str) -> List[List[float]]:
-        """Per scale, the metric `key` for t = 0 .. T-1."""
-        return [[r[key] for r in rows] for rows in self.rows]
-
+# ---------------------------------------------------------------- measuring
 
 @torch.no_grad()
 def measure_convergence(var, label_B: torch.Tensor, T: int, g_seed: Optional[int] = 0, cfg: float = 1.5,
                         top_k: int = 900, top_p: float = 0.96, target_cos: float = 0.99, sampler=None) -> Dict:
-    """Sample with T iterations at every scale and return the convergence curves and suggested tau.
+    """Sample with T iterations at every scale and return the convergence curves and suggested tau. The iterates
+    come from the model's iterate hook, so the model code carries no analysis code.
 
     sampler: a compile_util Sampler of `var` (its dtype); default `var.autoregressive_infer_cfg` in fp32.
     """
-    from models.schedules import constant
     B = label_B.shape[0]
-    rec = IterateRecorder(var, B)
+    scale_of_len = {pn * pn: si for si, pn in enumerate(var.patch_nums)}
+    rows: List[List[Dict[str, float]]] = [[] for _ in var.patch_nums]
+    handle = var.register_iterate_hook(
+        lambda z, z_next: rows[scale_of_len[z_next.shape[1]]].append(step_metrics(z_next, z, B)))
     try:
         (sampler or var.autoregressive_infer_cfg)(B, label_B, g_seed=g_seed, cfg=cfg, top_k=top_k, top_p=top_p,
                                                   schedule=constant(T, len(var.patch_nums)))
     finally:
-        rec.remove()
-    cosine, rel, solver = rec.curves('cosine'), rec.curves('rel_residual'), rec.curves('solver_residual')
+        handle.remove()
+    cosine, rel, solver = ([[r[key] for r in scale] for scale in rows]
+                           for key in ('cosine', 'rel_residual', 'solver_residual'))
     picks = [suggest_tau(c, s, target_cos) for c, s in zip(cosine, solver)]
     return dict(patch_nums=list(var.patch_nums), T=T, B=B, target_cos=target_cos, cosine=cosine, rel_residual=rel,
                 solver_residual=solver, suggested_tau=[p[0] for p in picks], iters_to_target=[p[1] for p in picks],
@@ -110,7 +89,7 @@ def measure_convergence(var, label_B: torch.Tensor, T: int, g_seed: Optional[int
 
 def plot(result: Dict, path: str) -> None:
     """Cosine and relative residual against the iteration, one curve per scale."""
-    import matplotlib
+    import matplotlib   # here, not at the top: only the plot needs it, and it is slow to import
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -136,7 +115,6 @@ def plot(result: Dict, path: str) -> None:
 # ---------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    from utils.sample.config import add_model_source_args, add_sample_args
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     add_model_source_args(p, defaults=dict(use_implicit=True))
     # iterates are recorded by hooks, so no --compile; fp32 unless told otherwise (residuals near bf16 precision)
@@ -152,10 +130,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> Dict:
-    from utils.checkpoint import CheckpointError
-    from utils.model_io import load_or_build
-    from utils.sample.compile_util import SamplingError, prepare_for_sampling
-    from utils.sample.config import parse, resolve_device
     args, source, sample = parse(build_parser(), argv)
     if args.T < 1 or args.bs < 1:
         raise SystemExit('--T and --bs must be >= 1')
@@ -163,11 +137,10 @@ def main(argv=None) -> Dict:
         raise SystemExit('give --var_ckpt PATH (a VIAR checkpoint) or --var_ckpt random')
     device = resolve_device(source.device)
     try:
-        loaded = load_or_build(source, device, seed=args.seed)
-        sampler = prepare_for_sampling(loaded.var, dtype=sample.dtype, fast=sample.fast)
+        var = load_or_build(source, device, seed=args.seed).var
+        sampler = prepare_for_sampling(var, dtype=sample.dtype, fast=sample.fast)
     except (CheckpointError, SamplingError) as e:
         raise SystemExit(f'error: {e}') from None
-    var = loaded.var
     if args.class_labels:
         bad = [c for c in args.class_labels if not 0 <= c < var.num_classes]
         if bad:
@@ -181,8 +154,7 @@ def main(argv=None) -> Dict:
                                      top_p=sample.top_p, target_cos=args.target_cos, sampler=sampler)
     except ValueError as e:   # a VAR: no implicit block to watch
         raise SystemExit(f'error: {source.var_ckpt}: {e}') from None
-    result['var_ckpt'], result['labels'] = source.var_ckpt, label_B.tolist()
-    result['dtype'], result['fast'] = sampler.dtype, sampler.fast
+    result.update(var_ckpt=source.var_ckpt, labels=label_B.tolist(), dtype=sampler.dtype, fast=sampler.fast)
     os.makedirs(args.out_dir, exist_ok=True)
     write_json_atomic(result, os.path.join(args.out_dir, 'convergence.json'), indent=1)
     plot(result, os.path.join(args.out_dir, 'convergence.png'))

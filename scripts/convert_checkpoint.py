@@ -4,13 +4,11 @@
     python scripts/convert_checkpoint.py local_output/var-slim.pth var-slim.safetensors  # slim export
     python scripts/convert_checkpoint.py old/ar-ckpt-last.pth new/ar-ckpt-last.pth --i_trust_this_file
 
-IN is read with the project's loader (weights only). A file whose loading would run code (an old checkpoint
-with pickled objects, or a hostile one) is refused unless --i_trust_this_file is given: only then is it read
-with full unpickling, so run that only on files from a source you trust. The contents are turned into plain
-data (numpy arrays become tensors, numpy numbers Python numbers, dataclasses and namespaces dicts) and written as
-OUT: `.safetensors` for weights (a state dict, a slim export, a tokenizer export; configs go into its metadata
-as JSON), `.pth` for anything else too (a training checkpoint with optimizer state), loadable weights-only.
-The written file is read back through the loader before the script reports success.
+IN is read with the project's loader (weights only). A file whose loading would run code (a pickle with objects in
+it, or a hostile one) is refused unless --i_trust_this_file is given: only then is it fully unpickled, so use it
+only on files from a source you trust. The contents become plain data (`to_plain`) and are written as OUT:
+`.safetensors` for weights (configs go into its metadata as JSON), `.pth` for anything (a training checkpoint with
+optimizer state), loadable weights-only. OUT is read back through the loader before the script reports success.
 """
 import argparse
 import collections
@@ -21,15 +19,19 @@ import pathlib
 import sys
 from typing import Any, List, Optional
 
+import numpy as np
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __name__ == '__main__' and ROOT not in sys.path:   # run as a script: make the project importable
     sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
-
-from utils import cli  # noqa: E402
+from utils.checkpoint import CheckpointError, UnsafeCheckpointError, read_checkpoint, save_atomic  # noqa: E402
+from utils.cli import exits_on_write_error  # noqa: E402
+from utils.safetensors_io import SafetensorsLayoutError, write_safetensors  # noqa: E402
 
 FORMATS = ('.pth', '.pt', '.safetensors')
+KEPT = (bool, int, float, str, bytes, torch.Tensor, torch.dtype, torch.device, torch.Size)   # weights-only loads read these
 
 
 class ConvertError(ValueError):
@@ -41,11 +43,9 @@ def to_plain(obj: Any, where: str = 'the file') -> Any:
 
     numpy arrays become tensors (uint32 as int64, which torch stores fully), numpy scalars Python numbers,
     dataclasses / namespaces / named tuples dicts, enums their value, paths strings, sets sorted lists;
-    torch dtypes, devices and Sizes stay (weights-only loads accept them). Anything else is a ConvertError.
+    torch dtypes, devices and Sizes stay. Anything else is a ConvertError.
     """
-    import numpy as np
-    if obj is None or isinstance(obj, (bool, int, float, str, bytes, torch.Tensor, torch.dtype, torch.device,
-                                       torch.Size)):
+    if obj is None or isinstance(obj, KEPT):
         return obj
     if isinstance(obj, np.ndarray):
         if obj.dtype == object:
@@ -78,7 +78,6 @@ def to_plain(obj: Any, where: str = 'the file') -> Any:
 
 def read_input(path: str, trust: bool) -> Any:
     """IN through the loader; with trust, a refused file with full unpickling (the only place that does it)."""
-    from utils.checkpoint import UnsafeCheckpointError, read_checkpoint
     try:
         return read_checkpoint(path)
     except UnsafeCheckpointError as e:
@@ -94,27 +93,22 @@ def read_input(path: str, trust: bool) -> Any:
 
 def write_output(obj: Any, path: str):
     """OUT in the format its extension names."""
-    from utils.checkpoint import save_atomic
-    from utils.safetensors_io import SafetensorsLayoutError, write_safetensors
-    if path.endswith('.safetensors'):
-        try:
-            write_safetensors(obj, path)
-        except SafetensorsLayoutError as e:
-            stem = os.path.splitext(path)[0]
-            raise SystemExit(f'error: this checkpoint holds more than weights and configs ({e}); a .safetensors '
-                             f'file cannot hold it. Write it as {stem}.pth, which also loads weights-only.') from None
-    else:
-        save_atomic(obj, path)
+    if not path.endswith('.safetensors'):
+        return save_atomic(obj, path)
+    try:
+        write_safetensors(obj, path)
+    except SafetensorsLayoutError as e:
+        raise SystemExit(f'error: this checkpoint holds more than weights and configs ({e}); a .safetensors file '
+                         f'cannot hold it. Write it as {os.path.splitext(path)[0]}.pth, which also loads '
+                         f'weights-only.') from None
 
 
 def count_tensors(obj: Any) -> int:
     """Tensors anywhere in a nested structure."""
     if isinstance(obj, torch.Tensor):
         return 1
-    if isinstance(obj, dict):
-        return sum(count_tensors(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(count_tensors(v) for v in obj)
+    if isinstance(obj, (dict, list, tuple)):
+        return sum(count_tensors(v) for v in (obj.values() if isinstance(obj, dict) else obj))
     return 0
 
 
@@ -128,10 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@cli.exits_on_write_error
+@exits_on_write_error
 def main(argv: Optional[List[str]] = None) -> str:
     """Read, make plain, write, read back; returns OUT."""
-    from utils.checkpoint import CheckpointError, read_checkpoint
     args = build_parser().parse_args(argv)
     src, dst = args.IN, args.OUT
     if not os.path.isfile(src):
@@ -139,7 +132,7 @@ def main(argv: Optional[List[str]] = None) -> str:
     if not dst.endswith(FORMATS):
         raise SystemExit(f'error: OUT {dst} must end in .safetensors or .pth.')
     if os.path.abspath(src) == os.path.abspath(dst):
-        raise SystemExit('error: OUT must differ from IN (the original stays as it is).')
+        raise SystemExit('error: OUT must differ from IN (the original is never overwritten).')
     try:
         plain = to_plain(read_input(src, args.i_trust_this_file))
     except CheckpointError as e:

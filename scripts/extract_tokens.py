@@ -4,24 +4,39 @@
         --vae_ckpt ckpts/vae_ch160v4096z32.pth --pn 256 --hflip --crops 1
     torchrun --nproc_per_node=8 scripts/extract_tokens.py ...   # shards split over the ranks
 
-Writes, for train/ and val/, shards of `.npy` token indices (uint16, (images, views, L)) and labels, and
-`manifest.json` (tokenizer sha256 and sizes, pyramid, resolution, crop settings, classes, shards); the
-format is in utils/data/token_cache.py. Train views: `--crops K` crops per image (K = 1: the centre crop;
-K > 1: K random crops, seeded per (--seed, image, crop)), each also flipped with `--hflip`. Val: the centre
-crop, as image training validates. Resumable: a killed run started again with the same flags keeps every
-finished shard (each is written atomically) and makes the rest; other flags on an existing cache are refused.
+Writes, for train/ and val/, shards of `.npy` token indices and labels and `manifest.json`, in the format of
+utils/data/token_cache.py. Train views: `--crops K` crops per image (K = 1: the centre crop; K > 1: K random crops,
+seeded per (--seed, image, crop)), each also flipped with `--hflip`; val: the centre crop, as image training
+validates. Resumable: the same command again keeps every finished shard (each is written atomically) and makes the
+rest; other flags on an existing cache are refused.
 """
+import argparse
+import json
 import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+from torchvision.transforms import CenterCrop, InterpolationMode, RandomCrop, Resize, ToTensor
+from tqdm import tqdm
+
 if __package__ in (None, ''):   # run as a script: the repository root on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models.layout import PYRAMIDS   # noqa: E402
-from utils.arch_flags import parse_pn   # noqa: E402
-from utils.cli import exits_on_write_error, flag   # noqa: E402  (light: argparse and dataclasses only)
+import dist  # noqa: E402
+from models.config import state_dict_kind, vae_arch_from_state_dict  # noqa: E402
+from models.layout import PYRAMIDS, num_tokens  # noqa: E402
+from models.vqvae import VQVAE  # noqa: E402
+from utils.arch_flags import parse_pn  # noqa: E402
+from utils.atomic import atomic_path, write_json_atomic  # noqa: E402
+from utils.checkpoint import (CheckpointError, extract_state_dict, load_vae_weights, read_checkpoint,  # noqa: E402
+                              resolve_checkpoint, sha256_of)
+from utils.cli import add_dataclass_args, exits_on_write_error, flag, from_namespace  # noqa: E402
+from utils.data import token_cache as tc  # noqa: E402
+from utils.data.datasets import build_datasets, load_rgb, pm1  # noqa: E402
 
 
 @dataclass
@@ -63,9 +78,6 @@ def check_args(a: ExtractArgs):
 
 def load_tokenizer(path: str, patch_nums, device):
     """(VQVAE in eval mode, its sizes, sha256 of its file) from a tokenizer file; sizes from its weights."""
-    from models.config import state_dict_kind, vae_arch_from_state_dict
-    from models.vqvae import VQVAE
-    from utils.checkpoint import extract_state_dict, load_vae_weights, read_checkpoint, resolve_checkpoint, sha256_of
     resolved = resolve_checkpoint(path)
     sd = extract_state_dict(read_checkpoint(resolved), path)
     if state_dict_kind(sd) != 'vae':
@@ -84,74 +96,56 @@ class Views:
 
     def __init__(self, samples: List[Tuple[str, int]], resolution: int, mid_reso_px: int, crops: int, hflip: bool,
                  seed: int, split: str):
-        from torchvision.transforms import CenterCrop, InterpolationMode, RandomCrop, Resize, ToTensor
         self.samples, self.crops, self.hflip, self.seed, self.split = samples, crops, hflip, seed, split
         self.resize = Resize(mid_reso_px, interpolation=InterpolationMode.LANCZOS)
         self.center, self.random = CenterCrop((resolution, resolution)), RandomCrop((resolution, resolution))
         self.to_tensor = ToTensor()
 
     def n_views(self) -> int:
-        from utils.data.token_cache import views_per_image
-        return views_per_image(self.crops, self.hflip) if self.split == 'train' else 1
+        return tc.views_per_image(self.crops, self.hflip) if self.split == 'train' else 1
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int):
         """(views (W, 3, R, R) in [-1, 1], label) of image `index`."""
-        import torch
-        from utils.data.datasets import load_rgb, pm1
-        from utils.data.token_cache import crop_seed, view_parts
         path, label = self.samples[index]
         img = self.resize(load_rgb(path))
         out = []
         for v in range(self.n_views()):
-            c, flip = view_parts(v, self.hflip)
+            c, flip = tc.view_parts(v, self.hflip)
             if self.crops == 1 or self.split != 'train':
                 crop = self.center(img)
             else:
                 with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(crop_seed(self.seed, index, c))
+                    torch.manual_seed(tc.crop_seed(self.seed, index, c))
                     crop = self.random(img)
             x = pm1(self.to_tensor(crop))
             out.append(x.flip(-1) if flip else x)
         return torch.stack(out), label
 
 
-def settings_of(a: ExtractArgs, sha: str, V: int, patch_nums, resolution: int, mid_reso_px: int):
-    from utils.data.token_cache import CacheSettings
-    return CacheSettings(tokenizer_sha256=sha, V=V, patch_nums=tuple(patch_nums), resolution=resolution,
-                         mid_reso_px=mid_reso_px, crops=a.crops, hflip=a.hflip, seed=a.seed, shard_size=a.shard_size,
-                         batch_size=a.batch_size)
-
-
-def start_manifest(out: str, settings, header: Dict[str, Any]) -> Dict[str, Any]:
+def start_manifest(out: str, settings: tc.CacheSettings, header: Dict[str, Any]) -> Dict[str, Any]:
     """The manifest to fill: the one already in `out` when its settings are the same (a resume), else a new one;
     a cache of other settings is refused."""
-    import json
-    from utils.data.token_cache import FORMAT, MANIFEST
-    path = os.path.join(out, MANIFEST)
-    if os.path.isfile(path):
-        try:
-            with open(path) as f:
-                old = json.load(f)
-        except ValueError:
-            raise SystemExit(f'extract_tokens: {path} is not valid JSON; delete {out} to start again.') from None
-        diff = [f'--{k} {old.get("settings", {}).get(k)} (now {v})' for k, v in settings.to_dict().items()
-                if old.get('settings', {}).get(k) != v]
-        if diff:
-            raise SystemExit(f'extract_tokens: {out} holds a cache made with other settings: {", ".join(diff)}. '
-                             f'Pass another --out, or delete it to start again.')
-        return old
-    return dict(format=FORMAT, status='incomplete', settings=settings.to_dict(), **header)
+    path = os.path.join(out, tc.MANIFEST)
+    if not os.path.isfile(path):
+        return dict(format=tc.FORMAT, status='incomplete', settings=settings.to_dict(), **header)
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except ValueError:
+        raise SystemExit(f'extract_tokens: {path} is not valid JSON; delete {out} to start again.') from None
+    was = old.get('settings', {})
+    diff = [f'--{k} {was.get(k)} (now {v})' for k, v in settings.to_dict().items() if was.get(k) != v]
+    if diff:
+        raise SystemExit(f'extract_tokens: {out} holds a cache made with other settings: {", ".join(diff)}. '
+                         f'Pass another --out, or delete it to start again.')
+    return old
 
 
 def encode_shard(vae, views: Views, start: int, end: int, batch_size: int, workers: int, device, bar=None):
     """(tokens uint16 (n, W, L), labels int64 (n,)) of images [start, end), batch_size images per encoder call."""
-    import numpy as np
-    import torch
-    from torch.utils.data import DataLoader, Subset
-    from utils.data.token_cache import tokenize_images
     loader = DataLoader(Subset(views, range(start, end)), batch_size=batch_size, num_workers=workers, shuffle=False)
     toks, labels = [], []
     with torch.inference_mode():
@@ -159,7 +153,7 @@ def encode_shard(vae, views: Views, start: int, end: int, batch_size: int, worke
             B, W = x_BW3HW.shape[:2]
             per_view = []
             for v in range(W):   # one call per view at the batch size asked for (tokens do not depend on the mix)
-                idx_Bl = tokenize_images(vae, x_BW3HW[:, v].to(device, non_blocking=True))
+                idx_Bl = tc.tokenize_images(vae, x_BW3HW[:, v].to(device, non_blocking=True))
                 per_view.append(torch.cat(idx_Bl, dim=1).cpu())
             toks.append(torch.stack(per_view, dim=1).numpy().astype(np.uint16))
             labels.append(label_B.numpy().astype(np.int64))
@@ -168,23 +162,14 @@ def encode_shard(vae, views: Views, start: int, end: int, batch_size: int, worke
     return np.concatenate(toks), np.concatenate(labels)
 
 
-def write_npy(arr, path: str):
-    """np.save through utils.atomic.atomic_path (a kill never leaves a half-written shard under its name)."""
-    import numpy as np
-    from utils.atomic import atomic_path
+def write_npy(arr: np.ndarray, path: str):
+    """np.save, atomically: a kill never leaves a half-written shard under its name."""
     with atomic_path(path, need=arr.nbytes) as tmp, open(tmp, 'wb') as f:
         np.save(f, arr, allow_pickle=False)
 
 
 def run(a: ExtractArgs) -> str:
     """Write (or finish) the cache; returns the manifest path."""
-    import numpy as np
-    import dist
-    from models.layout import num_tokens
-    from utils.atomic import write_json_atomic
-    from utils.checkpoint import CheckpointError
-    from utils.data.datasets import build_datasets
-    from utils.data.token_cache import MANIFEST, SPLITS, npy_complete, shard_names, shard_ranges
     check_args(a)
     patch_nums = tuple(a.pn)
     device = dist.initialize(a.device)
@@ -195,49 +180,46 @@ def run(a: ExtractArgs) -> str:
         raise SystemExit(f'extract_tokens: {e}') from None
     resolution = patch_nums[-1] * vae.downsample
     mid_px = round(a.mid_reso * resolution)
+    L = num_tokens(patch_nums)
     _, train_set, val_set = build_datasets(a.data_path, resolution, mid_px)
-    samples = {'train': train_set.base.samples, 'val': val_set.samples}
     classes = list(train_set.base.classes)
-    settings = settings_of(a, sha, arch['V'], patch_nums, resolution, mid_px)
-    header = dict(tokenizer=dict(arch, path=os.path.abspath(a.vae_ckpt) if os.path.isfile(a.vae_ckpt) else a.vae_ckpt,
-                                 sha256=sha),
-                  data_path=os.path.abspath(a.data_path), classes=classes, L=num_tokens(patch_nums))
+    views = {split: Views(samples, resolution, mid_px, a.crops, a.hflip, a.seed, split)
+             for split, samples in (('train', train_set.base.samples), ('val', val_set.samples))}
+    settings = tc.CacheSettings(tokenizer_sha256=sha, V=arch['V'], patch_nums=patch_nums, resolution=resolution,
+                                mid_reso_px=mid_px, crops=a.crops, hflip=a.hflip, seed=a.seed,
+                                shard_size=a.shard_size, batch_size=a.batch_size)
+    tok_path = os.path.abspath(a.vae_ckpt) if os.path.isfile(a.vae_ckpt) else a.vae_ckpt
+    header = dict(tokenizer=dict(arch, path=tok_path, sha256=sha), data_path=os.path.abspath(a.data_path),
+                  classes=classes, L=L)
+    path = os.path.join(a.out, tc.MANIFEST)
     man = start_manifest(a.out, settings, header)
     if rank == 0:
-        write_json_atomic(man, os.path.join(a.out, MANIFEST))
+        write_json_atomic(man, path)
     dist.barrier()
-    L = num_tokens(patch_nums)
-    work = []   # (split, shard index, start, end, views) of this rank's shards that are not finished
-    for split in SPLITS:
-        views = Views(samples[split], resolution, mid_px, a.crops, a.hflip, a.seed, split)
-        for k, (s, e) in enumerate(shard_ranges(len(views), a.shard_size)):
-            tok, lab = (os.path.join(a.out, n) for n in shard_names(split, k))
-            done = npy_complete(tok, (e - s, views.n_views(), L), np.uint16) is None and \
-                npy_complete(lab, (e - s,), np.int64) is None
+    work = []   # (split, shard index, start, end) of this rank's shards that are not finished
+    for split in tc.SPLITS:
+        for k, (s, e) in enumerate(tc.shard_ranges(len(views[split]), a.shard_size)):
+            tok, lab = (os.path.join(a.out, n) for n in tc.shard_names(split, k))
+            done = tc.npy_complete(tok, (e - s, views[split].n_views(), L), np.uint16) is None and \
+                tc.npy_complete(lab, (e - s,), np.int64) is None
             if k % world == rank and not done:
-                work.append((split, k, s, e, views))
-    from tqdm import tqdm
-    total = sum(e - s for _, _, s, e, _ in work)
-    with tqdm(total=total, unit='img', disable=not (a.progress and rank == 0), file=sys.stdout,
-              desc=f'tokenising ({world} rank{"s" if world > 1 else ""})') as bar:
-        for split, k, s, e, views in work:
-            toks, labels = encode_shard(vae, views, s, e, a.batch_size, a.workers, device, bar)
-            tok, lab = (os.path.join(a.out, n) for n in shard_names(split, k))
+                work.append((split, k, s, e))
+    with tqdm(total=sum(e - s for _, _, s, e in work), unit='img', disable=not (a.progress and rank == 0),
+              file=sys.stdout, desc=f'tokenising ({world} rank{"s" if world > 1 else ""})') as bar:
+        for split, k, s, e in work:
+            toks, labels = encode_shard(vae, views[split], s, e, a.batch_size, a.workers, device, bar)
+            tok, lab = (os.path.join(a.out, n) for n in tc.shard_names(split, k))
             write_npy(labels, lab)
             write_npy(toks, tok)
     dist.barrier()
-    path = os.path.join(a.out, MANIFEST)
     if rank == 0:
-        man['splits'] = {}
-        for split in SPLITS:
-            views = Views(samples[split], resolution, mid_px, a.crops, a.hflip, a.seed, split)
-            man['splits'][split] = dict(images=len(views), views=views.n_views(), shards=[
-                dict(images=e - s, views=views.n_views()) for s, e in shard_ranges(len(views), a.shard_size)])
+        man['splits'] = {split: dict(images=len(v), views=v.n_views(), shards=[
+            dict(images=e - s, views=v.n_views()) for s, e in tc.shard_ranges(len(v), a.shard_size)])
+            for split, v in views.items()}
         man['status'] = 'complete'
-        from utils.data.token_cache import check_shards
-        check_shards(a.out, man)   # every shard of every rank is there and whole before the cache is declared done
+        tc.check_shards(a.out, man)   # every shard of every rank is there and whole before the cache is declared done
         write_json_atomic(man, path)
-        n = {s: man['splits'][s]['images'] for s in SPLITS}
+        n = {s: man['splits'][s]['images'] for s in tc.SPLITS}
         print(f'[extract_tokens] {path}: {n["train"]} train x {man["splits"]["train"]["views"]} views, {n["val"]} val '
               f'images; {len(classes)} classes; pyramid {"_".join(map(str, patch_nums))} ({L} tokens), {resolution} px')
     dist.barrier()
@@ -247,13 +229,10 @@ def run(a: ExtractArgs) -> str:
 @exits_on_write_error
 def main(argv: Optional[List[str]] = None) -> str:
     """Parse flags and write the cache."""
-    import argparse
-    import dist
-    from utils import cli
     p = argparse.ArgumentParser(description='Tokenise an image folder for train.py --token_cache.',
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    cli.add_dataclass_args(p, ExtractArgs, 'extract')
-    a = cli.from_namespace(ExtractArgs, p.parse_args(argv))
+    add_dataclass_args(p, ExtractArgs, 'extract')
+    a = from_namespace(ExtractArgs, p.parse_args(argv))
     try:
         return run(a)
     finally:
