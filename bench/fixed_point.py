@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--var_ckpt', required=True, help="a VIAR checkpoint (slim export), or 'random' (smoke test)")
     p.add_argument('--vae_ckpt', default='', help='tokenizer (default: the one the export embeds or records)')
-    p.add_argument('--options', default='picard,anderson', help=f'comma list of solvers: {", ".join(SOLVERS)}')
+    p.add_argument('--options', default=','.join(SOLVERS), help=f'comma list of solvers: {", ".join(SOLVERS)}')
     p.add_argument('--m', type=int, default=5, help='Anderson history size')
     p.add_argument('--lam', type=float, default=1e-6,
                    help='Anderson regularisation, relative to the mean squared residual')

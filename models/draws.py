@@ -35,14 +35,6 @@ def global_uniform(seed: int, step: int, stream: int, shape: Tuple[int, ...]) ->
     return torch.rand(shape, generator=g)
 
 
-def rank_rows(global_rows: int, world_size: int, rank: int) -> Tuple[int, int]:
-    """(offset, rows) of rank `rank` in a global batch split evenly, as the sampler splits it."""
-    if global_rows % world_size:
-        raise ValueError(f'a global batch of {global_rows} does not split over {world_size} ranks')
-    rows = global_rows // world_size
-    return rank * rows, rows
-
-
 def keep_scale(u: torch.Tensor, drop_prob: float) -> torch.Tensor:
     """Drop-path scale from uniforms: 1 / keep where u < keep (the branch is kept), else 0; ones when drop_prob == 0."""
     if drop_prob <= 0:

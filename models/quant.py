@@ -144,13 +144,6 @@ class VectorQuantizer2(nn.Module):
         self.last_hit_SV: Optional[torch.Tensor] = None
         self.embedding = nn.Embedding(vocab_size, Cvae)
 
-    def eini(self, eini: float) -> None:
-        """Initialise the codebook: trunc-normal with std eini if > 0, uniform +-|eini|/V if < 0."""
-        if eini > 0:
-            nn.init.trunc_normal_(self.embedding.weight.data, std=eini)
-        elif eini < 0:
-            self.embedding.weight.data.uniform_(-abs(eini) / self.vocab_size, abs(eini) / self.vocab_size)
-
     def extra_repr(self) -> str:
         return (f'{self.v_patch_nums}, znorm={self.using_znorm}, beta={self.beta}  |  '
                 f'S={len(self.v_patch_nums)}, quant_resi={self.quant_resi_ratio}')

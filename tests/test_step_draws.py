@@ -5,8 +5,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.draws import global_uniform, keep_scale, rank_rows, step_draws
+from models.draws import global_uniform, keep_scale, step_draws
 from tests.tiny import tiny_tokens, tiny_vae_var
+
+
+def rank_rows(global_rows: int, world_size: int, rank: int):
+    """(offset, rows) of rank `rank` in a global batch split evenly, as the trainer splits it."""
+    if global_rows % world_size:
+        raise ValueError(f'a global batch of {global_rows} does not split over {world_size} ranks')
+    rows = global_rows // world_size
+    return rank * rows, rows
 
 
 def test_rank_rows_tile_the_global_batch():

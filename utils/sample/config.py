@@ -70,8 +70,8 @@ class SampleConfig:
                           choices=('rel', 'abs'))
     official_kv: bool = flag(False, 'attend, as the official code, to no earlier scale at an iteration index that '
                                     'scale never ran (only differs where a scale runs more iterations than an earlier one)')
-    solver: str = flag('picard', 'how VIAR solves each scale: ' + '; '.join(f'{name}: {s.doc}' for name, s in
-                                                                            SOLVERS.items()), choices=tuple(SOLVERS))
+    solver: str = flag(SolverSpec().kind, 'how VIAR solves each scale: '
+                       + '; '.join(f'{name}: {s.doc}' for name, s in SOLVERS.items()), choices=tuple(SOLVERS))
     anderson_m: int = flag(SOLVERS['anderson'].options['m'].default,
                            'Anderson {0.doc} ({0.rule})'.format(SOLVERS['anderson'].options['m']))
     dtype: str = flag('auto', 'autocast dtype: fp32 = no autocast; auto = fp16 on CUDA (the official scripts), '

@@ -48,7 +48,10 @@ def from_cli(num_scales: int, iter_left: int = 10, iter_right: int = 10, iters: 
         caps = list(int_tuple(iters)) if iters else cap or DEFAULT_CAP
         return adaptive(taus, caps, num_scales, stop_mode=stop_mode)
     if iters:
-        return explicit(int_tuple(iters), num_scales)
+        try:
+            return explicit(int_tuple(iters), num_scales)
+        except ValueError as e:   # said in the flag's name
+            raise ValueError(str(e).replace('an explicit schedule', '--iters')) from None
     return decreasing(iter_left, iter_right, num_scales)
 
 
