@@ -20,6 +20,9 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as tdist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 _rank, _local_rank, _world_size = 0, 0, 1
 _device = torch.device('cpu')
@@ -109,11 +112,6 @@ def get_rank() -> int:
     return _rank
 
 
-def get_local_rank() -> int:
-    """Rank on this node (selects the GPU)."""
-    return _local_rank
-
-
 def get_world_size() -> int:
     """Number of processes (1 in a single process)."""
     return _world_size
@@ -152,21 +150,6 @@ def allreduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def allreduce_mean(t: torch.Tensor) -> torch.Tensor:
-    """In-place mean over ranks; returns t."""
-    if _initialized:
-        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
-        t.div_(_world_size)
-    return t
-
-
-def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
-    """In-place copy of rank src's tensor to every rank; returns t."""
-    if _initialized:
-        tdist.broadcast(t, src=src)
-    return t
-
-
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank src's picklable object, on every rank."""
     if not _initialized:
@@ -201,6 +184,7 @@ def allreduce_max(t: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- FSDP2: sharded parameters, gradients, optimizer state
+# torch.distributed.checkpoint takes 0.3 s to import and only --fsdp runs use it: the functions below import it.
 
 def fsdp_shard(model: torch.nn.Module, units: List[List[torch.nn.Module]], param_dtype: Optional[torch.dtype] = None,
                reduce_dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
@@ -208,8 +192,6 @@ def fsdp_shard(model: torch.nn.Module, units: List[List[torch.nn.Module]], param
     of modules gathered together) with params cast to param_dtype for compute and gradients reduced in
     reduce_dtype, then the root, whose params (embeddings, head, whatever no unit holds) keep their dtype (the
     model runs its embeddings in fp32 itself). Create the optimizer and EMA after this: they hold the shards."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     if not _initialized:
         raise RuntimeError('fsdp_shard needs a process group of several ranks')
     mesh = init_device_mesh(_device.type, (_world_size,))
@@ -222,7 +204,6 @@ def fsdp_shard(model: torch.nn.Module, units: List[List[torch.nn.Module]], param
 
 def is_sharded(t: Any) -> bool:
     """A DTensor (an FSDP2 parameter, gradient or optimizer state), as opposed to an ordinary tensor."""
-    from torch.distributed.tensor import DTensor
     return isinstance(t, DTensor)
 
 
@@ -250,7 +231,6 @@ def gather_full(sd: Dict[str, torch.Tensor]) -> Optional[Dict[str, torch.Tensor]
 def copy_full_into(dst: torch.Tensor, full: torch.Tensor):
     """dst <- full, where dst may be a DTensor: each rank copies its own shard of `full` (no communication)."""
     if is_sharded(dst):
-        from torch.distributed.tensor import distribute_tensor
         part = distribute_tensor(full.to(dst.dtype), dst.device_mesh, dst.placements, src_data_rank=None)
         dst.to_local().copy_(part.to_local())
     else:
@@ -303,7 +283,8 @@ def fake_group(world_size: int, rank: int = 0) -> Iterator[None]:
     return at once and move no data). For arithmetic on sharded shapes (bench/train_speed.py --fsdp, on the meta
     device) and for counting FSDP's collectives; never for training."""
     global _rank, _world_size, _initialized
-    from torch.testing._internal.distributed.fake_pg import FakeStore   # registers the 'fake' backend
+    # imported here: a torch-internal testing module whose import registers the 'fake' backend
+    from torch.testing._internal.distributed.fake_pg import FakeStore
     if tdist.is_initialized():
         raise RuntimeError('fake_group needs a process without a process group')
     saved = (_rank, _world_size, _initialized)

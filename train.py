@@ -6,30 +6,44 @@ val loss), viar-slim.pth or var-slim.pth (model weights + config for gen_img.py 
 (tensorboard).
 A run started again in the same folder resumes from ar-ckpt-last.pth (also under torchrun --max-restarts).
 """
+import gc
 import json
 import math
 import os
-import gc
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 import dist
+from trainer import StepHooks, VARTrainer
 from utils import cli
 from utils.arch_flags import describe_model, describe_spec
 from utils.atomic import check_writable
+from utils.checkpoint import (CheckpointError, UnsafeCheckpointError, load_vae_weights, read_checkpoint,
+                              resolve_checkpoint, save_atomic)
+from utils.data import token_cache
+from utils.data.datasets import HOLDOUT_FRACTION, UnreadableImageError, build_datasets, data_roots, unreadable_message
+from utils.data.loader import available_cpus, loader_kwargs
+from utils.data.sampler import DistInfiniteBatchSampler, EvalDistributedSampler
 from utils.logging_util import ScalarWriter, format_duration, get_logger
 from utils.memory import peak_memory
+from utils.model_io import save_slim, slim_export, tokenizer_ref
+from utils.train import architecture, sharded_ckpt
 from utils.train import args as arg_util
+from utils.train.amp_opt import AmpOptimizer, build_adamw
 from utils.train.args import Derived, TrainArgs
-from utils.train.hooks import TrainHooks
-from utils.train.plan import Pending, TrainPlan, default_log_every
+from utils.train.ema import ModelEMA
+from utils.train.fsdp import fsdp_dtypes, measured_rank_bytes, rank_bytes
+from utils.train.init_ckpt import apply_freeze, check_init_flags, initialise, read_weights
+from utils.train.lr_control import apply_lr_wd, param_groups
+from utils.train.policy import Pending, StepPolicy, default_log_every
 
 # ---------------------------------------------------------------- seeds and RNG state
 
@@ -57,20 +71,16 @@ def numpy_rng_to_plain(state: tuple) -> Dict[str, Any]:
             'has_gauss': int(has_gauss), 'cached_gaussian': float(gauss)}
 
 
-def numpy_rng_from_saved(saved) -> tuple:
-    """The tuple np.random.set_state takes, from capture_rng's dict or from the tuple older checkpoints hold (its
-    key a numpy array, or a tensor after scripts/convert_checkpoint.py)."""
-    if isinstance(saved, dict):
-        saved = (saved['bit_generator'], saved['key'], saved['pos'], saved['has_gauss'], saved['cached_gaussian'])
-    name, key, pos, has_gauss, gauss = saved
-    key = key.numpy() if isinstance(key, torch.Tensor) else np.asarray(key)
-    return str(name), key.astype(np.uint32), int(pos), int(has_gauss), float(gauss)
+def numpy_rng_from_plain(st: Dict[str, Any]) -> tuple:
+    """Inverse of numpy_rng_to_plain: the tuple np.random.set_state takes."""
+    return (st['bit_generator'], st['key'].numpy().astype(np.uint32), st['pos'], st['has_gauss'],
+            st['cached_gaussian'])
 
 
 def restore_rng(st: Dict[str, Any]):
-    """Inverse of capture_rng (also for checkpoints written before it stored plain data)."""
+    """Inverse of capture_rng."""
     random.setstate(st['python'])
-    np.random.set_state(numpy_rng_from_saved(st['numpy']))
+    np.random.set_state(numpy_rng_from_plain(st['numpy']))
     torch.set_rng_state(st['torch'])
     if 'cuda' in st and dist.get_device().type == 'cuda':
         torch.cuda.set_rng_state(st['cuda'], dist.get_device())
@@ -81,7 +91,6 @@ def restore_rng(st: Dict[str, Any]):
 def read_resume(path: str) -> Optional[Dict[str, Any]]:
     """The training checkpoint at path, None when there is none; an unreadable one is a clear error, and one whose
     loading would run code is refused (utils.checkpoint.read_checkpoint: weights only)."""
-    from utils.checkpoint import CheckpointError, UnsafeCheckpointError, read_checkpoint
     if not os.path.isfile(path):
         return None
     try:
@@ -97,7 +106,6 @@ def pick_resume(out: str, last_ckpt: str, prefer_sharded: bool, warn) -> Tuple[O
     folder (train.py --fsdp), whichever holds the later step (at equal steps, this run's own format). state is the
     .pth's dict, or a folder's plain part (its 'trainer' without tensors); sharded is (folder, DCP metadata) or None.
     Rank 0 picks (a refused folder is reported through warn, naming the file); every rank checks what it picked."""
-    from utils.train import sharded_ckpt
     pth = read_resume(last_ckpt)
     newest = None
     if dist.is_master():
@@ -143,8 +151,6 @@ def remove_if_only_logs(folder: str):
 def read_init_file(path: str):
     """(path, contents, transformer state dict) of --init_ckpt / --init_from_var; an official name missing locally
     is downloaded once per node first."""
-    from utils.checkpoint import CheckpointError, resolve_checkpoint
-    from utils.train.init_ckpt import read_weights
     if dist.is_local_master():
         try:
             resolve_checkpoint(path)
@@ -158,7 +164,6 @@ def read_init_file(path: str):
 def build_models(args: TrainArgs, der: Derived, spec, tokenizer, device: torch.device):
     """(frozen vae, var) built identically on every rank; the tokenizer's weights from its file, from the checkpoint
     that holds them, or random (architecture.Tokenizer)."""
-    from utils.checkpoint import CheckpointError, load_vae_weights, resolve_checkpoint
     m = args.model
     seed_everything(args.run.seed)   # same init on every rank
     try:
@@ -182,33 +187,21 @@ def build_models(args: TrainArgs, der: Derived, spec, tokenizer, device: torch.d
 
 
 def compile_for_training(var, backend: str = 'inductor'):
-    """torch.compile, in place, each module the training forward runs as a unit (the blocks, VIAR's projection and
-    the head norm: the model's `scale_loop_modules`); the loops that chain them stay eager. Returns `var`.
-
-    VIAR's S-JFB counts (n, m) are Python ints that drive its implicit loop: a compiled whole forward specialises
-    on each pair, so every new pair recompiles, and from the ninth Dynamo's recompile limit leaves the forward
-    eager. Compiled per module, the graphs depend only on grad mode, train/eval and whether a block drops paths;
-    shapes are dynamic, so the evaluation batch and the progressive stages after the first (one token, which
-    Dynamo specialises) reuse them.
-    """
+    """torch.compile, in place, each module of the model's `scale_loop_modules` (blocks, VIAR's projection, head
+    norm); the loops chaining them stay eager, because a compiled whole forward would recompile for every S-JFB
+    (n, m) pair (Python ints driving the implicit loop). Shapes are dynamic, so every stage reuses the graphs."""
     for m in var.scale_loop_modules():
         m.compile(backend=backend, dynamic=True)
     return var
 
 
-def build_trainer(args: TrainArgs, der: Derived, vae, var, device: torch.device, hooks: Optional[TrainHooks] = None,
+def build_trainer(args: TrainArgs, der: Derived, vae, var, device: torch.device, hooks: Optional[StepHooks] = None,
                   log=None):
     """Wrap the transformer (FSDP2 with --fsdp on several ranks; compile; else DDP), make the optimizer, EMA and
     VARTrainer. The optimizer and EMA are made after sharding, so they hold shards too."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    from trainer import VARTrainer
-    from utils.train.amp_opt import AmpOptimizer, build_adamw
-    from utils.train.ema import ModelEMA
-    from utils.train.lr_control import param_groups
     var.grad_ckpt = bool(args.optim.grad_ckpt)
     sharded = args.optim.fsdp and dist.initialized()
     if sharded:
-        from utils.train.fsdp import fsdp_dtypes
         dist.fsdp_shard(var, var.fsdp_units(), *fsdp_dtypes(der.precision))
     elif args.optim.fsdp and log is not None:
         log.info('[fsdp] one process: nothing to shard, the model trains whole; checkpoints are still sharded '
@@ -226,35 +219,33 @@ def build_trainer(args: TrainArgs, der: Derived, vae, var, device: torch.device,
 
 
 def build_loaders(args: TrainArgs, der: Derived, start_g_it: int, V: int, tokenizer):
-    """(class names, train size, val size, train sampler, train iterator, val loader)."""
-    if args.data.token_cache:   # pre-tokenised shards (utils/data/token_cache.py): same sampler and resume rules
-        from utils.data.token_cache import build_cache_loaders
-        return build_cache_loaders(args.data.token_cache, der.glb_batch_size, der.batch_size, args.run.seed,
-                                   der.workers, dist.get_rank(), dist.get_world_size(), start_g_it,
-                                   pin=dist.get_device().type == 'cuda', patch_nums=der.patch_nums,
-                                   resolution=der.final_reso, V=V, tokenizer=tokenizer)
-    from utils.data.datasets import build_datasets
-    from utils.data.sampler import DistInfiniteBatchSampler, EvalDistributedSampler
-    classes, train_set, val_set = build_datasets(args.data.data_path, der.final_reso, der.mid_reso_px,
-                                                 args.data.hflip)
-    sampler = DistInfiniteBatchSampler(len(train_set), der.glb_batch_size, dist.get_rank(), dist.get_world_size(),
-                                       seed=args.run.seed)
+    """(class names, train size, val size, train sampler, train loader, val loader): image folders, or with
+    --token_cache the token maps of scripts/extract_tokens.py (same sampler and resume rules)."""
+    seed, rank, world = args.run.seed, dist.get_rank(), dist.get_world_size()
+    if args.data.token_cache:
+        classes, train_set, val_set = token_cache.cache_datasets(args.data.token_cache, seed, der.patch_nums,
+                                                                 der.final_reso, V, tokenizer)
+        sampler_cls = token_cache.CacheBatchSampler
+    else:
+        classes, train_set, val_set = build_datasets(args.data.data_path, der.final_reso, der.mid_reso_px,
+                                                     args.data.hflip)
+        sampler_cls = DistInfiniteBatchSampler
+    sampler = sampler_cls(len(train_set), der.glb_batch_size, rank, world, seed=seed)
     sampler.load_state_dict(sampler.position_at(start_g_it))
-    from utils.data.loader import loader_kwargs
     kw = loader_kwargs(der.workers, pin=dist.get_device().type == 'cuda')
-    # its own generator: creating the iterator must not draw from the global RNG (resume exactness)
-    loader_rng = torch.Generator().manual_seed(args.run.seed * dist.get_world_size() + dist.get_rank())
-    ld_train = DataLoader(train_set, batch_sampler=sampler, generator=loader_rng, **kw)
+    # own generators: making an iterator must not draw from the global RNG (resume exactness, eval's cond-drop draws)
+    ld_train = DataLoader(train_set, batch_sampler=sampler, generator=torch.Generator().manual_seed(seed * world + rank),
+                          **kw)
     ld_val = DataLoader(val_set, batch_size=max(1, round(der.batch_size * 1.5)), **kw,
-                        generator=torch.Generator().manual_seed(args.run.seed),
-                        sampler=EvalDistributedSampler(len(val_set), dist.get_rank(), dist.get_world_size()))
+                        generator=torch.Generator().manual_seed(seed),
+                        sampler=EvalDistributedSampler(len(val_set), rank, world))
     return classes, len(train_set), len(val_set), sampler, ld_train, ld_val
 
 
 # ---------------------------------------------------------------- the run
 
 @dataclass
-class Progress:
+class LoopState:
     """Mutable loop state that goes into the checkpoint."""
     g_it: int = 0                 # next forward pass
     best_val: float = math.inf
@@ -262,10 +253,10 @@ class Progress:
 
 
 class Run:
-    """One training run: owns the trainer, loaders, loggers and checkpoints."""
+    """One training run: owns the trainer, loaders, loggers and checkpoints. hooks: see trainer.StepHooks."""
 
-    def __init__(self, args: TrainArgs, argv: Sequence[str] = ()):
-        self.args = args
+    def __init__(self, args: TrainArgs, argv: Sequence[str] = (), hooks: Optional[StepHooks] = None):
+        self.args, self.hooks = args, hooks or StepHooks()
         self.device = dist.get_device()
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         out = args.run.local_out_dir_path
@@ -296,11 +287,9 @@ class Run:
     def _check(self, args: TrainArgs, argv: Sequence[str], out: str, early: List[str]):
         """What can refuse the run before anything is written: the checkpoint it resumes, the file it starts from,
         the architecture and tokenizer, the derived values and the data."""
-        from utils.train import architecture
         self.ckpt, self.ckpt_sharded, self.ckpt_path = pick_resume(out, os.path.join(out, 'ar-ckpt-last.pth'),
                                                                    args.optim.fsdp, early.append)
         m = args.model
-        from utils.train.init_ckpt import check_init_flags
         given = arg_util.given_fields(args.arch)
         check_init_flags(m.init_ckpt, m.init_from_var, given.get('use_implicit', bool(m.init_from_var)))
         init = None
@@ -308,23 +297,21 @@ class Run:
             init = read_init_file(m.init_ckpt or m.init_from_var)
         default_tok = architecture.DEFAULT_VAE_CKPT
         if args.data.token_cache:   # a new run on a token cache: the tokenizer it was made with
-            from utils.data.token_cache import read_manifest
-            default_tok = read_manifest(args.data.token_cache)['tokenizer'].get('path') or default_tok
+            default_tok = token_cache.read_manifest(args.data.token_cache)['tokenizer'].get('path') or default_tok
         self.arch = architecture.resolve(given, m.vae_ckpt, args.data.patch_size, argv, init=init,
                                          from_var=bool(m.init_from_var),
                                          resume=(self.ckpt_path, self.ckpt) if self.ckpt is not None else None,
                                          default_vae_ckpt=default_tok)
-        from utils.data.loader import available_cpus
         self.der = arg_util.derive(args, self.world, available_cpus(), dist.get_local_world_size(), self.arch.spec)
         if self.device.type == 'cuda':
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(args.optim.tf32)
         if self.ckpt is not None:
             check_resumable(self.ckpt, args, self.ckpt_path)
-        self.prog = Progress(self.ckpt['g_it'], self.ckpt.get('best_val', math.inf), self.ckpt.get('nonfinite', 0)) \
-            if self.ckpt is not None else Progress()
+        self.loop = LoopState(self.ckpt['g_it'], self.ckpt.get('best_val', math.inf), self.ckpt.get('nonfinite', 0)) \
+            if self.ckpt is not None else LoopState()
 
         (self.class_names, self.n_train, self.n_val, self.sampler, self.ld_train,
-         self.ld_val) = build_loaders(args, self.der, self.prog.g_it, self.arch.spec.V, self.arch.tokenizer)
+         self.ld_val) = build_loaders(args, self.der, self.loop.g_it, self.arch.spec.V, self.arch.tokenizer)
         self.spec = self.with_classes(self.arch.spec, len(self.class_names), given)
 
     def _build(self, args: TrainArgs, m, out: str):
@@ -335,13 +322,12 @@ class Run:
         frac = self.total / (args.sched.ep * self.iters_ep)
         self.prog_wp_it = self.der.pgwp_ep * self.iters_ep * frac
         s, r = args.sched, args.run
-        self.plan = TrainPlan(
+        self.policy = StepPolicy(
             total=self.total, iters_ep=self.iters_ep, ac=args.optim.ac, peak_lr=self.der.lr, wd=self.der.wd,
             wd_end=self.der.wd_end, sche=self.der.sche, wp_it=self.der.wp_ep * self.iters_ep * frac, wp0=s.wp0,
             wpe=s.wpe, pg=s.pg, pg0=s.pg0, num_scales=len(self.der.patch_nums), save_freq=r.save_freq,
             save_every_steps=r.save_every_steps, val_every=r.val_every,
             log_every=r.log_every or default_log_every(self.iters_ep))
-        self.hooks = TrainHooks.from_args(args.hooks, self.log)
 
         tok = self.arch.tokenizer
         self.log.info(f'[model] {describe_spec(self.spec)}, set by {self.arch.source}; tokenizer: {tok.describe()}')
@@ -349,10 +335,8 @@ class Run:
             self.log.warning('the tokenizer has RANDOM weights (--vae_ckpt random): fine for tests, useless for real '
                              'images. Its weights go into the checkpoints.')
         # the slim export carries its tokenizer: an official file by name and sha256, any other embedded
-        from utils.model_io import tokenizer_ref
         self.vae_ref = tokenizer_ref(tok.path) if tok.path else None
         self.vae, self.var = build_models(args, self.der, self.spec, tok, self.device)
-        from utils.train.init_ckpt import apply_freeze, initialise
         if self.ckpt is None:   # weights only; a resume always wins (a killed fine-tune continues where it was)
             initialise(self.var, self.spec, self.arch.init_sd, self.arch.source, bool(m.init_from_var), self.log.info)
         elif m.init_ckpt or m.init_from_var:
@@ -371,7 +355,6 @@ class Run:
     def with_classes(self, spec, data_classes: int, given: Dict[str, Any]):
         """The spec with its class count: the data's (a new run, a fine-tune), unless --num_classes is given; a
         resume keeps its own. Fewer classes than the data has folders is refused."""
-        from dataclasses import replace
         n = spec.num_classes if (self.ckpt is not None or 'num_classes' in given) else data_classes
         if n < data_classes:
             where = self.ckpt_path if self.ckpt is not None else 'num_classes'
@@ -402,10 +385,10 @@ class Run:
                 self.log.warning(f'resuming on {self.world} ranks a run saved on {len(rngs)}: the data order and '
                                  f'the draws keyed by (seed, step) are kept, the per-rank draws (--jfb_draw/--drop_draw '
                                  f'rank) are reseeded, so training continues differently.')
-            seed_everything(self.args.run.seed * self.world + self.rank + 7919 * self.prog.g_it)
-        ep, it = divmod(self.prog.g_it, self.iters_ep)
-        self.log.info(f'[resume] {self.ckpt_path}: step {self.prog.g_it} (ep {ep}, it {it}), '
-                      f'best val loss {self.prog.best_val:.4f}')
+            seed_everything(self.args.run.seed * self.world + self.rank + 7919 * self.loop.g_it)
+        ep, it = divmod(self.loop.g_it, self.iters_ep)
+        self.log.info(f'[resume] {self.ckpt_path}: step {self.loop.g_it} (ep {ep}, it {it}), '
+                      f'best val loss {self.loop.best_val:.4f}')
 
     def _restore_sharded(self, ck: Dict[str, Any]):
         """Fill the model, AdamW state and EMA from a sharded folder (resharded to this world size; a plain model
@@ -425,7 +408,6 @@ class Run:
 
     def _log_shard_bytes(self):
         """Parameter + gradient + AdamW bytes this rank holds, read off its shards beside the arithmetic."""
-        from utils.train.fsdp import measured_rank_bytes, rank_bytes
         params = [p for p in self.var.parameters() if p.requires_grad]
         got = measured_rank_bytes(params, lambda p: dist.local_part(p).numel())
         want = rank_bytes([tuple(p.shape) for p in params], self.world)
@@ -437,38 +419,35 @@ class Run:
     def _save(self, best: bool):
         """ar-ckpt-last.pth (+ best), or with --fsdp a sharded folder, and the slim export; never with non-finite
         weights."""
-        from utils.checkpoint import save_atomic
         if not self.trainer.weights_finite():
             last = (self.ckpt_path or 'none yet') if self.args.optim.fsdp else self.der.last_ckpt
-            raise SystemExit(f'the model weights became non-finite by step {self.prog.g_it}; not saving them. '
+            raise SystemExit(f'the model weights became non-finite by step {self.loop.g_it}; not saving them. '
                              f'The last good checkpoint is {last}; lower --tblr or --tclip and resume.')
         rngs = dist.all_gather_object(capture_rng())
-        ep, it = divmod(self.prog.g_it, self.iters_ep)
-        state = {'epoch': ep, 'iter': it, 'g_it': self.prog.g_it, 'version': 1,
-                 'sampler': self.sampler.position_at(self.prog.g_it),
+        ep, it = divmod(self.loop.g_it, self.iters_ep)
+        state = {'epoch': ep, 'iter': it, 'g_it': self.loop.g_it, 'version': 1,
+                 'sampler': self.sampler.position_at(self.loop.g_it),
                  'args': self.args.to_dict(), 'config': self.spec.to_dict(), 'tokenizer': self._tokenizer_record(),
                  'class_names': list(self.class_names), 'world_size': self.world,
-                 'rng': rngs, 'best_val': self.prog.best_val, 'nonfinite': self.prog.nonfinite_run}
+                 'rng': rngs, 'best_val': self.loop.best_val, 'nonfinite': self.loop.nonfinite_run}
         if self.args.optim.fsdp:   # every rank writes its shards; rank 0 the plain rest and the marker
-            from utils.train import sharded_ckpt
             tensors, plain = self.trainer.sharded_state_dict(with_vae=not self.arch.tokenizer.path)
-            self.ckpt_path = sharded_ckpt.save(self.args.run.local_out_dir_path, self.prog.g_it, tensors,
+            self.ckpt_path = sharded_ckpt.save(self.args.run.local_out_dir_path, self.loop.g_it, tensors,
                                                dict(state, trainer=plain), best, self.log.info)
             self._save_slim()
-            self.log.info(f'[ckpt] after step {self.prog.g_it}: {self.ckpt_path}' + (' (best)' if best else ''))
+            self.log.info(f'[ckpt] after step {self.loop.g_it}: {self.ckpt_path}' + (' (best)' if best else ''))
             return
         if dist.is_master():
             state['trainer'] = self.trainer.state_dict(with_vae=not self.arch.tokenizer.path)
             save_atomic(state, self.der.last_ckpt)
             if best:
                 save_atomic(state, self.der.best_ckpt)
-            self.log.info(f'[ckpt] after step {self.prog.g_it}: {self.der.last_ckpt}' + (' (+ best)' if best else ''))
+            self.log.info(f'[ckpt] after step {self.loop.g_it}: {self.der.last_ckpt}' + (' (+ best)' if best else ''))
         self._save_slim()
 
     def _save_slim(self):
         """viar-slim.pth / var-slim.pth and .safetensors for gen_img.py / sampling.py, written by rank 0; a sharded
         model is gathered into one ordinary state dict first (every rank takes part)."""
-        from utils.model_io import save_slim, slim_export
         ema_sd = self.trainer.ema.model_state_dict(self.var) if self.trainer.ema is not None else None
         model_sd = None
         if self.trainer.sharded:
@@ -484,18 +463,18 @@ class Run:
         """Val loss/acc; returns whether it is the best so far."""
         t0 = time.time()
         v = self.trainer.evaluate(self.ld_val, seed=self.args.run.seed)
-        best = v['L_mean'] < self.prog.best_val
+        best = v['L_mean'] < self.loop.best_val
         if best:
-            self.prog.best_val = v['L_mean']
-        self.log.info(f'[val] after step {self.prog.g_it} ({v["count"]} images, {time.time() - t0:.1f}s): '
+            self.loop.best_val = v['L_mean']
+        self.log.info(f'[val] after step {self.loop.g_it} ({v["count"]} images, {time.time() - t0:.1f}s): '
                       f'Lm {v["L_mean"]:.4f} Lt {v["L_tail"]:.4f} Acc m&t {v["acc_mean"]:.2f} {v["acc_tail"]:.2f}'
                       + (' (best)' if best else ''))
-        self.tb.add('AR_val', {k: v[k] for k in ('L_mean', 'L_tail', 'acc_mean', 'acc_tail')}, self.prog.g_it)
+        self.tb.add('AR_val', {k: v[k] for k in ('L_mean', 'L_tail', 'acc_mean', 'acc_tail')}, self.loop.g_it)
         return best
 
     # ---- the loop
     def _next_batch(self, it):
-        from utils.data.datasets import UnreadableImageError, unreadable_message
+        """The next batch; an image that cannot be decoded stops the run with its one line."""
         try:
             return next(it)
         except (UnreadableImageError, RuntimeError) as e:
@@ -505,10 +484,8 @@ class Run:
             raise SystemExit(msg) from None
 
     def train(self):
-        """Run from self.prog.g_it to the end: the step policy is self.plan (pure), this loop only carries it out."""
-        from utils.train.lr_control import apply_lr_wd
+        """Run from self.loop.g_it to the end: the step policy is self.policy (pure), this loop only carries it out."""
         a, der = self.args, self.der
-        from utils.data.datasets import HOLDOUT_FRACTION, data_roots
         held = not a.data.token_cache and data_roots(a.data.data_path)[1] is None
         note = f' (no val/ folder: {HOLDOUT_FRACTION:.0%} of each class held out of training)' if held else ''
         self.log.info(f'[data] train {self.n_train} / val {self.n_val} images{note}, {len(self.class_names)} classes, '
@@ -519,26 +496,26 @@ class Run:
         self.log.info(f'[model] {describe_model(self.var)}: {n_params / 1e6:.2f}M params; {der.lr_rule}, '
                       f'{der.precision}')
         self.log.info('[args]\n' + arg_util.format_args(a))
-        if self.prog.g_it >= self.total:
-            self.log.info(f'[done] nothing to do: step {self.prog.g_it} >= {self.total}')
+        if self.loop.g_it >= self.total:
+            self.log.info(f'[done] nothing to do: step {self.loop.g_it} >= {self.total}')
         self.var.train()
         it_train = iter(self.ld_train)
         pending = Pending()
-        t_start, g_start = time.time(), self.prog.g_it
-        while self.prog.g_it < self.total:
-            g_it = self.prog.g_it
+        t_start, g_start = time.time(), self.loop.g_it
+        while self.loop.g_it < self.total:
+            g_it = self.loop.g_it
             img, label = self._next_batch(it_train)
             img, label = img.to(self.device, non_blocking=True), label.to(self.device, non_blocking=True)
-            sch = self.plan.schedule_at(g_it)
+            sch = self.policy.schedule_at(g_it)
             apply_lr_wd(self.trainer.opt.optimizer, sch.lr, sch.wd)
             st = self.trainer.train_step(img, label, g_it, sch.stepping, sch.prog_si, self.prog_wp_it)
-            self.prog.g_it = done = g_it + 1   # steps are numbered from 1 in logs and test hooks
+            self.loop.g_it = done = g_it + 1   # steps are numbered from 1 in logs and hooks
             if self.step_log is not None:
                 self.step_log.write(json.dumps(dict(step=done, loss=st.loss, n=st.n, m=st.m, lr=sch.lr,
                                                     finite=st.loss_finite, stepped=st.stepped)) + '\n')
                 self.step_log.flush()
             self._count_nonfinite(st, done, sch.stepping)
-            events, pending = self.plan.events_at(done, pending, first=g_it == g_start)
+            events, pending = self.policy.events_at(done, pending, first=g_it == g_start)
             if events.log:
                 self._report(st, g_it, sch.lr, sch.wd, t_start, g_start)
             best = self._validate() if events.validate else False
@@ -546,7 +523,7 @@ class Run:
                 self._save(best)
             self.hooks.after_step(done)
         self.log.info(f'[done] {self.total} steps in {format_duration(time.time() - t_start)}; '
-                      f'best val loss {self.prog.best_val:.4f}; outputs in {a.run.local_out_dir_path}')
+                      f'best val loss {self.loop.best_val:.4f}; outputs in {a.run.local_out_dir_path}')
         self.close()
 
     def _count_nonfinite(self, st, done: int, stepping: bool):
@@ -555,13 +532,13 @@ class Run:
         bad = not st.loss_finite or (stepping and not st.stepped and self.der.precision != 'fp16')
         if not bad:
             if st.stepped:
-                self.prog.nonfinite_run = 0
+                self.loop.nonfinite_run = 0
             return
-        self.prog.nonfinite_run += 1
+        self.loop.nonfinite_run += 1
         self.log.warning(f'[skip] step {done}: non-finite {"loss" if not st.loss_finite else "gradient"}, '
-                         f'no update ({self.prog.nonfinite_run} in a row)')
-        if self.prog.nonfinite_run >= o.max_nonfinite:
-            raise SystemExit(f'stopped at step {done}: {self.prog.nonfinite_run} non-finite losses/gradients '
+                         f'no update ({self.loop.nonfinite_run} in a row)')
+        if self.loop.nonfinite_run >= o.max_nonfinite:
+            raise SystemExit(f'stopped at step {done}: {self.loop.nonfinite_run} non-finite losses/gradients '
                              f'in a row (--max_nonfinite {o.max_nonfinite}). The last good checkpoint is '
                              f'{self.der.last_ckpt}; lower --tblr, try --bf16 or --fp16 0, or check the data.')
 
@@ -599,8 +576,8 @@ class Run:
 
 
 @cli.exits_on_write_error
-def main(argv: Optional[List[str]] = None):
-    """Parse flags, join the process group, train."""
+def main(argv: Optional[List[str]] = None, hooks: Optional[StepHooks] = None):
+    """Parse flags, join the process group, train (hooks: see trainer.StepHooks)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = arg_util.parse_args(argv)
     if args.data.data_path in ('', arg_util.PLACEHOLDER_DATA_PATH) and not args.data.token_cache:
@@ -608,7 +585,7 @@ def main(argv: Optional[List[str]] = None):
     dist.initialize(args.run.device)
     run = None
     try:
-        run = Run(args, argv)
+        run = Run(args, argv, hooks)
         try:
             run.train()
         finally:

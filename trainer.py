@@ -22,8 +22,20 @@ import dist
 from utils.data.token_cache import split_scales, tokenize_images
 from utils.train.amp_opt import AmpOptimizer
 from utils.train.ema import ModelEMA
-from utils.train.hooks import TrainHooks
 from utils.train.lr_control import prog_warmup
+
+
+class StepHooks:
+    """Extension point of a training run, called at fixed points of every step (steps numbered from 1, as in the
+    logs): `loss` may replace a step's loss before its backward, `after_step` runs once the step is done. The base
+    class changes nothing; pass a subclass as `train.main(argv, hooks=...)` (tests/hooked_train.py injects faults)."""
+
+    def loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        """The loss step `step` backpropagates."""
+        return loss
+
+    def after_step(self, step: int):
+        """Called on every rank after step `step` (and its validation and checkpoint, when due)."""
 
 
 @dataclass
@@ -76,7 +88,7 @@ class VARTrainer:
 
     def __init__(self, vae: nn.Module, var_wo_ddp: nn.Module, var: nn.Module, opt: AmpOptimizer,
                  label_smooth: float = 0.0, seed: int = 0, ema: Optional[ModelEMA] = None, jfb_draw: str = 'step',
-                 hooks: Optional[TrainHooks] = None, drop_draw: str = 'step'):
+                 hooks: Optional[StepHooks] = None, drop_draw: str = 'step'):
         self.vae, self.quantize = vae, vae.quantize
         self.var_wo_ddp, self.var, self.opt, self.ema = var_wo_ddp, var, opt, ema
         self.label_smooth, self.seed = label_smooth, seed
@@ -86,7 +98,7 @@ class VARTrainer:
         if drop_draw not in ('step', 'rank'):
             raise ValueError(f"drop_draw must be 'step' or 'rank', got {drop_draw!r}")
         self.drop_per_step = drop_draw == 'step'
-        self.hooks = hooks or TrainHooks()
+        self.hooks = hooks or StepHooks()
         self.patch_nums = tuple(var_wo_ddp.patch_nums)
         self.begin_ends = list(var_wo_ddp.begin_ends)
         self.L, self.V = var_wo_ddp.L, var_wo_ddp.V
@@ -109,14 +121,14 @@ class VARTrainer:
         jfb_draw == 'rank' (the official per-rank draw)."""
         return self.var_wo_ddp.draw_jfb_iters(g_it if self.draw_per_step else None, self.seed)
 
-    def batch_draws(self, g_it: int, rows: int, plan, device):
+    def batch_draws(self, g_it: int, rows: int, jfb_iters: Optional[Tuple[int, int]], device):
         """Class-dropout and drop-path draws of step g_it for this rank's rows of the global batch (None: the model
         draws them from the global generator, drop_draw == 'rank')."""
         if not self.drop_per_step:
             return None
         world = dist.get_world_size()
-        return self.var_wo_ddp.training_draws(self.seed, g_it, dist.get_rank() * rows, rows, rows * world, plan,
-                                              device)
+        return self.var_wo_ddp.training_draws(self.seed, g_it, dist.get_rank() * rows, rows, rows * world,
+                                              jfb_iters, device)
 
     def _metrics(self, logits_BLV: torch.Tensor, gt_BL: torch.Tensor, ce_BL: torch.Tensor, trained_si: int
                  ) -> torch.Tensor:
@@ -137,23 +149,20 @@ class VARTrainer:
         A loss that is not finite on any rank drops, on every rank, the grads accumulated so far in its
         window, its own included (a stepping call then takes no update). Whether the loss is finite is
         agreed over ranks on the device and read only once the backward is queued, so the host never waits
-        for the GPU before it (the backward of such a loss runs and is thrown away). The test hooks may
-        poison step g_it + 1's loss (NaN).
+        for the GPU before it (the backward of such a loss runs and is thrown away).
         """
         prog_wp = self.prog.advance(prog_si, prog_wp_it)
         gt_BL, x_BLCv = self.tokenize(img_B3HW, prog_si)
-        plan = self.draw_jfb(g_it)
-        draws = self.batch_draws(g_it, label_B.shape[0], plan, label_B.device)
+        jfb_iters = self.draw_jfb(g_it)
+        draws = self.batch_draws(g_it, label_B.shape[0], jfb_iters, label_B.device)
         sync = self.var.no_sync() if not stepping and hasattr(self.var, 'no_sync') else contextlib.nullcontext()
         with sync:
             with self.opt.amp_ctx():
-                logits_BLV = self.var(label_B, x_BLCv, jfb_iters=plan, prog_si=prog_si, draws=draws)
+                logits_BLV = self.var(label_B, x_BLCv, jfb_iters=jfb_iters, prog_si=prog_si, draws=draws)
             ce_BL = F.cross_entropy(logits_BLV.float().transpose(1, 2), gt_BL, reduction='none',
                                     label_smoothing=self.label_smooth)
             w_1L = token_weights(self.begin_ends, self.L, prog_si, prog_wp, device=ce_BL.device)
-            loss = ce_BL.mul(w_1L).sum(dim=-1).mean()
-            if self.hooks.poisons(g_it + 1):
-                loss = loss * float('nan')
+            loss = self.hooks.loss(g_it + 1, ce_BL.mul(w_1L).sum(dim=-1).mean())
             bad_1 = dist.allreduce_sum(loss.detach().isfinite().logical_not().float().reshape(1))
             self.opt.backward(loss, stepping=False)
         finite = bad_1.item() == 0   # the first host read of this step, after the backward is queued
@@ -168,7 +177,7 @@ class VARTrainer:
             plain_BL = ce_BL.detach() if self.label_smooth == 0 else \
                 F.cross_entropy(logits_BLV.detach().float().transpose(1, 2), gt_BL, reduction='none')
             vals = self._metrics(logits_BLV.detach(), gt_BL, plain_BL, prog_si).tolist()
-        n, m = plan if plan is not None else (None, None)
+        n, m = jfb_iters if jfb_iters is not None else (None, None)
         return StepStats(loss=float(loss.item()), L_mean=vals[0], L_tail=vals[1], acc_mean=vals[2], acc_tail=vals[3],
                          scale_loss=vals[4:], n=n, m=m, loss_finite=finite,
                          stepped=bool(res and res.stepped), grad_norm=res.grad_norm if res else None,

@@ -119,7 +119,7 @@ def test_init_ckpt_loads_every_weight_and_adapts_the_class_rows(folders, trained
                               vae_ckpt=''))   # no architecture flag: the file is a depth-5 VAR of 2 classes
     try:
         got, want = run.var.state_dict(), file_sd(src)
-        assert run.prog.g_it == 0 and run.trainer.opt.optimizer.state == {}   # weights only: no step, no moments
+        assert run.loop.g_it == 0 and run.trainer.opt.optimizer.state == {}   # weights only: no step, no moments
         assert [k for k in want if k != 'class_emb.weight' and not torch.equal(got[k], want[k])] == []
         assert got['class_emb.weight'].shape[0] == n_run + 1
         assert torch.equal(got['class_emb.weight'][n_run], want['class_emb.weight'][2])   # the learned null row
@@ -161,7 +161,7 @@ def test_a_resume_wins_over_init_ckpt(folders, trained, tmp_path):
     save_atomic({k: v + 1 if v.is_floating_point() else v for k, v in saved.items()}, other)
     run = make_run(tiny_flags(folders[2], str(out), False, '--depth=5', '--max_steps=6', f'--init_ckpt={other}'))
     try:
-        assert run.prog.g_it == 2
+        assert run.loop.g_it == 2
         assert all(torch.equal(v, saved[k]) for k, v in run.var.state_dict().items())
         assert not torch.equal(run.var.head.weight, file_sd(other)['head.weight'])
         assert '--init_ckpt/--init_from_var not applied' in open(out / 'log.txt').read()

@@ -351,12 +351,12 @@ def test_a_non_finite_loss_drops_its_window_and_updates_nothing():
     """The non-finite policy without the early read: a NaN loss on the stepping call of a window of two leaves the
     weights and the optimizer alone and drops the window's grads; a NaN loss inside a window drops the grads
     accumulated so far, and the window's finite stepping call steps on its own grads."""
-    from utils.train.hooks import TrainHooks
+    from tests.hooked_train import FaultHooks
     tr = _tiny_trainer(accum_steps=2)
     var = tr.var_wo_ddp
     img, label = torch.rand(4, 3, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 3])
     before = {k: v.clone() for k, v in var.state_dict().items()}
-    tr.hooks = TrainHooks(nan_steps=(2,))
+    tr.hooks = FaultHooks(nan_steps=(2,))
     st = tr.train_step(img, label, g_it=0, stepping=False)
     assert st.loss_finite and any(p.grad is not None for p in var.parameters())
     st = tr.train_step(img, label, g_it=1, stepping=True)   # step 2: poisoned
@@ -364,7 +364,7 @@ def test_a_non_finite_loss_drops_its_window_and_updates_nothing():
     assert all(p.grad is None for p in var.parameters()) and not tr.opt.optimizer.state
     assert all(torch.equal(v, var.state_dict()[k]) for k, v in before.items())
 
-    tr.hooks = TrainHooks(nan_steps=(4,))
+    tr.hooks = FaultHooks(nan_steps=(4,))
     st = tr.train_step(img, label, g_it=2, stepping=False)
     assert st.loss_finite and any(p.grad is not None for p in var.parameters())
     st = tr.train_step(img, label, g_it=3, stepping=False)   # step 4: poisoned, inside the window

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.proc_util import kill_tree, run_group
-from tests.train_helpers import ROOT, env_one_thread, make_image_folder, read_steps, tiny_flags
+from tests.train_helpers import ROOT, env_one_thread, make_image_folder, read_steps, tiny_flags, train_script
 
 TRAIN_SH = os.path.join(ROOT, 'scripts', 'train.sh')
 SLURM_SH = os.path.join(ROOT, 'scripts', 'train_slurm.sh')
@@ -40,6 +40,8 @@ class Node:
         env.update(NPROC='1', NNODES='2', RDZV_ID=rdzv_id, MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port),
                    RDZV_CONF=RDZV_CONF, MAX_RESTARTS='3', VIAR_DIST_TIMEOUT_S='30', PYTHON=sys.executable,
                    LOGLEVEL='INFO')   # torchrun's rendezvous and restart messages, asserted below
+        if train_script(flags).endswith('hooked_train.py'):   # fault flags: train.sh's workers run hooked_train.py
+            env.update(PYTHON=os.path.join(ROOT, 'tests', 'hooked_python'), HOOKED_PYTHON=sys.executable)
         self.log = log
         with open(log, 'a') as f:
             self.proc = subprocess.Popen(['bash', TRAIN_SH] + flags, cwd=ROOT, env=env, stdout=f,
@@ -171,9 +173,9 @@ def test_two_nodes_train_together_with_identical_jfb_draws(reference):
 
 
 def test_kill_node_hook_fires_only_at_its_step_and_only_under_torchrun(monkeypatch):
-    from utils.train.hooks import TrainHooks
+    from tests.hooked_train import FaultHooks
     monkeypatch.delenv('TORCHELASTIC_RUN_ID', raising=False)
-    hooks = TrainHooks(kill_node_at_step=3)
+    hooks = FaultHooks(kill_node_at_step=3)
     for step in (1, 2, 4):
         hooks.after_step(step)   # not its step: nothing happens
     with pytest.raises(SystemExit, match='torchrun'):   # never the parent of a plain `python train.py`: a shell

@@ -5,7 +5,6 @@ import dataclasses
 import io
 import os
 import pickle
-import shutil
 import subprocess
 import sys
 import zlib
@@ -269,50 +268,50 @@ def strict_load(path: str):
 
 
 @pytest.mark.slow
-def test_training_outputs_load_weights_only_and_an_old_format_checkpoint_resumes(tmp_path, image_folder):
+def test_training_outputs_load_weights_only_and_a_resume_continues_exactly(tmp_path, image_folder):
     import train
     from tests.train_helpers import read_steps, tiny_flags
-    new, old = tmp_path / 'new', tmp_path / 'old'
-    flags = ('--save_every_steps=2', '--ema=0.9')
-    train.main(tiny_flags(image_folder, str(new), True, '--max_steps=2', *flags))
+    from trainer import StepHooks
+
+    class StopAfter2(StepHooks):
+        def after_step(self, step):
+            if step == 2:
+                raise SystemExit('stopped after step 2')
+
+    ref, run = tmp_path / 'ref', tmp_path / 'run'
+    flags = ('--max_steps=4', '--save_every_steps=2', '--ema=0.9')
+    train.main(tiny_flags(image_folder, str(ref), True, *flags))
+    with pytest.raises(SystemExit, match='stopped after step 2'):
+        train.main(tiny_flags(image_folder, str(run), True, *flags), hooks=StopAfter2())
     for name in ('ar-ckpt-last.pth', 'viar-slim.pth'):
-        strict_load(str(new / name))
-    ck_new = strict_load(str(new / 'ar-ckpt-last.pth'))
-    rng = ck_new['rng'][0]['numpy']
+        strict_load(str(run / name))
+    ck = strict_load(str(run / 'ar-ckpt-last.pth'))
+    assert ck['g_it'] == 2
+    rng = ck['rng'][0]['numpy']
     assert isinstance(rng, dict) and isinstance(rng['key'], torch.Tensor) and rng['key'].shape == (624,)
-    assert set(ck_new['trainer']) >= {'var_wo_ddp', 'var_opt', 'ema'}
-    slim_twin = read_checkpoint(safetensors_twin(str(new / 'viar-slim.pth')))
+    assert set(ck['trainer']) >= {'var_wo_ddp', 'var_opt', 'ema'}
+    slim_twin = read_checkpoint(safetensors_twin(str(run / 'viar-slim.pth')))
     assert set(slim_twin) == {'model', 'model_ema', 'config', 'vae', 'class_names'}
-    # the same checkpoint as the code before this change wrote it: numpy's RNG state as a tuple with an ndarray
-    shutil.copytree(new, old)
-    ck_old = torch.load(str(old / 'ar-ckpt-last.pth'), weights_only=True)
-    for st in ck_old['rng']:
-        st['numpy'] = train.numpy_rng_from_saved(st['numpy'])
-    torch.save(ck_old, str(old / 'ar-ckpt-last.pth'))
-    assert 'numpy.ndarray' in torch.serialization.get_unsafe_globals_in_checkpoint(str(old / 'ar-ckpt-last.pth'))
-    for run in (new, old):
-        train.main(tiny_flags(image_folder, str(run), True, '--max_steps=4', *flags))
-    a, b = read_steps(str(new / 'steps-rank0.jsonl')), read_steps(str(old / 'steps-rank0.jsonl'))
+    train.main(tiny_flags(image_folder, str(run), True, *flags))   # resumes from the weights-only state
+    a, b = read_steps(str(ref / 'steps-rank0.jsonl')), read_steps(str(run / 'steps-rank0.jsonl'))
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for s in (3, 4):
         assert (a[s]['loss'], a[s]['n'], a[s]['m']) == (b[s]['loss'], b[s]['n'], b[s]['m']), s
-    assert '[resume]' in (old / 'log.txt').read_text()
-    wa = strict_load(str(new / 'ar-ckpt-last.pth'))['trainer']['var_wo_ddp']
-    wb = strict_load(str(old / 'ar-ckpt-last.pth'))['trainer']['var_wo_ddp']   # rewritten in the new format
+    assert '[resume]' in (run / 'log.txt').read_text()
+    wa = strict_load(str(ref / 'ar-ckpt-last.pth'))['trainer']['var_wo_ddp']
+    wb = strict_load(str(run / 'ar-ckpt-last.pth'))['trainer']['var_wo_ddp']
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_numpy_rng_round_trips_through_both_formats():
+def test_numpy_rng_round_trips_through_plain_data():
     import train
     np.random.seed(123)
     np.random.standard_normal()   # leaves a cached gaussian in the state
-    want = np.random.get_state()
-    plain = train.numpy_rng_to_plain(want)
+    plain = train.numpy_rng_to_plain(np.random.get_state())
     expect = np.random.random(4)
-    for saved in (plain, want, (want[0], torch.from_numpy(want[1].astype(np.int64)), *want[2:])):
-        np.random.seed(0)
-        np.random.set_state(train.numpy_rng_from_saved(saved))
-        assert np.array_equal(np.random.random(4), expect)
+    np.random.seed(0)
+    np.random.set_state(train.numpy_rng_from_plain(plain))
+    assert np.array_equal(np.random.random(4), expect)
 
 
 def test_resume_reads_with_mmap_and_weights_only(tmp_path, monkeypatch):

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import train
+from tests.hooked_train import FaultHooks
+from tests.hooked_train import main as hooked_main
 from tests.tiny import tiny_vae_var
 from tests.train_helpers import make_image_folder, read_steps, run_train, suggested_argv, tiny_flags
 from utils.train.amp_opt import AmpOptimizer, build_adamw
-from utils.train.hooks import TrainHooks
 from utils.train.lr_control import param_groups
 
 
@@ -96,7 +97,7 @@ def test_non_finite_loss_skips_the_update():
     from trainer import VARTrainer
     _, params, groups = param_groups(var)
     tr = VARTrainer(vae, var, var, AmpOptimizer(build_adamw(groups, 1e-2, torch.device('cpu')), params),
-                    hooks=TrainHooks(nan_steps=(1,)))
+                    hooks=FaultHooks(nan_steps=(1,)))
     img, label = torch.rand(4, 3, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 3])
     before = {k: v.clone() for k, v in var.state_dict().items()}
     st = tr.train_step(img, label, g_it=0, stepping=True)   # step 1: poisoned by the test hook
@@ -111,7 +112,7 @@ def test_run_stops_after_too_many_non_finite_steps(data, tmp_path):
     flags = tiny_flags(data, out, True, '--max_steps=10', '--save_every_steps=1', '--nan_at_steps=3-10',
                        '--max_nonfinite=3')
     with pytest.raises(SystemExit, match='stopped at step 5: 3 non-finite losses/gradients in a row') as e:
-        train.main(flags)
+        hooked_main(flags)
     assert '\n' not in str(e.value)
     steps = read_steps(f'{out}/steps-rank0.jsonl')
     assert [steps[s]['stepped'] for s in range(1, 6)] == [True, True, False, False, False]
@@ -122,7 +123,7 @@ def test_run_stops_after_too_many_non_finite_steps(data, tmp_path):
 
 def test_a_single_non_finite_step_is_skipped_and_training_goes_on(data, tmp_path):
     out = str(tmp_path / 'out')
-    train.main(tiny_flags(data, out, False, '--max_steps=4', '--nan_at_steps=2'))
+    hooked_main(tiny_flags(data, out, False, '--max_steps=4', '--nan_at_steps=2'))
     steps = read_steps(f'{out}/steps-rank0.jsonl')
     assert [steps[s]['stepped'] for s in range(1, 5)] == [True, False, True, True]
 

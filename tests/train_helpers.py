@@ -13,6 +13,7 @@ from tests.proc_util import run_group
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
+FAULT_FLAGS = ('--nan_at_steps', '--kill_at_step', '--kill_node_at_step')   # tests/hooked_train.py's own flags
 
 
 def make_image_folder(root: str, classes: int = 2, per_class: int = 8, val_per_class: int = 2, size: int = 16,
@@ -75,12 +76,14 @@ def env_one_thread() -> Dict[str, str]:
     return env
 
 
+def train_script(argv: List[str]) -> str:
+    """train.py, or tests/hooked_train.py when argv holds one of its fault flags."""
+    hooked = any(a.split('=', 1)[0] in FAULT_FLAGS for a in argv)
+    return os.path.join(ROOT, 'tests', 'hooked_train.py') if hooked else os.path.join(ROOT, 'train.py')
+
+
 def run_train(argv: List[str], timeout: int = 300, torchrun: int = 0, restarts: int = 0) -> subprocess.CompletedProcess:
-    """train.py in a child process (under torch.distributed.run with `torchrun` processes when > 0)."""
-    if torchrun:
-        cmd = [PYTHON, '-m', 'torch.distributed.run', f'--nproc_per_node={torchrun}', '--standalone',
-               f'--max-restarts={restarts}',
-               os.path.join(ROOT, 'train.py')]
-    else:
-        cmd = [PYTHON, os.path.join(ROOT, 'train.py')]
-    return run_group(cmd + argv, timeout, cwd=ROOT, env=env_one_thread())
+    """train.py (train_script) in a child process (under torch.distributed.run with `torchrun` processes when > 0)."""
+    cmd = [PYTHON, '-m', 'torch.distributed.run', f'--nproc_per_node={torchrun}', '--standalone',
+           f'--max-restarts={restarts}'] if torchrun else [PYTHON]
+    return run_group(cmd + [train_script(argv)] + argv, timeout, cwd=ROOT, env=env_one_thread())

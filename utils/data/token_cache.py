@@ -269,24 +269,10 @@ def tokenizer_sha256(man: Dict[str, Any], cache_dir: str, tokenizer) -> Optional
     return None
 
 
-def build_cache_loaders(cache_dir: str, glb_batch_size: int, batch_size: int, seed: int, workers: int, rank: int,
-                        world_size: int, start_g_it: int, pin: bool = False, patch_nums: Sequence[int] = (),
-                        resolution: int = 0, V: int = 0, tokenizer=None):
-    """(class names, n_train, n_val, sampler, train loader, val loader) over a checked cache, as train.build_loaders;
-    the cache must have been made for this pyramid, resolution, vocabulary and tokenizer."""
-    from torch.utils.data import DataLoader
-    from utils.data.sampler import EvalDistributedSampler
+def cache_datasets(cache_dir: str, seed: int, patch_nums: Sequence[int], resolution: int, V: int, tokenizer
+                   ) -> Tuple[List[str], TokenShards, TokenShards]:
+    """(class names, train set, val set) of a checked cache made for this pyramid, resolution, vocabulary and
+    tokenizer; train.build_loaders samples them with CacheBatchSampler."""
     man = open_cache(cache_dir)
     check_matches(man, cache_dir, patch_nums, resolution, V, tokenizer_sha256(man, cache_dir, tokenizer))
-    train_set = TokenShards(cache_dir, man, 'train', seed)
-    val_set = TokenShards(cache_dir, man, 'val', seed)
-    sampler = CacheBatchSampler(len(train_set), glb_batch_size, rank, world_size, seed=seed)
-    sampler.load_state_dict(sampler.position_at(start_g_it))
-    from utils.data.loader import loader_kwargs
-    ld_train = DataLoader(train_set, batch_sampler=sampler, **loader_kwargs(workers, pin),
-                          generator=torch.Generator().manual_seed(seed * world_size + rank))
-    # own generators: making an iterator must not draw from the global RNG (resume exactness, eval's cond-drop draws)
-    ld_val = DataLoader(val_set, batch_size=max(1, round(batch_size * 1.5)), **loader_kwargs(workers, pin),
-                        generator=torch.Generator().manual_seed(seed),
-                        sampler=EvalDistributedSampler(len(val_set), rank, world_size))
-    return list(man['classes']), len(train_set), len(val_set), sampler, ld_train, ld_val
+    return list(man['classes']), TokenShards(cache_dir, man, 'train', seed), TokenShards(cache_dir, man, 'val', seed)

@@ -15,7 +15,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from utils import cli
 from utils.arch_flags import ArchFlags, add_arch_args, check_spec, given_fields
 from utils.cli import flag
-from utils.train.hooks import TrainHookArgs
 
 PLACEHOLDER_DATA_PATH = '/path/to/imagenet'
 
@@ -121,7 +120,7 @@ class RunArgs:
 
 
 GROUPS = (('arch', ArchFlags), ('data', DataArgs), ('model', ModelArgs), ('optim', OptimArgs),
-          ('sched', ScheduleArgs), ('run', RunArgs), ('hooks', TrainHookArgs))
+          ('sched', ScheduleArgs), ('run', RunArgs))
 
 
 @dataclass
@@ -133,7 +132,6 @@ class TrainArgs:
     optim: OptimArgs = field(default_factory=OptimArgs)
     sched: ScheduleArgs = field(default_factory=ScheduleArgs)
     run: RunArgs = field(default_factory=RunArgs)
-    hooks: TrainHookArgs = field(default_factory=TrainHookArgs)
 
     def to_dict(self) -> Dict[str, Dict]:
         """Plain nested dict (stored in checkpoints)."""

@@ -1,7 +1,7 @@
 """What a training run does at each step, as pure functions of the step: the policy half of `train.Run.train`.
 
-`TrainPlan.schedule_at(g_it)` gives the lr, weight decay and progressive stage of forward pass g_it
-(0-based); `TrainPlan.events_at(done, pending)` decides, after `done` forward passes, whether to print a
+`StepPolicy.schedule_at(g_it)` gives the lr, weight decay and progressive stage of forward pass g_it
+(0-based); `StepPolicy.events_at(done, pending)` decides, after `done` forward passes, whether to print a
 progress line, validate and save. Validation and saving only happen at optimizer-step boundaries (every
 `ac` forward passes), so an epoch end that falls inside an accumulation window is carried in `pending`
 until the window closes. No I/O here: the tests call these directly.
@@ -37,7 +37,7 @@ class Events:
 
 
 @dataclass(frozen=True)
-class TrainPlan:
+class StepPolicy:
     """Everything the step policy depends on (all in forward passes unless said otherwise)."""
     total: int                 # forward passes of the whole run
     iters_ep: int              # forward passes per epoch
