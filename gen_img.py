@@ -22,11 +22,10 @@ from models.solver import SolverSpec
 from utils import cli
 from utils.arch_flags import describe_model, describe_spec
 from utils.atomic import write_json_atomic
-from utils.checkpoint import CheckpointError
 from utils.logging_util import get_logger
-from utils.model_io import DEFAULT_VAE_CKPT, default_var_ckpt, load_or_build
+from utils.model_io import DEFAULT_VAE_CKPT, load_sampler
 from utils.sample import image_io
-from utils.sample.compile_util import SamplingError, prepare_for_sampling, sampling_tf32
+from utils.sample.compile_util import sampling_tf32
 from utils.sample.config import add_model_source_args, add_sample_args, parse, resolve_device
 from utils.sample.editing import EDIT_MODES, mode_mask, parse_box, prepare_edit
 from utils.sample.generate import class_ids, generate, image_list, mean_iters
@@ -210,13 +209,8 @@ def main(argv: Optional[Sequence[str]] = None):
             raise SystemExit('error: --more_smooth does not apply to editing (edited tokens are drawn as sampled '
                              'ones); drop it.')
     device = resolve_device(source.device)
-    try:
-        loaded = load_or_build(source, device, log=log.warning)
-        vae, var = loaded.vae, loaded.var
-        sampler = prepare_for_sampling(var, compile=sample.compile, dtype=sample.dtype, fast=sample.fast)
-        sample.check_model(var, log=log.warning)
-    except (CheckpointError, SamplingError) as e:
-        raise SystemExit(f'error: {e}') from None
+    loaded, sampler = load_sampler(source, sample, device, log=log.warning)
+    vae, var = loaded.vae, loaded.var
     # CUDA's settings (nothing on a CPU): --dtype fp32 is full precision, so TF32 only with 16-bit autocast
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = sampling_tf32(sampler.dtype)
     if args.edit_image and args.edit_class is not None:
@@ -224,8 +218,7 @@ def main(argv: Optional[Sequence[str]] = None):
     else:
         classes = class_ids(args.class_label, loaded.class_names, var.num_classes)
     out_dir = os.path.join(args.output_dir, loaded.tag)
-    claim_output_dir(out_dir, model_record(source.var_ckpt or default_var_ckpt(source.spec()), source.ema,
-                                           loaded.spec))
+    claim_output_dir(out_dir, model_record(loaded.ckpt, source.ema, loaded.spec))
     sample_kw = sample.call_kwargs(len(var.patch_nums))
     log.info(banner(var, classes, args.seeds, sample, device, schedule_note(var.kind, sample_kw['schedule'])))
 

@@ -51,7 +51,7 @@ def test_the_model_answers_every_var_viar_question(use_implicit):
     from models import schedules as S
     from models.config import spec_of_model
     from utils.arch_flags import describe_spec
-    from utils.sample.plan import run_name_head
+    from sampling import run_name_head
     from utils.sample.schedule_flags import schedule_note, schedule_settings
     _, var = tiny_vae_var(use_implicit)
     sched = S.constant(2, 4)

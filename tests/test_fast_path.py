@@ -242,7 +242,7 @@ def test_sampling_records_the_fast_dtype_and_refuses_to_finish_in_another(tmp_pa
                 '--sample_dir', str(out), '--stop_after', '1', *extra]
 
     sampling.main(cli(tmp_path / 'a', '--fast'))   # --dtype auto: the machine's fast dtype, recorded
-    plan, = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path / 'a') for f in fs if f == sampling.PLAN_FILE]
+    plan, = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path / 'a') for f in fs if f == sampling.SETTINGS_FILE]
     with open(plan) as f:
         assert json.load(f)['dtype'] == fast_dtype('cpu') in ('bf16', 'fp32')
     sampling.main(cli(tmp_path / 'b', '--dtype', 'fp32'))

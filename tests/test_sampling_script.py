@@ -1,4 +1,4 @@
-"""sampling.py: the global plan, rank-independent images, the .npz layout, resume after a kill, official seeds."""
+"""sampling.py: the global batches, rank-independent images, the .npz layout, resume after a kill, official seeds."""
 import json
 import os
 import signal
@@ -12,50 +12,50 @@ import torch
 
 from tests.conftest import needs_c_compiler
 from tests.proc_util import run_group
-from utils.sample.plan import make_plan, png_name, rank_share, run_name_head, sample_folder_name
+from sampling import make_batches, png_name, rank_share, run_name_head, sample_folder_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PLAN_CASES = [(3, 3, 2), (4, 50, 25), (2, 5, 7), (1, 1, 1), (5, 4, 3)]
+SIZE_CASES = [(3, 3, 2), (4, 50, 25), (2, 5, 7), (1, 1, 1), (5, 4, 3)]
 
 
-# ---------------------------------------------------------------- the plan (pure)
+# ---------------------------------------------------------------- the global batches (pure)
 
 @pytest.mark.parametrize('world', [1, 2, 3, 4, 5])
-@pytest.mark.parametrize('num_classes,per_class,batch_size', PLAN_CASES)
-def test_plan_covers_every_index_once(world, num_classes, per_class, batch_size):
-    plan = make_plan(num_classes, per_class, batch_size, seed=1)
-    shares = [rank_share(plan, r, world) for r in range(world)]
+@pytest.mark.parametrize('num_classes,per_class,batch_size', SIZE_CASES)
+def test_batches_cover_every_index_once(world, num_classes, per_class, batch_size):
+    batches = make_batches(num_classes, per_class, batch_size, seed=1)
+    shares = [rank_share(batches, r, world) for r in range(world)]
     got = [i for share in shares for b in share for i in b.indices]
     assert sorted(got) == list(range(num_classes * per_class))
     assert len(got) == len(set(got))
     assert max(map(len, shares)) - min(map(len, shares)) <= 1          # round-robin: balanced
-    for b in plan:
+    for b in batches:
         assert 1 <= b.size <= batch_size
         assert {i // per_class for i in b.indices} == {b.label}         # a batch never mixes classes
-    assert [b.order for b in plan] == list(range(len(plan)))
+    assert [b.order for b in batches] == list(range(len(batches)))
 
 
-def test_plan_seeds_distinct_and_stable():
-    plan = make_plan(4, 6, 2, seed=7)
-    assert len({b.seed for b in plan}) == len(plan)
+def test_batch_seeds_distinct_and_stable():
+    batches = make_batches(4, 6, 2, seed=7)
+    assert len({b.seed for b in batches}) == len(batches)
     # a class's batches do not depend on how many classes are sampled
-    small = make_plan(2, 6, 2, seed=7)
-    assert [(b.label, b.seed, b.start) for b in small] == [(b.label, b.seed, b.start) for b in plan[:len(small)]]
-    assert {b.seed for b in make_plan(4, 6, 2, seed=8)}.isdisjoint({b.seed for b in plan})
+    small = make_batches(2, 6, 2, seed=7)
+    assert [(b.label, b.seed, b.start) for b in small] == [(b.label, b.seed, b.start) for b in batches[:len(small)]]
+    assert {b.seed for b in make_batches(4, 6, 2, seed=8)}.isdisjoint({b.seed for b in batches})
 
 
 def test_official_seed_rule():
-    plan = make_plan(1000, 50, 25, seed=1, official_seeds=True)
-    assert len(plan) == 2000
-    assert {b.seed for b in plan} == {1, 2}                               # official: seed + i for every class
-    assert all(b.seed == 1 + b.chunk for b in plan)
-    assert [(b.label, b.start, b.size) for b in plan[2:4]] == [(1, 50, 25), (1, 75, 25)]
+    batches = make_batches(1000, 50, 25, seed=1, official_seeds=True)
+    assert len(batches) == 2000
+    assert {b.seed for b in batches} == {1, 2}                               # official: seed + i for every class
+    assert all(b.seed == 1 + b.chunk for b in batches)
+    assert [(b.label, b.start, b.size) for b in batches[2:4]] == [(1, 50, 25), (1, 75, 25)]
 
 
-def test_plan_rejects_bad_sizes():
+def test_batches_reject_bad_sizes():
     for bad in [(0, 3, 2, 1), (3, 0, 2, 1), (3, 3, 0, 1), (3, 3, 2, -1)]:
         with pytest.raises(ValueError):
-            make_plan(*bad)
+            make_batches(*bad)
 
 
 def test_official_folder_name():
@@ -91,7 +91,7 @@ def tiny_ckpt(tmp_path_factory):
 
 
 def cli(ckpt: str, sample_dir, *extra) -> list:
-    """sampling.py flags for the tiny plan: 3 classes x 3 images, batches of 2, Dec.(3,2) iterations."""
+    """sampling.py flags for the tiny run: 3 classes x 3 images, batches of 2, Dec.(3,2) iterations."""
     return ['--ckpt_path', ckpt, '--vae_ckpt', '', '--num_classes', str(NUM_CLASSES), '--per_class', str(PER_CLASS),
             '--batch_size', str(BATCH), '--iter_left', str(ITERS[0]), '--iter_right', str(ITERS[1]),
             '--device', 'cpu', '--dtype', 'fp32', '--progress', 'False', '--sample_dir', str(sample_dir), *extra]
@@ -114,11 +114,11 @@ def load_npz(sample_dir) -> np.ndarray:
 
 
 def direct_images(ckpt: str, official_seeds: bool = False) -> np.ndarray:
-    """Every plan batch sampled by calling the model directly with the batch's label and seed, in index order."""
+    """Every batch sampled by calling the model directly with the batch's label and seed, in index order."""
     from utils.model_io import load_models
     _, var, _ = load_models(ckpt, '')
     out = np.zeros((NUM_CLASSES * PER_CLASS, 8, 8, 3), np.uint8)
-    for b in make_plan(NUM_CLASSES, PER_CLASS, BATCH, seed=1, official_seeds=official_seeds):
+    for b in make_batches(NUM_CLASSES, PER_CLASS, BATCH, seed=1, official_seeds=official_seeds):
         with torch.inference_mode():
             img = var.autoregressive_infer_cfg(b.size, torch.full((b.size,), b.label), g_seed=b.seed, cfg=1.5,
                                                top_k=900, top_p=0.96, iter_left=ITERS[0], iter_right=ITERS[1])
@@ -288,7 +288,7 @@ def test_rerun_with_other_settings_names_each_setting_with_old_and_new_values(ti
     assert 'top_k: 900 -> 10' in msg and 'counts: [3, 2, 2, 2] -> [4, 3, 2, 2]' in msg and '\n' not in msg
 
 
-def test_bad_plan_is_a_clear_error(tiny_ckpt, tmp_path):
+def test_bad_sizes_are_a_clear_error(tiny_ckpt, tmp_path):
     with pytest.raises(SystemExit, match='5 classes'):
         run_main(cli(tiny_ckpt, tmp_path, '--num_classes', '6'))
     with pytest.raises(SystemExit, match='batch_size'):

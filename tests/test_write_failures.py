@@ -86,11 +86,10 @@ def test_payload_bytes_counts_every_tensor_and_array():
 @needs_dev_full
 def test_numpy_pillow_and_json_writers_meet_a_full_disk_in_one_line(tmp_path, disk_full_for):
     """np.save, np.savez (through a file object), Pillow and json: each writer's own ENOSPC becomes the line."""
-    import sampling
     from utils.sample import image_io
     disk_full_for('*')
     arr = np.zeros((5, 4, 3), np.uint8)
-    writes = [('img.png', lambda p: sampling.write_png_atomic(arr, p), arr.nbytes),
+    writes = [('img.png', lambda p: image_io.write_png(arr, p), arr.nbytes),
               ('edit_input.png', lambda p: image_io.save_png(torch.zeros(3, 4, 5), p), 4 * 5 * 3),
               ('report.json', lambda p: atomic.write_json_atomic({'a': 1}, p), len('{\n  "a": 1\n}'))]
     for name, write, need in writes:

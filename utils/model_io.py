@@ -13,7 +13,7 @@ Files: `.pth` or `.safetensors` (train.py writes its slim export as both); every
 `utils.checkpoint.read_checkpoint`, which never runs code.
 """
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
@@ -22,6 +22,7 @@ from models.config import ModelSpec, spec_from_state_dict, state_dict_kind, vae_
 from utils.arch_flags import check_spec, contradiction_text, contradictions
 from utils.checkpoint import (OFFICIAL_FILES, CheckpointError, extract_state_dict, load_vae_weights,
                               load_var_weights, read_checkpoint, resolve_checkpoint, resolve_recorded, unwrap_model)
+from utils.sample.compile_util import Sampler, SamplingError, prepare_for_sampling
 
 DEFAULT_VAE_CKPT = 'ckpts/vae_ch160v4096z32.pth'   # the official tokenizer of every official transformer
 RANDOM = 'random'
@@ -66,13 +67,18 @@ def disagreements(spec: ModelSpec, given: Mapping[str, Any], where: str) -> Opti
 
 @dataclass
 class Loaded:
-    """What load_or_build returns: the pair in eval mode, their spec, a tag for output names, notes printed."""
+    """What load_or_build returns: the pair in eval mode, their spec, the checkpoint they come from ('random' for
+    random weights) and the class names the export records (the training folders' names), if any."""
     vae: Any
     var: Any
     spec: ModelSpec
-    tag: str
-    notes: List[str] = field(default_factory=list)
-    class_names: Optional[List[str]] = None   # what the export records (the training folders' names), if anything
+    ckpt: str
+    class_names: Optional[List[str]] = None
+
+    @property
+    def tag(self) -> str:
+        """The checkpoint's file name without its extension: output folders are named by it."""
+        return os.path.splitext(os.path.basename(self.ckpt))[0]
 
 
 @dataclass
@@ -190,7 +196,20 @@ def load_or_build(source, device='cpu', log: Callable[[str], None] = print, seed
         vae, var, spec, obj = _load(var_ckpt, source.vae_ckpt, flags_spec, device, source.ema, source.arch, log)
     except ValueError as e:   # sizes the model constructors reject
         raise CheckpointError(f'cannot build the model from these flags: {e}') from None
-    return Loaded(vae, var, spec, os.path.splitext(os.path.basename(var_ckpt))[0], class_names=class_names_in(obj))
+    return Loaded(vae, var, spec, var_ckpt, class_names=class_names_in(obj))
+
+
+def load_sampler(source, sample, device, log: Callable[[str], None] = print) -> Tuple[Loaded, Sampler]:
+    """The pair a ModelSource describes and its Sampler for a `utils.sample.config.SampleConfig` (--dtype, --compile,
+    --fast), the config checked against the model; a checkpoint or option that does not work is a one-line
+    SystemExit."""
+    try:
+        loaded = load_or_build(source, device, log=log)
+        sampler = prepare_for_sampling(loaded.var, compile=sample.compile, dtype=sample.dtype, fast=sample.fast)
+        sample.check_model(loaded.var, log=log)
+    except (CheckpointError, SamplingError) as e:
+        raise SystemExit(f'error: {e}') from None
+    return loaded, sampler
 
 
 def class_names_in(obj: Any) -> Optional[List[str]]:

@@ -1,19 +1,26 @@
-"""Streaming, validated image readers for evaluation: `.npz` (arr_0), `.npy`, or a folder of PNGs.
+"""Image batches as `.npz` files (arr_0, uint8 NHWC): streaming, validated readers of `.npz`, `.npy` or a folder of
+PNGs for evaluation, and the writer that packs sampling.py's PNGs.
 
-Images come out as uint8 NHWC batches; no reader ever holds the whole array, so a 50K x 256x256x3
-batch streams in bounded memory whether its zip member is stored or deflated.
+No reader or writer ever holds the whole array, so a 50K x 256x256x3 batch streams in bounded memory whether its
+zip member is stored or deflated.
 """
+import contextlib
 import os
 import queue
 import re
+import sys
 import threading
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from utils.atomic import atomic_path
 
 ARRAY_KEY = 'arr_0'
 STATS_KEYS = ('mu', 'sigma', 'mu_s', 'sigma_s')
@@ -88,38 +95,22 @@ def _validated(path, kind, shape, fortran, dtype) -> ImageSource:
     return ImageSource(path, kind, tuple(int(s) for s in shape), dtype)
 
 
+@contextlib.contextmanager
 def _open_member(path: str):
-    """Opens the arr_0.npy member of an npz for streaming, with clear errors for broken files."""
+    """The arr_0.npy member of an npz, open for streaming, with clear errors for broken files."""
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         raise EvalInputError(f'{path}: cannot read it as .npz ({e}); the file is corrupt or truncated, '
                              f'recreate it') from None
-    names = zf.namelist()
-    if ARRAY_KEY + '.npy' not in names:
-        zf.close()
-        found = ', '.join(n[:-4] if n.endswith('.npy') else n for n in names) or 'nothing'
-        raise EvalInputError(f'{path}: no {ARRAY_KEY!r} array (found: {found}); save images with '
-                             f'np.savez(path, arr_0=images)')
-    return _Member(zf, zf.open(ARRAY_KEY + '.npy'))
-
-
-class _Member:
-    """A zip member stream that closes its archive with it."""
-
-    def __init__(self, zf, stream):
-        self.zf, self.stream = zf, stream
-
-    def read(self, n: int = -1) -> bytes:
-        """Reads up to n bytes."""
-        return self.stream.read(n)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stream.close()
-        self.zf.close()
+    with zf:
+        names = zf.namelist()
+        if ARRAY_KEY + '.npy' not in names:
+            found = ', '.join(n[:-4] if n.endswith('.npy') else n for n in names) or 'nothing'
+            raise EvalInputError(f'{path}: no {ARRAY_KEY!r} array (found: {found}); save images with '
+                                 f'np.savez(path, arr_0=images)')
+        with zf.open(ARRAY_KEY + '.npy') as member:
+            yield member
 
 
 def _read_npy_header(f, path: str):
@@ -182,11 +173,7 @@ def _array_batches(src: ImageSource, batch_size: int) -> Iterator[np.ndarray]:
     """Streams an .npy / npz arr_0 batch by batch."""
     per_image = int(np.prod(src.shape[1:])) * src.dtype.itemsize
     total = per_image * src.count
-    if src.kind == 'npz':
-        ctx = _open_member(src.path)
-    else:
-        ctx = open(src.path, 'rb')
-    with ctx as f:
+    with (_open_member(src.path) if src.kind == 'npz' else open(src.path, 'rb')) as f:
         _read_npy_header(f, src.path)
         done = 0
         for start in range(0, src.count, batch_size):
@@ -214,13 +201,12 @@ def _open_png_dir(path: str) -> ImageSource:
     files = sorted((f for f in os.listdir(path) if f.lower().endswith('.png')), key=_natural_key)
     if not files:
         raise EvalInputError(f'{path}: folder holds no .png images')
-    first = _load_png(os.path.join(path, files[0]))
+    first = load_png(os.path.join(path, files[0]))
     return ImageSource(path, 'png_dir', (len(files),) + first.shape, np.dtype(np.uint8), tuple(files))
 
 
-def _load_png(file: str) -> np.ndarray:
+def load_png(file: str) -> np.ndarray:
     """Decodes one PNG into uint8 (H, W, 3)."""
-    from PIL import Image
     try:
         with Image.open(file) as im:
             if im.mode != 'RGB':
@@ -239,12 +225,35 @@ def _png_batches(src: ImageSource, batch_size: int) -> Iterator[np.ndarray]:
     with ThreadPoolExecutor(4) as pool:
         for start in range(0, src.count, batch_size):
             names = src.files[start:start + batch_size]
-            images: List[np.ndarray] = list(pool.map(_load_png, [os.path.join(src.path, n) for n in names]))
+            images: List[np.ndarray] = list(pool.map(load_png, [os.path.join(src.path, n) for n in names]))
             for name, im in zip(names, images):
                 if im.shape != size:
                     raise EvalInputError(f'{os.path.join(src.path, name)}: size {im.shape} differs from '
                                          f'{size} of the first image; all images must share one size')
             yield np.stack(images)
+
+
+# ----------------------------------------------------------------------------- writing
+
+def pack_npz(paths: Sequence[str], npz_path: str, read: Optional[Callable[[str], np.ndarray]] = None,
+             progress: bool = True) -> Tuple[int, ...]:
+    """Stream PNGs into `npz_path` (arr_0, uint8 (N, H, W, 3)) one image at a time, atomically: the .npy header for
+    the whole shape first, then each image's bytes, so memory stays at one image; the result is an ordinary
+    uncompressed np.savez file. read(path) decodes one PNG (default load_png). Returns the shape."""
+    read = read or load_png
+    first = read(paths[0])
+    shape = (len(paths),) + first.shape
+    header = {'descr': np.lib.format.dtype_to_descr(np.dtype(np.uint8)), 'fortran_order': False, 'shape': shape}
+    with atomic_path(npz_path, need=int(np.prod(shape))) as tmp, \
+            zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED, allowZip64=True) as zf, \
+            zf.open(ARRAY_KEY + '.npy', 'w', force_zip64=True) as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        for i, path in enumerate(tqdm(paths, desc='packing .npz', unit='img', disable=not progress, file=sys.stdout)):
+            img = first if i == 0 else read(path)
+            if img.shape != first.shape:
+                raise EvalInputError(f'{path} is {img.shape} but {paths[0]} is {first.shape}: one batch mixes sizes')
+            f.write(img.tobytes())
+    return shape
 
 
 # ----------------------------------------------------------------------------- prefetching
