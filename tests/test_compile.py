@@ -5,7 +5,7 @@ import torch
 from models import schedules as S
 from tests.conftest import needs_c_compiler
 from tests.tiny import tiny_vae_var
-from utils.sample.compile_util import SamplingError, compile_targets, prepare_for_sampling
+from utils.sample.compile_util import SamplingError, prepare_for_sampling
 
 KW = dict(g_seed=3, cfg=1.5, top_k=1)   # greedy, so small float differences cannot flip a token
 
@@ -40,9 +40,9 @@ def test_bad_dtype_is_a_clear_error():
 
 def test_compile_targets_cover_the_scale_loop():
     _, viar = tiny_vae_var(True)
-    names = {type(m).__name__ for m in compile_targets(viar)}
+    names = {type(m).__name__ for m in viar.scale_loop_modules()}
     assert names == {'AdaLNSelfAttn', 'AdaLNBeforeHead', 'Sequential'}
-    assert len([m for m in compile_targets(viar) if type(m).__name__ == 'AdaLNSelfAttn']) == len(viar.backbone_blocks())
+    assert len([m for m in viar.scale_loop_modules() if type(m).__name__ == 'AdaLNSelfAttn']) == len(viar.backbone_blocks())
 
 
 def _compiled_matches_eager(use_implicit: bool, backend: str, compile_vae: bool = True):

@@ -1,25 +1,19 @@
-"""Prepare a VAR/VIAR for sampling: the fast path, optional torch.compile of the per-scale compute, autocast.
+"""Prepare a VAR/VIAR for sampling: precision (autocast), the fast path, torch.compile of the per-scale compute.
 
     sampler = prepare_for_sampling(var, compile=args.compile, dtype=args.dtype, fast=args.fast)
     img = sampler(B, label_B, g_seed=seed, cfg=1.5, schedule=schedule)   # = var.autoregressive_infer_cfg
 
 fp32 without compile or fast is exactly `var.autoregressive_infer_cfg` (bit for bit, the official numbers).
-fast=True keeps the maths and changes the rounding (docs/SPEED.md, "The fast path"): dtype 'auto' becomes
-bf16 on a CPU with native bf16 (avx512_bf16 / amx_bf16), fp16 on CUDA, fp32 elsewhere (`fast_dtype`); VIAR
-computes its input injection once per scale (`autoregressive_infer_cfg(fast=True)`); the VQVAE decoder runs
-channels_last (set in place on the model's decoder; `prepare_for_sampling(var)` without fast sets it back). compile=True compiles,
-in place (`nn.Module.compile`), every transformer block, VIAR's input-injection projection, the head
-norm and (compile_vae) the VQVAE decoder; the Python parts (scale loop, KV-cache bookkeeping,
-sampling) stay eager, and each block's graph breaks at its KV-cache write. The blocks' shapes are
-dynamic, so all scales share a handful of graphs (scale 0, whose token count is 1, gets its own).
-No mode captures CUDA graphs (`compile_mode` says why), so the launch overhead of the small early scales
-remains on CUDA.
-Compiled kernels sum in another order, so compiled samples match eager ones within float tolerance.
+fast keeps the maths and changes the rounding (docs/SPEED.md, "The fast path"): `fast_dtype` for dtype 'auto',
+VIAR's input injection once per scale, a channels_last VQVAE decoder. compile compiles, in place, the modules the
+scale loop runs (`var.scale_loop_modules()`, dynamic shapes: all scales share a handful of graphs) and the VQVAE
+decoder; the scale loop, KV-cache bookkeeping and sampling stay eager. Compiled kernels sum in another order, so
+compiled samples match eager ones within float tolerance.
 """
 import contextlib
 import functools
 import os
-from typing import FrozenSet, Iterable, List, Optional
+from typing import FrozenSet, Iterable, Optional
 
 import torch
 import torch.nn as nn
@@ -129,11 +123,6 @@ def compile_mode(device_type: str, requested: Optional[str] = None) -> Optional[
     return requested
 
 
-def compile_targets(var: nn.Module) -> List[nn.Module]:
-    """The modules whose forward runs in the scale loop (the model says which: blocks, head norm, VIAR's projection)."""
-    return var.scale_loop_modules()
-
-
 class Sampler:
     """Callable with the signature of `var.autoregressive_infer_cfg`, run under the chosen autocast (and, fast,
     on the model's fast path)."""
@@ -142,17 +131,12 @@ class Sampler:
                  fast: bool = False):
         self.var, self.dtype, self.compiled, self.mode, self.fast = var, dtype, compiled, mode, fast
         self.device = var.lvl_1L.device
-        self.device_type = self.device.type
-
-    def autocast(self):
-        """The autocast context the sampler runs in."""
-        return autocast_for(self.device_type, self.dtype)
 
     @torch.no_grad()
     def __call__(self, *args, **kwargs):
         if self.fast:
             kwargs.setdefault('fast', True)
-        with self.autocast():
+        with autocast_for(self.device.type, self.dtype):
             return self.var.autoregressive_infer_cfg(*args, **kwargs)
 
     def __repr__(self) -> str:
@@ -185,7 +169,7 @@ def prepare_for_sampling(var: nn.Module, compile: bool = False, dtype: str = 'fp
     set_decoder_layout(var.vae_proxy[0], torch.channels_last if fast else torch.contiguous_format)
     mode = compile_mode(device_type, mode)
     if compile:
-        for m in compile_targets(var):
+        for m in var.scale_loop_modules():
             m.compile(backend=backend, mode=mode, dynamic=True)
         if compile_vae:
             var.vae_proxy[0].decoder.compile(backend=backend)
