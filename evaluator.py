@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from utils.atomic import atomic_path, write_json_atomic
 from utils.eval import fid_math
-from utils.eval.inception_tf import InceptionExtractor, TFDistanceKernel, resolve_graph_path
+from utils.eval.inception_tf import InceptionExtractor, SetFeatures, TFDistanceKernel, resolve_graph_path
 from utils.eval.npz_io import EvalInputError, ImageSource, open_image_source, prefetch, read_precomputed_stats
 from utils.logging_util import get_logger
 
@@ -52,17 +52,6 @@ class Metrics:
     sfid: float
     precision: float
     recall: float
-
-
-@dataclass
-class SetFeatures:
-    """Everything the metrics need from one image set."""
-    pool_NP: np.ndarray
-    mu: np.ndarray
-    sigma: np.ndarray
-    mu_s: np.ndarray
-    sigma_s: np.ndarray
-    radii_N: np.ndarray
 
 
 log = get_logger('evaluator', to_stderr=True)   # status lines on stderr: stdout holds only the metric lines
@@ -144,7 +133,7 @@ def _with_precomputed(feats: SetFeatures, path: str) -> SetFeatures:
         raise EvalInputError(f'{path}: stored statistics have widths {np.shape(stats["mu"])}/{np.shape(stats["mu_s"])} '
                              f'but the Inception graph gives {feats.mu.shape}/{feats.mu_s.shape}; '
                              f'use the graph the statistics were made with')
-    return SetFeatures(feats.pool_NP, stats['mu'], stats['sigma'], stats['mu_s'], stats['sigma_s'], feats.radii_N)
+    return replace(feats, **stats)
 
 
 def reference_features(src: ImageSource, extractor, kernel, cfg: EvalConfig, graph_path: str) -> SetFeatures:
@@ -175,9 +164,9 @@ def reference_features(src: ImageSource, extractor, kernel, cfg: EvalConfig, gra
 def sample_features(src: ImageSource, extractor, kernel, cfg: EvalConfig) -> SetFeatures:
     """Sample features; never cached (samples change from run to run)."""
     log.info(f'computing sample activations for {src.path} ...')
-    acts = extract(src, extractor, cfg, 'samples')
-    r = radii(acts.pool_NP, kernel, cfg, 'sample radii')
-    return _with_precomputed(SetFeatures(acts.pool_NP, acts.mu, acts.sigma, acts.mu_s, acts.sigma_s, r), src.path)
+    feats = extract(src, extractor, cfg, 'samples')
+    feats.radii_N = radii(feats.pool_NP, kernel, cfg, 'sample radii')
+    return _with_precomputed(feats, src.path)
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -11,6 +11,7 @@ import os
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Iterable, Optional, Tuple
 
 import numpy as np
@@ -105,14 +106,16 @@ def load_graph_def(path: str):
 
 # ----------------------------------------------------------------------------- feature extraction
 
-class Activations:
-    """Features of one image set: pool rows (kept for IS and precision/recall) and the Gaussian
-    statistics of pool and spatial features (spatial rows are never kept)."""
-
-    def __init__(self, pool_NP: np.ndarray, pool_stats, spatial_stats):
-        self.pool_NP = pool_NP
-        self.mu, self.sigma = pool_stats
-        self.mu_s, self.sigma_s = spatial_stats
+@dataclass
+class SetFeatures:
+    """What the metrics need from one image set: pool rows (kept for IS and precision/recall), the Gaussian
+    statistics of pool and spatial features (spatial rows are never kept), and the pool rows' k-NN radii."""
+    pool_NP: np.ndarray
+    mu: np.ndarray
+    sigma: np.ndarray
+    mu_s: np.ndarray
+    sigma_s: np.ndarray
+    radii_N: Optional[np.ndarray] = None   # set by the evaluator
 
 
 class _ChunkedMoments:
@@ -196,7 +199,7 @@ class InceptionExtractor:
                                       {self._images: images_NHWC.astype(np.float32)})
         return pool.reshape(len(pool), -1), spatial.reshape(len(spatial), -1)
 
-    def extract(self, batches: Iterable[np.ndarray], count: int, progress=None) -> Activations:
+    def extract(self, batches: Iterable[np.ndarray], count: int, progress=None) -> SetFeatures:
         """Features of count images arriving in batches; progress(n) is called after each batch."""
         pool_NP = np.empty((count, self.pool_width), np.float32)
         spatial = _ChunkedMoments()
@@ -212,7 +215,7 @@ class InceptionExtractor:
                 progress(len(pool_bP))
         if done != count:
             raise EvalInputError(f'expected {count} images but the input yielded {done}')
-        return Activations(pool_NP, chunked_stats(pool_NP), spatial.stats())
+        return SetFeatures(pool_NP, *chunked_stats(pool_NP), *spatial.stats())
 
 
 # ----------------------------------------------------------------------------- ADM distance block
