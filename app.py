@@ -8,20 +8,17 @@ Models: --var_ckpt and the model flags of gen_img.py when given (official names 
 helper), else the demo's checkpoints in --demo_dir; with neither, the page and the console say how to get weights.
 A checkpoint named on the command line that does not load (or demo models none of which loads) ends the server with
 the reason (exit code 1).
-Nothing else is fetched at run time: analytics off, a theme on system fonts.
+Nothing else is fetched at run time: analytics off (utils/app/ui.py), a theme on system fonts.
 """
 import argparse
-import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-os.environ['GRADIO_ANALYTICS_ENABLED'] = 'False'   # no telemetry (Blocks also gets analytics_enabled=False)
-
-from utils import cli   # noqa: E402
-from utils.app import loading   # noqa: E402
-from utils.cli import flag   # noqa: E402
-from utils.logging_util import get_logger   # noqa: E402
-from utils.sample.config import add_model_source_args, add_sample_args, parse   # noqa: E402
+from utils import cli
+from utils.app import loading
+from utils.cli import flag
+from utils.logging_util import get_logger
+from utils.sample.config import add_model_source_args, add_sample_args, parse
 
 log = get_logger('app')
 
@@ -51,7 +48,7 @@ def make_app(argv: Optional[Sequence[str]] = None):
     """(gr.Blocks, AppArgs) for a command line: models loaded, the page built, not yet launched."""
     ns, source, sample = parse(build_parser(), argv)
     args = cli.from_namespace(AppArgs, ns)
-    from utils.app.ui import build_app
+    from utils.app.ui import build_app   # Gradio: seconds to import, and only the server needs it
     sources = loading.app_sources(source, args.demo_dir, args.compare_ckpt)
     models, errors = loading.load_app_models(sources, sample, log=log.warning)
     fatal = loading.fatal_load_error(bool(source.var_ckpt), models, errors)
@@ -70,7 +67,7 @@ def make_app(argv: Optional[Sequence[str]] = None):
 
 def main(argv: Optional[Sequence[str]] = None):
     demo, args = make_app(argv)
-    from utils.app.ui import CSS, theme
+    from utils.app.ui import CSS, theme   # imported by make_app already
     demo.queue(default_concurrency_limit=1, max_size=32)
     log.info(f'open http://{args.host}:{args.port} (Ctrl+C stops; --share for a public link)')
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, theme=theme(), css=CSS,

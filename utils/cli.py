@@ -13,6 +13,8 @@ import sys
 import typing
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
+from utils.atomic import WriteError
+
 _TRUE = {'1', 'true', 't', 'yes', 'y', 'on'}
 _FALSE = {'0', 'false', 'f', 'no', 'n', 'off'}
 
@@ -33,7 +35,6 @@ def exits_on_write_error(main):
     the process with their one line and exit code 1, not a traceback."""
     @functools.wraps(main)
     def run(*args, **kwargs):
-        from utils.atomic import WriteError
         try:
             return main(*args, **kwargs)
         except WriteError as e:

@@ -21,7 +21,9 @@ import torch
 from models.config import ModelSpec, spec_from_state_dict, state_dict_kind, vae_arch_from_state_dict
 from utils.arch_flags import check_spec, contradiction_text, contradictions
 from utils.checkpoint import (OFFICIAL_FILES, CheckpointError, extract_state_dict, load_vae_weights,
-                              load_var_weights, read_checkpoint, resolve_checkpoint, resolve_recorded, unwrap_model)
+                              load_var_weights, read_checkpoint, resolve_checkpoint, resolve_recorded, save_atomic,
+                              sha256_of, unwrap_model)
+from utils.safetensors_io import write_safetensors
 from utils.sample.compile_util import Sampler, SamplingError, prepare_for_sampling
 
 DEFAULT_VAE_CKPT = 'ckpts/vae_ch160v4096z32.pth'   # the official tokenizer of every official transformer
@@ -224,7 +226,6 @@ def tokenizer_ref(vae_ckpt: str) -> Optional[Dict[str, str]]:
     name = os.path.basename(vae_ckpt or '')
     if name not in OFFICIAL_FILES:
         return None
-    from utils.checkpoint import sha256_of
     return dict(name=name, sha256=sha256_of(resolve_checkpoint(vae_ckpt)))
 
 
@@ -254,7 +255,5 @@ def save_slim(export: Dict[str, Any], path: str):
     """Write a slim export twice, atomically: `path` (torch.save, loads weights-only) and its .safetensors twin
     (weights, EMA weights and embedded tokenizer under 'model/', 'model_ema/', 'vae/'; config and vae_ref as
     JSON metadata). Both load with load_models and sample the same images."""
-    from utils.checkpoint import save_atomic
-    from utils.safetensors_io import write_safetensors
     save_atomic(export, path)
     write_safetensors(export, safetensors_twin(path))
