@@ -1,8 +1,8 @@
 """Speed of the evaluator: feature extraction (images/s, npz file to features) and precision/recall
 (seconds at N reference x M sample features), optionally beside ADM's evaluator on the same inputs.
 
-    python bench/eval_speed.py                                   # small CPU run, stand-in graph
-    python bench/eval_speed.py --inception_pb classify_image_graph_def.pb --image_size 256 \\
+    .venv/bin/python bench/eval_speed.py                                   # small CPU run, stand-in graph
+    .venv/bin/python bench/eval_speed.py --inception_pb classify_image_graph_def.pb --image_size 256 \\
         --n_images 5000 --n_ref 10000 --n_sample 50000 --adm /path/to/guided-diffusion/evaluations/evaluator.py
 
 Without --inception_pb a stand-in graph with ADM's tensor names (2048-wide pool features) is used, so
@@ -15,17 +15,40 @@ import resource
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __name__ == '__main__':   # `python bench/eval_speed.py`: the project root on sys.path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from utils import cli  # noqa: E402
+from utils.cli import flag  # noqa: E402
 from utils.eval import fid_math  # noqa: E402
 from utils.eval.npz_io import open_image_source, prefetch  # noqa: E402
 
 
-def rss_gb() -> float:
-    """Peak resident memory of this process so far, GB."""
+@dataclass
+class EvalSpeedArgs:
+    """What to time, at which sizes, and against which ADM evaluator."""
+    inception_pb: Optional[str] = flag(None, 'real ADM graph; default: a stand-in graph')
+    n_images: int = flag(2000, 'images to extract features of')
+    image_size: int = flag(64, 'their side')
+    batch_size: int = flag(64, 'extraction batch')
+    n_ref: int = flag(4000, 'reference features for precision/recall (ADM: 10000)')
+    n_sample: int = flag(4000, 'sample features (ADM: 50000)')
+    dim: int = flag(2048, 'feature width')
+    pr_dtype: str = flag('adm', 'distance kernel of precision/recall', choices=('adm', 'float32', 'float64'))
+    adm: Optional[str] = flag(None, "path to ADM's evaluations/evaluator.py to compare against")
+    repeat: int = flag(3, 'extraction timings: best of this many runs')
+    skip_extraction: bool = flag(False, 'time precision/recall only')
+    skip_pr: bool = flag(False, 'time extraction only')
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far, GB. Read here, not through bench/measure.py and utils/memory.py:
+    they import torch, which the evaluator never loads and whose memory would then count in the peak."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
@@ -41,8 +64,8 @@ def load_adm(path: str, graph_path: str, workdir: str):
     return module
 
 
-def bench_extraction(args, graph_path: str, npz_path: str, adm) -> None:
-    """Images/s from an npz file to pool + spatial features, ours then ADM's."""
+def bench_extraction(args: EvalSpeedArgs, graph_path: str, npz_path: str, adm) -> None:
+    """Images/s from an npz file to pool + spatial features and their statistics, ours then ADM's."""
     from utils.eval.inception_tf import InceptionExtractor
     ex = InceptionExtractor(graph_path)
     src = open_image_source(npz_path)
@@ -54,7 +77,7 @@ def bench_extraction(args, graph_path: str, npz_path: str, adm) -> None:
         best = min(best, time.perf_counter() - t)
     ours = src.count / best
     print(f'extraction  ours: {ours:8.1f} img/s  ({src.count} images {src.shape[1]}x{src.shape[2]}, '
-          f'batch {args.batch_size}, file to features + statistics); peak RSS {rss_gb():.2f} GB')
+          f'batch {args.batch_size}, file to features + statistics); peak RSS {peak_rss_gb():.2f} GB')
     if adm is None:
         return
     import tensorflow.compat.v1 as tf
@@ -67,18 +90,18 @@ def bench_extraction(args, graph_path: str, npz_path: str, adm) -> None:
         ev.read_statistics(npz_path, acts_adm)                  # mean/cov, which ours includes
         best = min(best, time.perf_counter() - t)
     theirs = src.count / best
-    pool = acts_adm[0]
-    same = np.allclose(pool, acts.pool_NP, rtol=1e-4, atol=1e-5)
+    same = np.allclose(acts_adm[0], acts.pool_NP, rtol=1e-4, atol=1e-5)
     print(f'extraction  ADM:  {theirs:8.1f} img/s;  ours/ADM = {ours / theirs:.2f}x  (same features: {same})')
 
 
-def bench_precision_recall(args, adm) -> None:
-    """Seconds for radii of both sets plus the precision/recall pass."""
+def bench_precision_recall(args: EvalSpeedArgs, adm) -> None:
+    """Seconds for radii of both sets plus the precision/recall pass, on clustered non-negative 'pool features'
+    with Inception-like norms (~600)."""
     from utils.eval.inception_tf import TFDistanceKernel
     rng = np.random.default_rng(0)
     centers = rng.normal(0, 0.25, (50, args.dim))
+
     def feats(n, shift):
-        """Clustered non-negative 'pool features' with Inception-like norms (~600)."""
         return np.maximum(0.35 + centers[rng.integers(0, 50, n)] + rng.normal(0, 0.35, (n, args.dim)) + shift,
                           0).astype(np.float32)
     ref, sample = feats(args.n_ref, 0.0), feats(args.n_sample, 0.02)
@@ -88,7 +111,7 @@ def bench_precision_recall(args, adm) -> None:
     ours_pr = fid_math.manifold_precision_recall(ref, r_ref, sample, r_sample, kernel)
     ours = time.perf_counter() - t
     print(f'prec/recall ours: {ours:8.2f} s  ({args.n_ref} x {args.n_sample} x {args.dim}, {args.pr_dtype}) '
-          f'-> P={ours_pr[0]:.6f} R={ours_pr[1]:.6f}; peak RSS {rss_gb():.2f} GB')
+          f'-> P={ours_pr[0]:.6f} R={ours_pr[1]:.6f}; peak RSS {peak_rss_gb():.2f} GB')
     if adm is None:
         return
     import tensorflow.compat.v1 as tf
@@ -97,25 +120,14 @@ def bench_precision_recall(args, adm) -> None:
     theirs_pr = ev.compute_prec_recall(ref, sample)
     theirs = time.perf_counter() - t
     print(f'prec/recall ADM:  {theirs:8.2f} s  -> P={theirs_pr[0]:.6f} R={theirs_pr[1]:.6f};  '
-          f'ADM/ours time = {theirs / ours:.2f}x; peak RSS {rss_gb():.2f} GB')
+          f'ADM/ours time = {theirs / ours:.2f}x; peak RSS {peak_rss_gb():.2f} GB')
 
 
-def main():
-    """Parses flags and runs both benchmarks."""
+def main(argv=None):
+    """Both benchmarks on random images and features."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--inception_pb', default=None, help='real ADM graph; default: a stand-in graph')
-    p.add_argument('--n_images', type=int, default=2000)
-    p.add_argument('--image_size', type=int, default=64)
-    p.add_argument('--batch_size', type=int, default=64)
-    p.add_argument('--n_ref', type=int, default=4000, help='reference features for precision/recall (ADM: 10000)')
-    p.add_argument('--n_sample', type=int, default=4000, help='sample features (ADM: 50000)')
-    p.add_argument('--dim', type=int, default=2048)
-    p.add_argument('--pr_dtype', default='adm', choices=('adm', 'float32', 'float64'))
-    p.add_argument('--adm', default=None, help="path to ADM's evaluations/evaluator.py to compare against")
-    p.add_argument('--repeat', type=int, default=3, help='extraction timings: best of this many runs')
-    p.add_argument('--skip_extraction', action='store_true')
-    p.add_argument('--skip_pr', action='store_true')
-    args = p.parse_args()
+    cli.add_dataclass_args(p, EvalSpeedArgs, 'evaluator speed')
+    args = cli.from_namespace(EvalSpeedArgs, p.parse_args(argv))
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
     work = tempfile.mkdtemp(prefix='eval_speed_')
     graph_path = args.inception_pb

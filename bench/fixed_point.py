@@ -1,50 +1,40 @@
 """Fewer iterations for the same fixed point (a benchmark, not a test): plain iteration against Anderson acceleration.
 
-VIAR samples each scale by iterating z <- G_t(z) = f(Proj([z, x]), c) from z0 = x. This study runs, on one trained
-VIAR, the sampler's two solvers (docs/SPEED.md, "Fewer iterations for the same fixed point"):
+VIAR samples each scale by iterating z <- G_t(z) from z0 = x. On one trained VIAR this runs each solver of
+`--options` (`SolverSpec`, through `var.autoregressive_infer_cfg(..., solver=...)`) under adaptive schedules and
+fixed counts. Every run is forced (`EditSpec`, all positions kept) onto the tokens of a reference run of
+`--ref_iters` plain iterations per scale, so each scale sees the same input; the distance at scale k is
+||z_k - z_k^ref|| / ||z_k^ref|| of the implicit block's output, reported with its maximum over scales, the logits'
+distance, and the share of free-running samples' tokens equal to the reference's. Images/s: best of `--reps`
+free-running calls by process CPU time. The model is watched only through public hooks (`register_iterate_hook`,
+forward hooks on `var.head` and the tokenizer's `quantize.embedding`). docs/SPEED.md reports the results.
 
-- picard: the plain iteration, `SolverSpec()` (the sampler's default);
-- anderson: `SolverSpec('anderson', m, lam, beta)` (`models.solver.anderson_iterate`),
-
-each through `var.autoregressive_infer_cfg(..., solver=...)`, under adaptive schedules (stop at the residual
-||G(z) - z|| / ||G(z)|| <= tau, capped) and fixed counts (`models.schedules`).
-Distance to the long-run fixed point: every run is forced (`EditSpec`, all positions kept) onto the sampled tokens
-of a reference run of `--ref_iters` plain iterations at every scale (Con.(50,50)), so each scale sees the same
-input, and the distance at scale k is the relative L2 ||z_k - z_k^ref|| / ||z_k^ref|| of the final implicit-block
-output over the whole CFG batch (errors of earlier scales reach later ones through the KV caches, as in sampling).
-The headline distance is its maximum over scales. Also reported: the relative L2 of the head's logits, and, for
-free-running samples with the same seeds, the fraction of sampled tokens equal to the reference's.
-Images/s: best of `--reps` free-running calls, process CPU time, `--threads` threads; those calls carry only the
-token hook, not the per-iteration one.
-
-It watches the model only through its public hooks: `var.register_iterate_hook` (every implicit iteration),
-forward hooks on `var.head` (logits) and on the tokenizer's `quantize.embedding` (sampled tokens).
-Warm starts and the probe of how much G_t depends on t, both measured and reported in docs/SPEED.md, were
-removed (warm starts did not pay); they are in `git show 75554b3:bench/fixed_point.py`.
-
-    python bench/fixed_point.py --var_ckpt demo_output/viar/viar-slim.pth --vae_ckpt demo_output/vae/vae.pth \
-        --out bench_out/fixed_point
-    python bench/fixed_point.py --var_ckpt random --per_class 2 --taus 0.1,0.01 --reps 1   # smoke test
+    .venv/bin/python bench/fixed_point.py --var_ckpt demo_output/viar/viar-slim.pth \
+        --vae_ckpt demo_output/vae/vae.pth --out bench_out/fixed_point
+    .venv/bin/python bench/fixed_point.py --var_ckpt random --per_class 2 --taus 0.1,0.01 --reps 1   # smoke test
 
 Writes OUT/fixed_point.json, OUT/fixed_point.md (the tables) and OUT/fixed_point.png.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if __name__ == '__main__' and ROOT not in sys.path:   # run as a script: make the project importable
-    sys.path.insert(0, ROOT)
+if __name__ == '__main__':   # `python bench/fixed_point.py`: the project root on sys.path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
 from bench.measure import machine_facts  # noqa: E402
 from models.solver import SOLVERS, SolverSpec  # noqa: E402
+from utils import cli  # noqa: E402
 from utils.arch_flags import describe_model  # noqa: E402
+from utils.cli import flag  # noqa: E402
 
 
 # ---------------------------------------------------------------- options and arithmetic (pure)
@@ -205,7 +195,8 @@ def study(vae, var, args) -> Dict[str, Any]:
     out: Dict[str, Any] = dict(reference=dict(schedule=ref_sched.label(), residual_last_iter=ref_stats.residuals,
                                               residual_curves=ref.residuals), rows=[])
 
-    schedules = [(f'tau={tau:g}', S.adaptive(tau, args.cap, K)) for tau in args.taus]
+    taus = [float(t) for t in args.taus.split(',')]
+    schedules = [(f'tau={tau:g}', S.adaptive(tau, args.cap, K)) for tau in taus]
     schedules += [(f'Con.({c},{c})', S.constant(c, K)) for c in args.counts]
     weights = [pn * pn for pn in var.patch_nums]   # an iteration at scale k costs about its tokens
     for name, solver in options:
@@ -291,35 +282,37 @@ def plot(result: Dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('--var_ckpt', required=True, help="a VIAR checkpoint (slim export), or 'random' (smoke test)")
-    p.add_argument('--vae_ckpt', default='', help='tokenizer (default: the one the export embeds or records)')
-    p.add_argument('--options', default=','.join(SOLVERS), help=f'comma list of solvers: {", ".join(SOLVERS)}')
-    p.add_argument('--m', type=int, default=5, help='Anderson history size')
-    p.add_argument('--lam', type=float, default=1e-6,
-                   help='Anderson regularisation, relative to the mean squared residual')
-    p.add_argument('--beta', type=float, default=1.0, help='Anderson mixing')
-    p.add_argument('--taus', type=lambda s: [float(t) for t in s.split(',')],
-                   default=[0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001, 0.0005, 0.0002, 0.0001])
-    p.add_argument('--cap', type=int, default=50, help='iteration cap of the adaptive schedules')
-    p.add_argument('--counts', type=lambda s: [int(t) for t in s.split(',') if t], default=[4, 8, 12, 16],
-                   help='fixed counts Con.(c,c) also run')
-    p.add_argument('--ref_iters', type=int, default=50, help='iterations per scale of the long-run reference')
-    p.add_argument('--per_class', type=int, default=5, help='images per class')
-    p.add_argument('--first_seed', type=int, default=0, help='image i is sampled with seed first_seed + i')
-    p.add_argument('--cfg', type=float, default=1.5)
-    p.add_argument('--top_k', type=int, default=0)
-    p.add_argument('--top_p', type=float, default=0.0)
-    p.add_argument('--reps', type=int, default=3, help='timed calls per config (after one warm-up)')
-    p.add_argument('--threads', type=int, default=1)
-    p.add_argument('--seed', type=int, default=0, help='random weights of the smoke test')
-    p.add_argument('--out', default='bench_out/fixed_point')
-    return p
+@dataclass
+class FixedPointArgs:
+    """The model, the solvers and schedules compared, and the images sampled."""
+    var_ckpt: str = flag('', "a VIAR checkpoint (slim export), or 'random' (smoke test)")
+    vae_ckpt: str = flag('', 'tokenizer (default: the one the export embeds or records)')
+    options: str = flag(','.join(SOLVERS), f'comma list of solvers: {", ".join(SOLVERS)}')
+    m: int = flag(5, 'Anderson history size')
+    lam: float = flag(1e-6, 'Anderson regularisation, relative to the mean squared residual')
+    beta: float = flag(1.0, 'Anderson mixing')
+    taus: str = flag('0.1,0.05,0.02,0.01,0.005,0.002,0.001,0.0005,0.0002,0.0001', 'tau of each adaptive schedule')
+    cap: int = flag(50, 'iteration cap of the adaptive schedules')
+    counts: Tuple[int, ...] = flag((4, 8, 12, 16), 'fixed counts Con.(c,c) also run')
+    ref_iters: int = flag(50, 'iterations per scale of the long-run reference')
+    per_class: int = flag(5, 'images per class')
+    first_seed: int = flag(0, 'image i is sampled with seed first_seed + i')
+    cfg: float = flag(1.5, 'classifier-free guidance')
+    top_k: int = flag(0, 'top-k sampling (0: off)')
+    top_p: float = flag(0.0, 'top-p sampling (0: off)')
+    reps: int = flag(3, 'timed calls per config (after one warm-up)')
+    threads: int = flag(1, 'torch threads')
+    seed: int = flag(0, 'random weights of the smoke test')
+    out: str = flag('bench_out/fixed_point', 'output folder')
 
 
 def main(argv=None) -> Dict[str, Any]:
-    args = build_parser().parse_args(argv)
+    """The study, its files and its tables."""
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    cli.add_dataclass_args(p, FixedPointArgs, 'study')
+    args = cli.from_namespace(FixedPointArgs, p.parse_args(argv))
+    if not args.var_ckpt:
+        raise SystemExit("--var_ckpt is required: a VIAR checkpoint, or 'random'")
     try:
         parse_options(args.options, args.m, args.lam, args.beta)
     except ValueError as e:
@@ -327,7 +320,7 @@ def main(argv=None) -> Dict[str, Any]:
     torch.set_num_threads(args.threads)
     mach = machine_facts()
     vae, var = load(args)
-    result = dict(args=vars(args), machine=mach, model=dict(patch_nums=list(var.patch_nums), width=var.C,
+    result = dict(args=dataclasses.asdict(args), machine=mach, model=dict(patch_nums=list(var.patch_nums), width=var.C,
                                                             num_classes=var.num_classes, describe=describe_model(var)))
     result.update(study(vae, var, args))
     result['machine']['load_avg_end'] = list(os.getloadavg())

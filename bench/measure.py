@@ -307,6 +307,18 @@ def serve(handlers: Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]]) -> No
     proto.close()
 
 
+def check_official(path: str) -> None:
+    """SystemExit unless `path` (an --official flag) is a checkout of the official code."""
+    if not os.path.isdir(os.path.join(path, 'models')):
+        raise SystemExit(f'--official {path}: not a checkout of the official VIAR code (no models/ folder there)')
+
+
+def official_child(path: str, name: str = 'official', env: Optional[Dict[str, str]] = None, cwd: str = ROOT):
+    """A Child running bench/official_runner.py on the official checkout at `path`."""
+    return Child([sys.executable, os.path.join(ROOT, 'bench', 'official_runner.py'), os.path.abspath(path)], name,
+                 env=env, cwd=cwd)
+
+
 class Child:
     """Parent side of one child process speaking the `serve` protocol."""
 

@@ -14,12 +14,15 @@ import argparse
 import os
 import sys
 import tempfile
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 if __name__ == '__main__':   # `python bench/sample_speed.py`: the project root on sys.path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import measure  # noqa: E402
+from utils import cli  # noqa: E402
+from utils.cli import flag  # noqa: E402
 
 DEFAULT_SCHEDULES = '20:20,10:10,20:5,10:5,5:5,tau=0.01'
 MiB = 2 ** 20
@@ -269,34 +272,36 @@ def _our_handlers():
 
 # ---------------------------------------------------------------- the parent
 
+@dataclass
+class SpeedArgs:
+    """Which models and schedules run, and how each child is timed (random weights unless --var_ckpt)."""
+    models: str = flag('VAR,VIAR', 'which of VAR, VIAR to run (a checkpoint fixes it)')
+    seed: int = flag(0, 'seed of the random weights')
+    schedules: str = flag(DEFAULT_SCHEDULES, "comma list: 'A:B' = the iter_left/iter_right knob (this project's K-point "
+                                             "rule); 'A:B/10' = the official 10-point rule; 'tau=X' or 'tau=json' = "
+                                             "adaptive (--tau_cap, --tau_json)")
+    bs: int = flag(4, 'images per call (the CFG batch is twice this)')
+    g_seed: int = flag(0, 'sampling seed (same images every call)')
+    threads: int = flag(0, 'torch threads per child (0: torch default)')
+    warmup: int = flag(1, 'untimed calls per child first')
+    reps: int = flag(3, 'timed calls per child')
+    official: str = flag('', 'also run the official implementation from this checkout, side by side', metavar='PATH')
+    official_dtypes: str = flag('', "autocast dtypes of the official side, e.g. fp32,bf16: one official child each, "
+                                    "all alternating with ours (default: the dtype ours runs in)", metavar='LIST')
+    profile: bool = flag(False, 'also profile one call per side (torch.profiler) into sample_speed_profile.md')
+    out: str = flag('bench_out', 'output folder')
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's flags, the model flags and the sampling flags it uses, from their dataclasses."""
     from utils.sample.config import add_model_source_args, add_sample_args
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    m = p.add_argument_group('models (random weights unless --var_ckpt)')
-    m.add_argument('--models', type=str, default='VAR,VIAR', help='which of VAR, VIAR to run (a checkpoint fixes it)')
-    m.add_argument('--seed', type=int, default=0, help='seed of the random weights')
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cli.add_dataclass_args(p, SpeedArgs, 'benchmark')
     add_model_source_args(p, skip=('ema',))
     p.set_defaults(var_ckpt='random')   # random weights unless a checkpoint is given
-    s = p.add_argument_group('schedules')
-    s.add_argument('--schedules', type=str, default=DEFAULT_SCHEDULES,
-                   help="comma list: 'A:B' = the iter_left/iter_right knob (this project's K-point rule); 'A:B/10' = "
-                        "the official 10-point rule; 'tau=X' or 'tau=json' = adaptive (--tau_cap, --tau_json)")
-    s.add_argument('--bs', type=int, default=4, help='images per call (the CFG batch is twice this)')
-    s.add_argument('--g_seed', type=int, default=0, help='sampling seed (same images every call)')
     add_sample_args(p, only=('cfg', 'top_k', 'top_p', 'tau_json', 'tau_cap', 'stop_mode', 'official_kv', 'dtype',
                              'compile', 'fast'), defaults=dict(dtype='fp32'))
-    r = p.add_argument_group('run')
-    r.add_argument('--threads', type=int, default=0, help='torch threads per child (0: torch default)')
-    r.add_argument('--warmup', type=int, default=1, help='untimed calls per child first')
-    r.add_argument('--reps', type=int, default=3, help='timed calls per child')
-    r.add_argument('--official', type=str, default='', metavar='PATH',
-                   help='also run the official implementation from this checkout, side by side')
-    r.add_argument('--official_dtypes', type=str, default='', metavar='LIST',
-                   help="autocast dtypes of the official side, e.g. fp32,bf16: one official child each, all "
-                        "alternating with ours (default: the dtype ours runs in)")
-    r.add_argument('--profile', action='store_true',
-                   help='also profile one call per side (torch.profiler) into sample_speed_profile.md')
-    r.add_argument('--out', type=str, default='bench_out')
     return p
 
 
@@ -341,8 +346,7 @@ def run_config(args, spec, state_path: str, schedule: Dict[str, Any], device: st
     if args.official and schedule['tau'] is None:
         for dt in args.official_dtypes:   # the first is 'official', the others 'official_<dtype>'
             k = 'official' if dt == args.official_dtypes[0] else f'official_{dt}'
-            kids[k] = measure.Child([sys.executable, os.path.join(measure.ROOT, 'bench', 'official_runner.py'),
-                                     os.path.abspath(args.official)], k, env=env, cwd=measure.ROOT)
+            kids[k] = measure.official_child(args.official, k, env=env)
             dtypes[k] = dt
     if not is_viar:   # the official sampler always takes the knob, which a VAR ignores: pass its default
         from models.schedules import official_iters
@@ -379,12 +383,8 @@ def run_config(args, spec, state_path: str, schedule: Dict[str, Any], device: st
     row['load_avg'] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     row['unreliable'] = reliability(max(row['load_avg']), os.cpu_count() or 1, row['ours'][f'{basis}_s'])
     if 'official' in row:
-        row['ratio'] = ratio(row['ours']['images_per_s'], row['official']['images_per_s'])
-        row['transformer_ratio'] = ratio(row['ours']['transformer_images_per_s'], row['official']['transformer_images_per_s'])
-        for clock in ('wall', 'cpu'):
-            row[f'{clock}_ratio'] = ratio(row['ours'][f'{clock}_images_per_s'], row['official'][f'{clock}_images_per_s'])
-            row[f'{clock}_transformer_ratio'] = ratio(row['ours'][f'{clock}_transformer_images_per_s'],
-                                                      row['official'][f'{clock}_transformer_images_per_s'])
+        for rate in (f'{clock}{part}' for clock in ('', 'wall_', 'cpu_') for part in ('', 'transformer_')):
+            row[f'{rate}ratio'] = ratio(row['ours'][f'{rate}images_per_s'], row['official'][f'{rate}images_per_s'])
         row['same_images'] = row['ours']['digest'] == row['official']['digest']
     for k in kids:
         if k.startswith('official_'):
@@ -415,8 +415,8 @@ def main(argv=None):
     device = resolve_device(source.device)
     if sample.compile and args.warmup < 1:
         raise SystemExit('--compile needs --warmup >= 1: the first call compiles')
-    if args.official and not os.path.isdir(os.path.join(args.official, 'models')):
-        raise SystemExit(f'--official {args.official}: not a checkout of the official code (no models/ folder there)')
+    if args.official:
+        measure.check_official(args.official)
     kinds = [k.strip().upper() for k in args.models.split(',') if k.strip()]
     if not kinds or any(k not in ('VAR', 'VIAR') for k in kinds):
         raise SystemExit(f'--models must list VAR and/or VIAR, got {args.models!r}')

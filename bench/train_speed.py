@@ -162,17 +162,15 @@ def our_step_row(s: StepArgs, row: Dict, common: Dict, step_kw: Dict) -> Dict:
 
 def run_steps(b: BenchArgs, s: StepArgs) -> List[Dict]:
     """Our rows, each followed by the official child's row of the same config when --official is given."""
-    if s.official and not os.path.isdir(os.path.join(s.official, 'models')):
-        raise SystemExit(f'--official {s.official}: expected a VIAR checkout with a models/ folder')
     from utils.sample.config import resolve_device
     device = str(resolve_device(s.device))
     step_kw = dict(V=s.V, batch=b.batch, num_classes=s.num_classes, patch_nums=s.pn, steps=b.steps, warmup=b.warmup,
                    bf16=s.bf16, device=device)
     official = None
     if s.official:   # a child process: the official package is also called `models`
+        measure.check_official(s.official)
         env = dict(os.environ, **({'OMP_NUM_THREADS': str(b.threads)} if b.threads else {}))
-        official = measure.Child([sys.executable, os.path.join(measure.ROOT, 'bench', 'official_runner.py'),
-                                  os.path.abspath(s.official)], 'official', env=env, cwd=os.path.abspath(s.official))
+        official = measure.official_child(s.official, env=env, cwd=os.path.abspath(s.official))
     rows = []
     try:
         for row in step_configs(s):
