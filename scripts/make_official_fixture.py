@@ -1,50 +1,44 @@
-"""Write tests/data/official_tiny.pt: outputs of the OFFICIAL VIAR code on tiny random weights.
+"""Write tests/data/official_tiny*.pt and official_var_d36_keys.json: outputs of the OFFICIAL VIAR code.
 
     python scripts/make_official_fixture.py /path/to/official/VIAR   # a checkout of mobiushy/VIAR
     python scripts/make_official_fixture.py /path/to/official/VIAR --config tiny_saln512
     python scripts/make_official_fixture.py /path/to/official/VIAR --keys var_d36
 
-The official checkout is imported from PATH in this process only (both packages are called `models`,
-so nothing of this project is imported here); it is never part of the project and no test needs it:
-the tests read the file this writes. For VAR and VIAR (depth 4, width 16, 2 heads, pre/post 1/1,
-V 48, Cvae 8, patch_nums 1..4, 5 classes) it stores the transformer's state dict, the quantizer's
-state dict (the only tokenizer part next-scale sampling reads besides the final decode), and what the
-official code computes from them: the teacher-forced logits (VIAR with n = 2 no-grad and m = 1
-iterations) and the token maps `autoregressive_infer_cfg` samples at every scale, greedy and with
-top-k/top-p, for the official iteration knobs (3,3), (4,2), (1,8).
-Every output is recorded twice: in float32 (the official code as it is) and in float64 (`fp64` in the file), with
-the models and inputs converted by `.double()`. The official code casts to float32 in four places (the head's
-`.float()` calls, `word_embed(x.float())`, the quantizer's `dtype=torch.float32`); scripts/official_fp64.patch turns
-those casts into ones that keep float64 (float32 and the half types are cast exactly as before) and is applied to a
-temporary copy of the checkout, never to the checkout itself. float32 results depend on the CPU's kernels in their
-last bits; float64 ones agree across CPUs far below any real difference, which is what makes the tests
-machine-independent (tests/test_official_fixture.py).
-tests/test_official_fixture.py loads all of it into this project's models and compares.
-
-`--config tiny_saln512` writes tests/data/official_tiny_saln512.pt instead: the same record for the
-shared-AdaLN (`--saln=1`) models on the 512 px pyramid 1,2,3,4,6,9,13,18,24,32 (L = 2240), read by
-tests/test_official_fixture.py as well.
-`--keys var_d36` builds VAR-d36-s (depth 36, shared AdaLN, 512 px pyramid) on the CPU without initialising its
-weights and writes its state-dict keys, shapes and parameter count to tests/data/official_var_d36_keys.json
-(tests/test_512.py).
+The official code is imported from a patched temporary copy of PATH, in this process only (both projects call
+their package `models`, so nothing of this project is imported here); no test needs it, the tests read the files
+this writes. For VAR and VIAR on tiny random weights (SIZES) a fixture holds the transformer's and the quantizer's
+state dicts and what the official code computes from them: the teacher-forced logits (VIAR with n = 2 no-grad and
+m = 1 iterations) and the token maps `autoregressive_infer_cfg` samples at every scale, greedy and with
+top-k/top-p, for the iteration knobs KNOBS. Every output is recorded in float32 and, under `fp64`, in float64:
+scripts/official_fp64.patch turns the official code's four float32 casts into casts that keep float64, and float64
+results agree across CPUs far below any real difference (tests/test_official_fixture.py).
+`--config tiny_saln512`: the same for shared-AdaLN models on the 512 px pyramid (L = 2240) in
+official_tiny_saln512.pt. `--keys var_d36`: VAR-d36-s's state-dict keys, shapes and parameter count, built on the
+CPU without initialising its weights (tests/test_512.py).
 """
+import argparse
+import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 
+import torch
+import torch.nn as nn
+
 SIZES = dict(depth=4, embed_dim=16, num_heads=2, pre_depth=1, post_depth=1, V=48, Cvae=8, patch_nums=(1, 2, 3, 4),
              num_classes=5)
 KNOBS = [(3, 3), (4, 2), (1, 8)]
 SAMPLERS = {'greedy': dict(top_k=1, top_p=0.0), 'topk_topp': dict(top_k=10, top_p=0.9)}
 LABELS_TRAIN, LABELS_SAMPLE, G_SEED, CFG = [1, 3], [0, 4], 5, 1.5
-DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests', 'data')
-OUT = os.path.join(DATA, 'official_tiny.pt')
-FP64_PATCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'official_fp64.patch')
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(os.path.dirname(HERE), 'tests', 'data')
+FP64_PATCH = os.path.join(HERE, 'official_fp64.patch')
 PYRAMID_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
-# name -> (sizes, shared AdaLN, output file); 'tiny' is the original fixture, unchanged
-CONFIGS = {'tiny': (SIZES, False, OUT),
+# name -> (sizes, shared AdaLN, output file)
+CONFIGS = {'tiny': (SIZES, False, os.path.join(DATA, 'official_tiny.pt')),
            'tiny_saln512': (dict(SIZES, patch_nums=PYRAMID_512), True, os.path.join(DATA, 'official_tiny_saln512.pt'))}
 # name -> (depth, shared AdaLN, patch_nums, output file) of a full-size official model whose keys key_list lists
 KEY_LISTS = {'var_d36': (36, True, PYRAMID_512, os.path.join(DATA, 'official_var_d36_keys.json'))}
@@ -52,8 +46,7 @@ KEY_LISTS = {'var_d36': (36, True, PYRAMID_512, os.path.join(DATA, 'official_var
 
 def official_models(use_implicit: bool, seed: int, sizes: dict = SIZES, shared_aln: bool = False):
     """The official VQVAE (its fixed layout, ch 32) and VAR/VIAR with every parameter ~ N(0, 0.3^2)."""
-    import torch
-    from models.var import VAR
+    from models.var import VAR   # the official package: importable once write() has put its copy on sys.path
     from models.vqvae import VQVAE
     s = sizes
     vae = VQVAE(vocab_size=s['V'], z_channels=s['Cvae'], ch=32, test_mode=True, share_quant_resi=4,
@@ -71,7 +64,6 @@ def official_models(use_implicit: bool, seed: int, sizes: dict = SIZES, shared_a
 
 def outputs(vae, var, idx_Bl) -> dict:
     """Teacher-forced input and logits, and every scale's sampled token map for each sampler and knob."""
-    import torch
     out = dict(samples={})
     with torch.no_grad():
         x = vae.quantize.idxBl_to_var_input(idx_Bl)
@@ -89,7 +81,6 @@ def outputs(vae, var, idx_Bl) -> dict:
 
 def record(use_implicit: bool, sizes: dict = SIZES, shared_aln: bool = False, compact_mask: bool = False) -> dict:
     """Weights, inputs and the official outputs in float32; the same outputs in float64 under 'fp64'."""
-    import torch
     vae, var = official_models(use_implicit, seed=10 + use_implicit, sizes=sizes, shared_aln=shared_aln)
     var.cond_drop_rate = 0.0
     g = torch.Generator().manual_seed(20 + use_implicit)
@@ -97,10 +88,9 @@ def record(use_implicit: bool, sizes: dict = SIZES, shared_aln: bool = False, co
     if use_implicit:   # the official trainer draws n and m; fixed here so the fixture is one forward
         var.implicit_no_grad_min_iters = var.implicit_no_grad_max_iters = 2
         var.implicit_with_grad_min_iters = var.implicit_with_grad_max_iters = 1
-    clone = lambda sd: {k: v.clone() for k, v in sd.items()}  # noqa: E731  (.double() below converts in place)
-    out = dict(var_sd=clone(var.state_dict()), quant_sd=clone(vae.quantize.state_dict()), idx_Bl=idx_Bl)
+    out = dict(var_sd={k: v.clone() for k, v in var.state_dict().items()},   # .double() below converts in place
+               quant_sd={k: v.clone() for k, v in vae.quantize.state_dict().items()}, idx_Bl=idx_Bl)
     if compact_mask:   # the (1, 1, L, L) mask is 20 MB at L = 2240: its sha256 stands in for it
-        import hashlib
         mask = out['var_sd'].pop('attn_bias_for_masking')
         out.update(mask_shape=tuple(mask.shape),
                    mask_sha256=hashlib.sha256(mask.float().contiguous().numpy().tobytes()).hexdigest())
@@ -111,10 +101,10 @@ def record(use_implicit: bool, sizes: dict = SIZES, shared_aln: bool = False, co
 
 def patched_copy(official: str) -> str:
     """A temporary copy of the official checkout (without .git) with official_fp64.patch applied; the caller
-    removes it."""
+    removes its parent folder."""
     tmp = tempfile.mkdtemp(prefix='official-fp64-')
-    shutil.copytree(official, os.path.join(tmp, 'code'), ignore=shutil.ignore_patterns('.git'))
     code = os.path.join(tmp, 'code')
+    shutil.copytree(official, code, ignore=shutil.ignore_patterns('.git'))
     done = subprocess.run(['git', 'apply', '--unidiff-zero', FP64_PATCH], cwd=code, capture_output=True, text=True)
     if done.returncode != 0:
         shutil.rmtree(tmp)
@@ -126,13 +116,11 @@ def patched_copy(official: str) -> str:
 def key_list(name: str) -> dict:
     """Every state-dict key and shape, and the parameter count, of a full-size official model.
 
-    The official constructor calls .item() (drop-path rates), so it cannot run on the meta device; it runs on
-    the CPU with the layers' reset_parameters disabled, as the official build_vae_var does, and without
-    init_weights: the weights are allocated but never written, so the pages are never touched.
+    The official constructor calls .item() (drop-path rates), so it cannot run on the meta device; it runs on the
+    CPU with the layers' reset_parameters disabled, as the official build_vae_var does, and without init_weights:
+    the weights are allocated but never written, so their pages are never touched.
     """
-    import torch
-    import torch.nn as nn
-    from models.var import VAR
+    from models.var import VAR   # the official package, as in official_models
     from models.vqvae import VQVAE
     depth, shared_aln, patch_nums, _ = KEY_LISTS[name]
     for clz in (nn.Linear, nn.LayerNorm, nn.BatchNorm2d, nn.SyncBatchNorm, nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d,
@@ -149,16 +137,21 @@ def key_list(name: str) -> dict:
                 keys={k: list(v.shape) for k, v in var.state_dict().items()})
 
 
-def models_digest(official: str) -> str:
-    """sha256 over the official models/*.py files (name and bytes, sorted by name)."""
-    import hashlib
+def code_version(official: str) -> str:
+    """The official checkout's git commit; without git, the sha256 over its models/*.py (names and bytes)."""
+    try:
+        commit = subprocess.run(['git', '-C', official, 'rev-parse', 'HEAD'], capture_output=True, text=True).stdout
+    except OSError:
+        commit = ''
+    if commit.strip():
+        return commit.strip()
     h = hashlib.sha256()
     folder = os.path.join(official, 'models')
     for name in sorted(n for n in os.listdir(folder) if n.endswith('.py')):
         h.update(name.encode())
         with open(os.path.join(folder, name), 'rb') as f:
             h.update(f.read())
-    return h.hexdigest()[:16]
+    return 'models-sha256:' + h.hexdigest()[:16]
 
 
 def machine() -> str:
@@ -170,62 +163,55 @@ def machine() -> str:
         return 'unknown'
 
 
-def parse_argv(argv):
-    """(official checkout, config name, key-list name or None)."""
-    import argparse
-    p = argparse.ArgumentParser(description='Record outputs of the official VIAR code for the tests.')
-    p.add_argument('official', help='a checkout of the official VIAR code (mobiushy/VIAR)')
-    p.add_argument('--config', default='tiny', choices=sorted(CONFIGS), help='which tiny fixture to write')
-    p.add_argument('--keys', default=None, choices=sorted(KEY_LISTS),
-                   help='write this full-size model\'s key/shape list instead of a fixture')
-    a = p.parse_args(argv)
-    if not os.path.isdir(os.path.join(a.official, 'models')):
-        raise SystemExit(f'{a.official} is not a checkout of the official VIAR code (no models/ folder)')
-    return os.path.abspath(a.official), a.config, a.keys
-
-
-def main():
-    official, config, keys = parse_argv(sys.argv[1:])
-    code = patched_copy(official)
-    try:
-        write(official, code, config, keys)
-    finally:
-        shutil.rmtree(os.path.dirname(code))
+def replace_with(path: str, write):
+    """write(tmp) then rename tmp onto path. Not utils.atomic (this process imports nothing of the project), and
+    the temporary name is path + '.tmp' because torch names a file's zip records after it."""
+    write(path + '.tmp')
+    os.replace(path + '.tmp', path)
 
 
 def write(official: str, code: str, config: str, keys):
     """Import the official models from `code` (the patched copy of `official`) and write the requested file."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path[:] = [code] + [p for p in sys.path if p and os.path.abspath(p) not in (here, os.getcwd())]
-    import torch
+    sys.path[:] = [code] + [p for p in sys.path if p and os.path.abspath(p) not in (os.path.dirname(HERE), os.getcwd())]
     torch.set_num_threads(1)
-    try:
-        commit = subprocess.run(['git', '-C', official, 'rev-parse', 'HEAD'], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ''
-    if not commit:   # not a git checkout: name the code by the hash of its models/ sources instead
-        commit = 'models-sha256:' + models_digest(official)
+    commit = code_version(official)
     if keys is not None:
-        import json
         out = KEY_LISTS[keys][-1]
         listing = dict(key_list(keys), official_commit=commit, torch=str(torch.__version__))
-        with open(out + '.tmp', 'w') as f:
-            json.dump(listing, f, indent=0, sort_keys=True)
-        os.replace(out + '.tmp', out)
+
+        def dump(tmp):
+            with open(tmp, 'w') as f:
+                json.dump(listing, f, indent=0, sort_keys=True)
+        replace_with(out, dump)
         print(f'wrote {out}: {len(listing["keys"])} entries, {listing["param_count"]:,} parameters')
         return
     sizes, shared_aln, out = CONFIGS[config]
     meta = dict(official_commit=commit, torch=str(torch.__version__), sizes=sizes, knobs=KNOBS,
                 samplers=SAMPLERS, labels_train=LABELS_TRAIN, labels_sample=LABELS_SAMPLE, g_seed=G_SEED, cfg=CFG,
                 dtypes=['float32', 'float64'], machine=machine())
-    if config != 'tiny':   # the original fixture's meta stays as it was
+    if config != 'tiny':   # official_tiny.pt's meta names no config
         meta.update(config=config, shared_aln=shared_aln)
     fixture = dict(meta=meta, var=record(False, sizes, shared_aln, config != 'tiny'),
                    viar=record(True, sizes, shared_aln, config != 'tiny'))
-    tmp = out + '.tmp'
-    torch.save(fixture, tmp)
-    os.replace(tmp, out)
+    replace_with(out, lambda tmp: torch.save(fixture, tmp))
     print(f'wrote {out} ({os.path.getsize(out) / 1024:.0f} KiB) from the official code at {commit}')
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description='Record outputs of the official VIAR code for the tests.')
+    p.add_argument('official', help='a checkout of the official VIAR code (mobiushy/VIAR)')
+    p.add_argument('--config', default='tiny', choices=sorted(CONFIGS), help='which tiny fixture to write')
+    p.add_argument('--keys', default=None, choices=sorted(KEY_LISTS),
+                   help="write this full-size model's key/shape list instead of a fixture")
+    a = p.parse_args(argv)
+    if not os.path.isdir(os.path.join(a.official, 'models')):
+        raise SystemExit(f'{a.official} is not a checkout of the official VIAR code (no models/ folder)')
+    official = os.path.abspath(a.official)
+    code = patched_copy(official)
+    try:
+        write(official, code, a.config, a.keys)
+    finally:
+        shutil.rmtree(os.path.dirname(code))
 
 
 if __name__ == '__main__':
