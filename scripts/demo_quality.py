@@ -20,19 +20,7 @@ FEATURE_WIDTH = 64        # hidden units of the feature net: the feature space o
 COPY_PERCENTILE = 5.0     # a sample is a copy when it is nearer to a training digit than 95% of real val digits are
 
 
-# ----------------------------------------------------------------------------- classifiers
-def train_classifier(x_NP: np.ndarray, y_N: np.ndarray, seed: int = 0):
-    """Logistic regression on pixel features: the class-consistency judge."""
-    return LogisticRegression(max_iter=5000, random_state=seed).fit(x_NP, y_N)
-
-
-def train_feature_net(x_NP: np.ndarray, y_N: np.ndarray, width: int = FEATURE_WIDTH, seed: int = 0):
-    """A one-hidden-layer ReLU MLP digit classifier (sklearn, Adam, L2 1e-4, seeded) on pixel features."""
-    net = MLPClassifier(hidden_layer_sizes=(width,), activation='relu', alpha=1e-4, max_iter=1000,
-                        random_state=seed)
-    return net.fit(x_NP, y_N)
-
-
+# ----------------------------------------------------------------------------- features
 def hidden_features(net, x_NP: np.ndarray) -> np.ndarray:
     """The net's hidden layer, relu(x W0 + b0) -> (N, F) float64."""
     h_NF = np.asarray(x_NP, np.float64) @ net.coefs_[0] + net.intercepts_[0]
@@ -108,7 +96,9 @@ def fit_judge(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y
     reconstruction (docs/DEMO.md), so copies are looked for among the reconstructions, with the threshold from
     the val reconstructions; without them, among the raw digits.
     """
-    clf, net = train_classifier(train_x, train_y, seed), train_feature_net(train_x, train_y, seed=seed)
+    clf = LogisticRegression(max_iter=5000, random_state=seed).fit(train_x, train_y)
+    net = MLPClassifier(hidden_layer_sizes=(FEATURE_WIDTH,), activation='relu', alpha=1e-4, max_iter=1000,
+                        random_state=seed).fit(train_x, train_y)
     copy_ref_NP = np.asarray(train_x if train_rec is None else train_rec, np.float64)
     copy_val_NP = val_x if val_rec is None else val_rec
     return Judge(clf=clf, net=net, train_h=hidden_features(net, train_x), val_h=hidden_features(net, val_x),

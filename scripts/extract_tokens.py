@@ -29,7 +29,6 @@ if __package__ in (None, ''):   # run as a script: the repository root on the pa
 import dist  # noqa: E402
 from models.config import state_dict_kind, vae_arch_from_state_dict  # noqa: E402
 from models.layout import PYRAMIDS, num_tokens  # noqa: E402
-from models.vqvae import VQVAE  # noqa: E402
 from utils.arch_flags import parse_pn  # noqa: E402
 from utils.atomic import atomic_path, write_json_atomic  # noqa: E402
 from utils.checkpoint import (CheckpointError, extract_state_dict, load_vae_weights, read_checkpoint,  # noqa: E402
@@ -37,6 +36,7 @@ from utils.checkpoint import (CheckpointError, extract_state_dict, load_vae_weig
 from utils.cli import add_dataclass_args, exits_on_write_error, flag, from_namespace  # noqa: E402
 from utils.data import token_cache as tc  # noqa: E402
 from utils.data.datasets import build_datasets, load_rgb, pm1  # noqa: E402
+from utils.train.tokenizer_trainer import build_tokenizer  # noqa: E402
 
 
 @dataclass
@@ -85,8 +85,7 @@ def load_tokenizer(path: str, patch_nums, device):
     arch = vae_arch_from_state_dict(sd)
     if arch['V'] > 65536:
         raise SystemExit(f'extract_tokens: vocabulary {arch["V"]} does not fit uint16 token files (at most 65536).')
-    vae = VQVAE(vocab_size=arch['V'], z_channels=arch['Cvae'], ch=arch['vae_ch'], test_mode=True, share_quant_resi=4,
-                v_patch_nums=patch_nums, ch_mult=arch['vae_ch_mult'], num_res_blocks=arch['vae_num_res_blocks'])
+    vae = build_tokenizer(dict(arch, share_quant_resi=4, patch_nums=patch_nums), train=False)
     load_vae_weights(vae, sd, where=path)
     return vae.to(device).eval(), arch, sha256_of(resolved)
 
