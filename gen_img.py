@@ -135,7 +135,7 @@ def claim_output_dir(out_dir: str, record: dict):
     try:
         with open(path) as f:
             old = json.load(f)
-    except (OSError, ValueError):   # no record: a new folder, or one written before records were kept
+    except (OSError, ValueError):   # no readable record: a new folder, or one without a record
         old = None
     if isinstance(old, dict) and not same_model(old, record):
         raise SystemExit(f'error: {out_dir} holds the images of {record_text(old)}; this run samples '

@@ -37,10 +37,6 @@ def chart_table(runs: Sequence[Tuple[str, object]], patch_nums: Sequence[int]) -
     return pd.DataFrame(rows, columns=list(CHART_COLUMNS))
 
 
-def format_iters(iters: Sequence[float]) -> str:
-    return ', '.join(f'{i:g}' for i in iters)
-
-
 def figures(result) -> Tuple[float, float]:
     """(KV-cache MiB, seconds per image) of a run: the summary's figures as numbers, for API callers."""
     return float(result.kv_cache_mib), float(result.seconds_per_image)
@@ -50,7 +46,7 @@ def summary(result, title: str = '') -> str:
     """Markdown lines: the model, iterations per scale, the schedule, KV-cache MiB, seconds per image, notes."""
     lines = [f'**{title or result.model}**']
     if result.iters:
-        lines.append(f'iterations per scale: {format_iters(result.iters)} (total {sum(result.iters):g})')
+        lines.append(f"iterations per scale: {', '.join(f'{i:g}' for i in result.iters)} (total {sum(result.iters):g})")
     lines += [f'schedule: {result.schedule}',
               f'KV cache: {result.kv_cache_mib:.2f} MiB · {result.seconds_per_image:.3f} s per image '
               f'({len(result.pairs)} images)']

@@ -141,21 +141,16 @@ def read_precomputed_stats(path: str) -> Optional[dict]:
 # ----------------------------------------------------------------------------- array streaming
 
 def _read_exact(f, size: int, path: str, done: int, total: int) -> bytes:
-    """Reads exactly size bytes or explains that the array is truncated or corrupt."""
-    chunks, got = [], 0
+    """Reads exactly size bytes (file and zip-member reads return short only at the end) or explains that the
+    array is truncated or corrupt."""
     try:
-        while got < size:
-            chunk = f.read(size - got)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            got += len(chunk)
+        data = f.read(size)
     except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as e:
         raise EvalInputError(f'{path}: {ARRAY_KEY} is corrupt ({e}); recreate the file') from None
-    if got < size:
+    if len(data) < size:
         raise EvalInputError(f'{path}: {ARRAY_KEY} is truncated: expected {total} bytes of image data, '
-                             f'the file ends after {done + got}; recreate the file')
-    return b''.join(chunks)
+                             f'the file ends after {done + len(data)}; recreate the file')
+    return data
 
 
 def check_pixel_range(batch: np.ndarray, path: str) -> np.ndarray:
