@@ -148,17 +148,21 @@ def remove_if_only_logs(folder: str):
         os.rmdir(folder)
 
 
-def read_init_file(path: str):
-    """(path, contents, transformer state dict) of --init_ckpt / --init_from_var; an official name missing locally
-    is downloaded once per node first."""
+def fetch_once_per_node(path: str):
+    """Download an official file missing locally on one rank per node while the others wait; a failure is reported
+    by every rank when it reads the file."""
     if dist.is_local_master():
         try:
             resolve_checkpoint(path)
         except CheckpointError:
-            pass   # every rank reports it below
+            pass
     dist.barrier()
-    obj, sd = read_weights(path)
-    return path, obj, sd
+
+
+def read_init_file(path: str):
+    """(path, contents, transformer state dict) of --init_ckpt / --init_from_var."""
+    fetch_once_per_node(path)
+    return (path, *read_weights(path))
 
 
 def build_models(args: TrainArgs, der: Derived, spec, tokenizer, device: torch.device):
@@ -176,9 +180,7 @@ def build_models(args: TrainArgs, der: Derived, spec, tokenizer, device: torch.d
         if tokenizer.weights is not None:
             load_vae_weights(vae, tokenizer.weights, where=tokenizer.where)
         elif not tokenizer.random:
-            if dist.is_local_master():   # an official name missing locally is downloaded once per node
-                resolve_checkpoint(tokenizer.path)
-            dist.barrier()
+            fetch_once_per_node(tokenizer.path)
             load_vae_weights(vae, tokenizer.path)
     except CheckpointError as e:
         raise SystemExit(str(e)) from None

@@ -13,11 +13,12 @@ import sys
 from typing import List, Optional
 
 from utils import cli
+from utils.checkpoint import CheckpointError
+from utils.train.tokenizer_trainer import TokenizerConfig, TokenizerConfigError, train_tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
     """One flag per TokenizerConfig field (utils.cli, the generator train.py uses too)."""
-    from utils.train.tokenizer_trainer import TokenizerConfig
     p = argparse.ArgumentParser(description='Train the multi-scale VQVAE tokenizer of VAR / VIAR.',
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cli.add_dataclass_args(p, TokenizerConfig, 'tokenizer')
@@ -27,8 +28,6 @@ def build_parser() -> argparse.ArgumentParser:
 @cli.exits_on_write_error
 def main(argv: Optional[List[str]] = None):
     """Parse flags, train, print the final metrics as JSON."""
-    from utils.checkpoint import CheckpointError
-    from utils.train.tokenizer_trainer import TokenizerConfig, TokenizerConfigError, train_tokenizer
     cfg = cli.from_namespace(TokenizerConfig, build_parser().parse_args(argv))
     if not cfg.data_path:
         sys.exit('train_tokenizer: --data_path is required (a folder with train/<class>/ images, '

@@ -23,6 +23,7 @@ from utils.data.token_cache import split_scales, tokenize_images
 from utils.train.amp_opt import AmpOptimizer
 from utils.train.ema import ModelEMA
 from utils.train.lr_control import prog_warmup
+from utils.train.sharded_ckpt import optim_by_name
 
 
 class StepHooks:
@@ -260,7 +261,6 @@ class VARTrainer:
     def load_state_dict(self, sd: Dict, load_vae: bool = False):
         """Restore what state_dict saved (the VQVAE only with load_vae); a sharded model takes its shards of it."""
         if self.sharded:   # a DDP checkpoint resumed under --fsdp: every rank reads the whole file, keeps its shards
-            from utils.train.sharded_ckpt import optim_by_name
             osd = optim_by_name(sd['var_opt']['optimizer'], self.param_names_in_optimizer_order())
             dist.set_model_optim_state(self.var_wo_ddp, self.opt.optimizer, sd['var_wo_ddp'], osd, full=True)
             if self.opt.scaler is not None and 'scaler' in sd['var_opt']:

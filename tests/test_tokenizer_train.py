@@ -11,7 +11,7 @@ from train_tokenizer import main as train_tokenizer_main
 from utils.checkpoint import load_vae_weights
 from utils.train.tokenizer_trainer import (EXPORT, LAST_CKPT, TokenizerConfig, TokenizerConfigError, build_tokenizer,
                                      check_config, load_tokenizer, lr_at, restart_dead_codes, scale_residuals,
-                                     train_tokenizer, vae_build_kwargs)
+                                     train_tokenizer)
 
 TINY = dict(reso=8, patch_nums=(1, 2, 4), ch_mult=(1, 2), num_res_blocks=1, ch=32, V=32, Cvae=8, bs=8,
             lr=3e-3, warmup_steps=2, log_every=5, save_every=1000, tensorboard=False, mid_reso=1.0)
@@ -39,6 +39,13 @@ def folder(tmp_path_factory):
 
 def cfg_for(folder, out_dir, **kw) -> TokenizerConfig:
     return TokenizerConfig(data_path=folder, out_dir=str(out_dir), **{**TINY, **kw})
+
+
+def vae_build_kwargs(arch):
+    """Keyword arguments of models.build_vae_var that rebuild a tokenizer from its file's config."""
+    return dict(patch_nums=tuple(arch['patch_nums']), V=arch['V'], Cvae=arch['Cvae'], ch=arch['vae_ch'],
+                share_quant_resi=arch['share_quant_resi'], vae_ch_mult=tuple(arch['vae_ch_mult']),
+                vae_num_res_blocks=arch['vae_num_res_blocks'])
 
 
 def test_lr_schedule_warms_up_peaks_and_decays():

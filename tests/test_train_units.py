@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import dist
+from models.config import ModelSpec
 from tests.hooked_train import parse_steps
+from utils.arch_flags import given_fields
 from utils.train import args as arg_util
 from utils.train.amp_opt import AmpOptimizer, build_adamw
 from utils.data.sampler import DistInfiniteBatchSampler, EvalDistributedSampler, epoch_permutation
@@ -123,7 +125,8 @@ def test_official_recipe_flags_and_derived_values():
     assert der.lr == pytest.approx(8e-5 * 512 / 256)
     assert der.wd == 0.05 and der.wd_end == 0.08 and der.wp_ep == pytest.approx(550 / 50)
     assert der.final_reso == 256 and der.mid_reso_px == 288 and der.precision == 'fp16'
-    assert der.width == 1920 and der.heads == 30 and der.sche == 'lin0'
+    spec = ModelSpec(**given_fields(args.arch))
+    assert spec.width == 1920 and spec.heads == 30 and der.sche == 'lin0'
     assert der.jfb_no_grad == (0, 10) and der.jfb_with_grad == (1, 12)
 
 
@@ -215,7 +218,7 @@ def test_sampler_resumes_at_its_saved_position():
     s = DistInfiniteBatchSampler(11, 4, seed=5)      # 3 global batches per epoch, the last topped up by 1
     it = iter(s)
     head = [next(it) for _ in range(5)]
-    state = s.state_dict()
+    state = s.position_at(5)   # the next batch
     tail = [next(it) for _ in range(6)]
     run = head + tail
     for e in range(3):   # epoch e: its permutation in batches of 4, the last one padded with the permutation's start

@@ -3,13 +3,15 @@
 One helper for every script: training state, slim exports and the official `vae_ch160v4096z32.pth`,
 `var_d{16,20,24,30}.pth`, `viar.pth` all load through `load_var_weights` / `load_vae_weights`, and every file
 is read by `read_checkpoint`: `.pth` with `torch.load(weights_only=True)` (tensors, numbers, strings, lists,
-dicts; plus numpy arrays, for the RNG state of checkpoints written before this rule), `.safetensors` through
-utils.safetensors_io. Loading never runs code: a file that asks to (an old or a hostile pickle) is refused
-with UnsafeCheckpointError, which names `scripts/convert_checkpoint.py` for files the user trusts.
-This module imports nothing from the project at import time (bench/official_runner.py loads it by path).
+dicts, numpy arrays), `.safetensors` through utils.safetensors_io. Loading never runs code: a file that asks to
+(a pickle of objects, or a hostile one) is refused with UnsafeCheckpointError, which names
+`scripts/convert_checkpoint.py` for files the user trusts.
 """
+import collections
 import hashlib
+import importlib
 import os
+import pathlib
 import pickle
 import re
 import socket
@@ -17,8 +19,12 @@ import warnings
 import zipfile
 from typing import Any, Dict, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
+
+# Project modules are imported inside the functions that use them: bench/official_runner.py loads this file by
+# path in a process where `utils` and `models` are the official code's packages.
 
 OFFICIAL_FILES = {
     'vae_ch160v4096z32.pth': 'FoundationVision/var',
@@ -29,11 +35,9 @@ OFFICIAL_FILES = {
     'var_d36.pth': 'FoundationVision/var',   # VAR-d36-s: 512 px, shared AdaLN
     'viar.pth': 'mobiushy/VIAR',
 }
-# sha256 of each official file, checked before a downloaded (or ckpts/-placed) file is used. FoundationVision/var:
-# the digests its Hugging Face LFS pointers carry at revision 6d0ee6598a42f75079aa79e58b012b57b284c91b, as pinned
-# by public configs that download them (the tokenizer's and var_d16's also recorded independently elsewhere).
-# viar.pth, var_d36.pth: no published digest was found (the hub is unreachable from where this was written), so
-# they are not checked; put the digest the hub shows for the file here (None: not checked).
+# sha256 of each official file, checked before a downloaded (or ckpts/-placed) file is used: for FoundationVision/var
+# the digests of its Hugging Face LFS pointers at revision 6d0ee6598a42f75079aa79e58b012b57b284c91b. None: no
+# published digest known, not checked (put the one the hub shows here).
 OFFICIAL_SHA256 = {
     'vae_ch160v4096z32.pth': '7c3ec27ae28a3f87055e83211ea8cc8558bd1985d7b51742d074fb4c2fcf186c',
     'var_d16.pth': '4f6151aad91c94e03e224dd7358d8389fa05301c0c291279566998efb54b0ecb',
@@ -147,9 +151,7 @@ def verify_official(path: str, ckpt_dir: str = 'ckpts', pinned: Optional[Dict[st
 
 def _numpy_array_globals() -> list:
     """What unpickling a numpy array needs, and nothing else: the array reconstructor (it makes an empty array
-    of an allowed type), the array and dtype types. Checkpoints written before RNG states were stored as
-    tensors hold numpy's MT19937 key this way; numpy 1.x wrote the reconstructor's path as numpy.core."""
-    import numpy as np
+    of an allowed type), the array and dtype types; numpy 1.x wrote the reconstructor's path as numpy.core."""
     core = getattr(np, '_core', None) or np.core
     rebuild = core.multiarray._reconstruct
     dtype_classes = [c for c in vars(getattr(np, 'dtypes', object)).values()   # numpy >= 1.25: one per dtype
@@ -369,7 +371,6 @@ class _DCPMetadataUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         if module in DCP_MODULES:
-            import importlib
             obj = getattr(importlib.import_module(module), name, None)
             if isinstance(obj, type) and obj.__module__ == module:   # a class defined there, not an import
                 return obj
@@ -380,10 +381,8 @@ class _DCPMetadataUnpickler(pickle.Unpickler):
         elif (module, name) == ('torch.serialization', '_get_layout'):   # maps a layout name to torch.strided etc.
             return torch.serialization._get_layout
         elif module == 'pathlib' and name in ('PosixPath', 'WindowsPath', 'PurePosixPath', 'PureWindowsPath'):
-            import pathlib
             return getattr(pathlib, name)
         elif (module, name) == ('collections', 'OrderedDict'):
-            import collections
             return collections.OrderedDict
         raise _Refused(f'{module}.{name}')
 

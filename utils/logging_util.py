@@ -68,7 +68,7 @@ class ScalarWriter:
     def __init__(self, log_dir: Optional[str]):
         self.tb = None
         if log_dir:
-            try:
+            try:   # tensorboard is optional (and slow to import): imported only when scalars are written
                 from tensorboard.summary.writer.record_writer import RecordWriter
                 from tensorboard.compat.proto.event_pb2 import Event
             except ImportError:

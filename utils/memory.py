@@ -3,6 +3,7 @@
 The one place these are measured (training logs, the sampler's report, the benchmarks, the memory tests).
 Imports nothing from the project, so the benchmark's official-code child can load this file by path.
 """
+import ctypes
 import os
 import resource
 from typing import Callable, Dict, Iterable
@@ -48,7 +49,6 @@ def release_freed_memory() -> bool:
     about what that phase allocated. False where glibc is not available (peaks then stay approximate).
     """
     try:
-        import ctypes
         libc = ctypes.CDLL('libc.so.6')
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
         libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)

@@ -14,6 +14,10 @@ import json
 from typing import Any, Dict, Tuple
 
 import torch
+import safetensors.torch
+
+from utils.atomic import atomic_path
+from utils.checkpoint import payload_bytes
 
 LAYOUT_KEY = '__viar_layout__'
 LAYOUT = 'nested-v1'
@@ -87,18 +91,14 @@ def unpack(tensors: Dict[str, torch.Tensor], meta: Dict[str, str]) -> Dict[str, 
 
 def write_safetensors(obj: Dict[str, Any], path: str):
     """Write a checkpoint dict as .safetensors, atomically (utils.atomic)."""
-    from safetensors.torch import save_file
-    from utils.atomic import atomic_path
-    from utils.checkpoint import payload_bytes
     tensors, meta = pack(obj)
     with atomic_path(str(path), need=payload_bytes(tensors)) as tmp:
-        save_file(tensors, tmp, metadata=meta)
+        safetensors.torch.save_file(tensors, tmp, metadata=meta)
 
 
 def read_safetensors(path: str) -> Dict[str, Any]:
     """The checkpoint dict in a .safetensors file (tensors on the CPU)."""
-    from safetensors import safe_open
-    with safe_open(str(path), framework='pt', device='cpu') as f:
+    with safetensors.safe_open(str(path), framework='pt', device='cpu') as f:
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     return unpack(tensors, meta)

@@ -15,10 +15,8 @@ from torch.utils.data import Sampler
 _MIX = 0x9E3779B97F4A7C15
 
 
-def epoch_permutation(seed: int, epoch: int, dataset_len: int, shuffle: bool = True) -> List[int]:
+def epoch_permutation(seed: int, epoch: int, dataset_len: int) -> List[int]:
     """The global order of epoch `epoch` (same on every rank)."""
-    if not shuffle:
-        return list(range(dataset_len))
     g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2 ** 63))
     return torch.randperm(dataset_len, generator=g).tolist()
 
@@ -35,24 +33,22 @@ def global_batch(perm: List[int], it: int, glb_batch_size: int) -> List[Tuple[in
 
 
 class DistInfiniteBatchSampler(Sampler):
-    """Endless local batches of (index, aug seed); its position (epoch, it) is resumable via state_dict.
+    """Endless local batches of (index, aug seed), from position (epoch, it) = (0, 0) or load_state_dict's.
 
-    The position is that of the next batch to yield. With a multi-worker DataLoader the loader runs
-    ahead of the loop, so a training loop should save the position of the next batch it will *consume*
-    (`position_at`) rather than this sampler's own.
+    A DataLoader with workers runs ahead of the loop, so a run resumes from the position of the next batch it
+    would have consumed (`position_at(step)`), not from this sampler's own.
     """
 
-    def __init__(self, dataset_len: int, glb_batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle: bool = True, start_epoch: int = 0, start_it: int = 0):
+    def __init__(self, dataset_len: int, glb_batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
         if glb_batch_size % world_size != 0:
             raise ValueError(f'global batch {glb_batch_size} is not divisible by world size {world_size}')
         if dataset_len <= 0:
             raise ValueError('the training set is empty')
         self.dataset_len, self.glb_batch_size = dataset_len, glb_batch_size
-        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.rank, self.world_size, self.seed = rank, world_size, seed
         self.batch_size = glb_batch_size // world_size
         self.iters_per_epoch = math.ceil(dataset_len / glb_batch_size)
-        self.epoch, self.it = start_epoch, start_it
+        self.epoch, self.it = 0, 0
 
     def __len__(self) -> int:
         return self.iters_per_epoch
@@ -68,21 +64,16 @@ class DistInfiniteBatchSampler(Sampler):
 
     def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
         while True:
-            perm = epoch_permutation(self.seed, self.epoch, self.dataset_len, self.shuffle)
+            perm = epoch_permutation(self.seed, self.epoch, self.dataset_len)
             while self.it < self.iters_per_epoch:
                 batch = self.local_batch(self.epoch, self.it, perm)
                 self.it += 1
                 yield batch
             self.epoch, self.it = self.epoch + 1, 0
 
-    def state_dict(self) -> Dict[str, int]:
-        """Position of the next batch this sampler yields."""
-        return {'epoch': self.epoch, 'it': self.it, 'seed': self.seed}
-
-    def load_state_dict(self, sd: Dict[str, int]):
-        """Continue from a saved position (takes effect at the next iter())."""
-        self.epoch, self.it = int(sd['epoch']), int(sd['it'])
-        self.seed = int(sd.get('seed', self.seed))
+    def load_state_dict(self, position: Dict[str, int]):
+        """Continue from a position_at() (takes effect at the next iter())."""
+        self.epoch, self.it = int(position['epoch']), int(position['it'])
 
 
 class EvalDistributedSampler(Sampler):

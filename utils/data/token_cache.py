@@ -24,7 +24,9 @@ import torch
 from torch.utils.data import Dataset
 
 from models.layout import num_tokens, scale_begin_ends
+from utils.checkpoint import CheckpointError, resolve_checkpoint, sha256_of
 from utils.data.sampler import DistInfiniteBatchSampler
+from utils.train.architecture import same_tokenizer
 
 MANIFEST = 'manifest.json'
 FORMAT = 'viar-token-cache-1'
@@ -250,8 +252,6 @@ def tokenizer_sha256(man: Dict[str, Any], cache_dir: str, tokenizer) -> Optional
     """sha256 of the tokenizer file a cached run loads (its quantizer builds the teacher-forcing input), for
     check_matches; None when the run's tokenizer is weights a checkpoint embeds and they equal the recorded file's
     (checked here). tokenizer: utils.train.architecture.Tokenizer."""
-    from utils.checkpoint import CheckpointError, resolve_checkpoint, sha256_of
-    from utils.train.architecture import same_tokenizer
     recorded = man['tokenizer'].get('path')
     if tokenizer.random:
         raise TokenCacheError(f'--token_cache {cache_dir} needs the tokenizer that made it (recorded: {recorded}), '

@@ -16,9 +16,12 @@ import shlex
 from dataclasses import dataclass, replace
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
+import torch
+
 from models.config import ModelSpec, field_names, spec_from_state_dict, state_dict_kind, vae_arch_from_state_dict
 from models.layout import num_tokens
-from utils.arch_flags import contradiction_text, contradictions, flag_name
+from utils.arch_flags import SPELLING, contradiction_text, contradictions, flag_name
+from utils.checkpoint import CheckpointError, extract_state_dict, read_checkpoint, resolve_checkpoint
 from utils.model_io import DEFAULT_VAE_CKPT, RANDOM, Tokenizer, tokenizer_of_file
 
 FINE_TUNE_FREE = ('num_classes',)
@@ -57,7 +60,6 @@ def suggestion(argv: Sequence[str], drop: Sequence[str]) -> str:
 
 def aliases_of(field: str) -> Tuple[str, ...]:
     """Every spelling of a field's flag (and --p_depth for the VIAR block counts)."""
-    from utils.arch_flags import SPELLING
     names = SPELLING.get(field, (f'--{field}',))
     return names + (('--p_depth',) if field in ('pre_depth', 'post_depth') else ())
 
@@ -84,7 +86,6 @@ def check_patch_size(patch_size: Optional[int], spec: ModelSpec, source: str, ar
 
 def tokenizer_sizes(tok: Tokenizer) -> Dict[str, Any]:
     """The tokenizer's sizes as ModelSpec fields, read off its weights (random: none)."""
-    from utils.checkpoint import CheckpointError, extract_state_dict, read_checkpoint, resolve_checkpoint
     if tok.random:
         return {}
     if tok.weights is not None:
@@ -121,8 +122,6 @@ def pick_tokenizer(vae_ckpt: Optional[str], of_file: Optional[Tokenizer], source
 
 def same_tokenizer(vae_ckpt: str, tok: Tokenizer) -> bool:
     """Whether a --vae_ckpt file holds the same weights as a tokenizer (compared by the file, else by tensors)."""
-    import torch
-    from utils.checkpoint import CheckpointError, extract_state_dict, read_checkpoint, resolve_checkpoint
     try:
         resolved = resolve_checkpoint(vae_ckpt)
         if tok.path and os.path.abspath(resolve_checkpoint(tok.path)) == os.path.abspath(resolved):

@@ -6,15 +6,18 @@ warmup length, ...) come from the one pure function `derive(args, world_size)`.
 """
 import argparse
 import dataclasses
-import math
 import os
 import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from models.config import ModelSpec
 from utils import cli
 from utils.arch_flags import ArchFlags, add_arch_args, check_spec, given_fields
 from utils.cli import flag
+from utils.data.loader import available_cpus, resolve_workers
+from utils.train.fsdp import fsdp_dtypes
+from utils.train.init_ckpt import check_init_flags
 
 PLACEHOLDER_DATA_PATH = '/path/to/imagenet'
 
@@ -162,12 +165,9 @@ class Derived:
     precision: str             # 'fp32', 'fp16' or 'bf16'
     workers: int               # loader processes per rank
     workers_rule: str          # how that number was reached (logged)
-    width: int
-    heads: int
     jfb_no_grad: Tuple[int, int]
     jfb_with_grad: Tuple[int, int]
     tb_dir: str
-    log_txt: str
     last_ckpt: str
     best_ckpt: str
     slim_path: str
@@ -189,7 +189,6 @@ def derive(args: TrainArgs, world_size: int, cpus: Optional[int] = None, ranks_p
     """
     d, m, o, s, r = args.data, args.model, args.optim, args.sched, args.run
     if spec is None:
-        from models.config import ModelSpec
         spec = ModelSpec(**given_fields(args.arch))
     if o.ac < 1 or o.bs < 1:
         raise SystemExit(f'--bs and --ac must be positive (got --bs {o.bs} --ac {o.ac})')
@@ -204,20 +203,17 @@ def derive(args: TrainArgs, world_size: int, cpus: Optional[int] = None, ranks_p
                          f'= {spec.downsample} (--vae_ch_mult {"_".join(map(str, spec.vae_ch_mult))}).')
     resos = tuple(p * spec.downsample for p in patch_nums)
     final_reso = max(resos)
-    from utils.train.init_ckpt import check_init_flags
     check_init_flags(m.init_ckpt, m.init_from_var, spec.use_implicit)
     if o.bf16 and o.fp16 == 1:
         raise SystemExit('--fp16 1 (fp16) and --bf16 both given: pick one (--bf16 is the same as --fp16 2).')
     precision = 'bf16' if (o.bf16 or o.fp16 == 2) else ('fp16' if o.fp16 == 1 else 'fp32')
     if o.fsdp:
-        from utils.train.fsdp import fsdp_dtypes
         fsdp_dtypes(precision)   # fp16 is refused with the fix
     try:
         check_spec(spec)
     except ValueError as e:
         raise SystemExit(f'cannot build the model: {e}') from None
     sche = f'lin{s.pg:g}' if s.pg > 0 else s.sche
-    from utils.data.loader import available_cpus, resolve_workers
     workers, workers_rule = resolve_workers(d.workers, available_cpus() if cpus is None else cpus,
                                             world_size if ranks_per_node is None else ranks_per_node, batch_size)
     pn = '_'.join(map(str, patch_nums))
@@ -229,9 +225,9 @@ def derive(args: TrainArgs, world_size: int, cpus: Optional[int] = None, ranks_p
         wd=o.twd, wd_end=o.twde or o.twd,
         wp_ep=s.wp or s.ep / 50, pgwp_ep=s.pgwp or s.ep / 300, sche=sche,
         patch_nums=patch_nums, resos=resos, final_reso=final_reso, mid_reso_px=round(d.mid_reso * final_reso),
-        precision=precision, workers=workers, workers_rule=workers_rule, width=spec.width, heads=spec.heads,
+        precision=precision, workers=workers, workers_rule=workers_rule,
         jfb_no_grad=_parse_range('jfb_n', m.jfb_n, 0), jfb_with_grad=_parse_range('jfb_m', m.jfb_m, 1),
-        tb_dir=os.path.join(out, tb_name), log_txt=os.path.join(out, 'log.txt'),
+        tb_dir=os.path.join(out, tb_name),
         last_ckpt=os.path.join(out, 'ar-ckpt-last.pth'), best_ckpt=os.path.join(out, 'ar-ckpt-best.pth'),
         slim_path=os.path.join(out, slim_name(spec.kind)),
     )
@@ -249,11 +245,6 @@ def slim_name(kind: str) -> str:
     """The slim export's file name: viar-slim.pth or var-slim.pth, so that the exports of a VIAR and a VAR run never
     share a name (gen_img.py names its output folder after the file)."""
     return f'{kind.lower()}-slim.pth'
-
-
-def iters_per_epoch(dataset_len: int, glb_batch_size: int) -> int:
-    """Forward passes per epoch: the last batch is filled up from the start of the permutation (official)."""
-    return max(1, math.ceil(dataset_len / glb_batch_size))
 
 
 def total_forwards(args: TrainArgs, iters_ep: int) -> int:

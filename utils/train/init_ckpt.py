@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from models.config import ModelSpec, spec_from_state_dict, state_dict_kind, var_to_viar_names
+from utils.checkpoint import CheckpointError, extract_state_dict, load_var_weights, read_checkpoint, resolve_checkpoint
 
 
 class InitError(SystemExit):
@@ -78,7 +79,6 @@ def parse_patterns(text: str) -> List[str]:
 def read_weights(path: str) -> Tuple[Any, Dict[str, torch.Tensor]]:
     """(file contents, transformer state dict) of an official file, an ar-ckpt-*.pth or a slim export, through the
     checkpoint helper (official names are downloaded; files are read without running code)."""
-    from utils.checkpoint import CheckpointError, extract_state_dict, read_checkpoint, resolve_checkpoint
     try:
         obj = read_checkpoint(resolve_checkpoint(path))
         sd = extract_state_dict(obj, path)
@@ -101,7 +101,6 @@ def class_rows_text(file_classes: int, run_classes: int) -> str:
 def load_init_ckpt(var: nn.Module, run_spec: ModelSpec, sd: Mapping[str, torch.Tensor], where: str,
                    log: Callable[[str], None]) -> Dict[str, str]:
     """Load a fine-tuning start into `var` (strictly, through the checkpoint helper); returns what was done."""
-    from utils.checkpoint import CheckpointError, load_var_weights
     sd = dict(sd)
     done = {}
     own = var.state_dict()['class_emb.weight']

@@ -9,10 +9,8 @@ A folder `ar-ckpt-step<step:08d>/` holds:
                        model config, best val loss, optimizer hyper-parameters, EMA counter, progressive state
   `complete.json`      written last, by rank 0, after every rank finished: the step and each file's size
 A folder without its marker, or with a file missing or of another size, is incomplete: it is refused with the
-file named and the previous complete folder is used. After a save, complete folders older than the newest
-two are deleted (the newest one saved at a best val loss is kept too), and so are incomplete ones older than
-the newest complete one. Disk: each folder holds the fp32 weights, both AdamW moments and the EMA (16 bytes
-per parameter; 12 without --ema), so the two kept folders take twice that (docs/TRAINING.md gives the sizes).
+file named and the previous complete folder is used. After a save, the retention rule (`stale`) deletes older
+folders. Each folder holds the fp32 weights, both AdamW moments and the EMA: 16 bytes per parameter.
 """
 import json
 import os
@@ -23,6 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import dist
 from utils.atomic import write_json_atomic
+from utils.checkpoint import CheckpointError, read_checkpoint, read_dcp_metadata, save_atomic
 
 MARKER = 'complete.json'
 STATE = 'state.pth'
@@ -92,7 +91,6 @@ def read_marker(folder: str) -> Dict[str, Any]:
 def check_folder(folder: str) -> Tuple[Dict[str, Any], Any]:
     """(marker, DCP metadata) of a complete folder; IncompleteCheckpoint naming the first file that is missing,
     of another size than the marker records, or not what this trainer writes."""
-    from utils.checkpoint import CheckpointError, read_dcp_metadata
     marker = read_marker(folder)
     for name, size in sorted(marker['files'].items()):
         path = os.path.join(folder, name)
@@ -106,7 +104,7 @@ def check_folder(folder: str) -> Tuple[Dict[str, Any], Any]:
         md = read_dcp_metadata(os.path.join(folder, METADATA))
     except CheckpointError as e:   # also a hostile file (UnsafeCheckpointError): refused, never unpickled fully
         raise IncompleteCheckpoint(str(e)) from None
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata   # 0.3 s to import: --fsdp runs only
     odd = [k for k, v in md.state_dict_metadata.items() if not isinstance(v, TensorStorageMetadata)]
     if odd:
         raise IncompleteCheckpoint(f'{os.path.join(folder, METADATA)} lists non-tensor entries ({odd[0]}, ...): '
@@ -142,7 +140,6 @@ def newest_complete(out: str, warn: Callable[[str], None]) -> Optional[Tuple[int
 
 def read_state(folder: str) -> Dict[str, Any]:
     """The plain part of a checked folder (read_checkpoint: weights only)."""
-    from utils.checkpoint import CheckpointError, read_checkpoint
     try:
         return read_checkpoint(os.path.join(folder, STATE))
     except CheckpointError as e:
@@ -155,7 +152,6 @@ def save(out: str, step: int, tensors: Dict[str, Any], plain: Optional[Dict[str,
          log: Callable[[str], None]) -> str:
     """Write the folder of `step` on every rank (tensors: each rank's shards; plain: rank 0's dict), then the marker,
     then prune; returns the folder. Every rank calls this."""
-    from utils.checkpoint import save_atomic
     folder = os.path.join(out, folder_name(step))
     if dist.is_master() and os.path.isdir(folder):   # a save of this step killed before its marker
         shutil.rmtree(folder)

@@ -2,15 +2,14 @@
 
 Loss per step: reconstruction (L2, or L1 + L2) on [-1, 1] images plus the quantizer's codebook and
 commitment loss; AdamW with warmup + cosine decay; code usage EMA updated every step. Checkpoints hold
-`{'model': state_dict, 'config': ...}`, so `utils.checkpoint.load_vae_weights` reads them and
-`build_vae_var(..., **vae_build_kwargs(config))` rebuilds the same architecture.
+`{'model': state_dict, 'config': ...}`, which `load_tokenizer` rebuilds from the file alone.
 Single process; the official perceptual and GAN losses of VQGAN-style training are not included.
 """
 import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -18,7 +17,12 @@ import torch.nn.functional as F
 
 from models.quant import VectorQuantizer2, usage_margin
 from models.vqvae import VQVAE
+from utils.atomic import check_writable
 from utils.checkpoint import CheckpointError, extract_state_dict, load_vae_weights, read_checkpoint, save_atomic
+from utils.cli import flag
+from utils.data.datasets import build_datasets
+from utils.data.sampler import DistInfiniteBatchSampler
+from utils.logging_util import ScalarWriter, get_logger
 
 LAST_CKPT = 'vae-ckpt-last.pth'   # resumable: model, optimizer, step, RNG
 EXPORT = 'vae.pth'                # model + config only, for train.py --vae_ckpt / gen_img.py --vae_ckpt
@@ -28,42 +32,41 @@ FORMAT = 'viar-vqvae-v1'
 @dataclass
 class TokenizerConfig:
     """Everything a tokenizer run needs; the CLI of train_tokenizer.py is generated from these fields."""
-    data_path: str = field(default='', metadata=dict(help='image folder with train/<class>/* and val/<class>/*'))
-    out_dir: str = field(default='local_output/vae', metadata=dict(help='checkpoints, log.txt and tensorboard'))
-    reso: int = field(default=256, metadata=dict(help='image side; must be last patch num * 2**(len(ch_mult)-1)'))
-    patch_nums: Tuple[int, ...] = field(default=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), metadata=dict(help='scales'))
-    V: int = field(default=4096, metadata=dict(help='codebook size'))
-    Cvae: int = field(default=32, metadata=dict(help='code dimension'))
-    ch: int = field(default=160, metadata=dict(help='base channels of encoder/decoder'))
-    ch_mult: Tuple[int, ...] = field(default=(1, 1, 2, 2, 4), metadata=dict(help='channel multiplier per level'))
-    num_res_blocks: int = field(default=2, metadata=dict(help='res blocks per level'))
-    share_quant_resi: int = field(default=4, metadata=dict(help='shared Phi convs (0: one per scale)'))
-    quant_resi: float = field(default=0.5, metadata=dict(help='Phi residual ratio'))
-    beta: float = field(default=0.25, metadata=dict(help='commitment loss weight'))
-    vq_weight: float = field(default=1.0, metadata=dict(help='weight of the quantizer loss'))
-    l1_weight: float = field(default=0.0, metadata=dict(help='add this times L1 to the L2 reconstruction loss'))
-    bs: int = field(default=64, metadata=dict(help='batch size'))
-    lr: float = field(default=1e-3, metadata=dict(help='peak AdamW learning rate'))
-    wd: float = field(default=0.0, metadata=dict(help='AdamW weight decay'))
-    warmup_steps: int = field(default=20, metadata=dict(help='linear warmup steps'))
-    final_lr_ratio: float = field(default=0.1, metadata=dict(help='cosine decay ends at lr * this'))
-    clip: float = field(default=2.0, metadata=dict(help='gradient-norm clip (0 = off)'))
-    restart_every: int = field(default=0, metadata=dict(
-        help='every N steps replace unused codes by residual vectors of the current batch (0 = off; not in '
-             'the official recipe; step 0 then initialises the codebook from data)'))
-    restart_until: float = field(default=0.8, metadata=dict(help='no code restarts after this fraction of steps'))
-    max_steps: int = field(default=1000, metadata=dict(help='optimizer steps in total'))
-    mid_reso: float = field(default=1.125, metadata=dict(help='aug: resize to mid_reso*reso, then random (train) or centre (val) crop'))
-    hflip: bool = field(default=False, metadata=dict(help='train aug: random horizontal flip'))
-    workers: int = field(default=0, metadata=dict(help='data loader workers'))
-    seed: int = field(default=0, metadata=dict(help='seed of init, data order and augmentation'))
-    log_every: int = field(default=50, metadata=dict(help='print and log every N steps'))
-    save_every: int = field(default=500, metadata=dict(help='write the resumable checkpoint every N steps'))
-    stop_at: int = field(default=-1, metadata=dict(
-        help='time box: stop after step N with only the resumable checkpoint written; rerun to continue (-1: off)'))
-    resume: bool = field(default=True, metadata=dict(help='continue from out_dir/vae-ckpt-last.pth if present'))
-    tensorboard: bool = field(default=True, metadata=dict(help='write tensorboard scalars to out_dir/tb-vae'))
-    device: str = field(default='cpu', metadata=dict(help='cpu or cuda'))
+    data_path: str = flag('', 'image folder with train/<class>/* and val/<class>/*')
+    out_dir: str = flag('local_output/vae', 'checkpoints, log.txt and tensorboard')
+    reso: int = flag(256, 'image side; must be last patch num * 2**(len(ch_mult)-1)')
+    patch_nums: Tuple[int, ...] = flag((1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 'scales')
+    V: int = flag(4096, 'codebook size')
+    Cvae: int = flag(32, 'code dimension')
+    ch: int = flag(160, 'base channels of encoder/decoder')
+    ch_mult: Tuple[int, ...] = flag((1, 1, 2, 2, 4), 'channel multiplier per level')
+    num_res_blocks: int = flag(2, 'res blocks per level')
+    share_quant_resi: int = flag(4, 'shared Phi convs (0: one per scale)')
+    quant_resi: float = flag(0.5, 'Phi residual ratio')
+    beta: float = flag(0.25, 'commitment loss weight')
+    vq_weight: float = flag(1.0, 'weight of the quantizer loss')
+    l1_weight: float = flag(0.0, 'add this times L1 to the L2 reconstruction loss')
+    bs: int = flag(64, 'batch size')
+    lr: float = flag(1e-3, 'peak AdamW learning rate')
+    wd: float = flag(0.0, 'AdamW weight decay')
+    warmup_steps: int = flag(20, 'linear warmup steps')
+    final_lr_ratio: float = flag(0.1, 'cosine decay ends at lr * this')
+    clip: float = flag(2.0, 'gradient-norm clip (0 = off)')
+    restart_every: int = flag(0, 'every N steps replace unused codes by residual vectors of the current batch (0 = off; '
+                                 'not in the official recipe; step 0 then initialises the codebook from data)')
+    restart_until: float = flag(0.8, 'no code restarts after this fraction of steps')
+    max_steps: int = flag(1000, 'optimizer steps in total')
+    mid_reso: float = flag(1.125, 'aug: resize to mid_reso*reso, then random (train) or centre (val) crop')
+    hflip: bool = flag(False, 'train aug: random horizontal flip')
+    workers: int = flag(0, 'data loader workers')
+    seed: int = flag(0, 'seed of init, data order and augmentation')
+    log_every: int = flag(50, 'print and log every N steps')
+    save_every: int = flag(500, 'write the resumable checkpoint every N steps')
+    stop_at: int = flag(-1, 'time box: stop after step N with only the resumable checkpoint written; rerun to '
+                            'continue (-1: off)')
+    resume: bool = flag(True, 'continue from out_dir/vae-ckpt-last.pth if present')
+    tensorboard: bool = flag(True, 'write tensorboard scalars to out_dir/tb-vae')
+    device: str = flag('cpu', 'cpu or cuda')
 
     def arch(self) -> Dict[str, Any]:
         """The architecture, in ModelSpec's names (V, Cvae, vae_ch, ...) plus the quantizer settings."""
@@ -98,13 +101,6 @@ def check_config(cfg: TokenizerConfig) -> None:
         raise TokenizerConfigError(f'patch_nums {tuple(cfg.patch_nums)} must be strictly increasing')
     if cfg.bs < 1 or cfg.max_steps < 0 or cfg.V < 2 or cfg.Cvae < 1:
         raise TokenizerConfigError('bs, V and Cvae must be positive and max_steps >= 0')
-
-
-def vae_build_kwargs(arch: Dict[str, Any]) -> Dict[str, Any]:
-    """Keyword arguments of `models.build_vae_var` that rebuild this tokenizer."""
-    return dict(patch_nums=tuple(arch['patch_nums']), V=arch['V'], Cvae=arch['Cvae'], ch=arch['vae_ch'],
-                share_quant_resi=arch['share_quant_resi'], vae_ch_mult=tuple(arch['vae_ch_mult']),
-                vae_num_res_blocks=arch['vae_num_res_blocks'])
 
 
 def build_tokenizer(arch: Dict[str, Any], train: bool) -> VQVAE:
@@ -166,19 +162,10 @@ def restart_dead_codes(quantizer: VectorQuantizer2, f_BChw: torch.Tensor, genera
 
 
 # ----------------------------------------------------------------------------- data
-def tokenizer_datasets(cfg: 'TokenizerConfig'):
-    """(train set of seeded samples, val set) from utils/data/datasets.py's class folders and official augmentation."""
-    from utils.data.datasets import build_datasets
-    _, train_set, val_set = build_datasets(cfg.data_path, cfg.reso, round(cfg.mid_reso * cfg.reso), cfg.hflip)
-    return train_set, val_set
-
-
 def batch_stream(train_set, bs: int, seed: int, start_step: int, workers: int) -> Iterator[torch.Tensor]:
     """Image batches (B, 3, H, W) from `start_step` on, exactly those a run from step 0 would see there."""
-    from utils.data.sampler import DistInfiniteBatchSampler
     sampler = DistInfiniteBatchSampler(len(train_set), bs, seed=seed)
-    pos = sampler.position_at(start_step)
-    sampler.epoch, sampler.it = pos['epoch'], pos['it']
+    sampler.load_state_dict(sampler.position_at(start_step))
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=workers)
     for img_B3HW, _ in loader:
         yield img_B3HW
@@ -260,12 +247,10 @@ def resume_state(cfg: TokenizerConfig, vae: VQVAE, opt: torch.optim.Optimizer, l
 
 def train_tokenizer(cfg: TokenizerConfig) -> Dict[str, Any]:
     """Train (or resume) a tokenizer; writes out_dir/vae-ckpt-last.pth and out_dir/vae.pth, returns the metrics."""
-    from utils.atomic import check_writable
-    from utils.logging_util import ScalarWriter, get_logger
     check_config(cfg)
     check_writable(cfg.out_dir)
     device = torch.device(cfg.device)
-    train_set, val_set = tokenizer_datasets(cfg)
+    _, train_set, val_set = build_datasets(cfg.data_path, cfg.reso, round(cfg.mid_reso * cfg.reso), cfg.hflip)
 
     torch.manual_seed(cfg.seed)
     vae = build_tokenizer(cfg.arch(), train=True).to(device)
