@@ -61,7 +61,6 @@ def machine_line(flags=('avx2', 'avx512f', 'avx512_bf16', 'amx_tile', 'sha_ni'))
 # ---------------------------------------------------------------- memory (utils/memory.py, loaded by path)
 
 memory = load_project_module('viar_project_memory', os.path.join('utils', 'memory.py'))
-peak_rss_bytes, current_rss_bytes = memory.peak_rss_bytes, memory.current_rss_bytes
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -77,8 +76,9 @@ def peak_so_far(device: torch.device, overall: Optional[Dict[str, int]] = None) 
     allocated bytes on a GPU."""
     seen = (overall or {}).get('peak', 0)
     if device.type == 'cuda':
-        return {'peak_rss_bytes': peak_rss_bytes(), 'cuda_max_allocated_bytes': max(seen, int(torch.cuda.max_memory_allocated(device)))}
-    return {'peak_rss_bytes': max(seen, peak_rss_bytes())}
+        return {'peak_rss_bytes': memory.peak_rss_bytes(),
+                'cuda_max_allocated_bytes': max(seen, int(torch.cuda.max_memory_allocated(device)))}
+    return {'peak_rss_bytes': max(seen, memory.peak_rss_bytes())}
 
 
 # ---------------------------------------------------------------- timing
@@ -92,7 +92,7 @@ def memory_probe(fn: Callable[[], Any], device: torch.device, decode: 'DecodeTim
         base = int(torch.cuda.memory_allocated(device))
     else:
         memory.release_freed_memory()
-        base = current_rss_bytes()
+        base = memory.current_rss_bytes()
     r = timed_call(fn, device, decode, overall)
     return dict(base_bytes=base, transformer_peak_bytes=r['transformer_peak_bytes'],
                 decode_peak_bytes=r['decode_peak_bytes'], peak_bytes=max(r['transformer_peak_bytes'], r['decode_peak_bytes']))

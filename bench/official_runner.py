@@ -18,7 +18,8 @@ def _isolate(official_path: str) -> None:
 
 
 def kv_bytes_probe(var):
-    """Forward hooks recording the bytes each official attention layer's KV cache holds; returns (read, remove)."""
+    """Forward hooks recording the bytes each official attention layer's KV cache holds, by layer, in the dict
+    returned (the caller clears it before each call)."""
     import torch
     held = {}
 
@@ -32,8 +33,10 @@ def kv_bytes_probe(var):
     def hook(m, args, out):
         held[id(m)] = nbytes(m.cached_k) + nbytes(m.cached_v)
 
-    handles = [m.register_forward_hook(hook) for m in var.modules() if hasattr(m, 'kv_caching')]
-    return (lambda: sum(held.values())), (lambda: [h.remove() for h in handles]), held
+    for m in var.modules():
+        if hasattr(m, 'kv_caching'):
+            m.register_forward_hook(hook)
+    return held
 
 
 def handlers():
@@ -75,7 +78,7 @@ def handlers():
         counts = schedules.official_iters(left, right, len(m['patch_nums']))
         if counts != list(sch['counts']):
             raise ValueError(f'schedule counts {sch["counts"]} are not what the official knob runs ({counts})')
-        read_kv, _, held = kv_bytes_probe(var)
+        held = kv_bytes_probe(var)
         label_B = torch.arange(msg['B'], device=device) % m['num_classes']
         kw = dict(g_seed=msg['g_seed'], cfg=msg['cfg'], top_k=msg['top_k'], top_p=msg['top_p'],
                   iter_left=left, iter_right=right)
@@ -86,8 +89,8 @@ def handlers():
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 return var.autoregressive_infer_cfg(msg['B'], label_B, **kw)
 
-        st.update(device=device, call=call, read_kv=read_kv, decode=measure.DecodeTimer(vae, device), overall={})
-        rss = measure.current_rss_bytes()
+        st.update(device=device, call=call, kv_held=held, decode=measure.DecodeTimer(vae, device), overall={})
+        rss = measure.memory.current_rss_bytes()
         measure.reset_peak_memory(device)
         return {'ok': True, 'rss_after_build_bytes': rss}
 
@@ -107,7 +110,7 @@ def handlers():
         var.init_weights(init_adaln=0.5, init_adaln_gamma=1e-5, init_head=0.02, init_std=-1)
         return measure.train_step_row(var, vae, var, **msg['step'])
 
-    return dict(measure.sampling_handlers(setup, st, describe=lambda img: (img, st['read_kv'](), None)),
+    return dict(measure.sampling_handlers(setup, st, describe=lambda img: (img, sum(st['kv_held'].values()), None)),
                 train_step=train_step)
 
 

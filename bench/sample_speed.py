@@ -259,7 +259,7 @@ def _our_handlers():
                   fill_forward=msg['fill_forward'], return_stats=True)
         st.update(device=device, call=lambda: sampler(msg['B'], label_B, **kw), decode=measure.DecodeTimer(vae, device),
                   overall={})
-        rss = measure.current_rss_bytes()
+        rss = measure.memory.current_rss_bytes()
         measure.reset_peak_memory(device)
         return {'ok': True, 'rss_after_build_bytes': rss}
 

@@ -92,7 +92,7 @@ class FsdpArgs:
 @dataclass
 class TokenCacheArgs:
     """--mode token_cache: image steps and cached steps alternate in one process, so both see the same load."""
-    configs: str = flag('demo,official256', f'comma list of: {", ".join(("demo", "official256"))}')
+    configs: str = flag('demo,official256', 'comma list of: demo, official256')
     demo_vae: str = flag('', "the demo's tokenizer (DEMO_OUT/vae/vae.pth); random weights if empty")
     demo_data: str = flag('', "the demo's digit folder (DEMO_OUT/digits); synthetic if empty")
 
@@ -102,8 +102,7 @@ GROUPS = (BenchArgs, StepArgs, LoaderArgs, FsdpArgs, TokenCacheArgs)
 
 def parse_args(argv=None):
     """(BenchArgs, {group class: its parsed dataclass}) with the mode's defaults filled in."""
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for clz in GROUPS:
         cli.add_dataclass_args(p, clz, clz.__doc__.split(':')[0] if clz is not BenchArgs else 'all modes')
     p.add_argument('--loader', dest='mode', action='store_const', const='loader', help='same as --mode loader')
@@ -307,7 +306,7 @@ def rss_child(f: FsdpArgs):
     from utils.train.fsdp import measured_rank_bytes
     dist.initialize('cpu')
     torch.manual_seed(0)
-    base = measure.peak_rss_bytes()
+    base = measure.memory.peak_rss_bytes()
     vae, var = build_vae_var('cpu', patch_nums=(1, 2, 3, 4), V=4096, Cvae=32, ch=32, num_classes=1000,
                              depth=f.rss_depth, embed_dim=f.rss_width, num_heads=f.rss_width // 64, vae_ch_mult=(1, 1),
                              vae_num_res_blocks=1, attn_l2_norm=True)
@@ -324,7 +323,7 @@ def rss_child(f: FsdpArgs):
         opt.step()
         opt.zero_grad(set_to_none=True)
     held = measured_rank_bytes(var.parameters(), lambda p: dist.local_part(p).numel())
-    print(json.dumps(dict(rank=dist.get_rank(), world=dist.get_world_size(), peak_rss=measure.peak_rss_bytes(),
+    print(json.dumps(dict(rank=dist.get_rank(), world=dist.get_world_size(), peak_rss=measure.memory.peak_rss_bytes(),
                           import_rss=base, held=held.total, params=sum(p.numel() for p in var.parameters()),
                           cpu_s=time.process_time() - t0)), flush=True)
     dist.finalize()
