@@ -364,11 +364,6 @@ class Run:
                              f'{self.args.data.data_path}/train.')
         return replace(spec, num_classes=n)
 
-    def _tokenizer_record(self) -> Dict[str, Any]:
-        """What a training checkpoint records of its tokenizer (its weights go into 'trainer' unless it is a file)."""
-        tok = self.arch.tokenizer
-        return dict(path=tok.path, random=tok.random, where=tok.where)
-
     def _restore(self, ck: Dict[str, Any]):
         if self.ckpt_sharded is not None:
             self._restore_sharded(ck)
@@ -427,20 +422,22 @@ class Run:
                              f'The last good checkpoint is {last}; lower --tblr or --tclip and resume.')
         rngs = dist.all_gather_object(capture_rng())
         ep, it = divmod(self.loop.g_it, self.iters_ep)
+        tok = self.arch.tokenizer   # a file is recorded by name; other weights go into 'trainer' (with_vae)
         state = {'epoch': ep, 'iter': it, 'g_it': self.loop.g_it, 'version': 1,
                  'sampler': self.sampler.position_at(self.loop.g_it),
-                 'args': self.args.to_dict(), 'config': self.spec.to_dict(), 'tokenizer': self._tokenizer_record(),
+                 'args': self.args.to_dict(), 'config': self.spec.to_dict(),
+                 'tokenizer': dict(path=tok.path, random=tok.random, where=tok.where),
                  'class_names': list(self.class_names), 'world_size': self.world,
                  'rng': rngs, 'best_val': self.loop.best_val, 'nonfinite': self.loop.nonfinite_run}
         if self.args.optim.fsdp:   # every rank writes its shards; rank 0 the plain rest and the marker
-            tensors, plain = self.trainer.sharded_state_dict(with_vae=not self.arch.tokenizer.path)
+            tensors, plain = self.trainer.sharded_state_dict(with_vae=not tok.path)
             self.ckpt_path = sharded_ckpt.save(self.args.run.local_out_dir_path, self.loop.g_it, tensors,
                                                dict(state, trainer=plain), best, self.log.info)
             self._save_slim()
             self.log.info(f'[ckpt] after step {self.loop.g_it}: {self.ckpt_path}' + (' (best)' if best else ''))
             return
         if dist.is_master():
-            state['trainer'] = self.trainer.state_dict(with_vae=not self.arch.tokenizer.path)
+            state['trainer'] = self.trainer.state_dict(with_vae=not tok.path)
             save_atomic(state, self.der.last_ckpt)
             if best:
                 save_atomic(state, self.der.best_ckpt)

@@ -145,13 +145,9 @@ class VARTrainer:
     # ---- training
     def train_step(self, img_B3HW: torch.Tensor, label_B: torch.Tensor, g_it: int, stepping: bool,
                    prog_si: int = -1, prog_wp_it: float = 1.0) -> StepStats:
-        """One forward/backward on this rank's batch; steps the optimizer when `stepping`.
-
-        A loss that is not finite on any rank drops, on every rank, the grads accumulated so far in its
-        window, its own included (a stepping call then takes no update). Whether the loss is finite is
-        agreed over ranks on the device and read only once the backward is queued, so the host never waits
-        for the GPU before it (the backward of such a loss runs and is thrown away).
-        """
+        """One forward/backward on this rank's batch; steps the optimizer when `stepping`. A loss that is not finite
+        on any rank drops the window's grads on every rank; that is agreed on the device and read once the backward
+        is queued, so the host never waits for the GPU before it (such a backward runs and is thrown away)."""
         prog_wp = self.prog.advance(prog_si, prog_wp_it)
         gt_BL, x_BLCv = self.tokenize(img_B3HW, prog_si)
         jfb_iters = self.draw_jfb(g_it)
@@ -165,7 +161,7 @@ class VARTrainer:
             w_1L = token_weights(self.begin_ends, self.L, prog_si, prog_wp, device=ce_BL.device)
             loss = self.hooks.loss(g_it + 1, ce_BL.mul(w_1L).sum(dim=-1).mean())
             bad_1 = dist.allreduce_sum(loss.detach().isfinite().logical_not().float().reshape(1))
-            self.opt.backward(loss, stepping=False)
+            self.opt.backward(loss)
         finite = bad_1.item() == 0   # the first host read of this step, after the backward is queued
         res = None
         if not finite:
@@ -187,11 +183,8 @@ class VARTrainer:
     # ---- evaluation
     @torch.no_grad()
     def evaluate(self, loader, seed: int = 0) -> Dict[str, float]:
-        """Val CE and accuracy (all tokens and last scale), summed over ranks.
-
-        The model drops labels at its cond_drop_rate in eval too (as official); that draw runs in a forked
-        RNG seeded by `seed`, so repeated evaluations are comparable and training randomness is untouched.
-        """
+        """Val CE and accuracy (all tokens and last scale), summed over ranks. The model drops labels in eval too (as
+        official), drawn in an RNG forked and seeded by `seed`: evaluations compare, training draws stay untouched."""
         training = self.var_wo_ddp.training
         self.var_wo_ddp.eval()
         dev = dist.get_device()
@@ -244,11 +237,6 @@ class VARTrainer:
         """The transformer's parameters are FSDP2 shards (train.py --fsdp on several ranks)."""
         return any(dist.is_sharded(p) for p in self.var_wo_ddp.parameters())
 
-    def param_names_in_optimizer_order(self) -> List[str]:
-        """Parameter names in the order of the optimizer's param groups (its state-dict indices)."""
-        name_of = {id(p): n for n, p in self.var_wo_ddp.named_parameters()}
-        return [name_of[id(p)] for g in self.opt.optimizer.param_groups for p in g['params']]
-
     def state_dict(self, with_vae: bool = False) -> Dict:
         """Transformer weights, optimizer/scaler, EMA and progressive state (official key names)."""
         sd = {'var_wo_ddp': self.var_wo_ddp.state_dict(), 'var_opt': self.opt.state_dict(), 'config': self._config()}
@@ -261,7 +249,9 @@ class VARTrainer:
     def load_state_dict(self, sd: Dict, load_vae: bool = False):
         """Restore what state_dict saved (the VQVAE only with load_vae); a sharded model takes its shards of it."""
         if self.sharded:   # a DDP checkpoint resumed under --fsdp: every rank reads the whole file, keeps its shards
-            osd = optim_by_name(sd['var_opt']['optimizer'], self.param_names_in_optimizer_order())
+            name_of = {id(p): n for n, p in self.var_wo_ddp.named_parameters()}   # the optimizer's index order:
+            names = [name_of[id(p)] for g in self.opt.optimizer.param_groups for p in g['params']]
+            osd = optim_by_name(sd['var_opt']['optimizer'], names)
             dist.set_model_optim_state(self.var_wo_ddp, self.opt.optimizer, sd['var_wo_ddp'], osd, full=True)
             if self.opt.scaler is not None and 'scaler' in sd['var_opt']:
                 self.opt.scaler.load_state_dict(sd['var_opt']['scaler'])

@@ -1,7 +1,7 @@
 """Optimizer wrapper: mixed precision (fp16 with a GradScaler, or bf16), grad accumulation, clipping, skipped steps.
 
-`backward(loss, stepping)` accumulates 1/ac of the loss's gradient; on a stepping call it unscales,
-clips, and steps unless the gradient norm is non-finite (then the step is skipped and the grads dropped).
+`backward(loss)` accumulates 1/ac of the loss's gradient; `step()` unscales, clips, and steps unless the
+gradient norm is non-finite (then the step is skipped and the grads dropped).
 """
 import contextlib
 import math
@@ -54,16 +54,10 @@ class AmpOptimizer:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=PRECISIONS[self.precision])
 
-    def backward(self, loss: torch.Tensor, stepping: bool) -> StepResult:
-        """Accumulate loss / accum_steps; when stepping, clip and step (skipped if the grad norm is not finite)."""
+    def backward(self, loss: torch.Tensor):
+        """Accumulate the gradient of loss / accum_steps (scaled under fp16)."""
         loss = loss / self.accum_steps
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-        else:
-            loss.backward()
-        if not stepping:
-            return StepResult(False, None, None)
-        return self.step()
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def step(self) -> StepResult:
         """Unscale, clip, step and zero the grads; returns whether a step was taken."""

@@ -33,16 +33,11 @@ def fsdp_dtypes(precision: str) -> Tuple[Optional[torch.dtype], Optional[torch.d
     return None, None
 
 
-def shard_rows(dim0: int, world: int) -> int:
-    """Rows of a parameter's first dimension that rank 0 (the fullest) holds: ceil(dim0 / world)."""
-    return math.ceil(dim0 / world)
-
-
 def shard_numel(shape: Sequence[int], world: int) -> int:
-    """Elements of a parameter of this shape on the fullest rank (a 0-d parameter is not split)."""
+    """Elements of a parameter of this shape on the fullest rank: ceil(dim0 / world) rows (a 0-d one is not split)."""
     if len(shape) == 0:
         return 1
-    return shard_rows(shape[0], world) * math.prod(shape[1:])
+    return math.ceil(shape[0] / world) * math.prod(shape[1:])
 
 
 @dataclass(frozen=True)
@@ -56,19 +51,21 @@ class RankBytes:
     def total(self) -> int:
         return self.params + self.grads + self.optim
 
+    @classmethod
+    def of(cls, elements: int, tensors: int) -> 'RankBytes':
+        """For `elements` parameter elements in `tensors` parameters (AdamW's 4-byte step counter per parameter
+        counted with the optimizer state)."""
+        return cls(params=elements * STATE_BYTES, grads=elements * STATE_BYTES,
+                   optim=elements * STATE_BYTES * ADAMW_MOMENTS + tensors * STATE_BYTES)
+
 
 def rank_bytes(shapes: Iterable[Sequence[int]], world: int) -> RankBytes:
-    """Bytes of parameters + gradients + AdamW state one rank holds, for trainable parameters of these shapes
-    (AdamW's per-parameter step counter, a 4-byte scalar, counted with the optimizer state)."""
+    """Bytes of parameters + gradients + AdamW state one rank holds, for trainable parameters of these shapes."""
     shapes = list(shapes)
-    n = sum(shard_numel(s, world) for s in shapes)
-    return RankBytes(params=n * STATE_BYTES, grads=n * STATE_BYTES,
-                     optim=n * STATE_BYTES * ADAMW_MOMENTS + len(shapes) * STATE_BYTES)
+    return RankBytes.of(sum(shard_numel(s, world) for s in shapes), len(shapes))
 
 
 def measured_rank_bytes(params: Iterable[torch.nn.Parameter], local_numel) -> RankBytes:
     """The same quantity read off real (or meta) parameters: local_numel(p) is the elements this rank holds."""
     params = [p for p in params if p.requires_grad]
-    n = sum(local_numel(p) for p in params)
-    return RankBytes(params=n * STATE_BYTES, grads=n * STATE_BYTES,
-                     optim=n * STATE_BYTES * ADAMW_MOMENTS + len(params) * STATE_BYTES)
+    return RankBytes.of(sum(local_numel(p) for p in params), len(params))

@@ -122,9 +122,8 @@ def sd_classes(sd: Mapping[str, torch.Tensor]) -> int:
 
 def load_init_from_var(viar: nn.Module, run_spec: ModelSpec, sd: Mapping[str, torch.Tensor], where: str,
                        log: Callable[[str], None]) -> Dict[str, str]:
-    """Initialise a VIAR from a VAR's weights (mapping of the module docstring); returns what was done."""
-    if state_dict_kind(sd) != 'VAR':
-        raise InitError(f'{where} is a VIAR checkpoint, not a VAR: pass it as --init_ckpt to fine-tune it.')
+    """Initialise a VIAR from a VAR's weights (mapping of the module docstring; architecture.resolve checked that
+    they are a VAR's); returns what was done."""
     file_spec = spec_from_state_dict(sd, run_spec)
     own = viar.state_dict()
     try:

@@ -60,19 +60,11 @@ def wd_at(wd: float, wd_end: float, cur_it: int, max_it: int) -> float:
     return wd_end + (wd - wd_end) * (0.5 + 0.5 * math.cos(math.pi * pasd))
 
 
-def apply_lr_wd(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> Tuple[float, float, float, float]:
-    """Set every group's lr (x its 'lr_sc') and weight decay (x its 'wd_sc'); returns (min_lr, max_lr, min_wd, max_wd).
-
-    min_wd is over the groups that decay at all (-1 if none), as official.
-    """
-    lrs, wds = [], []
+def apply_lr_wd(optimizer: torch.optim.Optimizer, lr: float, wd: float):
+    """Set every group's lr (x its 'lr_sc') and weight decay (x its 'wd_sc')."""
     for g in optimizer.param_groups:
         g['lr'] = lr * g.get('lr_sc', 1.0)
         g['weight_decay'] = wd * g.get('wd_sc', 1.0)
-        lrs.append(g['lr'])
-        wds.append(g['weight_decay'])
-    decaying = [w for w in wds if w > 0]
-    return min(lrs, default=-1), max(lrs, default=-1), min(decaying, default=-1), max(wds, default=-1)
 
 
 def no_weight_decay(name: str, param: torch.Tensor, nowd_keys: Iterable[str] = NOWD_KEYS) -> bool:
