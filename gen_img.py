@@ -3,8 +3,7 @@
     python gen_img.py --use_implicit True --class_label 970 88 --seeds 10 11 12 13 --iter_left 20 --iter_right 5
     python gen_img.py --var_ckpt var_d16.pth --depth 16 --edit_image cat.png --edit_box 0.3,0.3,0.7,0.7 --edit_class 207
 
-Every image is sampled with its own generator seeded by its seed (`g_seed=seed`, as the official
-script), so an image depends only on (class, seed), never on the batch it was drawn in.
+An image depends only on its (class, seed), never on the batch it was drawn in (utils/sample/generate.py).
 Writes `class{c}_seed{s}.png` per image and a grid (rows = classes, columns = seeds) into
 `output_dir/<checkpoint name>/`, and `.model.json` there (the checkpoint and architecture that made them): a
 folder another model wrote is refused, not overwritten. See docs/GENERATION.md.
