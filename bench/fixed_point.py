@@ -30,7 +30,7 @@ if __name__ == '__main__':   # `python bench/fixed_point.py`: the project root o
 
 import torch  # noqa: E402
 
-from bench.measure import machine_facts  # noqa: E402
+from bench import measure  # noqa: E402
 from models.solver import SOLVERS, SolverSpec  # noqa: E402
 from utils import cli  # noqa: E402
 from utils.arch_flags import describe_model  # noqa: E402
@@ -318,7 +318,7 @@ def main(argv=None) -> Dict[str, Any]:
     except ValueError as e:
         raise SystemExit(f'--options/--m/--lam/--beta: {e}') from None
     torch.set_num_threads(args.threads)
-    mach = machine_facts()
+    mach = measure.machine_facts()
     vae, var = load(args)
     result = dict(args=dataclasses.asdict(args), machine=mach, model=dict(patch_nums=list(var.patch_nums), width=var.C,
                                                             num_classes=var.num_classes, describe=describe_model(var)))
@@ -332,9 +332,7 @@ def main(argv=None) -> Dict[str, Any]:
         f.write(table + '\n')
     plot(result, os.path.join(args.out, 'fixed_point.png'))
     print(table)
-    loads = lambda xs: ' '.join(f'{x:.2f}' for x in xs)
-    print(f"machine: {mach['cpu']}, avx2 {mach['avx2']}, avx512_bf16 {mach['avx512_bf16']}, load average "
-          f"{loads(mach['load_avg'])} -> {loads(result['machine']['load_avg_end'])}")
+    print(f"# machine: {measure.machine_line()}; load average {mach['load_avg'][0]:.2f} at the start")
     return result
 
 

@@ -474,11 +474,10 @@ def run_token_cache(b: BenchArgs, t: TokenCacheArgs) -> Dict[str, Any]:
                   f"{r['step_s_cache']:.3f} s from the cache ({r['data_s_cache']:.4f} s loading): "
                   f"{r['ratio']:.2f}x; writing the cache {r['extract_s_per_image'] * 1000:.1f} ms/image, "
                   f"{r['cache_bytes_per_image'] / 1024:.2f} KiB/image", flush=True)
-    after = measure.machine_facts()
-    print(f"machine: {before['cpu']}; avx2 {before['avx2']}, avx512_bf16 {before['avx512_bf16']}, amx {before['amx']}; "
-          f"{b.threads} thread(s); load average {before['load_avg']} before, {after['load_avg']} after")
-    return dict(machine=before, load_avg_after=after['load_avg'], threads=b.threads, steps=b.steps, rows=rows,
-                torch=torch.__version__)
+    print(f"# machine: {measure.machine_line()}; {b.threads} thread(s); load average {before['load_avg'][0]:.2f} "
+          f"at the start")
+    return dict(machine=before, load_avg_after=measure.machine_facts()['load_avg'], threads=b.threads, steps=b.steps,
+                rows=rows, torch=torch.__version__)
 
 
 def main(argv=None):

@@ -1,7 +1,6 @@
 """The benchmarks: sampling (schedule parsing, summaries, a tiny end-to-end run of the project side alone) and the
 training modes of bench/train_speed.py at tiny sizes."""
 import json
-import os
 
 import pytest
 
