@@ -1,4 +1,4 @@
-"""Loading a checkpoint never runs code (issue 13): weights-only loads everywhere, hostile files refused at every
+"""Loading a checkpoint never runs code: weights-only loads everywhere, hostile files refused at every
 entry point, safetensors exports, pinned official digests, DCP metadata, upload limits for images."""
 import argparse
 import dataclasses

@@ -133,12 +133,12 @@ def official_url(name: str) -> str:
     return f'https://huggingface.co/{OFFICIAL_FILES[name]}/resolve/main/{name}'
 
 
-def verify_official(path: str, ckpt_dir: str = 'ckpts', pinned: Optional[Dict[str, Optional[str]]] = None) -> str:
+def verify_official(path: str, ckpt_dir: str = 'ckpts') -> str:
     """path, after checking an official file in the download folder against its pinned sha256 (OFFICIAL_SHA256);
     a mismatch is a one-line OfficialDigestError. A file elsewhere is the user's own and is not checked, even
     if it has an official name (a fine-tuned var_d16.pth)."""
     name = os.path.basename(path)
-    want = (OFFICIAL_SHA256 if pinned is None else pinned).get(name)
+    want = OFFICIAL_SHA256.get(name)
     if not want or os.path.abspath(os.path.dirname(path)) != os.path.abspath(ckpt_dir):
         return path
     got = sha256_of(path)
