@@ -6,6 +6,7 @@ import pytest
 
 from bench import sample_speed as ss
 from bench import train_speed as ts
+from tests.tiny import write_tiny_export
 
 TINY = ['--depth', '4', '--width', '32', '--heads', '2', '--p_depth', '1', '--patch_nums', '1,2,3,4', '--V', '48',
         '--Cvae', '8', '--vae_ch', '32', '--vae_ch_mult', '1,1', '--vae_num_res_blocks', '1', '--num_classes', '5',
@@ -163,3 +164,18 @@ def test_token_cache_mode_on_the_demo_config(tmp_path):
     assert r['step_s_images'] > 0 and r['step_s_cache'] > 0 and r['cache_bytes_per_image'] > 0
     assert set(json.loads((tmp_path / 'tc.json').read_text())) == {'machine', 'load_avg_after', 'threads', 'steps',
                                                                     'rows', 'torch'}
+
+
+def test_benchmark_reads_a_tau_json_on_the_checkpoints_scales(tmp_path):
+    from bench import sample_speed as ss
+    from utils.sample.config import parse
+    ckpt = write_tiny_export(tmp_path / 'viar4.pth')
+    tau = tmp_path / 'convergence.json'
+    tau.write_text(json.dumps({'suggested_tau': [0.1, 0.05, 0.02, 0.01]}))
+    argv = ['--var_ckpt', ckpt, '--schedules', '4:4,tau=json', '--tau_json', str(tau)]
+    _, source, sample = parse(ss.build_parser(), argv, schedule_list=True)
+    K, scheds = ss.plan_schedules(source, sample, '4:4,tau=json')
+    assert K == 4 and scheds[1]['tau'] == [0.1, 0.05, 0.02, 0.01]
+    _, source, sample = parse(ss.build_parser(), argv[2:], schedule_list=True)   # random weights: 10 scales
+    with pytest.raises(SystemExit, match='4 tau values but this model has 10 scales'):
+        ss.plan_schedules(source, sample, '4:4,tau=json')

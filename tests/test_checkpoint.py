@@ -8,6 +8,9 @@ from models.config import spec_from_state_dict, state_dict_kind
 from utils.checkpoint import (CheckpointError, load_vae_weights, load_var_weights, resolve_checkpoint, save_atomic,
                               unwrap_model)
 from tests.tiny import tiny_vae_var
+from tests.tiny import tiny_spec, tiny_vae_var
+from utils.checkpoint import CheckpointError, save_atomic
+from utils.model_io import load_models, slim_export
 
 
 def test_strict_round_trip(tmp_path):
@@ -113,3 +116,20 @@ def test_tokenizer_choice_embedded_default_and_empty(tmp_path, monkeypatch):
     for empty in (None, ''):   # nothing embedded: the official file, fetched when missing
         with pytest.raises(CheckpointError, match='vae_ch160v4096z32.pth'):
             load_models(without_vae, empty, ModelSpec())
+
+
+def test_a_recorded_official_tokenizer_that_is_missing_fails_at_once_in_one_line(tmp_path, monkeypatch):
+    vae, var = tiny_vae_var(True)
+    path = str(tmp_path / 'recorded.pth')
+    save_atomic(slim_export(var, tiny_spec(), vae_ref=dict(name='vae_ch160v4096z32.pth', sha256='ab' * 32)), path)
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')   # as on a machine without internet: no download, no retries
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError) as e:
+        load_models(path)
+    msg = str(e.value)
+    assert 'records its tokenizer as vae_ch160v4096z32.pth' in msg and '--vae_ckpt' in msg and '\n' not in msg
+    # found locally but not the recorded bytes: refused too
+    os.makedirs('ckpts')
+    save_atomic(vae.state_dict(), 'ckpts/vae_ch160v4096z32.pth')
+    with pytest.raises(CheckpointError, match='sha256 differs'):
+        load_models(path)

@@ -19,6 +19,7 @@ from utils.sample.config import SampleConfig, add_model_source_args, add_sample_
 from utils.sample.generate import class_ids, generate, image_list
 from tests.conftest import needs_c_compiler
 from tests.tiny import TINY_PN, tiny_vae_var
+from tests.tiny import write_tiny_export
 
 TINY_SPEC = dict(depth=4, pre_depth=1, post_depth=1, embed_dim=32, num_heads=2, patch_nums=TINY_PN, V=48, Cvae=8,
                  vae_ch=32, vae_ch_mult=(1, 1), vae_num_res_blocks=1, num_classes=5)
@@ -317,3 +318,55 @@ def test_grid_rows_are_labelled_with_the_class_names(tmp_path):
         band = b[2 + r * row_h:2 + (r + 1) * row_h - 2, :margin]
         assert (band < 128).any(), r
     assert (b[:, :margin] > 128).mean() > 0.8   # mostly white
+
+
+def _gen(tmp_path, *argv):
+    return gen_img.main(['--device', 'cpu', '--output_dir', str(tmp_path), '--top_k', '0', '--top_p', '0',
+                         '--progress', 'False', *map(str, argv)])
+
+
+@pytest.fixture(scope='module')
+def exports(tmp_path_factory):
+    """Tiny VIAR and VAR slim exports that embed their tokenizer."""
+    root = tmp_path_factory.mktemp('exports')
+    out = {}
+    for kind, implicit in (('viar', True), ('var', False)):
+        out[kind] = write_tiny_export(root / f'{kind}.pth', implicit)
+    return out
+
+
+def test_banner_says_what_this_run_does(exports, tmp_path, capsys):
+    _gen(tmp_path, '--var_ckpt', exports['viar'], '--class_label', 1, 3, '--seeds', 0, '--iter_left', 4,
+         '--iter_right', 1)
+    banner = next(l for l in capsys.readouterr().out.splitlines() if 'classes x' in l)
+    assert '2 classes x 1 seed = 2 images' in banner                  # asked for, not the model's 5
+    assert 'Dec.(4,1): 4,3,2,1 iterations per scale' in banner        # the schedule and its counts
+
+
+def test_kv_line_says_which_rows_it_counts_and_cfg_0_holds_half(exports, tmp_path, capsys):
+    """With guidance the KV caches hold the conditional and unconditional rows; at cfg 0 only the conditional
+    ones, half the bytes, and the report line says which."""
+    kv = {}
+    for cfg in (1.5, 0):
+        _gen(tmp_path / str(cfg), '--var_ckpt', exports['viar'], '--class_label', 1, '--seeds', 0, 1, '--cfg', cfg)
+        line = next(ln for ln in capsys.readouterr().out.splitlines() if 'KV cache:' in ln)
+        kv[cfg] = float(line.split('KV cache: ')[1].split(' MiB')[0])
+        assert ('cond + uncond rows' in line) == (cfg != 0) and ('conditional rows only' in line) == (cfg == 0)
+    assert kv[0] == pytest.approx(kv[1.5] / 2, abs=0.01)
+
+
+def test_a_scale_with_zero_iterations_is_said_to_skip_the_implicit_block(exports, tmp_path, capsys):
+    _gen(tmp_path, '--var_ckpt', exports['viar'], '--class_label', 0, '--seeds', 0, '--iter_left', 0,
+         '--iter_right', 3)
+    out = capsys.readouterr().out
+    assert 'Inc.(0,3): 0,1,2,3 iterations per scale; scale 1 skips the implicit block' in out
+
+
+def test_schedule_flags_on_a_var_checkpoint_warn_and_the_banner_says_var(exports, tmp_path, capsys):
+    _gen(tmp_path, '--var_ckpt', exports['var'], '--use_implicit', 'True', '--iter_left', 4, '--iter_right', 4,
+         '--class_label', 0, '--seeds', 0)
+    out = capsys.readouterr().out
+    assert '--use_implicit True (file: False)' in out                 # the file wins, the flag is named
+    assert '--iter_left, --iter_right ignored' in out and 'no implicit block' in out
+    banner = next(l for l in out.splitlines() if 'classes x' in l or 'class x' in l)
+    assert banner.startswith('[gen_img] VAR depth 4') and 'Con.(4,4)' not in banner

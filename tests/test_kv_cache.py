@@ -8,6 +8,9 @@ from typing import List, Optional, Sequence
 import torch
 
 from models.kv_cache import IterKVCaches, KVCache
+from models import schedules as S
+from models.kv_cache import implicit_cache_capacities
+from tests.tiny import tiny_vae_var
 
 PN = (1, 2, 3)   # scales of 1, 4 and 9 tokens: begin/end (0, 1), (1, 5), (5, 14)
 
@@ -83,3 +86,14 @@ def test_without_fill_forward_a_cache_holds_only_the_scales_that_ran_its_iterati
     assert held(caches.caches[2]) == [102, 202] and tokens_per_tag(caches.caches[2]) == [4, 9]
     assert held(caches.caches[3]) == [203] and tokens_per_tag(caches.caches[3]) == [9]
     assert caches.last is None
+
+
+def test_cache_capacities_and_bytes_follow_the_schedule():
+    pn = (1, 2, 3, 4)
+    assert implicit_cache_capacities(pn, [3, 2, 1, 1], True) == [30, 5, 1]
+    assert implicit_cache_capacities(pn, [1, 3, 2, 3], False) == [30, 29, 20]
+    assert implicit_cache_capacities(pn, [1, 3, 2, 3], True) == [30, 30, 30]
+    _, var = tiny_vae_var(True)
+    sizes = [var.autoregressive_infer_cfg(1, 0, schedule=s, return_stats=True)[1].kv_cache_bytes
+             for s in (S.constant(1, 4), S.decreasing(3, 1, 4), S.constant(3, 4))]
+    assert sizes[0] < sizes[1] < sizes[2]

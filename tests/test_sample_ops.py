@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from models.sample_ops import cfg_ratio, filter_top_k_top_p_, guide
+from models.sample_ops import filter_top_k_top_p_
 
 
 @pytest.mark.parametrize('si,K,want', [
@@ -39,3 +40,12 @@ def test_tiny_top_p_keeps_exactly_the_argmax():
     assert (out[~kept] == -torch.inf).all()
     # combined with top-k, the argmax still survives
     assert torch.equal(torch.isfinite(filter_top_k_top_p_(logits_BlV.clone(), top_k=3, top_p=1e-9)), kept)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.1])
+    for p, keep in [(0.5, 1), (0.6, 2), (0.75, 2), (0.8, 3), (0.95, 4)]:
+        out = filter_top_k_top_p_(probs.log().view(1, 1, 4).clone(), top_p=p)
+        assert torch.isfinite(out).sum().item() == keep, p
+    out = filter_top_k_top_p_(probs.log().view(1, 1, 4).clone(), top_k=2)
+    assert torch.isfinite(out).view(-1).tolist() == [True, True, False, False]

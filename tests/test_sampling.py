@@ -1,248 +1,314 @@
-"""KV-cached next-scale sampling: equals teacher forcing, schedules, determinism, CFG, editing."""
+"""sampling.py: the global batches, rank-independent images, the .npz layout, resume after a kill, official seeds."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
 import pytest
 import torch
 
-from models import EditSpec
-from models import schedules as S
-from models.kv_cache import implicit_cache_capacities
-from models.sample_ops import filter_top_k_top_p_
-from models.solver import fixed_point_iterate
-from tests.tiny import tiny_vae_var
-from utils.sample import schedule_flags as flags
+from tests.conftest import needs_c_compiler
+from tests.proc_util import run_group
+from sampling import make_batches, png_name, rank_share, run_name_head, sample_folder_name
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE_CASES = [(3, 3, 2), (4, 50, 25), (2, 5, 7), (1, 1, 1), (5, 4, 3)]
 
 
-def sample_and_capture(var, B, labels, **kw):
-    """Run sampling; return (images, raw head logits per scale (2B,l,V), sampled tokens per scale, stats)."""
-    logits, tokens = [], []
-    h1 = var.head.register_forward_hook(lambda m, i, o: logits.append(o.detach().clone()))
-    h2 = var.vae_quant_proxy[0].embedding.register_forward_pre_hook(lambda m, i: tokens.append(i[0].clone()))
-    try:
-        img, stats = var.autoregressive_infer_cfg(B, labels, return_stats=True, **kw)
-    finally:
-        h1.remove()
-        h2.remove()
-    return img, logits, tokens, stats
+# ---------------------------------------------------------------- the global batches (pure)
+
+@pytest.mark.parametrize('world', [1, 2, 3, 4, 5])
+@pytest.mark.parametrize('num_classes,per_class,batch_size', SIZE_CASES)
+def test_batches_cover_every_index_once(world, num_classes, per_class, batch_size):
+    batches = make_batches(num_classes, per_class, batch_size, seed=1)
+    shares = [rank_share(batches, r, world) for r in range(world)]
+    got = [i for share in shares for b in share for i in b.indices]
+    assert sorted(got) == list(range(num_classes * per_class))
+    assert len(got) == len(set(got))
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1          # round-robin: balanced
+    for b in batches:
+        assert 1 <= b.size <= batch_size
+        assert {i // per_class for i in b.indices} == {b.label}         # a batch never mixes classes
+    assert [b.order for b in batches] == list(range(len(batches)))
 
 
-@pytest.mark.parametrize('use_implicit,c', [(False, 0), (True, 1), (True, 3)])
-def test_cached_sampling_logits_equal_teacher_forcing(use_implicit, c):
-    vae, var = tiny_vae_var(use_implicit)
-    var.cond_drop_rate = 0.0
-    B, labels = 3, torch.tensor([0, 2, 4])
-    _, logits, tokens, stats = sample_and_capture(var, B, labels, g_seed=7, cfg=1.0, schedule=S.constant(c, 4))
-    x = vae.quantize.idxBl_to_var_input(tokens)
-    with torch.no_grad():
-        tf_cond = var(labels, x, jfb_iters=(c - 1, 1) if use_implicit else None)
-        tf_null = var(torch.full_like(labels, var.num_classes), x, jfb_iters=(0, c) if use_implicit else None)
-    cached = torch.cat(logits, dim=1)
-    assert torch.allclose(cached[:B], tf_cond, atol=1e-5, rtol=1e-4)
-    assert torch.allclose(cached[B:], tf_null, atol=1e-5, rtol=1e-4)
-    if use_implicit:
-        assert stats.iters == [c] * 4
+def test_batch_seeds_distinct_and_stable():
+    batches = make_batches(4, 6, 2, seed=7)
+    assert len({b.seed for b in batches}) == len(batches)
+    # a class's batches do not depend on how many classes are sampled
+    small = make_batches(2, 6, 2, seed=7)
+    assert [(b.label, b.seed, b.start) for b in small] == [(b.label, b.seed, b.start) for b in batches[:len(small)]]
+    assert {b.seed for b in make_batches(4, 6, 2, seed=8)}.isdisjoint({b.seed for b in batches})
 
 
-def test_official_rounding_of_decreasing_schedule():
-    assert S.decreasing(10, 5, 10).counts == [10, 9, 8, 8, 7, 7, 6, 6, 5, 5]
-    assert S.decreasing(20, 5, 10).counts == [20, 18, 16, 15, 13, 11, 10, 8, 6, 5]
-    assert S.constant(10, 10).counts == [10] * 10
-    assert flags.from_cli(10, iters='20,18,16,14,12,10,8,6,5,5').counts == [20, 18, 16, 14, 12, 10, 8, 6, 5, 5]
-    sch = flags.from_cli(4, tau='0.1', cap=6)
-    assert sch.adaptive and sch.tau == [0.1] * 4 and sch.counts == [6] * 4
-    with pytest.raises(ValueError, match='one per scale'):
-        flags.from_cli(10, iters='3,3')
+def test_official_seed_rule():
+    batches = make_batches(1000, 50, 25, seed=1, official_seeds=True)
+    assert len(batches) == 2000
+    assert {b.seed for b in batches} == {1, 2}                               # official: seed + i for every class
+    assert all(b.seed == 1 + b.chunk for b in batches)
+    assert [(b.label, b.start, b.size) for b in batches[2:4]] == [(1, 50, 25), (1, 75, 25)]
 
 
-def test_official_rule_takes_the_first_k_of_ten_points():
-    assert S.official_iters(20, 5, 10) == [20, 18, 16, 15, 13, 11, 10, 8, 6, 5]
-    assert S.official_iters(20, 5, 4) == [20, 18, 16, 15]    # truncated, not re-spaced
-    assert S.official_iters(7, 7, 3) == [7, 7, 7]
-    assert S.official_iters(10, 5, 10) == S.linspace_iters(10, 5, 10)   # the two rules agree on 10 scales
-    with pytest.raises(ValueError):
-        S.official_iters(10, 10, 11)
+def test_batches_reject_bad_sizes():
+    for bad in [(0, 3, 2, 1), (3, 0, 2, 1), (3, 3, 0, 1), (3, 3, 2, -1)]:
+        with pytest.raises(ValueError):
+            make_batches(*bad)
 
 
-def test_schedule_names_say_which_rule_and_what_runs():
-    k, o = S.decreasing(8, 2, 4), S.decreasing(8, 2, 4, official=True)
-    assert k.counts == [8, 6, 4, 2] and o.counts == [8, 7, 6, 6]
-    assert k.label() == 'Dec.(8,2)' and o.label() == 'Dec.(8,2)/10'   # two rules, two names
-    assert k.describe() == 'Dec.(8,2): 8,6,4,2 iterations per scale'
-    assert o.describe() == 'Dec.(8,2)/10: 8,7,6,6 iterations per scale'
-    assert S.decreasing(8, 2, 10, official=True).label() == 'Dec.(8,2)'    # no suffix where the rules agree
-    assert flags.from_token('8:2/10', 4).counts == o.counts and flags.from_token('8:2', 4).counts == k.counts
-    ada = S.adaptive([0.1, 0.05, 0.02, 0.01], 20, 4)
-    assert ada.label() == 'Ada.(tau=0.1,0.05,0.02,0.01;cap=20)'       # every tau, not only the last
-    assert S.adaptive(0.01, 20, 4).label() == 'Ada.(tau=0.01;cap=20)'
-    inc = S.decreasing(0, 4, 4)
-    assert inc.label() == 'Inc.(0,4)' and 'scale 1 skips the implicit block' in inc.describe()
-    assert 'scales 1,2 skip' in S.explicit([0, 0, 1, 2], 4).describe()
+def test_official_folder_name():
+    from tests.tiny import tiny_vae_var
+    _, viar = tiny_vae_var(True, depth=30, width=60, heads=2)
+    _, var = tiny_vae_var(False, depth=16, width=32, heads=2)
+    head = lambda m: run_name_head(m.kind, m.depth)   # noqa: E731
+    assert sample_folder_name(head(viar), 'ckpts/viar.pth', 1.5, 1) == 'implicit-viar.pth-cfg-1.5-seed-1'
+    assert sample_folder_name(head(var), '/x/var_d16.pth', 2, 3) == 'd16-var_d16.pth-cfg-2.0-seed-3'
+    assert png_name(123) == '000123.png'
 
 
-def test_adaptive_stops_where_residual_crosses_tau_and_never_beyond_cap():
-    G = lambda z, t: 0.5 * z + 1.0   # residual after t+1 iterations: 0.5**t
-    for tau, want in [(0.3, 3), (0.26, 3), (0.126, 4), (0.124, 5), (1.0, 1), (1e-9, 8)]:
-        z, st = fixed_point_iterate(G, torch.zeros(1), max_iter=8, tau=tau, stop_mode='abs')
-        assert st.iters == want, tau
-        assert st.iters == 8 or float(st.residual) <= tau
-    _, st = fixed_point_iterate(G, torch.zeros(1), max_iter=8, tau=1.0, stop_mode='abs', min_iter=3)
-    assert st.iters == 3
+# ---------------------------------------------------------------- the script on a tiny model (CPU)
+
+NUM_CLASSES, PER_CLASS, BATCH, ITERS = 3, 3, 2, (3, 2)
+FOLDER = 'implicit-tiny.pth-cfg-1.5-seed-1'
 
 
-def test_adaptive_schedule_on_the_model_reports_iterations():
-    _, var = tiny_vae_var(True)
-    _, st_loose = var.autoregressive_infer_cfg(2, 1, g_seed=0, schedule=S.adaptive(1e9, 5, 4), return_stats=True)
-    _, st_tight = var.autoregressive_infer_cfg(2, 1, g_seed=0, schedule=S.adaptive(0.0, 5, 4), return_stats=True)
-    assert st_loose.iters == [1] * 4 and st_tight.iters == [5] * 4
-    assert all(r is not None and r >= 0 for r in st_tight.residuals)
-    taus = [st_tight.residuals[0] * 1.01] * 4
-    _, st = var.autoregressive_infer_cfg(2, 1, g_seed=0, schedule=S.adaptive(taus, 5, 4), return_stats=True)
-    assert st.iters[0] <= 5 and all(1 <= i <= 5 for i in st.iters)
-
-
-def test_top_p_keeps_the_smallest_set_reaching_p():
-    probs = torch.tensor([0.5, 0.25, 0.15, 0.1])
-    for p, keep in [(0.5, 1), (0.6, 2), (0.75, 2), (0.8, 3), (0.95, 4)]:
-        out = filter_top_k_top_p_(probs.log().view(1, 1, 4).clone(), top_p=p)
-        assert torch.isfinite(out).sum().item() == keep, p
-    out = filter_top_k_top_p_(probs.log().view(1, 1, 4).clone(), top_k=2)
-    assert torch.isfinite(out).view(-1).tolist() == [True, True, False, False]
-
-
-@pytest.mark.parametrize('use_implicit', [False, True])
-def test_greedy_is_deterministic_and_seeds_reproduce(use_implicit):
-    _, var = tiny_vae_var(use_implicit)
-    a = var.autoregressive_infer_cfg(2, torch.tensor([1, 2]), g_seed=1, top_k=1, schedule=S.decreasing(3, 1, 4))
-    b = var.autoregressive_infer_cfg(2, torch.tensor([1, 2]), g_seed=99, top_k=1, schedule=S.decreasing(3, 1, 4))
-    assert torch.equal(a, b)
-    c = var.autoregressive_infer_cfg(2, torch.tensor([1, 2]), g_seed=5, top_k=0, top_p=0.9)
-    d = var.autoregressive_infer_cfg(2, torch.tensor([1, 2]), g_seed=5, top_k=0, top_p=0.9)
-    assert torch.equal(c, d)
-    assert c.min() >= 0 and c.max() <= 1 and c.shape == (2, 3, 8, 8)
-
-
-def test_cfg_zero_equals_the_conditional_model():
+@pytest.fixture(scope='module')
+def tiny_ckpt(tmp_path_factory):
+    """A tiny VIAR slim export (5 classes, 8 px images) that embeds its tokenizer."""
+    from tests.tiny import tiny_vae_var
+    from utils.checkpoint import save_atomic
+    from models.config import ModelSpec
+    from utils.model_io import slim_export
     vae, var = tiny_vae_var(True)
-    var.cond_drop_rate = 0.0
-    labels = torch.tensor([3, 0])
-    _, _, tokens, _ = sample_and_capture(var, 2, labels, cfg=0.0, top_k=1, schedule=S.constant(2, 4))
-    with torch.no_grad():
-        tf = var(labels, vae.quantize.idxBl_to_var_input(tokens), jfb_iters=(0, 2))
-    assert torch.equal(tf.argmax(-1), torch.cat(tokens, 1))
+    spec = ModelSpec(depth=4, use_implicit=True, pre_depth=1, post_depth=1, embed_dim=32, num_heads=2,
+                     patch_nums=(1, 2, 3, 4), V=48, Cvae=8, vae_ch=32, vae_ch_mult=(1, 1), vae_num_res_blocks=1,
+                     num_classes=5)
+    path = str(tmp_path_factory.mktemp('ckpt') / 'tiny.pth')
+    save_atomic(slim_export(var, spec, vae=vae), path)
+    return path
 
 
-def per_scale_iteration_reference(var, counts, fill_forward: bool):
-    """A full-sequence stand-in for VIAR's backbone that runs scale j's implicit iterations counts[j] times.
-
-    Iteration t runs G over every token under the block-causal mask; a scale that has stopped (counts[j] <= t)
-    keeps its last input z^j_{counts[j]-1}, so later scales attend to the keys of its last iterate (fill-forward).
-    Without fill-forward, a scale running iteration t sees no scale that did not run it (the official behaviour).
-    Assigned to `var.train_backbone`, teacher forcing then computes what KV-cached sampling should.
-    """
-    scale_L = torch.tensor([0] + [1] * 4 + [2] * 9 + [3] * 16)   # the scale of every token of pyramid 1_2_3_4
-    assert len(scale_L) == var.L
-    runs_for = torch.tensor(counts)[scale_L]                 # (L,) iterations each token's scale runs
-
-    def backbone(x_BLC, ada, attn_bias, jfb_iters, path_keep_K2B=None):
-        ada_pre, ada_imp, ada_post = var._split(ada)
-        for block, a in zip(var.pre_blocks, ada_pre):
-            x_BLC = block(x_BLC, a, attn_bias)
-        z_in, z_out = x_BLC, x_BLC
-        for t in range(max(counts)):
-            bias = attn_bias.clone()
-            if not fill_forward:                             # rows still iterating ignore scales that stopped
-                bias[:, :, (runs_for > t)[:, None] & (runs_for <= t)[None, :]] = -torch.inf
-            out = var.implicit_step(z_in, x_BLC, ada_imp, bias)
-            z_out = torch.where((runs_for > t)[:, None], out, z_out)
-            z_in = torch.where((runs_for > t + 1)[:, None], out, z_in)
-        for block, a in zip(var.post_blocks, ada_post):
-            z_out = block(z_out, a, attn_bias)
-        return z_out
-    return backbone
+def cli(ckpt: str, sample_dir, *extra) -> list:
+    """sampling.py flags for the tiny run: 3 classes x 3 images, batches of 2, Dec.(3,2) iterations."""
+    return ['--ckpt_path', ckpt, '--vae_ckpt', '', '--num_classes', str(NUM_CLASSES), '--per_class', str(PER_CLASS),
+            '--batch_size', str(BATCH), '--iter_left', str(ITERS[0]), '--iter_right', str(ITERS[1]),
+            '--device', 'cpu', '--dtype', 'fp32', '--progress', 'False', '--sample_dir', str(sample_dir), *extra]
 
 
-def reference_logits(var, counts, fill_forward: bool, labels, tokens):
-    """(cond, uncond) logits of teacher forcing through per_scale_iteration_reference on the sampled tokens."""
-    x = var.vae_quant_proxy[0].idxBl_to_var_input(tokens)
-    var.train_backbone = per_scale_iteration_reference(var, counts, fill_forward)
-    try:
-        with torch.no_grad():
-            return var(labels, x), var(torch.full_like(labels, var.num_classes), x)
-    finally:
-        del var.train_backbone
+def run_main(args: list):
+    import sampling
+    return sampling.main(args)
 
 
-def max_diff(a, b) -> float:
-    return (a - b).abs().max().item()
+def run_subprocess(args: list, timeout: float = 300, torchrun: int = 0) -> subprocess.CompletedProcess:
+    launcher = ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun}'] if torchrun else []
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    return run_group([sys.executable, *launcher, 'sampling.py', *args], timeout, cwd=ROOT, env=env)
 
 
-@pytest.mark.parametrize('schedule', [S.explicit([1, 2, 3, 4], 4), S.explicit([2, 1, 3, 2], 4),
-                                      S.explicit([3, 3, 2, 1], 4), S.adaptive(0.3, 6, 4)])
-@pytest.mark.parametrize('fill_forward', [True, False])
-def test_cached_sampling_attends_to_each_scales_last_iterate(schedule, fill_forward):
-    """For the iterations each scale ran, the KV-cached logits equal the full-sequence reference above on the sampled
-    tokens; where some scale runs more iterations than an earlier one, the other setting's reference differs."""
-    _, var = tiny_vae_var(True)
-    var.cond_drop_rate = 0.0
-    labels = torch.tensor([1, 2])
-    _, logits, tokens, stats = sample_and_capture(var, 2, labels, g_seed=3, cfg=1.5, top_k=10, schedule=schedule,
-                                                  fill_forward=fill_forward)
-    counts = stats.iters
-    increasing = any(b > a for a, b in zip(counts, counts[1:]))
-    if schedule.adaptive:
-        assert increasing, f'tau 0.3 should stop some scale before a later one ({counts}): pick another tau'
-    else:
-        assert counts == schedule.counts
-    cached = torch.cat(logits, dim=1)
-    cond, null = reference_logits(var, counts, fill_forward, labels, tokens)
-    assert max_diff(cached[:2], cond) < 1e-4 and max_diff(cached[2:], null) < 1e-4, \
-        f'cached vs reference: {max_diff(cached[:2], cond):.2e}, {max_diff(cached[2:], null):.2e}'
-    other, _ = reference_logits(var, counts, not fill_forward, labels, tokens)
-    assert (max_diff(cond, other) > 1e-3) == increasing
+def load_npz(sample_dir) -> np.ndarray:
+    with np.load(os.path.join(str(sample_dir), FOLDER + '.npz')) as f:
+        return f['arr_0']
 
 
-def test_fill_forward_only_matters_for_increasing_schedules():
-    """Non-increasing counts never reach an iteration index an earlier scale skipped: both settings sample alike."""
-    _, var = tiny_vae_var(True)
-    kw = dict(B=2, label_B=torch.tensor([1, 2]), g_seed=3, top_k=1)
-    for sch in (S.decreasing(4, 2, 4), S.explicit([3, 3, 2, 0], 4)):
-        assert torch.equal(var.autoregressive_infer_cfg(schedule=sch, fill_forward=True, **kw),
-                           var.autoregressive_infer_cfg(schedule=sch, fill_forward=False, **kw))
+def direct_images(ckpt: str, official_seeds: bool = False) -> np.ndarray:
+    """Every batch sampled by calling the model directly with the batch's label and seed, in index order."""
+    from utils.model_io import load_models
+    _, var, _ = load_models(ckpt, '')
+    out = np.zeros((NUM_CLASSES * PER_CLASS, 8, 8, 3), np.uint8)
+    for b in make_batches(NUM_CLASSES, PER_CLASS, BATCH, seed=1, official_seeds=official_seeds):
+        with torch.inference_mode():
+            img = var.autoregressive_infer_cfg(b.size, torch.full((b.size,), b.label), g_seed=b.seed, cfg=1.5,
+                                               top_k=900, top_p=0.96, iter_left=ITERS[0], iter_right=ITERS[1])
+        out[b.start:b.start + b.size] = (img.clamp(0, 1) * 255).permute(0, 2, 3, 1).numpy().astype(np.uint8)
+    return out
 
 
-def test_cache_capacities_and_bytes_follow_the_schedule():
-    pn = (1, 2, 3, 4)
-    assert implicit_cache_capacities(pn, [3, 2, 1, 1], True) == [30, 5, 1]
-    assert implicit_cache_capacities(pn, [1, 3, 2, 3], False) == [30, 29, 20]
-    assert implicit_cache_capacities(pn, [1, 3, 2, 3], True) == [30, 30, 30]
-    _, var = tiny_vae_var(True)
-    sizes = [var.autoregressive_infer_cfg(1, 0, schedule=s, return_stats=True)[1].kv_cache_bytes
-             for s in (S.constant(1, 4), S.decreasing(3, 1, 4), S.constant(3, 4))]
-    assert sizes[0] < sizes[1] < sizes[2]
+@pytest.fixture(scope='module')
+def reference(tiny_ckpt, tmp_path_factory):
+    """One single-process run: (sample_dir, arr_0)."""
+    out = tmp_path_factory.mktemp('ref')
+    npz = run_main(cli(tiny_ckpt, out))
+    assert npz == os.path.join(str(out), FOLDER + '.npz')
+    return out, load_npz(out)
 
 
-def test_editing_keeps_tokens_outside_the_mask():
-    vae, var = tiny_vae_var(True)
-    g = torch.Generator().manual_seed(0)
-    gt = [torch.randint(0, var.V, (2, pn * pn), generator=g) for pn in var.patch_nums]
-    keep = [torch.rand(2, pn * pn, generator=g) < 0.5 for pn in var.patch_nums]
-    _, _, tokens, _ = sample_and_capture(var, 2, torch.tensor([0, 1]), g_seed=1, edit=EditSpec(gt, keep))
-    for t, gt_k, keep_k in zip(tokens, gt, keep):
-        assert torch.equal(t[keep_k], gt_k[keep_k])
-    assert any(not torch.equal(t[~k], gt_k[~k]) for t, gt_k, k in zip(tokens, gt, keep))
+def test_npz_is_index_ordered_and_matches_direct_calls(tiny_ckpt, reference):
+    out, arr = reference
+    assert arr.dtype == np.uint8 and arr.shape == (NUM_CLASSES * PER_CLASS, 8, 8, 3)
+    assert arr.std() > 0
+    np.testing.assert_array_equal(arr, direct_images(tiny_ckpt))
+    from PIL import Image
+    for i in range(len(arr)):   # the PNGs are the npz rows
+        np.testing.assert_array_equal(np.asarray(Image.open(os.path.join(str(out), FOLDER, png_name(i)))), arr[i])
 
 
-@pytest.mark.parametrize('use_implicit', [False, True])
-def test_per_row_seeds_make_batching_invisible(use_implicit):
-    """Same tokens whatever the batch; images equal up to float noise of batch-size-dependent kernels."""
-    _, var = tiny_vae_var(use_implicit)
-    kw = dict(cfg=1.5, top_k=10, top_p=0.9, schedule=S.decreasing(3, 2, 4))
-    img_b, _, tok_b, _ = sample_and_capture(var, 3, torch.tensor([1, 2, 3]), g_seed=[11, 12, 13], **kw)
-    for b, (label, seed) in enumerate([(1, 11), (2, 12), (3, 13)]):
-        img_1, _, tok_1, _ = sample_and_capture(var, 1, torch.tensor([label]), g_seed=seed, **kw)
-        assert all(torch.equal(tb[b:b + 1], t1) for tb, t1 in zip(tok_b, tok_1))
-        assert torch.allclose(img_b[b:b + 1], img_1, atol=1e-5)
-        assert torch.equal(var.autoregressive_infer_cfg(1, torch.tensor([label]), g_seed=[seed], **kw), img_1)
-    smooth = dict(kw, more_smooth=True)
-    a = var.autoregressive_infer_cfg(2, None, g_seed=[5, 6], **smooth)
-    assert torch.allclose(a[1:], var.autoregressive_infer_cfg(1, None, g_seed=6, **smooth), atol=1e-5)
-    with pytest.raises(ValueError, match='one seed per row'):
-        var.autoregressive_infer_cfg(2, 1, g_seed=[1, 2, 3])
+def test_json_report(reference):
+    out, _ = reference
+    with open(os.path.join(str(out), FOLDER + '.json')) as f:
+        report = json.load(f)
+    # --iter_left 3 --iter_right 2 over 4 scales: linspace 3, 2.67, 2.33, 2 truncated to 3, 2, 2, 2 iterations.
+    # 3 classes x 3 images in batches of 2 that never mix classes: 2 + 1 per class, 6 batches, 9 images;
+    # summed over the batches, 6 x (3, 2, 2, 2) iterations
+    assert report['iters_per_scale_planned'] == [3, 2, 2, 2]
+    assert report['iters_per_scale'] == [3, 2, 2, 2]       # a fixed schedule runs exactly its counts
+    assert report['images'] == 9 == report['images_sampled_this_run']
+    [rank0] = report['per_rank']
+    assert rank0['images'] == 9 and rank0['batches'] == 6 and rank0['iters_sum'] == [18, 12, 12, 12]
+    assert report['images_per_s'] > 0 and report['peak_memory_bytes'] > 0
+    assert report['peak_memory_kind'] == 'cpu_peak_rss'
+    assert report['settings']['batch_size'] == BATCH and report['model']['use_implicit'] is True
+    assert not [n for n in os.listdir(os.path.join(str(out), FOLDER)) if n.endswith('.tmp')]
+
+
+@pytest.mark.slow
+@needs_c_compiler
+def test_compile_flag_resumes_an_eager_folder(tiny_ckpt, reference, tmp_path):
+    """--compile is not part of the resume settings: it finishes an eager run's folder with the same images."""
+    out = tmp_path / 'mixed'
+    run_main(cli(tiny_ckpt, out, '--stop_after', '2'))   # eager: 2 of 5 batches
+    run_main(cli(tiny_ckpt, out, '--compile'))
+    with open(os.path.join(str(out), FOLDER + '.json')) as f:
+        assert json.load(f)['config']['compile'] is True
+    diff = np.abs(load_npz(out).astype(int) - reference[1].astype(int))
+    assert diff.max() <= 1, f'compiled batches differ from eager ones by {diff.max()} levels'
+
+
+def test_rerun_of_a_finished_folder_repacks_and_keeps_figures(tiny_ckpt, reference, tmp_path):
+    import shutil
+    out = tmp_path / 'copy'
+    shutil.copytree(str(reference[0]), str(out))
+    os.remove(os.path.join(str(out), FOLDER + '.npz'))
+    run_main(cli(tiny_ckpt, out))
+    np.testing.assert_array_equal(load_npz(out), reference[1])
+    with open(os.path.join(str(out), FOLDER + '.json')) as f:
+        report = json.load(f)
+    assert report['images_sampled_this_run'] == 0 and report['figures_from_earlier_run'] is True
+    assert report['images_per_s'] > 0 and report['iters_per_scale'] == np.linspace(*ITERS, 4, dtype=int).tolist()
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_same_images(tiny_ckpt, reference, tmp_path):
+    proc = run_subprocess(cli(tiny_ckpt, tmp_path), torchrun=2)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    np.testing.assert_array_equal(load_npz(tmp_path), reference[1])
+    with open(os.path.join(str(tmp_path), FOLDER + '.json')) as f:
+        report = json.load(f)
+    assert report['world_size'] == 2 and [r['images'] for r in report['per_rank']] == [6, 3]
+
+
+def test_resume_skips_finished_and_remakes_truncated(tiny_ckpt, reference, tmp_path):
+    run_main(cli(tiny_ckpt, tmp_path, '--stop_after', '2'))   # batches 0 and 1: images 0, 1 | 2
+    folder = os.path.join(str(tmp_path), FOLDER)
+    assert sorted(n for n in os.listdir(folder) if n.endswith('.png')) == [png_name(i) for i in range(3)]
+    assert not os.path.exists(folder + '.npz')
+    with open(os.path.join(folder, png_name(1)), 'rb') as f:
+        data = f.read()
+    with open(os.path.join(folder, png_name(1)), 'wb') as f:   # a half-written file under the final name
+        f.write(data[:len(data) // 2])
+    with open(os.path.join(folder, '.000004.png.999.tmp'), 'wb') as f:   # debris of a killed write
+        f.write(b'junk')
+    kept = {i: os.stat(os.path.join(folder, png_name(i))).st_mtime_ns for i in (0, 2)}
+    time.sleep(0.05)
+    run_main(cli(tiny_ckpt, tmp_path))
+    np.testing.assert_array_equal(load_npz(tmp_path), reference[1])
+    assert {i: os.stat(os.path.join(folder, png_name(i))).st_mtime_ns for i in (0, 2)} == kept   # not redone
+    assert not [n for n in os.listdir(folder) if n.endswith('.tmp')]
+    with open(os.path.join(str(tmp_path), FOLDER + '.json')) as f:
+        assert json.load(f)['images_sampled_this_run'] == NUM_CLASSES * PER_CLASS - 2
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill(tiny_ckpt, reference, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.Popen([sys.executable, 'sampling.py', *cli(tiny_ckpt, tmp_path)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    folder = os.path.join(str(tmp_path), FOLDER)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isdir(folder) and any(n.endswith('.png') for n in os.listdir(folder)):
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_main(cli(tiny_ckpt, tmp_path))
+    np.testing.assert_array_equal(load_npz(tmp_path), reference[1])
+
+
+def test_corrupt_png_is_removed_then_remade(tiny_ckpt, reference, tmp_path):
+    run_main(cli(tiny_ckpt, tmp_path))
+    path = os.path.join(str(tmp_path), FOLDER, png_name(4))
+    with open(path, 'rb') as f:
+        data = bytearray(f.read())
+    data[8:-12] = bytes(len(data) - 20)   # complete-looking (signature and IEND) but unreadable
+    with open(path, 'wb') as f:
+        f.write(bytes(data))
+    with pytest.raises(SystemExit, match='corrupt'):
+        run_main(cli(tiny_ckpt, tmp_path))
+    assert not os.path.exists(path)
+    run_main(cli(tiny_ckpt, tmp_path))
+    np.testing.assert_array_equal(load_npz(tmp_path), reference[1])
+
+
+def test_official_seeds_and_no_mixing(tiny_ckpt, reference, tmp_path):
+    run_main(cli(tiny_ckpt, tmp_path, '--official_seeds'))
+    arr = load_npz(tmp_path)
+    np.testing.assert_array_equal(arr, direct_images(tiny_ckpt, official_seeds=True))
+    assert not np.array_equal(arr, reference[1])
+    with pytest.raises(SystemExit, match='official_seeds'):   # same folder name, other seeds: refused
+        run_main(cli(tiny_ckpt, tmp_path, '--official_seeds', 'False'))
+
+
+def test_flags_parse_as_typed():
+    import sampling
+    from utils.sample.config import parse as parse_all
+
+    def spec(argv):
+        return parse_all(sampling.build_parser(), argv)[1].spec()
+    parse = sampling.build_parser().parse_args
+    assert spec(['--use_implicit']).use_implicit is True
+    assert spec(['--use_implicit', 'False']).use_implicit is False
+    assert parse(['--use_implicit', 'True', '--official_seeds', '--ema', 'no']).official_seeds is True
+    args = parse([])
+    assert (args.cfg, args.top_k, args.top_p, args.seed, args.per_class) == (1.5, 900, 0.96, 1, 50)
+    assert spec([]).depth == 30   # the official var_d30.pth when no checkpoint is named
+    assert parse(['--ckpt_path', 'x.pth', '--num_classes', '10']).var_ckpt == 'x.pth'
+    with pytest.raises(SystemExit):
+        parse(['--use_implicit', 'maybe'])
+
+
+def test_rerun_with_other_settings_names_each_setting_with_old_and_new_values(tiny_ckpt, reference, tmp_path):
+    out = tmp_path / 'rerun'
+    run_main(cli(tiny_ckpt, out, '--stop_after', '1'))
+    with pytest.raises(SystemExit) as e:
+        run_main(cli(tiny_ckpt, out, '--top_k', '10', '--iter_left', '4'))
+    msg = str(e.value)
+    assert 'top_k: 900 -> 10' in msg and 'counts: [3, 2, 2, 2] -> [4, 3, 2, 2]' in msg and '\n' not in msg
+
+
+def test_bad_sizes_are_a_clear_error(tiny_ckpt, tmp_path):
+    with pytest.raises(SystemExit, match='5 classes'):
+        run_main(cli(tiny_ckpt, tmp_path, '--num_classes', '6'))
+    with pytest.raises(SystemExit, match='batch_size'):
+        run_main(cli(tiny_ckpt, tmp_path, '--batch_size', '0'))
+
+
+def test_explicit_var_folder_and_report(tmp_path):
+    from tests.tiny import tiny_vae_var
+    from utils.checkpoint import save_atomic
+    from models.config import ModelSpec
+    from utils.model_io import slim_export
+    vae, var = tiny_vae_var(False, depth=2)
+    spec = ModelSpec(depth=2, use_implicit=False, embed_dim=32, num_heads=2, patch_nums=(1, 2, 3, 4), V=48, Cvae=8,
+                     vae_ch=32, vae_ch_mult=(1, 1), vae_num_res_blocks=1, num_classes=5)
+    ckpt = str(tmp_path / 'var_tiny.pth')
+    save_atomic(slim_export(var, spec, vae=vae), ckpt)
+    npz = run_main(cli(ckpt, tmp_path / 'out', '--num_classes', '2', '--per_class', '2', '--cfg', '2'))
+    assert os.path.basename(npz) == 'd2-var_tiny.pth-cfg-2.0-seed-1.npz'
+    with np.load(npz) as f:
+        assert f['arr_0'].shape == (4, 8, 8, 3)
+    with open(npz[:-4] + '.json') as f:
+        report = json.load(f)
+    assert report['iters_per_scale'] is None and report['model']['use_implicit'] is False

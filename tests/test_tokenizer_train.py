@@ -129,3 +129,13 @@ def test_cli_reports_bad_folder_without_traceback(tmp_path, capsys):
         train_tokenizer_main(['--data_path', str(tmp_path / 'missing'), '--out_dir', str(tmp_path / 'o'),
                               '--reso', '8', '--patch_nums', '1,2,4', '--ch_mult', '1,2', '--tensorboard', 'False'])
     assert 'missing' in str(e.value)
+
+
+def test_tokenizer_events():
+    from utils.train.tokenizer_trainer import TokenizerConfig, events_at
+    cfg = TokenizerConfig(max_steps=10, restart_every=4, restart_until=0.5, log_every=3, save_every=4, stop_at=6)
+    ev = [events_at(s, cfg) for s in range(10)]
+    assert [s for s, e in enumerate(ev) if e.restart] == [0, 4]          # every 4, until half the run
+    assert [s + 1 for s, e in enumerate(ev) if e.log] == [3, 6, 9, 10]    # every 3 and the last
+    assert [s + 1 for s, e in enumerate(ev) if e.save] == [4, 8]          # never at the end: the final save does
+    assert [s + 1 for s, e in enumerate(ev) if e.stop] == [6]

@@ -12,6 +12,11 @@ from tests.tiny import tiny_vae_var
 from tests.train_helpers import make_image_folder, read_steps, run_train, suggested_argv, tiny_flags
 from utils.train.amp_opt import AmpOptimizer, build_adamw
 from utils.train.lr_control import param_groups
+import numpy as np
+import gen_img
+from models.vqvae import VQVAE
+from tests.train_helpers import make_image_folder, tiny_flags
+from utils.checkpoint import save_atomic
 
 
 @pytest.fixture(scope='module')
@@ -214,3 +219,38 @@ def test_unreadable_image_names_the_file(tmp_path):
 def test_batch_that_cannot_split_over_ranks_is_a_clear_error(data, tmp_path):
     with pytest.raises(SystemExit, match='--bs 9 cannot be split over 1 rank\\(s\\) x 2 accumulation'):
         train.main(tiny_flags(data, str(tmp_path / 'out'), False, '--bs=9', '--ac=2'))
+
+
+TINY_TOKENIZER = dict(vocab_size=32, z_channels=8, ch=32, v_patch_nums=(1, 2, 3, 4), ch_mult=(1, 2, 4),
+                      num_res_blocks=1)   # the tokenizer of tests/train_helpers.tiny_flags
+
+
+@pytest.fixture(scope='module')
+def trained_with_a_tokenizer_file(tmp_path_factory):
+    """A tiny VIAR trained 2 steps with --vae_ckpt pointing at a tokenizer file (as the demo does)."""
+    root = tmp_path_factory.mktemp('run')
+    data = make_image_folder(str(root / 'imgs'))
+    torch.manual_seed(3)
+    vae = VQVAE(test_mode=True, **TINY_TOKENIZER)
+    vae_path = str(root / 'tokenizer.pth')
+    save_atomic({'model': vae.state_dict()}, vae_path)
+    out = str(root / 'out')
+    train.main(tiny_flags(data, out, True, '--max_steps=2', f'--vae_ckpt={vae_path}'))
+    return os.path.join(out, 'viar-slim.pth'), vae_path
+
+
+def _gen(tmp_path, *argv):
+    return gen_img.main(['--device', 'cpu', '--output_dir', str(tmp_path), '--top_k', '0', '--top_p', '0',
+                         '--progress', 'False', *map(str, argv)])
+
+
+def test_slim_export_embeds_the_tokenizer_the_run_trained_with(trained_with_a_tokenizer_file, tmp_path,
+                                                                 monkeypatch):
+    slim, vae_path = trained_with_a_tokenizer_file
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.chdir(tmp_path)   # no ckpts/ here: the official tokenizer cannot be what it loads
+    own = _gen(tmp_path / 'own', '--var_ckpt', slim, '--class_label', 1, '--seeds', 0, '--iters', '2,2,2,2')
+    given = _gen(tmp_path / 'given', '--var_ckpt', slim, '--vae_ckpt', vae_path, '--class_label', 1, '--seeds', 0,
+                 '--iters', '2,2,2,2')
+    from PIL import Image
+    assert np.array_equal(np.asarray(Image.open(own[0])), np.asarray(Image.open(given[0])))

@@ -1,37 +1,86 @@
-"""The fast sampling path (`prepare_for_sampling(fast=True)`): the same maths as the exact path, other rounding.
-
-Faithfulness guard: under teacher forcing (every scale's tokens forced to the same ground truth, so a flipped
-draw cannot cascade), the fp32 fast path's logits equal the exact path's within 1e-4 relative and their argmax
-agrees on >= 99% of tokens; the bf16 figures are measured and printed (`pytest -s`). Also: the hoisted injection
-uses views of the one weight, the iterate hook and Anderson work on both paths, the CPU-flag rule that picks
-bf16, the tau floor, and sampling.py's refusal to finish a folder in another dtype.
-"""
-import json
-import os
-
+"""utils/sample/compile_util.py: the eager fp32 sampler is the model's own sampler; compiled and autocast samplers
+agree with it; the fast path (`prepare_for_sampling(fast=True)`) is the same maths with other rounding."""
 import pytest
 import torch
 
 from models import schedules as S
+from tests.conftest import needs_c_compiler
+from tests.tiny import tiny_vae_var
+from utils.sample.compile_util import SamplingError, prepare_for_sampling
+import json
+import os
 from models.solver import SolverSpec
 from models.var import EditSpec
 from tests.tiny import tiny_tokens, tiny_vae_var
-from utils.sample.compile_util import (RESIDUAL_FLOOR, SamplingError, cpu_flags, fast_dtype, native_bf16,
-                                       prepare_for_sampling)
+from utils.sample.compile_util import RESIDUAL_FLOOR, SamplingError, cpu_flags, fast_dtype, native_bf16, prepare_for_sampling
 from utils.sample.config import SampleConfig
 
+KW = dict(g_seed=3, cfg=1.5, top_k=1)   # greedy, so small float differences cannot flip a token
+
+
+def _sample_with_tokens(fn, var, vae, B=2, **kw):
+    """Images and the token maps sampled at every scale (recorded at the VQVAE embedding lookup)."""
+    toks = []
+    h = vae.quantize.embedding.register_forward_pre_hook(lambda m, a: toks.append(a[0].clone()))
+    try:
+        out = fn(B, torch.tensor([0, 3]), **kw)
+    finally:
+        h.remove()
+    return out, toks
+
+
+def test_eager_fp32_sampler_is_bit_identical_to_the_model():
+    vae, var = tiny_vae_var(True)
+    kw = dict(KW, schedule=S.explicit([2, 3, 1, 2], 4), return_stats=True)
+    (ref, st_ref), _ = _sample_with_tokens(var.autoregressive_infer_cfg, var, vae, **kw)
+    sampler = prepare_for_sampling(var, compile=False, dtype='fp32')
+    (out, st), _ = _sample_with_tokens(sampler, var, vae, **kw)
+    assert torch.equal(out, ref) and st.iters == st_ref.iters
+    assert not sampler.compiled and sampler.mode is None
+
+
+def test_bad_dtype_is_a_clear_error():
+    _, var = tiny_vae_var(False)
+    with pytest.raises(SamplingError, match='dtype'):
+        prepare_for_sampling(var, dtype='fp8')
+    assert prepare_for_sampling(var, dtype='auto').dtype == 'fp32'   # CPU: auto is fp32 (fp16 on CUDA)
+
+
+def test_compile_targets_cover_the_scale_loop():
+    _, viar = tiny_vae_var(True)
+    names = {type(m).__name__ for m in viar.scale_loop_modules()}
+    assert names == {'AdaLNSelfAttn', 'AdaLNBeforeHead', 'Sequential'}
+    assert len([m for m in viar.scale_loop_modules() if type(m).__name__ == 'AdaLNSelfAttn']) == len(viar.backbone_blocks())
+
+
+def _compiled_matches_eager(use_implicit: bool, backend: str, compile_vae: bool = True):
+    vae, var = tiny_vae_var(use_implicit)
+    kw = dict(KW, schedule=S.explicit([2, 3, 1, 2], 4))
+    ref, ref_toks = _sample_with_tokens(prepare_for_sampling(var), var, vae, **kw)
+    sampler = prepare_for_sampling(var, compile=True, backend=backend, compile_vae=compile_vae)
+    out, toks = _sample_with_tokens(sampler, var, vae, **kw)
+    assert sampler.compiled
+    assert all(torch.equal(a, b) for a, b in zip(toks, ref_toks))
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    out2, _ = _sample_with_tokens(sampler, var, vae, **kw)   # second call reuses the compiled graphs
+    torch.testing.assert_close(out2, out, atol=0, rtol=0)
+
+
+@pytest.mark.slow
+@needs_c_compiler
+def test_compiled_viar_sampling_matches_eager_inductor():
+    _compiled_matches_eager(True, 'inductor')
+
+
+@pytest.mark.slow
+def test_compiled_var_sampling_matches_eager_graph_capture():
+    _compiled_matches_eager(False, 'aot_eager', compile_vae=False)   # the decoder is covered above
+
+
 PN = (1, 2, 3, 4, 6, 8)   # 130 tokens per image: enough positions for a 99% agreement to mean something
+
+
 B = 4
-
-
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny models: one thread is fastest, and on a loaded machine two spin against each other (40x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 CPUINFO_BF16 = """processor\t: 0
@@ -40,12 +89,16 @@ model name\t: AMD EPYC
 flags\t\t: fpu vme sse sse2 avx avx2 fma avx512f avx512dq avx512vl avx512_vnni avx512_bf16 vaes
 bugs\t\t: sysret_ss_attrs
 """
+
+
 CPUINFO_AMX = "model name\t: Intel Xeon\nflags\t\t: avx2 avx512f amx_bf16 amx_tile amx_int8\n"
+
+
 CPUINFO_AVX2 = "model name\t: Intel Core\nflags\t\t: fpu sse2 avx avx2 fma\n"
+
+
 CPUINFO_ARM = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes crc32 bf16\n"
 
-
-# ---------------------------------------------------------------- which dtype --fast picks
 
 def test_cpu_flags_and_native_bf16_from_cpuinfo_text():
     assert {'avx512_bf16', 'avx2'} <= cpu_flags(CPUINFO_BF16) and 'sysret_ss_attrs' not in cpu_flags(CPUINFO_BF16)
@@ -68,8 +121,6 @@ def test_fast_dtype_by_device_and_cpu():
     s = prepare_for_sampling(var, dtype='fp32', fast=True)
     assert s.fast and s.dtype == 'fp32' and 'fast=True' in repr(s)
 
-
-# ---------------------------------------------------------------- the hoist: views, same maths
 
 def test_injection_uses_views_of_the_one_weight_and_changes_no_parameter():
     _, var = tiny_vae_var(True)
@@ -167,8 +218,6 @@ def test_bf16_fast_path_figures_are_measured(guard_model):
     assert 0 < fast[0] < 0.1 and fast[1] > 0.5   # bf16 rounding, not a different computation
 
 
-# ---------------------------------------------------------------- the iterate hook and Anderson on both paths
-
 @pytest.mark.parametrize('fast', [False, True])
 def test_iterate_hook_records_the_iterates_on_both_paths(fast):
     _, var = tiny_vae_var(True)
@@ -205,8 +254,6 @@ def test_iterates_agree_between_paths_and_anderson_runs_on_both():
     assert not torch.allclose(runs[False, 'anderson'][-1], runs[False, 'picard'][-1])   # Anderson did extrapolate
 
 
-# ---------------------------------------------------------------- options --fast cannot honour
-
 def test_tau_below_the_bf16_floor_is_refused_with_fast():
     _, var = tiny_vae_var(True)
     floor = RESIDUAL_FLOOR['bf16']
@@ -229,8 +276,6 @@ def test_fast_flag_in_every_sampling_entry_point():
         assert parser.parse_args(['--fast']).fast is True and parser.parse_args([]).fast is False
 
 
-# ---------------------------------------------------------------- sampling.py records the dtype --fast picked
-
 def test_sampling_records_the_fast_dtype_and_refuses_to_finish_in_another(tmp_path):
     import sampling
     from tests.tiny import write_tiny_export
@@ -251,8 +296,6 @@ def test_sampling_records_the_fast_dtype_and_refuses_to_finish_in_another(tmp_pa
     assert 'dtype: "fp32" -> "bf16"' in str(e.value) and '\n' not in str(e.value)
     sampling.main(cli(tmp_path / 'b', '--fast', '--dtype', 'fp32'))   # --fast in the folder's dtype finishes it
 
-
-# ---------------------------------------------------------------- the benchmark's bound and extra official columns
 
 def test_physical_bound_and_extra_official_dtype_columns():
     from bench import sample_speed as ss
