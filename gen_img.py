@@ -208,7 +208,7 @@ def main(argv: Optional[Sequence[str]] = None):
             raise SystemExit('error: --more_smooth does not apply to editing (edited tokens are drawn as sampled '
                              'ones); drop it.')
     device = resolve_device(source.device)
-    loaded, sampler = load_sampler(source, sample, device, log=log.warning)
+    loaded, sampler, sample = load_sampler(source, sample, device, log=log.warning, info=log.info)
     vae, var = loaded.vae, loaded.var
     # CUDA's settings (nothing on a CPU): --dtype fp32 is full precision, so TF32 only with 16-bit autocast
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = sampling_tf32(sampler.dtype)

@@ -117,14 +117,16 @@ def read_json(path: str):
         return json.load(f)
 
 
-def image_settings(args: argparse.Namespace, var, spec, sample_kw: dict, num_classes: int, dtype: str) -> Dict:
-    """Everything that decides the pixels of image i; a resumed run must match it."""
+def image_settings(args: argparse.Namespace, sample, spec, sample_kw: dict, num_classes: int, dtype: str,
+                   kind: str) -> Dict:
+    """Everything that decides the pixels of image i (`sample`: the SampleConfig with the file's recorded
+    defaults applied); a resumed run must match it."""
     return json.loads(json.dumps(dict(
         var_ckpt=os.path.abspath(args.var_ckpt), vae_ckpt=os.path.abspath(args.vae_ckpt) if args.vae_ckpt else '',
-        ema=bool(args.ema), model=spec.to_dict(), cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        ema=bool(args.ema), model=spec.to_dict(), cfg=sample.cfg, top_k=sample.top_k, top_p=sample.top_p, seed=args.seed,
         official_seeds=bool(args.official_seeds), num_classes=num_classes, per_class=args.per_class,
         batch_size=args.batch_size, dtype=dtype,
-        **schedule_settings(var.kind, sample_kw['schedule'], sample_kw['fill_forward'], sample_kw['solver']))))
+        **schedule_settings(kind, sample_kw['schedule'], sample_kw['fill_forward'], sample_kw['solver']))))
 
 
 def settings_diff(old: Dict, new: Dict, prefix: str = '') -> List[str]:
@@ -273,7 +275,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[str]:
     try:
         # --compile is not part of the resume settings: it changes rounding only. --fast picks the dtype from this
         # machine (sampler.dtype), which is.
-        loaded, sampler = load_sampler(source, sample, device, log=log.warning)
+        loaded, sampler, sample = load_sampler(source, sample, device, log=log.warning, info=log.info)
         args.var_ckpt, var, spec, dtype = loaded.ckpt, loaded.var, loaded.spec, sampler.dtype
         num_classes = spec.num_classes if args.sample_classes is None else args.sample_classes
         if num_classes > spec.num_classes:
@@ -284,8 +286,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[str]:
             raise SystemExit(f'error: {e}') from None
         sample_kw = sample.call_kwargs(len(var.patch_nums))
         folder = os.path.join(args.sample_dir, sample_folder_name(run_name_head(var.kind, var.depth), args.var_ckpt,
-                                                                  args.cfg, args.seed))
-        settings = image_settings(args, var, spec, sample_kw, num_classes, dtype)
+                                                                  sample.cfg, args.seed))
+        settings = image_settings(args, sample, spec, sample_kw, num_classes, dtype, var.kind)
         todo = find_todo(folder, batches, settings)
         total = num_classes * args.per_class
         if args.stop_after:

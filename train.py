@@ -34,7 +34,7 @@ from utils.data.loader import available_cpus, loader_kwargs
 from utils.data.sampler import DistInfiniteBatchSampler, EvalDistributedSampler
 from utils.logging_util import ScalarWriter, format_duration, get_logger
 from utils.memory import peak_memory
-from utils.model_io import save_slim, slim_export, tokenizer_ref
+from utils.model_io import sample_defaults_in, save_slim, slim_export, tokenizer_ref
 from utils.train import architecture, sharded_ckpt
 from utils.train import args as arg_util
 from utils.train.amp_opt import AmpOptimizer, build_adamw
@@ -311,6 +311,14 @@ class Run:
             check_resumable(self.ckpt, args, self.ckpt_path)
         self.loop = LoopState(self.ckpt['g_it'], self.ckpt.get('best_val', math.inf), self.ckpt.get('nonfinite', 0)) \
             if self.ckpt is not None else LoopState()
+        # what the exports record for the sampling tools: --sample_defaults, else the record of the checkpoint this
+        # run resumes or of the file it starts from
+        start = (self.ckpt_path, self.ckpt) if self.ckpt is not None else init[:2] if init else None
+        try:
+            self.sample_defaults = self.der.sample_defaults or (sample_defaults_in(start[1], start[0]) if start else
+                                                                None) or {}
+        except CheckpointError as e:
+            raise SystemExit(f'error: {e}; or give --sample_defaults') from None
 
         (self.class_names, self.n_train, self.n_val, self.sampler, self.ld_train,
          self.ld_val) = build_loaders(args, self.der, self.loop.g_it, self.arch.spec.V, self.arch.tokenizer)
@@ -333,6 +341,9 @@ class Run:
 
         tok = self.arch.tokenizer
         self.log.info(f'[model] {describe_spec(self.spec)}, set by {self.arch.source}; tokenizer: {tok.describe()}')
+        if self.sample_defaults:
+            self.log.info('[export] sampling defaults recorded for gen_img.py / sampling.py / app.py: '
+                          + ', '.join(f'{k} {v:g}' for k, v in self.sample_defaults.items()))
         if tok.random:
             self.log.warning('the tokenizer has RANDOM weights (--vae_ckpt random): fine for tests, useless for real '
                              'images. Its weights go into the checkpoints.')
@@ -427,7 +438,7 @@ class Run:
                  'sampler': self.sampler.position_at(self.loop.g_it),
                  'args': self.args.to_dict(), 'config': self.spec.to_dict(),
                  'tokenizer': dict(path=tok.path, random=tok.random, where=tok.where),
-                 'class_names': list(self.class_names), 'world_size': self.world,
+                 'class_names': list(self.class_names), 'sampling': self.sample_defaults, 'world_size': self.world,
                  'rng': rngs, 'best_val': self.loop.best_val, 'nonfinite': self.loop.nonfinite_run}
         if self.args.optim.fsdp:   # every rank writes its shards; rank 0 the plain rest and the marker
             tensors, plain = self.trainer.sharded_state_dict(with_vae=not tok.path)
@@ -455,7 +466,8 @@ class Run:
         if dist.is_master():
             save_slim(slim_export(self.var, self.spec, vae=self.vae if self.vae_ref is None else None,
                                   var_ema_sd=ema_sd, vae_ref=self.vae_ref, model_sd=model_sd,
-                                  class_names=self.class_names), self.der.slim_path)
+                                  class_names=self.class_names, sample_defaults=self.sample_defaults),
+                       self.der.slim_path)
         dist.barrier()
 
     def _validate(self) -> bool:

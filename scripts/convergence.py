@@ -32,7 +32,8 @@ from utils.atomic import write_json_atomic  # noqa: E402
 from utils.checkpoint import CheckpointError  # noqa: E402
 from utils.model_io import load_or_build  # noqa: E402
 from utils.sample.compile_util import SamplingError, prepare_for_sampling  # noqa: E402
-from utils.sample.config import add_model_source_args, add_sample_args, parse, resolve_device  # noqa: E402
+from utils.sample.config import (add_model_source_args, add_sample_args, parse, resolve_device,  # noqa: E402
+                                 with_recorded)
 
 
 # ---------------------------------------------------------------- arithmetic (pure)
@@ -137,7 +138,11 @@ def main(argv=None) -> Dict:
         raise SystemExit('give --var_ckpt PATH (a VIAR checkpoint) or --var_ckpt random')
     device = resolve_device(source.device)
     try:
-        var = load_or_build(source, device, seed=args.seed).var
+        loaded = load_or_build(source, device, seed=args.seed)
+        sample, line = with_recorded(sample, loaded.sample_defaults, names=('cfg', 'top_k', 'top_p'))
+        if line:
+            print(line)
+        var = loaded.var
         sampler = prepare_for_sampling(var, dtype=sample.dtype, fast=sample.fast)
     except (CheckpointError, SamplingError) as e:
         raise SystemExit(f'error: {e}') from None

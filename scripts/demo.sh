@@ -79,9 +79,13 @@ COMMON=(--data_path="$OUT/digits" --pn=1_2_3_4 --patch_size=4 --mid_reso=1.0 --h
         --vae_ckpt="$OUT/vae/vae.pth" --V=128 --Cvae=16 --vae_ch=32 --vae_ch_mult=1_2_4 --vae_num_res_blocks=1
         --depth=6 --width="$WIDTH" --heads="$HEADS" --bs=64 --tlr="$TLR" --max_steps="$AR_STEPS" --log_every=10
         --device=cpu --exp_name=digits-demo)
+# the exports record the demo's sampling defaults: gen_img.py, sampling.py and app.py use them for flags not typed
+SAMPLE="cfg=$CFG,top_k=$TOP_K,top_p=$TOP_P"
 $PY train.py "${COMMON[@]}" --use_implicit=True --p_depth=1 --jfb_n=0_4 --jfb_m=1_4 \
+  --sample_defaults="$SAMPLE,iter_left=$ITER_LEFT,iter_right=$ITER_RIGHT" \
   --local_out_dir_path="$OUT/viar" > "$OUT/viar.stdout" 2>&1 & pid_viar=$!
-$PY train.py "${COMMON[@]}" --use_implicit=False --local_out_dir_path="$OUT/var" > "$OUT/var.stdout" 2>&1 & pid_var=$!
+$PY train.py "${COMMON[@]}" --use_implicit=False --sample_defaults="$SAMPLE" \
+  --local_out_dir_path="$OUT/var" > "$OUT/var.stdout" 2>&1 & pid_var=$!
 watch_start 3/5 "VIAR=$OUT/viar.stdout" "VAR=$OUT/var.stdout"
 ok=1
 wait "$pid_viar" || { echo "VIAR training failed:"; tail -n 20 "$OUT/viar.stdout"; ok=0; }
@@ -92,8 +96,9 @@ t_ar=$(elapsed); mark transformers
 
 log "4/5 samples: classes 0..9 x $NSEEDS seeds (cfg $CFG, top-k $TOP_K, top-p $TOP_P, VIAR iterations $ITER_LEFT..$ITER_RIGHT)"
 SEEDS=$(seq -s ' ' 0 $((NSEEDS - 1)))
-GEN=(--vae_ckpt "$OUT/vae/vae.pth" --class_label 0 1 2 3 4 5 6 7 8 9 --seeds $SEEDS --cfg "$CFG" --top_k "$TOP_K"
-     --top_p "$TOP_P" --iter_left "$ITER_LEFT" --iter_right "$ITER_RIGHT" --batch_size 50 --device cpu --progress True)
+# no sampling flags: the exports' recorded defaults (above) apply
+GEN=(--vae_ckpt "$OUT/vae/vae.pth" --class_label 0 1 2 3 4 5 6 7 8 9 --seeds $SEEDS --batch_size 50 --device cpu
+     --progress True)
 $PY gen_img.py --var_ckpt "$OUT/viar/viar-slim.pth" --output_dir "$OUT/samples/viar" "${GEN[@]}" \
   > "$OUT/gen_viar.stdout" 2>&1 & pid_viar=$!
 $PY gen_img.py --var_ckpt "$OUT/var/var-slim.pth" --output_dir "$OUT/samples/var" "${GEN[@]}" \

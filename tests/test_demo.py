@@ -387,6 +387,13 @@ def test_quick_demo_runs_end_to_end(quick_demo, quick_demo_console):
     assert 0 < results['quiet_estimate_seconds'] <= results['cpu_seconds']
     for path in ('vae/vae.pth', 'viar/viar-slim.pth', 'var/var-slim.pth', 'grid.png'):
         assert (out / path).is_file(), path
+    # the exports record the demo's sampling settings, and the demo's own samples were drawn with them
+    from utils.checkpoint import read_checkpoint
+    record = dict(cfg=0.0, top_k=0, top_p=0.0)
+    assert read_checkpoint(str(out / 'viar' / 'viar-slim.safetensors'))['sampling'] == dict(record, iter_left=4,
+                                                                                           iter_right=4)
+    assert read_checkpoint(str(out / 'var' / 'var-slim.pth'))['sampling'] == record
+    assert 'cfg 0, top-k 0, top-p 0; schedule Con.(4,4)' in (out / 'gen_viar.stdout').read_text()
     from PIL import Image
     w, h = Image.open(out / 'grid.png').size
     assert h > w / 2 > 0    # two blocks of 10 rows x 2 columns side by side: taller than half its width
@@ -444,6 +451,11 @@ def test_readme_walkthrough_runs_on_a_quick_demo(quick_demo, tmp_path):
         logs.append(proc.stdout + proc.stderr)
     out = quick_demo / 'next'
     assert 'schedule Con.(1,1): 1,1,1,1' in logs[0] and 'schedule Dec.(8,2): 8,6,4,2' in logs[1]
+    # no sampling flag typed: every tool samples with the demo's recorded settings, and says so
+    for log in (logs[0], logs[2], logs[4], logs[5]):
+        assert 'sampling defaults from the file: cfg 0, top_k 0, top_p 0' in log
+    assert 'cfg 0, top-k 0, top-p 0; schedule Con.(1,1)' in logs[0]
+    assert 'schedule Con.(4,4): 4,4,4,4 iterations per scale' in logs[5]   # sampling.py at the demo's schedule
     for run in ('con1', 'dec8_2', 'adaptive'):
         assert len(list((out / run).glob('**/class3_seed[0-9].png'))) == 8, run
     for path in readme_grid_paths():          # the grids the text names exist, their 16 px cells enlarged to 64

@@ -43,7 +43,10 @@ def test_readme_finetune_block_runs_on_a_quick_demo(quick_demo, tmp_path):
     assert 'peak lr 0.001 = --tlr' in log and 'ETA' in log
     assert '(no val/ folder: 5% of each class held out of training), 2 classes' in log
     from utils.checkpoint import read_checkpoint
-    assert read_checkpoint(str(tmp_path / 'my_run' / 'viar-slim.safetensors'))['class_names'] == ['eight', 'three']
+    export = read_checkpoint(str(tmp_path / 'my_run' / 'viar-slim.safetensors'))
+    assert export['class_names'] == ['eight', 'three']
+    assert export['sampling'] == read_checkpoint(str(quick_demo / 'viar' / 'viar-slim.safetensors'))['sampling']
+    assert 'sampling defaults from the file: cfg 0' in logs[-1]
     samples = tmp_path / 'my_run' / 'samples' / 'viar-slim'
     for c in (0, 1):   # eight = 0, three = 1
         assert len(list(samples.glob(f'class{c}_seed[0-3].png'))) == 4

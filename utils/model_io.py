@@ -25,6 +25,7 @@ from utils.checkpoint import (OFFICIAL_FILES, CheckpointError, extract_state_dic
                               sha256_of, unwrap_model)
 from utils.safetensors_io import write_safetensors
 from utils.sample.compile_util import Sampler, SamplingError, prepare_for_sampling
+from utils.sample.config import recorded_defaults, with_recorded
 
 DEFAULT_VAE_CKPT = 'ckpts/vae_ch160v4096z32.pth'   # the official tokenizer of every official transformer
 RANDOM = 'random'
@@ -76,6 +77,7 @@ class Loaded:
     spec: ModelSpec
     ckpt: str
     class_names: Optional[List[str]] = None
+    sample_defaults: Optional[Dict[str, Any]] = None   # the sampling defaults the file records (--sample_defaults)
 
     @property
     def tag(self) -> str:
@@ -198,26 +200,42 @@ def load_or_build(source, device='cpu', log: Callable[[str], None] = print, seed
         vae, var, spec, obj = _load(var_ckpt, source.vae_ckpt, flags_spec, device, source.ema, source.arch, log)
     except ValueError as e:   # sizes the model constructors reject
         raise CheckpointError(f'cannot build the model from these flags: {e}') from None
-    return Loaded(vae, var, spec, var_ckpt, class_names=class_names_in(obj))
+    return Loaded(vae, var, spec, var_ckpt, class_names=class_names_in(obj),
+                  sample_defaults=sample_defaults_in(obj, var_ckpt))
 
 
-def load_sampler(source, sample, device, log: Callable[[str], None] = print) -> Tuple[Loaded, Sampler]:
-    """The pair a ModelSource describes and its Sampler for a `utils.sample.config.SampleConfig` (--dtype, --compile,
-    --fast), the config checked against the model; a checkpoint or option that does not work is a one-line
-    SystemExit."""
+def load_sampler(source, sample, device, log: Callable[[str], None] = print, info: Callable[[str], None] = print
+                 ) -> Tuple[Loaded, Sampler, Any]:
+    """The pair a ModelSource describes, its Sampler for a `utils.sample.config.SampleConfig` (--dtype, --compile,
+    --fast), and the config with the file's recorded sampling defaults in place of the flags not typed (said
+    through `info`), checked against the model; a checkpoint or option that does not work is a one-line SystemExit."""
     try:
         loaded = load_or_build(source, device, log=log)
+        sample, line = with_recorded(sample, loaded.sample_defaults)
+        if line:
+            info(line)
         sampler = prepare_for_sampling(loaded.var, compile=sample.compile, dtype=sample.dtype, fast=sample.fast)
         sample.check_model(loaded.var, log=log)
     except (CheckpointError, SamplingError) as e:
         raise SystemExit(f'error: {e}') from None
-    return loaded, sampler
+    return loaded, sampler, sample
 
 
 def class_names_in(obj: Any) -> Optional[List[str]]:
     """The class names a slim export or training checkpoint records, if any."""
     names = obj.get('class_names') if isinstance(obj, dict) else None
     return [str(n) for n in names] if isinstance(names, (list, tuple)) else None
+
+
+def sample_defaults_in(obj: Any, where: str) -> Optional[Dict[str, Any]]:
+    """The sampling defaults a slim export or training checkpoint records ('sampling'), checked; None if none."""
+    recorded = obj.get('sampling') if isinstance(obj, dict) else None
+    if not recorded:
+        return None
+    try:
+        return recorded_defaults(recorded, where=f"{where}'s recorded sampling defaults")
+    except SamplingError as e:
+        raise CheckpointError(f'{e}; type the sampling flags instead, or re-export the file') from None
 
 
 def tokenizer_ref(vae_ckpt: str) -> Optional[Dict[str, str]]:
@@ -230,13 +248,16 @@ def tokenizer_ref(vae_ckpt: str) -> Optional[Dict[str, str]]:
 
 
 def slim_export(var, spec: ModelSpec, vae=None, var_ema_sd=None, vae_ref: Optional[Dict[str, str]] = None,
-                model_sd: Optional[Dict[str, Any]] = None, class_names: Optional[List[str]] = None) -> Dict[str, Any]:
+                model_sd: Optional[Dict[str, Any]] = None, class_names: Optional[List[str]] = None,
+                sample_defaults: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The dict `train.py` saves for the sampling scripts: weights, config, the tokenizer (embedded as 'vae', or
-    recorded as 'vae_ref' = official name + sha256) and the class names (the training folders' names, in class-id
-    order). model_sd: the weights already gathered into one ordinary state dict (a sharded model), else var's own."""
+    recorded as 'vae_ref' = official name + sha256), the class names (the training folders' names, in class-id
+    order) and the sampling defaults the run was given (--sample_defaults). model_sd: the weights already gathered into one ordinary state dict (a sharded model), else var's own."""
     out = {'model': unwrap_model(var).state_dict() if model_sd is None else model_sd, 'config': spec.to_dict()}
     if class_names:
         out['class_names'] = list(class_names)
+    if sample_defaults:
+        out['sampling'] = dict(sample_defaults)
     if var_ema_sd is not None:
         out['model_ema'] = var_ema_sd
     if vae is not None:

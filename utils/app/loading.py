@@ -139,8 +139,11 @@ def fatal_load_error(named: bool, models: Sequence[AppModel], errors: Sequence[s
 
 
 def page_sample_defaults(models: Sequence[AppModel], demo: Optional[dict] = None) -> SampleConfig:
-    """The page's starting values: the demo's when serving it, else SampleConfig's; top-k within the vocabulary."""
-    defaults = SampleConfig(**(demo or {}))
+    """The page's starting values: the sampling defaults the first model's file records (train.py
+    --sample_defaults), else the demo's results.json (a demo folder made before files recorded them), else
+    SampleConfig's (ImageNet's); top-k within the vocabulary."""
+    recorded = next((m.loaded.sample_defaults for m in models if m.loaded.sample_defaults), None)
+    defaults = SampleConfig(**(recorded or demo or {}))
     vocab = min((m.var.V for m in models), default=None)
     if vocab is not None and defaults.top_k > vocab:
         defaults = dataclasses.replace(defaults, top_k=0)

@@ -10,7 +10,7 @@ typed: a checkpoint that disagrees with a typed model flag is reported, a defaul
 import argparse
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -169,6 +169,60 @@ class SampleConfig:
         """Keyword arguments of `autoregressive_infer_cfg` (and of a compile_util Sampler call)."""
         return dict(cfg=self.cfg, top_k=self.top_k, top_p=self.top_p, more_smooth=self.more_smooth,
                     schedule=self.schedule(num_scales), fill_forward=self.fill_forward, solver=self.solver_spec())
+
+
+# ---------------------------------------------------------------- sampling defaults a file records
+
+RECORDED = ('cfg', 'top_k', 'top_p', 'iter_left', 'iter_right')   # what `train.py --sample_defaults` can record
+IMAGENET_NOTE = 'cfg 1.5, top-k 900, top-p 0.96: the official ImageNet settings'
+
+
+def recorded_defaults(values: Union[str, Mapping[str, Any]], where: str = '--sample_defaults') -> Dict[str, Any]:
+    """The sampling defaults a training run records in its exports (the 'sampling' entry), from the flag's text
+    'cfg=0,top_k=0,top_p=0,iter_left=4,iter_right=4' or from a file's entry. A name outside RECORDED, a value of
+    the wrong type or out of range is a SamplingError naming `where`."""
+    if isinstance(values, str):
+        pairs = [p.partition('=') for p in values.split(',') if p.strip()]
+        if any(not sep or not k.strip() for k, sep, _ in pairs):
+            raise SamplingError(f'{where} takes name=value pairs separated by commas (e.g. cfg=0,top_k=0), '
+                                f'got {values!r}')
+        values = {k.strip(): v.strip() for k, _, v in pairs}
+    if not isinstance(values, Mapping):
+        raise SamplingError(f'{where} is not a table of sampling defaults (it holds {type(values).__name__})')
+    defaults = {f.name: f.default for f in dataclasses.fields(SampleConfig)}
+    out = {}
+    for name, value in values.items():
+        if name not in RECORDED:
+            raise SamplingError(f'{where}: {name!r} is not a sampling default a file can record; '
+                                f'use {", ".join(RECORDED)}')
+        kind = type(defaults[name])
+        try:
+            out[name] = kind(str(value))
+        except ValueError:
+            raise SamplingError(f'{where}: {name} must be {"an integer" if kind is int else "a number"}, '
+                                f'got {value!r}') from None
+    try:
+        SampleConfig(**out).validate()
+    except SamplingError as e:
+        raise SamplingError(f'{where}: {str(e).replace("--", "")}') from None
+    return out
+
+
+def with_recorded(sample: SampleConfig, recorded: Optional[Mapping[str, Any]], names: Sequence[str] = RECORDED
+                  ) -> Tuple[SampleConfig, str]:
+    """(the config with a file's recorded sampling defaults in place of the flags among `names` the user did not
+    type, the line that says where the defaults come from; '' when all of them were typed)."""
+    untyped = [n for n in names if not was_typed(sample, n)]
+    if not untyped:
+        return sample, ''
+    if not recorded:
+        return sample, f'sampling defaults: {IMAGENET_NOTE} (the file records none; type --cfg/--top_k/--top_p to change)'
+    use = {n: recorded[n] for n in untyped if n in recorded}
+    shown = ', '.join(f'{n} {v:g}' for n, v in use.items())
+    typed = sample.typed if sample.typed is not None else tuple(   # a config built in Python: what it set
+        f.name for f in dataclasses.fields(sample) if f.name != 'typed' and was_typed(sample, f.name))
+    return (dataclasses.replace(sample, typed=typed, **use),
+            f'sampling defaults from the file: {shown} (typed flags override them)')
 
 
 def was_typed(config, name: str) -> bool:

@@ -16,6 +16,8 @@ from utils import cli
 from utils.arch_flags import ArchFlags, add_arch_args, check_spec, given_fields
 from utils.cli import flag
 from utils.data.loader import available_cpus, resolve_workers
+from utils.sample.compile_util import SamplingError
+from utils.sample.config import RECORDED, recorded_defaults
 from utils.train.fsdp import fsdp_dtypes
 from utils.train.init_ckpt import check_init_flags
 
@@ -120,6 +122,10 @@ class RunArgs:
     val_every: int = flag(0, 'also validate every this many steps (0: only when saving per epoch)')
     log_every: int = flag(0, 'progress line every this many steps (0: ~20 per epoch)')
     step_log: bool = flag(False, 'every rank appends one JSON line per step (loss, n, m, lr) to steps-rank<r>.jsonl')
+    sample_defaults: str = flag('', "sampling defaults recorded in the exports, which gen_img.py, sampling.py and "
+                                    "app.py then use for flags not typed, e.g. cfg=0,top_k=0,top_p=0,iter_left=4,"
+                                    "iter_right=4 (names: " + ', '.join(RECORDED) + "; default: none recorded, the "
+                                    "tools use the ImageNet settings)")
 
 
 GROUPS = (('arch', ArchFlags), ('data', DataArgs), ('model', ModelArgs), ('optim', OptimArgs),
@@ -171,6 +177,7 @@ class Derived:
     last_ckpt: str
     best_ckpt: str
     slim_path: str
+    sample_defaults: Dict[str, object]   # --sample_defaults, checked
 
 
 def _parse_range(name: str, value: Sequence[int], lo: int) -> Tuple[int, int]:
@@ -220,6 +227,10 @@ def derive(args: TrainArgs, world_size: int, cpus: Optional[int] = None, ranks_p
     tb_name = re.sub(r'[^\w\-+,.]', '_', f'tb-VARd{spec.depth}__pn{pn}__b{o.bs}ep{s.ep}{o.opt[:4]}lr{o.tblr:g}wd{o.twd:g}')
     out = r.local_out_dir_path
     lr, lr_rule = peak_lr(o.tblr, o.tlr, o.bs)
+    try:
+        sample_defaults = recorded_defaults(r.sample_defaults) if r.sample_defaults else {}
+    except SamplingError as e:
+        raise SystemExit(str(e)) from None
     return Derived(
         world_size=world_size, batch_size=batch_size, glb_batch_size=batch_size * world_size, lr=lr, lr_rule=lr_rule,
         wd=o.twd, wd_end=o.twde or o.twd,
@@ -229,7 +240,7 @@ def derive(args: TrainArgs, world_size: int, cpus: Optional[int] = None, ranks_p
         jfb_no_grad=_parse_range('jfb_n', m.jfb_n, 0), jfb_with_grad=_parse_range('jfb_m', m.jfb_m, 1),
         tb_dir=os.path.join(out, tb_name),
         last_ckpt=os.path.join(out, 'ar-ckpt-last.pth'), best_ckpt=os.path.join(out, 'ar-ckpt-best.pth'),
-        slim_path=os.path.join(out, slim_name(spec.kind)),
+        slim_path=os.path.join(out, slim_name(spec.kind)), sample_defaults=sample_defaults,
     )
 
 
