@@ -1,9 +1,6 @@
-"""Child process that samples with the OFFICIAL VIAR implementation, for `sample_speed.py --official PATH`.
-
-Run by the benchmark as `python bench/official_runner.py PATH`: PATH (a checkout of the official code) goes first on
-sys.path and this project's root comes off it, because both packages are called `models`. It builds the official
-VQVAE and VAR/VIAR at the benchmark's sizes, loads the state dict the project's child loads, and answers the same
-`measure.serve` commands.
+"""The child that runs the OFFICIAL VIAR code for `--official PATH` (sample_speed.py, train_speed.py): run as
+`python bench/official_runner.py PATH`, it puts PATH first on sys.path and the project off it (both packages are
+called `models`), builds the official models at the benchmark's sizes and answers the `measure.serve` commands.
 """
 import os
 import sys
@@ -18,17 +15,15 @@ def _isolate(official_path: str) -> None:
 
 
 def kv_bytes_probe(var):
-    """Forward hooks recording the bytes each official attention layer's KV cache holds, by layer, in the dict
-    returned (the caller clears it before each call)."""
+    """Forward hooks recording, in the dict returned, the bytes each official attention layer's KV cache holds (the
+    caller clears it before each call)."""
     import torch
     held = {}
 
     def nbytes(x):
-        if isinstance(x, torch.Tensor):
-            return x.numel() * x.element_size()
         if isinstance(x, dict):
             return sum(nbytes(v) for v in x.values())
-        return 0
+        return x.numel() * x.element_size() if isinstance(x, torch.Tensor) else 0
 
     def hook(m, args, out):
         held[id(m)] = nbytes(m.cached_k) + nbytes(m.cached_v)
@@ -63,9 +58,8 @@ def handlers():
         # the project's one loader (weights only), loaded by path: the official package owns `utils` here
         ckpt = measure.load_project_module('viar_project_checkpoint', os.path.join('utils', 'checkpoint.py'))
         sd = ckpt.read_checkpoint(msg['state_path'])
-        vae.load_state_dict(sd['vae'], strict=True)
-        var.load_state_dict(sd['var'], strict=True)
-        del sd
+        vae.load_state_dict(sd.pop('vae'), strict=True)
+        var.load_state_dict(sd.pop('var'), strict=True)
         vae.eval(), var.eval()
         sch = msg['schedule']
         if sch.get('tau') is not None:

@@ -1,9 +1,8 @@
 """Sampling benchmark (not a test): images/s, peak memory and KV-cache bytes of VAR and VIAR per schedule.
 
-Each config (VAR, or VIAR with one iteration schedule) runs in its own child process, so its peak
-memory is its own (peak RSS on CPU, CUDA max allocated on a GPU). With `--official PATH` the same
-config also runs through the official implementation in a second child, on the same weights;
-the two children alternate call by call (after warm-up), so machine load hits both alike.
+Each config (VAR, or VIAR with one schedule) runs in its own child process, so its peak memory is its own (peak RSS on
+CPU, CUDA max allocated on a GPU). With `--official PATH` the official code runs the same config on the same weights
+in a second child; the two alternate call by call after warm-up, so machine load hits both alike.
 
     python bench/sample_speed.py --depth 12 --p_depth 2 --bs 4 --patch_nums 1,2,3,4,5,6,8 \
         --threads 1 --official /path/to/official/VIAR
@@ -24,9 +23,9 @@ from bench import measure  # noqa: E402
 from utils import cli  # noqa: E402
 from utils.cli import flag  # noqa: E402
 
-DEFAULT_SCHEDULES = '20:20,10:10,20:5,10:5,5:5,tau=0.01'
 MiB = 2 ** 20
 SPREAD_LIMIT = 0.10   # timed calls of one row that differ by more than 10% (slowest / fastest - 1): not a steady figure
+CPU_FLAGS_SHOWN = ('avx2', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'amx_tile', 'amx_bf16', 'amx_int8')
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -34,41 +33,35 @@ SPREAD_LIMIT = 0.10   # timed calls of one row that differ by more than 10% (slo
 def parse_schedules(text: str, num_scales: int, cap: int, tau_json: str = '', stop_mode: str = 'rel') -> List[Dict]:
     """The --schedules list as JSON-able schedules (utils.sample.schedule_flags.from_token names and counts)."""
     from utils.sample.schedule_flags import from_token
-    tokens = [t for t in text.split(',') if t.strip()]
-    return [from_token(t, num_scales, cap, tau_json, stop_mode).to_dict() for t in tokens]
+    return [from_token(t, num_scales, cap, tau_json, stop_mode).to_dict() for t in text.split(',') if t.strip()]
 
 
 def timing_basis(device: str, threads: int) -> str:
-    """'cpu' (process CPU time) for a single-threaded CPU run, robust to other processes sharing the
-    machine; 'wall' (wall-clock) otherwise, e.g. on a GPU."""
+    """'cpu' (process CPU time, robust to other processes on the machine) for a single-threaded CPU run; 'wall'
+    otherwise, e.g. on a GPU."""
     return 'cpu' if device == 'cpu' and threads == 1 else 'wall'
 
 
 def summarise(reps: List[Dict[str, float]], B: int, basis: str = 'wall') -> Dict[str, Any]:
-    """Images/s of the best timed call (total, transformer = total - VAE decode, decode) on both clocks;
-    the unprefixed figures use `basis`. Raw per-call seconds are kept."""
-    out = dict(basis=basis, wall_s=[r['wall_s'] for r in reps], decode_wall_s=[r['decode_wall_s'] for r in reps],
-               cpu_s=[r['cpu_s'] for r in reps], decode_cpu_s=[r['decode_cpu_s'] for r in reps])
-    for clock, total, dec in (('wall', 'wall_s', 'decode_wall_s'), ('cpu', 'cpu_s', 'decode_cpu_s')):
-        t_total = min(r[total] for r in reps)
-        t_tr = min(r[total] - r[dec] for r in reps)
-        t_dec = min(r[dec] for r in reps)
-        out[f'{clock}_images_per_s'] = B / t_total
-        out[f'{clock}_transformer_images_per_s'] = B / t_tr if t_tr > 0 else None
-        out[f'{clock}_decode_images_per_s'] = B / t_dec if t_dec > 0 else None
-    for key in ('images_per_s', 'transformer_images_per_s', 'decode_images_per_s'):
-        out[key] = out[f'{basis}_{key}']
+    """Images/s of the best timed call (total, transformer = total - VAE decode, decode) on both clocks; the
+    unprefixed figures use `basis`. Raw per-call seconds are kept."""
+    out = dict(basis=basis, **{k: [r[k] for r in reps] for k in ('wall_s', 'decode_wall_s', 'cpu_s', 'decode_cpu_s')})
+    for clock in ('wall', 'cpu'):
+        total, dec = f'{clock}_s', f'decode_{clock}_s'
+        for part, t in (('', min(r[total] for r in reps)), ('transformer_', min(r[total] - r[dec] for r in reps)),
+                        ('decode_', min(r[dec] for r in reps))):
+            out[f'{clock}_{part}images_per_s'] = B / t if t > 0 else None
+    for part in ('', 'transformer_', 'decode_'):
+        out[f'{part}images_per_s'] = out[f'{basis}_{part}images_per_s']
     return out
 
 
 def reliability(load: float, cpu_threads: int, rep_seconds: List[float], spread_limit: float = SPREAD_LIMIT
                 ) -> List[str]:
     """Why a row's timing is unreliable ([] when it is not): a load average above the machine's hardware threads
-    (runnable processes, this one included, queued for a core, so the clock measured waiting as well), or timed
-    calls that disagree by more than spread_limit (slowest / fastest - 1)."""
-    why = []
-    if load > cpu_threads:
-        why.append(f'load {load:.1f} > {cpu_threads} CPU threads')
+    (runnable processes queued for a core, so the clock measured waiting too), or timed calls that disagree by more
+    than spread_limit (slowest / fastest - 1)."""
+    why = [f'load {load:.1f} > {cpu_threads} CPU threads'] if load > cpu_threads else []
     if len(rep_seconds) > 1 and min(rep_seconds) > 0:
         spread = max(rep_seconds) / min(rep_seconds) - 1
         if spread > spread_limit:
@@ -83,21 +76,13 @@ def timing_cell(row: Dict[str, Any]) -> str:
     return 'UNRELIABLE: ' + '; '.join(row['unreliable']) if row['unreliable'] else 'ok'
 
 
-def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
-    return a / b if a and b else None
-
-
 def bound_fraction(side: Dict[str, Any], B: int, gemm_rates: Dict[str, float]) -> Dict[str, Optional[float]]:
     """The physical bound of one call, FLOPs / this CPU's peak GEMM rate in the side's dtype (seconds), and the
     fraction of it the side reaches (bound / its best call time; 1.0 = every FLOP at the peak GEMM rate)."""
     rate, flops, ips = gemm_rates.get(side.get('dtype')), side.get('flops'), side.get('images_per_s')
     if not (rate and flops and ips):
         return dict(bound_s=None, of_bound=None)
-    bound_s = flops / rate
-    return dict(bound_s=bound_s, of_bound=bound_s / (B / ips))
-
-
-CPU_FLAGS_SHOWN = ('avx2', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'amx_tile', 'amx_bf16', 'amx_int8')
+    return dict(bound_s=flops / rate, of_bound=flops / rate / (B / ips))
 
 
 def cpu_meta(flags, capability: str, env: Dict[str, str]) -> Dict[str, Any]:
@@ -108,82 +93,68 @@ def cpu_meta(flags, capability: str, env: Dict[str, str]) -> Dict[str, Any]:
                 native_bf16=native_bf16(flags, env.get('ONEDNN_MAX_CPU_ISA')))
 
 
-def memory_of(side: Dict[str, Any]) -> int:
-    """The peak memory plotted and tabled: of the memory-probe call, CUDA max allocated on a GPU, else peak RSS."""
-    return side['probe']['peak_bytes']
-
-
-def transformer_delta(side: Dict[str, Any]) -> int:
-    """Memory the transformer phase of a call adds to the loaded models (KV caches, activations, logits):
-    its peak minus the memory before the call (RSS with freed memory released on CPU; allocated on a GPU)."""
-    p = side['probe']
-    return max(0, p['transformer_peak_bytes'] - p['base_bytes'])
-
-
 def markdown_table(result: Dict[str, Any]) -> str:
-    """The README table: one row per config, ours (and official, ratio) side by side."""
+    """The README table: one row per config, ours (and official, ratio) side by side; then how it was measured."""
     meta, rows = result['meta'], result['rows']
+    cuda = meta['device'].startswith('cuda')
+    mem = 'CUDA max alloc' if cuda else 'peak RSS'
     has_off = any(r.get('official') for r in rows)
-    mem_name = 'CUDA max alloc' if meta['device'].startswith('cuda') else 'peak RSS'
-    head = ['model', 'schedule', 'iters/scale', 'img/s wall', 'img/s CPU', 'transformer img/s', 'VAE img/s',
-            f'{mem_name} MiB', 'transformer +MiB', 'KV MiB', 'timing']
-    if has_off:
-        head += ['official img/s', 'official transformer img/s', f'official {mem_name} MiB', 'official transformer +MiB',
-                 'official KV MiB', 'ratio', 'transformer ratio', 'same images']
     extra = sorted({k for r in rows for k in r if k.startswith('official_') and isinstance(r[k], dict)})
+    sides = ['ours'] + (['official'] if has_off else []) + extra
+    has_bound = any(r['ours'].get('of_bound') is not None for r in rows)
+    fmt = lambda x, p=2: '-' if x is None else f'{x:.{p}f}'   # noqa: E731
+    head = ['model', 'schedule', 'iters/scale', 'img/s wall', 'img/s CPU', 'transformer img/s', 'VAE img/s',
+            f'{mem} MiB', 'transformer +MiB', 'KV MiB', 'timing']
+    if has_off:
+        head += ['official img/s', 'official transformer img/s', f'official {mem} MiB', 'official transformer +MiB',
+                 'official KV MiB', 'ratio', 'transformer ratio', 'same images']
     for k in extra:   # further official dtypes (--official_dtypes)
         head += [f'official {k[9:]} img/s', f'ratio vs official {k[9:]}']
-    has_bound = any(r['ours'].get('of_bound') is not None for r in rows)
-    sides = ['ours'] + (['official'] if has_off else []) + extra
     if has_bound:
-        head += ['GFLOP/call'] + [f'{"ours" if k == "ours" else "official " + (k[9:] or meta.get("official_dtypes", ["?"])[0])}'
-                                  f' of bound' for k in sides]
-    fmt = lambda x, p=2: '-' if x is None else f'{x:.{p}f}'   # noqa: E731
-    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+        first = (meta.get('official_dtypes') or ['?'])[0]
+        head += ['GFLOP/call'] + [('ours' if k == 'ours' else f'official {k[9:] or first}') + ' of bound' for k in sides]
+
+    def mem_cells(s):   # the memory call's peak, what its transformer phase adds to the loaded models, the KV cache
+        p = s['probe']
+        return [fmt(p['peak_bytes'] / MiB, 0), fmt(max(0, p['transformer_peak_bytes'] - p['base_bytes']) / MiB, 0),
+                fmt(s['kv_cache_bytes'] / MiB, 1)]
+    body = []
     for r in rows:
-        o = r['ours']
-        on_clock = {c: o.get(f'{c}_images_per_s', o['images_per_s'] if meta['basis'] == c else None)
-                    for c in ('wall', 'cpu')}
+        o, f = r['ours'], r.get('official')
+        clock = {c: o.get(f'{c}_images_per_s', o['images_per_s'] if meta['basis'] == c else None)
+                 for c in ('wall', 'cpu')}
         cells = [r['model'], r['schedule'], ','.join(map(str, r['iters_used'] or r['counts'] or [])) or '-',
-                 fmt(on_clock['wall']), fmt(on_clock['cpu']), fmt(o['transformer_images_per_s']),
-                 fmt(o['decode_images_per_s']), fmt(memory_of(o) / MiB, 0), fmt(transformer_delta(o) / MiB, 0),
-                 fmt(o['kv_cache_bytes'] / MiB, 1), timing_cell(r)]
+                 fmt(clock['wall']), fmt(clock['cpu']), fmt(o['transformer_images_per_s']),
+                 fmt(o['decode_images_per_s']), *mem_cells(o), timing_cell(r)]
         if has_off:
-            f = r.get('official')
-            if f:
-                cells += [fmt(f['images_per_s']), fmt(f['transformer_images_per_s']), fmt(memory_of(f) / MiB, 0),
-                          fmt(transformer_delta(f) / MiB, 0), fmt(f['kv_cache_bytes'] / MiB, 1), fmt(r['ratio']),
-                          fmt(r['transformer_ratio']), 'yes' if r['same_images'] else 'NO']
-            else:
-                cells += ['n/a'] * 8
+            cells += ([fmt(f['images_per_s']), fmt(f['transformer_images_per_s']), *mem_cells(f), fmt(r['ratio']),
+                       fmt(r['transformer_ratio']), 'yes' if r['same_images'] else 'NO'] if f else ['n/a'] * 8)
         for k in extra:
             cells += [fmt(r[k]['images_per_s']), fmt(r[f'ratio_{k}'])] if r.get(k) else ['n/a'] * 2
         if has_bound:
-            cells += [fmt((o.get('flops') or 0) / 1e9, 1) or '-']
+            cells += [fmt((o.get('flops') or 0) / 1e9, 1)]
             cells += [f"{100 * r[k]['of_bound']:.0f}%" if r.get(k) and r[k].get('of_bound') else 'n/a' for k in sides]
-        lines.append('| ' + ' | '.join(cells) + ' |')
-    cpu = meta.get('cpu') or {}
+        body.append(cells)
+    cpu = meta.get('cpu')
     rates = ', '.join(f'{d} {g:.0f}' for d, g in (meta.get('gemm_gflops') or {}).items())
-    note = (f"\n{meta['machine']}"
+    note = (meta['machine']
             + (f" (flags: {' '.join(cpu['flags']) or 'none of ' + '/'.join(CPU_FLAGS_SHOWN)}; torch kernels "
                f"{cpu['capability']}{''.join(f', {k}={v}' for k, v in cpu['caps'].items())})" if cpu else '')
             + (f"; peak GEMM GFLOP/s (1360x768 @ 768x3072): {rates}" if rates else '')
-            + f"; {meta['device']}, {meta['threads']} thread(s), ours {meta['dtype']}"
-            + (' --fast' if meta.get('fast') else '')
+            + f"; {meta['device']}, {meta['threads']} thread(s), ours {meta['dtype']}" + (' --fast' if meta.get('fast') else '')
             + (f", official {','.join(meta['official_dtypes'])}" if has_off and meta.get('official_dtypes') else '')
-            + f", batch {meta['B']}, "
-            f"depth {meta['depth']} (width {meta['width']}), VIAR pre/post {meta['pre_depth']}/{meta['post_depth']}, "
-            f"patch_nums {','.join(map(str, meta['patch_nums']))} ({meta['image_px']} px), "
-            f"{'checkpoint ' + meta['var_ckpt'] if meta['var_ckpt'] else 'random weights'}; "
+            + f", batch {meta['B']}, depth {meta['depth']} (width {meta['width']}), VIAR pre/post "
+            f"{meta['pre_depth']}/{meta['post_depth']}, patch_nums {','.join(map(str, meta['patch_nums']))} "
+            f"({meta['image_px']} px), {'checkpoint ' + meta['var_ckpt'] if meta['var_ckpt'] else 'random weights'}; "
             f"best of {meta['reps']} calls after {meta['warmup']} warm-up"
             f"{', alternating with the official code' if has_off else ''}; img/s on both clocks (CPU: images per "
             f"second of process CPU time, all threads), the other rates by "
             f"{'process CPU time' if meta['basis'] == 'cpu' else 'wall clock'}; timing UNRELIABLE where the load "
-            f"average passed the CPU threads or the timed calls differ by more than {100 * SPREAD_LIMIT:.0f}%; "
-            f"memory from one more call "
-            f"({'peak minus allocated before it' if meta['device'].startswith('cuda') else 'peak RSS; +MiB over the RSS before it, freed memory released'}); "
-            f"load average {meta['load_avg']}.\n")
-    return '\n'.join(lines) + '\n' + note
+            f"average passed the CPU threads or the timed calls differ by more than {100 * SPREAD_LIMIT:.0f}%; memory "
+            "from one more call ("
+            + ('peak minus allocated before it' if cuda else 'peak RSS; +MiB over the RSS before it, freed memory released')
+            + f"); load average {meta['load_avg']}.\n")
+    return measure.table(head, body) + '\n\n' + note
 
 
 def profile_table(result: Dict[str, Any]) -> str:
@@ -191,16 +162,13 @@ def profile_table(result: Dict[str, Any]) -> str:
     out = []
     for r in result['rows']:
         sides = [k for k in ('ours', 'official') if r.get(k) and 'profile' in r[k]]
-        if not sides:
-            continue
-        per = {k: {o['name']: o['self_cpu_s'] for o in r[k]['profile']['ops']} for k in sides}
-        names = sorted(set().union(*per.values()), key=lambda n: -max(p.get(n, 0.0) for p in per.values()))
-        out += [f"### {r['model']} {r['schedule']}", '', '| op | ' + ' | '.join(f'{k} self s' for k in sides) + ' |',
-                '|---|' + '---|' * len(sides)]
-        for n in names:
-            out.append(f'| {n} | ' + ' | '.join(f'{per[k][n]:.3f}' if n in per[k] else '-' for k in sides) + ' |')
-        out.append('| total (all ops) | ' + ' | '.join(f"{r[k]['profile']['total_self_cpu_s']:.3f}" for k in sides) + ' |')
-        out.append('')
+        if sides:
+            per = {k: {o['name']: o['self_cpu_s'] for o in r[k]['profile']['ops']} for k in sides}
+            names = sorted(set().union(*per.values()), key=lambda n: -max(p.get(n, 0.0) for p in per.values()))
+            body = [[n] + [f'{per[k][n]:.3f}' if n in per[k] else '-' for k in sides] for n in names]
+            body.append(['total (all ops)'] + [f"{r[k]['profile']['total_self_cpu_s']:.3f}" for k in sides])
+            head = ['op'] + [f'{k} self s' for k in sides]
+            out += [f"### {r['model']} {r['schedule']}", '', measure.table(head, body), '']
     return '\n'.join(out)
 
 
@@ -212,12 +180,11 @@ def plot(result: Dict[str, Any], path: str) -> None:
     meta = result['meta']
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for side, filled in (('ours', True), ('official', False)):
-        pts = [(r, r[side]) for r in result['rows'] if r.get(side)]
-        for r, s in pts:
-            x, y = memory_of(s) / MiB, s['images_per_s']
-            is_var = r['model'] == 'VAR'
+        for r in (r for r in result['rows'] if r.get(side)):
+            x, y, is_var = r[side]['probe']['peak_bytes'] / MiB, r[side]['images_per_s'], r['model'] == 'VAR'
+            color = 'C3' if is_var else 'C0'
             ax.scatter([x], [y], marker='*' if is_var else 'o', s=140 if is_var else 50,
-                       facecolors=('C3' if is_var else 'C0') if filled else 'none', edgecolors='C3' if is_var else 'C0')
+                       facecolors=color if filled else 'none', edgecolors=color)
             if filled:
                 ax.annotate('VAR' if is_var else r['schedule'], (x, y), textcoords='offset points', xytext=(5, 4), fontsize=8)
     ax.set_xlabel(('CUDA max allocated' if meta['device'].startswith('cuda') else 'peak RSS') + ' (MiB)')
@@ -249,14 +216,12 @@ def _our_handlers():
         spec = ModelSpec.from_dict(msg['model'])
         vae, var = spec.build(device)
         sd = read_checkpoint(msg['state_path'])
-        load_vae_weights(vae, sd['vae'])
-        load_var_weights(var, sd['var'])
-        del sd
-        schedule = IterSchedule.from_dict(msg['schedule'])
+        load_vae_weights(vae, sd.pop('vae'))
+        load_var_weights(var, sd.pop('var'))
         sampler = prepare_for_sampling(var.eval(), compile=msg['compile'], dtype=msg['dtype'], fast=msg['fast'])
         label_B = torch.arange(msg['B'], device=device) % spec.num_classes
-        kw = dict(g_seed=msg['g_seed'], cfg=msg['cfg'], top_k=msg['top_k'], top_p=msg['top_p'], schedule=schedule,
-                  fill_forward=msg['fill_forward'], return_stats=True)
+        kw = dict(g_seed=msg['g_seed'], cfg=msg['cfg'], top_k=msg['top_k'], top_p=msg['top_p'],
+                  schedule=IterSchedule.from_dict(msg['schedule']), fill_forward=msg['fill_forward'], return_stats=True)
         st.update(device=device, call=lambda: sampler(msg['B'], label_B, **kw), decode=measure.DecodeTimer(vae, device),
                   overall={})
         rss = measure.memory.current_rss_bytes()
@@ -277,9 +242,9 @@ class SpeedArgs:
     """Which models and schedules run, and how each child is timed (random weights unless --var_ckpt)."""
     models: str = flag('VAR,VIAR', 'which of VAR, VIAR to run (a checkpoint fixes it)')
     seed: int = flag(0, 'seed of the random weights')
-    schedules: str = flag(DEFAULT_SCHEDULES, "comma list: 'A:B' = the iter_left/iter_right knob (this project's K-point "
-                                             "rule); 'A:B/10' = the official 10-point rule; 'tau=X' or 'tau=json' = "
-                                             "adaptive (--tau_cap, --tau_json)")
+    schedules: str = flag('20:20,10:10,20:5,10:5,5:5,tau=0.01',
+                          "comma list: 'A:B' = the iter_left/iter_right knob (this project's K-point rule); 'A:B/10' = "
+                          "the official 10-point rule; 'tau=X' or 'tau=json' = adaptive (--tau_cap, --tau_json)")
     bs: int = flag(4, 'images per call (the CFG batch is twice this)')
     g_seed: int = flag(0, 'sampling seed (same images every call)')
     threads: int = flag(0, 'torch threads per child (0: torch default)')
@@ -332,31 +297,25 @@ def write_state(source, kind: str, tmpdir: str, seed: int):
 
 def run_config(args, spec, state_path: str, schedule: Dict[str, Any], device: str) -> Dict[str, Any]:
     """One config: start the children, warm up, alternate timed calls, collect memory; one result row."""
-    env = dict(os.environ)
-    if args.threads:
-        env['OMP_NUM_THREADS'] = str(args.threads)
+    env = dict(os.environ, **({'OMP_NUM_THREADS': str(args.threads)} if args.threads else {}))
     msg = dict(model=spec.to_dict(), state_path=state_path, schedule=schedule, B=args.bs, dtype=args.dtype,
                device=device, threads=args.threads, g_seed=args.g_seed, cfg=args.cfg, top_k=args.top_k,
                top_p=args.top_p, fill_forward=not args.official_kv, compile=args.compile, fast=args.fast)
     is_viar = spec.kind == 'VIAR'
-    load_before = os.getloadavg()[0]
-    kids = {'ours': measure.Child([sys.executable, os.path.abspath(__file__), '--serve'], 'project', env=env,
-                                  cwd=measure.ROOT)}
-    dtypes = {'ours': args.dtype}
+    msgs = {'ours': msg}
     if args.official and schedule['tau'] is None:
-        for dt in args.official_dtypes:   # the first is 'official', the others 'official_<dtype>'
-            k = 'official' if dt == args.official_dtypes[0] else f'official_{dt}'
-            kids[k] = measure.official_child(args.official, k, env=env)
-            dtypes[k] = dt
-    if not is_viar:   # the official sampler always takes the knob, which a VAR ignores: pass its default
         from models.schedules import official_iters
-        K = len(spec.patch_nums)
-        official_msg = dict(msg, schedule=dict(schedule, knob=[10, 10], counts=official_iters(10, 10, K)))
-    else:
-        official_msg = msg
+        official_schedule = schedule if is_viar else dict(   # a VAR ignores the knob the official sampler takes
+            schedule, knob=[10, 10], counts=official_iters(10, 10, len(spec.patch_nums)))
+        for dt in args.official_dtypes:   # the first is 'official', the others 'official_<dtype>'
+            msgs['official' if dt == args.official_dtypes[0] else f'official_{dt}'] = dict(
+                msg, dtype=dt, schedule=official_schedule)
+    load_before, kids = os.getloadavg()[0], {}
     try:
-        built = {k: c.ask(cmd='setup', **dict(msg if k == 'ours' else official_msg, dtype=dtypes[k]))
-                 for k, c in kids.items()}
+        for k in msgs:
+            kids[k] = (measure.Child([sys.executable, os.path.abspath(__file__), '--serve'], 'project', env=env,
+                                     cwd=measure.ROOT) if k == 'ours' else measure.official_child(args.official, k, env))
+        built = {k: c.ask(cmd='setup', **msgs[k]) for k, c in kids.items()}
         reps = {k: [] for k in kids}
         for i in range(args.warmup + args.reps):
             for k, c in kids.items():   # alternate, so load changes hit both sides alike
@@ -368,27 +327,27 @@ def run_config(args, spec, state_path: str, schedule: Dict[str, Any], device: st
     finally:
         for c in kids.values():
             c.close()
+    basis = timing_basis(device, args.threads)
     row = dict(model=spec.kind, schedule=schedule['name'] if is_viar else '-',
                counts=schedule['counts'] if is_viar else None)
     for k in kids:
         last = reps[k][-1]
-        row[k] = dict(summarise(reps[k], args.bs, timing_basis(device, args.threads)),
-                      kv_cache_bytes=last['kv_cache_bytes'], digest=last['digest'], dtype=dtypes[k],
-                      rss_after_build_bytes=built[k]['rss_after_build_bytes'], **mem[k])
-        row[k].update(bound_fraction(row[k], args.bs, args.gemm_rates))
-        if k in prof:
-            row[k]['profile'] = prof[k]
+        row[k] = dict(summarise(reps[k], args.bs, basis), kv_cache_bytes=last['kv_cache_bytes'], digest=last['digest'],
+                      dtype=msgs[k]['dtype'], rss_after_build_bytes=built[k]['rss_after_build_bytes'], **mem[k])
+        row[k].update(bound_fraction(row[k], args.bs, args.gemm_rates), **({'profile': prof[k]} if k in prof else {}))
     row['iters_used'] = reps['ours'][-1]['iters']
-    basis = timing_basis(device, args.threads)
     row['load_avg'] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     row['unreliable'] = reliability(max(row['load_avg']), os.cpu_count() or 1, row['ours'][f'{basis}_s'])
+
+    def ratio(k, rate):
+        a, b = row['ours'][rate], row[k][rate]
+        return a / b if a and b else None
     if 'official' in row:
         for rate in (f'{clock}{part}' for clock in ('', 'wall_', 'cpu_') for part in ('', 'transformer_')):
-            row[f'{rate}ratio'] = ratio(row['ours'][f'{rate}images_per_s'], row['official'][f'{rate}images_per_s'])
+            row[f'{rate}ratio'] = ratio('official', f'{rate}images_per_s')
         row['same_images'] = row['ours']['digest'] == row['official']['digest']
-    for k in kids:
-        if k.startswith('official_'):
-            row[f'ratio_{k}'] = ratio(row['ours']['images_per_s'], row[k]['images_per_s'])
+    for k in (k for k in kids if k.startswith('official_')):
+        row[f'ratio_{k}'] = ratio(k, 'images_per_s')
     return row
 
 
@@ -409,7 +368,7 @@ def main(argv=None):
     import torch
     from utils.atomic import write_json_atomic
     from utils.checkpoint import CheckpointError
-    from utils.sample.compile_util import read_cpu_flags
+    from utils.sample.compile_util import AUTOCAST_DTYPES, read_cpu_flags
     from utils.sample.config import parse, resolve_device
     args, source, sample = parse(build_parser(), argv, schedule_list=True)
     device = resolve_device(source.device)
@@ -430,7 +389,6 @@ def main(argv=None):
     load_start = ' '.join(f'{x:.1f}' for x in os.getloadavg())
     args.gemm_rates = {}
     if device.type == 'cpu':   # the physical bound: this CPU's peak GEMM rate in every dtype that runs
-        from utils.sample.compile_util import AUTOCAST_DTYPES
         threads = torch.get_num_threads()
         torch.set_num_threads(args.threads or threads)
         args.gemm_rates = {d: measure.gemm_rate(AUTOCAST_DTYPES[d] or torch.float32, timing_basis('cpu', args.threads))
@@ -450,24 +408,22 @@ def main(argv=None):
                                                           min_iters=1, knob=None)]
             for sched in configs:
                 print(f'[sample_speed] {kind} {sched["name"]} ...', file=sys.stderr, flush=True)
-                rows.append(run_config(args, spec, state_path, sched, str(device)))
-                ours = rows[-1]['ours']
-                print(f'[sample_speed]   ours {ours["wall_images_per_s"]:.3f} img/s wall, '
-                      f'{ours["cpu_images_per_s"]:.3f} img/s CPU'
-                      + (f', official {rows[-1]["official"]["images_per_s"]:.3f} img/s' if rows[-1].get('official') else '')
-                      + (f'; UNRELIABLE: {"; ".join(rows[-1]["unreliable"])}' if rows[-1]['unreliable'] else ''),
+                r = run_config(args, spec, state_path, sched, str(device))
+                rows.append(r)
+                print(f'[sample_speed]   ours {r["ours"]["wall_images_per_s"]:.3f} img/s wall, '
+                      f'{r["ours"]["cpu_images_per_s"]:.3f} img/s CPU'
+                      + (f', official {r["official"]["images_per_s"]:.3f} img/s' if r.get('official') else '')
+                      + (f'; UNRELIABLE: {"; ".join(r["unreliable"])}' if r['unreliable'] else ''),
                       file=sys.stderr, flush=True)
-    last_spec = spec
     meta = dict(machine=torch.cuda.get_device_name(device) if device.type == 'cuda' else measure.machine_name(),
                 device=str(device), threads=args.threads or torch.get_num_threads(), dtype=args.dtype, fast=args.fast,
                 official_dtypes=args.official_dtypes if args.official else [], B=args.bs,
                 cpu=cpu_meta(read_cpu_flags(), torch.backends.cpu.get_cpu_capability(), dict(os.environ))
                 if device.type == 'cpu' else None, gemm_gflops={d: r / 1e9 for d, r in args.gemm_rates.items()},
-                depth=last_spec.depth, width=last_spec.width,
-                pre_depth=last_spec.pre_depth, post_depth=last_spec.post_depth, patch_nums=list(last_spec.patch_nums),
-                image_px=last_spec.image_px, var_ckpt='' if source.var_ckpt == 'random' else source.var_ckpt,
-                warmup=args.warmup, reps=args.reps, compile=args.compile, official=args.official or None,
-                basis=timing_basis(str(device), args.threads),
+                depth=spec.depth, width=spec.width, pre_depth=spec.pre_depth, post_depth=spec.post_depth,
+                patch_nums=list(spec.patch_nums), image_px=spec.image_px,
+                var_ckpt='' if source.var_ckpt == 'random' else source.var_ckpt, warmup=args.warmup, reps=args.reps,
+                compile=args.compile, official=args.official or None, basis=timing_basis(str(device), args.threads),
                 cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, fill_forward=not args.official_kv,
                 load_avg=f"{load_start} -> {' '.join(f'{x:.1f}' for x in os.getloadavg())}", torch=torch.__version__)
     result = dict(meta=meta, rows=rows)
