@@ -1,8 +1,10 @@
-"""Token sampling arithmetic: CFG ratio, top-k / top-p filtering, seeded Gumbel softmax.
+"""Token sampling arithmetic: CFG ratio, top-k / top-p filtering, the fast path's draw over the top-k candidates,
+seeded Gumbel softmax.
 
-Shapes: B batch, l tokens of the current scale, V vocabulary.
+Shapes: B batch, l tokens of the current scale, V vocabulary, K top-k candidates of a position (top_k, more
+where logits tie with the k-th).
 """
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +59,55 @@ def sample_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float =
         return torch.stack([torch.multinomial(probs_BlV[b], 1, replacement=True, generator=g).view(l)
                             for b, g in enumerate(rng)])
     return torch.multinomial(probs_BlV.view(-1, V), num_samples=1, replacement=True, generator=rng).view(B, l)
+
+
+def top_k_candidates(logits_BlV: torch.Tensor, top_k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(vals_BlK, idx_BlK): every logit >= the k-th largest of its position (ties with the k-th all kept, as
+    `filter_top_k_top_p_` keeps them) and its vocabulary id; K is the largest such count over the positions, and a
+    position with fewer is padded with -inf. Order within a position is unspecified."""
+    vals_BlK, idx_BlK = logits_BlV.topk(top_k, dim=-1, largest=True, sorted=False)
+    kth_Bl1 = vals_BlK.amin(dim=-1, keepdim=True)
+    K = int((logits_BlV >= kth_Bl1).sum(dim=-1).max())
+    if K > top_k:   # some k-th value ties with logits topk left out: widen, then drop what lies below each k-th
+        vals_BlK, idx_BlK = logits_BlV.topk(K, dim=-1, largest=True, sorted=False)
+        vals_BlK = vals_BlK.masked_fill(vals_BlK < kth_Bl1, -torch.inf)
+    return vals_BlK, idx_BlK
+
+
+def candidate_weights(vals_BlK: torch.Tensor, top_p: float = 0.0) -> torch.Tensor:
+    """Unnormalised fp32 probabilities of the candidates (the most likely = 1), zero outside the smallest set whose
+    probability reaches top_p (`filter_top_k_top_p_`'s top-p rule; top_p == 0: all kept)."""
+    vals_BlK = vals_BlK.float()
+    w_BlK = (vals_BlK - vals_BlK.amax(dim=-1, keepdim=True)).exp_()
+    if top_p > 0:
+        w_BlK, order_BlK = w_BlK.sort(dim=-1)   # ascending, as the exact rule accumulates
+        cum_BlK = w_BlK.cumsum(dim=-1)
+        drop_BlK = cum_BlK <= (1 - top_p) * cum_BlK[..., -1:]
+        drop_BlK[..., -1:] = False   # always keep the most likely token
+        w_BlK = torch.zeros_like(w_BlK).scatter_(-1, order_BlK, w_BlK.masked_fill_(drop_BlK, 0))
+    return w_BlK
+
+
+def draw_from_weights(w_BlK: torch.Tensor, rng: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One index per position with probability w / w.sum() (inverse CDF, one uniform per position): pos_Bl."""
+    cum_BlK = w_BlK.cumsum(dim=-1)
+    total_Bl1 = cum_BlK[..., -1:]
+    u_Bl1 = torch.rand(total_Bl1.shape, generator=rng, device=w_BlK.device)
+    # below the total, so the first cum > target exists and has positive weight (zero weights own empty intervals)
+    target_Bl1 = torch.minimum(u_Bl1 * total_Bl1, total_Bl1.nextafter(torch.zeros_like(total_Bl1)))
+    return torch.searchsorted(cum_BlK, target_Bl1, right=True).squeeze(-1)
+
+
+def sample_candidates(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0, rng: Rng = None) -> torch.Tensor:
+    """`sample_top_k_top_p_`'s distribution drawn over the top-k candidates only (fp32 softmax, another RNG
+    stream): idx_Bl. logits_BlV is left as it is; no top-k (0 or >= V) falls back to the exact sampler."""
+    if not 0 < top_k < logits_BlV.shape[-1]:
+        return sample_top_k_top_p_(logits_BlV, top_k, top_p, rng)
+    if isinstance(rng, list):   # row by row: a row's candidates, hence its draws, do not depend on other rows
+        return torch.cat([sample_candidates(logits_BlV[b:b + 1], top_k, top_p, g) for b, g in enumerate(rng)])
+    vals_BlK, idx_BlK = top_k_candidates(logits_BlV, top_k)
+    pos_Bl = draw_from_weights(candidate_weights(vals_BlK, top_p), rng)
+    return idx_BlK.gather(-1, pos_Bl.unsqueeze(-1)).squeeze(-1)
 
 
 def gumbel_softmax(logits: torch.Tensor, tau: float, rng: Rng = None) -> torch.Tensor:

@@ -229,8 +229,10 @@ class VARBase(nn.Module):
         that scale never ran. With return_stats, returns (images, SampleStats).
         solver: how VIAR solves each scale (None: the plain iteration; SolverSpec('anderson'), see
         models/solver.py and docs/SPEED.md); VAR ignores it.
-        fast: the same maths with other rounding (VIAR computes its input injection once per scale); the
-        default False keeps the official arithmetic bit for bit. Usually set by utils.sample.compile_util.
+        fast: the same maths with other rounding (VIAR computes its input injection once per scale) and top-k
+        draws over the candidates only (`sample_ops.sample_candidates`: the same distribution, another RNG stream);
+        the default False keeps the official arithmetic and draws bit for bit. Usually set by
+        utils.sample.compile_util.
         """
         K = len(self.patch_nums)
         schedule = schedule or IterSchedule(linspace_iters(iter_left, iter_right, K))
@@ -255,6 +257,8 @@ class VARBase(nn.Module):
         lvl_pos_1LC = self.lvl_embed(self.lvl_1L) + self.pos_1LC
         state = self.new_infer_state(schedule, fill_forward, solver, fast)
         stats = SampleStats()
+        # more_smooth reads the logits the exact sampler filters in place (as official); the candidates one does not
+        sample = sample_ops.sample_candidates if fast and not more_smooth else sample_ops.sample_top_k_top_p_
 
         quant = self.vae_quant_proxy[0]
         next_RlC = sos.unsqueeze(1).expand(R, self.first_l, -1) + self.pos_start.expand(R, self.first_l, -1) \
@@ -266,7 +270,7 @@ class VARBase(nn.Module):
             logits_BlV = self.get_logits(h_RlC, cond_RD, ada_head)
             if guided:
                 logits_BlV = sample_ops.guide(logits_BlV, sample_ops.cfg_ratio(cfg, si, K))
-            idx_Bl = sample_ops.sample_top_k_top_p_(logits_BlV, top_k=top_k, top_p=top_p, rng=rng)
+            idx_Bl = sample(logits_BlV, top_k=top_k, top_p=top_p, rng=rng)
             if edit is not None:
                 idx_Bl = torch.where(edit.keep_Bl[si], edit.gt_idx_Bl[si], idx_Bl)
             if more_smooth and edit is None:   # visualisation only, never for FID

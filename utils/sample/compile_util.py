@@ -5,10 +5,11 @@
 
 fp32 without compile or fast is exactly `var.autoregressive_infer_cfg` (bit for bit, the official numbers).
 fast keeps the maths and changes the rounding (docs/SPEED.md, "The fast path"): `fast_dtype` for dtype 'auto',
-VIAR's input injection once per scale, a channels_last VQVAE decoder. compile compiles, in place, the modules the
-scale loop runs (`var.scale_loop_modules()`, dynamic shapes: all scales share a handful of graphs) and the VQVAE
-decoder; the scale loop, KV-cache bookkeeping and sampling stay eager. Compiled kernels sum in another order, so
-compiled samples match eager ones within float tolerance.
+VIAR's input injection once per scale, top-k draws over the candidates only (the same distribution, another RNG
+stream), a channels_last VQVAE decoder. compile compiles, in place, the modules the scale loop runs
+(`var.scale_loop_modules()`, dynamic shapes: all scales share a handful of graphs) and the VQVAE decoder; the scale
+loop, KV-cache bookkeeping and sampling stay eager. Compiled kernels sum in another order, so compiled samples match
+eager ones within float tolerance.
 """
 import contextlib
 import functools
