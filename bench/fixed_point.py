@@ -1,13 +1,11 @@
 """Fewer iterations for the same fixed point (a benchmark, not a test): plain iteration against Anderson acceleration.
 
-VIAR samples each scale by iterating z <- G_t(z) from z0 = x. On one trained VIAR this runs each solver of
-`--options` (`SolverSpec`, through `var.autoregressive_infer_cfg(..., solver=...)`) under adaptive schedules and
-fixed counts. Every run is forced (`EditSpec`, all positions kept) onto the tokens of a reference run of
-`--ref_iters` plain iterations per scale, so each scale sees the same input; the distance at scale k is
-||z_k - z_k^ref|| / ||z_k^ref|| of the implicit block's output, reported with its maximum over scales, the logits'
-distance, and the share of free-running samples' tokens equal to the reference's. Images/s: best of `--reps`
-free-running calls by process CPU time. The model is watched only through public hooks (`register_iterate_hook`,
-forward hooks on `var.head` and the tokenizer's `quantize.embedding`). docs/SPEED.md reports the results.
+On one trained VIAR, each solver of `--options` samples under adaptive schedules and fixed counts, forced
+(`EditSpec`, all positions kept) onto the tokens of a reference run of `--ref_iters` plain iterations per scale, so
+each scale sees the same input. Distance at scale k: ||z_k - z_k^ref|| / ||z_k^ref|| of the implicit block's output
+(and its maximum over scales), the logits' distance, and the share of free-running tokens equal to the reference's.
+Images/s: best of `--reps` free-running calls by process CPU time. The model is watched only through public hooks
+(`register_iterate_hook`, forward hooks on `var.head` and `quantize.embedding`). docs/SPEED.md reports the results.
 
     .venv/bin/python bench/fixed_point.py --var_ckpt demo_output/viar/viar-slim.pth \
         --vae_ckpt demo_output/vae/vae.pth --out bench_out/fixed_point
@@ -17,7 +15,6 @@ Writes OUT/fixed_point.json, OUT/fixed_point.md (the tables) and OUT/fixed_point
 """
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -63,12 +60,8 @@ def interp_at(xs: Sequence[float], ys: Sequence[float], x: float) -> Optional[fl
         if x0 <= x <= x1:
             if x1 == x0:
                 return min(y0, y1)
-            w = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
-            return y0 + w * (y1 - y0)
-    for a, b in pts:
-        if a == x:
-            return b
-    return None
+            return y0 + (y1 - y0) * (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+    return next((b for a, b in pts if a == x), None)
 
 
 def frontier(points: Sequence[Dict[str, Any]], key: str, sign: float = 1.0) -> List[Dict[str, Any]]:
@@ -228,22 +221,20 @@ def study(vae, var, args) -> Dict[str, Any]:
 
 def markdown(result: Dict[str, Any]) -> str:
     """The per-option table and the equal-distance summary."""
-    lines = ['| option | schedule | iters per scale | total | distance (max z rel L2) | per scale '
-             '| logits rel L2 (max) | token agreement (min over scales) | img/s |', '|' + '---|' * 9]
-    for r in result['rows']:
-        lines.append(f"| {r['option']} | {r['schedule']} | {','.join(map(str, r['iters']))} | {r['total_iters']} "
-                     f"| {r['distance']:.2e} | {' '.join(f'{d:.0e}' for d in r['distance_z'])} "
-                     f"| {max(r['distance_logits']):.1e} | {min(r['token_agreement']):.3f} | {r['images_per_s']:.1f} |")
-    lines += ['', '| option | at picard schedule | distance | picard total iters | option total iters | fewer iters '
-              '| picard weighted | option weighted | fewer weighted | picard img/s | option img/s |', '|' + '---|' * 11]
-    fmt = lambda v, f: 'n/a' if v is None else format(v, f)
-    fewer = lambda r: 'n/a' if r['other'] is None else f"{100 * (1 - r['other'] / r['base']):.0f}%"
-    for name, eq in result['equal_distance'].items():
-        for a, b, c in zip(eq['total_iters'], eq['weighted_iters'], eq['images_per_s']):
-            lines.append(f"| {name} | {a['schedule']} | {a['distance']:.2e} | {a['base']} | {fmt(a['other'], '.1f')} "
-                         f"| {fewer(a)} | {b['base']} | {fmt(b['other'], '.0f')} | {fewer(b)} | {c['base']:.1f} "
-                         f"| {fmt(c['other'], '.1f')} |")
-    return '\n'.join(lines)
+    fmt = lambda v, f: 'n/a' if v is None else format(v, f)   # noqa: E731
+    fewer = lambda r: 'n/a' if r['other'] is None else f"{100 * (1 - r['other'] / r['base']):.0f}%"   # noqa: E731
+    runs = [[r['option'], r['schedule'], ','.join(map(str, r['iters'])), r['total_iters'], f"{r['distance']:.2e}",
+             ' '.join(f'{d:.0e}' for d in r['distance_z']), f"{max(r['distance_logits']):.1e}",
+             f"{min(r['token_agreement']):.3f}", f"{r['images_per_s']:.1f}"] for r in result['rows']]
+    equal = [[name, a['schedule'], f"{a['distance']:.2e}", a['base'], fmt(a['other'], '.1f'), fewer(a), b['base'],
+              fmt(b['other'], '.0f'), fewer(b), f"{c['base']:.1f}", fmt(c['other'], '.1f')]
+             for name, eq in result['equal_distance'].items()
+             for a, b, c in zip(eq['total_iters'], eq['weighted_iters'], eq['images_per_s'])]
+    return (measure.table(['option', 'schedule', 'iters per scale', 'total', 'distance (max z rel L2)', 'per scale',
+                           'logits rel L2 (max)', 'token agreement (min over scales)', 'img/s'], runs) + '\n\n'
+            + measure.table(['option', 'at picard schedule', 'distance', 'picard total iters', 'option total iters',
+                             'fewer iters', 'picard weighted', 'option weighted', 'fewer weighted', 'picard img/s',
+                             'option img/s'], equal))
 
 
 def plot(result: Dict[str, Any], path: str) -> None:
@@ -308,6 +299,7 @@ class FixedPointArgs:
 
 def main(argv=None) -> Dict[str, Any]:
     """The study, its files and its tables."""
+    from utils.atomic import write_json_atomic
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     cli.add_dataclass_args(p, FixedPointArgs, 'study')
     args = cli.from_namespace(FixedPointArgs, p.parse_args(argv))
@@ -325,8 +317,7 @@ def main(argv=None) -> Dict[str, Any]:
     result.update(study(vae, var, args))
     result['machine']['load_avg_end'] = list(os.getloadavg())
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, 'fixed_point.json'), 'w') as f:
-        json.dump(result, f, indent=1)
+    write_json_atomic(result, os.path.join(args.out, 'fixed_point.json'), indent=1)
     table = markdown(result)
     with open(os.path.join(args.out, 'fixed_point.md'), 'w') as f:
         f.write(table + '\n')

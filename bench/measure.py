@@ -35,13 +35,15 @@ memory = load_project_module('viar_project_memory', os.path.join('utils', 'memor
 
 
 def table(head: Sequence[str], rows: Sequence[Sequence[Any]], markdown: bool = True) -> str:
-    """Rows under a header: a Markdown table, or (markdown=False) right-aligned columns for the console."""
+    """Rows under a header: a Markdown table, or (markdown=False) aligned columns for the console (the first
+    left-aligned, the others right-aligned)."""
     cells = [[str(c) for c in r] for r in [head, *rows]]
     if markdown:
         lines = ['| ' + ' | '.join(r) + ' |' for r in cells]
         return '\n'.join(lines[:1] + ['|' + '---|' * len(head)] + lines[1:])
     widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
-    return '\n'.join(' '.join(c.rjust(w) for c, w in zip(r, widths)) for r in cells)
+    return '\n'.join(' '.join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in cells)
 
 
 # ---------------------------------------------------------------- the machine

@@ -1,10 +1,10 @@
 """Training benchmarks (not tests), one mode each; docs/TRAINING.md reports their figures.
 
-  steps        median time of one AdamW step of VAR and VIAR over effective depth, the bytes autograd saves for
-               backward and on CUDA the peak allocated memory; --official PATH runs the official models beside ours
+  steps        median AdamW step time of VAR and VIAR over effective depth, the bytes autograd saves for backward,
+               on CUDA the peak allocated memory; --official PATH runs the official models beside ours
   loader       the training data loader alone: images/s and images per CPU-second (alias --loader)
-  fsdp_memory  parameter, gradient and AdamW bytes per rank under `train.py --fsdp`; --rss measures a small model's
-               peak RSS at 1 and 2 ranks (alias --fsdp)
+  fsdp_memory  fp32 state bytes per rank under `train.py --fsdp`; --rss: a small model's peak RSS at 1 and 2 ranks
+               (alias --fsdp)
   token_cache  a training step from image files against one from the token cache (scripts/extract_tokens.py)
 
     .venv/bin/python bench/train_speed.py --width 128 --depths 4,8,16,24 --official /path/to/VIAR
@@ -37,6 +37,7 @@ from utils.cli import flag  # noqa: E402
 MODES = ('steps', 'loader', 'fsdp_memory', 'token_cache')
 DEFAULTS = dict(steps=5, warmup=2, threads=0)   # --steps, --warmup, --threads when not given; token_cache's below
 TOKEN_CACHE_DEFAULTS = dict(steps=6, warmup=1, threads=1)
+GiB, MiB = 2 ** 30, 2 ** 20
 
 
 @dataclass
@@ -160,23 +161,20 @@ def our_step_row(s: StepArgs, row: Dict, common: Dict, step_kw: Dict) -> Dict:
 
 
 def run_steps(b: BenchArgs, s: StepArgs) -> List[Dict]:
-    """Our rows, each followed by the official child's row of the same config when --official is given."""
+    """Our rows, each with the official child's row of the same config when --official is given."""
     from utils.sample.config import resolve_device
     device = str(resolve_device(s.device))
     step_kw = dict(V=s.V, batch=b.batch, num_classes=s.num_classes, patch_nums=s.pn, steps=b.steps, warmup=b.warmup,
                    bf16=s.bf16, device=device)
-    official = None
-    if s.official:   # a child process: the official package is also called `models`
-        measure.check_official(s.official)
-        env = dict(os.environ, **({'OMP_NUM_THREADS': str(b.threads)} if b.threads else {}))
-        official = measure.official_child(s.official, env=env, cwd=os.path.abspath(s.official))
+    env = dict(os.environ, **({'OMP_NUM_THREADS': str(b.threads)} if b.threads else {}))
+    official = s.official and measure.official_child(s.official, env=env, cwd=os.path.abspath(s.official))
     rows = []
     try:
         for row in step_configs(s):
             common = dict(num_classes=s.num_classes, depth=max(row['eff_depth'], 3), embed_dim=s.width,
                           num_heads=s.heads, drop_path_rate=0.0, attn_l2_norm=True, patch_nums=s.pn)
             rows.append(dict(row, **our_step_row(s, row, common, step_kw)))
-            if official:
+            if official:   # a child process: the official package is also called `models`
                 rows[-1]['official'] = official.ask(cmd='train_step', row=row, common=common, V=s.V, Cvae=s.Cvae,
                                                     step=step_kw)
     finally:
@@ -184,19 +182,19 @@ def run_steps(b: BenchArgs, s: StepArgs) -> List[Dict]:
             official.close()
     print(f'# device {device}, width {s.width}, heads {s.heads}, pn {"_".join(map(str, s.pn))}, batch {b.batch}, '
           f'VIAR m={s.m}, {"bf16" if s.bf16 else "fp32"}; time = median of {b.steps} steps')
-    head = (f'{"model":5s} {"D":>3s} {"n":>3s} {"m":>2s} {"params(M)":>9s} {"step ms":>8s} {"act MiB":>8s} '
-            f'{"peak MiB":>9s}')
-    print(head + (f' {"off ms":>8s} {"off act":>8s} {"t ratio":>7s} {"act ratio":>9s}' if official else ''))
-    for r in rows:
-        peak = f'{r["peak_mib"]:9.1f}' if r['peak_mib'] is not None else f'{"-":>9s}'
-        line = (f'{r["model"]:5s} {r["eff_depth"]:3d} {r["n"]:3d} {r["m"]:2d} {r["params_m"]:9.3f} '
-                f'{r["step_ms"]:8.1f} {r["saved_act_mib"]:8.2f} {peak}')
-        o = r.get('official')
-        if o:
-            line += (f' {o["step_ms"]:8.1f} {o["saved_act_mib"]:8.2f} {r["step_ms"] / o["step_ms"]:7.2f} '
-                     f'{r["saved_act_mib"] / max(o["saved_act_mib"], 1e-9):9.2f}')
-        print(line)
+    head = ['model', 'D', 'n', 'm', 'params(M)', 'step ms', 'act MiB', 'peak MiB']
+    print(measure.table(head + (['off ms', 'off act', 't ratio', 'act ratio'] if official else []),
+                        [step_cells(r) for r in rows], markdown=False))
     return rows
+
+
+def step_cells(r: Dict) -> List[str]:
+    """One printed row of --mode steps, with the official figures and ours / official when there are any."""
+    cells = [r['model'], r['eff_depth'], r['n'], r['m'], f'{r["params_m"]:.3f}', f'{r["step_ms"]:.1f}',
+             f'{r["saved_act_mib"]:.2f}', '-' if r['peak_mib'] is None else f'{r["peak_mib"]:.1f}']
+    o = r.get('official')
+    return cells + ([f'{o["step_ms"]:.1f}', f'{o["saved_act_mib"]:.2f}', f'{r["step_ms"] / o["step_ms"]:.2f}',
+                     f'{r["saved_act_mib"] / max(o["saved_act_mib"], 1e-9):.2f}'] if o else [])
 
 
 # ---------------------------------------------------------------- loader
@@ -241,17 +239,12 @@ def run_loader(b: BenchArgs, a: LoaderArgs) -> List[Dict]:
         print(f'# machine: {measure.machine_line()}; torch threads {torch.get_num_threads()}; {sys.executable}')
         print(f'# loader: {data if a.data_path else f"{a.loader_images} synthetic {a.image_size} JPEGs"}, '
               f'{a.reso} px crops of a {round(1.125 * a.reso)} px LANCZOS resize, batch {b.batch}')
-        print(f'{"workers":>7s} {"images":>6s} {"wall s":>7s} {"img/s":>7s} {"CPU s":>7s} {"img per CPU-s":>13s} '
-              f'{"vs N x 1 core":>13s}')
-        rows = []
-        for w in sorted({0, *a.loader_workers}):
-            r = measure_loader(data, w, a.loader_batches, b.batch, a.reso)
-            rows.append(r)
-            per_cpu = f'{r["img_per_cpu_s"]:13.1f}' if r['img_per_cpu_s'] else f'{"-":>13s}'
-            scaling = f'{r["img_per_s"] / (w * rows[0]["img_per_cpu_s"]):13.2f}' if w else f'{"-":>13s}'
-            print(f'{w:7d} {r["images"]:6d} {r["wall_s"]:7.2f} {r["img_per_s"]:7.1f} {r["cpu_s"]:7.2f} {per_cpu} '
-                  f'{scaling}')
+        rows = [measure_loader(data, w, a.loader_batches, b.batch, a.reso) for w in sorted({0, *a.loader_workers})]
     per_core = rows[0]['img_per_cpu_s']
+    print(measure.table(['workers', 'images', 'wall s', 'img/s', 'CPU s', 'img per CPU-s', 'vs N x 1 core'], [
+        [r['workers'], r['images'], f'{r["wall_s"]:.2f}', f'{r["img_per_s"]:.1f}', f'{r["cpu_s"]:.2f}',
+         f'{r["img_per_cpu_s"]:.1f}' if r['img_per_cpu_s'] else '-',
+         f'{r["img_per_s"] / (r["workers"] * per_core):.2f}' if r['workers'] else '-'] for r in rows], markdown=False))
     for rate in (float(t) for t in a.gpu_rates.split(',')):
         print(f'# a GPU training {rate:g} img/s needs {rate / per_core:.2f} CPU cores of loading at '
               f'{per_core:.1f} img per CPU-s')
@@ -352,28 +345,25 @@ def rss_rows(f: FsdpArgs, mmap_threshold: bool) -> List[Dict]:
 
 def run_fsdp(b: BenchArgs, f: FsdpArgs) -> Dict:
     """The meta table, and with --rss the measured one."""
-    gib, mib = 2 ** 30, 2 ** 20
     print(f'# machine: {measure.machine_line()}')
     print('# fp32 parameters + gradients + AdamW moments on the fullest rank under FSDP2 (bf16 runs gather bf16 '
           'copies for compute; the sharded state stays fp32)')
     out = dict(meta=meta_rows())
-    print(f'{"model":9s} {"params":>14s} {"ranks":>5s} {"params GiB":>10s} {"grads GiB":>9s} {"AdamW GiB":>9s} '
-          f'{"total GiB":>9s} {"root fp32 GiB":>13s} {"meta shards = arithmetic":>24s}')
-    for r in out['meta']:
-        w = r['want']
-        print(f'{r["model"]:9s} {r["params"]:14,d} {r["world"]:5d} {w["params"] / gib:10.3f} {w["grads"] / gib:9.3f} '
-              f'{w["optim"] / gib:9.3f} {r["total"] / gib:9.3f} {r["root_fp32"] / gib:13.3f} {str(r["match"]):>24s}')
+    print(measure.table(['model', 'params', 'ranks', 'params GiB', 'grads GiB', 'AdamW GiB', 'total GiB',
+                         'root fp32 GiB', 'meta shards = arithmetic'],
+                        [[r['model'], f'{r["params"]:,d}', r['world']] + [f'{v / GiB:.3f}' for v in (
+                            r['want']['params'], r['want']['grads'], r['want']['optim'], r['total'], r['root_fp32'])]
+                         + [r['match']] for r in out['meta']], markdown=False))
     if f.rss:
         print(f'# peak RSS, CPU, VAR depth {f.rss_depth} width {f.rss_width}, scales 1..4, batch 2 per rank, '
               f'{f.rss_steps} AdamW steps; 1 rank unsharded, 2 ranks --fsdp (gloo); "held" = fp32 params + '
               f'grads + AdamW on the rank')
         out['rss'] = [r for thr in (False, True) for r in rss_rows(f, thr)]
-        print(f'{"malloc":>8s} {"ranks":>5s} {"rank":>4s} {"params":>12s} {"held MiB":>9s} {"peak RSS MiB":>12s} '
-              f'{"RSS after imports":>17s} {"RSS growth MiB":>14s}')
-        for r in out['rss']:
-            print(f'{r["malloc"]:>8s} {r["world"]:5d} {r["rank"]:4d} {r["params"]:12,d} {r["held"] / mib:9.1f} '
-                  f'{r["peak_rss"] / mib:12.1f} {r["import_rss"] / mib:17.1f} '
-                  f'{(r["peak_rss"] - r["import_rss"]) / mib:14.1f}')
+        print(measure.table(['malloc', 'ranks', 'rank', 'params', 'held MiB', 'peak RSS MiB', 'RSS after imports',
+                             'RSS growth MiB'],
+                            [[r['malloc'], r['world'], r['rank'], f'{r["params"]:,d}'] + [f'{v / MiB:.1f}' for v in (
+                                r['held'], r['peak_rss'], r['import_rss'], r['peak_rss'] - r['import_rss'])]
+                             for r in out['rss']], markdown=False))
     return out
 
 
@@ -401,43 +391,37 @@ def token_cache_row(name: str, b: BenchArgs, t: TokenCacheArgs, work: str) -> Di
     from utils.data.token_cache import CacheBatchSampler, TokenShards, open_cache
     from utils.train.amp_opt import AmpOptimizer, build_adamw
     from utils.train.lr_control import param_groups
-    c = TOKEN_CONFIGS[name]
+    c, demo = TOKEN_CONFIGS[name], name == 'demo'
     spec = ModelSpec(depth=c['depth'], use_implicit=True, pre_depth=c['p'], post_depth=c['p'], embed_dim=c['width'],
                      num_heads=c['heads'], patch_nums=c['pn'], V=c['V'], Cvae=c['Cvae'], vae_ch=c['vae_ch'],
                      vae_ch_mult=c['vae_ch_mult'], vae_num_res_blocks=c['vae_num_res_blocks'], num_classes=c['classes'])
-    res = spec.image_px
-    demo = name == 'demo'
     torch.manual_seed(0)
     vae, var = spec.build('cpu', jfb_no_grad=c['jfb_n'], jfb_with_grad=c['jfb_m'])
-    if demo and t.demo_vae:
-        vae_path = t.demo_vae
+    demo_weights = bool(demo and t.demo_vae)
+    vae_path = t.demo_vae if demo_weights else os.path.join(work, f'{name}_vae.pth')
+    if demo_weights:
         load_vae_weights(vae, vae_path)
     else:   # random weights, saved for the extractor
-        vae_path = os.path.join(work, f'{name}_vae.pth')
         save_atomic(vae.state_dict(), vae_path)
-    if demo and t.demo_data:
-        data, mid = t.demo_data, 1.0
-    else:
+    data, mid = t.demo_data, 1.0
+    if not (demo and t.demo_data):
         side = c['img_side']
         data = make_jpegs(os.path.join(work, f'{name}_imgs'), c['n_images'],
                           (side, side * 3 // 4 if side > 64 else side), c['classes'])
         mid = 1.125
-    cache = os.path.join(work, f'{name}_cache')
-    t0 = time.perf_counter()
+    cache, t0 = os.path.join(work, f'{name}_cache'), time.perf_counter()
     extract(['--data_path', data, '--out', cache, '--vae_ckpt', vae_path, '--pn', '_'.join(map(str, c['pn'])),
              '--mid_reso', str(mid), '--batch_size', str(c['batch']), '--device', 'cpu', '--progress', 'False'])
-    t_extract = time.perf_counter() - t0
-    man = open_cache(cache)
+    t_extract, man = time.perf_counter() - t0, open_cache(cache)
     vae.eval().requires_grad_(False)
     var.train()
     _, params, groups = param_groups(var)
     tr = VARTrainer(vae, var, var, AmpOptimizer(build_adamw(groups, 1e-4, torch.device('cpu')), params), seed=0)
-    _, train_set, _ = build_datasets(data, res, round(mid * res))
+    _, train_set, _ = build_datasets(data, spec.image_px, round(mid * spec.image_px))
     B = c['batch']
-    loaders = dict(images=DataLoader(train_set, batch_sampler=DistInfiniteBatchSampler(len(train_set), B, seed=0)),
-                   cache=DataLoader(TokenShards(cache, man, 'train'),
-                                    batch_sampler=CacheBatchSampler(len(train_set), B, seed=0)))
-    loaders = {k: iter(v) for k, v in loaders.items()}
+    loaders = dict(images=iter(DataLoader(train_set, batch_sampler=DistInfiniteBatchSampler(len(train_set), B, seed=0))),
+                   cache=iter(DataLoader(TokenShards(cache, man, 'train'),
+                                         batch_sampler=CacheBatchSampler(len(train_set), B, seed=0))))
     step_s, data_s = {k: [] for k in loaders}, {k: [] for k in loaders}
     for i in range(b.warmup + b.steps):
         for kind, loader in loaders.items():
@@ -448,26 +432,23 @@ def token_cache_row(name: str, b: BenchArgs, t: TokenCacheArgs, work: str) -> Di
             if i >= b.warmup:
                 step_s[kind].append(time.perf_counter() - t0)
                 data_s[kind].append(t1 - t0)
-    med = {k: statistics.median(v) for k, v in step_s.items()}
-    med_data = {k: statistics.median(v) for k, v in data_s.items()}
-    shard = man['splits']['train']['shards'][0]
-    return dict(config=name, resolution=res, tokens=var.L, batch=B, var_params=sum(p.numel() for p in var.parameters()),
-                vae_params=sum(p.numel() for p in vae.parameters()), step_s_images=med['images'],
-                step_s_cache=med['cache'], data_s_images=med_data['images'], data_s_cache=med_data['cache'],
-                ratio=med['images'] / med['cache'],
-                extract_s_per_image=t_extract / (man['splits']['train']['images'] + man['splits']['val']['images']),
-                cache_bytes_per_image=os.path.getsize(os.path.join(cache, 'train-00000.tokens.npy')) / shard['images'],
-                demo_weights=bool(demo and t.demo_vae))
+    med, med_data = ({k: statistics.median(v) for k, v in d.items()} for d in (step_s, data_s))
+    splits = man['splits']
+    return dict(config=name, resolution=spec.image_px, tokens=var.L, batch=B,
+                var_params=sum(p.numel() for p in var.parameters()), vae_params=sum(p.numel() for p in vae.parameters()),
+                step_s_images=med['images'], step_s_cache=med['cache'], data_s_images=med_data['images'],
+                data_s_cache=med_data['cache'], ratio=med['images'] / med['cache'],
+                extract_s_per_image=t_extract / (splits['train']['images'] + splits['val']['images']),
+                cache_bytes_per_image=os.path.getsize(os.path.join(cache, 'train-00000.tokens.npy'))
+                / splits['train']['shards'][0]['images'], demo_weights=demo_weights)
 
 
 def run_token_cache(b: BenchArgs, t: TokenCacheArgs) -> Dict[str, Any]:
     """Every config of --configs, one line each, and the machine before and after."""
-    before = measure.machine_facts()
-    rows: List[Dict[str, Any]] = []
+    before, rows = measure.machine_facts(), []
     with tempfile.TemporaryDirectory() as work:
         for name in t.configs.split(','):
-            r = token_cache_row(name, b, t, work)
-            rows.append(r)
+            rows.append(r := token_cache_row(name, b, t, work))
             print(f"{name}: {r['resolution']} px, L {r['tokens']}, batch {r['batch']}, "
                   f"VIAR {r['var_params'] / 1e6:.2f}M; "
                   f"step {r['step_s_images']:.3f} s from images ({r['data_s_images']:.3f} s loading) vs "
