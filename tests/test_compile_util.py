@@ -12,7 +12,8 @@ import os
 from models.solver import SolverSpec
 from models.var import EditSpec
 from tests.tiny import tiny_tokens, tiny_vae_var
-from utils.sample.compile_util import RESIDUAL_FLOOR, SamplingError, cpu_flags, fast_dtype, native_bf16, prepare_for_sampling
+from utils.sample.compile_util import (RESIDUAL_FLOOR, SamplingError, cpu_flags, fast_dtype, native_bf16,
+                                       prepare_for_sampling, resolve_dtype)
 from utils.sample.config import SampleConfig
 
 KW = dict(g_seed=3, cfg=1.5, top_k=1)   # greedy, so small float differences cannot flip a token
@@ -122,6 +123,15 @@ def test_fast_dtype_by_device_and_cpu():
     assert s.fast and s.dtype == 'fp32' and 'fast=True' in repr(s)
 
 
+def test_fast_picks_its_dtype_unless_one_is_asked():
+    """prepare_for_sampling(fast=True) without a dtype resolves 'auto' as --fast does; fp32 when asked; without
+    fast the default stays fp32, the official numbers."""
+    _, var = tiny_vae_var(True)
+    assert prepare_for_sampling(var, fast=True).dtype == resolve_dtype('cpu', 'auto', fast=True) == fast_dtype('cpu')
+    assert prepare_for_sampling(var, fast=True, dtype='fp32').dtype == 'fp32'
+    assert prepare_for_sampling(var).dtype == 'fp32'
+
+
 def test_injection_uses_views_of_the_one_weight_and_changes_no_parameter():
     _, var = tiny_vae_var(True)
     before = {k: v.clone() for k, v in var.state_dict().items()}
@@ -142,7 +152,7 @@ def test_fast_decoder_runs_channels_last_and_the_exact_sampler_restores_the_offi
     kw = dict(g_seed=3, cfg=1.5, top_k=1, schedule=S.constant(2, 4))
     ref = var.autoregressive_infer_cfg(2, 1, **kw)
     conv_w = var.vae_proxy[0].decoder.conv_in.weight
-    fast = prepare_for_sampling(var, fast=True)(2, 1, **kw)
+    fast = prepare_for_sampling(var, dtype='fp32', fast=True)(2, 1, **kw)
     assert conv_w.is_contiguous(memory_format=torch.channels_last) and not conv_w.is_contiguous()
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
     assert torch.equal(prepare_for_sampling(var)(2, 1, **kw), ref)   # exact again: bit for bit
@@ -335,7 +345,7 @@ def test_fast_path_compiles_and_samples_the_eager_fast_tokens():
         toks = []
         h = vae.quantize.embedding.register_forward_pre_hook(lambda m, a: toks.append(a[0].clone()))
         try:
-            img = prepare_for_sampling(var, fast=True, compile=compile, backend='aot_eager')(2, 1, **kw)
+            img = prepare_for_sampling(var, dtype='fp32', fast=True, compile=compile, backend='aot_eager')(2, 1, **kw)
         finally:
             h.remove()
         runs.append((img, toks))

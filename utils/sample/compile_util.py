@@ -151,13 +151,15 @@ def set_decoder_layout(vae: nn.Module, layout: torch.memory_format) -> None:
     vae.decoder.to(memory_format=layout)
 
 
-def prepare_for_sampling(var: nn.Module, compile: bool = False, dtype: str = 'fp32', mode: Optional[str] = None,
-                         backend: str = 'inductor', compile_vae: bool = True, fast: bool = False) -> Sampler:
+def prepare_for_sampling(var: nn.Module, compile: bool = False, dtype: Optional[str] = None,
+                         mode: Optional[str] = None, backend: str = 'inductor', compile_vae: bool = True,
+                         fast: bool = False) -> Sampler:
     """Put `var` in eval mode, optionally compile its scale-loop modules (and its VQVAE decoder) in place;
     return a Sampler.
 
     dtype: 'fp32', 'bf16', 'fp16' or 'auto' (fp16 on CUDA, fp32 elsewhere; with fast, `fast_dtype`: bf16 on a CPU
-    with native bf16), the autocast of every call; the Sampler's `dtype` is the resolved one.
+    with native bf16), the autocast of every call; the Sampler's `dtype` is the resolved one. None: 'auto' with fast
+    (as --fast on the command line), 'fp32' without (the official numbers).
     fast: the fast path (same maths, other rounding; docs/SPEED.md); False keeps the official arithmetic.
     mode: torch.compile mode (None: inductor's default; `compile_mode` refuses CUDA-graph modes on CUDA).
     backend: torch.compile backend ('inductor'; 'aot_eager' checks graph capture without code generation).
@@ -165,7 +167,7 @@ def prepare_for_sampling(var: nn.Module, compile: bool = False, dtype: str = 'fp
     compute-bound; on CPU inductor fuses its GroupNorm + SiLU, about 1.35x faster at 128 px).
     """
     device_type = var.lvl_1L.device.type
-    dtype = resolve_dtype(device_type, dtype, fast)   # a bad dtype fails before any compile work
+    dtype = resolve_dtype(device_type, dtype or ('auto' if fast else 'fp32'), fast)   # fails before any compile
     var.eval()
     set_decoder_layout(var.vae_proxy[0], torch.channels_last if fast else torch.contiguous_format)
     mode = compile_mode(device_type, mode)
