@@ -47,8 +47,8 @@ class EvalSpeedArgs:
 
 
 def peak_rss_gb() -> float:
-    """Peak resident memory of this process so far, GB. Read here, not through bench/measure.py and utils/memory.py:
-    they import torch, which the evaluator never loads and whose memory would then count in the peak."""
+    """Peak resident memory of this process so far, GB. Not through bench/measure.py: that imports torch, which the
+    evaluator never loads and whose memory would then count in the peak."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
@@ -139,10 +139,8 @@ def main(argv=None):
     adm = load_adm(os.path.abspath(args.adm), graph_path, work) if args.adm else None
     if not args.skip_extraction:
         npz_path = os.path.join(work, 'images.npz')
-        x = np.random.default_rng(0).integers(0, 256, (args.n_images, args.image_size, args.image_size, 3),
-                                              dtype=np.uint8)
-        np.savez(npz_path, arr_0=x)
-        del x
+        np.savez(npz_path, arr_0=np.random.default_rng(0).integers(
+            0, 256, (args.n_images, args.image_size, args.image_size, 3), dtype=np.uint8))
         bench_extraction(args, graph_path, npz_path, adm)
     if not args.skip_pr:
         bench_precision_recall(args, adm)

@@ -1,9 +1,7 @@
 """The benchmarks' shared harness: the project root, the machine, memory, timing, tables and child processes.
 
 Imports nothing from the project at import time, so the official code's runner (whose packages are also called
-`models` and `utils`) can use it; project modules it needs are loaded by path. A child serves one config: it reads
-JSON commands on stdin and answers one JSON line each on a private copy of stdout; what model code prints goes to
-stderr.
+`models` and `utils`) can use it; the project modules it needs are loaded by path.
 """
 import hashlib
 import importlib.util
@@ -231,11 +229,18 @@ def train_step_row(var, vae, forward: Callable, V: int, batch: int, num_classes:
 
 # ---------------------------------------------------------------- child processes
 
-def sampling_handlers(setup: Callable[[Dict[str, Any]], Dict[str, Any]], st: Dict[str, Any],
-                      describe: Callable[[Any], tuple]) -> Dict[str, Callable]:
-    """`serve` handlers for a sampling child: `setup(msg)` fills `st` with device, call, decode (a DecodeTimer) and
-    overall ({}); `describe(out)` turns the call's output into (images, KV-cache bytes, iterations or None).
-    run: one timed call; memory: `memory_call`; profile: per-op self times of one call."""
+def sampling_handlers(build: Callable[[Dict[str, Any]], tuple], describe: Callable[[Any], tuple]):
+    """`serve` handlers for a sampling child. setup: `build(msg)` -> (device, vae, call) builds the models and the
+    sampling call; run: one timed call, `describe(out)` turning its output into (images, KV-cache bytes, iterations
+    or None); memory: `memory_call`; profile: per-op self times of one call."""
+    st = {}
+
+    def setup(msg):
+        device, vae, call = build(msg)
+        st.update(device=device, call=call, decode=DecodeTimer(vae, device), overall={})
+        rss = memory.current_rss_bytes()
+        reset_peak_memory(device)
+        return {'ok': True, 'rss_after_build_bytes': rss}
 
     def run(msg):
         r = timed_call(st['call'], st['device'], st['decode'], st['overall'])
@@ -248,11 +253,9 @@ def sampling_handlers(setup: Callable[[Dict[str, Any]], Dict[str, Any]], st: Dic
 
 
 def serve(handlers: Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]]) -> None:
-    """Answer JSON commands from stdin until 'quit'; handlers map a command name to a function of the message.
-
-    Replies go to a duplicate of the original stdout and fd 1 goes to stderr, so stray prints (the official
-    constructor prints) cannot corrupt the protocol. An exception becomes an {'error': ...} reply and ends the child.
-    """
+    """A child's loop: one JSON reply line per JSON command on stdin, from handlers[msg['cmd']](msg), until 'quit'.
+    Replies go to a copy of the original stdout and fd 1 to stderr, so stray prints (the official constructor
+    prints) cannot corrupt the protocol. An exception becomes an {'error': ...} reply and ends the child."""
     proto = os.fdopen(os.dup(1), 'w', buffering=1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
@@ -307,16 +310,11 @@ class Child:
         return reply
 
     def close(self):
-        """Ask the child to quit and reap it."""
+        """Ask the child to quit and reap it (killed if it has not quit within a minute)."""
         if self.proc.poll() is None:
             try:
-                self.proc.stdin.write(json.dumps({'cmd': 'quit'}) + '\n')
-                self.proc.stdin.close()
-            except OSError:   # BrokenPipeError included
-                pass
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
+                self.proc.communicate(json.dumps({'cmd': 'quit'}) + '\n', timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()

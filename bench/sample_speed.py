@@ -200,39 +200,25 @@ def plot(result: Dict[str, Any], path: str) -> None:
 
 # ---------------------------------------------------------------- the project's child process
 
-def _our_handlers():
-    """measure.serve handlers that sample with this project's models."""
+def build_sampler(msg):
+    """A sampling child's (device, vae, call) with this project's models (measure.sampling_handlers)."""
     import torch
-    st = {}
-
-    def setup(msg):
-        if msg['threads']:
-            torch.set_num_threads(int(msg['threads']))
-        device = torch.device(msg['device'])
-        from models.config import ModelSpec
-        from models.schedules import IterSchedule
-        from utils.checkpoint import load_vae_weights, load_var_weights, read_checkpoint
-        from utils.sample.compile_util import prepare_for_sampling
-        spec = ModelSpec.from_dict(msg['model'])
-        vae, var = spec.build(device)
-        sd = read_checkpoint(msg['state_path'])
-        load_vae_weights(vae, sd.pop('vae'))
-        load_var_weights(var, sd.pop('var'))
-        sampler = prepare_for_sampling(var.eval(), compile=msg['compile'], dtype=msg['dtype'], fast=msg['fast'])
-        label_B = torch.arange(msg['B'], device=device) % spec.num_classes
-        kw = dict(g_seed=msg['g_seed'], cfg=msg['cfg'], top_k=msg['top_k'], top_p=msg['top_p'],
-                  schedule=IterSchedule.from_dict(msg['schedule']), fill_forward=msg['fill_forward'], return_stats=True)
-        st.update(device=device, call=lambda: sampler(msg['B'], label_B, **kw), decode=measure.DecodeTimer(vae, device),
-                  overall={})
-        rss = measure.memory.current_rss_bytes()
-        measure.reset_peak_memory(device)
-        return {'ok': True, 'rss_after_build_bytes': rss}
-
-    def describe(out):
-        img, stats = out
-        return img, stats.kv_cache_bytes, stats.iters or None
-
-    return measure.sampling_handlers(setup, st, describe)
+    from models.config import ModelSpec
+    from models.schedules import IterSchedule
+    from utils.checkpoint import load_vae_weights, load_var_weights, read_checkpoint
+    from utils.sample.compile_util import prepare_for_sampling
+    if msg['threads']:
+        torch.set_num_threads(int(msg['threads']))
+    device, spec = torch.device(msg['device']), ModelSpec.from_dict(msg['model'])
+    vae, var = spec.build(device)
+    sd = read_checkpoint(msg['state_path'])
+    load_vae_weights(vae, sd.pop('vae'))
+    load_var_weights(var, sd.pop('var'))
+    sampler = prepare_for_sampling(var.eval(), compile=msg['compile'], dtype=msg['dtype'], fast=msg['fast'])
+    label_B = torch.arange(msg['B'], device=device) % spec.num_classes
+    kw = dict(g_seed=msg['g_seed'], cfg=msg['cfg'], top_k=msg['top_k'], top_p=msg['top_p'],
+              schedule=IterSchedule.from_dict(msg['schedule']), fill_forward=msg['fill_forward'], return_stats=True)
+    return device, vae, lambda: sampler(msg['B'], label_B, **kw)
 
 
 # ---------------------------------------------------------------- the parent
@@ -441,6 +427,7 @@ def main(argv=None):
 
 if __name__ == '__main__':
     if sys.argv[1:2] == ['--serve']:
-        measure.serve(_our_handlers())
+        measure.serve(measure.sampling_handlers(build_sampler, lambda out: (out[0], out[1].kv_cache_bytes,
+                                                                            out[1].iters or None)))
     else:
         main()
