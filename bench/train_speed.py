@@ -138,14 +138,9 @@ def make_jpegs(root: str, n: int, size=(500, 375), classes: int = 4, seed: int =
 
 def step_configs(s: StepArgs) -> List[Dict]:
     """(model, effective depth, n, m) rows; VIAR rows need D >= m + 2."""
-    rows = []
-    for D in s.depths:
-        for kind in s.models.split(','):
-            if kind == 'var':
-                rows.append(dict(model='var', eff_depth=D, n=0, m=0))
-            elif D - 2 - s.m >= 0:
-                rows.append(dict(model='viar', eff_depth=D, n=D - 2 - s.m, m=s.m))
-    return rows
+    return [dict(model='var', eff_depth=D, n=0, m=0) if kind == 'var' else
+            dict(model='viar', eff_depth=D, n=D - 2 - s.m, m=s.m)
+            for D in s.depths for kind in s.models.split(',') if kind == 'var' or D - 2 - s.m >= 0]
 
 
 def our_step_row(s: StepArgs, row: Dict, common: Dict, step_kw: Dict) -> Dict:
@@ -199,18 +194,16 @@ def step_cells(r: Dict) -> List[str]:
 
 # ---------------------------------------------------------------- loader
 
-def children_cpu_s() -> float:
-    """CPU seconds of this process's reaped children (the loader's workers, once they exit)."""
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
 def measure_loader(data: str, workers: int, batches: int, batch_size: int, reso: int = 256, warmup: int = 1) -> Dict:
     """Wall-clock and CPU rate of `batches` batches through the training loader with `workers` processes."""
     from torch.utils.data import DataLoader
     from utils.data.datasets import build_datasets
     from utils.data.loader import loader_kwargs
     from utils.data.sampler import DistInfiniteBatchSampler
+
+    def children_cpu_s():   # CPU seconds of this process's reaped children (the workers, once they exit)
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
     _, train_set, _ = build_datasets(data, reso, round(1.125 * reso), hflip=False)
     loader = DataLoader(train_set, batch_sampler=DistInfiniteBatchSampler(len(train_set), batch_size, seed=0),
                         generator=torch.Generator().manual_seed(0), **loader_kwargs(workers, pin=False))
@@ -328,10 +321,9 @@ def rss_rows(f: FsdpArgs, mmap_threshold: bool) -> List[Dict]:
     (glibc's default raises its threshold after the first large free and keeps FSDP's freed units in the heap)."""
     rows = []
     for world in (1, 2):
-        env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=measure.ROOT, VIAR_DIST_TIMEOUT_S='300')
-        env.pop('MALLOC_MMAP_THRESHOLD_', None)
-        if mmap_threshold:
-            env['MALLOC_MMAP_THRESHOLD_'] = '65536'
+        env = {k: v for k, v in os.environ.items() if k != 'MALLOC_MMAP_THRESHOLD_'}
+        env.update(OMP_NUM_THREADS='1', PYTHONPATH=measure.ROOT, VIAR_DIST_TIMEOUT_S='300',
+                   **({'MALLOC_MMAP_THRESHOLD_': '65536'} if mmap_threshold else {}))
         cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={world}',
                os.path.abspath(__file__), '--mode', 'fsdp_memory', '--rss_child', '--rss_depth', str(f.rss_depth),
                '--rss_width', str(f.rss_width), '--rss_steps', str(f.rss_steps)]
@@ -392,12 +384,12 @@ def token_cache_row(name: str, b: BenchArgs, t: TokenCacheArgs, work: str) -> Di
     from utils.train.amp_opt import AmpOptimizer, build_adamw
     from utils.train.lr_control import param_groups
     c, demo = TOKEN_CONFIGS[name], name == 'demo'
+    demo_weights = bool(demo and t.demo_vae)
     spec = ModelSpec(depth=c['depth'], use_implicit=True, pre_depth=c['p'], post_depth=c['p'], embed_dim=c['width'],
                      num_heads=c['heads'], patch_nums=c['pn'], V=c['V'], Cvae=c['Cvae'], vae_ch=c['vae_ch'],
                      vae_ch_mult=c['vae_ch_mult'], vae_num_res_blocks=c['vae_num_res_blocks'], num_classes=c['classes'])
     torch.manual_seed(0)
     vae, var = spec.build('cpu', jfb_no_grad=c['jfb_n'], jfb_with_grad=c['jfb_m'])
-    demo_weights = bool(demo and t.demo_vae)
     vae_path = t.demo_vae if demo_weights else os.path.join(work, f'{name}_vae.pth')
     if demo_weights:
         load_vae_weights(vae, vae_path)
@@ -468,9 +460,9 @@ def main(argv=None):
         return rss_child(g[FsdpArgs])
     if b.threads:
         torch.set_num_threads(b.threads)
-    run = dict(steps=lambda: run_steps(b, g[StepArgs]), loader=lambda: run_loader(b, g[LoaderArgs]),
-               fsdp_memory=lambda: run_fsdp(b, g[FsdpArgs]), token_cache=lambda: run_token_cache(b, g[TokenCacheArgs]))
-    rows = run[b.mode]()
+    run, group = dict(steps=(run_steps, StepArgs), loader=(run_loader, LoaderArgs), fsdp_memory=(run_fsdp, FsdpArgs),
+                      token_cache=(run_token_cache, TokenCacheArgs))[b.mode]
+    rows = run(b, g[group])
     if b.json:
         from utils.atomic import write_json_atomic
         write_json_atomic(rows, b.json, indent=1)
