@@ -63,29 +63,32 @@ def sample_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float =
 
 def top_k_candidates(logits_BlV: torch.Tensor, top_k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """(vals_BlK, idx_BlK): every logit >= the k-th largest of its position (ties with the k-th all kept, as
-    `filter_top_k_top_p_` keeps them) and its vocabulary id; K is the largest such count over the positions, and a
-    position with fewer is padded with -inf. Order within a position is unspecified."""
-    vals_BlK, idx_BlK = logits_BlV.topk(top_k, dim=-1, largest=True, sorted=False)
-    kth_Bl1 = vals_BlK.amin(dim=-1, keepdim=True)
-    K = int((logits_BlV >= kth_Bl1).sum(dim=-1).max())
-    if K > top_k:   # some k-th value ties with logits topk left out: widen, then drop what lies below each k-th
-        vals_BlK, idx_BlK = logits_BlV.topk(K, dim=-1, largest=True, sorted=False)
-        vals_BlK = vals_BlK.masked_fill(vals_BlK < kth_Bl1, -torch.inf)
-    return vals_BlK, idx_BlK
+    `filter_top_k_top_p_` keeps them) and its vocabulary id, padded with -inf to a common K >= top_k. Order within
+    a position is unspecified."""
+    V = logits_BlV.shape[-1]
+    K = min(V, top_k + max(16, top_k // 8))   # room for ties with the k-th (bf16 logits tie often) in one topk
+    vals_BlK, idx_BlK = logits_BlV.topk(K, dim=-1, largest=True, sorted=False)
+    kth_Bl1 = vals_BlK.kthvalue(K - top_k + 1, dim=-1, keepdim=True)[0]   # the top_k-th largest
+    # int32: a bool sum into the default int64 is an order of magnitude slower over V
+    n_ge = int((logits_BlV >= kth_Bl1).sum(dim=-1, dtype=torch.int32).max())
+    if n_ge > K:   # more ties than room: widen
+        vals_BlK, idx_BlK = logits_BlV.topk(n_ge, dim=-1, largest=True, sorted=False)
+    return vals_BlK.masked_fill(vals_BlK < kth_Bl1, -torch.inf), idx_BlK
 
 
 def candidate_weights(vals_BlK: torch.Tensor, top_p: float = 0.0) -> torch.Tensor:
     """Unnormalised fp32 probabilities of the candidates (the most likely = 1), zero outside the smallest set whose
-    probability reaches top_p (`filter_top_k_top_p_`'s top-p rule; top_p == 0: all kept)."""
+    probability reaches top_p (`filter_top_k_top_p_`'s rule; top_p == 0: all kept)."""
     vals_BlK = vals_BlK.float()
     w_BlK = (vals_BlK - vals_BlK.amax(dim=-1, keepdim=True)).exp_()
-    if top_p > 0:
-        w_BlK, order_BlK = w_BlK.sort(dim=-1)   # ascending, as the exact rule accumulates
-        cum_BlK = w_BlK.cumsum(dim=-1)
-        drop_BlK = cum_BlK <= (1 - top_p) * cum_BlK[..., -1:]
-        drop_BlK[..., -1:] = False   # always keep the most likely token
-        w_BlK = torch.zeros_like(w_BlK).scatter_(-1, order_BlK, w_BlK.masked_fill_(drop_BlK, 0))
-    return w_BlK
+    if top_p <= 0:
+        return w_BlK
+    # the exact rule drops, in ascending order, the tokens whose cumulative mass is <= (1 - top_p) * total: it keeps
+    # a token while the mass of the more likely ones is < top_p * total (the most likely one always)
+    sorted_BlK, order_BlK = w_BlK.sort(dim=-1, descending=True)
+    cum_BlK = sorted_BlK.cumsum(dim=-1)
+    keep_BlK = cum_BlK - sorted_BlK < top_p * cum_BlK[..., -1:]
+    return torch.zeros_like(w_BlK).scatter_(-1, order_BlK, sorted_BlK.masked_fill_(~keep_BlK, 0))
 
 
 def draw_from_weights(w_BlK: torch.Tensor, rng: Optional[torch.Generator] = None) -> torch.Tensor:

@@ -99,6 +99,20 @@ def test_candidate_weights_are_the_exact_probabilities_under_heavy_ties(top_k, t
         torch.testing.assert_close(got_BlV, want_BlV, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize('top_p, kept', [(0.0, 44), (0.9, 37)])
+def test_a_tie_group_wider_than_the_first_topk_is_kept_whole(top_p, kept):
+    """Three logits above 41 ties with the 4th: all 44 are candidates, as the exact filter keeps them (more than
+    the first topk has room for); top-p 0.9 then drops 7 of the ties (mass 7 of 71.2)."""
+    logits_BlV = torch.full((2, 3, 64), -2.0)
+    logits_BlV[..., :43] = 0.0
+    logits_BlV[..., [5, 20, 50]] = torch.tensor([3.0, 2.0, 1.0])
+    want_BlV = filter_top_k_top_p_(logits_BlV.clone(), 4, top_p).softmax(-1)
+    vals_BlK, idx_BlK = top_k_candidates(logits_BlV, 4)
+    got_BlV = torch.zeros_like(logits_BlV).scatter_add_(-1, idx_BlK, candidate_weights(vals_BlK, top_p))
+    assert torch.equal((got_BlV > 0).sum(-1), (want_BlV > 0).sum(-1)) and int((want_BlV > 0).sum(-1)[0, 0]) == kept
+    torch.testing.assert_close((got_BlV / got_BlV.sum(-1, keepdim=True)).sort(-1)[0], want_BlV.sort(-1)[0])
+
+
 def test_a_rows_draws_do_not_depend_on_the_other_rows():
     """Per-row generators: row 1 draws the same tokens beside a row with more ties (more candidates) or alone."""
     logits_BlV = tied_logits(2)[:, :500]
