@@ -103,7 +103,7 @@ def draw_from_weights(w_BlK: torch.Tensor, rng: Optional[torch.Generator] = None
 
 def sample_candidates(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0, rng: Rng = None) -> torch.Tensor:
     """`sample_top_k_top_p_`'s distribution drawn over the top-k candidates only (fp32 softmax, another RNG
-    stream): idx_Bl. logits_BlV is left as it is; no top-k (0 or >= V) falls back to the exact sampler."""
+    stream), leaving logits_BlV as it is: idx_Bl. Without top-k (0 or >= V) it is the exact sampler, in place."""
     if not 0 < top_k < logits_BlV.shape[-1]:
         return sample_top_k_top_p_(logits_BlV, top_k, top_p, rng)
     if isinstance(rng, list):   # row by row: a row's candidates, hence its draws, do not depend on other rows
