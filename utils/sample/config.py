@@ -78,8 +78,9 @@ class SampleConfig:
                               'fp32 on CPU; with --fast, bf16 on a CPU with native bf16', choices=tuple(sorted(AUTOCAST_DTYPES)) + ('auto',))
     compile: bool = flag(False, 'torch.compile the blocks, the head and the VQVAE decoder (no CUDA graphs); '
                                 'the first batch compiles; samples equal the eager ones within float tolerance')
-    fast: bool = flag(False, 'the fast path: the same maths, other rounding (VIAR computes its input injection once '
-                             'per scale; with --dtype auto, bf16 on a CPU with native bf16, fp16 on CUDA, else fp32); '
+    fast: bool = flag(False, 'the fast path: the same maths, other rounding, another random stream (VIAR computes its '
+                             'input injection once per scale; tokens are drawn over the top-k candidates; with --dtype '
+                             'auto, bf16 on a CPU with native bf16, fp16 on CUDA, else fp32); '
                              'the default exact path keeps the official arithmetic bit for bit')
     typed: Optional[Tuple[str, ...]] = dataclasses.field(default=None, metadata=dict(cli=False))
 
