@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.kv_cache import KVCache
+from models.var_compat import OfficialAttnCaching, OfficialBlockCall
 
 
 class DropPath(nn.Module):
@@ -51,8 +52,9 @@ class FFN(nn.Module):
         return self.drop(self.fc2(self.act(self.fc1(x_BLC))))
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention with optional L2-normalised q/k and a learnable per-head scale."""
+class SelfAttention(OfficialAttnCaching, nn.Module):
+    """Multi-head self-attention with optional L2-normalised q/k and a learnable per-head scale (VAR's stateful
+    `kv_caching` beside the `kv` argument: models/var_compat.py)."""
 
     def __init__(self, embed_dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0,
                  attn_l2_norm: bool = False):
@@ -105,8 +107,9 @@ class SelfAttention(nn.Module):
         return f'attn_l2_norm={self.attn_l2_norm}'
 
 
-class AdaLNSelfAttn(nn.Module):
-    """Pre-norm transformer block whose LayerNorm scale/shift and residual gates come from the class condition."""
+class AdaLNSelfAttn(OfficialBlockCall, nn.Module):
+    """Pre-norm transformer block whose LayerNorm scale/shift and residual gates come from the class condition
+    (also callable as VAR's `block(x=, cond_BD=, attn_bias=)`: models/var_compat.py)."""
 
     def __init__(self, block_idx: int, embed_dim: int, cond_dim: int, num_heads: int, shared_aln: bool = False,
                  mlp_ratio: float = 4.0, drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,

@@ -22,6 +22,8 @@ from models.kv_cache import KVCache
 from models.layout import block_causal_bias, level_ids, num_tokens, scale_begin_ends
 from models.schedules import IterSchedule, linspace_iters
 from models.solver import SolverSpec
+from models.var_compat import OfficialModelAttrs
+from models.var_compat import gumbel_softmax_with_rng, sample_with_top_k_top_p_  # noqa: F401 (VAR's models.var names)
 
 
 @dataclass
@@ -39,8 +41,9 @@ class SampleStats:
     kv_cache_bytes: int = 0
 
 
-class VARBase(nn.Module):
-    """Shared embeddings, block-causal training forward, head and KV-cached CFG sampling."""
+class VARBase(OfficialModelAttrs, nn.Module):
+    """Shared embeddings, block-causal training forward, head and KV-cached CFG sampling (VAR's `rng` and
+    `uniform_prob` too: models/var_compat.py)."""
 
     use_implicit = False
 
