@@ -98,7 +98,7 @@ class OfficialModelAttrs:
         g = self.__dict__.get('_official_rng')
         if g is None or g.device != dev:
             g = torch.Generator(device=dev)
-            self.__dict__['_official_rng'] = g
+            self._official_rng = g
         return g
 
     @property

@@ -261,3 +261,21 @@ def test_utils_data_has_vars_loader_and_normalisation(tmp_path):
     assert img.mode == 'RGB' and img.size == (3, 2)
     x = torch.rand(4, 5)
     assert torch.equal(normalize_01_into_pm1(x), x.add(x).add_(-1))
+
+
+@pytest.mark.slow
+def test_a_compiled_block_takes_both_calls():
+    """The scale-loop modules are compiled one by one (utils/sample/compile_util.py): the official call reaches the
+    compiled forward, its caching breaks the graph like the project's KVCache does."""
+    vae, var = tiny_vae_var(False)
+    b = var.blocks[1]
+    cond_BD, x_BLC = torch.randn(2, var.D), torch.randn(2, 4, var.C)
+    with torch.no_grad():
+        want = b(x_BLC, b.modulation(cond_BD), None)
+        b.compile(backend='eager', dynamic=True)
+        assert torch.equal(b(x_BLC, b.modulation(cond_BD), None), want)
+        assert torch.equal(b(x=x_BLC, cond_BD=cond_BD, attn_bias=None), want)
+        b.attn.kv_caching(True)
+        for _ in range(2):
+            b(x=x_BLC, cond_BD=cond_BD, attn_bias=None)
+        assert b.attn.cached_k.shape[2] == 8
