@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import models.helpers as official_helpers   # VAR's module of the two samplers (most VAR code imports them there)
 from models import sample_ops
 from models.kv_cache import KVCache
 from models.schedules import explicit, official_iters
@@ -250,6 +251,9 @@ def test_the_internals_var_code_reads_exist():
     quant = var.vae_quant_proxy[0]
     assert hasattr(quant, 'embedding') and hasattr(quant, 'get_next_autoregressive_input')
     assert all(hasattr(b.attn, 'kv_caching') for b in var.blocks)
+    assert official_helpers.sample_with_top_k_top_p_ is sample_with_top_k_top_p_
+    assert official_helpers.gumbel_softmax_with_rng is gumbel_softmax_with_rng
+    assert isinstance(var.blocks[0].drop_path, official_helpers.DropPath)
 
 
 def test_utils_data_has_vars_loader_and_normalisation(tmp_path):
