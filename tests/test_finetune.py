@@ -252,11 +252,14 @@ def run_suggestions(flags, tries: int = 3):
 @pytest.mark.parametrize('case,extra,match', [
     ('VAR weights into a VIAR', ['--use_implicit=True'],
      r'--use_implicit True \(.*var-slim.pth: False\).*pass the file as --init_from_var'),
-    ('another depth and width', ['--depth=4', '--width=64'],
-     r'--depth 4 \(.*var-slim.pth: 5\), --width 64 \(.*: 32\): a fine-tune keeps the architecture'),
-    ('another resolution', ['--pn=1_2_4'], r'--pn 1_2_4 \(.*var-slim.pth: 1_2_3_4\)'),
-    ('another tokenizer size', ['--V=64'], r'--V 64 \(.*: 32\)'),
-    ('a patch size the tokenizer does not have', ['--patch_size=8'], r'--patch_size 8 contradicts'),
+    pytest.param('another depth and width', ['--depth=4', '--width=64'],
+                 r'--depth 4 \(.*var-slim.pth: 5\), --width 64 \(.*: 32\): a fine-tune keeps the architecture',
+                 marks=pytest.mark.slow),   # a training start each: two cases in the fast tier, all in the suite
+    pytest.param('another resolution', ['--pn=1_2_4'], r'--pn 1_2_4 \(.*var-slim.pth: 1_2_3_4\)',
+                 marks=pytest.mark.slow),
+    pytest.param('another tokenizer size', ['--V=64'], r'--V 64 \(.*: 32\)', marks=pytest.mark.slow),
+    pytest.param('a patch size the tokenizer does not have', ['--patch_size=8'], r'--patch_size 8 contradicts',
+                 marks=pytest.mark.slow),
     ('a random tokenizer', ['--vae_ckpt=random'], r'--vae_ckpt random contradicts .*which comes with the tokenizer'),
 ])
 def test_a_flag_that_contradicts_the_file_is_named_and_the_suggestion_runs(folders, trained, tmp_path, case, extra,

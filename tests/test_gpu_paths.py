@@ -93,6 +93,7 @@ def _sample_watched(sampler, var, kw):
 KW = dict(g_seed=3, cfg=1.5, top_k=1, schedule=S.explicit([2, 3, 1, 2], 4))
 
 
+@pytest.mark.slow
 def test_cuda_graph_trees_would_free_what_the_scale_loop_reads_next():
     """With CUDA-graph semantics, the chained blocks pass freed outputs on, and the solver's residual and the
     iterate hooks read freed iterates: the emulator sees it. So the rule below must never pick such a mode."""
@@ -126,6 +127,7 @@ def test_the_emulator_catches_a_read_of_the_previous_iterate(mode, readable):
         assert torch.equal(z, torch.full((3,), 1.875))
 
 
+@pytest.mark.slow
 def test_compiled_sampling_in_the_mode_cuda_gets_reads_nothing_freed():
     """The sampler compiled in the mode the rule gives CUDA, through the same backend: nothing is freed, and the
     images, residuals and hooked iterates are the eager ones."""
@@ -248,6 +250,7 @@ def _train_steps(compile_fn, steps: int = 20, after_step=lambda: None):
     return losses, plans
 
 
+@pytest.mark.slow
 def test_training_compile_does_not_recompile_for_each_sjfb_pair():
     """20 steps of 18 distinct (n, m): every graph exists after the first steps, and the losses are the eager ones
     (a compiled whole forward recompiled at each new pair and, from the ninth, hit Dynamo's recompile limit)."""

@@ -280,6 +280,7 @@ def test_missing_or_truncated_shard_names_the_file_and_trains_nothing(setup, tmp
     assert not os.path.exists(os.path.join(out, 'steps-rank0.jsonl'))
 
 
+@pytest.mark.slow
 def test_cache_of_another_tokenizer_or_pyramid_is_refused(setup, tmp_path):
     data, vae, crop, _ = setup
     other = tokenizer_file(str(tmp_path / 'other.pth'), seed=1)

@@ -82,6 +82,7 @@ def test_sigkill_then_restart_continues_exactly(data, tmp_path):
         assert torch.equal(v, cb['ema']['shadow'][k]), k
 
 
+@pytest.mark.slow
 def test_resume_with_other_model_flags_is_refused(data, tmp_path):
     out = str(tmp_path / 'out')
     train.main(tiny_flags(data, out, False, '--max_steps=2', '--save_every_steps=2'))
