@@ -9,7 +9,16 @@ from models.viar import VIAR
 from models.vqvae import VQVAE
 from models.quant import VectorQuantizer2
 
-__all__ = ['build_vae_var', 'build_var', 'VAR', 'VIAR', 'VARBase', 'VQVAE', 'VectorQuantizer2', 'EditSpec', 'SampleStats']
+__all__ = ['build_vae_var', 'build_var', 'VAR', 'VIAR', 'VARBase', 'VQVAE', 'VectorQuantizer2', 'EditSpec', 'SampleStats',
+           'VARHF']
+
+
+def __getattr__(name: str):
+    """`models.VARHF` (models/hub.py) imported on first use: huggingface_hub loads only for Hub folders."""
+    if name == 'VARHF':
+        from models.hub import VARHF
+        return VARHF
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
 def build_var(vae_local, depth: int = 16, use_implicit: bool = False, **kw) -> VARBase:

@@ -377,3 +377,12 @@ class VAR(VARBase):
         for block, a, kv in zip(self.blocks, ada, state):
             x_BlC = block(x_BlC, a, None, kv)
         return x_BlC
+
+
+def __getattr__(name: str):
+    """`models.var.VARHF` (the official Hub class name) from models/hub.py, imported on first use so that
+    huggingface_hub stays out of the import of the models."""
+    if name == 'VARHF':
+        from models.hub import VARHF
+        return VARHF
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
