@@ -98,6 +98,8 @@ class _HubIO(PyTorchModelHubMixin):
         if config is None:
             raise HubLoadError(f'{model_id}: no config.json (a VARHF folder holds config.json and {WEIGHTS_FILE})')
         model_cls = VIARHF if config.get('use_implicit') else VARHF
+        if issubclass(cls, VIARHF) and model_cls is VARHF:   # VARHF reads both kinds; VIARHF only its own
+            raise HubLoadError(f'{model_id} holds a VAR (no use_implicit in config.json): load it with VARHF')
         keys = set(model_cls._hub_mixin_init_parameters) - {'self'}
         unknown = sorted(set(config) - keys)
         if unknown:   # a misspelt or foreign key would otherwise fall back to a default without a word

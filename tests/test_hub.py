@@ -150,3 +150,11 @@ def test_importing_models_leaves_huggingface_hub_unloaded():
     import sys
     code = 'import sys, models; assert "huggingface_hub" not in sys.modules; models.VARHF; assert "huggingface_hub" in sys.modules'
     subprocess.run([sys.executable, '-c', code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+def test_viarhf_refuses_a_var_folder(tmp_path):
+    write_official_folder(tmp_path, 'var')
+    with pytest.raises(HubLoadError, match='holds a VAR'):
+        VIARHF.from_pretrained(tmp_path)
+    write_official_folder(tmp_path / 'viar', 'viar')
+    assert type(VIARHF.from_pretrained(tmp_path / 'viar')) is VIARHF
