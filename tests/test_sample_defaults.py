@@ -43,6 +43,8 @@ def test_the_record_fills_the_flags_not_typed_and_typed_flags_win():
                                                  'to change)')
     every = SampleConfig(typed=('cfg', 'top_k', 'top_p', 'iter_left', 'iter_right'))
     assert with_recorded(every, DEMO) == (every, '')
+    filters = SampleConfig(typed=('cfg', 'top_k', 'top_p'))   # a VAR's record holds only flags the user typed
+    assert with_recorded(filters, dict(cfg=0.0, top_k=0, top_p=0.0)) == (filters, '')
     # a config built in Python: what it set counts as typed, and the record's values do not become "typed"
     tau = SampleConfig(tau='0.1', top_k=5)
     got, _ = with_recorded(tau, DEMO)

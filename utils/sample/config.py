@@ -175,7 +175,6 @@ class SampleConfig:
 # ---------------------------------------------------------------- sampling defaults a file records
 
 RECORDED = ('cfg', 'top_k', 'top_p', 'iter_left', 'iter_right')   # what `train.py --sample_defaults` can record
-IMAGENET_NOTE = 'cfg 1.5, top-k 900, top-p 0.96: the official ImageNet settings'
 
 
 def recorded_defaults(values: Union[str, Mapping[str, Any]], where: str = '--sample_defaults') -> Dict[str, Any]:
@@ -190,13 +189,12 @@ def recorded_defaults(values: Union[str, Mapping[str, Any]], where: str = '--sam
         values = {k.strip(): v.strip() for k, _, v in pairs}
     if not isinstance(values, Mapping):
         raise SamplingError(f'{where} is not a table of sampling defaults (it holds {type(values).__name__})')
-    defaults = {f.name: f.default for f in dataclasses.fields(SampleConfig)}
     out = {}
     for name, value in values.items():
         if name not in RECORDED:
             raise SamplingError(f'{where}: {name!r} is not a sampling default a file can record; '
                                 f'use {", ".join(RECORDED)}')
-        kind = type(defaults[name])
+        kind = type(_default(name))
         try:
             out[name] = kind(str(value))
         except ValueError:
@@ -217,13 +215,22 @@ def with_recorded(sample: SampleConfig, recorded: Optional[Mapping[str, Any]], n
     if not untyped:
         return sample, ''
     if not recorded:
-        return sample, f'sampling defaults: {IMAGENET_NOTE} (the file records none; type --cfg/--top_k/--top_p to change)'
+        return sample, (f"sampling defaults: cfg {_default('cfg'):g}, top-k {_default('top_k')}, top-p "
+                        f"{_default('top_p'):g}: the official ImageNet settings (the file records none; type "
+                        f"--cfg/--top_k/--top_p to change)")
     use = {n: recorded[n] for n in untyped if n in recorded}
+    if not use:   # the file records only flags the user typed
+        return sample, ''
     shown = ', '.join(f'{n} {v:g}' for n, v in use.items())
     typed = sample.typed if sample.typed is not None else tuple(   # a config built in Python: what it set
         f.name for f in dataclasses.fields(sample) if f.name != 'typed' and was_typed(sample, f.name))
     return (dataclasses.replace(sample, typed=typed, **use),
             f'sampling defaults from the file: {shown} (typed flags override them)')
+
+
+def _default(name: str) -> Any:
+    """SampleConfig's default for a field (the official ImageNet settings for cfg, top_k, top_p)."""
+    return next(f.default for f in dataclasses.fields(SampleConfig) if f.name == name)
 
 
 def was_typed(config, name: str) -> bool:
