@@ -155,9 +155,9 @@ class VIARHF(VIAR, _HubIO):
                                        patch_nums))
 
 
-def hub_config(spec, var=None) -> Dict[str, Any]:
-    """The VARHF / VIARHF constructor keywords of a models.config.ModelSpec (training-only values from `var`
-    when given: drop path, class dropout, S-JFB ranges; else the defaults of models.build_vae_var)."""
+def hub_config(spec, var) -> Dict[str, Any]:
+    """The VARHF / VIARHF constructor keywords of a models.config.ModelSpec and the model built from it (which
+    holds the training-only values: drop path, class dropout, S-JFB ranges)."""
     vae_kwargs = dict(vocab_size=spec.V, z_channels=spec.Cvae, ch=spec.vae_ch, share_quant_resi=4,
                       v_patch_nums=tuple(spec.patch_nums), test_mode=True)
     for name, value in (('ch_mult', tuple(spec.vae_ch_mult)), ('num_res_blocks', spec.vae_num_res_blocks)):
@@ -166,10 +166,9 @@ def hub_config(spec, var=None) -> Dict[str, Any]:
     cfg = dict(vae_kwargs=vae_kwargs, num_classes=spec.num_classes, depth=spec.depth, embed_dim=spec.width,
                num_heads=spec.heads, shared_aln=spec.shared_aln, attn_l2_norm=spec.attn_l2_norm,
                patch_nums=tuple(spec.patch_nums),
-               drop_path_rate=var.drop_path_rate if var is not None else 0.1 * spec.depth / 24,
-               cond_drop_rate=var.cond_drop_rate if var is not None else 0.1)
+               drop_path_rate=var.drop_path_rate, cond_drop_rate=var.cond_drop_rate)
     if spec.use_implicit:
-        no_grad, with_grad = (var.jfb_no_grad, var.jfb_with_grad) if var is not None else ((0, 10), (1, 12))
+        no_grad, with_grad = var.jfb_no_grad, var.jfb_with_grad
         cfg.update(use_implicit=True, pre_depth=spec.pre_depth, post_depth=spec.post_depth,
                    implicit_no_grad_min_iters=no_grad[0], implicit_no_grad_max_iters=no_grad[1],
                    implicit_with_grad_min_iters=with_grad[0], implicit_with_grad_max_iters=with_grad[1])
