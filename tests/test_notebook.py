@@ -30,8 +30,9 @@ def test_the_stored_notebook_is_valid_and_has_no_outputs():
     """What is committed is the notebook without results: no outputs, no execution counts, the python3 kernel."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(nb)
-    code = [c for c in nb.cells if c.cell_type == 'code']
-    assert code and all(c.outputs == [] and c.execution_count is None for c in code)
+    code = [i for i, c in enumerate(nb.cells) if c.cell_type == 'code']
+    run = [i for i in code if nb.cells[i].outputs or nb.cells[i].execution_count is not None]
+    assert code and not run, f'cells {run} of {NOTEBOOK} hold outputs: clear all outputs before committing it'
     assert nb.metadata.kernelspec.name == 'python3'
 
 
@@ -46,8 +47,9 @@ def test_the_notebook_runs_on_a_quick_demo(quick_demo):
                             resources={'metadata': {'path': os.path.dirname(NOTEBOOK)}})
     try:
         client.execute(env=dict(os.environ, DEMO_OUT=str(quick_demo), OMP_NUM_THREADS='1'))
-    except CellExecutionError as e:
-        pytest.fail(f'{NOTEBOOK} stopped at an error:\n{e}', pytrace=False)
+    except CellExecutionError as e:   # the headline first, then the cell and IPython's traceback without colours
+        pytest.fail(f'{NOTEBOOK}: a cell raised {e.ename}: {e.evalue}\n' + re.sub(r'\x1b\[[0-9;]*m', '', str(e)),
+                    pytrace=False)
     outputs = [o for c in nb.cells if c.cell_type == 'code' for o in c.outputs]
     assert not [o for o in outputs if o.output_type == 'error']
     stdout = ''.join(o.text for o in outputs if o.output_type == 'stream' and o.name == 'stdout')
@@ -65,7 +67,9 @@ def test_the_notebook_runs_on_a_quick_demo(quick_demo):
              'knob_con1.png': grid_size(16, 8), 'knob_con8.png': grid_size(16, 8), 'edit.png': grid_size(6, 6)}
     for name, size in sizes.items():
         assert Image.open(out / name).size == size, name
-    assert not np.array_equal(pixels(out / 'knob_con1.png'), pixels(out / 'knob_con8.png'))
+    assert not np.array_equal(pixels(out / 'knob_con1.png'), pixels(out / 'knob_con8.png')), \
+        'Con.(1,1) and Con.(8,8) drew the same grid: the schedule did not reach the sampler'
     digit = pixels(sorted((quick_demo / 'digits' / 'val' / '3').glob('*.png'))[0])
     enlarged = digit.repeat(ENLARGE, axis=0).repeat(ENLARGE, axis=1)
-    assert np.array_equal(pixels(out / 'edit.png')[PAD:PAD + 16 * ENLARGE, PAD:PAD + 16 * ENLARGE], enlarged)
+    assert np.array_equal(pixels(out / 'edit.png')[PAD:PAD + 16 * ENLARGE, PAD:PAD + 16 * ENLARGE], enlarged), \
+        "the edit grid's first cell is not the first held-out 3"
