@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The first GPU session's sampling measurements, in at most ~5 minutes on one H100/H200: VIAR-d30 and VAR-d30 at
+# 256 px, batch 64, images/s and peak memory, ours beside the official code under its fp16 autocast; eager, --fast,
+# and --fast --compile. Every step is its own bench/sample_speed.py run under `timeout`, writing its JSON and table
+# into $OUT/<step>/ as soon as it ends, and a line to $OUT/summary.txt, so a run cut short keeps what it measured.
+#
+#   cp -r /path/to/mobiushy-VIAR .official && echo /.official/ >> .git/info/exclude   # the official code travels
+#   bash bench/gpu_check.sh                                   # on the GPU machine (needs torch with CUDA only)
+#   DEVICE=cpu EAGER_DTYPE=fp32 MODEL_ARGS='--depth 4 ...' BS=2 bash bench/gpu_check.sh    # a dry run (tests/test_gpu_check.py)
+#
+# CUDA graphs: compile_mode refuses modes that replay them until the scale loop is captured as one graph
+# (utils/sample/compile_util.py), so the compiled step uses inductor's default mode and the summary says so.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 2
+PY=${PY:-python3}
+OUT=${OUT:-bench_out/gpu_check}
+DEVICE=${DEVICE:-cuda}
+BS=${BS:-64}
+MODEL_ARGS=${MODEL_ARGS:---depth 30}
+SCHEDULE=${SCHEDULE:-10:10}
+OFFICIAL=${OFFICIAL:-.official}
+STEP_S=${STEP_S:-45}
+EAGER_DTYPE=${EAGER_DTYPE:-fp16}   # the official GPU sampling's autocast (fp16 on a CPU is emulated: slow)
+STEPS=${STEPS:-VIAR:eager VAR:eager VIAR:fast VIAR:compiled VAR:fast VAR:compiled}
+mkdir -p "$OUT"
+summary="$OUT/summary.txt"
+{
+  date -u
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
+  echo "device=$DEVICE bs=$BS model='$MODEL_ARGS' schedule=$SCHEDULE step_limit=${STEP_S}s"
+  [ -d "$OFFICIAL/models" ] && echo "official: $OFFICIAL" || echo "official: none at '$OFFICIAL' (ours only)"
+  echo "CUDA graphs: not measured (the scale loop is not yet one captured graph)"
+} >"$summary" 2>&1
+cat "$summary"
+
+official=()
+[ -d "$OFFICIAL/models" ] && official=(--official "$OFFICIAL" --official_dtypes "$EAGER_DTYPE")
+
+for step in $STEPS; do
+  kind=${step%%:*}
+  mode=${step#*:}
+  case $mode in
+    eager) extra=(--dtype "$EAGER_DTYPE" "${official[@]}") ;;
+    fast) extra=(--fast) ;;
+    compiled) extra=(--fast --compile) ;;
+    *) echo "unknown mode '$mode' in STEPS (eager, fast, compiled)" >&2; exit 2 ;;
+  esac
+  name="${kind}_${mode}"
+  # shellcheck disable=SC2086  # MODEL_ARGS is a list of flags
+  timeout "$STEP_S" "$PY" bench/sample_speed.py --device "$DEVICE" --models "$kind" --schedules "$SCHEDULE" \
+    --bs "$BS" --warmup 1 --reps 2 --out "$OUT/$name" $MODEL_ARGS "${extra[@]}" >"$OUT/$name.log" 2>&1
+  rc=$?
+  verdict="rc=$rc"
+  [ "$rc" = 124 ] && verdict="rc=124 (over ${STEP_S}s)"
+  echo "$name: $verdict; log $OUT/$name.log" | tee -a "$summary"
+  [ -f "$OUT/$name/sample_speed.md" ] && cat "$OUT/$name/sample_speed.md" >>"$summary"
+done
+echo "summary: $summary"
