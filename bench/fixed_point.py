@@ -1,17 +1,11 @@
 """Fewer iterations for the same fixed point (a benchmark, not a test): plain iteration against Anderson acceleration.
 
-On one trained VIAR, each solver of `--options` samples under adaptive schedules and fixed counts, forced
-(`EditSpec`, all positions kept) onto the tokens of a reference run of `--ref_iters` plain iterations per scale, so
-each scale sees the same input. Distance at scale k: ||z_k - z_k^ref|| / ||z_k^ref|| of the implicit block's output
-(and its maximum over scales), the logits' distance, and the share of free-running tokens equal to the reference's.
-Images/s: best of `--reps` free-running calls by process CPU time. The model is watched only through public hooks
-(`register_iterate_hook`, forward hooks on `var.head` and `quantize.embedding`). docs/SPEED.md reports the results.
-
-    .venv/bin/python bench/fixed_point.py --var_ckpt demo_output/viar/viar-slim.pth \
-        --vae_ckpt demo_output/vae/vae.pth --out bench_out/fixed_point
-    .venv/bin/python bench/fixed_point.py --var_ckpt random --per_class 2 --taus 0.1,0.01 --reps 1   # smoke test
-
-Writes OUT/fixed_point.json, OUT/fixed_point.md (the tables) and OUT/fixed_point.png.
+On one trained VIAR, each solver of `--options` samples under adaptive schedules and fixed counts, forced (`EditSpec`,
+all positions kept) onto the tokens of a reference run of `--ref_iters` plain iterations per scale, so each scale sees
+the same input. Distance at scale k: ||z_k - z_k^ref|| / ||z_k^ref|| of the implicit block's output (and its maximum
+over scales), the logits' distance, and the share of free-running tokens equal to the reference's. Images/s: best of
+`--reps` free-running calls by process CPU time. The model is watched only through public hooks. Writes
+OUT/fixed_point.{json,md,png}; docs/SPEED.md reports the results and how to rerun them.
 """
 import argparse
 import dataclasses

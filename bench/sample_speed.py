@@ -3,10 +3,7 @@
 Each config (VAR, or VIAR with one schedule) runs in a child process of its own, so its peak memory is its own.
 `--official PATH` runs it through the official code on the same weights in a second child, the two alternating call
 by call after warm-up; `--batch_sizes 1,4,16` runs every config at each batch size (images/s and fraction of bound).
-
-    python bench/sample_speed.py --depth 12 --p_depth 2 --bs 4 --patch_nums 1,2,3,4,5,6,8 --threads 1 --official PATH
-
-Writes OUT/sample_speed.json, OUT/sample_speed.md (a Markdown table) and OUT/sample_speed.png.
+Writes OUT/sample_speed.{json,md,png}; docs/SPEED.md shows the commands.
 """
 import argparse
 import dataclasses
@@ -416,10 +413,8 @@ def main(argv=None):
                     print(f'[sample_speed] {kind} {sched["name"]} batch {B} ...', file=sys.stderr, flush=True)
                     rows.append(r := run_config(args, spec, state_path, sched, str(device), B))
                     print(f'[sample_speed]   ours {r["ours"]["wall_images_per_s"]:.3f} img/s wall, '
-                          f'{r["ours"]["cpu_images_per_s"]:.3f} img/s CPU'
-                          + (f', official {r["official"]["images_per_s"]:.3f} img/s' if r.get('official') else '')
-                          + (f'; UNRELIABLE: {"; ".join(r["unreliable"])}' if r['unreliable'] else ''),
-                          file=sys.stderr, flush=True)
+                          f'{r["ours"]["cpu_images_per_s"]:.3f} img/s CPU; {timing_cell(r)}', file=sys.stderr,
+                          flush=True)
     meta = dict(machine=torch.cuda.get_device_name(device) if device.type == 'cuda' else measure.machine_name(),
                 device=str(device), threads=args.threads or torch.get_num_threads(), dtype=args.dtype, fast=args.fast,
                 official_dtypes=args.official_dtypes if args.official else [], B=args.bs,
