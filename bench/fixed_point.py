@@ -263,7 +263,7 @@ def plot(result: Dict[str, Any], path: str) -> None:
     axes[0].legend(fontsize=8)
     axes[2].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, format='png')
     plt.close(fig)
 
 
@@ -293,7 +293,7 @@ class FixedPointArgs:
 
 def main(argv=None) -> Dict[str, Any]:
     """The study, its files and its tables."""
-    from utils.atomic import write_json_atomic
+    from utils.atomic import check_writable
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     cli.add_dataclass_args(p, FixedPointArgs, 'study')
     args = cli.from_namespace(FixedPointArgs, p.parse_args(argv))
@@ -303,6 +303,7 @@ def main(argv=None) -> Dict[str, Any]:
         parse_options(args.options, args.m, args.lam, args.beta)
     except ValueError as e:
         raise SystemExit(f'--options/--m/--lam/--beta: {e}') from None
+    check_writable(args.out)   # a folder that cannot be written fails now, not after the study
     torch.set_num_threads(args.threads)
     mach = measure.machine_facts()
     vae, var = load(args)
@@ -310,12 +311,8 @@ def main(argv=None) -> Dict[str, Any]:
                                                             num_classes=var.num_classes, describe=describe_model(var)))
     result.update(study(vae, var, args))
     result['machine']['load_avg_end'] = list(os.getloadavg())
-    os.makedirs(args.out, exist_ok=True)
-    write_json_atomic(result, os.path.join(args.out, 'fixed_point.json'), indent=1)
     table = markdown(result)
-    with open(os.path.join(args.out, 'fixed_point.md'), 'w') as f:
-        f.write(table + '\n')
-    plot(result, os.path.join(args.out, 'fixed_point.png'))
+    measure.write_report(args.out, 'fixed_point', result, table + '\n', plot)
     print(table)
     print(f"# machine: {measure.machine_line()}; load average {mach['load_avg'][0]:.2f} at the start")
     return result

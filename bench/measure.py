@@ -69,6 +69,17 @@ def machine_line() -> str:
     return f'{m["cpu"]} ({" ".join(m["flags"])}), load {" ".join(f"{x:.1f}" for x in m["load_avg"])}'
 
 
+def write_report(folder: str, name: str, result: Dict[str, Any], text: str, plot: Callable[[Dict, str], None]):
+    """folder/name.json (the result), name.md (text) and name.png (plot(result, path)), each written atomically."""
+    from utils.atomic import atomic_path, write_json_atomic
+    os.makedirs(folder, exist_ok=True)
+    write_json_atomic(result, os.path.join(folder, f'{name}.json'), indent=1)
+    with atomic_path(os.path.join(folder, f'{name}.md')) as tmp, open(tmp, 'w') as f:
+        f.write(text)
+    with atomic_path(os.path.join(folder, f'{name}.png')) as tmp:
+        plot(result, tmp)
+
+
 def gemm_rate(dtype: torch.dtype, basis: str = 'wall', M: int = 1360, K: int = 768, N: int = 3072,
               reps: int = 20) -> float:
     """Peak FLOP/s of one (M, K) @ (K, N) matmul in `dtype` (default: a 256 px scale's FFN input at width 768), best

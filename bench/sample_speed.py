@@ -211,7 +211,7 @@ def plot(result: Dict[str, Any], path: str) -> None:
     ax.set_title(title + ('\n(hollow: official implementation)' if hollow else ''), fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format='png')
     plt.close(fig)
 
 
@@ -375,7 +375,7 @@ def check_args(args, sample, device_type: str) -> List[str]:
 
 def main(argv=None):
     import torch
-    from utils.atomic import write_json_atomic
+    from utils.atomic import atomic_path, check_writable
     from utils.checkpoint import CheckpointError
     from utils.sample.compile_util import AUTOCAST_DTYPES, read_cpu_flags
     from utils.sample.config import parse, resolve_device
@@ -387,7 +387,7 @@ def main(argv=None):
                                          for s in scheds):
         raise SystemExit("--official on a model with K != 10 scales: 'A:B' runs this project's K-point rule, which "
                          "the official sampler cannot; write 'A:B/10' for the official 10-point rule")
-    os.makedirs(args.out, exist_ok=True)
+    check_writable(args.out)   # a folder that cannot be written fails now, not after the runs
     load_start = ' '.join(f'{x:.1f}' for x in os.getloadavg())
     args.gemm_rates = {}
     if device.type == 'cpu':   # the physical bound: this CPU's peak GEMM rate in every dtype that runs
@@ -427,13 +427,10 @@ def main(argv=None):
                 cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, fill_forward=not args.official_kv,
                 load_avg=f"{load_start} -> {' '.join(f'{x:.1f}' for x in os.getloadavg())}", torch=torch.__version__)
     result = dict(meta=meta, rows=rows, **({'sweep': sweep_rows(rows)} if args.batch_sizes else {}))
-    write_json_atomic(result, os.path.join(args.out, 'sample_speed.json'), indent=1)
     table = markdown_table(result) + ('\n' + sweep_table(result['sweep']) + '\n' if args.batch_sizes else '')
-    with open(os.path.join(args.out, 'sample_speed.md'), 'w') as f:
-        f.write(table)
-    plot(result, os.path.join(args.out, 'sample_speed.png'))
+    measure.write_report(args.out, 'sample_speed', result, table, plot)
     if args.profile:
-        with open(os.path.join(args.out, 'sample_speed_profile.md'), 'w') as f:
+        with atomic_path(os.path.join(args.out, 'sample_speed_profile.md')) as tmp, open(tmp, 'w') as f:
             f.write(profile_table(result))
     print(table)
     return result
