@@ -47,7 +47,7 @@ class EvalSpeedArgs:
 
 
 def peak_rss_gb() -> float:
-    """Peak resident memory of this process so far, GB. Not through bench/measure.py: that imports torch, which the
+    """Peak resident memory of this process so far, GB. Not through utils/memory.py: that imports torch, which the
     evaluator never loads and whose memory would then count in the peak."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 

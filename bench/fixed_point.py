@@ -1,17 +1,11 @@
 """Fewer iterations for the same fixed point (a benchmark, not a test): plain iteration against Anderson acceleration.
 
-On one trained VIAR, each solver of `--options` samples under adaptive schedules and fixed counts, forced
-(`EditSpec`, all positions kept) onto the tokens of a reference run of `--ref_iters` plain iterations per scale, so
-each scale sees the same input. Distance at scale k: ||z_k - z_k^ref|| / ||z_k^ref|| of the implicit block's output
-(and its maximum over scales), the logits' distance, and the share of free-running tokens equal to the reference's.
-Images/s: best of `--reps` free-running calls by process CPU time. The model is watched only through public hooks
-(`register_iterate_hook`, forward hooks on `var.head` and `quantize.embedding`). docs/SPEED.md reports the results.
-
-    .venv/bin/python bench/fixed_point.py --var_ckpt demo_output/viar/viar-slim.pth \
-        --vae_ckpt demo_output/vae/vae.pth --out bench_out/fixed_point
-    .venv/bin/python bench/fixed_point.py --var_ckpt random --per_class 2 --taus 0.1,0.01 --reps 1   # smoke test
-
-Writes OUT/fixed_point.json, OUT/fixed_point.md (the tables) and OUT/fixed_point.png.
+On one trained VIAR, each solver of `--options` samples under adaptive schedules and fixed counts, forced (`EditSpec`,
+all positions kept) onto the tokens of a reference run of `--ref_iters` plain iterations per scale, so each scale sees
+the same input. Distance at scale k: ||z_k - z_k^ref|| / ||z_k^ref|| of the implicit block's output (and its maximum
+over scales), the logits' distance, and the share of free-running tokens equal to the reference's. Images/s: best of
+`--reps` free-running calls by process CPU time. The model is watched only through public hooks. Writes
+OUT/fixed_point.{json,md,png}; docs/SPEED.md reports the results and how to rerun them.
 """
 import argparse
 import dataclasses
@@ -269,7 +263,7 @@ def plot(result: Dict[str, Any], path: str) -> None:
     axes[0].legend(fontsize=8)
     axes[2].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, format='png')
     plt.close(fig)
 
 
@@ -299,7 +293,7 @@ class FixedPointArgs:
 
 def main(argv=None) -> Dict[str, Any]:
     """The study, its files and its tables."""
-    from utils.atomic import write_json_atomic
+    from utils.atomic import check_writable
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     cli.add_dataclass_args(p, FixedPointArgs, 'study')
     args = cli.from_namespace(FixedPointArgs, p.parse_args(argv))
@@ -309,6 +303,7 @@ def main(argv=None) -> Dict[str, Any]:
         parse_options(args.options, args.m, args.lam, args.beta)
     except ValueError as e:
         raise SystemExit(f'--options/--m/--lam/--beta: {e}') from None
+    check_writable(args.out)   # a folder that cannot be written fails now, not after the study
     torch.set_num_threads(args.threads)
     mach = measure.machine_facts()
     vae, var = load(args)
@@ -316,12 +311,8 @@ def main(argv=None) -> Dict[str, Any]:
                                                             num_classes=var.num_classes, describe=describe_model(var)))
     result.update(study(vae, var, args))
     result['machine']['load_avg_end'] = list(os.getloadavg())
-    os.makedirs(args.out, exist_ok=True)
-    write_json_atomic(result, os.path.join(args.out, 'fixed_point.json'), indent=1)
     table = markdown(result)
-    with open(os.path.join(args.out, 'fixed_point.md'), 'w') as f:
-        f.write(table + '\n')
-    plot(result, os.path.join(args.out, 'fixed_point.png'))
+    measure.write_report(args.out, 'fixed_point', result, table + '\n', plot)
     print(table)
     print(f"# machine: {measure.machine_line()}; load average {mach['load_avg'][0]:.2f} at the start")
     return result

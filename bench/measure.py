@@ -1,4 +1,4 @@
-"""The benchmarks' shared harness: the project root, the machine, memory, timing, tables and child processes.
+"""The benchmarks' shared harness: project root, machine, memory, timing, tables and child processes.
 
 Imports nothing from the project at import time, so the official code's runner (whose packages are also called
 `models` and `utils`) can use it; the project modules it needs are loaded by path.
@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the project root, above bench/
+SIMD_FLAGS = ('avx2', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'amx_tile', 'amx_bf16', 'amx_int8')   # CPU GEMM speed
 
 
 def load_project_module(name: str, relpath: str):
@@ -33,8 +34,7 @@ memory = load_project_module('viar_project_memory', os.path.join('utils', 'memor
 
 
 def table(head: Sequence[str], rows: Sequence[Sequence[Any]], markdown: bool = True) -> str:
-    """Rows under a header: a Markdown table, or (markdown=False) aligned columns for the console (the first
-    left-aligned, the others right-aligned)."""
+    """Rows under a header: a Markdown table, or (markdown=False) console columns, the first left-aligned."""
     cells = [[str(c) for c in r] for r in [head, *rows]]
     if markdown:
         lines = ['| ' + ' | '.join(r) + ' |' for r in cells]
@@ -43,8 +43,6 @@ def table(head: Sequence[str], rows: Sequence[Sequence[Any]], markdown: bool = T
     return '\n'.join(' '.join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
                      for r in cells)
 
-
-# ---------------------------------------------------------------- the machine
 
 def machine_name() -> str:
     """CPU model and core count."""
@@ -58,27 +56,35 @@ def machine_name() -> str:
 
 
 def machine_facts() -> dict:
-    """What every benchmark JSON records beside its figures: CPU model, the SIMD flags that decide CPU GEMM speed,
-    the load average now and torch's version."""
+    """What a benchmark JSON records beside its figures: the CPU, its SIMD_FLAGS, the load average now, torch."""
     from utils.sample.compile_util import read_cpu_flags
     flags = read_cpu_flags()
-    return dict(cpu=machine_name(), avx2='avx2' in flags, avx512f='avx512f' in flags,
-                avx512_bf16='avx512_bf16' in flags, amx='amx_bf16' in flags,
+    return dict(cpu=machine_name(), flags=[f for f in SIMD_FLAGS if f in flags],
                 load_avg=[round(x, 2) for x in os.getloadavg()], torch=torch.__version__)
 
 
-def machine_line(flags=('avx2', 'avx512f', 'avx512_bf16', 'amx_tile', 'sha_ni')) -> str:
-    """The machine in one printed line: CPU model and cores, which of `flags` it has, the load average now."""
-    from utils.sample.compile_util import read_cpu_flags
-    simd = ' '.join(f for f in flags if f in read_cpu_flags())
-    return f'{machine_name()} ({simd}), load {" ".join(f"{x:.1f}" for x in os.getloadavg())}'
+def machine_line() -> str:
+    """The machine in one printed line: CPU model and cores, its SIMD flags, the load average now."""
+    m = machine_facts()
+    return f'{m["cpu"]} ({" ".join(m["flags"])}), load {" ".join(f"{x:.1f}" for x in m["load_avg"])}'
+
+
+def write_report(folder: str, name: str, result: Dict[str, Any], text: str, plot: Callable[[Dict, str], None]):
+    """folder/name.json (the result), name.md (text) and name.png (plot(result, path)), each written atomically."""
+    from utils.atomic import atomic_path, write_json_atomic
+    os.makedirs(folder, exist_ok=True)
+    write_json_atomic(result, os.path.join(folder, f'{name}.json'), indent=1)
+    with atomic_path(os.path.join(folder, f'{name}.md')) as tmp, open(tmp, 'w') as f:
+        f.write(text)
+    with atomic_path(os.path.join(folder, f'{name}.png')) as tmp:
+        plot(result, tmp)
 
 
 def gemm_rate(dtype: torch.dtype, basis: str = 'wall', M: int = 1360, K: int = 768, N: int = 3072,
               reps: int = 20) -> float:
-    """Peak FLOP/s of one (M, K) @ (K, N) matmul in `dtype` with torch's current threads, best of `reps` calls after
-    two warm-up calls (the default: a 256 px scale's FFN input at width 768). basis 'cpu' times by process CPU time
-    (which other processes on a shared machine do not inflate) times the thread count; 'wall' by the wall clock."""
+    """Peak FLOP/s of one (M, K) @ (K, N) matmul in `dtype` (default: a 256 px scale's FFN input at width 768), best
+    of `reps` calls after two warm-ups. basis 'cpu': process CPU time (which other processes do not inflate) times
+    the thread count; 'wall': the wall clock."""
     a, b = torch.randn(M, K).to(dtype), torch.randn(K, N).to(dtype)
     clock = time.process_time if basis == 'cpu' else time.perf_counter
     best = float('inf')
@@ -89,8 +95,6 @@ def gemm_rate(dtype: torch.dtype, basis: str = 'wall', M: int = 1360, K: int = 7
             best = min(best, clock() - t0)
     return 2 * M * K * N / best * (torch.get_num_threads() if basis == 'cpu' else 1)
 
-
-# ---------------------------------------------------------------- memory and timing
 
 def sync(device: torch.device) -> None:
     """Wait for queued device work (no-op on CPU)."""
@@ -106,13 +110,13 @@ def reset_peak_memory(device: torch.device) -> None:
     memory.reset_peak_rss()
 
 
-class DecodeTimer:
-    """Times the VQVAE decode inside a sampling call (post_quant_conv's input to the decoder's output, which ours
-    and the official `fhat_to_img` both run) and records the peak memory before it (the transformer phase) and of
-    it; the peaks are per call when the caller resets the peak first (`timed_call` does)."""
+class TimedCall:
+    """A sampling call, timed and measured: wall and process-CPU seconds of the call and of its VQVAE decode
+    (post_quant_conv's input to the decoder's output, which ours and the official `fhat_to_img` both run), the peak
+    memory before the decode (the transformer phase) and of it; `peak` keeps the maximum over calls."""
 
-    def __init__(self, vae: torch.nn.Module, device: torch.device):
-        self.device, self.start, self.end, self.peaks = device, None, None, {}
+    def __init__(self, call: Callable[[], Any], vae: torch.nn.Module, device: torch.device):
+        self.call, self.device, self.peak, self.start, self.end, self.peaks = call, device, 0, None, None, {}
         vae.post_quant_conv.register_forward_pre_hook(self._on_start)
         vae.decoder.register_forward_hook(self._on_end)
 
@@ -127,56 +131,51 @@ class DecodeTimer:
         self.end = (time.perf_counter(), time.process_time())
         self.peaks['decode'] = memory.peak_memory(self.device)['bytes']
 
+    def run(self, fn: Optional[Callable[[], Any]] = None) -> Dict[str, Any]:
+        """One call (or fn, which makes it): its output, seconds and phase peaks, from a fresh process peak."""
+        self.start, self.end, self.peaks = None, None, {}
+        reset_peak_memory(self.device)
+        w0, c0 = time.perf_counter(), time.process_time()
+        out = (fn or self.call)()
+        sync(self.device)
+        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+        dec = [e - s for e, s in zip(self.end, self.start)] if self.start and self.end else (0, 0)
+        tr_peak, dec_peak = self.peaks.get('transformer', 0), self.peaks.get('decode', 0)
+        self.peak = max(self.peak, tr_peak, dec_peak)
+        return dict(out=out, wall_s=wall, cpu_s=cpu, decode_wall_s=dec[0], decode_cpu_s=dec[1],
+                    transformer_peak_bytes=tr_peak, decode_peak_bytes=dec_peak)
 
-def timed_call(fn: Callable[[], Any], device: torch.device, decode: DecodeTimer, overall: Dict[str, int]):
-    """Run fn once: wall and process-CPU seconds of the call and of its VAE decode, and the peak memory of its
-    transformer phase and of its decode. Each call resets the process peak, so overall['peak'] keeps the running
-    maximum across calls."""
-    decode.start = decode.end = None
-    decode.peaks = {}
-    reset_peak_memory(device)
-    w0, c0 = time.perf_counter(), time.process_time()
-    out = fn()
-    sync(device)
-    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-    dec = (decode.end[0] - decode.start[0], decode.end[1] - decode.start[1]) if decode.start and decode.end else (0, 0)
-    tr_peak, dec_peak = decode.peaks.get('transformer', 0), decode.peaks.get('decode', 0)
-    overall['peak'] = max(overall.get('peak', 0), tr_peak, dec_peak)
-    return dict(out=out, wall_s=wall, cpu_s=cpu, decode_wall_s=dec[0], decode_cpu_s=dec[1],
-                transformer_peak_bytes=tr_peak, decode_peak_bytes=dec_peak)
+    def memory(self) -> Dict[str, Any]:
+        """One more call for memory and FLOPs: the baseline before it (CPU: RSS once freed memory is released; GPU:
+        allocated bytes), its phases' peaks, the process peak so far, its FLOPs (torch's FlopCounterMode, 2 per
+        multiply-add; 0 for compiled code it cannot count)."""
+        from torch.utils.flop_counter import FlopCounterMode
+        sync(self.device)
+        cuda = self.device.type == 'cuda'
+        if cuda:
+            base = int(torch.cuda.memory_allocated(self.device))
+        else:
+            memory.release_freed_memory()
+            base = memory.current_rss_bytes()
+        box = {}
 
-
-def memory_call(fn: Callable[[], Any], device: torch.device, decode: DecodeTimer, overall: Dict[str, int]):
-    """One more (untimed) call measuring memory and FLOPs: the baseline before it (CPU: RSS after
-    `release_freed_memory`; GPU: allocated bytes), the peaks of its transformer phase and of its decode, the process
-    peak so far, and its FLOPs (torch's FlopCounterMode, 2 per multiply-add; 0 for compiled code it cannot count)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    sync(device)
-    if device.type == 'cuda':
-        base = int(torch.cuda.memory_allocated(device))
-    else:
-        memory.release_freed_memory()
-        base = memory.current_rss_bytes()
-    box = {}
-
-    def counted():
-        try:
-            with FlopCounterMode(display=False) as counter:
-                out = fn()
-            box['flops'] = int(counter.get_total_flops())
-            return out
-        except Exception:   # a compiled graph under a dispatch mode: run it uncounted
-            return fn()
-    r = timed_call(counted, device, decode, overall)
-    probe = dict(base_bytes=base, transformer_peak_bytes=r['transformer_peak_bytes'],
-                 decode_peak_bytes=r['decode_peak_bytes'],
-                 peak_bytes=max(r['transformer_peak_bytes'], r['decode_peak_bytes']))
-    peaks = {'peak_rss_bytes': memory.peak_rss_bytes()}
-    if device.type == 'cuda':
-        peaks['cuda_max_allocated_bytes'] = max(overall['peak'], int(torch.cuda.max_memory_allocated(device)))
-    else:
-        peaks['peak_rss_bytes'] = max(overall['peak'], peaks['peak_rss_bytes'])
-    return dict(peaks, probe=probe, flops=box.get('flops', 0))
+        def counted():
+            try:
+                with FlopCounterMode(display=False) as counter:
+                    out = self.call()
+                box['flops'] = int(counter.get_total_flops())
+                return out
+            except Exception:   # a compiled graph under a dispatch mode: run it uncounted
+                return self.call()
+        r = self.run(counted)
+        tr, dec = r['transformer_peak_bytes'], r['decode_peak_bytes']
+        probe = dict(base_bytes=base, transformer_peak_bytes=tr, decode_peak_bytes=dec, peak_bytes=max(tr, dec))
+        if cuda:
+            peaks = dict(peak_rss_bytes=memory.peak_rss_bytes(),
+                         cuda_max_allocated_bytes=max(self.peak, int(torch.cuda.max_memory_allocated(self.device))))
+        else:
+            peaks = dict(peak_rss_bytes=max(self.peak, memory.peak_rss_bytes()))
+        return dict(peaks, probe=probe, flops=box.get('flops', 0))
 
 
 def profile_call(fn: Callable[[], Any], device: torch.device, top: int = 25) -> Dict[str, Any]:
@@ -198,9 +197,8 @@ def digest(t: torch.Tensor) -> str:
 
 def train_step_row(var, vae, forward: Callable, V: int, batch: int, num_classes: int, patch_nums, steps: int,
                    warmup: int, bf16: bool, device: str) -> Dict[str, Any]:
-    """Median ms of one AdamW step (forward, cross-entropy, backward, step) on random tokens, the MiB autograd saves
-    for backward (parameters excluded) and on CUDA the peak allocated MiB; forward(label_B, x_BLCv) -> logits_BLV.
-    Takes the official models as well as ours."""
+    """Median ms of one AdamW step on random tokens, the MiB autograd saves for backward (parameters excluded) and on
+    CUDA the peak allocated MiB; forward(label_B, x_BLCv) -> logits_BLV, so the official models fit as well."""
     device = torch.device(device)
     var.to(device).train()
     vae.to(device)
@@ -227,33 +225,29 @@ def train_step_row(var, vae, forward: Callable, V: int, batch: int, num_classes:
                 saved_act_mib=act / 2 ** 20, peak_mib=peak)
 
 
-# ---------------------------------------------------------------- child processes
-
 def sampling_handlers(build: Callable[[Dict[str, Any]], tuple], describe: Callable[[Any], tuple]):
-    """`serve` handlers for a sampling child. setup: `build(msg)` -> (device, vae, call) builds the models and the
-    sampling call; run: one timed call, `describe(out)` turning its output into (images, KV-cache bytes, iterations
-    or None); memory: `memory_call`; profile: per-op self times of one call."""
+    """`serve` handlers of a sampling child. setup: `build(msg)` -> (device, vae, call); run: one TimedCall,
+    `describe(out)` -> (images, KV-cache bytes, iterations or None); memory: `TimedCall.memory`; profile."""
     st = {}
 
     def setup(msg):
         device, vae, call = build(msg)
-        st.update(device=device, call=call, decode=DecodeTimer(vae, device), overall={})
+        st['timed'] = TimedCall(call, vae, device)
         rss = memory.current_rss_bytes()
         reset_peak_memory(device)
         return {'ok': True, 'rss_after_build_bytes': rss}
 
     def run(msg):
-        r = timed_call(st['call'], st['device'], st['decode'], st['overall'])
+        r = st['timed'].run()
         img, kv_cache_bytes, iters = describe(r.pop('out'))
         return dict(r, digest=digest(img), kv_cache_bytes=kv_cache_bytes, iters=iters)
 
-    return dict(setup=setup, run=run,
-                memory=lambda msg: memory_call(st['call'], st['device'], st['decode'], st['overall']),
-                profile=lambda msg: profile_call(st['call'], st['device']))
+    return dict(setup=setup, run=run, memory=lambda msg: st['timed'].memory(),
+                profile=lambda msg: profile_call(st['timed'].call, st['timed'].device))
 
 
 def serve(handlers: Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]]) -> None:
-    """A child's loop: one JSON reply line per JSON command on stdin, from handlers[msg['cmd']](msg), until 'quit'.
+    """A child's loop: one JSON reply line per JSON command on stdin, handlers[msg['cmd']](msg), until 'quit'.
     Replies go to a copy of the original stdout and fd 1 to stderr, so stray prints (the official constructor
     prints) cannot corrupt the protocol. An exception becomes an {'error': ...} reply and ends the child."""
     proto = os.fdopen(os.dup(1), 'w', buffering=1)

@@ -8,12 +8,6 @@ import sys
 import measure   # bench/ is sys.path[0] when this file runs as a script; measure imports nothing of the project
 
 
-def _isolate(official_path: str) -> None:
-    """sys.path: the official checkout first, nothing of the project."""
-    mine = (measure.ROOT, os.path.dirname(os.path.abspath(__file__)), os.getcwd())
-    sys.path[:] = [official_path] + [p for p in sys.path if p and os.path.abspath(p) not in mine]
-
-
 def kv_bytes_probe(var, held: dict) -> None:
     """Forward hooks recording in `held` the bytes each official attention layer's KV cache holds (the caller clears
     it before each call)."""
@@ -99,7 +93,9 @@ def train_step(msg):
 def main():
     if len(sys.argv) != 2 or not os.path.isdir(os.path.join(sys.argv[1], 'models')):
         raise SystemExit('usage: official_runner.py PATH  (PATH: a checkout of the official VIAR code, with models/)')
-    _isolate(os.path.abspath(sys.argv[1]))
+    # sys.path: the official checkout first and no project folder (both packages are called `models`)
+    mine = (measure.ROOT, os.path.dirname(os.path.abspath(__file__)), os.getcwd())
+    sys.path[:] = [os.path.abspath(sys.argv[1])] + [p for p in sys.path if p and os.path.abspath(p) not in mine]
     held = {}
     sampling = measure.sampling_handlers(lambda msg: build_sampler(msg, held),
                                          describe=lambda img: (img, sum(held.values()), None))

@@ -1,20 +1,17 @@
 """Sampling benchmark (not a test): images/s, peak memory and KV-cache bytes of VAR and VIAR per schedule.
 
-Each config (VAR, or VIAR with one schedule) runs in its own child process, so its peak memory is its own (peak RSS on
-CPU, CUDA max allocated on a GPU). With `--official PATH` the official code runs the same config on the same weights
-in a second child; the two alternate call by call after warm-up, so machine load hits both alike.
-
-    python bench/sample_speed.py --depth 12 --p_depth 2 --bs 4 --patch_nums 1,2,3,4,5,6,8 \
-        --threads 1 --official /path/to/official/VIAR
-
-Writes OUT/sample_speed.json, OUT/sample_speed.md (a Markdown table) and OUT/sample_speed.png.
+Each config (VAR, or VIAR with one schedule) runs in a child process of its own, so its peak memory is its own.
+`--official PATH` runs it through the official code on the same weights in a second child, the two alternating call
+by call after warm-up; `--batch_sizes 1,4,16` runs every config at each batch size (images/s and fraction of bound).
+Writes OUT/sample_speed.{json,md,png}; docs/SPEED.md shows the commands.
 """
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 if __name__ == '__main__':   # `python bench/sample_speed.py`: the project root on sys.path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -25,10 +22,7 @@ from utils.cli import flag  # noqa: E402
 
 MiB = 2 ** 20
 SPREAD_LIMIT = 0.10   # timed calls of one row that differ by more than 10% (slowest / fastest - 1): not a steady figure
-CPU_FLAGS_SHOWN = ('avx2', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'amx_tile', 'amx_bf16', 'amx_int8')
 
-
-# ---------------------------------------------------------------- pure helpers
 
 def parse_schedules(text: str, num_scales: int, cap: int, tau_json: str = '', stop_mode: str = 'rel') -> List[Dict]:
     """The --schedules list as JSON-able schedules (utils.sample.schedule_flags.from_token names and counts)."""
@@ -37,14 +31,13 @@ def parse_schedules(text: str, num_scales: int, cap: int, tau_json: str = '', st
 
 
 def timing_basis(device: str, threads: int) -> str:
-    """'cpu' (process CPU time, robust to other processes on the machine) for a single-threaded CPU run; 'wall'
-    otherwise, e.g. on a GPU."""
+    """'cpu' (process CPU time, robust to other processes) for a single-threaded CPU run, else 'wall'."""
     return 'cpu' if device == 'cpu' and threads == 1 else 'wall'
 
 
 def summarise(reps: List[Dict[str, float]], B: int, basis: str = 'wall') -> Dict[str, Any]:
-    """Images/s of the best timed call (total, transformer = total - VAE decode, decode) on both clocks; the
-    unprefixed figures use `basis`. Raw per-call seconds are kept."""
+    """Images/s of the best timed call (total, transformer = total - VAE decode, decode) on both clocks, unprefixed
+    on `basis`; the raw per-call seconds are kept."""
     out = dict(basis=basis, **{k: [r[k] for r in reps] for k in ('wall_s', 'decode_wall_s', 'cpu_s', 'decode_cpu_s')})
     for clock in ('wall', 'cpu'):
         total, dec = f'{clock}_s', f'decode_{clock}_s'
@@ -58,9 +51,8 @@ def summarise(reps: List[Dict[str, float]], B: int, basis: str = 'wall') -> Dict
 
 def reliability(load: float, cpu_threads: int, rep_seconds: List[float], spread_limit: float = SPREAD_LIMIT
                 ) -> List[str]:
-    """Why a row's timing is unreliable ([] when it is not): a load average above the machine's hardware threads
-    (runnable processes queued for a core, so the clock measured waiting too), or timed calls that disagree by more
-    than spread_limit (slowest / fastest - 1)."""
+    """Why a row's timing is unreliable ([] when it is not): a load average above the hardware threads (the clock
+    then measured waiting too), or timed calls differing by more than spread_limit (slowest / fastest - 1)."""
     why = [f'load {load:.1f} > {cpu_threads} CPU threads'] if load > cpu_threads else []
     if len(rep_seconds) > 1 and min(rep_seconds) > 0:
         spread = max(rep_seconds) / min(rep_seconds) - 1
@@ -86,25 +78,35 @@ def bound_fraction(side: Dict[str, Any], B: int, gemm_rates: Dict[str, float]) -
 
 
 def cpu_meta(flags, capability: str, env: Dict[str, str]) -> Dict[str, Any]:
-    """What decides this CPU's speed in each dtype: its flags that matter, torch's kernel level, the ISA caps."""
+    """What decides this CPU's speed in each dtype: its SIMD flags, torch's kernel level, the ISA caps."""
     from utils.sample.compile_util import native_bf16
-    return dict(flags=[f for f in CPU_FLAGS_SHOWN if f in flags], capability=capability,
+    return dict(flags=[f for f in measure.SIMD_FLAGS if f in flags], capability=capability,
                 caps={k: env[k] for k in ('ATEN_CPU_CAPABILITY', 'ONEDNN_MAX_CPU_ISA') if env.get(k)},
                 native_bf16=native_bf16(flags, env.get('ONEDNN_MAX_CPU_ISA')))
+
+
+def fmt(x: Optional[float], digits: int = 2) -> str:
+    """A table cell: '-' for a missing figure."""
+    return '-' if x is None else f'{x:.{digits}f}'
+
+
+def percent(x: Optional[float]) -> str:
+    """A fraction of the bound as a table cell ('n/a' when unknown)."""
+    return f'{100 * x:.0f}%' if x else 'n/a'
 
 
 def markdown_table(result: Dict[str, Any]) -> str:
     """The README table: one row per config, ours (and official, ratio) side by side; then how it was measured."""
     meta, rows = result['meta'], result['rows']
-    cuda = meta['device'].startswith('cuda')
-    mem = 'CUDA max alloc' if cuda else 'peak RSS'
+    mem = 'CUDA max alloc' if meta['device'].startswith('cuda') else 'peak RSS'
     has_off = any(r.get('official') for r in rows)
     extra = sorted({k for r in rows for k in r if k.startswith('official_') and isinstance(r[k], dict)})
     sides = ['ours'] + (['official'] if has_off else []) + extra
     has_bound = any(r['ours'].get('of_bound') is not None for r in rows)
-    fmt = lambda x, p=2: '-' if x is None else f'{x:.{p}f}'   # noqa: E731
-    head = ['model', 'schedule', 'iters/scale', 'img/s wall', 'img/s CPU', 'transformer img/s', 'VAE img/s',
-            f'{mem} MiB', 'transformer +MiB', 'KV MiB', 'timing']
+    sweep = bool(meta.get('batch_sizes'))
+    head = ['model', 'schedule'] + ['batch'] * sweep + [
+        'iters/scale', 'img/s wall', 'img/s CPU', 'transformer img/s', 'VAE img/s', f'{mem} MiB', 'transformer +MiB',
+        'KV MiB', 'timing']
     if has_off:
         head += ['official img/s', 'official transformer img/s', f'official {mem} MiB', 'official transformer +MiB',
                  'official KV MiB', 'ratio', 'transformer ratio', 'same images']
@@ -123,38 +125,52 @@ def markdown_table(result: Dict[str, Any]) -> str:
         o, f = r['ours'], r.get('official')
         clock = {c: o.get(f'{c}_images_per_s', o['images_per_s'] if meta['basis'] == c else None)
                  for c in ('wall', 'cpu')}
-        cells = [r['model'], r['schedule'], ','.join(map(str, r['iters_used'] or r['counts'] or [])) or '-',
-                 fmt(clock['wall']), fmt(clock['cpu']), fmt(o['transformer_images_per_s']),
-                 fmt(o['decode_images_per_s']), *mem_cells(o), timing_cell(r)]
+        cells = [r['model'], r['schedule']] + [r.get('B')] * sweep + [
+            ','.join(map(str, r['iters_used'] or r['counts'] or [])) or '-', fmt(clock['wall']), fmt(clock['cpu']),
+            fmt(o['transformer_images_per_s']), fmt(o['decode_images_per_s']), *mem_cells(o), timing_cell(r)]
         if has_off:
             cells += ([fmt(f['images_per_s']), fmt(f['transformer_images_per_s']), *mem_cells(f), fmt(r['ratio']),
                        fmt(r['transformer_ratio']), 'yes' if r['same_images'] else 'NO'] if f else ['n/a'] * 8)
         for k in extra:
             cells += [fmt(r[k]['images_per_s']), fmt(r[f'ratio_{k}'])] if r.get(k) else ['n/a'] * 2
         if has_bound:
-            cells += [fmt((o.get('flops') or 0) / 1e9, 1)]
-            cells += [f"{100 * r[k]['of_bound']:.0f}%" if r.get(k) and r[k].get('of_bound') else 'n/a' for k in sides]
+            cells += [fmt((o.get('flops') or 0) / 1e9, 1)] + [percent(r.get(k, {}).get('of_bound')) for k in sides]
         body.append(cells)
     cpu = meta.get('cpu')
     rates = ', '.join(f'{d} {g:.0f}' for d, g in (meta.get('gemm_gflops') or {}).items())
-    note = (meta['machine']
-            + (f" (flags: {' '.join(cpu['flags']) or 'none of ' + '/'.join(CPU_FLAGS_SHOWN)}; torch kernels "
-               f"{cpu['capability']}{''.join(f', {k}={v}' for k, v in cpu['caps'].items())})" if cpu else '')
-            + (f"; peak GEMM GFLOP/s (1360x768 @ 768x3072): {rates}" if rates else '')
-            + f"; {meta['device']}, {meta['threads']} thread(s), ours {meta['dtype']}" + (' --fast' if meta.get('fast') else '')
-            + (f", official {','.join(meta['official_dtypes'])}" if has_off and meta.get('official_dtypes') else '')
-            + f", batch {meta['B']}, depth {meta['depth']} (width {meta['width']}), VIAR pre/post "
-            f"{meta['pre_depth']}/{meta['post_depth']}, patch_nums {','.join(map(str, meta['patch_nums']))} "
-            f"({meta['image_px']} px), {'checkpoint ' + meta['var_ckpt'] if meta['var_ckpt'] else 'random weights'}; "
-            f"best of {meta['reps']} calls after {meta['warmup']} warm-up"
-            f"{', alternating with the official code' if has_off else ''}; img/s on both clocks (CPU: images per "
-            f"second of process CPU time, all threads), the other rates by "
-            f"{'process CPU time' if meta['basis'] == 'cpu' else 'wall clock'}; timing UNRELIABLE where the load "
-            f"average passed the CPU threads or the timed calls differ by more than {100 * SPREAD_LIMIT:.0f}%; memory "
-            "from one more call ("
-            + ('peak minus allocated before it' if cuda else 'peak RSS; +MiB over the RSS before it, freed memory released')
-            + f"); load average {meta['load_avg']}.\n")
-    return measure.table(head, body) + '\n\n' + note
+    flags = cpu and (' '.join(cpu['flags']) or 'none of ' + '/'.join(measure.SIMD_FLAGS))
+    caps = cpu and ''.join(f', {k}={v}' for k, v in cpu['caps'].items())
+    official = has_off and meta.get('official_dtypes') and f", official {','.join(meta['official_dtypes'])}"
+    note = [meta['machine'] + (f" (flags: {flags}; torch kernels {cpu['capability']}{caps})" if cpu else ''),
+            rates and f'peak GEMM GFLOP/s (1360x768 @ 768x3072): {rates}',
+            f"{meta['device']}, {meta['threads']} thread(s), ours {meta['dtype']}{' --fast' * bool(meta.get('fast'))}"
+            f"{official or ''}, batch {','.join(map(str, meta.get('batch_sizes') or [meta['B']]))}, depth "
+            f"{meta['depth']} (width {meta['width']}), VIAR pre/post {meta['pre_depth']}/{meta['post_depth']}, "
+            f"patch_nums {','.join(map(str, meta['patch_nums']))} ({meta['image_px']} px), "
+            + ('checkpoint ' + meta['var_ckpt'] if meta['var_ckpt'] else 'random weights'),
+            f"best of {meta['reps']} calls after {meta['warmup']} warm-up" + ', alternating with the official code' * has_off,
+            'img/s on both clocks (CPU: per second of process CPU time, all threads), the other rates by '
+            + ('process CPU time' if meta['basis'] == 'cpu' else 'wall clock'),
+            'timing UNRELIABLE where the load average passed the CPU threads or the timed calls differ by more than '
+            f'{100 * SPREAD_LIMIT:.0f}%',
+            'memory from one more call (' + ('peak minus allocated before it' if mem != 'peak RSS' else
+                                             'peak RSS; +MiB over the RSS before it, freed memory released') + ')',
+            f"load average {meta['load_avg']}"]
+    return measure.table(head, body) + '\n\n' + '; '.join(p for p in note if p) + '.\n'
+
+
+def sweep_rows(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """--batch_sizes: per config and batch size, our images/s, FLOPs of a call and the fraction of the bound."""
+    return [dict(model=r['model'], schedule=r['schedule'], B=r['B'], images_per_s=r['ours']['images_per_s'],
+                 flops=r['ours'].get('flops'), bound_s=r['ours'].get('bound_s'), of_bound=r['ours'].get('of_bound'))
+            for r in rows]
+
+
+def sweep_table(sweep: List[Dict[str, Any]]) -> str:
+    """The batch-size sweep, one row per config and batch size."""
+    return measure.table(['model', 'schedule', 'batch', 'img/s', 'GFLOP/call', 'of bound'], [
+        [s['model'], s['schedule'], s['B'], fmt(s['images_per_s'], 3), fmt((s['flops'] or 0) / 1e9, 1),
+         percent(s['of_bound'])] for s in sweep])
 
 
 def profile_table(result: Dict[str, Any]) -> str:
@@ -167,8 +183,8 @@ def profile_table(result: Dict[str, Any]) -> str:
             names = sorted(set().union(*per.values()), key=lambda n: -max(p.get(n, 0.0) for p in per.values()))
             body = [[n] + [f'{per[k][n]:.3f}' if n in per[k] else '-' for k in sides] for n in names]
             body.append(['total (all ops)'] + [f"{r[k]['profile']['total_self_cpu_s']:.3f}" for k in sides])
-            head = ['op'] + [f'{k} self s' for k in sides]
-            out += [f"### {r['model']} {r['schedule']}", '', measure.table(head, body), '']
+            out += [f"### {r['model']} {r['schedule']}", '', measure.table(['op'] + [f'{k} self s' for k in sides],
+                                                                            body), '']
     return '\n'.join(out)
 
 
@@ -186,19 +202,18 @@ def plot(result: Dict[str, Any], path: str) -> None:
             ax.scatter([x], [y], marker='*' if is_var else 'o', s=140 if is_var else 50,
                        facecolors=color if filled else 'none', edgecolors=color)
             if filled:
-                ax.annotate('VAR' if is_var else r['schedule'], (x, y), textcoords='offset points', xytext=(5, 4), fontsize=8)
+                ax.annotate('VAR' if is_var else r['schedule'], (x, y), textcoords='offset points', xytext=(5, 4),
+                            fontsize=8)
     ax.set_xlabel(('CUDA max allocated' if meta['device'].startswith('cuda') else 'peak RSS') + ' (MiB)')
     ax.set_ylabel('images / s')
     title = f"VIAR schedules vs VAR: d{meta['depth']}, batch {meta['B']}, {meta['dtype']}, {meta['device']}"
-    ax.set_title(title + ('\n(hollow: official implementation)' if any(r.get('official') for r in result['rows']) else ''),
-                 fontsize=9)
+    hollow = any(r.get('official') for r in result['rows'])
+    ax.set_title(title + ('\n(hollow: official implementation)' if hollow else ''), fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format='png')
     plt.close(fig)
 
-
-# ---------------------------------------------------------------- the project's child process
 
 def build_sampler(msg):
     """A sampling child's (device, vae, call) with this project's models (measure.sampling_handlers)."""
@@ -221,8 +236,6 @@ def build_sampler(msg):
     return device, vae, lambda: sampler(msg['B'], label_B, **kw)
 
 
-# ---------------------------------------------------------------- the parent
-
 @dataclass
 class SpeedArgs:
     """Which models and schedules run, and how each child is timed (random weights unless --var_ckpt)."""
@@ -232,6 +245,7 @@ class SpeedArgs:
                           "comma list: 'A:B' = the iter_left/iter_right knob (this project's K-point rule); 'A:B/10' = "
                           "the official 10-point rule; 'tau=X' or 'tau=json' = adaptive (--tau_cap, --tau_json)")
     bs: int = flag(4, 'images per call (the CFG batch is twice this)')
+    batch_sizes: Tuple[int, ...] = flag((), 'sweep: run every config at each of these batch sizes instead of --bs')
     g_seed: int = flag(0, 'sampling seed (same images every call)')
     threads: int = flag(0, 'torch threads per child (0: torch default)')
     warmup: int = flag(1, 'untimed calls per child first')
@@ -257,8 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def plan_schedules(source, sample, text: str):
-    """(K, schedules): the --schedules list parsed on the scales of the model that will run (a checkpoint's own,
-    read before anything is built), so a bad token or a tau JSON for another pyramid fails at once."""
+    """(K, schedules): the --schedules list on the scales of the model that will run (a checkpoint's own, read
+    before anything is built), so a bad token or a tau JSON for another pyramid fails at once."""
     from models.schedules import DEFAULT_CAP
     from utils.checkpoint import CheckpointError
     from utils.model_io import peek_spec
@@ -270,8 +284,7 @@ def plan_schedules(source, sample, text: str):
 
 
 def write_state(source, kind: str, tmpdir: str, seed: int):
-    """Build (or load) one model pair, save both state dicts for the children; returns (spec, path)."""
-    import dataclasses
+    """Build (or load) one model pair and save both state dicts for the children; (spec, path)."""
     import torch
     from utils.model_io import load_or_build
     loaded = load_or_build(dataclasses.replace(source, arch=dict(source.arch, use_implicit=kind == 'VIAR')), 'cpu',
@@ -281,10 +294,10 @@ def write_state(source, kind: str, tmpdir: str, seed: int):
     return loaded.spec, path
 
 
-def run_config(args, spec, state_path: str, schedule: Dict[str, Any], device: str) -> Dict[str, Any]:
-    """One config: start the children, warm up, alternate timed calls, collect memory; one result row."""
+def run_config(args, spec, state_path: str, schedule: Dict[str, Any], device: str, B: int) -> Dict[str, Any]:
+    """One config at batch B: start the children, warm up, alternate timed calls, collect memory; one result row."""
     env = dict(os.environ, **({'OMP_NUM_THREADS': str(args.threads)} if args.threads else {}))
-    msg = dict(model=spec.to_dict(), state_path=state_path, schedule=schedule, B=args.bs, dtype=args.dtype,
+    msg = dict(model=spec.to_dict(), state_path=state_path, schedule=schedule, B=B, dtype=args.dtype,
                device=device, threads=args.threads, g_seed=args.g_seed, cfg=args.cfg, top_k=args.top_k,
                top_p=args.top_p, fill_forward=not args.official_kv, compile=args.compile, fast=args.fast)
     is_viar = spec.kind == 'VIAR'
@@ -314,13 +327,13 @@ def run_config(args, spec, state_path: str, schedule: Dict[str, Any], device: st
         for c in kids.values():
             c.close()
     basis = timing_basis(device, args.threads)
-    row = dict(model=spec.kind, schedule=schedule['name'] if is_viar else '-',
+    row = dict(model=spec.kind, schedule=schedule['name'] if is_viar else '-', B=B,
                counts=schedule['counts'] if is_viar else None)
     for k in kids:
         last = reps[k][-1]
-        row[k] = dict(summarise(reps[k], args.bs, basis), kv_cache_bytes=last['kv_cache_bytes'], digest=last['digest'],
+        row[k] = dict(summarise(reps[k], B, basis), kv_cache_bytes=last['kv_cache_bytes'], digest=last['digest'],
                       dtype=msgs[k]['dtype'], rss_after_build_bytes=built[k]['rss_after_build_bytes'], **mem[k])
-        row[k].update(bound_fraction(row[k], args.bs, args.gemm_rates), **({'profile': prof[k]} if k in prof else {}))
+        row[k].update(bound_fraction(row[k], B, args.gemm_rates), **({'profile': prof[k]} if k in prof else {}))
     row['iters_used'] = reps['ours'][-1]['iters']
     row['load_avg'] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     row['unreliable'] = reliability(max(row['load_avg']), os.cpu_count() or 1, row['ours'][f'{basis}_s'])
@@ -337,41 +350,44 @@ def run_config(args, spec, state_path: str, schedule: Dict[str, Any], device: st
     return row
 
 
-def resolve_dtypes(args, sample, device_type: str) -> None:
-    """args.dtype: ours, resolved (with --fast and no --dtype typed: the machine's fast dtype); args.official_dtypes:
-    the official children's list (default: ours)."""
+def check_args(args, sample, device_type: str) -> List[str]:
+    """Refuse bad flags in one line each; resolve args.dtype (with --fast and no --dtype typed: the machine's fast
+    dtype) and args.official_dtypes (default: ours). Returns the models to run."""
     from utils.sample.compile_util import AUTOCAST_DTYPES, resolve_dtype
     from utils.sample.config import was_typed
-    asked = args.dtype if was_typed(sample, 'dtype') or not args.fast else 'auto'
-    args.dtype = resolve_dtype(device_type, asked, args.fast)
-    args.official_dtypes = [d.strip() for d in args.official_dtypes.split(',') if d.strip()] or [args.dtype]
-    bad = [d for d in args.official_dtypes if d not in AUTOCAST_DTYPES]
-    if bad:
-        raise SystemExit(f'--official_dtypes: {bad} not among {sorted(AUTOCAST_DTYPES)}')
-
-
-def main(argv=None):
-    import torch
-    from utils.atomic import write_json_atomic
-    from utils.checkpoint import CheckpointError
-    from utils.sample.compile_util import AUTOCAST_DTYPES, read_cpu_flags
-    from utils.sample.config import parse, resolve_device
-    args, source, sample = parse(build_parser(), argv, schedule_list=True)
-    device = resolve_device(source.device)
     if sample.compile and args.warmup < 1:
         raise SystemExit('--compile needs --warmup >= 1: the first call compiles')
+    if any(b < 1 for b in args.batch_sizes):
+        raise SystemExit(f'--batch_sizes must be positive, got {",".join(map(str, args.batch_sizes))}')
     if args.official:
         measure.check_official(args.official)
     kinds = [k.strip().upper() for k in args.models.split(',') if k.strip()]
     if not kinds or any(k not in ('VAR', 'VIAR') for k in kinds):
         raise SystemExit(f'--models must list VAR and/or VIAR, got {args.models!r}')
+    args.dtype = resolve_dtype(device_type, args.dtype if was_typed(sample, 'dtype') or not args.fast else 'auto',
+                               args.fast)
+    args.official_dtypes = [d.strip() for d in args.official_dtypes.split(',') if d.strip()] or [args.dtype]
+    bad = [d for d in args.official_dtypes if d not in AUTOCAST_DTYPES]
+    if bad:
+        raise SystemExit(f'--official_dtypes: {bad} not among {sorted(AUTOCAST_DTYPES)}')
+    return kinds
+
+
+def main(argv=None):
+    import torch
+    from utils.atomic import atomic_path, check_writable
+    from utils.checkpoint import CheckpointError
+    from utils.sample.compile_util import AUTOCAST_DTYPES, read_cpu_flags
+    from utils.sample.config import parse, resolve_device
+    args, source, sample = parse(build_parser(), argv, schedule_list=True)
+    device = resolve_device(source.device)
+    kinds = check_args(args, sample, device.type)
     K, scheds = plan_schedules(source, sample, args.schedules)
-    resolve_dtypes(args, sample, device.type)
     if args.official and K != 10 and any(s['knob'] and not s['name'].endswith('/10') and s['knob'][0] != s['knob'][1]
                                          for s in scheds):
         raise SystemExit("--official on a model with K != 10 scales: 'A:B' runs this project's K-point rule, which "
                          "the official sampler cannot; write 'A:B/10' for the official 10-point rule")
-    os.makedirs(args.out, exist_ok=True)
+    check_writable(args.out)   # a folder that cannot be written fails now, not after the runs
     load_start = ' '.join(f'{x:.1f}' for x in os.getloadavg())
     args.gemm_rates = {}
     if device.type == 'cpu':   # the physical bound: this CPU's peak GEMM rate in every dtype that runs
@@ -393,33 +409,28 @@ def main(argv=None):
             configs = scheds if kind == 'VIAR' else [dict(name='-', counts=[0] * K, tau=None, stop_mode='rel',
                                                           min_iters=1, knob=None)]
             for sched in configs:
-                print(f'[sample_speed] {kind} {sched["name"]} ...', file=sys.stderr, flush=True)
-                r = run_config(args, spec, state_path, sched, str(device))
-                rows.append(r)
-                print(f'[sample_speed]   ours {r["ours"]["wall_images_per_s"]:.3f} img/s wall, '
-                      f'{r["ours"]["cpu_images_per_s"]:.3f} img/s CPU'
-                      + (f', official {r["official"]["images_per_s"]:.3f} img/s' if r.get('official') else '')
-                      + (f'; UNRELIABLE: {"; ".join(r["unreliable"])}' if r['unreliable'] else ''),
-                      file=sys.stderr, flush=True)
+                for B in args.batch_sizes or (args.bs,):
+                    print(f'[sample_speed] {kind} {sched["name"]} batch {B} ...', file=sys.stderr, flush=True)
+                    rows.append(r := run_config(args, spec, state_path, sched, str(device), B))
+                    print(f'[sample_speed]   ours {r["ours"]["wall_images_per_s"]:.3f} img/s wall, '
+                          f'{r["ours"]["cpu_images_per_s"]:.3f} img/s CPU; {timing_cell(r)}', file=sys.stderr,
+                          flush=True)
     meta = dict(machine=torch.cuda.get_device_name(device) if device.type == 'cuda' else measure.machine_name(),
                 device=str(device), threads=args.threads or torch.get_num_threads(), dtype=args.dtype, fast=args.fast,
                 official_dtypes=args.official_dtypes if args.official else [], B=args.bs,
+                batch_sizes=list(args.batch_sizes), gemm_gflops={d: r / 1e9 for d, r in args.gemm_rates.items()},
                 cpu=cpu_meta(read_cpu_flags(), torch.backends.cpu.get_cpu_capability(), dict(os.environ))
-                if device.type == 'cpu' else None, gemm_gflops={d: r / 1e9 for d, r in args.gemm_rates.items()},
-                depth=spec.depth, width=spec.width, pre_depth=spec.pre_depth, post_depth=spec.post_depth,
-                patch_nums=list(spec.patch_nums), image_px=spec.image_px,
+                if device.type == 'cpu' else None, depth=spec.depth, width=spec.width, pre_depth=spec.pre_depth,
+                post_depth=spec.post_depth, patch_nums=list(spec.patch_nums), image_px=spec.image_px,
                 var_ckpt='' if source.var_ckpt == 'random' else source.var_ckpt, warmup=args.warmup, reps=args.reps,
                 compile=args.compile, official=args.official or None, basis=timing_basis(str(device), args.threads),
                 cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, fill_forward=not args.official_kv,
                 load_avg=f"{load_start} -> {' '.join(f'{x:.1f}' for x in os.getloadavg())}", torch=torch.__version__)
-    result = dict(meta=meta, rows=rows)
-    write_json_atomic(result, os.path.join(args.out, 'sample_speed.json'), indent=1)
-    table = markdown_table(result)
-    with open(os.path.join(args.out, 'sample_speed.md'), 'w') as f:
-        f.write(table)
-    plot(result, os.path.join(args.out, 'sample_speed.png'))
+    result = dict(meta=meta, rows=rows, **({'sweep': sweep_rows(rows)} if args.batch_sizes else {}))
+    table = markdown_table(result) + ('\n' + sweep_table(result['sweep']) + '\n' if args.batch_sizes else '')
+    measure.write_report(args.out, 'sample_speed', result, table, plot)
     if args.profile:
-        with open(os.path.join(args.out, 'sample_speed_profile.md'), 'w') as f:
+        with atomic_path(os.path.join(args.out, 'sample_speed_profile.md')) as tmp, open(tmp, 'w') as f:
             f.write(profile_table(result))
     print(table)
     return result

@@ -1,7 +1,7 @@
 """Training benchmarks (not tests), one mode each; docs/TRAINING.md reports their figures.
 
-  steps        median AdamW step time of VAR and VIAR over effective depth, the bytes autograd saves for backward,
-               on CUDA the peak allocated memory; --official PATH runs the official models beside ours
+  steps        AdamW step time of VAR and VIAR over effective depth, the bytes autograd saves for backward, on CUDA
+               the peak allocated memory; --official PATH runs the official models beside ours
   loader       the training data loader alone: images/s and images per CPU-second (alias --loader)
   fsdp_memory  fp32 state bytes per rank under `train.py --fsdp`; --rss: a small model's peak RSS at 1 and 2 ranks
                (alias --fsdp)
@@ -118,8 +118,8 @@ def parse_args(argv=None):
 
 
 def make_jpegs(root: str, n: int, size=(500, 375), classes: int = 4, seed: int = 0) -> str:
-    """n synthetic JPEGs in `classes` class folders under root/train, one per class in root/val: smooth content plus
-    grain at quality 90, about 100 KB at 500x375 like ImageNet's average file (pure noise decodes slower)."""
+    """n synthetic JPEGs in `classes` folders under root/train, one per class in root/val: smooth content plus grain
+    at quality 90, about 100 KB at 500x375 like ImageNet's average file (pure noise decodes slower)."""
     import numpy as np
     from PIL import Image
     rng = np.random.default_rng(seed)
@@ -138,8 +138,7 @@ def make_jpegs(root: str, n: int, size=(500, 375), classes: int = 4, seed: int =
 
 def step_configs(s: StepArgs) -> List[Dict]:
     """(model, effective depth, n, m) rows; VIAR rows need D >= m + 2."""
-    return [dict(model='var', eff_depth=D, n=0, m=0) if kind == 'var' else
-            dict(model='viar', eff_depth=D, n=D - 2 - s.m, m=s.m)
+    return [dict(model=kind, eff_depth=D, n=D - 2 - s.m if kind == 'viar' else 0, m=s.m if kind == 'viar' else 0)
             for D in s.depths for kind in s.models.split(',') if kind == 'var' or D - 2 - s.m >= 0]
 
 
@@ -153,6 +152,15 @@ def our_step_row(s: StepArgs, row: Dict, common: Dict, step_kw: Dict) -> Dict:
     var.init_weights(init_adaln=0.5, init_adaln_gamma=1e-5, init_head=0.02, init_std=-1)
     jfb = (row['n'], row['m'])
     return measure.train_step_row(var, vae, lambda label_B, x_BLCv: var(label_B, x_BLCv, jfb_iters=jfb), **step_kw)
+
+
+def step_cells(r: Dict) -> List[str]:
+    """One printed row of --mode steps, with the official figures and ours / official when there are any."""
+    cells = [r['model'], r['eff_depth'], r['n'], r['m'], f'{r["params_m"]:.3f}', f'{r["step_ms"]:.1f}',
+             f'{r["saved_act_mib"]:.2f}', '-' if r['peak_mib'] is None else f'{r["peak_mib"]:.1f}']
+    o = r.get('official')
+    return cells + ([f'{o["step_ms"]:.1f}', f'{o["saved_act_mib"]:.2f}', f'{r["step_ms"] / o["step_ms"]:.2f}',
+                     f'{r["saved_act_mib"] / max(o["saved_act_mib"], 1e-9):.2f}'] if o else [])
 
 
 def run_steps(b: BenchArgs, s: StepArgs) -> List[Dict]:
@@ -183,15 +191,6 @@ def run_steps(b: BenchArgs, s: StepArgs) -> List[Dict]:
     return rows
 
 
-def step_cells(r: Dict) -> List[str]:
-    """One printed row of --mode steps, with the official figures and ours / official when there are any."""
-    cells = [r['model'], r['eff_depth'], r['n'], r['m'], f'{r["params_m"]:.3f}', f'{r["step_ms"]:.1f}',
-             f'{r["saved_act_mib"]:.2f}', '-' if r['peak_mib'] is None else f'{r["peak_mib"]:.1f}']
-    o = r.get('official')
-    return cells + ([f'{o["step_ms"]:.1f}', f'{o["saved_act_mib"]:.2f}', f'{r["step_ms"] / o["step_ms"]:.2f}',
-                     f'{r["saved_act_mib"] / max(o["saved_act_mib"], 1e-9):.2f}'] if o else [])
-
-
 # ---------------------------------------------------------------- loader
 
 def measure_loader(data: str, workers: int, batches: int, batch_size: int, reso: int = 256, warmup: int = 1) -> Dict:
@@ -217,12 +216,11 @@ def measure_loader(data: str, workers: int, batches: int, batch_size: int, reso:
     wall, main_cpu = time.perf_counter() - t0, time.process_time() - cpu1
     del it, loader   # persistent workers exit here, so their CPU time reaches RUSAGE_CHILDREN
     n = batches * batch_size
-    if workers == 0:
-        return dict(workers=0, images=n, wall_s=wall, img_per_s=n / wall, cpu_s=main_cpu, img_per_cpu_s=n / main_cpu)
     # workers also made the warm-up batch and prefetched batches never consumed: their CPU time is reported, not
     # turned into a per-CPU rate (workers=0 gives that cleanly)
-    return dict(workers=workers, images=n, wall_s=wall, img_per_s=n / wall,
-                cpu_s=children_cpu_s() - kids0 + time.process_time() - cpu0, img_per_cpu_s=None)
+    cpu = children_cpu_s() - kids0 + time.process_time() - cpu0 if workers else main_cpu
+    return dict(workers=workers, images=n, wall_s=wall, img_per_s=n / wall, cpu_s=cpu,
+                img_per_cpu_s=None if workers else n / cpu)
 
 
 def run_loader(b: BenchArgs, a: LoaderArgs) -> List[Dict]:
@@ -325,8 +323,8 @@ def rss_rows(f: FsdpArgs, mmap_threshold: bool) -> List[Dict]:
         env.update(OMP_NUM_THREADS='1', PYTHONPATH=measure.ROOT, VIAR_DIST_TIMEOUT_S='300',
                    **({'MALLOC_MMAP_THRESHOLD_': '65536'} if mmap_threshold else {}))
         cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={world}',
-               os.path.abspath(__file__), '--mode', 'fsdp_memory', '--rss_child', '--rss_depth', str(f.rss_depth),
-               '--rss_width', str(f.rss_width), '--rss_steps', str(f.rss_steps)]
+               os.path.abspath(__file__), '--mode', 'fsdp_memory', '--rss_child',
+               *(f'--{k}={getattr(f, k)}' for k in ('rss_depth', 'rss_width', 'rss_steps'))]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=measure.ROOT)
         if proc.returncode != 0:
             raise SystemExit(f'the {world}-rank run failed:\n{proc.stderr[-3000:]}')
@@ -361,13 +359,12 @@ def run_fsdp(b: BenchArgs, f: FsdpArgs) -> Dict:
 
 # ---------------------------------------------------------------- token_cache
 
-TOKEN_CONFIGS = {   # demo: the demo's tokenizer and VIAR; official256: the official tokenizer architecture at 256 px
-    'demo': dict(pn=(1, 2, 3, 4), V=128, Cvae=16, vae_ch=32, vae_ch_mult=(1, 2, 4), vae_num_res_blocks=1,
-                 width=96, heads=4, depth=6, p=1, jfb_n=(0, 4), jfb_m=(1, 4), batch=64, img_side=8, n_images=128,
-                 classes=10),
-    'official256': dict(pn=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), V=4096, Cvae=32, vae_ch=160, vae_ch_mult=(1, 1, 2, 2, 4),
-                        vae_num_res_blocks=2, width=128, heads=4, depth=6, p=1, jfb_n=(2, 2), jfb_m=(1, 1), batch=8,
-                        img_side=500, n_images=16, classes=4),
+TOKEN_CONFIGS = {   # (ModelSpec of a VIAR, its S-JFB ranges, batch, synthetic images: side, count)
+    'demo': (dict(patch_nums=(1, 2, 3, 4), V=128, Cvae=16, vae_ch=32, vae_ch_mult=(1, 2, 4), vae_num_res_blocks=1,
+                  num_classes=10), dict(jfb_no_grad=(0, 4), jfb_with_grad=(1, 4)), 64, 8, 128),
+    'official256': (dict(patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), V=4096, Cvae=32, vae_ch=160,
+                         vae_ch_mult=(1, 1, 2, 2, 4), vae_num_res_blocks=2, num_classes=4),
+                    dict(jfb_no_grad=(2, 2), jfb_with_grad=(1, 1)), 8, 500, 16),
 }
 
 
@@ -383,34 +380,31 @@ def token_cache_row(name: str, b: BenchArgs, t: TokenCacheArgs, work: str) -> Di
     from utils.data.token_cache import CacheBatchSampler, TokenShards, open_cache
     from utils.train.amp_opt import AmpOptimizer, build_adamw
     from utils.train.lr_control import param_groups
-    c, demo = TOKEN_CONFIGS[name], name == 'demo'
-    demo_weights = bool(demo and t.demo_vae)
-    spec = ModelSpec(depth=c['depth'], use_implicit=True, pre_depth=c['p'], post_depth=c['p'], embed_dim=c['width'],
-                     num_heads=c['heads'], patch_nums=c['pn'], V=c['V'], Cvae=c['Cvae'], vae_ch=c['vae_ch'],
-                     vae_ch_mult=c['vae_ch_mult'], vae_num_res_blocks=c['vae_num_res_blocks'], num_classes=c['classes'])
+    arch, jfb, B, side, n_images = TOKEN_CONFIGS[name]
+    demo_weights = bool(name == 'demo' and t.demo_vae)
+    spec = ModelSpec(depth=6, use_implicit=True, pre_depth=1, post_depth=1, embed_dim=96 if name == 'demo' else 128,
+                     num_heads=4, **arch)
     torch.manual_seed(0)
-    vae, var = spec.build('cpu', jfb_no_grad=c['jfb_n'], jfb_with_grad=c['jfb_m'])
+    vae, var = spec.build('cpu', **jfb)
     vae_path = t.demo_vae if demo_weights else os.path.join(work, f'{name}_vae.pth')
     if demo_weights:
         load_vae_weights(vae, vae_path)
     else:   # random weights, saved for the extractor
         save_atomic(vae.state_dict(), vae_path)
     data, mid = t.demo_data, 1.0
-    if not (demo and t.demo_data):
-        side = c['img_side']
-        data = make_jpegs(os.path.join(work, f'{name}_imgs'), c['n_images'],
-                          (side, side * 3 // 4 if side > 64 else side), c['classes'])
+    if not (name == 'demo' and t.demo_data):
+        data = make_jpegs(os.path.join(work, f'{name}_imgs'), n_images, (side, side * 3 // 4 if side > 64 else side),
+                          spec.num_classes)
         mid = 1.125
     cache, t0 = os.path.join(work, f'{name}_cache'), time.perf_counter()
-    extract(['--data_path', data, '--out', cache, '--vae_ckpt', vae_path, '--pn', '_'.join(map(str, c['pn'])),
-             '--mid_reso', str(mid), '--batch_size', str(c['batch']), '--device', 'cpu', '--progress', 'False'])
+    extract(['--data_path', data, '--out', cache, '--vae_ckpt', vae_path, '--pn', '_'.join(map(str, spec.patch_nums)),
+             '--mid_reso', str(mid), '--batch_size', str(B), '--device', 'cpu', '--progress', 'False'])
     t_extract, man = time.perf_counter() - t0, open_cache(cache)
     vae.eval().requires_grad_(False)
     var.train()
     _, params, groups = param_groups(var)
     tr = VARTrainer(vae, var, var, AmpOptimizer(build_adamw(groups, 1e-4, torch.device('cpu')), params), seed=0)
     _, train_set, _ = build_datasets(data, spec.image_px, round(mid * spec.image_px))
-    B = c['batch']
     loaders = dict(images=iter(DataLoader(train_set, batch_sampler=DistInfiniteBatchSampler(len(train_set), B, seed=0))),
                    cache=iter(DataLoader(TokenShards(cache, man, 'train'),
                                          batch_sampler=CacheBatchSampler(len(train_set), B, seed=0))))

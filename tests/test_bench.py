@@ -109,6 +109,34 @@ def test_benchmark_runs_tiny_models_end_to_end(tmp_path):
     assert result['meta']['official'] is None
 
 
+def test_sweep_rows_and_table_take_each_rows_own_batch():
+    rows = [dict(model='VAR', schedule='-', B=b, ours=dict(images_per_s=ips, flops=f, bound_s=0.1, of_bound=of))
+            for b, ips, f, of in ((1, 2.0, 1e9, 0.25), (4, 6.0, 4e9, 0.6))]
+    sweep = ss.sweep_rows(rows)
+    assert [(s['B'], s['images_per_s'], s['of_bound']) for s in sweep] == [(1, 2.0, 0.25), (4, 6.0, 0.6)]
+    lines = ss.sweep_table(sweep).splitlines()
+    assert lines[0] == '| model | schedule | batch | img/s | GFLOP/call | of bound |'
+    assert lines[2:] == ['| VAR | - | 1 | 2.000 | 1.0 | 25% |', '| VAR | - | 4 | 6.000 | 4.0 | 60% |']
+
+
+@pytest.mark.slow
+def test_batch_size_sweep_runs_each_config_at_each_batch(tmp_path):
+    result = ss.main(TINY + ['--models', 'VAR', '--batch_sizes', '1,3', '--warmup', '0', '--reps', '1',
+                             '--out', str(tmp_path)])
+    saved = json.loads((tmp_path / 'sample_speed.json').read_text())
+    one, three = saved['sweep']
+    assert (one['B'], three['B']) == (1, 3) and saved['meta']['batch_sizes'] == [1, 3]
+    by_b = {r['B']: r['ours'] for r in saved['rows']}
+    # a call at batch 3 samples three times the tokens: three times the KV cache and the FLOPs of batch 1
+    assert by_b[3]['kv_cache_bytes'] == 3 * by_b[1]['kv_cache_bytes'] > 0
+    assert three['flops'] == pytest.approx(3 * one['flops'], rel=1e-3) and one['flops'] > 0
+    for s in (one, three):   # the bound of a call over its best time, on this CPU's fp32 GEMM rate
+        assert 0 < s['of_bound'] < 1 and s['images_per_s'] == by_b[s['B']]['images_per_s']
+    md = (tmp_path / 'sample_speed.md').read_text()
+    assert '| VAR | - | 1 |' in md and '| VAR | - | 3 |' in md and 'batch 1,3' in md
+    assert result['sweep'] == saved['sweep']
+
+
 def test_bad_flags_are_clear_errors(tmp_path):
     with pytest.raises(SystemExit, match='--models'):
         ss.main(TINY + ['--models', 'GPT', '--out', str(tmp_path)])
@@ -116,6 +144,8 @@ def test_bad_flags_are_clear_errors(tmp_path):
         ss.main(TINY + ['--official', str(tmp_path / 'nope'), '--out', str(tmp_path)])
     with pytest.raises(SystemExit, match='--schedules'):
         ss.main(TINY + ['--models', 'VIAR', '--schedules', '3', '--out', str(tmp_path)])
+    with pytest.raises(SystemExit, match='--batch_sizes must be positive'):
+        ss.main(TINY + ['--batch_sizes', '2,0', '--out', str(tmp_path)])
 
 
 # ---------------------------------------------------------------- bench/train_speed.py
