@@ -132,11 +132,11 @@ def resolve_checkpoint(path: str, ckpt_dir: str = 'ckpts') -> str:
 
 def is_hub_source(path: str) -> bool:
     """Whether a transformer source names a Hub folder: an existing local folder, or a repo id (owner/name) that is
-    no local path, no official file name (those download as files) and has no checkpoint file extension."""
-    if os.path.isdir(path or ''):
-        return True
-    return (not os.path.exists(path or '') and bool(REPO_ID.fullmatch(path or ''))
-            and os.path.basename(path) not in OFFICIAL_FILES and not path.endswith(CHECKPOINT_EXTS))
+    no local path and has no checkpoint file extension (official names such as ckpts/var_d16.pth download as files)."""
+    path = path or ''
+    if os.path.exists(path):
+        return os.path.isdir(path)
+    return bool(REPO_ID.fullmatch(path)) and not path.endswith(CHECKPOINT_EXTS)
 
 
 def read_model(path: str) -> Any:
