@@ -126,8 +126,9 @@ def resolve_checkpoint(path: str, ckpt_dir: str = 'ckpts') -> str:
                 f'{path!r} not found and could not be downloaded from the Hugging Face hub ({type(e).__name__}). '
                 f'Download {url} and put it at {local} (or pass its path).') from None
         return verify_official(got, os.path.dirname(got))
-    raise CheckpointError(f'checkpoint {path!r} does not exist. Pass the path of a .pth or .safetensors file '
-                          f'(official names download automatically: {", ".join(OFFICIAL_FILES)}).')
+    raise CheckpointError(f'checkpoint {path!r} does not exist. Pass the path of a .pth or .safetensors file, a Hub '
+                          f'folder or repo id (owner/name) (official names download automatically: '
+                          f'{", ".join(OFFICIAL_FILES)}).')
 
 
 def is_hub_source(path: str) -> bool:
