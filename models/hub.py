@@ -243,7 +243,8 @@ def model_card(model, name: str) -> str:
         f'A class-conditional {spec.kind} image generator (next-scale prediction'
         + (', one weight-shared implicit block solved by fixed-point iteration' if spec.use_implicit else '') + ').',
         '', f'- model: {describe_model(model)}',
-        f'- parameters: {params:,} (transformer)', f'- images: {px}x{px} px, scales {", ".join(map(str, spec.patch_nums))}',
+        f'- parameters: {params:,} (transformer)',
+        f'- images: {px}x{px} px, scales {", ".join(map(str, spec.patch_nums))}',
         f'- tokenizer: V {spec.V}, {tokenizer}', f'- recorded sampling defaults: {defaults}', '',
         '## Sample', '', '```bash', f'.venv/bin/python gen_img.py --var_ckpt {name} --class_label 0 --seeds 0 1 2 3',
         '```', '',
@@ -287,7 +288,8 @@ def hub_spec(config: Dict[str, Any], where: str) -> ModelSpec:
     """The ModelSpec a VARHF / VIARHF config.json describes (missing keys take the constructor's defaults)."""
     model_cls = VIARHF if config.get('use_implicit') else VARHF
     _checked_keys(where, config, model_cls)
-    kw = {k: p.default for k, p in model_cls._hub_mixin_init_parameters.items() if p.default is not inspect.Parameter.empty}
+    kw = {k: p.default for k, p in model_cls._hub_mixin_init_parameters.items()
+          if p.default is not inspect.Parameter.empty}
     fixed = {k: kw[k] for k in ('mlp_ratio', 'norm_eps')}
     kw.update(config)
     odd = {k: kw[k] for k in fixed if kw[k] != fixed[k]}

@@ -77,6 +77,12 @@ def test_sampling_app_and_init_ckpt_read_a_folder_as_its_export(exported):
     assert obj['config'] == tiny_spec(True).to_dict() and sd.keys() == want.var.state_dict().keys()
 
 
+def test_sampling_names_its_folder_after_a_hub_folder_or_repo():
+    from sampling import sample_folder_name
+    for source in ('hf/viar-hub/', 'you/viar-hub'):   # a shell completes a folder with a slash
+        assert sample_folder_name('implicit', source, 1.5, 1) == 'implicit-viar-hub-cfg-1.5-seed-1'
+
+
 @pytest.mark.parametrize('path, hub', [('someone/var-tiny', True), ('ckpts/var_d16.pth', False),
                                        ('someone/var.pth', False), ('a/b/c', False), ('viar.pth', False)])
 def test_which_sources_name_a_hub_repo(path, hub):
@@ -139,7 +145,8 @@ def test_model_card_says_what_the_model_is_and_how_to_sample_it(exported):
     _, folder = exported
     card = open(os.path.join(folder, 'README.md')).read()
     params = sum(p.numel() for p in tiny_vae_var(True)[1].parameters())
-    for words in ('# VIAR: viar-hub', 'VIAR depth 4 (1 pre + implicit + 1 post), width 32, 2 heads, 4 scales, 5 classes',
+    for words in ('# VIAR: viar-hub',
+                  'VIAR depth 4 (1 pre + implicit + 1 post), width 32, 2 heads, 4 scales, 5 classes',
                   f'parameters: {params:,} (transformer)', 'images: 8x8 px', 'tokenizer: V 48, `vae.safetensors`',
                   'recorded sampling defaults: cfg 0, top_k 0, top_p 0, iter_left 3, iter_right 2',
                   f'.venv/bin/python gen_img.py --var_ckpt {folder} --class_label 0'):

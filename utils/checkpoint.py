@@ -2,8 +2,9 @@
 
 One helper for every script: training state, slim exports and the official `vae_ch160v4096z32.pth`,
 `var_d{16,20,24,30}.pth`, `viar.pth` all load through `load_var_weights` / `load_vae_weights`; a transformer
-source (a file, a Hub folder or a Hub repo id) is read by `read_model`, and every file by `read_checkpoint`: `.pth` with `torch.load(weights_only=True)` (tensors, numbers, strings, lists,
-dicts, numpy arrays), `.safetensors` through utils.safetensors_io. Loading never runs code: a file that asks to
+source (a file, a Hub folder or a Hub repo id) is read by `read_model`, and every file by `read_checkpoint`:
+`.pth` with `torch.load(weights_only=True)` (tensors, numbers, strings, lists, dicts, numpy arrays), `.safetensors`
+through utils.safetensors_io. Loading never runs code: a file that asks to
 (a pickle of objects, or a hostile one) is refused with UnsafeCheckpointError, which names
 `scripts/convert_checkpoint.py` for files the user trusts.
 """
