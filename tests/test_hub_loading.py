@@ -77,6 +77,25 @@ def test_sampling_app_and_init_ckpt_read_a_folder_as_its_export(exported):
     assert obj['config'] == tiny_spec(True).to_dict() and sd.keys() == want.var.state_dict().keys()
 
 
+def test_train_init_ckpt_starts_from_a_folder(exported, tmp_path):
+    """train.py --init_ckpt FOLDER: the folder's architecture, weights and tokenizer, with no size flag."""
+    import train
+    from tests.train_helpers import make_image_folder, tiny_flags
+    slim, folder = exported
+    data = make_image_folder(str(tmp_path / 'data'), classes=5, per_class=2, val_per_class=1, size=8)
+    flags = tiny_flags(data, str(tmp_path / 'out'), True, f'--init_ckpt={folder}', arch=False, vae_ckpt='')
+    train.dist.initialize('cpu')
+    run = train.Run(train.arg_util.parse_args(flags), flags)
+    try:
+        want = load_or_build(ModelSource(var_ckpt=slim, vae_ckpt=''), 'cpu', log=print)
+        assert run.spec == want.spec
+        for got, ref in ((run.var, want.var), (run.vae, want.vae)):
+            assert all(torch.equal(v, ref.state_dict()[k]) for k, v in got.state_dict().items())
+        assert f'[init] weights from {folder}' in open(tmp_path / 'out' / 'log.txt').read()
+    finally:
+        run.close()
+
+
 def test_sampling_names_its_folder_after_a_hub_folder_or_repo():
     from sampling import sample_folder_name
     for source in ('hf/viar-hub/', 'you/viar-hub'):   # a shell completes a folder with a slash
