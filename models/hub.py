@@ -32,7 +32,7 @@ from models.var import VAR
 from models.viar import VIAR
 from models.vqvae import VQVAE
 from utils.atomic import atomic_path, write_json_atomic
-from utils.checkpoint import load_var_weights, payload_bytes
+from utils.checkpoint import load_var_weights, payload_bytes, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +155,15 @@ def _checked_keys(model_id: str, config: Dict[str, Any], model_cls) -> set:
 
 
 def _read_json(path: str) -> Dict[str, Any]:
-    with open(path) as f:
-        return json.load(f)
+    """The JSON object in a folder's file; anything else is a one-line HubLoadError."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except ValueError as e:
+        raise HubLoadError(f'{path} is not valid JSON ({e}); download or export the folder again') from None
+    if not isinstance(obj, dict):
+        raise HubLoadError(f'{path} holds no JSON object; download or export the folder again')
+    return obj
 
 
 class VARHF(VAR, _HubIO):
@@ -265,12 +272,12 @@ def read_folder(source: str) -> Dict[str, Any]:
                            f'{WEIGHTS_FILE}); pass a checkpoint file, or an official name such as var_d16.pth or '
                            f'viar.pth (downloaded from its Hub repo)')
     config = _read_json(config_path)
-    weights = _resolve(folder, WEIGHTS_FILE)
-    out = dict(model=safetensors.torch.load_file(weights), config=hub_spec(config, source).to_dict())
+    out = dict(model=read_checkpoint(_resolve(folder, WEIGHTS_FILE)), config=hub_spec(config, source).to_dict())
     if os.path.isfile(os.path.join(folder, VAE_FILE)):
-        out['vae'] = safetensors.torch.load_file(os.path.join(folder, VAE_FILE))
+        out['vae'] = read_checkpoint(os.path.join(folder, VAE_FILE))
     if os.path.isfile(os.path.join(folder, RECORDED_FILE)):
-        out.update(_read_json(os.path.join(folder, RECORDED_FILE)))
+        recorded = _read_json(os.path.join(folder, RECORDED_FILE))
+        out.update({k: recorded[k] for k in ('sampling', 'class_names') if k in recorded})
     return out
 
 

@@ -96,6 +96,21 @@ def test_train_init_ckpt_starts_from_a_folder(exported, tmp_path):
         run.close()
 
 
+def test_a_damaged_folder_is_one_line_and_records_only_their_entries(exported, tmp_path):
+    _, folder = exported
+    bad = tmp_path / 'bad'
+    shutil.copytree(folder, bad)
+    (bad / 'recorded.json').write_text(json.dumps({'sampling': RECORD, 'config': {'depth': 99}}))
+    assert read_model(str(bad))['config'] == tiny_spec(True).to_dict()   # recorded.json cannot replace the config
+    (bad / 'config.json').write_text('{"depth": 4,')
+    with pytest.raises(CheckpointError, match=r'config.json is not valid JSON .*; download or export the folder'):
+        read_model(str(bad))
+    shutil.copy(os.path.join(folder, 'config.json'), bad)
+    (bad / 'model.safetensors').write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a": 1')
+    with pytest.raises(CheckpointError, match=r'model.safetensors cannot be read'):
+        read_model(str(bad))
+
+
 def test_sampling_names_its_folder_after_a_hub_folder_or_repo():
     from sampling import sample_folder_name
     for source in ('hf/viar-hub/', 'you/viar-hub'):   # a shell completes a folder with a slash
