@@ -104,7 +104,7 @@ def run_name_head(kind: str, depth: int) -> str:
 
 def sample_folder_name(head: str, ckpt_path: str, cfg: float, seed: int) -> str:
     """Official folder name <head>-<ckpt basename>-cfg-<cfg>-seed-<seed>; head: `run_name_head`."""
-    return f'{head}-{os.path.basename(ckpt_path)}-cfg-{float(cfg)}-seed-{seed}'
+    return f'{head}-{os.path.basename(os.path.normpath(ckpt_path))}-cfg-{float(cfg)}-seed-{seed}'   # folder/ too
 
 
 # ---------------------------------------------------------------- resuming a folder

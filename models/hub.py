@@ -3,31 +3,42 @@
 A folder holds `config.json` (the constructor keywords: `vae_kwargs`, the tokenizer's VQVAE keywords, and the
 official VAR keywords; a VIAR adds `use_implicit`, `pre_depth`, `post_depth` and the four `implicit_*` S-JFB
 bounds under the official VAR constructor's names) and `model.safetensors` (the transformer, official keys).
-Folders written here also hold `vae.safetensors` (the tokenizer), so one folder samples images; a folder written by
-the official `VARHF.save_pretrained` has no tokenizer weights, and `tokenizer_loaded` stays False until
+Folders written here also hold `vae.safetensors` (the tokenizer), so one folder samples images, `recorded.json` when
+the run recorded sampling defaults or class names (as a slim export's 'sampling' and 'class_names'), and README.md (a
+model card with the command that samples it); a folder written by the official `VARHF.save_pretrained` has no
+tokenizer weights, and `tokenizer_loaded` stays False until
 `load_vae_weights(model.vae_proxy[0], 'vae_ch160v4096z32.pth')` (utils.checkpoint) loads the official file.
+The project's loaders read a folder or a repo id through `read_folder`, as the slim export it amounts to.
 
     model = hub_model(vae, var, spec)             # a VARHF (a VAR) or a VIARHF (a VIAR) holding these weights
     model.save_pretrained('var-d16')              # config.json, model.safetensors, vae.safetensors
     model = VARHF.from_pretrained('var-d16')      # the class the config names, transformer loaded strictly
+    export = read_folder('someone/var-d16')       # a folder or repo id as utils.model_io loads a slim export
 """
+import inspect
+import json
 import logging
 import os
 from typing import Any, Dict, Optional
 
 import safetensors.torch
 import torch
-from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
+from huggingface_hub import ModelCard, PyTorchModelHubMixin, hf_hub_download, snapshot_download
+from huggingface_hub.constants import CONFIG_NAME
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
+from models.config import ModelSpec, spec_of_model
 from models.var import VAR
 from models.viar import VIAR
 from models.vqvae import VQVAE
+from utils.atomic import atomic_path, write_json_atomic
+from utils.checkpoint import load_var_weights, payload_bytes, read_checkpoint
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = 'model.safetensors'
 VAE_FILE = 'vae.safetensors'
+RECORDED_FILE = 'recorded.json'   # {'sampling': {...}, 'class_names': [...]}: what the training run recorded
 # VQVAE keywords the official tokenizer does not take: written to vae_kwargs only when they differ from these
 _VAE_OFFICIAL_FIXED = dict(ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2)
 
@@ -74,12 +85,28 @@ class _HubIO(PyTorchModelHubMixin):
     """Saving and loading shared by VARHF and VIARHF: transformer + tokenizer files, strict transformer load."""
 
     tokenizer_loaded = False
+    recorded: Dict[str, Any] = {}   # RECORDED_FILE's contents: {'sampling': ..., 'class_names': ...} or empty
 
     def _save_pretrained(self, save_directory):
-        safetensors.torch.save_file({k: v.contiguous() for k, v in self.state_dict().items()},
-                                    os.path.join(save_directory, WEIGHTS_FILE))
-        safetensors.torch.save_file({k: v.contiguous() for k, v in self.vae_proxy[0].state_dict().items()},
-                                    os.path.join(save_directory, VAE_FILE))
+        for name, module in ((WEIGHTS_FILE, self), (VAE_FILE, self.vae_proxy[0])):
+            sd = {k: v.contiguous() for k, v in module.state_dict().items()}
+            with atomic_path(os.path.join(save_directory, name), need=payload_bytes(sd)) as tmp:
+                safetensors.torch.save_file(sd, tmp)
+        if self.recorded:
+            write_json_atomic(self.recorded, os.path.join(save_directory, RECORDED_FILE))
+
+    def save_pretrained(self, save_directory, *, model_card_kwargs=None, **kw):
+        """The mixin's save; the model card's sampling command names `save_directory` unless told another name."""
+        card = {'name': str(save_directory), **(model_card_kwargs or {})}
+        return super().save_pretrained(save_directory, model_card_kwargs=card, **kw)
+
+    def push_to_hub(self, repo_id, *, model_card_kwargs=None, **kw):
+        """The mixin's upload; the model card's sampling command names `repo_id`."""
+        return super().push_to_hub(repo_id, model_card_kwargs={'name': repo_id, **(model_card_kwargs or {})}, **kw)
+
+    def generate_model_card(self, *args, name: str = 'FOLDER', **kwargs) -> ModelCard:
+        """README.md: what the model is, its recorded sampling defaults, and the command that samples it."""
+        return ModelCard(model_card(self, name))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kw):
@@ -100,14 +127,10 @@ class _HubIO(PyTorchModelHubMixin):
         model_cls = VIARHF if config.get('use_implicit') else VARHF
         if issubclass(cls, VIARHF) and model_cls is VARHF:   # VARHF reads both kinds; VIARHF only its own
             raise HubLoadError(f'{model_id} holds a VAR (no use_implicit in config.json): load it with VARHF')
-        keys = set(model_cls._hub_mixin_init_parameters) - {'self'}
-        unknown = sorted(set(config) - keys)
-        if unknown:   # a misspelt or foreign key would otherwise fall back to a default without a word
-            raise HubLoadError(f'{model_id}/config.json: keys {unknown} are not {model_cls.__name__} keywords')
+        keys = _checked_keys(model_id, config, model_cls)
         model = model_cls(**{**config, **{k: v for k, v in model_kwargs.items() if k in keys}})
         download = dict(revision=revision, cache_dir=cache_dir, force_download=force_download, token=token,
                         local_files_only=local_files_only)
-        from utils.checkpoint import load_var_weights
         weights = _resolve(model_id, WEIGHTS_FILE, **download)
         load_var_weights(model, safetensors.torch.load_file(weights), strict=strict, where=weights)
         vae_path = _resolve(model_id, VAE_FILE, optional=True, **download)
@@ -117,7 +140,30 @@ class _HubIO(PyTorchModelHubMixin):
         else:
             model.vae_proxy[0].load_state_dict(safetensors.torch.load_file(vae_path), strict=True)
             model.tokenizer_loaded = True
+        recorded_path = _resolve(model_id, RECORDED_FILE, optional=True, **download)
+        model.recorded = _read_json(recorded_path) if recorded_path else {}
         return model.to(map_location).eval()
+
+
+def _checked_keys(model_id: str, config: Dict[str, Any], model_cls) -> set:
+    """The constructor keywords of model_cls; a config key outside them is a HubLoadError naming it."""
+    keys = set(model_cls._hub_mixin_init_parameters) - {'self'}
+    unknown = sorted(set(config) - keys)
+    if unknown:   # a misspelt or foreign key would otherwise fall back to a default without a word
+        raise HubLoadError(f'{model_id}/config.json: keys {unknown} are not {model_cls.__name__} keywords')
+    return keys
+
+
+def _read_json(path: str) -> Dict[str, Any]:
+    """The JSON object in a folder's file; anything else is a one-line HubLoadError."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except ValueError as e:
+        raise HubLoadError(f'{path} is not valid JSON ({e}); download or export the folder again') from None
+    if not isinstance(obj, dict):
+        raise HubLoadError(f'{path} holds no JSON object; download or export the folder again')
+    return obj
 
 
 class VARHF(VAR, _HubIO):
@@ -175,11 +221,92 @@ def hub_config(spec, var) -> Dict[str, Any]:
     return cfg
 
 
-def hub_model(vae: VQVAE, var, spec) -> '_HubIO':
-    """A VARHF or VIARHF (by `spec.kind`) holding copies of `vae`'s and `var`'s weights, ready to save_pretrained."""
+def hub_model(vae: VQVAE, var, spec, sampling: Optional[Dict[str, Any]] = None, class_names=None) -> '_HubIO':
+    """A VARHF or VIARHF (by `spec.kind`) holding copies of `vae`'s and `var`'s weights, ready to save_pretrained;
+    `sampling` (checked sampling defaults) and `class_names` go into its RECORDED_FILE."""
     cfg = hub_config(spec, var)
     model = (VIARHF if spec.use_implicit else VARHF)(**cfg)
     model.load_state_dict(var.state_dict(), strict=True)
     model.vae_proxy[0].load_state_dict(vae.state_dict(), strict=True)
     model.tokenizer_loaded = True
+    model.recorded = {k: v for k, v in (('sampling', sampling), ('class_names', class_names)) if v}
     return model.to(next(var.parameters()).device).eval()
+
+
+def model_card(model, name: str) -> str:
+    """The README.md of a folder: what the model is, what it records, and the command that samples it from `name`."""
+    from utils.arch_flags import describe_model   # utils imports models: imported when a card is written
+    spec = spec_of_model(model)
+    px = model.patch_nums[-1] * model.vae_proxy[0].downsample
+    params = sum(p.numel() for p in model.parameters())
+    sampling = model.recorded.get('sampling')
+    defaults = (', '.join(f'{k} {v:g}' for k, v in sampling.items()) if sampling else
+                'none: the official ImageNet settings apply (cfg 1.5, top-k 900, top-p 0.96)')
+    tokenizer = (f'`{VAE_FILE}`' if model.tokenizer_loaded else
+                 'not in the folder: the official `vae_ch160v4096z32.pth`, or pass `--vae_ckpt`')
+    return '\n'.join([
+        '---', 'library_name: pytorch', 'tags:', '- image-generation', f'- {spec.kind.lower()}', '---',
+        f'# {spec.kind}: {os.path.basename(os.path.normpath(name))}', '',
+        f'A class-conditional {spec.kind} image generator (next-scale prediction'
+        + (', one weight-shared implicit block solved by fixed-point iteration' if spec.use_implicit else '') + ').',
+        '', f'- model: {describe_model(model)}',
+        f'- parameters: {params:,} (transformer)',
+        f'- images: {px}x{px} px, scales {", ".join(map(str, spec.patch_nums))}',
+        f'- tokenizer: V {spec.V}, {tokenizer}', f'- recorded sampling defaults: {defaults}', '',
+        '## Sample', '', '```bash', f'.venv/bin/python gen_img.py --var_ckpt {name} --class_label 0 --seeds 0 1 2 3',
+        '```', '',
+        f'Files: `{CONFIG_NAME}` (the official VARHF keywords), `{WEIGHTS_FILE}` (the official state-dict keys)'
+        + (f', `{VAE_FILE}`' if model.tokenizer_loaded else '') + (f', `{RECORDED_FILE}`' if model.recorded else '')
+        + '. In Python: `models.VARHF.from_pretrained(...)`.', ''])
+
+
+def read_folder(source: str) -> Dict[str, Any]:
+    """A local folder or a Hub repo id (downloaded into the Hub cache) as the slim export it amounts to: 'model',
+    'config' (a ModelSpec dict), 'vae' when the folder holds the tokenizer, 'sampling' / 'class_names' when it
+    records them. Weights are read from safetensors only. A repo that cannot be fetched, or a folder without
+    config.json, is a one-line HubLoadError."""
+    folder = source if os.path.isdir(source) else _download(source)
+    config_path = os.path.join(folder, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise HubLoadError(f'{source} holds no {CONFIG_NAME}, so it is not a Hub model folder (config.json + '
+                           f'{WEIGHTS_FILE}); pass a checkpoint file, or an official name such as var_d16.pth or '
+                           f'viar.pth (downloaded from its Hub repo)')
+    config = _read_json(config_path)
+    out = dict(model=read_checkpoint(_resolve(folder, WEIGHTS_FILE)), config=hub_spec(config, source).to_dict())
+    if os.path.isfile(os.path.join(folder, VAE_FILE)):
+        out['vae'] = read_checkpoint(os.path.join(folder, VAE_FILE))
+    if os.path.isfile(os.path.join(folder, RECORDED_FILE)):
+        recorded = _read_json(os.path.join(folder, RECORDED_FILE))
+        out.update({k: recorded[k] for k in ('sampling', 'class_names') if k in recorded})
+    return out
+
+
+def _download(repo_id: str) -> str:
+    """The local snapshot of a Hub repo's model files (from the cache when offline)."""
+    try:
+        return snapshot_download(repo_id=repo_id, allow_patterns=[CONFIG_NAME, WEIGHTS_FILE, VAE_FILE, RECORDED_FILE])
+    except Exception as e:   # offline, no network, no such repo, a bad token: each a different huggingface_hub error
+        raise HubLoadError(f'{repo_id}: not a local path, and the Hugging Face Hub repo {repo_id} cannot be fetched '
+                           f'({type(e).__name__}: offline, unreachable or no such repo). Download it where the Hub is '
+                           f'reachable (hf download {repo_id} --local-dir DIR) and pass DIR') from None
+
+
+def hub_spec(config: Dict[str, Any], where: str) -> ModelSpec:
+    """The ModelSpec a VARHF / VIARHF config.json describes (missing keys take the constructor's defaults)."""
+    model_cls = VIARHF if config.get('use_implicit') else VARHF
+    _checked_keys(where, config, model_cls)
+    kw = {k: p.default for k, p in model_cls._hub_mixin_init_parameters.items()
+          if p.default is not inspect.Parameter.empty}
+    fixed = {k: kw[k] for k in ('mlp_ratio', 'norm_eps')}
+    kw.update(config)
+    odd = {k: kw[k] for k in fixed if kw[k] != fixed[k]}
+    if odd:
+        raise HubLoadError(f'{where}/config.json: {odd} differ from the models this project builds ({fixed}); '
+                           f'load it with models.VARHF.from_pretrained')
+    vae = {**_VAE_OFFICIAL_FIXED, **kw['vae_kwargs']}
+    implicit = dict(use_implicit=True, pre_depth=kw['pre_depth'], post_depth=kw['post_depth']) \
+        if kw.get('use_implicit') else {}
+    return ModelSpec(depth=kw['depth'], embed_dim=kw['embed_dim'], num_heads=kw['num_heads'],
+                     patch_nums=tuple(kw['patch_nums']), num_classes=kw['num_classes'], shared_aln=kw['shared_aln'],
+                     attn_l2_norm=kw['attn_l2_norm'], V=vae['vocab_size'], Cvae=vae['z_channels'], vae_ch=vae['ch'],
+                     vae_ch_mult=tuple(vae['ch_mult']), vae_num_res_blocks=vae['num_res_blocks'], **implicit)

@@ -1,8 +1,10 @@
-"""Write tests/data/official_tiny*.pt and official_var_d36_keys.json: outputs of the OFFICIAL VIAR code.
+"""Write tests/data/official_tiny*.pt, official_var_d36_keys.json and official_varhf_tiny/: outputs of the OFFICIAL
+VIAR code.
 
     python scripts/make_official_fixture.py /path/to/official/VIAR   # a checkout of mobiushy/VIAR
     python scripts/make_official_fixture.py /path/to/official/VIAR --config tiny_saln512
     python scripts/make_official_fixture.py /path/to/official/VIAR --keys var_d36
+    python scripts/make_official_fixture.py /path/to/official/VIAR --varhf   # after official_tiny.pt
 
 The official code is imported from a patched temporary copy of PATH, in this process only (both projects call
 their package `models`, so nothing of this project is imported here); no test needs it, the tests read the files
@@ -14,7 +16,9 @@ scripts/official_fp64.patch turns the official code's four float32 casts into ca
 results agree across CPUs far below any real difference (tests/test_official_fixture.py).
 `--config tiny_saln512`: the same for shared-AdaLN models on the 512 px pyramid (L = 2240) in
 official_tiny_saln512.pt. `--keys var_d36`: VAR-d36-s's state-dict keys, shapes and parameter count, built on the
-CPU without initialising its weights (tests/test_512.py).
+CPU without initialising its weights (tests/test_512.py). `--varhf`: the folder the official
+`VARHF.save_pretrained` writes for official_tiny.pt's VAR weights (the official VARHF builds VARs only; it saves no
+tokenizer weights), which tests/test_hub_loading.py loads to draw the fixture's tokens.
 """
 import argparse
 import hashlib
@@ -42,6 +46,7 @@ CONFIGS = {'tiny': (SIZES, False, os.path.join(DATA, 'official_tiny.pt')),
            'tiny_saln512': (dict(SIZES, patch_nums=PYRAMID_512), True, os.path.join(DATA, 'official_tiny_saln512.pt'))}
 # name -> (depth, shared AdaLN, patch_nums, output file) of a full-size official model whose keys key_list lists
 KEY_LISTS = {'var_d36': (36, True, PYRAMID_512, os.path.join(DATA, 'official_var_d36_keys.json'))}
+VARHF_FOLDER = os.path.join(DATA, 'official_varhf_tiny')
 
 
 def official_models(use_implicit: bool, seed: int, sizes: dict = SIZES, shared_aln: bool = False):
@@ -97,6 +102,25 @@ def record(use_implicit: bool, sizes: dict = SIZES, shared_aln: bool = False, co
     out.update(outputs(vae, var, idx_Bl))
     out['fp64'] = outputs(vae.double(), var.double(), idx_Bl)   # the same weights, exactly, in float64
     return out
+
+
+def varhf_folder(out: str):
+    """official_tiny.pt's VAR as the official VARHF (its sizes, the fixture's weights) written by its save_pretrained
+    into `out` (a temporary folder beside it, then renamed)."""
+    from models.var import VARHF   # the official package, as in official_models
+    s = SIZES
+    model = VARHF(vae_kwargs=dict(vocab_size=s['V'], z_channels=s['Cvae'], ch=32, test_mode=True, share_quant_resi=4,
+                                  v_patch_nums=s['patch_nums']),
+                  num_classes=s['num_classes'], depth=s['depth'], embed_dim=s['embed_dim'], num_heads=s['num_heads'],
+                  drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0, norm_eps=1e-6, shared_aln=False,
+                  cond_drop_rate=0.1, attn_l2_norm=True, patch_nums=s['patch_nums'])
+    fixture = torch.load(CONFIGS['tiny'][-1], map_location='cpu', weights_only=True)
+    model.load_state_dict(fixture['var']['var_sd'], strict=True)
+    tmp = out + '.tmp'
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
 
 
 def patched_copy(official: str) -> str:
@@ -170,11 +194,17 @@ def replace_with(path: str, write):
     os.replace(path + '.tmp', path)
 
 
-def write(official: str, code: str, config: str, keys):
+def write(official: str, code: str, config: str, keys, varhf: bool = False):
     """Import the official models from `code` (the patched copy of `official`) and write the requested file."""
     sys.path[:] = [code] + [p for p in sys.path if p and os.path.abspath(p) not in (os.path.dirname(HERE), os.getcwd())]
     torch.set_num_threads(1)
     commit = code_version(official)
+    if varhf:
+        varhf_folder(VARHF_FOLDER)
+        size = sum(os.path.getsize(os.path.join(VARHF_FOLDER, n)) for n in os.listdir(VARHF_FOLDER))
+        print(f'wrote {VARHF_FOLDER} ({size / 1024:.0f} KiB: {", ".join(sorted(os.listdir(VARHF_FOLDER)))}) '
+              f'with the official VARHF at {commit}')
+        return
     if keys is not None:
         out = KEY_LISTS[keys][-1]
         listing = dict(key_list(keys), official_commit=commit, torch=str(torch.__version__))
@@ -203,13 +233,15 @@ def main(argv=None):
     p.add_argument('--config', default='tiny', choices=sorted(CONFIGS), help='which tiny fixture to write')
     p.add_argument('--keys', default=None, choices=sorted(KEY_LISTS),
                    help="write this full-size model's key/shape list instead of a fixture")
+    p.add_argument('--varhf', action='store_true',
+                   help="write official_varhf_tiny/ (official_tiny.pt's VAR, saved by the official VARHF) instead")
     a = p.parse_args(argv)
     if not os.path.isdir(os.path.join(a.official, 'models')):
         raise SystemExit(f'{a.official} is not a checkout of the official VIAR code (no models/ folder)')
     official = os.path.abspath(a.official)
     code = patched_copy(official)
     try:
-        write(official, code, a.config, a.keys)
+        write(official, code, a.config, a.keys, a.varhf)
     finally:
         shutil.rmtree(os.path.dirname(code))
 

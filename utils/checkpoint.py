@@ -1,9 +1,10 @@
 """Checkpoint files: atomic writes, model unwrapping, official-file download, and loads that explain mismatches.
 
 One helper for every script: training state, slim exports and the official `vae_ch160v4096z32.pth`,
-`var_d{16,20,24,30}.pth`, `viar.pth` all load through `load_var_weights` / `load_vae_weights`, and every file
-is read by `read_checkpoint`: `.pth` with `torch.load(weights_only=True)` (tensors, numbers, strings, lists,
-dicts, numpy arrays), `.safetensors` through utils.safetensors_io. Loading never runs code: a file that asks to
+`var_d{16,20,24,30}.pth`, `viar.pth` all load through `load_var_weights` / `load_vae_weights`; a transformer
+source (a file, a Hub folder or a Hub repo id) is read by `read_model`, and every file by `read_checkpoint`:
+`.pth` with `torch.load(weights_only=True)` (tensors, numbers, strings, lists, dicts, numpy arrays), `.safetensors`
+through utils.safetensors_io. Loading never runs code: a file that asks to
 (a pickle of objects, or a hostile one) is refused with UnsafeCheckpointError, which names
 `scripts/convert_checkpoint.py` for files the user trusts.
 """
@@ -48,6 +49,8 @@ OFFICIAL_SHA256 = {
     'viar.pth': None,
 }
 CONVERT = 'python scripts/convert_checkpoint.py'
+REPO_ID = re.compile(r'[A-Za-z0-9][\w.-]*/[\w.-]+')   # owner/name on the Hugging Face Hub
+CHECKPOINT_EXTS = ('.pth', '.pt', '.safetensors', '.bin', '.ckpt')
 
 
 class CheckpointError(RuntimeError):
@@ -124,8 +127,31 @@ def resolve_checkpoint(path: str, ckpt_dir: str = 'ckpts') -> str:
                 f'{path!r} not found and could not be downloaded from the Hugging Face hub ({type(e).__name__}). '
                 f'Download {url} and put it at {local} (or pass its path).') from None
         return verify_official(got, os.path.dirname(got))
-    raise CheckpointError(f'checkpoint {path!r} does not exist. Pass the path of a .pth or .safetensors file '
-                          f'(official names download automatically: {", ".join(OFFICIAL_FILES)}).')
+    raise CheckpointError(f'checkpoint {path!r} does not exist. Pass the path of a .pth or .safetensors file, a Hub '
+                          f'folder or repo id (owner/name) (official names download automatically: '
+                          f'{", ".join(OFFICIAL_FILES)}).')
+
+
+def is_hub_source(path: str) -> bool:
+    """Whether a transformer source names a Hub folder: an existing local folder, or a repo id (owner/name) that is
+    no local path and has no checkpoint file extension (official names such as ckpts/var_d16.pth download as files)."""
+    path = path or ''
+    if os.path.exists(path):
+        return os.path.isdir(path)
+    return bool(REPO_ID.fullmatch(path)) and not path.endswith(CHECKPOINT_EXTS)
+
+
+def read_model(path: str) -> Any:
+    """What a transformer source holds, read without running code: a checkpoint file (official names download, see
+    resolve_checkpoint), or a Hub folder or repo id (is_hub_source) as the slim export it amounts to (models/hub.py:
+    'model', 'config', and 'vae', 'sampling', 'class_names' when the folder holds them)."""
+    if not is_hub_source(path):
+        return read_checkpoint(resolve_checkpoint(path))
+    from models.hub import HubLoadError, read_folder   # huggingface_hub: loaded only for Hub sources
+    try:
+        return read_folder(path)
+    except HubLoadError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def official_url(name: str) -> str:

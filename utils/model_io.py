@@ -9,8 +9,9 @@ user gave that disagrees is reported in one warning line naming the flag and the
 Tokenizer: `vae_ckpt` when given ('random': random weights, for speed tests); else the one a slim export embeds
 ('vae'); else the one it records ('vae_ref': the official file's name and sha256); else the official file. An
 empty `vae_ckpt` means not given, as in training.
-Files: `.pth` or `.safetensors` (train.py writes its slim export as both); every read goes through
-`utils.checkpoint.read_checkpoint`, which never runs code.
+Files: `.pth` or `.safetensors` (train.py writes its slim export as both), or a Hub folder / repo id (read as the
+slim export it amounts to: docs/CHECKPOINTS.md); every read goes through `utils.checkpoint.read_model`, which never
+runs code.
 """
 import os
 from dataclasses import dataclass
@@ -21,8 +22,8 @@ import torch
 from models.config import ModelSpec, spec_from_state_dict, state_dict_kind, vae_arch_from_state_dict
 from utils.arch_flags import check_spec, contradiction_text, contradictions
 from utils.checkpoint import (OFFICIAL_FILES, CheckpointError, extract_state_dict, load_vae_weights,
-                              load_var_weights, read_checkpoint, resolve_checkpoint, resolve_recorded, save_atomic,
-                              sha256_of, unwrap_model)
+                              load_var_weights, read_checkpoint, read_model, resolve_checkpoint, resolve_recorded,
+                              save_atomic, sha256_of, unwrap_model)
 from utils.safetensors_io import write_safetensors
 from utils.sample.compile_util import Sampler, SamplingError, prepare_for_sampling
 from utils.sample.config import recorded_defaults, with_recorded
@@ -82,7 +83,7 @@ class Loaded:
     @property
     def tag(self) -> str:
         """The checkpoint's file name without its extension: output folders are named by it."""
-        return os.path.splitext(os.path.basename(self.ckpt))[0]
+        return os.path.splitext(os.path.basename(os.path.normpath(self.ckpt)))[0]
 
 
 @dataclass
@@ -157,7 +158,7 @@ def load_models(var_ckpt: str, vae_ckpt: Optional[str] = None, spec: Optional[Mo
 def _load(var_ckpt: str, vae_ckpt: Optional[str], spec: Optional[ModelSpec], device, ema: bool,
           given: Optional[Mapping[str, Any]], log: Callable[[str], None]) -> Tuple[Any, Any, ModelSpec, Any]:
     """load_models, and the file's contents."""
-    obj = read_checkpoint(resolve_checkpoint(var_ckpt))
+    obj = read_model(var_ckpt)
     file_spec = spec_of_file(obj, var_ckpt, spec or ModelSpec())
     if spec_in_file(obj) is None:
         file_spec = _with_tokenizer_sizes(file_spec, vae_ckpt)
@@ -181,7 +182,7 @@ def peek_spec(source) -> ModelSpec:
     if source.var_ckpt == RANDOM:
         return flags_spec
     var_ckpt = source.var_ckpt or default_var_ckpt(flags_spec)
-    return spec_of_file(read_checkpoint(resolve_checkpoint(var_ckpt)), var_ckpt, flags_spec)
+    return spec_of_file(read_model(var_ckpt), var_ckpt, flags_spec)
 
 
 def load_or_build(source, device='cpu', log: Callable[[str], None] = print, seed: int = 0) -> Loaded:

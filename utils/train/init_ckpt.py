@@ -6,8 +6,8 @@ Only the weights are taken, never the optimizer, the step or the schedule: a fin
 that finds `ar-ckpt-last.pth` resumes from it instead (train.py decides that), so a killed fine-tune continues.
 The file sets the architecture, the resolution and the tokenizer (utils/train/architecture.py), so its tensors fit:
 
-- `--init_ckpt PATH`: an official file (a name the checkpoint helper downloads), an `ar-ckpt-*.pth` or a slim
-  export. With another number of classes the class rows of `class_emb` are re-initialised (this run's fresh init)
+- `--init_ckpt PATH`: an official file (a name the checkpoint helper downloads), an `ar-ckpt-*.pth`, a slim
+  export, or a Hub folder / repo id. With another number of classes the class rows of `class_emb` are re-initialised (this run's fresh init)
   and the file's learned null-class row (row N, the unconditional embedding classifier-free guidance uses) becomes
   the new last row (row M).
 - `--init_from_var PATH` (VIAR only): pre-blocks from the VAR's first p blocks, post-blocks from its last p,
@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from models.config import ModelSpec, spec_from_state_dict, state_dict_kind, var_to_viar_names
-from utils.checkpoint import CheckpointError, extract_state_dict, load_var_weights, read_checkpoint, resolve_checkpoint
+from utils.checkpoint import CheckpointError, extract_state_dict, load_var_weights, read_model
 
 
 class InitError(SystemExit):
@@ -77,10 +77,10 @@ def parse_patterns(text: str) -> List[str]:
 # ---------------------------------------------------------------- applying them to a model
 
 def read_weights(path: str) -> Tuple[Any, Dict[str, torch.Tensor]]:
-    """(file contents, transformer state dict) of an official file, an ar-ckpt-*.pth or a slim export, through the
-    checkpoint helper (official names are downloaded; files are read without running code)."""
+    """(file contents, transformer state dict) of an official file, an ar-ckpt-*.pth, a slim export or a Hub folder
+    / repo id, through the checkpoint helper (official names are downloaded; files are read without running code)."""
     try:
-        obj = read_checkpoint(resolve_checkpoint(path))
+        obj = read_model(path)
         sd = extract_state_dict(obj, path)
     except CheckpointError as e:
         raise InitError(str(e)) from None
