@@ -26,8 +26,8 @@ from trainer import StepHooks, VARTrainer
 from utils import cli
 from utils.arch_flags import describe_model, describe_spec
 from utils.atomic import check_writable
-from utils.checkpoint import (CheckpointError, UnsafeCheckpointError, load_vae_weights, read_checkpoint,
-                              resolve_checkpoint, save_atomic)
+from utils.checkpoint import (CheckpointError, UnsafeCheckpointError, fetch_model, load_vae_weights, read_checkpoint,
+                              save_atomic)
 from utils.data import token_cache
 from utils.data.datasets import HOLDOUT_FRACTION, UnreadableImageError, build_datasets, data_roots, unreadable_message
 from utils.data.loader import available_cpus, loader_kwargs
@@ -149,11 +149,11 @@ def remove_if_only_logs(folder: str):
 
 
 def fetch_once_per_node(path: str):
-    """Download an official file missing locally on one rank per node while the others wait; a failure is reported
-    by every rank when it reads the file."""
+    """Download an official file or a Hub repo missing locally on one rank per node while the others wait; a failure
+    is reported by every rank when it reads the source."""
     if dist.is_local_master():
         try:
-            resolve_checkpoint(path)
+            fetch_model(path)
         except CheckpointError:
             pass
     dist.barrier()

@@ -265,7 +265,7 @@ def read_folder(source: str) -> Dict[str, Any]:
     'config' (a ModelSpec dict), 'vae' when the folder holds the tokenizer, 'sampling' / 'class_names' when it
     records them. Weights are read from safetensors only. A repo that cannot be fetched, or a folder without
     config.json, is a one-line HubLoadError."""
-    folder = source if os.path.isdir(source) else _download(source)
+    folder = source if os.path.isdir(source) else download_repo(source)
     config_path = os.path.join(folder, CONFIG_NAME)
     if not os.path.isfile(config_path):
         raise HubLoadError(f'{source} holds no {CONFIG_NAME}, so it is not a Hub model folder (config.json + '
@@ -281,7 +281,7 @@ def read_folder(source: str) -> Dict[str, Any]:
     return out
 
 
-def _download(repo_id: str) -> str:
+def download_repo(repo_id: str) -> str:
     """The local snapshot of a Hub repo's model files (from the cache when offline)."""
     try:
         return snapshot_download(repo_id=repo_id, allow_patterns=[CONFIG_NAME, WEIGHTS_FILE, VAE_FILE, RECORDED_FILE])

@@ -266,3 +266,16 @@ def test_the_official_varhf_folder_draws_the_official_fp64_tokens():
         got, _, margins, errors = sample_with_margins(vae, var, FIXTURES['tiny']['meta'], sampler, (3, 3))
         assert all(robust(m, e).all() for m, e in zip(margins, errors))
         assert all(torch.equal(a, b) for a, b in zip(got, want)), sampler
+
+
+def test_a_repo_id_is_fetched_once_per_node_before_the_ranks_read_it(exported, tmp_path, monkeypatch):
+    """train.py's fetch step downloads a Hub repo into the cache on the node's first rank (the others read the
+    cache after the barrier); a local folder needs no download."""
+    import train
+    slim, folder = exported
+    calls = []
+    monkeypatch.setattr(models.hub, 'snapshot_download', fake_download({'someone/viar-tiny': folder}, calls))
+    train.fetch_once_per_node('someone/viar-tiny')
+    assert calls == [('someone/viar-tiny', ['config.json', 'model.safetensors', 'recorded.json', 'vae.safetensors'])]
+    train.fetch_once_per_node(folder)
+    assert len(calls) == 1

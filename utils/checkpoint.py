@@ -154,6 +154,19 @@ def read_model(path: str) -> Any:
         raise CheckpointError(str(e)) from None
 
 
+def fetch_model(path: str) -> None:
+    """Bring a transformer source onto this machine without reading it: an official file, or a Hub repo's
+    snapshot into the Hub cache (a local file or folder needs nothing)."""
+    if not is_hub_source(path):
+        resolve_checkpoint(path)
+    elif not os.path.isdir(path):
+        from models.hub import HubLoadError, download_repo   # huggingface_hub: loaded only for Hub sources
+        try:
+            download_repo(path)
+        except HubLoadError as e:
+            raise CheckpointError(str(e)) from None
+
+
 def official_url(name: str) -> str:
     """Where the hub serves an official file."""
     return f'https://huggingface.co/{OFFICIAL_FILES[name]}/resolve/main/{name}'

@@ -34,7 +34,8 @@ class ModelSource:
     """The model: a checkpoint (its stored config or its weights set the architecture) or random weights."""
     var_ckpt: Optional[str] = flag(None, "transformer checkpoint: a path, an official name (var_d16.pth, viar.pth: "
                                          "downloaded into ckpts/ if missing), a slim export (carries its config), "
-                                         "or 'random' (seeded random weights of the size the flags give)",
+                                         "a Hub folder or repo id (owner/name), or 'random' (seeded random weights "
+                                         "of the size the flags give)",
                                    aliases=('--ckpt_path',))
     vae_ckpt: Optional[str] = flag(None, "VQVAE tokenizer checkpoint, or 'random' (random weights: speed tests only); "
                                          "default: the one a slim export embeds or records, else the official "

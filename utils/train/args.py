@@ -60,8 +60,8 @@ class ModelArgs:
                                          "train_tokenizer.py vae.pth), or 'random' (random weights: tests only); "
                                          "default: the one --init_ckpt / --init_from_var / the resumed checkpoint "
                                          "comes with, else the official ckpts/vae_ch160v4096z32.pth")
-    init_ckpt: str = flag('', 'start from these weights (official name, ar-ckpt-*.pth or a *-slim.pth export): '
-                              'weights only; another class count re-initialises the class rows, keeping the null-class '
+    init_ckpt: str = flag('', 'start from these weights (official name, ar-ckpt-*.pth, a *-slim.pth export, a Hub '
+                              'folder or repo id): weights only; another class count re-initialises the class rows, keeping the null-class '
                               'row; ar-ckpt-last.pth in the output folder (a resume) wins')
     init_from_var: str = flag('', 'VIAR only: start from a VAR file (pre-blocks = its first p blocks, post-blocks = '
                                   'its last p, implicit block = its block depth//2, embeddings/AdaLN/head)')
