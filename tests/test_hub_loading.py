@@ -279,3 +279,30 @@ def test_a_repo_id_is_fetched_once_per_node_before_the_ranks_read_it(exported, t
     assert calls == [('someone/viar-tiny', ['config.json', 'model.safetensors', 'recorded.json', 'vae.safetensors'])]
     train.fetch_once_per_node(folder)
     assert len(calls) == 1
+
+
+def test_export_of_an_official_file_holds_its_weights_and_samples_as_it_does(tmp_path, kind='var'):
+    """An official-format transformer file (a bare state dict under the official keys, here the fixture's VAR) and a
+    tokenizer file: the folder export_hf writes loads the same weights and samples the same image as the files.
+    (The fixture's VIAR is too narrow for a bare state dict: its nominal depth, read from its width as 64 x depth, is
+    2, below its pre + post blocks; the official VIAR files are 64 x depth wide.)"""
+    from models.vqvae import VQVAE
+    s = FIXTURES['tiny']['meta']['sizes']
+    torch.manual_seed(0)
+    vae = VQVAE(vocab_size=s['V'], z_channels=s['Cvae'], ch=32, test_mode=True, v_patch_nums=tuple(s['patch_nums']))
+    vae.quantize.load_state_dict(FIXTURES['tiny'][kind]['quant_sd'], strict=True)
+    torch.save(vae.state_dict(), tmp_path / 'vae.pth')
+    torch.save(FIXTURES['tiny'][kind]['var_sd'], tmp_path / f'{kind}.pth')
+    export_hf.main([str(tmp_path / f'{kind}.pth'), str(tmp_path / 'hub'), '--vae_ckpt', str(tmp_path / 'vae.pth')])
+    got = load_or_build(ModelSource(var_ckpt=str(tmp_path / 'hub'), vae_ckpt=''), 'cpu', log=print)
+    want = load_or_build(ModelSource(var_ckpt=str(tmp_path / f'{kind}.pth'), vae_ckpt=str(tmp_path / 'vae.pth')),
+                         'cpu', log=print)
+    assert got.spec == want.spec and got.spec.use_implicit == (kind == 'viar')
+    for a, b in ((got.var, want.var), (got.vae, want.vae)):
+        sd_a, sd_b = a.state_dict(), b.state_dict()
+        assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    for m in (got.var, want.var):
+        m.cond_drop_rate = 0.0
+    images = [m.var.autoregressive_infer_cfg(2, torch.tensor([0, 3]), g_seed=5, cfg=1.5, top_k=8, top_p=0.9)
+              for m in (got, want)]
+    assert torch.equal(*images)
