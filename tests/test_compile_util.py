@@ -351,3 +351,33 @@ def test_fast_path_compiles_and_samples_the_eager_fast_tokens():
         runs.append((img, toks))
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
     torch.testing.assert_close(runs[1][0], runs[0][0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('use_implicit', [True, False])
+def test_fast_sampler_casts_linear_weights_once_and_leaves_the_exact_path_bit_for_bit(use_implicit):
+    """bf16 fast sampling runs a copy whose Linear weights are bf16 (cast once, in prepare_for_sampling): the same
+    images as autocast casting the fp32 weights itself; every other tensor, the VQVAE and the iterate hooks are the
+    model's own, and the exact sampler before and after gives the same images."""
+    _, var = tiny_vae_var(use_implicit)
+    kw = dict(g_seed=3, cfg=1.5, top_k=8, top_p=0.9, schedule=S.decreasing(3, 1, 4))
+    exact_before = prepare_for_sampling(var)(2, 1, **kw)
+    sampler = prepare_for_sampling(var, dtype='bf16', fast=True)
+    runner = sampler.runner
+    assert runner is not var and runner.vae_proxy[0] is var.vae_proxy[0]
+    lin = {n for n, m in var.named_modules() if isinstance(m, torch.nn.Linear)}
+    for (name, p), q in zip(var.named_parameters(), runner.parameters()):
+        if name.rpartition('.')[0] in lin:
+            assert p.dtype == torch.float32 and q.dtype == torch.bfloat16, name
+        else:
+            assert q is p, f'{name} should be the model\'s own tensor'
+    seen = []
+    if use_implicit:   # a hook registered on the model after prepare watches the copy's sampling
+        handle = var.register_iterate_hook(lambda z, z_next: seen.append(z_next.dtype))
+    fast = sampler(2, 1, **kw)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        cast_per_call = var.autoregressive_infer_cfg(2, 1, fast=True, **kw)
+    assert torch.equal(fast, cast_per_call)
+    if use_implicit:
+        handle.remove()
+        assert seen and len(seen) == 2 * sum(S.decreasing(3, 1, 4).counts)   # the sampler's call and the direct one
+    assert torch.equal(prepare_for_sampling(var)(2, 1, **kw), exact_before)
