@@ -49,7 +49,19 @@ class FFN(nn.Module):
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
     def forward(self, x_BLC: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.act(self.fc1(x_BLC))))
+        if fuses_gelu(x_BLC, self.fc1.weight):   # one oneDNN kernel, GELU on the fp32 accumulator
+            h = torch.ops.mkldnn._linear_pointwise(x_BLC, self.fc1.weight, self.fc1.bias, 'gelu', [], 'tanh')
+        else:
+            h = self.act(self.fc1(x_BLC))
+        return self.drop(self.fc2(h))
+
+
+def fuses_gelu(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether Linear + GELU(tanh) runs fused: bf16 input and bf16 weights (the fast sampler's
+    `low_precision_copy`, never the fp32 weights of the exact path or of training) on a CPU with oneDNN, no grad.
+    1.2x on fc1 + GELU at width 768 on an AVX-512-BF16 CPU (docs/SPEED.md)."""
+    return (x.dtype == weight.dtype == torch.bfloat16 and x.device.type == 'cpu' and not torch.is_grad_enabled()
+            and torch.backends.mkldnn.is_available())
 
 
 class SelfAttention(OfficialAttnCaching, nn.Module):

@@ -61,34 +61,50 @@ def sample_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float =
     return torch.multinomial(probs_BlV.view(-1, V), num_samples=1, replacement=True, generator=rng).view(B, l)
 
 
+def first_topk(logits_BlV: torch.Tensor, top_k: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One topk of fixed width top_k + room for ties with the k-th (bf16 logits tie often), no host sync:
+    (vals_BlK masked to -inf below the k-th, idx_BlK vocabulary ids, kth_Bl1 the k-th value, its column kpos_Bl1)."""
+    K = min(logits_BlV.shape[-1], top_k + max(16, top_k // 8))
+    vals_BlK, idx_BlK = logits_BlV.topk(K, dim=-1, largest=True, sorted=False)
+    kth_Bl1, kpos_Bl1 = vals_BlK.kthvalue(K - top_k + 1, dim=-1, keepdim=True)   # the top_k-th largest
+    return vals_BlK.masked_fill(vals_BlK < kth_Bl1, -torch.inf), idx_BlK, kth_Bl1, kpos_Bl1
+
+
 def top_k_candidates(logits_BlV: torch.Tensor, top_k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """(vals_BlK, idx_BlK): every logit >= the k-th largest of its position (ties with the k-th all kept, as
     `filter_top_k_top_p_` keeps them) and its vocabulary id, padded with -inf to a common K >= top_k. Order within
-    a position is unspecified."""
-    V = logits_BlV.shape[-1]
-    K = min(V, top_k + max(16, top_k // 8))   # room for ties with the k-th (bf16 logits tie often) in one topk
-    vals_BlK, idx_BlK = logits_BlV.topk(K, dim=-1, largest=True, sorted=False)
-    kth_Bl1 = vals_BlK.kthvalue(K - top_k + 1, dim=-1, keepdim=True)[0]   # the top_k-th largest
+    a position is unspecified. More ties than `first_topk` has room for widen it (one host sync)."""
+    vals_BlK, idx_BlK, kth_Bl1, _ = first_topk(logits_BlV, top_k)
     # int32: a bool sum into the default int64 is an order of magnitude slower over V
     n_ge = int((logits_BlV >= kth_Bl1).sum(dim=-1, dtype=torch.int32).max())
-    if n_ge > K:   # more ties than room: widen
+    if n_ge > vals_BlK.shape[-1]:   # more ties than room: widen
         vals_BlK, idx_BlK = logits_BlV.topk(n_ge, dim=-1, largest=True, sorted=False)
-    return vals_BlK.masked_fill(vals_BlK < kth_Bl1, -torch.inf), idx_BlK
+        vals_BlK = vals_BlK.masked_fill(vals_BlK < kth_Bl1, -torch.inf)
+    return vals_BlK, idx_BlK
 
 
-def candidate_weights(vals_BlK: torch.Tensor, top_p: float = 0.0) -> torch.Tensor:
+def candidate_weights(vals_BlK: torch.Tensor, top_p: float = 0.0, extra: Optional[Tuple[torch.Tensor, torch.Tensor]]
+                      = None) -> torch.Tensor:
     """Unnormalised fp32 probabilities of the candidates (the most likely = 1), zero outside the smallest set whose
-    probability reaches top_p (`filter_top_k_top_p_`'s rule; top_p == 0: all kept)."""
+    probability reaches top_p (`filter_top_k_top_p_`'s rule; top_p == 0: all kept). extra = (n_Bl1, pos_Bl1):
+    n more tokens tie with the smallest candidate, at column pos, which then weighs for its kept ones too."""
     vals_BlK = vals_BlK.float()
     w_BlK = (vals_BlK - vals_BlK.amax(dim=-1, keepdim=True)).exp_()
+    n_Bl1, pos_Bl1 = extra if extra is not None else (torch.zeros_like(w_BlK[..., :1]), None)
+    w_Bl1 = w_BlK[..., :1] if pos_Bl1 is None else w_BlK.gather(-1, pos_Bl1)
     if top_p <= 0:
-        return w_BlK
+        return w_BlK if pos_Bl1 is None else w_BlK.scatter_add(-1, pos_Bl1, n_Bl1 * w_Bl1)
     # the exact rule drops, in ascending order, the tokens whose cumulative mass is <= (1 - top_p) * total: it keeps
     # a token while the mass of the more likely ones is < top_p * total (the most likely one always)
     sorted_BlK, order_BlK = w_BlK.sort(dim=-1, descending=True)
     cum_BlK = sorted_BlK.cumsum(dim=-1)
-    keep_BlK = cum_BlK - sorted_BlK < top_p * cum_BlK[..., -1:]
-    return torch.zeros_like(w_BlK).scatter_(-1, order_BlK, sorted_BlK.masked_fill_(~keep_BlK, 0))
+    bar_Bl1 = top_p * (cum_BlK[..., -1:] + n_Bl1 * w_Bl1)
+    out_BlK = torch.zeros_like(w_BlK).scatter_(-1, order_BlK, sorted_BlK.masked_fill_(cum_BlK - sorted_BlK >= bar_Bl1, 0))
+    if pos_Bl1 is None:
+        return out_BlK
+    # the extra ties come last (any order of equal tokens is the rule's): the first ceil(room / w) of them stay
+    kept_Bl1 = torch.minimum(((bar_Bl1 - cum_BlK[..., -1:]) / w_Bl1).ceil_().clamp_(min=0), n_Bl1).nan_to_num_(0.0)
+    return out_BlK.scatter_add_(-1, pos_Bl1, kept_Bl1 * w_Bl1)
 
 
 def draw_from_weights(w_BlK: torch.Tensor, rng: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -103,14 +119,26 @@ def draw_from_weights(w_BlK: torch.Tensor, rng: Optional[torch.Generator] = None
 
 def sample_candidates(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0, rng: Rng = None) -> torch.Tensor:
     """`sample_top_k_top_p_`'s distribution drawn over the top-k candidates only (fp32 softmax, another RNG
-    stream), leaving logits_BlV as it is: idx_Bl. Without top-k (0 or >= V) it is the exact sampler, in place."""
+    stream), leaving logits_BlV as it is: idx_Bl. Without top-k (0 or >= V) it is the exact sampler, in place.
+    No host sync, fixed shapes (CUDA graphs): ties with the k-th beyond `first_topk`'s room share the k-th's column.
+    Where a top-p cut falls inside a tie group, the kept count is the exact rule's and which ties stand in for
+    it is sort order in the exact rule (here: uniform over that column's tokens)."""
     if not 0 < top_k < logits_BlV.shape[-1]:
         return sample_top_k_top_p_(logits_BlV, top_k, top_p, rng)
     if isinstance(rng, list):   # row by row: a row's candidates, hence its draws, do not depend on other rows
         return torch.cat([sample_candidates(logits_BlV[b:b + 1], top_k, top_p, g) for b, g in enumerate(rng)])
-    vals_BlK, idx_BlK = top_k_candidates(logits_BlV, top_k)
-    pos_Bl = draw_from_weights(candidate_weights(vals_BlK, top_p), rng)
-    return idx_BlK.gather(-1, pos_Bl.unsqueeze(-1)).squeeze(-1)
+    vals_BlK, idx_BlK, kth_Bl1, kpos_Bl1 = first_topk(logits_BlV, top_k)
+    # ties with the k-th that the topk had no room for: the k-th's own column stands for them too
+    extra_BlV = (logits_BlV == kth_Bl1).scatter_(-1, idx_BlK, False)
+    cum_BlV = extra_BlV.cumsum(dim=-1, dtype=torch.int32)
+    n_extra_Bl1 = cum_BlV[..., -1:]
+    pos_Bl1 = draw_from_weights(candidate_weights(vals_BlK, top_p, (n_extra_Bl1, kpos_Bl1)), rng).unsqueeze(-1)
+    # drawn there: the k-th itself or one of those ties, uniformly, from one more uniform
+    u_Bl1 = torch.rand(n_extra_Bl1.shape, generator=rng, device=logits_BlV.device)
+    r_Bl1 = torch.minimum((u_Bl1 * (n_extra_Bl1 + 1)).int(), n_extra_Bl1)   # u * n can round up to n
+    extra_Bl1 = torch.searchsorted(cum_BlV, r_Bl1).clamp_(max=logits_BlV.shape[-1] - 1)   # the first with cumsum r
+    pick_Bl1 = torch.where((pos_Bl1 == kpos_Bl1) & (r_Bl1 > 0), extra_Bl1, idx_BlK.gather(-1, pos_Bl1))
+    return pick_Bl1.squeeze(-1)
 
 
 def gumbel_softmax(logits: torch.Tensor, tau: float, rng: Rng = None) -> torch.Tensor:

@@ -8,6 +8,8 @@ KV-cached sampling); a subclass supplies only its backbone: `VAR` an explicit st
 `models.viar.VIAR` pre-blocks, one weight-shared implicit block iterated to a fixed point,
 post-blocks. So the explicit/implicit choice is made once, by the class.
 """
+import copy
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence, Tuple, Union
@@ -131,6 +133,20 @@ class VARBase(OfficialModelAttrs, nn.Module):
     def register_iterate_hook(self, fn):
         """fn(z_t, z_next) after every implicit iteration during sampling; VIAR only."""
         raise ValueError(f'a {self.kind} has no implicit block to watch; this needs a VIAR')
+
+    def shared_with_copies(self) -> List[Any]:
+        """Objects a `low_precision_copy` uses as they are, not copied: the VQVAE (held outside the state dict)."""
+        return [self.vae_proxy, self.vae_quant_proxy]
+
+    def low_precision_copy(self, dtype: torch.dtype) -> 'VARBase':
+        """A copy for sampling under autocast whose Linear weights and biases are `dtype` copies made once (what
+        autocast casts anew in every call, or at every use of a frozen weight); every other parameter and buffer
+        and `shared_with_copies` are this model's own objects. Weights loaded into this model later do not reach
+        the copy's Linear layers: make a new copy."""
+        memo = {id(t): t for t in itertools.chain(self.parameters(), self.buffers(), self.shared_with_copies())}
+        memo.update({id(p): nn.Parameter(p.detach().to(dtype), requires_grad=False)
+                     for m in self.modules() if isinstance(m, nn.Linear) for p in m.parameters(recurse=False)})
+        return copy.deepcopy(self, memo)
 
     # ---- backbone interface (subclasses) ----
     def build_backbone(self):

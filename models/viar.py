@@ -86,6 +86,10 @@ class VIAR(VARBase):
         self._iterate_hooks[handle.id] = fn
         return handle
 
+    def shared_with_copies(self):
+        """Also the iterate hooks, so that a hook registered on this model watches its copies' sampling too."""
+        return [*super().shared_with_copies(), self._iterate_hooks]
+
     def _split(self, items):
         p = self.pre_depth
         return items[:p], items[p], items[p + 1:]

@@ -2,6 +2,7 @@
 agree with it; the fast path (`prepare_for_sampling(fast=True)`) is the same maths with other rounding."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import schedules as S
 from tests.conftest import needs_c_compiler
@@ -351,3 +352,82 @@ def test_fast_path_compiles_and_samples_the_eager_fast_tokens():
         runs.append((img, toks))
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
     torch.testing.assert_close(runs[1][0], runs[0][0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('use_implicit', [True, False])
+def test_fast_sampler_casts_linear_weights_once_and_leaves_the_exact_path_bit_for_bit(use_implicit, monkeypatch):
+    """bf16 fast sampling runs a copy whose Linear weights are bf16 (cast once, in prepare_for_sampling): the same
+    images as autocast casting the fp32 weights itself (with the FFN's GELU unfused: fusing it rounds once less,
+    tested below); every other tensor, the VQVAE and the iterate hooks are the model's own, and the exact sampler
+    before and after gives the same images."""
+    monkeypatch.setattr('models.blocks.fuses_gelu', lambda x, weight: False)
+    _, var = tiny_vae_var(use_implicit)
+    kw = dict(g_seed=3, cfg=1.5, top_k=8, top_p=0.9, schedule=S.decreasing(3, 1, 4))
+    exact_before = prepare_for_sampling(var)(2, 1, **kw)
+    sampler = prepare_for_sampling(var, dtype='bf16', fast=True)
+    runner = sampler.runner
+    assert runner is not var and runner.vae_proxy[0] is var.vae_proxy[0]
+    lin = {n for n, m in var.named_modules() if isinstance(m, torch.nn.Linear)}
+    for (name, p), q in zip(var.named_parameters(), runner.parameters()):
+        if name.rpartition('.')[0] in lin:
+            assert p.dtype == torch.float32 and q.dtype == torch.bfloat16, name
+        else:
+            assert q is p, f'{name} should be the model\'s own tensor'
+    seen = []
+    if use_implicit:   # a hook registered on the model after prepare watches the copy's sampling
+        handle = var.register_iterate_hook(lambda z, z_next: seen.append(z_next.dtype))
+    fast = sampler(2, 1, **kw)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        cast_per_call = var.autoregressive_infer_cfg(2, 1, fast=True, **kw)
+    assert torch.equal(fast, cast_per_call)
+    if use_implicit:
+        handle.remove()
+        assert seen and len(seen) == 2 * sum(S.decreasing(3, 1, 4).counts)   # the sampler's call and the direct one
+    assert torch.equal(prepare_for_sampling(var)(2, 1, **kw), exact_before)
+
+
+class OpNames(TorchDispatchMode):
+    """Records the name of every aten op that runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+def test_bf16_fast_sampler_fuses_the_ffn_gelu_and_the_exact_path_does_not():
+    """fc1 + GELU is one oneDNN kernel on the bf16 copy only; its output matches the unfused pair within bf16
+    rounding (it rounds once, from fp32)."""
+    _, var = tiny_vae_var(True)
+    kw = dict(g_seed=3, cfg=1.5, top_k=8, schedule=S.constant(2, 4))
+    for fast, fused in ((True, True), (False, False)):
+        ops = OpNames()
+        with ops:
+            prepare_for_sampling(var, dtype='bf16', fast=fast)(2, 1, **kw)
+        assert ('mkldnn::_linear_pointwise' in ops.names) == fused, (fast, sorted(ops.names))
+    ffn = prepare_for_sampling(var, dtype='bf16', fast=True).runner.post_blocks[0].ffn
+    x = torch.randn(4, 9, ffn.fc1.in_features, dtype=torch.bfloat16)
+    with torch.no_grad():
+        got = ffn(x).float()
+        want = ffn.fc2(ffn.act(ffn.fc1(x))).float()   # the unfused pair, each op rounding to bf16
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('dtype', ['fp32', 'bf16'])
+def test_a_second_call_of_the_same_schedule_compiles_nothing(dtype):
+    """--fast --compile: the first call captures the scale loop's graphs; a second call with the same schedule
+    (other seed and labels) reuses them: no new frame compiled, no recompile."""
+    from torch._dynamo.utils import counters   # torch._dynamo only for this count: heavy to import
+    _, var = tiny_vae_var(True)
+    sampler = prepare_for_sampling(var, dtype=dtype, fast=True, compile=True, backend='aot_eager')
+    kw = dict(cfg=1.5, top_k=8, top_p=0.9, schedule=S.decreasing(3, 1, 4))
+    sampler(2, 1, g_seed=3, **kw)
+    first = dict(counters['stats'])
+    assert first.get('unique_graphs', 0) > 0, 'nothing was compiled'
+    sampler(2, 2, g_seed=4, **kw)
+    assert counters['stats'].get('unique_graphs') == first['unique_graphs'], dict(counters['stats'])
+    assert not counters['recompiles'], dict(counters['recompiles'])

@@ -5,6 +5,7 @@ with its negative), so reading a cache back says, scale by scale, which iteratio
 """
 from typing import List, Optional, Sequence
 
+import pytest
 import torch
 
 from models.kv_cache import IterKVCaches, KVCache
@@ -97,3 +98,64 @@ def test_cache_capacities_and_bytes_follow_the_schedule():
     sizes = [var.autoregressive_infer_cfg(1, 0, schedule=s, return_stats=True)[1].kv_cache_bytes
              for s in (S.constant(1, 4), S.decreasing(3, 1, 4), S.constant(3, 4))]
     assert sizes[0] < sizes[1] < sizes[2]
+
+
+class CatKVCache:
+    """Reference cache that grows by torch.cat (the layout of the official code), with KVCache's interface."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.length = capacity, 0
+        self.k_BHLc = self.v_BHLc = None
+
+    def append(self, k_BHlc, v_BHlc):
+        self.k_BHLc = k_BHlc if self.k_BHLc is None else torch.cat((self.k_BHLc, k_BHlc), dim=2)
+        self.v_BHLc = v_BHlc if self.v_BHLc is None else torch.cat((self.v_BHLc, v_BHlc), dim=2)
+        self.length = self.k_BHLc.shape[2]
+        return self.k_BHLc, self.v_BHLc
+
+    def copy_prefix_from(self, other, upto: int):
+        if upto > 0:
+            self.append(other.k_BHLc[:, :, :upto], other.v_BHLc[:, :, :upto])
+
+    def last_scale(self, l: int):
+        return self.k_BHLc[:, :, -l:], self.v_BHLc[:, :, -l:]
+
+    def nbytes(self) -> int:
+        return 0
+
+
+def record_attention(var, sample):
+    """Every attention call of one sample: (cached keys, cached values, attention output), cloned as it ran."""
+    calls = []
+
+    def hook(module, args, out):
+        kv = args[2]
+        calls.append((kv.k_BHLc[:, :, :kv.length].clone(), kv.v_BHLc[:, :, :kv.length].clone(), out.clone()))
+    handles = [b.attn.register_forward_hook(hook) for b in var.backbone_blocks()]
+    try:
+        img = sample()
+    finally:
+        for h in handles:
+            h.remove()
+    return img, calls
+
+
+@pytest.mark.parametrize('use_implicit,schedule,fill_forward', [
+    (False, None, True), (True, S.decreasing(3, 1, 4), True), (True, S.adaptive(0.3, 6, 4), True),
+    (True, S.adaptive(0.3, 6, 4), False), (True, S.explicit([1, 3, 2, 3], 4), True)])
+def test_in_place_caches_hold_and_attend_exactly_what_concatenated_caches_do(monkeypatch, use_implicit, schedule,
+                                                                             fill_forward):
+    _, var = tiny_vae_var(use_implicit)
+    sample = lambda: var.autoregressive_infer_cfg(2, None, g_seed=3, cfg=1.5, top_k=10, schedule=schedule,  # noqa: E731
+                                                  fill_forward=fill_forward, return_stats=True)
+    (img, stats), calls = record_attention(var, sample)
+    for module in ('models.kv_cache', 'models.var', 'models.viar'):
+        monkeypatch.setattr(f'{module}.KVCache', CatKVCache)
+    (ref_img, ref_stats), ref_calls = record_attention(var, sample)
+    assert stats.iters == ref_stats.iters and len(calls) == len(ref_calls) > 0
+    if schedule is not None and schedule.adaptive:
+        assert len(set(stats.iters)) > 1, 'the adaptive schedule should stop scales at different iterations'
+    for i, (got, ref) in enumerate(zip(calls, ref_calls)):
+        for name, a, b in zip(('keys', 'values', 'attention output'), got, ref):
+            assert a.shape == b.shape and torch.equal(a, b), f'attention call {i}: {name} differ'
+    assert torch.equal(img, ref_img)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from models import sample_ops
-from models.sample_ops import (candidate_weights, filter_top_k_top_p_, sample_candidates, sample_top_k_top_p_,
-                               top_k_candidates)
+from models.sample_ops import (candidate_weights, filter_top_k_top_p_, first_topk, sample_candidates,
+                               sample_top_k_top_p_, top_k_candidates)
 from models.schedules import IterSchedule
 from tests.tiny import tiny_vae_var
 
@@ -161,3 +161,62 @@ def test_the_fast_path_samples_over_the_candidates(monkeypatch, fast, more_smoot
     var.autoregressive_infer_cfg(2, 1, g_seed=0, cfg=1.5, top_k=10, top_p=0.9, more_smooth=more_smooth,
                                  schedule=IterSchedule([1] * 4), fast=fast)
     assert calls[sampler] == 4 and sum(calls.values()) == 4, calls   # one draw per scale
+
+
+def many_ties(rows: int) -> torch.Tensor:
+    """(1, rows, 64): 3, 2, 1 above 42 ties at 0 (the 4th largest) above -2."""
+    logits_BlV = torch.full((1, rows, 64), -2.0)
+    logits_BlV[..., :44] = 0.0
+    logits_BlV[..., [5, 20, 50]] = torch.tensor([3.0, 2.0, 1.0])
+    return logits_BlV
+
+
+@pytest.mark.parametrize('top_p', [0.0, 0.5, 0.9, 0.93, 0.999])
+def test_ties_beyond_the_topks_room_weigh_as_many_tokens_as_the_exact_rule_keeps(top_p):
+    """first_topk holds 20 of the 45 tokens >= the 4th; the k-th's column carries the other ties' kept mass: per
+    logit value, the weights equal the exact filter's probabilities (top-p cuts inside the tie group)."""
+    logits_BlV = many_ties(1)
+    vals_BlK, idx_BlK, kth_Bl1, kpos_Bl1 = first_topk(logits_BlV, 4)
+    n_Bl1 = (logits_BlV == kth_Bl1).sum(-1, keepdim=True) - (vals_BlK == kth_Bl1).sum(-1, keepdim=True)
+    w_BlK = candidate_weights(vals_BlK, top_p, (n_Bl1, kpos_Bl1))
+    got_V = torch.zeros(64).scatter_add_(0, idx_BlK[0, 0], w_BlK[0, 0] / w_BlK.sum())
+    want_V = exact_probs(logits_BlV, 4, top_p)[0]
+    for level in (3.0, 2.0, 1.0, 0.0):
+        at = logits_BlV[0, 0] == level
+        torch.testing.assert_close(got_V[at].sum(), want_V[at].sum(), msg=f'mass at logit {level}')
+
+
+@pytest.mark.parametrize('top_p', [0.0, 0.9])
+def test_ties_beyond_the_topks_room_are_drawn_with_their_exact_mass(top_p):
+    """42 ties with the 4th logit, more than the first topk's 20 columns: the law of the drawn logit value is the
+    exact filter's (top-p 0.9 drops some ties; which ones is sort order), and only ties or the 3 larger logits
+    are drawn, every one of the 45 at some position when all are kept."""
+    logits_BlV = many_ties(N)
+    levels = torch.tensor([-2.0, 0.0, 1.0, 2.0, 3.0])
+    want_B5 = torch.zeros(5).index_add_(0, torch.bucketize(logits_BlV[0, 0], levels),
+                                        exact_probs(logits_BlV, 4, top_p)[0]).view(1, 5)
+    idx_BN = sample_candidates(logits_BlV.clone(), 4, top_p, torch.Generator().manual_seed(0))
+    drawn_BN = torch.bucketize(logits_BlV[0, 0][idx_BN], levels)
+    tv = total_variation(drawn_BN, want_B5)
+    assert tv <= tv_bound(4, N), f'TV over logit values {tv.item():.4f}'
+    assert (logits_BlV[0, 0][idx_BN] >= 0).all()
+    if top_p == 0:
+        assert torch.equal(torch.bincount(idx_BN[0], minlength=64) > 0, logits_BlV[0, 0] >= 0)
+
+
+class NoHostSync(torch.Tensor):
+    """A tensor (and every tensor computed from it) that refuses to be read back to Python."""
+
+    def item(self):
+        raise AssertionError('host sync: a tensor was read back to Python')
+
+    __int__ = __float__ = __bool__ = __index__ = tolist = item
+
+
+@pytest.mark.parametrize('top_p', [0.0, 0.9])
+def test_the_candidates_draw_reads_nothing_back_to_the_host(top_p):
+    logits_BlV = tied_logits(2)[:, :50]
+    logits_BlV[0, :, :] = 0.25   # a row of ties with the k-th everywhere: more than the topk has room for
+    want = sample_candidates(logits_BlV.clone(), 6, top_p, torch.Generator().manual_seed(1))
+    got = sample_candidates(logits_BlV.clone().as_subclass(NoHostSync), 6, top_p, torch.Generator().manual_seed(1))
+    assert type(got) is NoHostSync and torch.equal(got.as_subclass(torch.Tensor), want)

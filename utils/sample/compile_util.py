@@ -126,11 +126,12 @@ def compile_mode(device_type: str, requested: Optional[str] = None) -> Optional[
 
 class Sampler:
     """Callable with the signature of `var.autoregressive_infer_cfg`, run under the chosen autocast (and, fast,
-    on the model's fast path)."""
+    on the model's fast path). runner: the model that samples (`var`, or its `low_precision_copy`)."""
 
     def __init__(self, var: nn.Module, dtype: str = 'fp32', compiled: bool = False, mode: Optional[str] = None,
-                 fast: bool = False):
+                 fast: bool = False, runner: Optional[nn.Module] = None):
         self.var, self.dtype, self.compiled, self.mode, self.fast = var, dtype, compiled, mode, fast
+        self.runner = var if runner is None else runner
         self.device = var.lvl_1L.device
 
     @torch.no_grad()
@@ -138,7 +139,7 @@ class Sampler:
         if self.fast:
             kwargs.setdefault('fast', True)
         with autocast_for(self.device.type, self.dtype):
-            return self.var.autoregressive_infer_cfg(*args, **kwargs)
+            return self.runner.autoregressive_infer_cfg(*args, **kwargs)
 
     def __repr__(self) -> str:
         return f'Sampler(dtype={self.dtype}, compiled={self.compiled}, mode={self.mode}, fast={self.fast})'
@@ -160,7 +161,9 @@ def prepare_for_sampling(var: nn.Module, compile: bool = False, dtype: Optional[
     dtype: 'fp32', 'bf16', 'fp16' or 'auto' (fp16 on CUDA, fp32 elsewhere; with fast, `fast_dtype`: bf16 on a CPU
     with native bf16), the autocast of every call; the Sampler's `dtype` is the resolved one. None: 'auto' with fast
     (as --fast on the command line), 'fp32' without (the official numbers).
-    fast: the fast path (same maths, other rounding; docs/SPEED.md); False keeps the official arithmetic.
+    fast: the fast path (same maths, other rounding; docs/SPEED.md); False keeps the official arithmetic. In bf16 or
+    fp16 it samples with `var.low_precision_copy`: Linear weights cast once here, not in every call (prepare again
+    after loading weights into var); var keeps its fp32 weights for the exact path.
     mode: torch.compile mode (None: inductor's default; `compile_mode` refuses CUDA-graph modes on CUDA).
     backend: torch.compile backend ('inductor'; 'aot_eager' checks graph capture without code generation).
     compile_vae: with compile, also compile the VQVAE decoder (static shapes, default mode: it is
@@ -171,10 +174,12 @@ def prepare_for_sampling(var: nn.Module, compile: bool = False, dtype: Optional[
     var.eval()
     set_decoder_layout(var.vae_proxy[0], torch.channels_last if fast else torch.contiguous_format)
     mode = compile_mode(device_type, mode)
+    low = AUTOCAST_DTYPES[dtype] if fast else None
+    runner = var.low_precision_copy(low) if low is not None else var
     if compile:
-        for m in var.scale_loop_modules():
+        for m in runner.scale_loop_modules():
             m.compile(backend=backend, mode=mode, dynamic=True)
         if compile_vae:
             var.vae_proxy[0].decoder.compile(backend=backend)
-    return Sampler(var, dtype=dtype, compiled=compile, mode=mode if compile else None, fast=fast)
+    return Sampler(var, dtype=dtype, compiled=compile, mode=mode if compile else None, fast=fast, runner=runner)
 
