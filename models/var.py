@@ -255,6 +255,9 @@ class VARBase(OfficialModelAttrs, nn.Module):
         """
         K = len(self.patch_nums)
         schedule = schedule or IterSchedule(linspace_iters(iter_left, iter_right, K))
+        if len(schedule.counts) != K:
+            raise ValueError(f'the schedule lists {len(schedule.counts)} iteration counts for a model of {K} scales: '
+                             f'give one count per scale (schedules.constant(n, {K}), decreasing(a, b, {K}), ...)')
         dev = self.lvl_1L.device
         rng = sample_ops.make_rng(g_seed, dev)
         if isinstance(rng, list) and len(rng) != B:

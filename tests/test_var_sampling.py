@@ -305,3 +305,12 @@ def test_kv_caches_are_freed_before_the_decode(use_implicit):
             h.remove()
     assert caches, 'no block received a KV cache'
     assert not alive_at_decode, f'{len(alive_at_decode)} of {len(caches)} KV caches alive during the decode'
+
+
+@pytest.mark.parametrize('extra', [1, -1])
+def test_a_schedule_of_the_wrong_length_is_one_clear_error(extra):
+    """A schedule built for another number of scales (e.g. from Python) is refused before sampling, naming both."""
+    _, var = tiny_vae_var(True)
+    K = len(var.patch_nums)
+    with pytest.raises(ValueError, match=f'lists {K + extra} iteration counts for a model of {K} scales'):
+        var.autoregressive_infer_cfg(2, 0, g_seed=0, schedule=S.constant(2, K + extra))
