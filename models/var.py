@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from models import sample_ops
 from models.draws import BatchDraws, step_draws
-from models.blocks import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin, init_block_
+from models.blocks import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin, enable_fused_gelu, init_block_
 from models.kv_cache import KVCache
 from models.layout import block_causal_bias, level_ids, num_tokens, scale_begin_ends
 from models.schedules import IterSchedule, linspace_iters
@@ -142,11 +142,13 @@ class VARBase(OfficialModelAttrs, nn.Module):
         """A copy for sampling under autocast whose Linear weights and biases are `dtype` copies made once (what
         autocast casts anew in every call, or at every use of a frozen weight); every other parameter and buffer
         and `shared_with_copies` are this model's own objects. Weights loaded into this model later do not reach
-        the copy's Linear layers: make a new copy."""
+        the copy's Linear layers: make a new copy. In bf16 on a CPU its FFNs fuse fc1 + GELU where oneDNN can."""
         memo = {id(t): t for t in itertools.chain(self.parameters(), self.buffers(), self.shared_with_copies())}
         memo.update({id(p): nn.Parameter(p.detach().to(dtype), requires_grad=False)
                      for m in self.modules() if isinstance(m, nn.Linear) for p in m.parameters(recurse=False)})
-        return copy.deepcopy(self, memo)
+        low = copy.deepcopy(self, memo)
+        enable_fused_gelu(low, dtype, self.lvl_1L.device.type)
+        return low
 
     # ---- backbone interface (subclasses) ----
     def build_backbone(self):

@@ -25,3 +25,24 @@ def test_official_comparisons_pass_with_the_kernels_capped_to_avx2():
     done = subprocess.run([sys.executable, '-m', 'pytest', '-p', 'no:cacheprovider', '-m', 'slow or not slow',
                            '-rfE', *OFFICIAL_TESTS], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+
+
+BF16_FAST_SAMPLE = """
+from models import schedules as S
+from models.blocks import onednn_fuses_bf16_gelu
+from tests.tiny import tiny_vae_var
+from utils.sample.compile_util import prepare_for_sampling
+_, var = tiny_vae_var(True)
+img = prepare_for_sampling(var, dtype='bf16', fast=True)(2, 1, g_seed=0, top_k=8, schedule=S.constant(2, 4))
+print(onednn_fuses_bf16_gelu(), tuple(img.shape))
+"""
+
+
+@pytest.mark.slow
+def test_bf16_fast_sampling_runs_where_onednn_has_no_bf16_kernels():
+    """oneDNN capped below its bf16 kernels refuses the fused fc1 + GELU: the fast sampler must see that and run
+    the unfused pair (a CPU without bf16 kernels, asked for --dtype bf16)."""
+    done = subprocess.run([sys.executable, '-c', BF16_FAST_SAMPLE], env=dict(os.environ, **AVX2_CAP), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[0] == 'False' and done.stdout.strip().endswith('(2, 3, 8, 8)'), done.stdout

@@ -5,6 +5,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import schedules as S
+from models.blocks import onednn_fuses_bf16_gelu
 from tests.conftest import needs_c_compiler
 from tests.tiny import tiny_vae_var
 from utils.sample.compile_util import SamplingError, prepare_for_sampling
@@ -360,7 +361,7 @@ def test_fast_sampler_casts_linear_weights_once_and_leaves_the_exact_path_bit_fo
     images as autocast casting the fp32 weights itself (with the FFN's GELU unfused: fusing it rounds once less,
     tested below); every other tensor, the VQVAE and the iterate hooks are the model's own, and the exact sampler
     before and after gives the same images."""
-    monkeypatch.setattr('models.blocks.fuses_gelu', lambda x, weight: False)
+    monkeypatch.setattr('models.blocks.onednn_fuses_bf16_gelu', lambda: False)
     _, var = tiny_vae_var(use_implicit)
     kw = dict(g_seed=3, cfg=1.5, top_k=8, top_p=0.9, schedule=S.decreasing(3, 1, 4))
     exact_before = prepare_for_sampling(var)(2, 1, **kw)
@@ -403,7 +404,7 @@ def test_bf16_fast_sampler_fuses_the_ffn_gelu_and_the_exact_path_does_not():
     rounding (it rounds once, from fp32)."""
     _, var = tiny_vae_var(True)
     kw = dict(g_seed=3, cfg=1.5, top_k=8, schedule=S.constant(2, 4))
-    for fast, fused in ((True, True), (False, False)):
+    for fast, fused in ((True, onednn_fuses_bf16_gelu()), (False, False)):   # a CPU without bf16 oneDNN: unfused
         ops = OpNames()
         with ops:
             prepare_for_sampling(var, dtype='bf16', fast=fast)(2, 1, **kw)
