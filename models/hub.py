@@ -236,12 +236,13 @@ def hub_model(vae: VQVAE, var, spec, sampling: Optional[Dict[str, Any]] = None, 
 def model_card(model, name: str) -> str:
     """The README.md of a folder: what the model is, what it records, and the command that samples it from `name`."""
     from utils.arch_flags import describe_model   # utils imports models: imported when a card is written
+    from utils.sample.config import official_defaults
     spec = spec_of_model(model)
     px = model.patch_nums[-1] * model.vae_proxy[0].downsample
     params = sum(p.numel() for p in model.parameters())
     sampling = model.recorded.get('sampling')
     defaults = (', '.join(f'{k} {v:g}' for k, v in sampling.items()) if sampling else
-                'none: the official ImageNet settings apply (cfg 1.5, top-k 900, top-p 0.96)')
+                f'none: the official ImageNet settings apply ({official_defaults()})')
     tokenizer = (f'`{VAE_FILE}`' if model.tokenizer_loaded else
                  'not in the folder: the official `vae_ch160v4096z32.pth`, or pass `--vae_ckpt`')
     return '\n'.join([

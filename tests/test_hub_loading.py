@@ -185,6 +185,10 @@ def test_model_card_says_what_the_model_is_and_how_to_sample_it(exported):
                   'recorded sampling defaults: cfg 0, top_k 0, top_p 0, iter_left 3, iter_right 2',
                   f'.venv/bin/python gen_img.py --var_ckpt {folder} --class_label 0'):
         assert words in card, words
+    vae, var = tiny_vae_var(False)   # a model that records nothing: the card names the settings that then apply
+    bare = models.hub.model_card(models.hub.hub_model(vae, var, tiny_spec(False)), 'var-hub')
+    assert 'recorded sampling defaults: none: the official ImageNet settings apply (cfg 1.5, top-k 900, top-p 0.96)' \
+        in bare
 
 
 class FakeApi:

@@ -216,9 +216,8 @@ def with_recorded(sample: SampleConfig, recorded: Optional[Mapping[str, Any]], n
     if not untyped:
         return sample, ''
     if not recorded:
-        return sample, (f"sampling defaults: cfg {_default('cfg'):g}, top-k {_default('top_k')}, top-p "
-                        f"{_default('top_p'):g}: the official ImageNet settings (the file records none; type "
-                        f"--cfg/--top_k/--top_p to change)")
+        return sample, (f'sampling defaults: {official_defaults()}: the official ImageNet settings (the file records '
+                        f'none; type --cfg/--top_k/--top_p to change)')
     use = {n: recorded[n] for n in untyped if n in recorded}
     if not use:   # the file records only flags the user typed
         return sample, ''
@@ -227,6 +226,11 @@ def with_recorded(sample: SampleConfig, recorded: Optional[Mapping[str, Any]], n
         f.name for f in dataclasses.fields(sample) if f.name != 'typed' and was_typed(sample, f.name))
     return (dataclasses.replace(sample, typed=typed, **use),
             f'sampling defaults from the file: {shown} (typed flags override them)')
+
+
+def official_defaults() -> str:
+    """'cfg 1.5, top-k 900, top-p 0.96': SampleConfig's defaults (the official ImageNet settings) as lines show them."""
+    return f"cfg {_default('cfg'):g}, top-k {_default('top_k')}, top-p {_default('top_p'):g}"
 
 
 def _default(name: str) -> Any:
