@@ -147,11 +147,7 @@ def read_model(path: str) -> Any:
     'model', 'config', and 'vae', 'sampling', 'class_names' when the folder holds them)."""
     if not is_hub_source(path):
         return read_checkpoint(resolve_checkpoint(path))
-    from models.hub import HubLoadError, read_folder   # huggingface_hub: loaded only for Hub sources
-    try:
-        return read_folder(path)
-    except HubLoadError as e:
-        raise CheckpointError(str(e)) from None
+    return _hub('read_folder', path)
 
 
 def fetch_model(path: str) -> None:
@@ -160,11 +156,16 @@ def fetch_model(path: str) -> None:
     if not is_hub_source(path):
         resolve_checkpoint(path)
     elif not os.path.isdir(path):
-        from models.hub import HubLoadError, download_repo   # huggingface_hub: loaded only for Hub sources
-        try:
-            download_repo(path)
-        except HubLoadError as e:
-            raise CheckpointError(str(e)) from None
+        _hub('download_repo', path)
+
+
+def _hub(action: str, path: str) -> Any:
+    """models.hub's `action` (read_folder, download_repo) on a Hub source, a HubLoadError as a CheckpointError."""
+    from models import hub   # huggingface_hub: loaded only for Hub sources
+    try:
+        return getattr(hub, action)(path)
+    except hub.HubLoadError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def official_url(name: str) -> str:
