@@ -70,19 +70,6 @@ def first_topk(logits_BlV: torch.Tensor, top_k: int) -> Tuple[torch.Tensor, torc
     return vals_BlK.masked_fill(vals_BlK < kth_Bl1, -torch.inf), idx_BlK, kth_Bl1, kpos_Bl1
 
 
-def top_k_candidates(logits_BlV: torch.Tensor, top_k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(vals_BlK, idx_BlK): every logit >= the k-th largest of its position (ties with the k-th all kept, as
-    `filter_top_k_top_p_` keeps them) and its vocabulary id, padded with -inf to a common K >= top_k. Order within
-    a position is unspecified. More ties than `first_topk` has room for widen it (one host sync)."""
-    vals_BlK, idx_BlK, kth_Bl1, _ = first_topk(logits_BlV, top_k)
-    # int32: a bool sum into the default int64 is an order of magnitude slower over V
-    n_ge = int((logits_BlV >= kth_Bl1).sum(dim=-1, dtype=torch.int32).max())
-    if n_ge > vals_BlK.shape[-1]:   # more ties than room: widen
-        vals_BlK, idx_BlK = logits_BlV.topk(n_ge, dim=-1, largest=True, sorted=False)
-        vals_BlK = vals_BlK.masked_fill(vals_BlK < kth_Bl1, -torch.inf)
-    return vals_BlK, idx_BlK
-
-
 def candidate_weights(vals_BlK: torch.Tensor, top_p: float = 0.0, extra: Optional[Tuple[torch.Tensor, torch.Tensor]]
                       = None) -> torch.Tensor:
     """Unnormalised fp32 probabilities of the candidates (the most likely = 1), zero outside the smallest set whose

@@ -1,13 +1,13 @@
 """The fast path's candidates-only sampler (models/sample_ops.py `sample_candidates`): the exact sampler's
 distribution (ties with the k-th logit kept, top-p's rule), drawn over the top-k candidates only."""
 import math
+from typing import Tuple
 
 import pytest
 import torch
 
 from models import sample_ops
-from models.sample_ops import (candidate_weights, filter_top_k_top_p_, first_topk, sample_candidates,
-                               sample_top_k_top_p_, top_k_candidates)
+from models.sample_ops import candidate_weights, filter_top_k_top_p_, first_topk, sample_candidates, sample_top_k_top_p_
 from models.schedules import IterSchedule
 from tests.tiny import tiny_vae_var
 
@@ -16,6 +16,20 @@ N = 20000   # draws per row: one call draws a row's N positions, all with the sa
 # 2.0 > 1.5 > 1.0 > 0.75 > 0.5 > four ties at 0.25 (the 6th largest): top_k=6 keeps 9 candidates, the tied ones
 # a quarter of the mass; the rest of the vocabulary lies below
 HEAD = [2.0, 1.5, 1.0, 0.75, 0.5, 0.25, 0.25, 0.25, 0.25]
+
+
+def top_k_candidates(logits_BlV: torch.Tensor, top_k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(vals_BlK, idx_BlK): every logit >= the k-th largest of its position (ties with the k-th all kept, as
+    `filter_top_k_top_p_` keeps them) and its vocabulary id, padded with -inf to a common K >= top_k, the topk
+    widened where `first_topk` has no room (one host sync; the sampler carries those ties on the k-th's column
+    instead): the whole candidate list, to check `candidate_weights` on it."""
+    vals_BlK, idx_BlK, kth_Bl1, _ = first_topk(logits_BlV, top_k)
+    # int32: a bool sum into the default int64 is an order of magnitude slower over V
+    n_ge = int((logits_BlV >= kth_Bl1).sum(dim=-1, dtype=torch.int32).max())
+    if n_ge > vals_BlK.shape[-1]:   # more ties than room: widen
+        vals_BlK, idx_BlK = logits_BlV.topk(n_ge, dim=-1, largest=True, sorted=False)
+        vals_BlK = vals_BlK.masked_fill(vals_BlK < kth_Bl1, -torch.inf)
+    return vals_BlK, idx_BlK
 
 
 def tied_logits(rows: int, dtype=torch.float32) -> torch.Tensor:
