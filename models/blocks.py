@@ -51,7 +51,8 @@ class FFN(nn.Module):
         self.fuse_gelu = False   # fc1 + GELU as one oneDNN kernel: only the fast sampler's copy (enable_fused_gelu)
 
     def forward(self, x_BLC: torch.Tensor) -> torch.Tensor:
-        if self.fuse_gelu and x_BLC.dtype == self.fc1.weight.dtype and not torch.is_grad_enabled():
+        if self.fuse_gelu and x_BLC.dtype == self.fc1.weight.dtype and not torch.is_grad_enabled() \
+                and not torch.compiler.is_compiling():   # inductor cannot lower this op; it fuses GELU itself
             # GELU on the fp32 accumulator, rounded once
             h = torch.ops.mkldnn._linear_pointwise(x_BLC, self.fc1.weight, self.fc1.bias, 'gelu', [], 'tanh')
         else:

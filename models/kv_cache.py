@@ -3,37 +3,83 @@
 Shapes: B batch (2B with CFG), H heads, c head dim, l tokens of one scale, L all tokens.
 Every cache is allocated once (on its first write, when dtype and device are known) with a
 capacity planned from the schedule, and written in place: no torch.cat growth per scale.
+A captured scale step (models/var.py `scale_logits`) writes through `KVSlot`s reserved before it runs, so the
+step itself holds no bookkeeping; a `BufferPool` hands the same buffers to every call of one shape.
 """
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 
 from models.layout import scale_begin_ends
 
 
+Alloc = Callable[[Tuple[int, ...], torch.dtype, torch.device], torch.Tensor]
+
+
+def new_buffer(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+class BufferPool:
+    """An `Alloc` that hands out, call after call, the same tensors in the same order for the same shapes: the fixed
+    addresses a replayed CUDA graph writes into. Marked static for torch.compile (guarded by address). `reset` at
+    the start of every call; it frees what the previous call did not use. One call at a time."""
+
+    def __init__(self):
+        self.bufs: Dict[tuple, List[torch.Tensor]] = {}
+        self.used: Dict[tuple, int] = {}
+
+    def reset(self):
+        self.bufs = {key: bufs[:self.used[key]] for key, bufs in self.bufs.items() if self.used.get(key)}
+        self.used = {}
+
+    def __call__(self, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (tuple(shape), dtype, torch.device(device))
+        bufs, i = self.bufs.setdefault(key, []), self.used.get(key, 0)
+        if i == len(bufs):
+            bufs.append(new_buffer(shape, dtype, device))
+            torch._dynamo.mark_static_address(bufs[-1])
+        self.used[key] = i + 1
+        return bufs[i]
+
+
 class KVCache:
     """One attention layer's keys and values for the scales seen so far."""
 
-    def __init__(self, capacity: int):
-        self.capacity, self.length = capacity, 0
+    def __init__(self, capacity: int, alloc: Alloc = new_buffer):
+        self.capacity, self.length, self.alloc = capacity, 0, alloc
         self.k_BHLc: Optional[torch.Tensor] = None
         self.v_BHLc: Optional[torch.Tensor] = None
+
+    def allocate(self, B: int, H: int, c: int, dtype: torch.dtype, device: torch.device):
+        """The buffers, once (a no-op after the first call)."""
+        if self.k_BHLc is None:
+            self.k_BHLc = self.alloc((B, H, self.capacity, c), dtype, device)
+            self.v_BHLc = self.alloc((B, H, self.capacity, c), dtype, device)
+
+    def reserve(self, l: int) -> int:
+        """Claim the next l positions for one scale; returns where they begin."""
+        begin, end = self.length, self.length + l
+        if end > self.capacity:
+            raise RuntimeError(f'KV cache overflow: {end} tokens > capacity {self.capacity}')
+        self.length = end
+        return begin
+
+    def write(self, begin: int, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of one scale at [begin, begin + l); views of everything up to its end. No bookkeeping:
+        traceable with static shapes per scale."""
+        end = begin + k_BHlc.shape[2]
+        self.k_BHLc[:, :, begin:end].copy_(k_BHlc)
+        self.v_BHLc[:, :, begin:end].copy_(v_BHlc)
+        return self.k_BHLc[:, :, :end], self.v_BHLc[:, :, :end]
 
     @torch.compiler.disable   # Python bookkeeping: a compiled block breaks its graph here instead of guarding on it
     def append(self, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Write one scale's keys/values; return views of everything cached so far."""
-        l = k_BHlc.shape[2]
-        end = self.length + l
-        if end > self.capacity:
-            raise RuntimeError(f'KV cache overflow: {end} tokens > capacity {self.capacity}')
-        if self.k_BHLc is None:
-            B, H, _, c = k_BHlc.shape
-            self.k_BHLc = k_BHlc.new_empty(B, H, self.capacity, c)
-            self.v_BHLc = v_BHlc.new_empty(B, H, self.capacity, c)
-        self.k_BHLc[:, :, self.length:end].copy_(k_BHlc)
-        self.v_BHLc[:, :, self.length:end].copy_(v_BHlc)
-        self.length = end
-        return self.k_BHLc[:, :, :end], self.v_BHLc[:, :, :end]
+        B, H, l, c = k_BHlc.shape
+        begin = self.reserve(l)
+        self.allocate(B, H, c, k_BHlc.dtype, k_BHlc.device)
+        return self.write(begin, k_BHlc, v_BHlc)
 
     def copy_prefix_from(self, other: 'KVCache', upto: int):
         """Start this (empty) cache with the first `upto` tokens of another."""
@@ -49,6 +95,23 @@ class KVCache:
         if self.k_BHLc is None:
             return 0
         return 2 * self.k_BHLc.numel() * self.k_BHLc.element_size()
+
+
+class KVSlot:
+    """Where one block call of a captured scale step writes: a cache and a position reserved beforehand. Passed
+    as a block's `kv`, its `append` only writes."""
+
+    def __init__(self, cache: KVCache, begin: int):
+        self.cache, self.begin = cache, begin
+
+    def append(self, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.write(self.begin, k_BHlc, v_BHlc)
+
+
+def reserve_slot(cache: KVCache, l: int, like: Tuple[int, int, int, torch.dtype, torch.device]) -> KVSlot:
+    """Reserve one scale of l tokens in `cache`, allocated (B, H, c, dtype, device = like) if still empty."""
+    cache.allocate(*like)
+    return KVSlot(cache, cache.reserve(l))
 
 
 def implicit_cache_capacities(patch_nums: Sequence[int], counts: Sequence[int], fill_forward: bool) -> List[int]:
@@ -78,7 +141,9 @@ class IterKVCaches:
     A solver calls G once per iteration index of a scale (models/solver.py): `get` refuses a second (scale, t).
     """
 
-    def __init__(self, patch_nums: Sequence[int], counts: Optional[Sequence[int]], fill_forward: bool = True):
+    def __init__(self, patch_nums: Sequence[int], counts: Optional[Sequence[int]], fill_forward: bool = True,
+                 alloc: Alloc = new_buffer):
+        self.alloc = alloc
         self.begin_ends = scale_begin_ends(patch_nums)
         self.L = self.begin_ends[-1][1]
         self.fill_forward = fill_forward
@@ -86,7 +151,7 @@ class IterKVCaches:
         self.caches: Dict[int, KVCache] = {}
         # the last iterate of every finished scale; only needed where a later scale can reach a new t
         self.needs_last = fill_forward and (counts is None or any(b > a for a, b in zip(counts, counts[1:])))
-        self.last = KVCache(self.L) if self.needs_last else None
+        self.last = KVCache(self.L, alloc) if self.needs_last else None
         self.si = 0
         self.written_t: Set[int] = set()   # iteration indices the current scale has written
 
@@ -105,7 +170,7 @@ class IterKVCaches:
                                f'G(z, t) once per t (models/solver.py)')
         self.written_t.add(t)
         if t not in self.caches:
-            cache = KVCache(self._capacity(t))
+            cache = KVCache(self._capacity(t), self.alloc)
             if self.fill_forward and self.si > 0:
                 cache.copy_prefix_from(self.last, self.last.length)   # < scale start if a scale ran 0 iterations
             self.caches[t] = cache

@@ -12,7 +12,7 @@ import copy
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -20,7 +20,7 @@ import torch.nn as nn
 from models import sample_ops
 from models.draws import BatchDraws, step_draws
 from models.blocks import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin, enable_fused_gelu, init_block_
-from models.kv_cache import KVCache
+from models.kv_cache import Alloc, KVCache, new_buffer, reserve_slot
 from models.layout import block_causal_bias, level_ids, num_tokens, scale_begin_ends
 from models.schedules import IterSchedule, linspace_iters
 from models.solver import SolverSpec
@@ -165,14 +165,34 @@ class VARBase(OfficialModelAttrs, nn.Module):
         raise NotImplementedError
 
     def new_infer_state(self, schedule: IterSchedule, fill_forward: bool, solver: Optional[SolverSpec] = None,
-                        fast: bool = False) -> Any:
-        """Fresh KV caches for one sampling call (and, for VIAR, how it solves each scale; fast: the fast path's
-        reordered arithmetic, same maths)."""
+                        fast: bool = False, alloc: Alloc = new_buffer) -> Any:
+        """Fresh KV caches for one sampling call, their buffers from `alloc` (and, for VIAR, how it solves each
+        scale; fast: the fast path's reordered arithmetic, same maths)."""
         raise NotImplementedError
 
     def infer_backbone(self, x_BlC, ada, state, si: int, schedule: IterSchedule, stats: SampleStats) -> torch.Tensor:
         """One scale of KV-cached sampling."""
         raise NotImplementedError
+
+    def scale_slots(self, state, si: int, like: tuple, schedule: IterSchedule) -> Any:
+        """For a captured scale step, before it runs: reserve the KV slot of every block call of scale si
+        (kv_cache.reserve_slot; like = (rows, heads, head dim, dtype, device)). None: this scale cannot be
+        captured (its iteration count depends on the residual, or hooks watch it); it runs eagerly."""
+        raise NotImplementedError
+
+    def slot_backbone(self, x_RlC, ada, slots) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """`infer_backbone` on reserved slots, with no bookkeeping (traceable): (h_RlC, residual or None)."""
+        raise NotImplementedError
+
+    def end_slots(self, state, slots, residual: Optional[torch.Tensor], stats: SampleStats):
+        """After a captured scale step: the bookkeeping `infer_backbone` does after its compute."""
+
+    def scale_logits(self, x_RlC, ada, ada_head, cond_RD, slots, ratio: Optional[float]):
+        """One scale from its input to the guided logits (B, l, V), writing the reserved KV slots: the step that
+        utils/sample/compile_util.py compiles as one graph per scale. ratio: the CFG ratio; None: no guidance."""
+        h_RlC, residual = self.slot_backbone(x_RlC, ada, slots)
+        logits_BlV = self.get_logits(h_RlC, cond_RD, ada_head)
+        return (logits_BlV if ratio is None else sample_ops.guide(logits_BlV, ratio)), residual
 
     # ---- shared pieces ----
     def _make_block(self, block_idx: int, drop_path: float) -> AdaLNSelfAttn:
@@ -239,7 +259,8 @@ class VARBase(OfficialModelAttrs, nn.Module):
                                  more_smooth: bool = False, iter_left: int = 10, iter_right: int = 10,
                                  schedule: Optional[IterSchedule] = None, fill_forward: bool = True,
                                  edit: Optional[EditSpec] = None, return_stats: bool = False,
-                                 solver: Optional[SolverSpec] = None, fast: bool = False):
+                                 solver: Optional[SolverSpec] = None, fast: bool = False,
+                                 scale_step: Optional[Callable] = None, alloc: Alloc = new_buffer):
         """Sample B images of class label_B with classifier-free guidance; returns (B, 3, H, W) in [0, 1].
 
         label_B: LongTensor (B,), an int for all (negative = unconditional), or None (uniform random).
@@ -253,7 +274,8 @@ class VARBase(OfficialModelAttrs, nn.Module):
         fast: the same maths with other rounding (VIAR computes its input injection once per scale) and top-k
         draws over the candidates only (`sample_ops.sample_candidates`: the same distribution, another RNG stream);
         the default False keeps the official arithmetic and draws bit for bit. Usually set by
-        utils.sample.compile_util.
+        utils.sample.compile_util, as are scale_step (a compiled `scale_logits`, run on every scale that
+        `scale_slots` can capture) and alloc (where the KV caches' buffers come from).
         """
         K = len(self.patch_nums)
         schedule = schedule or IterSchedule(linspace_iters(iter_left, iter_right, K))
@@ -279,7 +301,8 @@ class VARBase(OfficialModelAttrs, nn.Module):
         ada = self.block_modulations(cond_RD)
         ada_head = self.head_nm.modulation(cond_RD)
         lvl_pos_1LC = self.lvl_embed(self.lvl_1L) + self.pos_1LC
-        state = self.new_infer_state(schedule, fill_forward, solver, fast)
+        state = self.new_infer_state(schedule, fill_forward, solver, fast, alloc)
+        like = cached_layout(self.backbone_blocks()[0], R, dev)
         stats = SampleStats()
         # more_smooth reads the logits the exact sampler filters in place (as official); the candidates one does not
         sample = sample_ops.sample_candidates if fast and not more_smooth else sample_ops.sample_top_k_top_p_
@@ -290,10 +313,17 @@ class VARBase(OfficialModelAttrs, nn.Module):
         f_hat = sos.new_zeros(B, self.Cvae, self.patch_nums[-1], self.patch_nums[-1])
         for si, pn in enumerate(self.patch_nums):
             ratio = si / self.num_stages_minus_1 if self.num_stages_minus_1 else 1.0
-            h_RlC = self.infer_backbone(next_RlC, ada, state, si, schedule, stats)
-            logits_BlV = self.get_logits(h_RlC, cond_RD, ada_head)
-            if guided:
-                logits_BlV = sample_ops.guide(logits_BlV, sample_ops.cfg_ratio(cfg, si, K))
+            slots = self.scale_slots(state, si, like, schedule) if scale_step is not None else None
+            if slots is not None:
+                logits_BlV, residual = scale_step(next_RlC, ada, ada_head, cond_RD, slots,
+                                                  sample_ops.cfg_ratio(cfg, si, K) if guided else None)
+                # a replayed CUDA graph overwrites its outputs at its next replay: the residual is read at the end
+                self.end_slots(state, slots, None if residual is None else residual.clone(), stats)
+            else:
+                logits_BlV = self.get_logits(self.infer_backbone(next_RlC, ada, state, si, schedule, stats), cond_RD,
+                                             ada_head)
+                if guided:
+                    logits_BlV = sample_ops.guide(logits_BlV, sample_ops.cfg_ratio(cfg, si, K))
             idx_Bl = sample(logits_BlV, top_k=top_k, top_p=top_p, rng=rng)
             if edit is not None:
                 idx_Bl = torch.where(edit.keep_Bl[si], edit.gt_idx_Bl[si], idx_Bl)
@@ -312,7 +342,7 @@ class VARBase(OfficialModelAttrs, nn.Module):
         stats.residuals = [None if r is None else float(r) for r in stats.residuals]
         # the KV caches and the last scale's activations are dead: free them before the decode, whose
         # full-resolution activations would otherwise stack on top of them (the official code drops its caches too)
-        del state, h_RlC, logits_BlV, h_BlCv, ada, ada_head
+        del state, slots, logits_BlV, h_BlCv, ada, ada_head
         img = self.vae_proxy[0].fhat_to_img(f_hat).add_(1).mul_(0.5)
         return (img, stats) if return_stats else img
 
@@ -365,6 +395,14 @@ def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def cached_layout(block: AdaLNSelfAttn, R: int, device: torch.device) -> tuple:
+    """(rows, heads, head dim, dtype, device) of the keys/values `block` caches: autocast's dtype where autocast
+    is on, else its weights'."""
+    attn, dev = block.attn, device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else attn.mat_qkv.weight.dtype
+    return R, attn.num_heads, attn.head_dim, dtype, device
+
+
 def state_nbytes(state) -> int:
     """Bytes held by every KV cache reachable from an inference state."""
     if isinstance(state, KVCache) or hasattr(state, 'nbytes'):
@@ -391,13 +429,19 @@ class VAR(VARBase):
             x_BLC = self._run_block(block, x_BLC, a, attn_bias, None, None if path_keep_K2B is None else path_keep_K2B[k])
         return x_BLC
 
-    def new_infer_state(self, schedule, fill_forward, solver=None, fast=False):
-        return [KVCache(self.L) for _ in self.blocks]
+    def new_infer_state(self, schedule, fill_forward, solver=None, fast=False, alloc=new_buffer):
+        return [KVCache(self.L, alloc) for _ in self.blocks]
 
     def infer_backbone(self, x_BlC, ada, state, si, schedule, stats):
-        for block, a, kv in zip(self.blocks, ada, state):
+        for block, a, kv in zip(self.blocks, ada, state):   # kv: a KVCache, or a KVSlot when captured
             x_BlC = block(x_BlC, a, None, kv)
         return x_BlC
+
+    def scale_slots(self, state, si, like, schedule):
+        return [reserve_slot(kv, self.patch_nums[si] ** 2, like) for kv in state]
+
+    def slot_backbone(self, x_RlC, ada, slots):
+        return self.infer_backbone(x_RlC, ada, slots, None, None, None), None
 
 
 def __getattr__(name: str):

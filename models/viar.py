@@ -7,6 +7,7 @@ without grad, then m with grad, so memory does not grow with the effective depth
 The sampling fast path splits Proj's first Linear over [z, x]: W [z, x] + b = W_z z + (W_x x + b), the
 bracket computed once per scale (`injection`), W_z and W_x views of the one weight.
 """
+import functools
 import random
 from collections import OrderedDict
 from typing import List, Optional, Tuple
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.hooks import RemovableHandle
 
 from models.blocks import AdaLNSelfAttn
-from models.kv_cache import IterKVCaches, KVCache
+from models.kv_cache import IterKVCaches, KVCache, new_buffer, reserve_slot
 from models.solver import SolverSpec
 from models.var import VARBase
 
@@ -139,21 +140,22 @@ class VIAR(VARBase):
             z_BLC = self._run_block(block, z_BLC, a, attn_bias, None, keep(p + n + m + j))
         return z_BLC
 
-    def new_infer_state(self, schedule, fill_forward, solver=None, fast=False):
+    def new_infer_state(self, schedule, fill_forward, solver=None, fast=False, alloc=new_buffer):
         counts = None if schedule.adaptive else schedule.counts
-        return dict(pre=[KVCache(self.L) for _ in self.pre_blocks],
-                    imp=IterKVCaches(self.patch_nums, counts, fill_forward),
-                    post=[KVCache(self.L) for _ in self.post_blocks], solver=solver or SolverSpec(), fast=fast)
+        return dict(pre=[KVCache(self.L, alloc) for _ in self.pre_blocks],
+                    imp=IterKVCaches(self.patch_nums, counts, fill_forward, alloc),
+                    post=[KVCache(self.L, alloc) for _ in self.post_blocks], solver=solver or SolverSpec(), fast=fast)
 
-    def _scale_map(self, x_BlC, ada_imp, caches: IterKVCaches, fast: bool):
-        """G(z, t) of one scale: iteration t attends through, and writes this scale into, KV cache t; the iterate
-        hooks see every call. The contract for solvers: call G once per t = 0, 1, ... (a second call at one t would
-        overflow a cache sized by the schedule, or attend to this scale's keys twice): IterKVCaches raises on it."""
+    def _scale_map(self, x_BlC, ada_imp, kv_at, fast: bool):
+        """G(z, t) of one scale: iteration t attends through, and writes this scale into, kv_at(t) (KV cache t);
+        the iterate hooks see every call. The contract for solvers: call G once per t = 0, 1, ... (a second call
+        at one t would overflow a cache sized by the schedule, or attend to this scale's keys twice):
+        IterKVCaches.get raises on it."""
         if fast:
             inj_Bl2C, W_z = self.injection(x_BlC)
-            G = lambda z, t: self.implicit_step_hoisted(z, inj_Bl2C, W_z, ada_imp, None, caches.get(t))  # noqa: E731
+            G = lambda z, t: self.implicit_step_hoisted(z, inj_Bl2C, W_z, ada_imp, None, kv_at(t))  # noqa: E731
         else:
-            G = lambda z, t: self.implicit_step(z, x_BlC, ada_imp, None, caches.get(t))  # noqa: E731
+            G = lambda z, t: self.implicit_step(z, x_BlC, ada_imp, None, kv_at(t))  # noqa: E731
         if not self._iterate_hooks:
             return G
 
@@ -164,18 +166,46 @@ class VIAR(VARBase):
             return z_next
         return watched
 
-    def infer_backbone(self, x_BlC, ada, state, si, schedule, stats):
+    def _cached_pass(self, x_BlC, ada, pre, kv_at, post, fast: bool, solve):
+        """One scale through the pre-blocks, the implicit block's solve (G(z, t) writes kv_at(t)) and the
+        post-blocks, each writing its KV cache or reserved slot: (h_BlC, SolveStats)."""
         ada_pre, ada_imp, ada_post = self._split(ada)
-        for block, a, kv in zip(self.pre_blocks, ada_pre, state['pre']):
+        for block, a, kv in zip(self.pre_blocks, ada_pre, pre):
             x_BlC = block(x_BlC, a, None, kv)
+        z_BlC, st = solve(self._scale_map(x_BlC, ada_imp, kv_at, fast), x_BlC)
+        for block, a, kv in zip(self.post_blocks, ada_post, post):
+            z_BlC = block(z_BlC, a, None, kv)
+        return z_BlC, st
+
+    def infer_backbone(self, x_BlC, ada, state, si, schedule, stats):
         caches: IterKVCaches = state['imp']
-        tau = schedule.tau[si] if schedule.adaptive else None
-        z_BlC, st = state['solver'].solve(
-            self._scale_map(x_BlC, ada_imp, caches, state['fast']), x_BlC,
-            max_iter=schedule.counts[si], tau=tau, stop_mode=schedule.stop_mode, min_iter=schedule.min_iters)
+        solve = functools.partial(state['solver'].solve, max_iter=schedule.counts[si], stop_mode=schedule.stop_mode,
+                                  tau=schedule.tau[si] if schedule.adaptive else None, min_iter=schedule.min_iters)
+        z_BlC, st = self._cached_pass(x_BlC, ada, state['pre'], caches.get, state['post'], state['fast'], solve)
         caches.end_scale(st.iters)
         stats.iters.append(st.iters)
         stats.residuals.append(st.residual)
-        for block, a, kv in zip(self.post_blocks, ada_post, state['post']):
-            z_BlC = block(z_BlC, a, None, kv)
         return z_BlC
+
+    def scale_slots(self, state, si, like, schedule):
+        """Slots for the pre- and post-blocks and one per iteration of a fixed count; None where the count depends
+        on the residual (adaptive) or iterate hooks watch the iterations."""
+        if schedule.adaptive or self._iterate_hooks:
+            return None
+        l, caches = self.patch_nums[si] ** 2, state['imp']
+        slot = lambda kv: reserve_slot(kv, l, like)  # noqa: E731
+        imp = [slot(caches.get(t)) for t in range(schedule.counts[si])]
+        return dict(pre=[slot(kv) for kv in state['pre']], imp=imp,
+                    post=[slot(kv) for kv in state['post']], fast=state['fast'], stop_mode=schedule.stop_mode,
+                    solver=state['solver'])
+
+    def slot_backbone(self, x_RlC, ada, slots):
+        imp = slots['imp']
+        solve = functools.partial(slots['solver'].solve, max_iter=len(imp), stop_mode=slots['stop_mode'])
+        h_RlC, st = self._cached_pass(x_RlC, ada, slots['pre'], imp.__getitem__, slots['post'], slots['fast'], solve)
+        return h_RlC, st.residual
+
+    def end_slots(self, state, slots, residual, stats):
+        state['imp'].end_scale(len(slots['imp']))
+        stats.iters.append(len(slots['imp']))
+        stats.residuals.append(residual)

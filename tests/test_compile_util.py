@@ -176,14 +176,15 @@ def test_var_fast_path_is_the_exact_path():
     assert len(toks[True]) == 4 and all(torch.equal(a, b) for a, b in zip(toks[True], toks[False]))
 
 
-def teacher_forced_logits(var, idx_Bl, label_B, fast: bool, dtype: str, schedule, solver=None):
-    """Per scale, the head's logits (2B, l, V) of a KV-cached sampling call whose tokens are all forced to idx_Bl."""
+def teacher_forced_logits(var, idx_Bl, label_B, fast: bool, dtype: str, schedule, solver=None, **prepare):
+    """Per scale, the head's logits (2B, l, V) of a KV-cached sampling call whose tokens are all forced to idx_Bl
+    (prepare: more prepare_for_sampling arguments, e.g. a compile scope)."""
     logits = []
     h = var.head.register_forward_hook(lambda m, a, out: logits.append(out.float().clone()))
     edit = EditSpec(gt_idx_Bl=idx_Bl, keep_Bl=[torch.ones_like(i, dtype=torch.bool) for i in idx_Bl])
     try:
-        prepare_for_sampling(var, dtype=dtype, fast=fast)(B, label_B, g_seed=0, cfg=1.5, top_k=0, top_p=0.0,
-                                                          edit=edit, schedule=schedule, solver=solver)
+        sampler = prepare_for_sampling(var, dtype=dtype, fast=fast, **prepare)
+        sampler(B, label_B, g_seed=0, cfg=1.5, top_k=0, top_p=0.0, edit=edit, schedule=schedule, solver=solver)
     finally:
         h.remove()
     return logits
@@ -215,6 +216,26 @@ def test_fp32_fast_path_logits_equal_the_exact_path_under_teacher_forcing(guard_
     assert len(fast) == len(exact) == len(PN)
     assert rel <= 1e-4, f'fp32 fast logits differ by {rel:.2e} relative'
     assert agree >= 0.99 and worst >= 0.99, (agree, worst)
+
+
+@pytest.mark.slow
+@needs_c_compiler
+def test_a_scale_step_compiled_by_inductor_keeps_the_fast_paths_bf16_figures(guard_model):
+    """Scope 'scale' compiled by inductor (one graph per scale) against fp32 exact, beside eager --fast in bf16:
+    its teacher-forced logits are as close to fp32 as eager's (bf16 rounding in another order, not another
+    computation), and in fp32 within the fast path's 1e-4."""
+    var, idx_Bl, label_B = guard_model
+    sched = S.constant(2, len(PN))
+    ref = teacher_forced_logits(var, idx_Bl, label_B, False, 'fp32', sched)
+    torch._dynamo.reset()
+    scale = dict(compile=True, scope='scale', compile_vae=False)
+    rel32 = agreement(teacher_forced_logits(var, idx_Bl, label_B, True, 'fp32', sched, **scale), ref)[0]
+    assert rel32 <= 1e-4, f'fp32 compiled scale step: {rel32:.2e} relative'
+    eager = agreement(teacher_forced_logits(var, idx_Bl, label_B, True, 'bf16', sched), ref)
+    comp = agreement(teacher_forced_logits(var, idx_Bl, label_B, True, 'bf16', sched, **scale), ref)
+    print(f'\nbf16 vs fp32 exact, teacher-forced: compiled scale step rel {comp[0]:.2e}, argmax {comp[1]:.4f}; '
+          f'eager fast rel {eager[0]:.2e}, argmax {eager[1]:.4f}; fp32 compiled rel {rel32:.2e}')
+    assert comp[0] <= 1.5 * eager[0] and comp[1] >= eager[1] - 0.01, (comp, eager)
 
 
 def test_bf16_fast_path_figures_are_measured(guard_model):
@@ -418,13 +439,17 @@ def test_bf16_fast_sampler_fuses_the_ffn_gelu_and_the_exact_path_does_not():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize('scope', ['modules', 'scale'])
 @pytest.mark.parametrize('dtype', ['fp32', 'bf16'])
-def test_a_second_call_of_the_same_schedule_compiles_nothing(dtype):
+def test_a_second_call_of_the_same_schedule_compiles_nothing(dtype, scope):
     """--fast --compile: the first call captures the scale loop's graphs; a second call with the same schedule
-    (other seed and labels) reuses them: no new frame compiled, no recompile."""
+    (other seed and labels) reuses them: no new frame compiled, no recompile (scope 'scale': its KV buffers are
+    the first call's, guarded by address)."""
     from torch._dynamo.utils import counters   # torch._dynamo only for this count: heavy to import
     _, var = tiny_vae_var(True)
-    sampler = prepare_for_sampling(var, dtype=dtype, fast=True, compile=True, backend='aot_eager')
+    torch._dynamo.reset()
+    counters.clear()
+    sampler = prepare_for_sampling(var, dtype=dtype, fast=True, compile=True, backend='aot_eager', scope=scope)
     kw = dict(cfg=1.5, top_k=8, top_p=0.9, schedule=S.decreasing(3, 1, 4))
     sampler(2, 1, g_seed=3, **kw)
     first = dict(counters['stats'])

@@ -51,6 +51,13 @@ def test_compile_mode_never_replays_cuda_graphs_on_cuda():
         assert compile_mode('cpu', mode) == mode   # no CUDA graphs off a GPU: nothing to refuse
 
 
+def test_a_scale_step_compiled_whole_may_replay_cuda_graphs():
+    for mode in CUDAGRAPH_MODES:
+        assert compile_mode('cuda', mode, scope='scale') == mode
+    with pytest.raises(SamplingError, match='compile scope must be one of modules, scale'):
+        compile_mode('cpu', None, scope='graphs')
+
+
 class CudaGraphTreeEmulator:
     """A Dynamo backend that runs each graph as it is and, for a mode that replays CUDA graphs, treats outputs as
     CUDA graph trees do in inference: every call of any compiled graph starts a new generation and frees the
@@ -105,6 +112,29 @@ def test_cuda_graph_trees_would_free_what_the_scale_loop_reads_next():
     with pytest.raises(RuntimeError, match='probability tensor contains either `inf`, `nan`'):
         _sample_watched(sampler, var, KW)   # the first scale's logits come from freed (NaN) tensors
     assert emu.stale_inputs > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('use_implicit', [False, True])
+def test_a_scale_step_captured_whole_reads_nothing_cuda_graphs_free(use_implicit):
+    """Scope 'scale' in a CUDA-graph mode, through the emulator: one graph per scale and no graph break, nothing
+    freed is read (the next scale's input comes from eager code, the residuals are copied out), and the images and
+    stats are the eager ones, on two calls (the second replays)."""
+    from torch._dynamo.utils import counters   # torch._dynamo only for this count: heavy to import
+    _, var = tiny_vae_var(use_implicit)
+    kw = dict(KW, return_stats=True, fill_forward=False)
+    want, want_st = prepare_for_sampling(var)(2, torch.tensor([0, 3]), **kw)
+    torch._dynamo.reset()
+    counters.clear()
+    emu = CudaGraphTreeEmulator()
+    sampler = prepare_for_sampling(var, compile=True, backend=emu, mode='reduce-overhead', compile_vae=False,
+                                   scope='scale')
+    for _ in range(2):
+        got, st = sampler(2, torch.tensor([0, 3]), **kw)
+        assert emu.stale_inputs == 0
+        torch.testing.assert_close(got, want)
+        assert st.iters == want_st.iters and st.residuals == pytest.approx(want_st.residuals, rel=1e-5)
+    assert counters['stats']['unique_graphs'] == len(var.patch_nums) and not counters['graph_break']
 
 
 class Halve(torch.nn.Module):

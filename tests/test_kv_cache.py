@@ -8,9 +8,8 @@ from typing import List, Optional, Sequence
 import pytest
 import torch
 
-from models.kv_cache import IterKVCaches, KVCache
 from models import schedules as S
-from models.kv_cache import implicit_cache_capacities
+from models.kv_cache import BufferPool, IterKVCaches, KVCache, implicit_cache_capacities, reserve_slot
 from tests.tiny import tiny_vae_var
 
 PN = (1, 2, 3)   # scales of 1, 4 and 9 tokens: begin/end (0, 1), (1, 5), (5, 14)
@@ -103,7 +102,7 @@ def test_cache_capacities_and_bytes_follow_the_schedule():
 class CatKVCache:
     """Reference cache that grows by torch.cat (the layout of the official code), with KVCache's interface."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, alloc=None):   # alloc: unused, this cache grows
         self.capacity, self.length = capacity, 0
         self.k_BHLc = self.v_BHLc = None
 
@@ -159,3 +158,51 @@ def test_in_place_caches_hold_and_attend_exactly_what_concatenated_caches_do(mon
         for name, a, b in zip(('keys', 'values', 'attention output'), got, ref):
             assert a.shape == b.shape and torch.equal(a, b), f'attention call {i}: {name} differ'
     assert torch.equal(img, ref_img)
+
+
+def test_slots_reserved_before_a_scale_write_what_appending_writes():
+    """A captured step's caches: the slots reserved scale by scale (the bookkeeping before the step), then written
+    (the step), hold what append holds and return the same views."""
+    kv_ref, kv = KVCache(14), KVCache(14)
+    for pn in PN:
+        k, v = torch.randn(2, 3, pn * pn, 4), torch.randn(2, 3, pn * pn, 4)
+        slot = reserve_slot(kv, pn * pn, (2, 3, 4, k.dtype, k.device))
+        got, want = slot.append(k, v), kv_ref.append(k, v)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)) and kv.length == kv_ref.length
+    with pytest.raises(RuntimeError, match='overflow'):
+        reserve_slot(kv, 1, (2, 3, 4, k.dtype, k.device))
+
+
+def test_buffer_pool_hands_the_same_buffers_to_every_call_of_one_shape():
+    """What CUDA graphs replay into: the same addresses call after call; a call of another shape gets its own,
+    and a reset frees what the previous call did not use."""
+    pool = BufferPool()
+    call = lambda shapes: [pool(s, torch.float32, 'cpu') for s in shapes]  # noqa: E731
+    first = call([(2, 3), (2, 3), (4,)])
+    pool.reset()
+    again = call([(2, 3), (2, 3), (4,)])
+    assert [t.data_ptr() for t in again] == [t.data_ptr() for t in first]
+    assert again[0].data_ptr() != again[1].data_ptr()   # two caches of one shape in one call: two buffers
+    pool.reset()
+    other = call([(5,)])
+    assert [t.shape for t in other] == [(5,)] and sum(map(len, pool.bufs.values())) == 4
+    pool.reset()
+    assert list(pool.bufs) == [((5,), torch.float32, torch.device('cpu'))]   # the unused shapes are freed
+
+
+@pytest.mark.parametrize('use_implicit', [False, True])
+def test_sampling_on_pooled_slots_equals_sampling_on_fresh_caches(use_implicit):
+    """The captured step's path run eagerly (scale_logits as scale_step, caches from a pool, twice: the second call
+    reuses the first's buffers) samples what the plain scale loop samples, with the same stats."""
+    _, var = tiny_vae_var(use_implicit)
+    pool = BufferPool()
+    for schedule, fill in ((S.explicit([1, 3, 2, 3], 4), True), (S.explicit([1, 3, 2, 3], 4), False),
+                           (S.constant(2, 4), True)):
+        kw = dict(g_seed=3, cfg=1.5, top_k=10, schedule=schedule, fill_forward=fill, return_stats=True, fast=True)
+        ref, ref_st = var.autoregressive_infer_cfg(2, None, **kw)
+        for _ in range(2):
+            pool.reset()
+            img, st = var.autoregressive_infer_cfg(2, None, scale_step=var.scale_logits, alloc=pool, **kw)
+            assert torch.equal(img, ref)
+            assert (st.iters, st.residuals, st.kv_cache_bytes) == (ref_st.iters, ref_st.residuals, ref_st.kv_cache_bytes)
+    assert pool.bufs, 'nothing was allocated from the pool'

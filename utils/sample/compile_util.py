@@ -6,18 +6,23 @@
 fp32 without compile or fast is exactly `var.autoregressive_infer_cfg` (bit for bit, the official numbers).
 fast keeps the maths and changes the rounding (docs/SPEED.md, "The fast path"): `fast_dtype` for dtype 'auto',
 VIAR's input injection once per scale, top-k draws over the candidates only (the same distribution, another RNG
-stream), a channels_last VQVAE decoder. compile compiles, in place, the modules the scale loop runs
-(`var.scale_loop_modules()`, dynamic shapes: all scales share a handful of graphs) and the VQVAE decoder; the scale
-loop, KV-cache bookkeeping and sampling stay eager. Compiled kernels sum in another order, so compiled samples match
-eager ones within float tolerance.
+stream), a channels_last VQVAE decoder. compile with scope 'modules' compiles, in place, the modules the scale loop
+runs (`var.scale_loop_modules()`, dynamic shapes: all scales share a handful of graphs); with scope 'scale' it
+compiles one scale's whole step (`var.scale_logits`: blocks, implicit iterations, head, CFG mix) as one graph per
+scale with static shapes, writing KV caches whose buffers a `BufferPool` hands to every call (fixed addresses, so
+CUDA graphs can replay a scale); both compile the VQVAE decoder. KV bookkeeping and the token draws stay eager.
+Compiled kernels sum in another order, so compiled samples match eager ones within float tolerance.
 """
 import contextlib
 import functools
 import os
+import threading
 from typing import FrozenSet, Iterable, Optional
 
 import torch
 import torch.nn as nn
+
+from models.kv_cache import BufferPool
 
 AUTOCAST_DTYPES = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 # relative residual ||G(z) - z|| / ||G(z)|| below which implicit iterations in this autocast dtype stop falling:
@@ -107,42 +112,57 @@ def autocast_for(device_type: str, dtype: str):
 CUDAGRAPH_MODES = ('reduce-overhead', 'max-autotune')
 
 
-def compile_mode(device_type: str, requested: Optional[str] = None) -> Optional[str]:
-    """The torch.compile mode of the scale-loop modules: `requested` (None: inductor's default, on every device),
-    refused where it would replay CUDA graphs on CUDA.
+# what `compile` compiles: each scale-loop module (dynamic shapes), or one graph per scale step
+COMPILE_SCOPES = ('modules', 'scale')
+
+
+def compile_mode(device_type: str, requested: Optional[str] = None, scope: str = 'modules') -> Optional[str]:
+    """The torch.compile mode: `requested` (None: inductor's default, on every device); with scope 'modules',
+    refused where it would replay CUDA graphs on CUDA (scope 'scale' replays a whole scale step).
 
     The modules are compiled one by one and the eager scale loop chains them. CUDA graph trees start a new
     generation at each call of a compiled module and hand the previous call's outputs back to their memory pool,
     while the next block takes that output as its input and the solver's residual and the iterate hooks read the
     previous iterate after the next call; in the web app's worker threads their set-up also asserts on
-    thread-local state. So CUDA graphs wait for a scale step captured as one graph.
+    thread-local state. So CUDA graphs need the scale step captured as one graph (scope 'scale').
     """
-    if device_type == 'cuda' and requested in CUDAGRAPH_MODES:
+    if scope not in COMPILE_SCOPES:
+        raise SamplingError(f'compile scope must be one of {", ".join(COMPILE_SCOPES)}, got {scope!r}')
+    if device_type == 'cuda' and requested in CUDAGRAPH_MODES and scope == 'modules':
         raise SamplingError(f'torch.compile mode {requested!r} replays CUDA graphs, which the separately compiled '
                             f'blocks of the scale loop cannot use (each call would free the output the next one '
-                            f'reads); leave mode unset or pass max-autotune-no-cudagraphs.')
+                            f'reads); compile scope scale, or leave mode unset, or pass max-autotune-no-cudagraphs.')
     return requested
 
 
 class Sampler:
     """Callable with the signature of `var.autoregressive_infer_cfg`, run under the chosen autocast (and, fast,
-    on the model's fast path). runner: the model that samples (`var`, or its `low_precision_copy`)."""
+    on the model's fast path). runner: the model that samples (`var`, or its `low_precision_copy`); scale_step:
+    its compiled `scale_logits` (scope 'scale'), whose KV buffers come from the Sampler's pool, one call at a time."""
 
     def __init__(self, var: nn.Module, dtype: str = 'fp32', compiled: bool = False, mode: Optional[str] = None,
-                 fast: bool = False, runner: Optional[nn.Module] = None):
+                 fast: bool = False, runner: Optional[nn.Module] = None, scale_step=None):
         self.var, self.dtype, self.compiled, self.mode, self.fast = var, dtype, compiled, mode, fast
         self.runner = var if runner is None else runner
         self.device = var.lvl_1L.device
+        self.scale_step, self.pool = scale_step, BufferPool() if scale_step is not None else None
+        self.lock = threading.Lock()
 
     @torch.no_grad()
     def __call__(self, *args, **kwargs):
         if self.fast:
             kwargs.setdefault('fast', True)
-        with autocast_for(self.device.type, self.dtype):
-            return self.runner.autoregressive_infer_cfg(*args, **kwargs)
+        if self.scale_step is None:
+            with autocast_for(self.device.type, self.dtype):
+                return self.runner.autoregressive_infer_cfg(*args, **kwargs)
+        # one graph per scale (and schedule): more than dynamo's default limit of 8 per function
+        with self.lock, torch._dynamo.config.patch(recompile_limit=64), autocast_for(self.device.type, self.dtype):
+            self.pool.reset()
+            return self.runner.autoregressive_infer_cfg(*args, scale_step=self.scale_step, alloc=self.pool, **kwargs)
 
     def __repr__(self) -> str:
-        return f'Sampler(dtype={self.dtype}, compiled={self.compiled}, mode={self.mode}, fast={self.fast})'
+        scope = ', scope=scale' if self.scale_step is not None else ''
+        return f'Sampler(dtype={self.dtype}, compiled={self.compiled}, mode={self.mode}, fast={self.fast}{scope})'
 
 
 def set_decoder_layout(vae: nn.Module, layout: torch.memory_format) -> None:
@@ -154,7 +174,7 @@ def set_decoder_layout(vae: nn.Module, layout: torch.memory_format) -> None:
 
 def prepare_for_sampling(var: nn.Module, compile: bool = False, dtype: Optional[str] = None,
                          mode: Optional[str] = None, backend: str = 'inductor', compile_vae: bool = True,
-                         fast: bool = False) -> Sampler:
+                         fast: bool = False, scope: str = 'modules') -> Sampler:
     """Put `var` in eval mode, optionally compile its scale-loop modules (and its VQVAE decoder) in place;
     return a Sampler.
 
@@ -164,7 +184,9 @@ def prepare_for_sampling(var: nn.Module, compile: bool = False, dtype: Optional[
     fast: the fast path (same maths, other rounding; docs/SPEED.md); False keeps the official arithmetic. In bf16 or
     fp16 it samples with `var.low_precision_copy`: Linear weights cast once here, not in every call (prepare again
     after loading weights into var); var keeps its fp32 weights for the exact path.
-    mode: torch.compile mode (None: inductor's default; `compile_mode` refuses CUDA-graph modes on CUDA).
+    mode: torch.compile mode (None: inductor's default; `compile_mode` refuses CUDA-graph modes on CUDA for scope
+    'modules'). scope: what compile compiles (COMPILE_SCOPES; module docstring). A scale that scope 'scale' cannot
+    capture (an adaptive schedule, iterate hooks) runs eagerly.
     backend: torch.compile backend ('inductor'; 'aot_eager' checks graph capture without code generation).
     compile_vae: with compile, also compile the VQVAE decoder (static shapes, default mode: it is
     compute-bound; on CPU inductor fuses its GroupNorm + SiLU, about 1.35x faster at 128 px).
@@ -173,13 +195,17 @@ def prepare_for_sampling(var: nn.Module, compile: bool = False, dtype: Optional[
     dtype = resolve_dtype(device_type, dtype or ('auto' if fast else 'fp32'), fast)   # fails before any compile
     var.eval()
     set_decoder_layout(var.vae_proxy[0], torch.channels_last if fast else torch.contiguous_format)
-    mode = compile_mode(device_type, mode)
+    mode = compile_mode(device_type, mode, scope)
     low = AUTOCAST_DTYPES[dtype] if fast else None
     runner = var.low_precision_copy(low) if low is not None else var
-    if compile:
+    step = None
+    if compile and scope == 'scale':
+        step = torch.compile(runner.scale_logits, backend=backend, mode=mode, dynamic=False)
+    elif compile:
         for m in runner.scale_loop_modules():
             m.compile(backend=backend, mode=mode, dynamic=True)
-        if compile_vae:
-            var.vae_proxy[0].decoder.compile(backend=backend)
-    return Sampler(var, dtype=dtype, compiled=compile, mode=mode if compile else None, fast=fast, runner=runner)
+    if compile and compile_vae:
+        var.vae_proxy[0].decoder.compile(backend=backend)
+    return Sampler(var, dtype=dtype, compiled=compile, mode=mode if compile else None, fast=fast, runner=runner,
+                   scale_step=step)
 
