@@ -84,7 +84,7 @@ def check_viar(var, where: str):
 
 class Recorder:
     """Per scale of one sampling call: the tokens (the embedding lookup's input) and, with iterates, the last implicit
-    iterate, the logits and every iteration's residual ||G(z) - z|| / ||G(z)|| (z: the point the step was applied to)."""
+    iterate, the logits and each iteration's residual ||G(z) - z|| / ||G(z)|| (z: the point the step started from)."""
 
     def __init__(self, var, vae, iterates: bool = True):
         self.scale_of_len = {pn * pn: si for si, pn in enumerate(var.patch_nums)}
@@ -296,7 +296,8 @@ def main(argv=None) -> Dict[str, Any]:
     torch.set_num_threads(args.threads)
     mach = measure.machine_facts()
     vae, var = load(args)
-    model = dict(patch_nums=list(var.patch_nums), width=var.C, num_classes=var.num_classes, describe=describe_model(var))
+    model = dict(patch_nums=list(var.patch_nums), width=var.C, num_classes=var.num_classes,
+                 describe=describe_model(var))
     result = dict(args=dataclasses.asdict(args), machine=mach, model=model, **study(vae, var, args))
     result['machine']['load_avg_end'] = list(os.getloadavg())
     table = markdown(result)
