@@ -387,11 +387,11 @@ def token_cache_row(name: str, b: BenchArgs, t: TokenCacheArgs, work: str) -> Di
         load_vae_weights(vae, vae_path)
     else:   # random weights, saved for the extractor
         save_atomic(vae.state_dict(), vae_path)
-    data, mid = t.demo_data, 1.0
-    if not (name == 'demo' and t.demo_data):
-        data = make_jpegs(os.path.join(work, f'{name}_imgs'), n_images, (side, side * 3 // 4 if side > 64 else side),
-                          spec.num_classes)
-        mid = 1.125
+    if name == 'demo' and t.demo_data:
+        data, mid = t.demo_data, 1.0
+    else:
+        size = (side, side * 3 // 4 if side > 64 else side)
+        data, mid = make_jpegs(os.path.join(work, f'{name}_imgs'), n_images, size, spec.num_classes), 1.125
     cache, t0 = os.path.join(work, f'{name}_cache'), time.perf_counter()
     extract(['--data_path', data, '--out', cache, '--vae_ckpt', vae_path, '--pn', '_'.join(map(str, spec.patch_nums)),
              '--mid_reso', str(mid), '--batch_size', str(B), '--device', 'cpu', '--progress', 'False'])
@@ -414,12 +414,12 @@ def token_cache_row(name: str, b: BenchArgs, t: TokenCacheArgs, work: str) -> Di
             if i >= b.warmup:
                 step_s[kind].append(time.perf_counter() - t0)
                 data_s[kind].append(t1 - t0)
-    med, med_data = ({k: statistics.median(v) for k, v in d.items()} for d in (step_s, data_s))
+    med = {f'{what}_s_{k}': statistics.median(v) for what, d in (('step', step_s), ('data', data_s))
+           for k, v in d.items()}
     splits = man['splits']
     return dict(config=name, resolution=spec.image_px, tokens=var.L, batch=B,
                 var_params=sum(p.numel() for p in var.parameters()), vae_params=sum(p.numel() for p in vae.parameters()),
-                step_s_images=med['images'], step_s_cache=med['cache'], data_s_images=med_data['images'],
-                data_s_cache=med_data['cache'], ratio=med['images'] / med['cache'],
+                **med, ratio=med['step_s_images'] / med['step_s_cache'],
                 extract_s_per_image=t_extract / (splits['train']['images'] + splits['val']['images']),
                 cache_bytes_per_image=os.path.getsize(os.path.join(cache, 'train-00000.tokens.npy'))
                 / splits['train']['shards'][0]['images'], demo_weights=demo_weights)
