@@ -156,15 +156,14 @@ def load(args, device='cpu'):
     return vae.eval(), var.eval()
 
 
-def study(vae, var, args) -> Dict[str, Any]:
-    """The reference, then every solver under every schedule: the JSON-able result."""
+def study(vae, var, args, options: List[Tuple[str, SolverSpec]]) -> Dict[str, Any]:
+    """The reference, then every solver of `options` under every schedule: the JSON-able result."""
     from models import EditSpec
     from models import schedules as S
     K = len(var.patch_nums)
     labels = torch.arange(var.num_classes).repeat_interleave(args.per_class)
     seeds = list(range(args.first_seed, args.first_seed + len(labels)))
     common = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
-    options = parse_options(args.options, args.m, args.lam, args.beta)
 
     ref_sched = S.constant(args.ref_iters, K)
     _, ref_stats, ref, _ = run_once(var, vae, SolverSpec(), ref_sched, labels, seeds, **common)
@@ -289,7 +288,7 @@ def main(argv=None) -> Dict[str, Any]:
     if not args.var_ckpt:
         raise SystemExit("--var_ckpt is required: a VIAR checkpoint, or 'random'")
     try:
-        parse_options(args.options, args.m, args.lam, args.beta)
+        options = parse_options(args.options, args.m, args.lam, args.beta)
     except ValueError as e:
         raise SystemExit(f'--options/--m/--lam/--beta: {e}') from None
     check_writable(args.out)   # a folder that cannot be written fails now, not after the study
@@ -298,7 +297,7 @@ def main(argv=None) -> Dict[str, Any]:
     vae, var = load(args)
     model = dict(patch_nums=list(var.patch_nums), width=var.C, num_classes=var.num_classes,
                  describe=describe_model(var))
-    result = dict(args=dataclasses.asdict(args), machine=mach, model=model, **study(vae, var, args))
+    result = dict(args=dataclasses.asdict(args), machine=mach, model=model, **study(vae, var, args, options))
     result['machine']['load_avg_end'] = list(os.getloadavg())
     table = markdown(result)
     measure.write_report(args.out, 'fixed_point', result, table + '\n', plot)

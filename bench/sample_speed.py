@@ -112,7 +112,8 @@ def markdown_table(result: Dict[str, Any]) -> str:
         head += [f'official {k[9:]} img/s', f'ratio vs official {k[9:]}']
     if has_bound:
         first = (meta.get('official_dtypes') or ['?'])[0]
-        head += ['GFLOP/call'] + [('ours' if k == 'ours' else f'official {k[9:] or first}') + ' of bound' for k in sides]
+        head += ['GFLOP/call'] + [('ours' if k == 'ours' else f'official {k[9:] or first}') + ' of bound'
+                                  for k in sides]
 
     def mem_cells(s):   # the memory call's peak, what its transformer phase adds to the loaded models, the KV cache
         p = s['probe']
@@ -146,7 +147,8 @@ def markdown_table(result: Dict[str, Any]) -> str:
             f"{meta['depth']} (width {meta['width']}), VIAR pre/post {meta['pre_depth']}/{meta['post_depth']}, "
             f"patch_nums {','.join(map(str, meta['patch_nums']))} ({meta['image_px']} px), "
             + ('checkpoint ' + meta['var_ckpt'] if meta['var_ckpt'] else 'random weights'),
-            f"best of {meta['reps']} calls after {meta['warmup']} warm-up" + ', alternating with the official code' * has_off,
+            f"best of {meta['reps']} calls after {meta['warmup']} warm-up"
+            + ', alternating with the official code' * has_off,
             'img/s on both clocks (CPU: per second of process CPU time, all threads), the other rates by '
             + ('process CPU time' if meta['basis'] == 'cpu' else 'wall clock'),
             'timing UNRELIABLE where the load average passed the CPU threads or the timed calls differ by more than '
@@ -310,8 +312,8 @@ def run_config(args, spec, state_path: str, schedule: Dict[str, Any], device: st
     load_before, kids = os.getloadavg()[0], {}
     try:
         for k in msgs:
-            kids[k] = (measure.Child([sys.executable, os.path.abspath(__file__), '--serve'], 'project', env=env,
-                                     cwd=measure.ROOT) if k == 'ours' else measure.official_child(args.official, k, env))
+            kids[k] = measure.official_child(args.official, k, env) if k != 'ours' else measure.Child(
+                [sys.executable, os.path.abspath(__file__), '--serve'], 'project', env=env, cwd=measure.ROOT)
         built = {k: c.ask(cmd='setup', **msgs[k]) for k, c in kids.items()}
         reps = {k: [] for k in kids}
         for i in range(args.warmup + args.reps):

@@ -401,9 +401,10 @@ def token_cache_row(name: str, b: BenchArgs, t: TokenCacheArgs, work: str) -> Di
     _, params, groups = param_groups(var)
     tr = VARTrainer(vae, var, var, AmpOptimizer(build_adamw(groups, 1e-4, torch.device('cpu')), params), seed=0)
     _, train_set, _ = build_datasets(data, spec.image_px, round(mid * spec.image_px))
-    loaders = dict(images=iter(DataLoader(train_set, batch_sampler=DistInfiniteBatchSampler(len(train_set), B, seed=0))),
-                   cache=iter(DataLoader(TokenShards(cache, man, 'train'),
-                                         batch_sampler=CacheBatchSampler(len(train_set), B, seed=0))))
+    loaders = dict(images=DataLoader(train_set, batch_sampler=DistInfiniteBatchSampler(len(train_set), B, seed=0)),
+                   cache=DataLoader(TokenShards(cache, man, 'train'),
+                                    batch_sampler=CacheBatchSampler(len(train_set), B, seed=0)))
+    loaders = {k: iter(v) for k, v in loaders.items()}
     step_s, data_s = {k: [] for k in loaders}, {k: [] for k in loaders}
     for i in range(b.warmup + b.steps):
         for kind, loader in loaders.items():
@@ -418,7 +419,8 @@ def token_cache_row(name: str, b: BenchArgs, t: TokenCacheArgs, work: str) -> Di
            for k, v in d.items()}
     splits = man['splits']
     return dict(config=name, resolution=spec.image_px, tokens=var.L, batch=B,
-                var_params=sum(p.numel() for p in var.parameters()), vae_params=sum(p.numel() for p in vae.parameters()),
+                var_params=sum(p.numel() for p in var.parameters()),
+                vae_params=sum(p.numel() for p in vae.parameters()),
                 **med, ratio=med['step_s_images'] / med['step_s_cache'],
                 extract_s_per_image=t_extract / (splits['train']['images'] + splits['val']['images']),
                 cache_bytes_per_image=os.path.getsize(os.path.join(cache, 'train-00000.tokens.npy'))
