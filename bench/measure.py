@@ -164,7 +164,7 @@ class TimedCall:
         r = self.run(counted)
         tr, dec = r['transformer_peak_bytes'], r['decode_peak_bytes']
         probe = dict(base_bytes=base, transformer_peak_bytes=tr, decode_peak_bytes=dec, peak_bytes=max(tr, dec))
-        peaks = dict(peak_rss_bytes=max(0 if cuda else self.peak, memory.peak_rss_bytes()))
+        peaks = dict(peak_rss_bytes=memory.peak_rss_bytes() if cuda else max(self.peak, memory.peak_rss_bytes()))
         if cuda:
             peaks['cuda_max_allocated_bytes'] = max(self.peak, int(torch.cuda.max_memory_allocated(self.device)))
         return dict(peaks, probe=probe, flops=box.get('flops', 0))
