@@ -90,7 +90,6 @@ def train_step(msg):
 def main():
     if len(sys.argv) != 2 or not os.path.isdir(os.path.join(sys.argv[1], 'models')):
         raise SystemExit('usage: official_runner.py PATH  (PATH: a checkout of the official VIAR code, with models/)')
-    # sys.path: the official checkout first and no project folder (both packages are called `models`)
     mine = (measure.ROOT, os.path.dirname(os.path.abspath(__file__)), os.getcwd())
     sys.path[:] = [os.path.abspath(sys.argv[1])] + [p for p in sys.path if p and os.path.abspath(p) not in mine]
     held = {}

@@ -244,9 +244,8 @@ def run_loader(b: BenchArgs, a: LoaderArgs) -> List[Dict]:
 
 def build_meta(name: str):
     """A full-size model on the meta device: 'VAR-d36' (512 px, shared AdaLN, width 2304) or 'VIAR-d30'."""
-    from models import build_var
+    from models import VQVAE, build_var
     from models.layout import PYRAMIDS
-    from models.vqvae import VQVAE
     with torch.device('meta'):
         vae = VQVAE(vocab_size=4096, z_channels=32, ch=160, share_quant_resi=4, test_mode=True)
         if name == 'VAR-d36':
