@@ -1,11 +1,8 @@
 """Fewer iterations for the same fixed point (a benchmark, not a test): plain iteration against Anderson acceleration.
 
-On one trained VIAR, each solver of `--options` samples under adaptive schedules and fixed counts, forced (`EditSpec`,
-all positions kept) onto the tokens of a reference run of `--ref_iters` plain iterations per scale, so each scale sees
-the same input. Distance at scale k: ||z_k - z_k^ref|| / ||z_k^ref|| of the implicit block's output (and its maximum
-over scales), the logits' distance, and the share of free-running tokens equal to the reference's. Images/s: best of
-`--reps` free-running calls by process CPU time. The model is watched only through public hooks. Writes
-OUT/fixed_point.{json,md,png}; docs/SPEED.md reports the results and how to rerun them.
+On one trained VIAR, each solver of `--options` samples under each schedule, forced onto the tokens of a reference run
+of `--ref_iters` plain iterations per scale; distance at scale k: ||z_k - z_k^ref|| / ||z_k^ref|| of the implicit
+block's output. Watched through public hooks only. Writes OUT/fixed_point.{json,md,png}; docs/SPEED.md explains.
 """
 import argparse
 import dataclasses
@@ -31,8 +28,7 @@ from utils.cli import flag  # noqa: E402
 # ---------------------------------------------------------------- options and arithmetic (pure)
 
 def parse_options(text: str, m: int = 5, lam: float = 1e-6, beta: float = 1.0) -> List[Tuple[str, SolverSpec]]:
-    """'picard,anderson' -> [(name, the SolverSpec it samples with)]; m, lam and beta go to the solvers that take
-    them (Anderson: history, regularisation, mixing)."""
+    """'picard,anderson' -> [(name, SolverSpec)]; m, lam, beta go to the solvers that take them (Anderson)."""
     given, out = dict(m=m, lam=lam, beta=beta), []
     for name in (t.strip() for t in text.split(',') if t.strip()):
         if name not in SOLVERS:
@@ -47,8 +43,7 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def interp_at(xs: Sequence[float], ys: Sequence[float], x: float) -> Optional[float]:
-    """y at x, linear in log(x) between the two nearest points that bracket it (points sorted by x inside);
-    None outside the measured range."""
+    """y at x, linear in log(x) between the nearest points that bracket it; None outside the measured range."""
     pts = sorted((a, b) for a, b in zip(xs, ys) if a > 0)
     for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
         if x0 <= x <= x1:
@@ -70,9 +65,8 @@ def frontier(points: Sequence[Dict[str, Any]], key: str, sign: float = 1.0) -> L
 
 def at_equal_distance(base: Sequence[Dict[str, Any]], other: Sequence[Dict[str, Any]], key: str,
                       sign: float = 1.0) -> List[Dict[str, Any]]:
-    """For each base point: the other option's `key` at the base's distance, interpolated on its frontier
-    (sign 1: smaller is better, e.g. iterations; -1: larger is better, e.g. images/s); None where the other
-    option's points do not bracket that distance."""
+    """For each base point: the other option's `key` at its distance, interpolated on the other's frontier (sign 1:
+    smaller is better; -1: larger is); None where the other's points do not bracket that distance."""
     fr = frontier(other, key, sign)
     return [dict(schedule=p['schedule'], distance=p['distance'], base=p[key],
                  other=interp_at([q['distance'] for q in fr], [q[key] for q in fr], p['distance'])) for p in base]
@@ -89,9 +83,8 @@ def check_viar(var, where: str):
 
 
 class Recorder:
-    """What one sampling call computed, per scale: the sampled tokens (the tokenizer's embedding lookup) and, with
-    iterates=True, the last implicit iterate, the head's logits and the residual ||G(z) - z|| / ||G(z)|| of every
-    iteration (z the iterate the step was applied to, so an Anderson step's extrapolated point)."""
+    """Per scale of one sampling call: the tokens (the embedding lookup's input) and, with iterates, the last implicit
+    iterate, the logits and each iteration's residual ||G(z) - z|| / ||G(z)|| (z: the point the step started from)."""
 
     def __init__(self, var, vae, iterates: bool = True):
         self.scale_of_len = {pn * pn: si for si, pn in enumerate(var.patch_nums)}
@@ -136,13 +129,11 @@ def run_once(var, vae, solver: SolverSpec, schedule, labels, seeds, cfg, top_k, 
     return img, stats, rec, cpu_s
 
 
-def timed(var, vae, solver, schedule, labels, seeds, cfg, top_k, top_p, reps: int) -> Dict[str, Any]:
-    """Best process-CPU time of `reps` free-running calls after one warm-up (reps 0: the warm-up's own time),
-    and the last call's tokens."""
+def timed(var, vae, solver, schedule, labels, seeds, reps: int, **common) -> Dict[str, Any]:
+    """Process-CPU times of `reps` free-running calls after one warm-up (reps 0: the warm-up's), the last's tokens."""
     times = []
     for r in range(max(reps, 0) + 1):
-        img, stats, rec, cpu_s = run_once(var, vae, solver, schedule, labels, seeds, cfg, top_k, top_p,
-                                          iterates=False)
+        img, stats, rec, cpu_s = run_once(var, vae, solver, schedule, labels, seeds, iterates=False, **common)
         if r or not reps:
             times.append(cpu_s)
     return dict(cpu_s=times, images_per_s=len(seeds) / min(times), tokens=rec.tokens, img=img, iters=stats.iters)
@@ -151,8 +142,7 @@ def timed(var, vae, solver, schedule, labels, seeds, cfg, top_k, top_p, reps: in
 # ---------------------------------------------------------------- the study
 
 def load(args, device='cpu'):
-    """(vae, var): a trained VIAR (the file's own config sets the architecture), or tiny random weights for a smoke
-    test (`--var_ckpt random`)."""
+    """(vae, var): a trained VIAR as its file configures it, or (`--var_ckpt random`) a tiny random one."""
     if args.var_ckpt == 'random':
         from models.config import ModelSpec
         torch.manual_seed(args.seed)
@@ -166,15 +156,14 @@ def load(args, device='cpu'):
     return vae.eval(), var.eval()
 
 
-def study(vae, var, args) -> Dict[str, Any]:
-    """The reference, then every solver under every schedule; returns the JSON-able result."""
+def study(vae, var, args, options: List[Tuple[str, SolverSpec]]) -> Dict[str, Any]:
+    """The reference, then every solver of `options` under every schedule: the JSON-able result."""
     from models import EditSpec
     from models import schedules as S
     K = len(var.patch_nums)
     labels = torch.arange(var.num_classes).repeat_interleave(args.per_class)
     seeds = list(range(args.first_seed, args.first_seed + len(labels)))
     common = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
-    options = parse_options(args.options, args.m, args.lam, args.beta)
 
     ref_sched = S.constant(args.ref_iters, K)
     _, ref_stats, ref, _ = run_once(var, vae, SolverSpec(), ref_sched, labels, seeds, **common)
@@ -193,8 +182,7 @@ def study(vae, var, args) -> Dict[str, Any]:
             dlogit = [rel_l2(a, b) for a, b in zip(rec.logits, ref.logits)]
             t = timed(var, vae, solver, sched, labels, seeds, reps=args.reps, **common)
             agree = [(a == b).float().mean().item() for a, b in zip(t['tokens'], ref.tokens)]
-            row = dict(option=name, solver=solver.to_dict(),
-                       schedule=label, iters=st.iters, total_iters=sum(st.iters),
+            row = dict(option=name, solver=solver.to_dict(), schedule=label, iters=st.iters, total_iters=sum(st.iters),
                        weighted_iters=sum(i * w for i, w in zip(st.iters, weights)), free_iters=t['iters'],
                        distance_z=dz, distance=max(dz), distance_logits=dlogit, token_agreement=agree,
                        images_per_s=t['images_per_s'], cpu_s=t['cpu_s'], residuals=st.residuals,
@@ -300,16 +288,16 @@ def main(argv=None) -> Dict[str, Any]:
     if not args.var_ckpt:
         raise SystemExit("--var_ckpt is required: a VIAR checkpoint, or 'random'")
     try:
-        parse_options(args.options, args.m, args.lam, args.beta)
+        options = parse_options(args.options, args.m, args.lam, args.beta)
     except ValueError as e:
         raise SystemExit(f'--options/--m/--lam/--beta: {e}') from None
     check_writable(args.out)   # a folder that cannot be written fails now, not after the study
     torch.set_num_threads(args.threads)
     mach = measure.machine_facts()
     vae, var = load(args)
-    result = dict(args=dataclasses.asdict(args), machine=mach, model=dict(patch_nums=list(var.patch_nums), width=var.C,
-                                                            num_classes=var.num_classes, describe=describe_model(var)))
-    result.update(study(vae, var, args))
+    model = dict(patch_nums=list(var.patch_nums), width=var.C, num_classes=var.num_classes,
+                 describe=describe_model(var))
+    result = dict(args=dataclasses.asdict(args), machine=mach, model=model, **study(vae, var, args, options))
     result['machine']['load_avg_end'] = list(os.getloadavg())
     table = markdown(result)
     measure.write_report(args.out, 'fixed_point', result, table + '\n', plot)

@@ -1,15 +1,13 @@
 #!/usr/bin/env bash
-# The first GPU session's sampling measurements, in at most ~5 minutes on one H100/H200: VIAR-d30 and VAR-d30 at
-# 256 px, batch 64, images/s and peak memory, ours beside the official code under its fp16 autocast; eager, --fast,
-# and --fast --compile. Every step is its own bench/sample_speed.py run under `timeout`, writing its JSON and table
-# into $OUT/<step>/ as soon as it ends, and a line to $OUT/summary.txt, so a run cut short keeps what it measured.
+# The first GPU session's sampling figures in ~5 minutes on one H100/H200 (docs/SPEED.md): VIAR-d30 and VAR-d30 at
+# 256 px, batch 64, ours beside the official code's fp16 autocast; eager, --fast, --fast --compile. Each step is its
+# own bench/sample_speed.py run under `timeout`, writing $OUT/<step>/ and a line of $OUT/summary.txt as it ends.
 #
 #   cp -r /path/to/mobiushy-VIAR .official && echo /.official/ >> .git/info/exclude   # the official code travels
 #   bash bench/gpu_check.sh                                   # on the GPU machine (needs torch with CUDA only)
 #   DEVICE=cpu EAGER_DTYPE=fp32 MODEL_ARGS='--depth 4 ...' BS=2 bash bench/gpu_check.sh    # a dry run (tests/test_gpu_check.py)
 #
-# CUDA graphs: compile_mode refuses modes that replay them until the scale loop is captured as one graph
-# (utils/sample/compile_util.py), so the compiled step uses inductor's default mode and the summary says so.
+# CUDA graphs: compile_mode refuses them until the scale loop is one captured graph (utils/sample/compile_util.py).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 PY=${PY:-python3}

@@ -1,7 +1,6 @@
 """The benchmarks' shared harness: project root, machine, memory, timing, tables and child processes.
 
-Imports nothing from the project at import time, so the official code's runner (whose packages are also called
-`models` and `utils`) can use it; the project modules it needs are loaded by path.
+Imports nothing from the project at import time (the official runner, whose packages share our names, uses it).
 """
 import hashlib
 import importlib.util
@@ -64,13 +63,13 @@ def machine_facts() -> dict:
 
 
 def machine_line() -> str:
-    """The machine in one printed line: CPU model and cores, its SIMD flags, the load average now."""
+    """machine_facts in one printed line."""
     m = machine_facts()
     return f'{m["cpu"]} ({" ".join(m["flags"])}), load {" ".join(f"{x:.1f}" for x in m["load_avg"])}'
 
 
 def write_report(folder: str, name: str, result: Dict[str, Any], text: str, plot: Callable[[Dict, str], None]):
-    """folder/name.json (the result), name.md (text) and name.png (plot(result, path)), each written atomically."""
+    """folder/name.json (the result), name.md (text) and name.png (plot(result, path)), each atomically."""
     from utils.atomic import atomic_path, write_json_atomic
     os.makedirs(folder, exist_ok=True)
     write_json_atomic(result, os.path.join(folder, f'{name}.json'), indent=1)
@@ -82,9 +81,8 @@ def write_report(folder: str, name: str, result: Dict[str, Any], text: str, plot
 
 def gemm_rate(dtype: torch.dtype, basis: str = 'wall', M: int = 1360, K: int = 768, N: int = 3072,
               reps: int = 20) -> float:
-    """Peak FLOP/s of one (M, K) @ (K, N) matmul in `dtype` (default: a 256 px scale's FFN input at width 768), best
-    of `reps` calls after two warm-ups. basis 'cpu': process CPU time (which other processes do not inflate) times
-    the thread count; 'wall': the wall clock."""
+    """Peak FLOP/s of an (M, K) @ (K, N) matmul in `dtype` (default: a 256 px scale's FFN input at width 768), best
+    of `reps` after two warm-ups; basis 'cpu': process CPU time (load-proof) times the threads, 'wall': the clock."""
     a, b = torch.randn(M, K).to(dtype), torch.randn(K, N).to(dtype)
     clock = time.process_time if basis == 'cpu' else time.perf_counter
     best = float('inf')
@@ -111,9 +109,8 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 class TimedCall:
-    """A sampling call, timed and measured: wall and process-CPU seconds of the call and of its VQVAE decode
-    (post_quant_conv's input to the decoder's output, which ours and the official `fhat_to_img` both run), the peak
-    memory before the decode (the transformer phase) and of it; `peak` keeps the maximum over calls."""
+    """A sampling call, timed: wall and CPU seconds of the call and of its VQVAE decode (post_quant_conv's input to
+    the decoder's output, in ours and the official code alike), the peak memory of each phase; `peak`: the max."""
 
     def __init__(self, call: Callable[[], Any], vae: torch.nn.Module, device: torch.device):
         self.call, self.device, self.peak, self.start, self.end, self.peaks = call, device, 0, None, None, {}
@@ -132,7 +129,7 @@ class TimedCall:
         self.peaks['decode'] = memory.peak_memory(self.device)['bytes']
 
     def run(self, fn: Optional[Callable[[], Any]] = None) -> Dict[str, Any]:
-        """One call (or fn, which makes it): its output, seconds and phase peaks, from a fresh process peak."""
+        """One call (or fn, which makes it): its output, seconds and phase peaks."""
         self.start, self.end, self.peaks = None, None, {}
         reset_peak_memory(self.device)
         w0, c0 = time.perf_counter(), time.process_time()
@@ -146,17 +143,14 @@ class TimedCall:
                     transformer_peak_bytes=tr_peak, decode_peak_bytes=dec_peak)
 
     def memory(self) -> Dict[str, Any]:
-        """One more call for memory and FLOPs: the baseline before it (CPU: RSS once freed memory is released; GPU:
-        allocated bytes), its phases' peaks, the process peak so far, its FLOPs (torch's FlopCounterMode, 2 per
-        multiply-add; 0 for compiled code it cannot count)."""
+        """One more call for memory and FLOPs: the bytes before it (RSS once freed memory is released, or CUDA
+        allocated), its phases' peaks, the process peak so far, its FLOPs (FlopCounterMode; 0 if it cannot count)."""
         from torch.utils.flop_counter import FlopCounterMode
         sync(self.device)
         cuda = self.device.type == 'cuda'
-        if cuda:
-            base = int(torch.cuda.memory_allocated(self.device))
-        else:
+        if not cuda:
             memory.release_freed_memory()
-            base = memory.current_rss_bytes()
+        base = int(torch.cuda.memory_allocated(self.device)) if cuda else memory.current_rss_bytes()
         box = {}
 
         def counted():
@@ -170,11 +164,9 @@ class TimedCall:
         r = self.run(counted)
         tr, dec = r['transformer_peak_bytes'], r['decode_peak_bytes']
         probe = dict(base_bytes=base, transformer_peak_bytes=tr, decode_peak_bytes=dec, peak_bytes=max(tr, dec))
+        peaks = dict(peak_rss_bytes=memory.peak_rss_bytes() if cuda else max(self.peak, memory.peak_rss_bytes()))
         if cuda:
-            peaks = dict(peak_rss_bytes=memory.peak_rss_bytes(),
-                         cuda_max_allocated_bytes=max(self.peak, int(torch.cuda.max_memory_allocated(self.device))))
-        else:
-            peaks = dict(peak_rss_bytes=max(self.peak, memory.peak_rss_bytes()))
+            peaks['cuda_max_allocated_bytes'] = max(self.peak, int(torch.cuda.max_memory_allocated(self.device)))
         return dict(peaks, probe=probe, flops=box.get('flops', 0))
 
 
@@ -197,8 +189,8 @@ def digest(t: torch.Tensor) -> str:
 
 def train_step_row(var, vae, forward: Callable, V: int, batch: int, num_classes: int, patch_nums, steps: int,
                    warmup: int, bf16: bool, device: str) -> Dict[str, Any]:
-    """Median ms of one AdamW step on random tokens, the MiB autograd saves for backward (parameters excluded) and on
-    CUDA the peak allocated MiB; forward(label_B, x_BLCv) -> logits_BLV, so the official models fit as well."""
+    """Median ms of an AdamW step on random tokens, the MiB autograd saves (parameters excluded), the CUDA peak MiB;
+    forward(label_B, x_BLCv) -> logits_BLV, so the official models fit as well."""
     device = torch.device(device)
     var.to(device).train()
     vae.to(device)
@@ -226,8 +218,8 @@ def train_step_row(var, vae, forward: Callable, V: int, batch: int, num_classes:
 
 
 def sampling_handlers(build: Callable[[Dict[str, Any]], tuple], describe: Callable[[Any], tuple]):
-    """`serve` handlers of a sampling child. setup: `build(msg)` -> (device, vae, call); run: one TimedCall,
-    `describe(out)` -> (images, KV-cache bytes, iterations or None); memory: `TimedCall.memory`; profile."""
+    """`serve` handlers of a sampling child: build(msg) -> (device, vae, call); describe(out) -> (images,
+    KV-cache bytes, iterations or None)."""
     st = {}
 
     def setup(msg):
@@ -247,9 +239,8 @@ def sampling_handlers(build: Callable[[Dict[str, Any]], tuple], describe: Callab
 
 
 def serve(handlers: Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]]) -> None:
-    """A child's loop: one JSON reply line per JSON command on stdin, handlers[msg['cmd']](msg), until 'quit'.
-    Replies go to a copy of the original stdout and fd 1 to stderr, so stray prints (the official constructor
-    prints) cannot corrupt the protocol. An exception becomes an {'error': ...} reply and ends the child."""
+    """A child's loop: handlers[msg['cmd']](msg) answers each JSON line of stdin with one, until 'quit'. Replies go
+    to a copy of stdout and fd 1 to stderr, so stray prints cannot corrupt them; an exception ends the child."""
     proto = os.fdopen(os.dup(1), 'w', buffering=1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
@@ -289,7 +280,7 @@ class Child:
                                      text=True, bufsize=1, env=env, cwd=cwd)
 
     def ask(self, **msg) -> Dict[str, Any]:
-        """Send one command and wait for its reply; a dead child or an error reply raises with its log's tail."""
+        """One command's reply; a dead child or an error reply raises with its stderr's tail."""
         try:
             self.proc.stdin.write(json.dumps(msg) + '\n')
             self.proc.stdin.flush()
@@ -304,7 +295,7 @@ class Child:
         return reply
 
     def close(self):
-        """Ask the child to quit and reap it (killed if it has not quit within a minute)."""
+        """Ask the child to quit and reap it (killed after a minute)."""
         if self.proc.poll() is None:
             try:
                 self.proc.communicate(json.dumps({'cmd': 'quit'}) + '\n', timeout=60)

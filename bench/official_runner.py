@@ -1,6 +1,5 @@
-"""The child that runs the OFFICIAL VIAR code for `--official PATH` (sample_speed.py, train_speed.py): run as
-`python bench/official_runner.py PATH`, it puts PATH first on sys.path and the project off it (both packages are
-called `models`), builds the official models at the benchmark's sizes and answers the `measure.serve` commands.
+"""`python bench/official_runner.py PATH`: the child that runs the official code of `--official PATH` with PATH first
+on sys.path and the project off it (both packages are called `models`), answering the `measure.serve` commands.
 """
 import os
 import sys
@@ -9,8 +8,7 @@ import measure   # bench/ is sys.path[0] when this file runs as a script; measur
 
 
 def kv_bytes_probe(var, held: dict) -> None:
-    """Forward hooks recording in `held` the bytes each official attention layer's KV cache holds (the caller clears
-    it before each call)."""
+    """Forward hooks recording in `held` each official attention layer's KV-cache bytes (cleared before each call)."""
     import torch
 
     def nbytes(x):
@@ -27,8 +25,7 @@ def kv_bytes_probe(var, held: dict) -> None:
 
 
 def build_sampler(msg, held: dict):
-    """A sampling child's (device, vae, call) with the official models (measure.sampling_handlers); each call's
-    KV-cache bytes go to `held`."""
+    """A sampling child's (device, vae, call) with the official models; each call's KV-cache bytes go to `held`."""
     import torch
     from models.var import VAR          # the official package, first on sys.path
     from models.vqvae import VQVAE
@@ -93,7 +90,6 @@ def train_step(msg):
 def main():
     if len(sys.argv) != 2 or not os.path.isdir(os.path.join(sys.argv[1], 'models')):
         raise SystemExit('usage: official_runner.py PATH  (PATH: a checkout of the official VIAR code, with models/)')
-    # sys.path: the official checkout first and no project folder (both packages are called `models`)
     mine = (measure.ROOT, os.path.dirname(os.path.abspath(__file__)), os.getcwd())
     sys.path[:] = [os.path.abspath(sys.argv[1])] + [p for p in sys.path if p and os.path.abspath(p) not in mine]
     held = {}

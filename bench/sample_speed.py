@@ -1,9 +1,7 @@
 """Sampling benchmark (not a test): images/s, peak memory and KV-cache bytes of VAR and VIAR per schedule.
 
-Each config (VAR, or VIAR with one schedule) runs in a child process of its own, so its peak memory is its own.
-`--official PATH` runs it through the official code on the same weights in a second child, the two alternating call
-by call after warm-up; `--batch_sizes 1,4,16` runs every config at each batch size (images/s and fraction of bound).
-Writes OUT/sample_speed.{json,md,png}; docs/SPEED.md shows the commands.
+Each config runs in a child process of its own (its peak memory is its own); `--official PATH` runs the official code
+on the same weights in a second child, alternating call by call. Writes OUT/sample_speed.{json,md,png}; docs/SPEED.md.
 """
 import argparse
 import dataclasses
@@ -25,19 +23,19 @@ SPREAD_LIMIT = 0.10   # timed calls of one row that differ by more than 10% (slo
 
 
 def parse_schedules(text: str, num_scales: int, cap: int, tau_json: str = '', stop_mode: str = 'rel') -> List[Dict]:
-    """The --schedules list as JSON-able schedules (utils.sample.schedule_flags.from_token names and counts)."""
+    """The --schedules list as JSON-able schedules (schedule_flags.from_token)."""
     from utils.sample.schedule_flags import from_token
     return [from_token(t, num_scales, cap, tau_json, stop_mode).to_dict() for t in text.split(',') if t.strip()]
 
 
 def timing_basis(device: str, threads: int) -> str:
-    """'cpu' (process CPU time, robust to other processes) for a single-threaded CPU run, else 'wall'."""
+    """'cpu' (process CPU time, load-proof) for a single-threaded CPU run, else 'wall'."""
     return 'cpu' if device == 'cpu' and threads == 1 else 'wall'
 
 
 def summarise(reps: List[Dict[str, float]], B: int, basis: str = 'wall') -> Dict[str, Any]:
-    """Images/s of the best timed call (total, transformer = total - VAE decode, decode) on both clocks, unprefixed
-    on `basis`; the raw per-call seconds are kept."""
+    """Images/s of the best call (total, transformer = total - decode, decode) on both clocks, unprefixed on `basis`;
+    the raw seconds kept."""
     out = dict(basis=basis, **{k: [r[k] for r in reps] for k in ('wall_s', 'decode_wall_s', 'cpu_s', 'decode_cpu_s')})
     for clock in ('wall', 'cpu'):
         total, dec = f'{clock}_s', f'decode_{clock}_s'
@@ -51,8 +49,8 @@ def summarise(reps: List[Dict[str, float]], B: int, basis: str = 'wall') -> Dict
 
 def reliability(load: float, cpu_threads: int, rep_seconds: List[float], spread_limit: float = SPREAD_LIMIT
                 ) -> List[str]:
-    """Why a row's timing is unreliable ([] when it is not): a load average above the hardware threads (the clock
-    then measured waiting too), or timed calls differing by more than spread_limit (slowest / fastest - 1)."""
+    """Why a row's timing is unreliable ([] if it is not): a load above the CPU threads (the clock counted waiting),
+    or timed calls differing by more than spread_limit."""
     why = [f'load {load:.1f} > {cpu_threads} CPU threads'] if load > cpu_threads else []
     if len(rep_seconds) > 1 and min(rep_seconds) > 0:
         spread = max(rep_seconds) / min(rep_seconds) - 1
@@ -69,8 +67,8 @@ def timing_cell(row: Dict[str, Any]) -> str:
 
 
 def bound_fraction(side: Dict[str, Any], B: int, gemm_rates: Dict[str, float]) -> Dict[str, Optional[float]]:
-    """The physical bound of one call, FLOPs / this CPU's peak GEMM rate in the side's dtype (seconds), and the
-    fraction of it the side reaches (bound / its best call time; 1.0 = every FLOP at the peak GEMM rate)."""
+    """A call's physical bound, FLOPs / peak GEMM rate in the side's dtype (s), and its share of the best call's
+    time (1.0: every FLOP at the peak rate)."""
     rate, flops, ips = gemm_rates.get(side.get('dtype')), side.get('flops'), side.get('images_per_s')
     if not (rate and flops and ips):
         return dict(bound_s=None, of_bound=None)
@@ -91,17 +89,17 @@ def fmt(x: Optional[float], digits: int = 2) -> str:
 
 
 def percent(x: Optional[float]) -> str:
-    """A fraction of the bound as a table cell ('n/a' when unknown)."""
+    """A fraction as a table cell ('n/a' when unknown)."""
     return f'{100 * x:.0f}%' if x else 'n/a'
 
 
 def markdown_table(result: Dict[str, Any]) -> str:
-    """The README table: one row per config, ours (and official, ratio) side by side; then how it was measured."""
+    """One row per config, ours and the official side by side; then how it was measured."""
     meta, rows = result['meta'], result['rows']
     mem = 'CUDA max alloc' if meta['device'].startswith('cuda') else 'peak RSS'
     has_off = any(r.get('official') for r in rows)
     extra = sorted({k for r in rows for k in r if k.startswith('official_') and isinstance(r[k], dict)})
-    sides = ['ours'] + (['official'] if has_off else []) + extra
+    sides = ['ours'] + ['official'] * has_off + extra
     has_bound = any(r['ours'].get('of_bound') is not None for r in rows)
     sweep = bool(meta.get('batch_sizes'))
     head = ['model', 'schedule'] + ['batch'] * sweep + [
@@ -114,7 +112,8 @@ def markdown_table(result: Dict[str, Any]) -> str:
         head += [f'official {k[9:]} img/s', f'ratio vs official {k[9:]}']
     if has_bound:
         first = (meta.get('official_dtypes') or ['?'])[0]
-        head += ['GFLOP/call'] + [('ours' if k == 'ours' else f'official {k[9:] or first}') + ' of bound' for k in sides]
+        head += ['GFLOP/call'] + [('ours' if k == 'ours' else f'official {k[9:] or first}') + ' of bound'
+                                  for k in sides]
 
     def mem_cells(s):   # the memory call's peak, what its transformer phase adds to the loaded models, the KV cache
         p = s['probe']
@@ -148,7 +147,8 @@ def markdown_table(result: Dict[str, Any]) -> str:
             f"{meta['depth']} (width {meta['width']}), VIAR pre/post {meta['pre_depth']}/{meta['post_depth']}, "
             f"patch_nums {','.join(map(str, meta['patch_nums']))} ({meta['image_px']} px), "
             + ('checkpoint ' + meta['var_ckpt'] if meta['var_ckpt'] else 'random weights'),
-            f"best of {meta['reps']} calls after {meta['warmup']} warm-up" + ', alternating with the official code' * has_off,
+            f"best of {meta['reps']} calls after {meta['warmup']} warm-up"
+            + ', alternating with the official code' * has_off,
             'img/s on both clocks (CPU: per second of process CPU time, all threads), the other rates by '
             + ('process CPU time' if meta['basis'] == 'cpu' else 'wall clock'),
             'timing UNRELIABLE where the load average passed the CPU threads or the timed calls differ by more than '
@@ -160,7 +160,7 @@ def markdown_table(result: Dict[str, Any]) -> str:
 
 
 def sweep_rows(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """--batch_sizes: per config and batch size, our images/s, FLOPs of a call and the fraction of the bound."""
+    """--batch_sizes: per config and batch size, our images/s, FLOPs per call and share of the bound."""
     return [dict(model=r['model'], schedule=r['schedule'], B=r['B'], images_per_s=r['ours']['images_per_s'],
                  flops=r['ours'].get('flops'), bound_s=r['ours'].get('bound_s'), of_bound=r['ours'].get('of_bound'))
             for r in rows]
@@ -174,7 +174,7 @@ def sweep_table(sweep: List[Dict[str, Any]]) -> str:
 
 
 def profile_table(result: Dict[str, Any]) -> str:
-    """Markdown: per config, self time of the heaviest ops in one call, ours beside the official."""
+    """Per config, self time of the heaviest ops of one call, ours beside the official."""
     out = []
     for r in result['rows']:
         sides = [k for k in ('ours', 'official') if r.get(k) and 'profile' in r[k]]
@@ -216,7 +216,7 @@ def plot(result: Dict[str, Any], path: str) -> None:
 
 
 def build_sampler(msg):
-    """A sampling child's (device, vae, call) with this project's models (measure.sampling_handlers)."""
+    """A sampling child's (device, vae, call) with this project's models."""
     import torch
     from models.config import ModelSpec
     from models.schedules import IterSchedule
@@ -238,7 +238,7 @@ def build_sampler(msg):
 
 @dataclass
 class SpeedArgs:
-    """Which models and schedules run, and how each child is timed (random weights unless --var_ckpt)."""
+    """Which models and schedules run, and how (random weights unless --var_ckpt)."""
     models: str = flag('VAR,VIAR', 'which of VAR, VIAR to run (a checkpoint fixes it)')
     seed: int = flag(0, 'seed of the random weights')
     schedules: str = flag('20:20,10:10,20:5,10:5,5:5,tau=0.01',
@@ -258,7 +258,7 @@ class SpeedArgs:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The benchmark's flags, the model flags and the sampling flags it uses, from their dataclasses."""
+    """The benchmark's flags, the model flags and the sampling flags it uses."""
     from utils.sample.config import add_model_source_args, add_sample_args
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -271,8 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def plan_schedules(source, sample, text: str):
-    """(K, schedules): the --schedules list on the scales of the model that will run (a checkpoint's own, read
-    before anything is built), so a bad token or a tau JSON for another pyramid fails at once."""
+    """(K, schedules) on the scales of the model that will run, read before anything is built, so a bad token or a
+    tau JSON for another pyramid fails at once."""
     from models.schedules import DEFAULT_CAP
     from utils.checkpoint import CheckpointError
     from utils.model_io import peek_spec
@@ -284,7 +284,7 @@ def plan_schedules(source, sample, text: str):
 
 
 def write_state(source, kind: str, tmpdir: str, seed: int):
-    """Build (or load) one model pair and save both state dicts for the children; (spec, path)."""
+    """(spec, path): one model pair built or loaded, its state dicts saved for the children."""
     import torch
     from utils.model_io import load_or_build
     loaded = load_or_build(dataclasses.replace(source, arch=dict(source.arch, use_implicit=kind == 'VIAR')), 'cpu',
@@ -295,7 +295,7 @@ def write_state(source, kind: str, tmpdir: str, seed: int):
 
 
 def run_config(args, spec, state_path: str, schedule: Dict[str, Any], device: str, B: int) -> Dict[str, Any]:
-    """One config at batch B: start the children, warm up, alternate timed calls, collect memory; one result row."""
+    """One config at batch B: start the children, warm up, alternate timed calls, measure memory; its row."""
     env = dict(os.environ, **({'OMP_NUM_THREADS': str(args.threads)} if args.threads else {}))
     msg = dict(model=spec.to_dict(), state_path=state_path, schedule=schedule, B=B, dtype=args.dtype,
                device=device, threads=args.threads, g_seed=args.g_seed, cfg=args.cfg, top_k=args.top_k,
@@ -312,8 +312,8 @@ def run_config(args, spec, state_path: str, schedule: Dict[str, Any], device: st
     load_before, kids = os.getloadavg()[0], {}
     try:
         for k in msgs:
-            kids[k] = (measure.Child([sys.executable, os.path.abspath(__file__), '--serve'], 'project', env=env,
-                                     cwd=measure.ROOT) if k == 'ours' else measure.official_child(args.official, k, env))
+            kids[k] = measure.official_child(args.official, k, env) if k != 'ours' else measure.Child(
+                [sys.executable, os.path.abspath(__file__), '--serve'], 'project', env=env, cwd=measure.ROOT)
         built = {k: c.ask(cmd='setup', **msgs[k]) for k, c in kids.items()}
         reps = {k: [] for k in kids}
         for i in range(args.warmup + args.reps):
@@ -351,8 +351,8 @@ def run_config(args, spec, state_path: str, schedule: Dict[str, Any], device: st
 
 
 def check_args(args, sample, device_type: str) -> List[str]:
-    """Refuse bad flags in one line each; resolve args.dtype (with --fast and no --dtype typed: the machine's fast
-    dtype) and args.official_dtypes (default: ours). Returns the models to run."""
+    """The models to run; refuses bad flags in one line each and resolves args.dtype (--fast without --dtype: the
+    machine's fast dtype) and args.official_dtypes (default: ours)."""
     from utils.sample.compile_util import AUTOCAST_DTYPES, resolve_dtype
     from utils.sample.config import was_typed
     if sample.compile and args.warmup < 1:

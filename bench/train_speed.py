@@ -1,10 +1,9 @@
 """Training benchmarks (not tests), one mode each; docs/TRAINING.md reports their figures.
 
-  steps        AdamW step time of VAR and VIAR over effective depth, the bytes autograd saves for backward, on CUDA
-               the peak allocated memory; --official PATH runs the official models beside ours
+  steps        AdamW step time of VAR and VIAR over effective depth, the bytes saved for backward, the CUDA peak;
+               --official PATH runs the official models beside ours
   loader       the training data loader alone: images/s and images per CPU-second (alias --loader)
-  fsdp_memory  fp32 state bytes per rank under `train.py --fsdp`; --rss: a small model's peak RSS at 1 and 2 ranks
-               (alias --fsdp)
+  fsdp_memory  fp32 state bytes per rank under `train.py --fsdp`; --rss: peak RSS at 1 and 2 ranks (alias --fsdp)
   token_cache  a training step from image files against one from the token cache (scripts/extract_tokens.py)
 
     .venv/bin/python bench/train_speed.py --width 128 --depths 4,8,16,24 --official /path/to/VIAR
@@ -119,7 +118,7 @@ def parse_args(argv=None):
 
 def make_jpegs(root: str, n: int, size=(500, 375), classes: int = 4, seed: int = 0) -> str:
     """n synthetic JPEGs in `classes` folders under root/train, one per class in root/val: smooth content plus grain
-    at quality 90, about 100 KB at 500x375 like ImageNet's average file (pure noise decodes slower)."""
+    at quality 90, ~100 KB at 500x375 like ImageNet's average (pure noise decodes slower)."""
     import numpy as np
     from PIL import Image
     rng = np.random.default_rng(seed)
@@ -143,7 +142,7 @@ def step_configs(s: StepArgs) -> List[Dict]:
 
 
 def our_step_row(s: StepArgs, row: Dict, common: Dict, step_kw: Dict) -> Dict:
-    """This project's model for one row, measured by `measure.train_step_row`."""
+    """This project's model for one row, measured."""
     from models import VQVAE, build_var
     torch.manual_seed(0)
     vae = VQVAE(vocab_size=s.V, z_channels=s.Cvae, ch=32, test_mode=True, share_quant_resi=4, v_patch_nums=s.pn,
@@ -155,7 +154,7 @@ def our_step_row(s: StepArgs, row: Dict, common: Dict, step_kw: Dict) -> Dict:
 
 
 def step_cells(r: Dict) -> List[str]:
-    """One printed row of --mode steps, with the official figures and ours / official when there are any."""
+    """One printed row of --mode steps, with the official figures and ours / official if any."""
     cells = [r['model'], r['eff_depth'], r['n'], r['m'], f'{r["params_m"]:.3f}', f'{r["step_ms"]:.1f}',
              f'{r["saved_act_mib"]:.2f}', '-' if r['peak_mib'] is None else f'{r["peak_mib"]:.1f}']
     o = r.get('official')
@@ -164,7 +163,7 @@ def step_cells(r: Dict) -> List[str]:
 
 
 def run_steps(b: BenchArgs, s: StepArgs) -> List[Dict]:
-    """Our rows, each with the official child's row of the same config when --official is given."""
+    """Our rows, each with the official child's row of its config under --official."""
     from utils.sample.config import resolve_device
     device = str(resolve_device(s.device))
     step_kw = dict(V=s.V, batch=b.batch, num_classes=s.num_classes, patch_nums=s.pn, steps=b.steps, warmup=b.warmup,
@@ -216,15 +215,14 @@ def measure_loader(data: str, workers: int, batches: int, batch_size: int, reso:
     wall, main_cpu = time.perf_counter() - t0, time.process_time() - cpu1
     del it, loader   # persistent workers exit here, so their CPU time reaches RUSAGE_CHILDREN
     n = batches * batch_size
-    # workers also made the warm-up batch and prefetched batches never consumed: their CPU time is reported, not
-    # turned into a per-CPU rate (workers=0 gives that cleanly)
+    # workers also made the warm-up and unconsumed prefetched batches: their CPU time is no per-CPU rate (workers=0 is)
     cpu = children_cpu_s() - kids0 + time.process_time() - cpu0 if workers else main_cpu
     return dict(workers=workers, images=n, wall_s=wall, img_per_s=n / wall, cpu_s=cpu,
                 img_per_cpu_s=None if workers else n / cpu)
 
 
 def run_loader(b: BenchArgs, a: LoaderArgs) -> List[Dict]:
-    """One row per worker count, and the CPU cores each GPU rate of --gpu_rates needs at the measured rate."""
+    """One row per worker count, and the CPU cores each GPU rate of --gpu_rates needs."""
     with tempfile.TemporaryDirectory(prefix='loader_bench_') as tmp:
         data = a.data_path or make_jpegs(tmp, a.loader_images, tuple(int(t) for t in a.image_size.split('x')))
         print(f'# machine: {measure.machine_line()}; torch threads {torch.get_num_threads()}; {sys.executable}')
@@ -246,9 +244,8 @@ def run_loader(b: BenchArgs, a: LoaderArgs) -> List[Dict]:
 
 def build_meta(name: str):
     """A full-size model on the meta device: 'VAR-d36' (512 px, shared AdaLN, width 2304) or 'VIAR-d30'."""
-    from models import build_var
+    from models import VQVAE, build_var
     from models.layout import PYRAMIDS
-    from models.vqvae import VQVAE
     with torch.device('meta'):
         vae = VQVAE(vocab_size=4096, z_channels=32, ch=160, share_quant_resi=4, test_mode=True)
         if name == 'VAR-d36':
@@ -261,9 +258,8 @@ def build_meta(name: str):
 
 
 def meta_rows(names=('VAR-d36', 'VIAR-d30'), worlds=(1, 2, 4, 8, 16, 32, 64)) -> List[Dict]:
-    """One row per (model, world size): the arithmetic of utils/train/fsdp.py beside the shards dist.fsdp_shard makes
-    under torch's fake process group (rank 0 of W; nothing allocated), and the root unit, which no block holds and
-    which stays gathered for the whole step (fp32)."""
+    """One row per (model, world size): utils/train/fsdp.py's arithmetic beside the shards dist.fsdp_shard makes in a
+    fake process group (rank 0; nothing allocated), and the fp32 root unit, gathered for the whole step."""
     import dist
     from utils.train.fsdp import measured_rank_bytes, rank_bytes
     rows = []
@@ -283,7 +279,7 @@ def meta_rows(names=('VAR-d36', 'VIAR-d30'), worlds=(1, 2, 4, 8, 16, 32, 64)) ->
 
 
 def rss_child(f: FsdpArgs):
-    """One torchrun worker of --rss: build, shard when there are several ranks, train; print its peak RSS as JSON."""
+    """One torchrun worker of --rss: build, shard if several ranks, train; print its peak RSS as JSON."""
     import torch.nn.functional as F
     import dist
     from models import build_vae_var
@@ -314,9 +310,8 @@ def rss_child(f: FsdpArgs):
 
 
 def rss_rows(f: FsdpArgs, mmap_threshold: bool) -> List[Dict]:
-    """Each rank's line from a 1-rank (unsharded) and a 2-rank (gloo, --fsdp) torchrun; with mmap_threshold,
-    MALLOC_MMAP_THRESHOLD_=65536 returns freed blocks of 64 KiB and more to the system, so RSS follows live tensors
-    (glibc's default raises its threshold after the first large free and keeps FSDP's freed units in the heap)."""
+    """Each rank's line from a 1-rank and a 2-rank (gloo, --fsdp) torchrun; mmap_threshold returns freed blocks of
+    64 KiB+ to the system, so RSS follows live tensors (glibc's default keeps FSDP's freed units in the heap)."""
     rows = []
     for world in (1, 2):
         env = {k: v for k, v in os.environ.items() if k != 'MALLOC_MMAP_THRESHOLD_'}
@@ -369,7 +364,7 @@ TOKEN_CONFIGS = {   # (ModelSpec of a VIAR, its S-JFB ranges, batch, synthetic i
 
 
 def token_cache_row(name: str, b: BenchArgs, t: TokenCacheArgs, work: str) -> Dict[str, Any]:
-    """One config: write its cache, then alternate image and cached training steps of one trainer; medians."""
+    """One config: write its cache, then alternate image and cached steps of one trainer; medians."""
     from torch.utils.data import DataLoader
     from models.config import ModelSpec
     from scripts.extract_tokens import main as extract
@@ -391,11 +386,11 @@ def token_cache_row(name: str, b: BenchArgs, t: TokenCacheArgs, work: str) -> Di
         load_vae_weights(vae, vae_path)
     else:   # random weights, saved for the extractor
         save_atomic(vae.state_dict(), vae_path)
-    data, mid = t.demo_data, 1.0
-    if not (name == 'demo' and t.demo_data):
-        data = make_jpegs(os.path.join(work, f'{name}_imgs'), n_images, (side, side * 3 // 4 if side > 64 else side),
-                          spec.num_classes)
-        mid = 1.125
+    if name == 'demo' and t.demo_data:
+        data, mid = t.demo_data, 1.0
+    else:
+        size = (side, side * 3 // 4 if side > 64 else side)
+        data, mid = make_jpegs(os.path.join(work, f'{name}_imgs'), n_images, size, spec.num_classes), 1.125
     cache, t0 = os.path.join(work, f'{name}_cache'), time.perf_counter()
     extract(['--data_path', data, '--out', cache, '--vae_ckpt', vae_path, '--pn', '_'.join(map(str, spec.patch_nums)),
              '--mid_reso', str(mid), '--batch_size', str(B), '--device', 'cpu', '--progress', 'False'])
@@ -405,9 +400,10 @@ def token_cache_row(name: str, b: BenchArgs, t: TokenCacheArgs, work: str) -> Di
     _, params, groups = param_groups(var)
     tr = VARTrainer(vae, var, var, AmpOptimizer(build_adamw(groups, 1e-4, torch.device('cpu')), params), seed=0)
     _, train_set, _ = build_datasets(data, spec.image_px, round(mid * spec.image_px))
-    loaders = dict(images=iter(DataLoader(train_set, batch_sampler=DistInfiniteBatchSampler(len(train_set), B, seed=0))),
-                   cache=iter(DataLoader(TokenShards(cache, man, 'train'),
-                                         batch_sampler=CacheBatchSampler(len(train_set), B, seed=0))))
+    loaders = dict(images=DataLoader(train_set, batch_sampler=DistInfiniteBatchSampler(len(train_set), B, seed=0)),
+                   cache=DataLoader(TokenShards(cache, man, 'train'),
+                                    batch_sampler=CacheBatchSampler(len(train_set), B, seed=0)))
+    loaders = {k: iter(v) for k, v in loaders.items()}
     step_s, data_s = {k: [] for k in loaders}, {k: [] for k in loaders}
     for i in range(b.warmup + b.steps):
         for kind, loader in loaders.items():
@@ -418,12 +414,13 @@ def token_cache_row(name: str, b: BenchArgs, t: TokenCacheArgs, work: str) -> Di
             if i >= b.warmup:
                 step_s[kind].append(time.perf_counter() - t0)
                 data_s[kind].append(t1 - t0)
-    med, med_data = ({k: statistics.median(v) for k, v in d.items()} for d in (step_s, data_s))
+    med = {f'{what}_s_{k}': statistics.median(v) for what, d in (('step', step_s), ('data', data_s))
+           for k, v in d.items()}
     splits = man['splits']
     return dict(config=name, resolution=spec.image_px, tokens=var.L, batch=B,
-                var_params=sum(p.numel() for p in var.parameters()), vae_params=sum(p.numel() for p in vae.parameters()),
-                step_s_images=med['images'], step_s_cache=med['cache'], data_s_images=med_data['images'],
-                data_s_cache=med_data['cache'], ratio=med['images'] / med['cache'],
+                var_params=sum(p.numel() for p in var.parameters()),
+                vae_params=sum(p.numel() for p in vae.parameters()),
+                **med, ratio=med['step_s_images'] / med['step_s_cache'],
                 extract_s_per_image=t_extract / (splits['train']['images'] + splits['val']['images']),
                 cache_bytes_per_image=os.path.getsize(os.path.join(cache, 'train-00000.tokens.npy'))
                 / splits['train']['shards'][0]['images'], demo_weights=demo_weights)
