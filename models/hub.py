@@ -1,14 +1,11 @@
 """Hub folders: VAR / VIAR as `PyTorchModelHubMixin` classes, with the official `VARHF` config keys.
 
-A folder holds `config.json` (the constructor keywords: `vae_kwargs`, the tokenizer's VQVAE keywords, and the
-official VAR keywords; a VIAR adds `use_implicit`, `pre_depth`, `post_depth` and the four `implicit_*` S-JFB
-bounds under the official VAR constructor's names) and `model.safetensors` (the transformer, official keys).
-Folders written here also hold `vae.safetensors` (the tokenizer), so one folder samples images, `recorded.json` when
-the run recorded sampling defaults or class names (as a slim export's 'sampling' and 'class_names'), and README.md (a
-model card with the command that samples it); a folder written by the official `VARHF.save_pretrained` has no
-tokenizer weights, and `tokenizer_loaded` stays False until
-`load_vae_weights(model.vae_proxy[0], 'vae_ch160v4096z32.pth')` (utils.checkpoint) loads the official file.
-The project's loaders read a folder or a repo id through `read_folder`, as the slim export it amounts to.
+A folder holds `config.json` (the constructor keywords: the tokenizer's `vae_kwargs`, the official VAR keywords,
+and for a VIAR `use_implicit`, `pre_depth`, `post_depth` and the four `implicit_*` S-JFB bounds) and
+`model.safetensors` (official keys). Folders written here add `vae.safetensors` (so one folder samples images),
+`recorded.json` (the run's sampling defaults and class names) and a README.md model card. An official
+`VARHF.save_pretrained` folder has no tokenizer: `tokenizer_loaded` stays False until
+`load_vae_weights(model.vae_proxy[0], 'vae_ch160v4096z32.pth')` loads it.
 
     model = hub_model(vae, var, spec)             # a VARHF (a VAR) or a VIARHF (a VIAR) holding these weights
     model.save_pretrained('var-d16')              # config.json, model.safetensors, vae.safetensors
@@ -22,17 +19,16 @@ import os
 from typing import Any, Dict, Optional
 
 import safetensors.torch
-import torch
-from huggingface_hub import ModelCard, PyTorchModelHubMixin, hf_hub_download, snapshot_download
+from huggingface_hub import ModelCard, PyTorchModelHubMixin, snapshot_download
 from huggingface_hub.constants import CONFIG_NAME
-from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
 from models.config import ModelSpec, spec_of_model
 from models.var import VAR
 from models.viar import VIAR
 from models.vqvae import VQVAE
 from utils.atomic import atomic_path, write_json_atomic
-from utils.checkpoint import load_var_weights, payload_bytes, read_checkpoint
+from utils.checkpoint import CheckpointError, load_var_weights, payload_bytes, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +39,7 @@ RECORDED_FILE = 'recorded.json'   # {'sampling': {...}, 'class_names': [...]}: w
 _VAE_OFFICIAL_FIXED = dict(ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2)
 
 
-class HubLoadError(OSError):
+class HubLoadError(CheckpointError, OSError):
     """A folder or repo id that cannot be read (offline, missing, or without a config)."""
 
 
@@ -62,23 +58,6 @@ def _build_vae(vae_kwargs: Dict[str, Any]) -> VQVAE:
         if name in kw:
             kw[name] = tuple(kw[name])
     return VQVAE(**kw)
-
-
-def _resolve(model_id: str, filename: str, optional: bool = False, **download) -> Optional[str]:
-    """Path of `filename` in a local folder or a Hub repo (downloaded); None if `optional` and absent."""
-    if os.path.isdir(model_id):
-        path = os.path.join(model_id, filename)
-        if os.path.isfile(path):
-            return path
-        if optional:
-            return None
-        raise HubLoadError(f'{model_id}: no {filename} in this folder')
-    try:
-        return hf_hub_download(repo_id=model_id, filename=filename, **download)
-    except EntryNotFoundError:
-        if optional:
-            return None
-        raise
 
 
 class _HubIO(PyTorchModelHubMixin):
@@ -129,19 +108,18 @@ class _HubIO(PyTorchModelHubMixin):
             raise HubLoadError(f'{model_id} holds a VAR (no use_implicit in config.json): load it with VARHF')
         keys = _checked_keys(model_id, config, model_cls)
         model = model_cls(**{**config, **{k: v for k, v in model_kwargs.items() if k in keys}})
-        download = dict(revision=revision, cache_dir=cache_dir, force_download=force_download, token=token,
-                        local_files_only=local_files_only)
-        weights = _resolve(model_id, WEIGHTS_FILE, **download)
-        load_var_weights(model, safetensors.torch.load_file(weights), strict=strict, where=weights)
-        vae_path = _resolve(model_id, VAE_FILE, optional=True, **download)
-        if vae_path is None:
+        folder = model_id if os.path.isdir(model_id) else download_repo(
+            model_id, revision=revision, cache_dir=cache_dir, force_download=force_download, token=token,
+            local_files_only=local_files_only)
+        files = _read_files(folder, model_id)
+        load_var_weights(model, files['model'], strict=strict, where=os.path.join(folder, WEIGHTS_FILE))
+        if 'vae' in files:
+            model.vae_proxy[0].load_state_dict(files['vae'], strict=True)
+            model.tokenizer_loaded = True
+        else:
             log.warning('%s holds no tokenizer weights (an official VARHF folder): load them with '
                         'utils.checkpoint.load_vae_weights(model.vae_proxy[0], "vae_ch160v4096z32.pth")', model_id)
-        else:
-            model.vae_proxy[0].load_state_dict(safetensors.torch.load_file(vae_path), strict=True)
-            model.tokenizer_loaded = True
-        recorded_path = _resolve(model_id, RECORDED_FILE, optional=True, **download)
-        model.recorded = _read_json(recorded_path) if recorded_path else {}
+        model.recorded = files.get('recorded', {})
         return model.to(map_location).eval()
 
 
@@ -261,31 +239,41 @@ def model_card(model, name: str) -> str:
         + '. In Python: `models.VARHF.from_pretrained(...)`.', ''])
 
 
+def _read_files(folder: str, source: str) -> Dict[str, Any]:
+    """The weights of a folder ('model', and 'vae' when it holds the tokenizer) and its 'recorded' JSON if any,
+    all read through utils.checkpoint.read_checkpoint."""
+    if not os.path.isfile(os.path.join(folder, WEIGHTS_FILE)):
+        raise HubLoadError(f'{source}: no {WEIGHTS_FILE} in this folder')
+    out = dict(model=read_checkpoint(os.path.join(folder, WEIGHTS_FILE)))
+    for key, name, read in (('vae', VAE_FILE, read_checkpoint), ('recorded', RECORDED_FILE, _read_json)):
+        if os.path.isfile(os.path.join(folder, name)):
+            out[key] = read(os.path.join(folder, name))
+    return out
+
+
 def read_folder(source: str) -> Dict[str, Any]:
     """A local folder or a Hub repo id (downloaded into the Hub cache) as the slim export it amounts to: 'model',
     'config' (a ModelSpec dict), 'vae' when the folder holds the tokenizer, 'sampling' / 'class_names' when it
-    records them. Weights are read from safetensors only. A repo that cannot be fetched, or a folder without
-    config.json, is a one-line HubLoadError."""
+    records them. A repo that cannot be fetched, or a folder without config.json, is a one-line HubLoadError."""
     folder = source if os.path.isdir(source) else download_repo(source)
     config_path = os.path.join(folder, CONFIG_NAME)
     if not os.path.isfile(config_path):
         raise HubLoadError(f'{source} holds no {CONFIG_NAME}, so it is not a Hub model folder (config.json + '
                            f'{WEIGHTS_FILE}); pass a checkpoint file, or an official name such as var_d16.pth or '
                            f'viar.pth (downloaded from its Hub repo)')
-    config = _read_json(config_path)
-    out = dict(model=read_checkpoint(_resolve(folder, WEIGHTS_FILE)), config=hub_spec(config, source).to_dict())
-    if os.path.isfile(os.path.join(folder, VAE_FILE)):
-        out['vae'] = read_checkpoint(os.path.join(folder, VAE_FILE))
-    if os.path.isfile(os.path.join(folder, RECORDED_FILE)):
-        recorded = _read_json(os.path.join(folder, RECORDED_FILE))
-        out.update({k: recorded[k] for k in ('sampling', 'class_names') if k in recorded})
+    config = hub_spec(_read_json(config_path), source).to_dict()
+    out = _read_files(folder, source)
+    recorded = out.pop('recorded', {})
+    out.update(config=config, **{k: recorded[k] for k in ('sampling', 'class_names') if k in recorded})
     return out
 
 
-def download_repo(repo_id: str) -> str:
-    """The local snapshot of a Hub repo's model files (from the cache when offline)."""
+def download_repo(repo_id: str, **download) -> str:
+    """The local snapshot of a Hub repo's model files (from the cache when offline); `download`: snapshot_download's
+    revision, cache_dir, token and the like."""
     try:
-        return snapshot_download(repo_id=repo_id, allow_patterns=[CONFIG_NAME, WEIGHTS_FILE, VAE_FILE, RECORDED_FILE])
+        return snapshot_download(repo_id=repo_id, allow_patterns=[CONFIG_NAME, WEIGHTS_FILE, VAE_FILE, RECORDED_FILE],
+                                 **download)
     except Exception as e:   # offline, no network, no such repo, a bad token: each a different huggingface_hub error
         raise HubLoadError(f'{repo_id}: not a local path, and the Hugging Face Hub repo {repo_id} cannot be fetched '
                            f'({type(e).__name__}: offline, unreachable or no such repo). Download it where the Hub is '

@@ -147,7 +147,8 @@ def read_model(path: str) -> Any:
     'model', 'config', and 'vae', 'sampling', 'class_names' when the folder holds them)."""
     if not is_hub_source(path):
         return read_checkpoint(resolve_checkpoint(path))
-    return _hub('read_folder', path)
+    from models.hub import read_folder   # huggingface_hub: loaded only for Hub sources
+    return read_folder(path)
 
 
 def fetch_model(path: str) -> None:
@@ -156,16 +157,8 @@ def fetch_model(path: str) -> None:
     if not is_hub_source(path):
         resolve_checkpoint(path)
     elif not os.path.isdir(path):
-        _hub('download_repo', path)
-
-
-def _hub(action: str, path: str) -> Any:
-    """models.hub's `action` (read_folder, download_repo) on a Hub source, a HubLoadError as a CheckpointError."""
-    from models import hub   # huggingface_hub: loaded only for Hub sources
-    try:
-        return getattr(hub, action)(path)
-    except hub.HubLoadError as e:
-        raise CheckpointError(str(e)) from None
+        from models.hub import download_repo
+        download_repo(path)
 
 
 def official_url(name: str) -> str:
