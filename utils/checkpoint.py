@@ -261,6 +261,20 @@ def extract_state_dict(obj: Any, where: str = 'checkpoint') -> Dict[str, torch.T
     return {re.sub(r'^(module\.|_orig_mod\.)+', '', k): v for k, v in obj.items()}
 
 
+def transformer_state_dict(obj: Any, where: str) -> Dict[str, torch.Tensor]:
+    """extract_state_dict of a VAR/VIAR checkpoint; a tokenizer or foreign file is a one-line CheckpointError."""
+    from models.config import state_dict_kind
+    sd = extract_state_dict(obj, where)
+    kind = state_dict_kind(sd)
+    if kind == 'vae':
+        raise CheckpointError(f'{where} is a VQVAE tokenizer file; pass it as --vae_ckpt, not as the transformer '
+                              f'checkpoint.')
+    if kind == 'unknown':
+        raise CheckpointError(f'{where} holds no VAR/VIAR weights (no class_emb.weight); pass a transformer '
+                              f'checkpoint (official var_d*.pth / viar.pth, or a train.py export).')
+    return sd
+
+
 def sha256_of(path: str) -> str:
     """Hex sha256 of a file's bytes, hashed once per process while its size and mtime stay the same (an 8 GB
     var_d30.pth takes seconds, and several callers of one run check the official tokenizer)."""

@@ -23,7 +23,7 @@ from models.config import ModelSpec, spec_from_state_dict, state_dict_kind, vae_
 from utils.arch_flags import check_spec, contradiction_text, contradictions
 from utils.checkpoint import (OFFICIAL_FILES, CheckpointError, extract_state_dict, load_vae_weights,
                               load_var_weights, read_checkpoint, read_model, resolve_checkpoint, resolve_recorded,
-                              save_atomic, sha256_of, unwrap_model)
+                              save_atomic, sha256_of, transformer_state_dict, unwrap_model)
 from utils.safetensors_io import write_safetensors
 from utils.sample.compile_util import Sampler, SamplingError, prepare_for_sampling
 from utils.sample.config import recorded_defaults, with_recorded
@@ -47,26 +47,7 @@ def spec_in_file(obj: Any) -> Optional[ModelSpec]:
 def spec_of_file(obj: Any, where: str, fallback: ModelSpec) -> ModelSpec:
     """The architecture a checkpoint holds: its stored config, else what its weights show (official files)."""
     stored = spec_in_file(obj)
-    if stored is not None:
-        return stored
-    sd = extract_state_dict(obj, where)
-    kind = state_dict_kind(sd)
-    if kind == 'vae':
-        raise CheckpointError(f'{where} is a VQVAE tokenizer file; pass it as --vae_ckpt, not as the transformer '
-                              f'checkpoint.')
-    if kind == 'unknown':
-        raise CheckpointError(f'{where} holds no VAR/VIAR weights (no class_emb.weight); pass a transformer '
-                              f'checkpoint (official var_d*.pth / viar.pth, or a train.py export).')
-    return spec_from_state_dict(sd, fallback)
-
-
-def disagreements(spec: ModelSpec, given: Mapping[str, Any], where: str) -> Optional[str]:
-    """The warning for architecture flags the user gave that the file overrides; None when all agree."""
-    items = contradictions(given, spec)
-    if not items:
-        return None
-    return (f'warning: {where} sets the architecture ({spec.kind} depth {spec.depth}, width {spec.width}); '
-            f'ignored: {contradiction_text(items, "file")}')
+    return stored if stored is not None else spec_from_state_dict(transformer_state_dict(obj, where), fallback)
 
 
 @dataclass
@@ -151,8 +132,7 @@ def load_models(var_ckpt: str, vae_ckpt: Optional[str] = None, spec: Optional[Mo
     official ones when None. given: the architecture flags the user gave (ModelSpec field -> value): those the
     file overrides are reported through `log`. ema=True loads a training export's EMA weights ('model_ema').
     """
-    vae, var, file_spec, _ = _load(var_ckpt, vae_ckpt, spec, device, ema, given, log)
-    return vae, var, file_spec
+    return _load(var_ckpt, vae_ckpt, spec, device, ema, given, log)[:3]
 
 
 def _load(var_ckpt: str, vae_ckpt: Optional[str], spec: Optional[ModelSpec], device, ema: bool,
@@ -162,9 +142,10 @@ def _load(var_ckpt: str, vae_ckpt: Optional[str], spec: Optional[ModelSpec], dev
     file_spec = spec_of_file(obj, var_ckpt, spec or ModelSpec())
     if spec_in_file(obj) is None:
         file_spec = _with_tokenizer_sizes(file_spec, vae_ckpt)
-    warning = disagreements(file_spec, given or {}, var_ckpt)
-    if warning:
-        log(warning)
+    ignored = contradictions(given or {}, file_spec)   # flags the user gave that the file overrides
+    if ignored:
+        log(f'warning: {var_ckpt} sets the architecture ({file_spec.kind} depth {file_spec.depth}, width '
+            f'{file_spec.width}); ignored: {contradiction_text(ignored, "file")}')
     vae, var = file_spec.build(device)
     if ema:
         if not (isinstance(obj, dict) and isinstance(obj.get('model_ema'), dict)):

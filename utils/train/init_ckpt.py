@@ -25,8 +25,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from models.config import ModelSpec, spec_from_state_dict, state_dict_kind, var_to_viar_names
-from utils.checkpoint import CheckpointError, extract_state_dict, load_var_weights, read_model
+from models.config import ModelSpec, spec_from_state_dict, var_to_viar_names
+from utils.checkpoint import CheckpointError, load_var_weights, read_model, transformer_state_dict
 
 
 class InitError(SystemExit):
@@ -81,16 +81,9 @@ def read_weights(path: str) -> Tuple[Any, Dict[str, torch.Tensor]]:
     / repo id, through the checkpoint helper (official names are downloaded; files are read without running code)."""
     try:
         obj = read_model(path)
-        sd = extract_state_dict(obj, path)
+        return obj, transformer_state_dict(obj, path)
     except CheckpointError as e:
         raise InitError(str(e)) from None
-    kind = state_dict_kind(sd)
-    if kind == 'vae':
-        raise InitError(f'{path} is a VQVAE tokenizer file; pass it as --vae_ckpt. --init_ckpt and --init_from_var '
-                        f'take transformer weights (var_d*.pth, viar.pth, ar-ckpt-*.pth, *-slim.pth).')
-    if kind == 'unknown':
-        raise InitError(f'{path} holds no VAR/VIAR weights (no class_emb.weight); pass a transformer checkpoint.')
-    return obj, sd
 
 
 def class_rows_text(file_classes: int, run_classes: int) -> str:
