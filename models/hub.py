@@ -43,21 +43,14 @@ class HubLoadError(CheckpointError, OSError):
     """A folder or repo id that cannot be read (offline, missing, or without a config)."""
 
 
-def _var_kwargs(num_classes, depth, embed_dim, num_heads, mlp_ratio, drop_rate, attn_drop_rate, drop_path_rate,
-                norm_eps, shared_aln, cond_drop_rate, attn_l2_norm, patch_nums) -> Dict[str, Any]:
-    """The official VAR keywords as this project's constructor takes them (flash/fused are the kernels' business)."""
-    return dict(num_classes=num_classes, depth=depth, embed_dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio,
-                drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate, norm_eps=norm_eps,
-                shared_aln=shared_aln, cond_drop_rate=cond_drop_rate, attn_l2_norm=attn_l2_norm,
-                patch_nums=tuple(patch_nums))
+_VAR_KEYWORDS = [k for k in inspect.signature(VAR.__init__).parameters if k not in ('self', 'vae_local')]
 
 
-def _build_vae(vae_kwargs: Dict[str, Any]) -> VQVAE:
-    kw = dict(vae_kwargs)
-    for name in ('v_patch_nums', 'ch_mult'):   # JSON gives lists
-        if name in kw:
-            kw[name] = tuple(kw[name])
-    return VQVAE(**kw)
+def _var_args(args: Dict[str, Any]) -> Dict[str, Any]:
+    """VAR's constructor arguments from a VARHF / VIARHF constructor's locals(): the VQVAE built from `vae_kwargs`
+    and the official VAR keywords (flash/fused are the kernels' business, not the model's). JSON gives lists."""
+    vae_kw = {k: tuple(v) if k in ('v_patch_nums', 'ch_mult') else v for k, v in args['vae_kwargs'].items()}
+    return dict({k: args[k] for k in _VAR_KEYWORDS}, vae_local=VQVAE(**vae_kw), patch_nums=tuple(args['patch_nums']))
 
 
 class _HubIO(PyTorchModelHubMixin):
@@ -152,10 +145,7 @@ class VARHF(VAR, _HubIO):
                  drop_rate=0., attn_drop_rate=0., drop_path_rate=0., norm_eps=1e-6, shared_aln=False,
                  cond_drop_rate=0.1, attn_l2_norm=False, patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
                  flash_if_available=True, fused_if_available=True):
-        del flash_if_available, fused_if_available
-        super().__init__(_build_vae(vae_kwargs), **_var_kwargs(
-            num_classes, depth, embed_dim, num_heads, mlp_ratio, drop_rate, attn_drop_rate, drop_path_rate,
-            norm_eps, shared_aln, cond_drop_rate, attn_l2_norm, patch_nums))
+        super().__init__(**_var_args(locals()))
 
 
 class VIARHF(VIAR, _HubIO):
@@ -168,15 +158,12 @@ class VIARHF(VIAR, _HubIO):
                  use_implicit=True, pre_depth=5, post_depth=5,
                  implicit_no_grad_min_iters=0, implicit_no_grad_max_iters=10,
                  implicit_with_grad_min_iters=1, implicit_with_grad_max_iters=12):
-        del flash_if_available, fused_if_available
         if not use_implicit:
             raise ValueError('VIARHF is the implicit model (use_implicit=True); VARHF builds a VAR')
-        super().__init__(_build_vae(vae_kwargs), pre_depth=pre_depth, post_depth=post_depth,
+        super().__init__(pre_depth=pre_depth, post_depth=post_depth,
                          jfb_no_grad=(implicit_no_grad_min_iters, implicit_no_grad_max_iters),
                          jfb_with_grad=(implicit_with_grad_min_iters, implicit_with_grad_max_iters),
-                         **_var_kwargs(num_classes, depth, embed_dim, num_heads, mlp_ratio, drop_rate, attn_drop_rate,
-                                       drop_path_rate, norm_eps, shared_aln, cond_drop_rate, attn_l2_norm,
-                                       patch_nums))
+                         **_var_args(locals()))
 
 
 def hub_config(spec, var) -> Dict[str, Any]:
