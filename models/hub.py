@@ -1,11 +1,5 @@
-"""Hub folders: VAR / VIAR as `PyTorchModelHubMixin` classes, with the official `VARHF` config keys.
-
-A folder holds `config.json` (the constructor keywords: the tokenizer's `vae_kwargs`, the official VAR keywords,
-and for a VIAR `use_implicit`, `pre_depth`, `post_depth` and the four `implicit_*` S-JFB bounds) and
-`model.safetensors` (official keys). Folders written here add `vae.safetensors` (so one folder samples images),
-`recorded.json` (the run's sampling defaults and class names) and a README.md model card. An official
-`VARHF.save_pretrained` folder has no tokenizer: `tokenizer_loaded` stays False until
-`load_vae_weights(model.vae_proxy[0], 'vae_ch160v4096z32.pth')` loads it.
+"""Hub folders: VAR / VIAR as `PyTorchModelHubMixin` classes with the official `VARHF` config keys, and the reader
+that turns a folder or repo id into the slim export it amounts to (docs/VAR_COMPAT.md, docs/CHECKPOINTS.md).
 
     model = hub_model(vae, var, spec)             # a VARHF (a VAR) or a VIARHF (a VIAR) holding these weights
     model.save_pretrained('var-d16')              # config.json, model.safetensors, vae.safetensors
@@ -35,7 +29,7 @@ log = logging.getLogger(__name__)
 WEIGHTS_FILE = 'model.safetensors'
 VAE_FILE = 'vae.safetensors'
 RECORDED_FILE = 'recorded.json'   # {'sampling': {...}, 'class_names': [...]}: what the training run recorded
-# VQVAE keywords the official tokenizer does not take: written to vae_kwargs only when they differ from these
+# VQVAE keywords the official tokenizer does not take: in vae_kwargs only when they differ
 _VAE_OFFICIAL_FIXED = dict(ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2)
 
 
@@ -54,10 +48,11 @@ def _var_args(args: Dict[str, Any]) -> Dict[str, Any]:
 
 
 class _HubIO(PyTorchModelHubMixin):
-    """Saving and loading shared by VARHF and VIARHF: transformer + tokenizer files, strict transformer load."""
+    """Saving and loading shared by VARHF and VIARHF. An official folder has no tokenizer: tokenizer_loaded stays
+    False until utils.checkpoint.load_vae_weights(model.vae_proxy[0], 'vae_ch160v4096z32.pth')."""
 
     tokenizer_loaded = False
-    recorded: Dict[str, Any] = {}   # RECORDED_FILE's contents: {'sampling': ..., 'class_names': ...} or empty
+    recorded: Dict[str, Any] = {}   # RECORDED_FILE's contents
 
     def _save_pretrained(self, save_directory):
         for name, module in ((WEIGHTS_FILE, self), (VAE_FILE, self.vae_proxy[0])):
@@ -68,16 +63,15 @@ class _HubIO(PyTorchModelHubMixin):
             write_json_atomic(self.recorded, os.path.join(save_directory, RECORDED_FILE))
 
     def save_pretrained(self, save_directory, *, model_card_kwargs=None, **kw):
-        """The mixin's save; the model card's sampling command names `save_directory` unless told another name."""
+        """The mixin's save; the model card's command samples `save_directory` unless told another name."""
         card = {'name': str(save_directory), **(model_card_kwargs or {})}
         return super().save_pretrained(save_directory, model_card_kwargs=card, **kw)
 
     def push_to_hub(self, repo_id, *, model_card_kwargs=None, **kw):
-        """The mixin's upload; the model card's sampling command names `repo_id`."""
+        """The mixin's upload; the model card's command samples `repo_id`."""
         return super().push_to_hub(repo_id, model_card_kwargs={'name': repo_id, **(model_card_kwargs or {})}, **kw)
 
     def generate_model_card(self, *args, name: str = 'FOLDER', **kwargs) -> ModelCard:
-        """README.md: what the model is, its recorded sampling defaults, and the command that samples it."""
         return ModelCard(model_card(self, name))
 
     @classmethod
@@ -138,8 +132,8 @@ def _read_json(path: str) -> Dict[str, Any]:
 
 
 class VARHF(VAR, _HubIO):
-    """VAR with the official `VARHF` constructor: it builds its VQVAE from `vae_kwargs`. `from_pretrained` returns
-    a VIARHF where the folder's config says `use_implicit`."""
+    """VAR with the official `VARHF` constructor (its VQVAE from `vae_kwargs`); from_pretrained returns a VIARHF
+    where config.json says `use_implicit`."""
 
     def __init__(self, vae_kwargs, num_classes=1000, depth=16, embed_dim=1024, num_heads=16, mlp_ratio=4.,
                  drop_rate=0., attn_drop_rate=0., drop_path_rate=0., norm_eps=1e-6, shared_aln=False,
@@ -167,8 +161,7 @@ class VIARHF(VIAR, _HubIO):
 
 
 def hub_config(spec, var) -> Dict[str, Any]:
-    """The VARHF / VIARHF constructor keywords of a models.config.ModelSpec and the model built from it (which
-    holds the training-only values: drop path, class dropout, S-JFB ranges)."""
+    """The VARHF / VIARHF keywords of a ModelSpec and its model (which holds drop path, class dropout, S-JFB)."""
     vae_kwargs = dict(vocab_size=spec.V, z_channels=spec.Cvae, ch=spec.vae_ch, share_quant_resi=4,
                       v_patch_nums=tuple(spec.patch_nums), test_mode=True)
     for name, value in (('ch_mult', tuple(spec.vae_ch_mult)), ('num_res_blocks', spec.vae_num_res_blocks)):
@@ -187,8 +180,8 @@ def hub_config(spec, var) -> Dict[str, Any]:
 
 
 def hub_model(vae: VQVAE, var, spec, sampling: Optional[Dict[str, Any]] = None, class_names=None) -> '_HubIO':
-    """A VARHF or VIARHF (by `spec.kind`) holding copies of `vae`'s and `var`'s weights, ready to save_pretrained;
-    `sampling` (checked sampling defaults) and `class_names` go into its RECORDED_FILE."""
+    """A VARHF or VIARHF holding copies of `vae`'s and `var`'s weights; `sampling` (checked sampling defaults) and
+    `class_names` go into its RECORDED_FILE."""
     cfg = hub_config(spec, var)
     model = (VIARHF if spec.use_implicit else VARHF)(**cfg)
     model.load_state_dict(var.state_dict(), strict=True)
@@ -199,7 +192,7 @@ def hub_model(vae: VQVAE, var, spec, sampling: Optional[Dict[str, Any]] = None, 
 
 
 def model_card(model, name: str) -> str:
-    """The README.md of a folder: what the model is, what it records, and the command that samples it from `name`."""
+    """A folder's README.md: what the model is, what it records, and the command that samples `name`."""
     from utils.arch_flags import describe_model   # utils imports models: imported when a card is written
     from utils.sample.config import official_defaults
     spec = spec_of_model(model)
@@ -227,8 +220,7 @@ def model_card(model, name: str) -> str:
 
 
 def _read_files(folder: str, source: str) -> Dict[str, Any]:
-    """The weights of a folder ('model', and 'vae' when it holds the tokenizer) and its 'recorded' JSON if any,
-    all read through utils.checkpoint.read_checkpoint."""
+    """A folder's 'model', 'vae' (if there) through utils.checkpoint.read_checkpoint, and its 'recorded' JSON."""
     if not os.path.isfile(os.path.join(folder, WEIGHTS_FILE)):
         raise HubLoadError(f'{source}: no {WEIGHTS_FILE} in this folder')
     out = dict(model=read_checkpoint(os.path.join(folder, WEIGHTS_FILE)))
@@ -256,8 +248,7 @@ def read_folder(source: str) -> Dict[str, Any]:
 
 
 def download_repo(repo_id: str, **download) -> str:
-    """The local snapshot of a Hub repo's model files (from the cache when offline); `download`: snapshot_download's
-    revision, cache_dir, token and the like."""
+    """The local snapshot of a Hub repo's model files (from the cache when offline); `download`: revision, token..."""
     try:
         return snapshot_download(repo_id=repo_id, allow_patterns=[CONFIG_NAME, WEIGHTS_FILE, VAE_FILE, RECORDED_FILE],
                                  **download)
