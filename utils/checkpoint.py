@@ -45,7 +45,6 @@ OFFICIAL_SHA256 = {
     'var_d36.pth': None,
     'viar.pth': None,
 }
-CONVERT = 'python scripts/convert_checkpoint.py'
 REPO_ID = re.compile(r'[A-Za-z0-9][\w.-]*/[\w.-]+')   # owner/name on the Hugging Face Hub
 CHECKPOINT_EXTS = ('.pth', '.pt', '.safetensors', '.bin', '.ckpt')
 
@@ -191,7 +190,7 @@ def refusal(path: str, why: str = '') -> str:
     """The one line every entry point prints for a file whose loading would run code (why: 'calls io.open')."""
     what = f' (it {why})' if why else ''
     return (f'{path} asks to run code when loaded{what} and was not loaded. If you trust this file, convert it '
-            f'to the safe format: {CONVERT} {path} OUT --i_trust_this_file')
+            f'to the safe format: python scripts/convert_checkpoint.py {path} OUT --i_trust_this_file')
 
 
 def _refused_call(message: str, path: str) -> Optional[str]:
@@ -209,11 +208,9 @@ def _refused_call(message: str, path: str) -> Optional[str]:
 
 
 def read_checkpoint(path: str, mmap: bool = False) -> Any:
-    """What a checkpoint file holds (the one place this project reads checkpoint files), without running code.
-
-    mmap=True maps a .pth's tensors instead of reading them (ranks of a node share the pages; a non-zip file is read
-    normally). A file asking to run code raises UnsafeCheckpointError; a truncated or foreign file, CheckpointError.
-    """
+    """What a checkpoint file holds, read without running code (the one reader of checkpoint files). mmap=True maps
+    a zip .pth's tensors (ranks of a node share the pages). A file asking to run code raises UnsafeCheckpointError;
+    a truncated or foreign file, CheckpointError."""
     try:
         if str(path).endswith('.safetensors'):
             from utils.safetensors_io import read_safetensors   # it imports this module
@@ -294,10 +291,8 @@ _DIGESTS: Dict[tuple, str] = {}   # (path, size, mtime_ns) -> sha256 of the file
 
 
 def resolve_recorded(ref: Dict[str, str], where: str, ckpt_dir: str = 'ckpts') -> str:
-    """The local path of a tokenizer a slim export records by official name and sha256 (found or downloaded).
-
-    A recorded file that cannot be found or fetched, or whose bytes differ, is a one-line CheckpointError.
-    """
+    """The local path of a tokenizer a slim export records by official name and sha256 (found or downloaded); one
+    that cannot be found or fetched, or whose bytes differ, is a one-line CheckpointError."""
     name = ref.get('name', '')
     try:
         path = resolve_checkpoint(os.path.join(ckpt_dir, name), ckpt_dir)
