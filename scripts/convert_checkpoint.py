@@ -91,18 +91,6 @@ def read_input(path: str, trust: bool) -> Any:
                          f'installed here.') from None
 
 
-def write_output(obj: Any, path: str):
-    """OUT in the format its extension names."""
-    if not path.endswith('.safetensors'):
-        return save_atomic(obj, path)
-    try:
-        write_safetensors(obj, path)
-    except SafetensorsLayoutError as e:
-        raise SystemExit(f'error: this checkpoint holds more than weights and configs ({e}); a .safetensors file '
-                         f'cannot hold it. Write it as {os.path.splitext(path)[0]}.pth, which also loads '
-                         f'weights-only.') from None
-
-
 def count_tensors(obj: Any) -> int:
     """Tensors anywhere in a nested structure."""
     if isinstance(obj, torch.Tensor):
@@ -136,8 +124,13 @@ def main(argv: Optional[List[str]] = None) -> str:
     except ConvertError as e:
         raise SystemExit(f'error: {src}: {e}; it cannot be converted to a safe format.') from None
     try:
-        write_output(plain, dst)
+        write = write_safetensors if dst.endswith('.safetensors') else save_atomic   # the format OUT names
+        write(plain, dst)
         back = read_checkpoint(dst)   # the proof: it loads weights-only
+    except SafetensorsLayoutError as e:
+        raise SystemExit(f'error: this checkpoint holds more than weights and configs ({e}); a .safetensors file '
+                         f'cannot hold it. Write it as {os.path.splitext(dst)[0]}.pth, which also loads '
+                         f'weights-only.') from None
     except OSError as e:
         raise SystemExit(f'error: cannot write {dst} ({e.strerror or e}); choose a folder you can write to with '
                          f'enough free space.') from None
