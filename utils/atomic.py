@@ -56,7 +56,6 @@ def denied_message(folder: str, code: int) -> str:
     return f'cannot write into {os.path.abspath(folder)}: {DENIED[code]}. {fix}.'
 
 
-
 def _fsync_dir(folder: str):
     fd = os.open(folder, os.O_RDONLY)
     try:
