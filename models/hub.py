@@ -1,14 +1,5 @@
-"""Hub folders: VAR / VIAR as `PyTorchModelHubMixin` classes, with the official `VARHF` config keys.
-
-A folder holds `config.json` (the constructor keywords: `vae_kwargs`, the tokenizer's VQVAE keywords, and the
-official VAR keywords; a VIAR adds `use_implicit`, `pre_depth`, `post_depth` and the four `implicit_*` S-JFB
-bounds under the official VAR constructor's names) and `model.safetensors` (the transformer, official keys).
-Folders written here also hold `vae.safetensors` (the tokenizer), so one folder samples images, `recorded.json` when
-the run recorded sampling defaults or class names (as a slim export's 'sampling' and 'class_names'), and README.md (a
-model card with the command that samples it); a folder written by the official `VARHF.save_pretrained` has no
-tokenizer weights, and `tokenizer_loaded` stays False until
-`load_vae_weights(model.vae_proxy[0], 'vae_ch160v4096z32.pth')` (utils.checkpoint) loads the official file.
-The project's loaders read a folder or a repo id through `read_folder`, as the slim export it amounts to.
+"""Hub folders: VAR / VIAR as `PyTorchModelHubMixin` classes with the official `VARHF` config keys, and the reader
+that turns a folder or repo id into the slim export it amounts to (docs/VAR_COMPAT.md, docs/CHECKPOINTS.md).
 
     model = hub_model(vae, var, spec)             # a VARHF (a VAR) or a VIARHF (a VIAR) holding these weights
     model.save_pretrained('var-d16')              # config.json, model.safetensors, vae.safetensors
@@ -22,70 +13,46 @@ import os
 from typing import Any, Dict, Optional
 
 import safetensors.torch
-import torch
-from huggingface_hub import ModelCard, PyTorchModelHubMixin, hf_hub_download, snapshot_download
+from huggingface_hub import ModelCard, PyTorchModelHubMixin, snapshot_download
 from huggingface_hub.constants import CONFIG_NAME
-from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
 from models.config import ModelSpec, spec_of_model
 from models.var import VAR
 from models.viar import VIAR
 from models.vqvae import VQVAE
 from utils.atomic import atomic_path, write_json_atomic
-from utils.checkpoint import load_var_weights, payload_bytes, read_checkpoint
+from utils.checkpoint import CheckpointError, load_var_weights, payload_bytes, read_checkpoint
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = 'model.safetensors'
 VAE_FILE = 'vae.safetensors'
 RECORDED_FILE = 'recorded.json'   # {'sampling': {...}, 'class_names': [...]}: what the training run recorded
-# VQVAE keywords the official tokenizer does not take: written to vae_kwargs only when they differ from these
+# VQVAE keywords the official tokenizer does not take: in vae_kwargs only when they differ
 _VAE_OFFICIAL_FIXED = dict(ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2)
 
 
-class HubLoadError(OSError):
+class HubLoadError(CheckpointError, OSError):
     """A folder or repo id that cannot be read (offline, missing, or without a config)."""
 
 
-def _var_kwargs(num_classes, depth, embed_dim, num_heads, mlp_ratio, drop_rate, attn_drop_rate, drop_path_rate,
-                norm_eps, shared_aln, cond_drop_rate, attn_l2_norm, patch_nums) -> Dict[str, Any]:
-    """The official VAR keywords as this project's constructor takes them (flash/fused are the kernels' business)."""
-    return dict(num_classes=num_classes, depth=depth, embed_dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio,
-                drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate, norm_eps=norm_eps,
-                shared_aln=shared_aln, cond_drop_rate=cond_drop_rate, attn_l2_norm=attn_l2_norm,
-                patch_nums=tuple(patch_nums))
+_VAR_KEYWORDS = [k for k in inspect.signature(VAR.__init__).parameters if k not in ('self', 'vae_local')]
 
 
-def _build_vae(vae_kwargs: Dict[str, Any]) -> VQVAE:
-    kw = dict(vae_kwargs)
-    for name in ('v_patch_nums', 'ch_mult'):   # JSON gives lists
-        if name in kw:
-            kw[name] = tuple(kw[name])
-    return VQVAE(**kw)
-
-
-def _resolve(model_id: str, filename: str, optional: bool = False, **download) -> Optional[str]:
-    """Path of `filename` in a local folder or a Hub repo (downloaded); None if `optional` and absent."""
-    if os.path.isdir(model_id):
-        path = os.path.join(model_id, filename)
-        if os.path.isfile(path):
-            return path
-        if optional:
-            return None
-        raise HubLoadError(f'{model_id}: no {filename} in this folder')
-    try:
-        return hf_hub_download(repo_id=model_id, filename=filename, **download)
-    except EntryNotFoundError:
-        if optional:
-            return None
-        raise
+def _var_args(args: Dict[str, Any]) -> Dict[str, Any]:
+    """VAR's constructor arguments from a VARHF / VIARHF constructor's locals(): the VQVAE built from `vae_kwargs`
+    and the official VAR keywords (flash/fused are the kernels' business, not the model's). JSON gives lists."""
+    vae_kw = {k: tuple(v) if k in ('v_patch_nums', 'ch_mult') else v for k, v in args['vae_kwargs'].items()}
+    return dict({k: args[k] for k in _VAR_KEYWORDS}, vae_local=VQVAE(**vae_kw), patch_nums=tuple(args['patch_nums']))
 
 
 class _HubIO(PyTorchModelHubMixin):
-    """Saving and loading shared by VARHF and VIARHF: transformer + tokenizer files, strict transformer load."""
+    """Saving and loading shared by VARHF and VIARHF. An official folder has no tokenizer: tokenizer_loaded stays
+    False until utils.checkpoint.load_vae_weights(model.vae_proxy[0], 'vae_ch160v4096z32.pth')."""
 
     tokenizer_loaded = False
-    recorded: Dict[str, Any] = {}   # RECORDED_FILE's contents: {'sampling': ..., 'class_names': ...} or empty
+    recorded: Dict[str, Any] = {}   # RECORDED_FILE's contents
 
     def _save_pretrained(self, save_directory):
         for name, module in ((WEIGHTS_FILE, self), (VAE_FILE, self.vae_proxy[0])):
@@ -96,16 +63,15 @@ class _HubIO(PyTorchModelHubMixin):
             write_json_atomic(self.recorded, os.path.join(save_directory, RECORDED_FILE))
 
     def save_pretrained(self, save_directory, *, model_card_kwargs=None, **kw):
-        """The mixin's save; the model card's sampling command names `save_directory` unless told another name."""
+        """The mixin's save; the model card's command samples `save_directory` unless told another name."""
         card = {'name': str(save_directory), **(model_card_kwargs or {})}
         return super().save_pretrained(save_directory, model_card_kwargs=card, **kw)
 
     def push_to_hub(self, repo_id, *, model_card_kwargs=None, **kw):
-        """The mixin's upload; the model card's sampling command names `repo_id`."""
+        """The mixin's upload; the model card's command samples `repo_id`."""
         return super().push_to_hub(repo_id, model_card_kwargs={'name': repo_id, **(model_card_kwargs or {})}, **kw)
 
     def generate_model_card(self, *args, name: str = 'FOLDER', **kwargs) -> ModelCard:
-        """README.md: what the model is, its recorded sampling defaults, and the command that samples it."""
         return ModelCard(model_card(self, name))
 
     @classmethod
@@ -129,19 +95,18 @@ class _HubIO(PyTorchModelHubMixin):
             raise HubLoadError(f'{model_id} holds a VAR (no use_implicit in config.json): load it with VARHF')
         keys = _checked_keys(model_id, config, model_cls)
         model = model_cls(**{**config, **{k: v for k, v in model_kwargs.items() if k in keys}})
-        download = dict(revision=revision, cache_dir=cache_dir, force_download=force_download, token=token,
-                        local_files_only=local_files_only)
-        weights = _resolve(model_id, WEIGHTS_FILE, **download)
-        load_var_weights(model, safetensors.torch.load_file(weights), strict=strict, where=weights)
-        vae_path = _resolve(model_id, VAE_FILE, optional=True, **download)
-        if vae_path is None:
+        folder = model_id if os.path.isdir(model_id) else download_repo(
+            model_id, revision=revision, cache_dir=cache_dir, force_download=force_download, token=token,
+            local_files_only=local_files_only)
+        files = _read_files(folder, model_id)
+        load_var_weights(model, files['model'], strict=strict, where=os.path.join(folder, WEIGHTS_FILE))
+        if 'vae' in files:
+            model.vae_proxy[0].load_state_dict(files['vae'], strict=True)
+            model.tokenizer_loaded = True
+        else:
             log.warning('%s holds no tokenizer weights (an official VARHF folder): load them with '
                         'utils.checkpoint.load_vae_weights(model.vae_proxy[0], "vae_ch160v4096z32.pth")', model_id)
-        else:
-            model.vae_proxy[0].load_state_dict(safetensors.torch.load_file(vae_path), strict=True)
-            model.tokenizer_loaded = True
-        recorded_path = _resolve(model_id, RECORDED_FILE, optional=True, **download)
-        model.recorded = _read_json(recorded_path) if recorded_path else {}
+        model.recorded = files.get('recorded', {})
         return model.to(map_location).eval()
 
 
@@ -167,17 +132,14 @@ def _read_json(path: str) -> Dict[str, Any]:
 
 
 class VARHF(VAR, _HubIO):
-    """VAR with the official `VARHF` constructor: it builds its VQVAE from `vae_kwargs`. `from_pretrained` returns
-    a VIARHF where the folder's config says `use_implicit`."""
+    """VAR with the official `VARHF` constructor (its VQVAE from `vae_kwargs`); from_pretrained returns a VIARHF
+    where config.json says `use_implicit`."""
 
     def __init__(self, vae_kwargs, num_classes=1000, depth=16, embed_dim=1024, num_heads=16, mlp_ratio=4.,
                  drop_rate=0., attn_drop_rate=0., drop_path_rate=0., norm_eps=1e-6, shared_aln=False,
                  cond_drop_rate=0.1, attn_l2_norm=False, patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
                  flash_if_available=True, fused_if_available=True):
-        del flash_if_available, fused_if_available
-        super().__init__(_build_vae(vae_kwargs), **_var_kwargs(
-            num_classes, depth, embed_dim, num_heads, mlp_ratio, drop_rate, attn_drop_rate, drop_path_rate,
-            norm_eps, shared_aln, cond_drop_rate, attn_l2_norm, patch_nums))
+        super().__init__(**_var_args(locals()))
 
 
 class VIARHF(VIAR, _HubIO):
@@ -190,20 +152,16 @@ class VIARHF(VIAR, _HubIO):
                  use_implicit=True, pre_depth=5, post_depth=5,
                  implicit_no_grad_min_iters=0, implicit_no_grad_max_iters=10,
                  implicit_with_grad_min_iters=1, implicit_with_grad_max_iters=12):
-        del flash_if_available, fused_if_available
         if not use_implicit:
             raise ValueError('VIARHF is the implicit model (use_implicit=True); VARHF builds a VAR')
-        super().__init__(_build_vae(vae_kwargs), pre_depth=pre_depth, post_depth=post_depth,
+        super().__init__(pre_depth=pre_depth, post_depth=post_depth,
                          jfb_no_grad=(implicit_no_grad_min_iters, implicit_no_grad_max_iters),
                          jfb_with_grad=(implicit_with_grad_min_iters, implicit_with_grad_max_iters),
-                         **_var_kwargs(num_classes, depth, embed_dim, num_heads, mlp_ratio, drop_rate, attn_drop_rate,
-                                       drop_path_rate, norm_eps, shared_aln, cond_drop_rate, attn_l2_norm,
-                                       patch_nums))
+                         **_var_args(locals()))
 
 
 def hub_config(spec, var) -> Dict[str, Any]:
-    """The VARHF / VIARHF constructor keywords of a models.config.ModelSpec and the model built from it (which
-    holds the training-only values: drop path, class dropout, S-JFB ranges)."""
+    """The VARHF / VIARHF keywords of a ModelSpec and its model (which holds drop path, class dropout, S-JFB)."""
     vae_kwargs = dict(vocab_size=spec.V, z_channels=spec.Cvae, ch=spec.vae_ch, share_quant_resi=4,
                       v_patch_nums=tuple(spec.patch_nums), test_mode=True)
     for name, value in (('ch_mult', tuple(spec.vae_ch_mult)), ('num_res_blocks', spec.vae_num_res_blocks)):
@@ -222,8 +180,8 @@ def hub_config(spec, var) -> Dict[str, Any]:
 
 
 def hub_model(vae: VQVAE, var, spec, sampling: Optional[Dict[str, Any]] = None, class_names=None) -> '_HubIO':
-    """A VARHF or VIARHF (by `spec.kind`) holding copies of `vae`'s and `var`'s weights, ready to save_pretrained;
-    `sampling` (checked sampling defaults) and `class_names` go into its RECORDED_FILE."""
+    """A VARHF or VIARHF holding copies of `vae`'s and `var`'s weights; `sampling` (checked sampling defaults) and
+    `class_names` go into its RECORDED_FILE."""
     cfg = hub_config(spec, var)
     model = (VIARHF if spec.use_implicit else VARHF)(**cfg)
     model.load_state_dict(var.state_dict(), strict=True)
@@ -234,7 +192,7 @@ def hub_model(vae: VQVAE, var, spec, sampling: Optional[Dict[str, Any]] = None, 
 
 
 def model_card(model, name: str) -> str:
-    """The README.md of a folder: what the model is, what it records, and the command that samples it from `name`."""
+    """A folder's README.md: what the model is, what it records, and the command that samples `name`."""
     from utils.arch_flags import describe_model   # utils imports models: imported when a card is written
     from utils.sample.config import official_defaults
     spec = spec_of_model(model)
@@ -261,31 +219,39 @@ def model_card(model, name: str) -> str:
         + '. In Python: `models.VARHF.from_pretrained(...)`.', ''])
 
 
+def _read_files(folder: str, source: str) -> Dict[str, Any]:
+    """A folder's 'model', 'vae' (if there) through utils.checkpoint.read_checkpoint, and its 'recorded' JSON."""
+    if not os.path.isfile(os.path.join(folder, WEIGHTS_FILE)):
+        raise HubLoadError(f'{source}: no {WEIGHTS_FILE} in this folder')
+    out = dict(model=read_checkpoint(os.path.join(folder, WEIGHTS_FILE)))
+    for key, name, read in (('vae', VAE_FILE, read_checkpoint), ('recorded', RECORDED_FILE, _read_json)):
+        if os.path.isfile(os.path.join(folder, name)):
+            out[key] = read(os.path.join(folder, name))
+    return out
+
+
 def read_folder(source: str) -> Dict[str, Any]:
     """A local folder or a Hub repo id (downloaded into the Hub cache) as the slim export it amounts to: 'model',
     'config' (a ModelSpec dict), 'vae' when the folder holds the tokenizer, 'sampling' / 'class_names' when it
-    records them. Weights are read from safetensors only. A repo that cannot be fetched, or a folder without
-    config.json, is a one-line HubLoadError."""
+    records them. A repo that cannot be fetched, or a folder without config.json, is a one-line HubLoadError."""
     folder = source if os.path.isdir(source) else download_repo(source)
     config_path = os.path.join(folder, CONFIG_NAME)
     if not os.path.isfile(config_path):
         raise HubLoadError(f'{source} holds no {CONFIG_NAME}, so it is not a Hub model folder (config.json + '
                            f'{WEIGHTS_FILE}); pass a checkpoint file, or an official name such as var_d16.pth or '
                            f'viar.pth (downloaded from its Hub repo)')
-    config = _read_json(config_path)
-    out = dict(model=read_checkpoint(_resolve(folder, WEIGHTS_FILE)), config=hub_spec(config, source).to_dict())
-    if os.path.isfile(os.path.join(folder, VAE_FILE)):
-        out['vae'] = read_checkpoint(os.path.join(folder, VAE_FILE))
-    if os.path.isfile(os.path.join(folder, RECORDED_FILE)):
-        recorded = _read_json(os.path.join(folder, RECORDED_FILE))
-        out.update({k: recorded[k] for k in ('sampling', 'class_names') if k in recorded})
+    config = hub_spec(_read_json(config_path), source).to_dict()
+    out = _read_files(folder, source)
+    recorded = out.pop('recorded', {})
+    out.update(config=config, **{k: recorded[k] for k in ('sampling', 'class_names') if k in recorded})
     return out
 
 
-def download_repo(repo_id: str) -> str:
-    """The local snapshot of a Hub repo's model files (from the cache when offline)."""
+def download_repo(repo_id: str, **download) -> str:
+    """The local snapshot of a Hub repo's model files (from the cache when offline); `download`: revision, token..."""
     try:
-        return snapshot_download(repo_id=repo_id, allow_patterns=[CONFIG_NAME, WEIGHTS_FILE, VAE_FILE, RECORDED_FILE])
+        return snapshot_download(repo_id=repo_id, allow_patterns=[CONFIG_NAME, WEIGHTS_FILE, VAE_FILE, RECORDED_FILE],
+                                 **download)
     except Exception as e:   # offline, no network, no such repo, a bad token: each a different huggingface_hub error
         raise HubLoadError(f'{repo_id}: not a local path, and the Hugging Face Hub repo {repo_id} cannot be fetched '
                            f'({type(e).__name__}: offline, unreachable or no such repo). Download it where the Hub is '

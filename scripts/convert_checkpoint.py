@@ -4,11 +4,10 @@
     python scripts/convert_checkpoint.py local_output/var-slim.pth var-slim.safetensors  # slim export
     python scripts/convert_checkpoint.py old/ar-ckpt-last.pth new/ar-ckpt-last.pth --i_trust_this_file
 
-IN is read with the project's loader (weights only). A file whose loading would run code (a pickle with objects in
-it, or a hostile one) is refused unless --i_trust_this_file is given: only then is it fully unpickled, so use it
-only on files from a source you trust. The contents become plain data (`to_plain`) and are written as OUT:
-`.safetensors` for weights (configs go into its metadata as JSON), `.pth` for anything (a training checkpoint with
-optimizer state), loadable weights-only. OUT is read back through the loader before the script reports success.
+IN is read weights-only; a file whose loading would run code is fully unpickled only with --i_trust_this_file.
+Its contents become plain data (`to_plain`) written as OUT: `.safetensors` for weights and configs, `.pth` for
+anything (a training checkpoint with optimizer state). OUT is read back before success is reported
+(docs/CHECKPOINTS.md).
 """
 import argparse
 import collections
@@ -31,7 +30,8 @@ from utils.cli import exits_on_write_error  # noqa: E402
 from utils.safetensors_io import SafetensorsLayoutError, write_safetensors  # noqa: E402
 
 FORMATS = ('.pth', '.pt', '.safetensors')
-KEPT = (bool, int, float, str, bytes, torch.Tensor, torch.dtype, torch.device, torch.Size)   # weights-only loads read these
+# kept as they are: weights-only loads read these
+KEPT = (bool, int, float, str, bytes, torch.Tensor, torch.dtype, torch.device, torch.Size)
 
 
 class ConvertError(ValueError):
@@ -91,18 +91,6 @@ def read_input(path: str, trust: bool) -> Any:
                          f'installed here.') from None
 
 
-def write_output(obj: Any, path: str):
-    """OUT in the format its extension names."""
-    if not path.endswith('.safetensors'):
-        return save_atomic(obj, path)
-    try:
-        write_safetensors(obj, path)
-    except SafetensorsLayoutError as e:
-        raise SystemExit(f'error: this checkpoint holds more than weights and configs ({e}); a .safetensors file '
-                         f'cannot hold it. Write it as {os.path.splitext(path)[0]}.pth, which also loads '
-                         f'weights-only.') from None
-
-
 def count_tensors(obj: Any) -> int:
     """Tensors anywhere in a nested structure."""
     if isinstance(obj, torch.Tensor):
@@ -112,20 +100,16 @@ def count_tensors(obj: Any) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+@exits_on_write_error
+def main(argv: Optional[List[str]] = None) -> str:
+    """Read, make plain, write, read back; returns OUT."""
     p = argparse.ArgumentParser(description='Convert a checkpoint into a format that loads without running code '
                                             '(.safetensors, or a weights-only .pth).')
     p.add_argument('IN', help='checkpoint to read (.pth / .pt / .safetensors)')
     p.add_argument('OUT', help='file to write: .safetensors (weights, slim exports) or .pth (any checkpoint)')
     p.add_argument('--i_trust_this_file', action='store_true',
                    help='read IN with full unpickling if it asks to run code; only for a file from a trusted source')
-    return p
-
-
-@exits_on_write_error
-def main(argv: Optional[List[str]] = None) -> str:
-    """Read, make plain, write, read back; returns OUT."""
-    args = build_parser().parse_args(argv)
+    args = p.parse_args(argv)
     src, dst = args.IN, args.OUT
     if not os.path.isfile(src):
         raise SystemExit(f'error: {src} does not exist; pass the checkpoint file to convert.')
@@ -140,8 +124,13 @@ def main(argv: Optional[List[str]] = None) -> str:
     except ConvertError as e:
         raise SystemExit(f'error: {src}: {e}; it cannot be converted to a safe format.') from None
     try:
-        write_output(plain, dst)
+        write = write_safetensors if dst.endswith('.safetensors') else save_atomic   # the format OUT names
+        write(plain, dst)
         back = read_checkpoint(dst)   # the proof: it loads weights-only
+    except SafetensorsLayoutError as e:
+        raise SystemExit(f'error: this checkpoint holds more than weights and configs ({e}); a .safetensors file '
+                         f'cannot hold it. Write it as {os.path.splitext(dst)[0]}.pth, which also loads '
+                         f'weights-only.') from None
     except OSError as e:
         raise SystemExit(f'error: cannot write {dst} ({e.strerror or e}); choose a folder you can write to with '
                          f'enough free space.') from None

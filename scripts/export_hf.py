@@ -1,12 +1,10 @@
-"""Write a Hugging Face Hub folder (models/hub.py: config.json, model.safetensors, vae.safetensors, recorded.json,
-README.md) from any checkpoint the loaders accept; optionally upload it.
+"""Write a Hugging Face Hub folder (models/hub.py) from any checkpoint the loaders accept; optionally upload it.
 
     .venv/bin/python scripts/export_hf.py demo_output/viar/viar-slim.pth hf/viar-demo
     .venv/bin/python scripts/export_hf.py local_output/ar-ckpt-last.pth hf/my-viar --ema
     .venv/bin/python scripts/export_hf.py viar.pth hf/viar --vae_ckpt vae_ch160v4096z32.pth --push_to_hub me/viar
 
-The folder is written beside OUT under a temporary name and renamed into place, so OUT is either the old folder or
-the whole new one. It samples the same images as the checkpoint: `gen_img.py --var_ckpt OUT`.
+OUT is written under a temporary name and renamed into place; it samples the same images as the checkpoint.
 """
 import argparse
 import os

@@ -1,10 +1,8 @@
 """Atomic file writes: write under a temporary name in the same folder, fsync, then rename.
 
-A crash (or a full disk) leaves either the old file or the new one, never a half-written file with
-the final name. Every writer of results, checkpoints, images and reports in the project goes
-through `atomic_path`. A write the user has to unblock (a full disk, a quota, a read-only folder) is a
-`WriteError` whose message is one line: the folder, the bytes needed, and that the old file is intact.
-The files get the mode the umask gives (0644 under umask 0022), as any other file the user creates.
+A crash leaves the old file or the new one, never a half-written one; every writer in the project goes through
+`atomic_path`. A write the user has to unblock (a full disk, a quota, a read-only folder) is a one-line
+`WriteError`: the folder, the bytes needed, and that the old file is intact. Files get the umask's mode.
 """
 import contextlib
 import errno
@@ -27,9 +25,7 @@ _PROBE_BYTES = 1 << 20
 
 
 class WriteError(OSError):
-    """A write the user has to unblock (a full disk, a read-only folder); str() is the one line that says so.
-
-    Made as WriteError(errno, line): errno stays the OS error's, for callers that branch on it."""
+    """A write the user has to unblock; str() is its one line. WriteError(errno, line) keeps the OS error's errno."""
 
     def __str__(self) -> str:
         return self.strerror
@@ -60,7 +56,6 @@ def denied_message(folder: str, code: int) -> str:
     return f'cannot write into {os.path.abspath(folder)}: {DENIED[code]}. {fix}.'
 
 
-
 def _fsync_dir(folder: str):
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -72,8 +67,8 @@ def _fsync_dir(folder: str):
 
 
 def _new_temp(path: str) -> str:
-    """Create an empty, new temporary file beside `path` and return its name. It is created with mode 0666 so that
-    the kernel applies the umask (tempfile.mkstemp makes 0600 files: teammates could not read the results)."""
+    """A new empty temporary file beside `path`, made with mode 0666 so that the umask applies (tempfile.mkstemp
+    makes 0600 files: teammates could not read the results)."""
     folder, name = os.path.split(os.path.abspath(path))
     while True:
         tmp = os.path.join(folder, f'.{name}.{secrets.token_hex(4)}.tmp')
@@ -85,8 +80,8 @@ def _new_temp(path: str) -> str:
 
 
 def _probe_errno(tmp: str) -> Optional[int]:
-    """The errno of writing 1 MiB more into `tmp` (ENOSPC on a full disk), or None when it fits. Asked of the disk
-    when a writer reported a failed write without its OSError (torch's 'unexpected pos')."""
+    """The errno of writing 1 MiB more into `tmp` (ENOSPC on a full disk), None when it fits: asked when a writer
+    reported a failed write without its OSError (torch's 'unexpected pos')."""
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_APPEND)
         try:
@@ -138,12 +133,9 @@ def _begin(path: str) -> str:
 
 @contextlib.contextmanager
 def atomic_path(path: str, durable: bool = True, need: Optional[int] = None) -> Iterator[str]:
-    """Yield a temporary path beside `path`; when the block succeeds it is fsynced and renamed onto `path`.
-
-    On an exception the temporary file is removed and `path` is untouched; a full disk or a folder that cannot be
-    written becomes a WriteError (one line; need: the bytes the write needs, for that line). durable=False skips
-    the fsyncs (many small files that can be remade, e.g. sample PNGs; the rename stays atomic).
-    """
+    """Yield a temporary path beside `path`, fsynced and renamed onto `path` when the block succeeds; on an exception
+    it is removed, and a full disk or unwritable folder is a WriteError (need: the bytes it needs, for its line).
+    durable=False skips the fsyncs (many small files that can be remade, e.g. sample PNGs)."""
     tmp = _begin(path)
     mode = stat.S_IMODE(os.stat(tmp).st_mode)   # what the umask allows
     try:
@@ -169,8 +161,7 @@ def atomic_path(path: str, durable: bool = True, need: Optional[int] = None) -> 
 
 
 def check_writable(folder: str):
-    """Create `folder` if needed and a file in it; a folder that cannot be written is a one-line WriteError now,
-    not at a run's first checkpoint."""
+    """Create `folder` and a file in it: an unwritable folder is a WriteError now, not at a run's first checkpoint."""
     os.remove(_begin(os.path.join(folder, 'write-check')))
 
 

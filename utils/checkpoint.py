@@ -1,12 +1,10 @@
 """Checkpoint files: atomic writes, model unwrapping, official-file download, and loads that explain mismatches.
 
-One helper for every script: training state, slim exports and the official `vae_ch160v4096z32.pth`,
-`var_d{16,20,24,30}.pth`, `viar.pth` all load through `load_var_weights` / `load_vae_weights`; a transformer
-source (a file, a Hub folder or a Hub repo id) is read by `read_model`, and every file by `read_checkpoint`:
-`.pth` with `torch.load(weights_only=True)` (tensors, numbers, strings, lists, dicts, numpy arrays), `.safetensors`
-through utils.safetensors_io. Loading never runs code: a file that asks to
-(a pickle of objects, or a hostile one) is refused with UnsafeCheckpointError, which names
-`scripts/convert_checkpoint.py` for files the user trusts.
+Every file is read by `read_checkpoint` without running code: `.pth` with `torch.load(weights_only=True)` (tensors,
+numbers, strings, lists, dicts, numpy arrays), `.safetensors` through utils.safetensors_io. A file that asks to run
+code is refused with UnsafeCheckpointError, which names `scripts/convert_checkpoint.py` for files the user trusts.
+Weights go into a model through `load_var_weights` / `load_vae_weights`; a transformer source (a file, a Hub folder
+or repo id) is read by `read_model`.
 """
 import collections
 import hashlib
@@ -36,9 +34,8 @@ OFFICIAL_FILES = {
     'var_d36.pth': 'FoundationVision/var',   # VAR-d36-s: 512 px, shared AdaLN
     'viar.pth': 'mobiushy/VIAR',
 }
-# sha256 of each official file, checked before a downloaded (or ckpts/-placed) file is used: for FoundationVision/var
-# the digests of its Hugging Face LFS pointers at revision 6d0ee6598a42f75079aa79e58b012b57b284c91b. None: no
-# published digest known, not checked (put the one the hub shows here).
+# sha256 checked before a downloaded (or ckpts/-placed) official file is used: FoundationVision/var's Hugging Face LFS
+# pointers at revision 6d0ee6598a42f75079aa79e58b012b57b284c91b. None: no published digest known, not checked.
 OFFICIAL_SHA256 = {
     'vae_ch160v4096z32.pth': '7c3ec27ae28a3f87055e83211ea8cc8558bd1985d7b51742d074fb4c2fcf186c',
     'var_d16.pth': '4f6151aad91c94e03e224dd7358d8389fa05301c0c291279566998efb54b0ecb',
@@ -48,7 +45,6 @@ OFFICIAL_SHA256 = {
     'var_d36.pth': None,
     'viar.pth': None,
 }
-CONVERT = 'python scripts/convert_checkpoint.py'
 REPO_ID = re.compile(r'[A-Za-z0-9][\w.-]*/[\w.-]+')   # owner/name on the Hugging Face Hub
 CHECKPOINT_EXTS = ('.pth', '.pt', '.safetensors', '.bin', '.ckpt')
 
@@ -66,8 +62,7 @@ class OfficialDigestError(CheckpointError):
 
 
 def save_atomic(obj: Any, path: str):
-    """torch.save through utils.atomic.atomic_path: a crash leaves the old file intact, a full disk is a one-line
-    utils.atomic.WriteError that says how many bytes the file needs."""
+    """torch.save through utils.atomic.atomic_path (a full disk is a one-line WriteError with the bytes needed)."""
     from utils.atomic import atomic_path
     with atomic_path(str(path), need=payload_bytes(obj)) as tmp:
         torch.save(obj, tmp)
@@ -115,17 +110,15 @@ def resolve_checkpoint(path: str, ckpt_dir: str = 'ckpts') -> str:
         local = os.path.join(ckpt_dir, name)
         if os.path.isfile(local):
             return verify_official(local, ckpt_dir)
-        url = official_url(name)
+        fix = f'Download {official_url(name)} and put it at {local} (or pass its path).'
         if not hub_reachable():   # fail at once instead of after the hub client's retries
-            raise CheckpointError(f'{path!r} not found and the Hugging Face hub is unreachable from here. Download '
-                                  f'{url} and put it at {local} (or pass its path).')
+            raise CheckpointError(f'{path!r} not found and the Hugging Face hub is unreachable from here. {fix}')
         try:
             from huggingface_hub import hf_hub_download
             got = hf_hub_download(repo_id=OFFICIAL_FILES[name], filename=name, local_dir=ckpt_dir)
         except Exception as e:   # offline, hub down, or no huggingface_hub
-            raise CheckpointError(
-                f'{path!r} not found and could not be downloaded from the Hugging Face hub ({type(e).__name__}). '
-                f'Download {url} and put it at {local} (or pass its path).') from None
+            raise CheckpointError(f'{path!r} not found and could not be downloaded from the Hugging Face hub '
+                                  f'({type(e).__name__}). {fix}') from None
         return verify_official(got, os.path.dirname(got))
     raise CheckpointError(f'checkpoint {path!r} does not exist. Pass the path of a .pth or .safetensors file, a Hub '
                           f'folder or repo id (owner/name) (official names download automatically: '
@@ -147,7 +140,8 @@ def read_model(path: str) -> Any:
     'model', 'config', and 'vae', 'sampling', 'class_names' when the folder holds them)."""
     if not is_hub_source(path):
         return read_checkpoint(resolve_checkpoint(path))
-    return _hub('read_folder', path)
+    from models.hub import read_folder   # huggingface_hub: loaded only for Hub sources
+    return read_folder(path)
 
 
 def fetch_model(path: str) -> None:
@@ -156,16 +150,8 @@ def fetch_model(path: str) -> None:
     if not is_hub_source(path):
         resolve_checkpoint(path)
     elif not os.path.isdir(path):
-        _hub('download_repo', path)
-
-
-def _hub(action: str, path: str) -> Any:
-    """models.hub's `action` (read_folder, download_repo) on a Hub source, a HubLoadError as a CheckpointError."""
-    from models import hub   # huggingface_hub: loaded only for Hub sources
-    try:
-        return getattr(hub, action)(path)
-    except hub.HubLoadError as e:
-        raise CheckpointError(str(e)) from None
+        from models.hub import download_repo
+        download_repo(path)
 
 
 def official_url(name: str) -> str:
@@ -204,7 +190,7 @@ def refusal(path: str, why: str = '') -> str:
     """The one line every entry point prints for a file whose loading would run code (why: 'calls io.open')."""
     what = f' (it {why})' if why else ''
     return (f'{path} asks to run code when loaded{what} and was not loaded. If you trust this file, convert it '
-            f'to the safe format: {CONVERT} {path} OUT --i_trust_this_file')
+            f'to the safe format: python scripts/convert_checkpoint.py {path} OUT --i_trust_this_file')
 
 
 def _refused_call(message: str, path: str) -> Optional[str]:
@@ -222,16 +208,13 @@ def _refused_call(message: str, path: str) -> Optional[str]:
 
 
 def read_checkpoint(path: str, mmap: bool = False) -> Any:
-    """What a checkpoint file holds (the one place this project reads checkpoint files), without running code.
-
-    .pth: torch.load(weights_only=True) with numpy arrays allowed (data only); mmap=True maps the tensors
-    instead of reading them (ranks of a node share the pages; a legacy non-zip file is read normally).
-    .safetensors: utils.safetensors_io. A file asking for anything else raises UnsafeCheckpointError; a
-    truncated or foreign file, CheckpointError.
-    """
-    if str(path).endswith('.safetensors'):
-        return _read_safetensors(path)
+    """What a checkpoint file holds, read without running code (the one reader of checkpoint files). mmap=True maps
+    a zip .pth's tensors (ranks of a node share the pages). A file asking to run code raises UnsafeCheckpointError;
+    a truncated or foreign file, CheckpointError."""
     try:
+        if str(path).endswith('.safetensors'):
+            from utils.safetensors_io import read_safetensors   # it imports this module
+            return read_safetensors(path)
         with torch.serialization.safe_globals(_numpy_array_globals()), warnings.catch_warnings():
             warnings.filterwarnings('ignore', message='Detected pickle protocol')   # raw pickles: refused below
             return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
@@ -240,7 +223,7 @@ def read_checkpoint(path: str, mmap: bool = False) -> Any:
         if why is not None:
             raise UnsafeCheckpointError(refusal(path, why)) from None
         raise _unreadable(path, e) from None
-    except Exception as e:
+    except Exception as e:   # also safetensors' own errors and a bad JSON metadata entry
         raise _unreadable(path, e) from None
 
 
@@ -259,14 +242,6 @@ def _unreadable(path: str, e: Exception) -> CheckpointError:
                            f'({size} bytes{detail}). Download or export it again.')
 
 
-def _read_safetensors(path: str) -> Any:
-    try:
-        from utils.safetensors_io import read_safetensors
-        return read_safetensors(path)
-    except Exception as e:   # safetensors' own errors, a bad JSON metadata entry, a missing file
-        raise _unreadable(path, e) from None
-
-
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     """The model state dict inside a file: a bare state dict, a training checkpoint, or a slim export."""
     return extract_state_dict(read_checkpoint(path), path)
@@ -283,13 +258,26 @@ def extract_state_dict(obj: Any, where: str = 'checkpoint') -> Dict[str, torch.T
     return {re.sub(r'^(module\.|_orig_mod\.)+', '', k): v for k, v in obj.items()}
 
 
-def sha256_of(path: str, cached: bool = True) -> str:
-    """Hex sha256 of a file's bytes. Each file is hashed once per process while its size and mtime stay the same
-    (an 8 GB var_d30.pth takes seconds, and the official tokenizer is checked, recorded and compared by several
-    callers of one run); cached=False always reads the file (the benchmark of hashing)."""
+def transformer_state_dict(obj: Any, where: str) -> Dict[str, torch.Tensor]:
+    """extract_state_dict of a VAR/VIAR checkpoint; a tokenizer or foreign file is a one-line CheckpointError."""
+    from models.config import state_dict_kind
+    sd = extract_state_dict(obj, where)
+    kind = state_dict_kind(sd)
+    if kind == 'vae':
+        raise CheckpointError(f'{where} is a VQVAE tokenizer file; pass it as --vae_ckpt, not as the transformer '
+                              f'checkpoint.')
+    if kind == 'unknown':
+        raise CheckpointError(f'{where} holds no VAR/VIAR weights (no class_emb.weight); pass a transformer '
+                              f'checkpoint (official var_d*.pth / viar.pth, or a train.py export).')
+    return sd
+
+
+def sha256_of(path: str) -> str:
+    """Hex sha256 of a file's bytes, hashed once per process while its size and mtime stay the same (an 8 GB
+    var_d30.pth takes seconds, and several callers of one run check the official tokenizer)."""
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
-    if cached and key in _DIGESTS:
+    if key in _DIGESTS:
         return _DIGESTS[key]
     h = hashlib.sha256()
     with open(path, 'rb') as f:
@@ -303,10 +291,8 @@ _DIGESTS: Dict[tuple, str] = {}   # (path, size, mtime_ns) -> sha256 of the file
 
 
 def resolve_recorded(ref: Dict[str, str], where: str, ckpt_dir: str = 'ckpts') -> str:
-    """The local path of a tokenizer a slim export records by official name and sha256 (found or downloaded).
-
-    A recorded file that cannot be found or fetched, or whose bytes differ, is a one-line CheckpointError.
-    """
+    """The local path of a tokenizer a slim export records by official name and sha256 (found or downloaded); one
+    that cannot be found or fetched, or whose bytes differ, is a one-line CheckpointError."""
     name = ref.get('name', '')
     try:
         path = resolve_checkpoint(os.path.join(ckpt_dir, name), ckpt_dir)
@@ -340,11 +326,17 @@ def _describe(sd: Dict[str, torch.Tensor], model: Optional[nn.Module] = None, fa
     return f'a {kind} checkpoint (depth {spec.depth}, width {spec.width}{blocks})', spec
 
 
+def _read_source(path_or_sd, where: Optional[str]) -> Tuple[Any, str]:
+    """(contents, name for messages) of a path (official names download) or of a checkpoint already in memory."""
+    if isinstance(path_or_sd, str):
+        return read_checkpoint(resolve_checkpoint(path_or_sd)), where or path_or_sd
+    return path_or_sd, where or 'state dict'
+
+
 def load_var_weights(var: nn.Module, path_or_sd, strict: bool = True, where: Optional[str] = None):
     """Load transformer weights with strict key/shape checks; a mismatch says what the file is, the flags that
     build it (every one that differs, from the file's own config when it has one) and the loader that needs none."""
-    where = where or (path_or_sd if isinstance(path_or_sd, str) else 'state dict')
-    obj = read_checkpoint(resolve_checkpoint(path_or_sd)) if isinstance(path_or_sd, str) else path_or_sd
+    obj, where = _read_source(path_or_sd, where)
     sd = extract_state_dict(obj, where)
     var = unwrap_model(var)
     want, want_spec = _describe(var.state_dict(), var)
@@ -367,8 +359,8 @@ def load_var_weights(var: nn.Module, path_or_sd, strict: bool = True, where: Opt
 
 def load_vae_weights(vae: nn.Module, path_or_sd, strict: bool = True, where: Optional[str] = None):
     """Load tokenizer weights; a transformer file passed here gets a clear error."""
-    where = where or (path_or_sd if isinstance(path_or_sd, str) else 'state dict')
-    sd = read_state_dict(resolve_checkpoint(path_or_sd)) if isinstance(path_or_sd, str) else extract_state_dict(path_or_sd, where)
+    obj, where = _read_source(path_or_sd, where)
+    sd = extract_state_dict(obj, where)
     got, _ = _describe(sd)
     if not got.startswith('a VQVAE'):
         raise CheckpointError(f'{where} is {got}, not a VQVAE tokenizer. Pass the tokenizer file '
@@ -380,16 +372,10 @@ def _strict_load(model: nn.Module, sd: Dict[str, torch.Tensor], where: str, stri
     own = model.state_dict()
     bad_shapes = [f'{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}'
                   for k, v in sd.items() if k in own and own[k].shape != v.shape]
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    if bad_shapes or (strict and (missing or unexpected)):
-        parts = []
-        if bad_shapes:
-            parts.append(f'{len(bad_shapes)} shape mismatches (e.g. {bad_shapes[0]})')
-        if strict and missing:
-            parts.append(f'{len(missing)} missing keys (e.g. {missing[0]})')
-        if strict and unexpected:
-            parts.append(f'{len(unexpected)} unexpected keys (e.g. {unexpected[0]})')
+    missing, unexpected = (sorted(set(own) - set(sd)), sorted(set(sd) - set(own))) if strict else ([], [])
+    parts = [f'{len(items)} {what} (e.g. {items[0]})' for what, items in
+             (('shape mismatches', bad_shapes), ('missing keys', missing), ('unexpected keys', unexpected)) if items]
+    if parts:
         raise CheckpointError(f'{where} does not fit the model: ' + '; '.join(parts) +
                               '. Check the model flags (depth, patch_nums, V, Cvae, ch) against the file.')
     model.load_state_dict(sd, strict=strict)

@@ -9,9 +9,7 @@ user gave that disagrees is reported in one warning line naming the flag and the
 Tokenizer: `vae_ckpt` when given ('random': random weights, for speed tests); else the one a slim export embeds
 ('vae'); else the one it records ('vae_ref': the official file's name and sha256); else the official file. An
 empty `vae_ckpt` means not given, as in training.
-Files: `.pth` or `.safetensors` (train.py writes its slim export as both), or a Hub folder / repo id (read as the
-slim export it amounts to: docs/CHECKPOINTS.md); every read goes through `utils.checkpoint.read_model`, which never
-runs code.
+Files: `.pth`, `.safetensors`, a Hub folder or repo id, all read by `utils.checkpoint.read_model` (docs/CHECKPOINTS.md).
 """
 import os
 from dataclasses import dataclass
@@ -21,9 +19,9 @@ import torch
 
 from models.config import ModelSpec, spec_from_state_dict, state_dict_kind, vae_arch_from_state_dict
 from utils.arch_flags import check_spec, contradiction_text, contradictions
-from utils.checkpoint import (OFFICIAL_FILES, CheckpointError, extract_state_dict, load_vae_weights,
-                              load_var_weights, read_checkpoint, read_model, resolve_checkpoint, resolve_recorded,
-                              save_atomic, sha256_of, unwrap_model)
+from utils.checkpoint import (OFFICIAL_FILES, CheckpointError, load_vae_weights, load_var_weights, read_model,
+                              read_state_dict, resolve_checkpoint, resolve_recorded, save_atomic, sha256_of,
+                              transformer_state_dict, unwrap_model)
 from utils.safetensors_io import write_safetensors
 from utils.sample.compile_util import Sampler, SamplingError, prepare_for_sampling
 from utils.sample.config import recorded_defaults, with_recorded
@@ -47,32 +45,13 @@ def spec_in_file(obj: Any) -> Optional[ModelSpec]:
 def spec_of_file(obj: Any, where: str, fallback: ModelSpec) -> ModelSpec:
     """The architecture a checkpoint holds: its stored config, else what its weights show (official files)."""
     stored = spec_in_file(obj)
-    if stored is not None:
-        return stored
-    sd = extract_state_dict(obj, where)
-    kind = state_dict_kind(sd)
-    if kind == 'vae':
-        raise CheckpointError(f'{where} is a VQVAE tokenizer file; pass it as --vae_ckpt, not as the transformer '
-                              f'checkpoint.')
-    if kind == 'unknown':
-        raise CheckpointError(f'{where} holds no VAR/VIAR weights (no class_emb.weight); pass a transformer '
-                              f'checkpoint (official var_d*.pth / viar.pth, or a train.py export).')
-    return spec_from_state_dict(sd, fallback)
-
-
-def disagreements(spec: ModelSpec, given: Mapping[str, Any], where: str) -> Optional[str]:
-    """The warning for architecture flags the user gave that the file overrides; None when all agree."""
-    items = contradictions(given, spec)
-    if not items:
-        return None
-    return (f'warning: {where} sets the architecture ({spec.kind} depth {spec.depth}, width {spec.width}); '
-            f'ignored: {contradiction_text(items, "file")}')
+    return stored if stored is not None else spec_from_state_dict(transformer_state_dict(obj, where), fallback)
 
 
 @dataclass
 class Loaded:
-    """What load_or_build returns: the pair in eval mode, their spec, the checkpoint they come from ('random' for
-    random weights) and the class names the export records (the training folders' names), if any."""
+    """What load_or_build returns: the pair in eval mode, their spec, their checkpoint ('random' for random weights)
+    and what the file records."""
     vae: Any
     var: Any
     spec: ModelSpec
@@ -89,8 +68,7 @@ class Loaded:
 @dataclass
 class Tokenizer:
     """Where the tokenizer's weights come from: a file (a path or an official name), weights a checkpoint holds
-    (`weights`; random=True as well when they were drawn at random for a test run), or random initialisation.
-    `where` names it in logs."""
+    (random=True too when they were drawn at random for a test run), or random initialisation; `where` names it."""
     path: str = ''
     weights: Optional[Dict[str, Any]] = None
     random: bool = False
@@ -136,7 +114,7 @@ def _with_tokenizer_sizes(spec: ModelSpec, vae_ckpt: Optional[str]) -> ModelSpec
     """For a file without a config: the tokenizer's sizes from the tokenizer file itself."""
     if not vae_ckpt or vae_ckpt == RANDOM:
         return spec
-    sd = extract_state_dict(read_checkpoint(resolve_checkpoint(vae_ckpt)), vae_ckpt)
+    sd = read_state_dict(resolve_checkpoint(vae_ckpt))
     if state_dict_kind(sd) != 'vae':
         return spec   # load_vae_weights explains the mistake
     return ModelSpec.from_dict(dict(spec.to_dict(), **vae_arch_from_state_dict(sd)))
@@ -147,12 +125,11 @@ def load_models(var_ckpt: str, vae_ckpt: Optional[str] = None, spec: Optional[Mo
                 log: Callable[[str], None] = print) -> Tuple[Any, Any, ModelSpec]:
     """(vae, var, spec) from a checkpoint, strictly loaded, in eval mode; the file sets the architecture.
 
-    spec: sizes the file cannot tell (an official file says nothing about its tokenizer's channels); the
-    official ones when None. given: the architecture flags the user gave (ModelSpec field -> value): those the
-    file overrides are reported through `log`. ema=True loads a training export's EMA weights ('model_ema').
+    spec: sizes the file cannot tell (an official file's tokenizer channels); the official ones when None. given:
+    the architecture flags the user gave (field -> value), those the file overrides said through `log`. ema=True:
+    a training export's EMA weights ('model_ema').
     """
-    vae, var, file_spec, _ = _load(var_ckpt, vae_ckpt, spec, device, ema, given, log)
-    return vae, var, file_spec
+    return _load(var_ckpt, vae_ckpt, spec, device, ema, given, log)[:3]
 
 
 def _load(var_ckpt: str, vae_ckpt: Optional[str], spec: Optional[ModelSpec], device, ema: bool,
@@ -162,16 +139,14 @@ def _load(var_ckpt: str, vae_ckpt: Optional[str], spec: Optional[ModelSpec], dev
     file_spec = spec_of_file(obj, var_ckpt, spec or ModelSpec())
     if spec_in_file(obj) is None:
         file_spec = _with_tokenizer_sizes(file_spec, vae_ckpt)
-    warning = disagreements(file_spec, given or {}, var_ckpt)
-    if warning:
-        log(warning)
+    ignored = contradictions(given or {}, file_spec)   # flags the user gave that the file overrides
+    if ignored:
+        log(f'warning: {var_ckpt} sets the architecture ({file_spec.kind} depth {file_spec.depth}, width '
+            f'{file_spec.width}); ignored: {contradiction_text(ignored, "file")}')
     vae, var = file_spec.build(device)
-    if ema:
-        if not (isinstance(obj, dict) and isinstance(obj.get('model_ema'), dict)):
-            raise CheckpointError(f'{var_ckpt} holds no EMA weights; train with --ema or drop --ema.')
-        load_var_weights(var, {'model': obj['model_ema']}, where=var_ckpt)
-    else:
-        load_var_weights(var, obj, where=var_ckpt)
+    if ema and not (isinstance(obj, dict) and isinstance(obj.get('model_ema'), dict)):
+        raise CheckpointError(f'{var_ckpt} holds no EMA weights; train with --ema or drop --ema.')
+    load_var_weights(var, {'model': obj['model_ema']} if ema else obj, where=var_ckpt)
     _load_tokenizer(vae, vae_ckpt, obj, var_ckpt)
     return vae.eval(), var.eval(), file_spec, obj
 
@@ -240,8 +215,7 @@ def sample_defaults_in(obj: Any, where: str) -> Optional[Dict[str, Any]]:
 
 
 def tokenizer_ref(vae_ckpt: str) -> Optional[Dict[str, str]]:
-    """How a slim export records a tokenizer it does not embed: the official file's name and sha256
-    (None for any other file, which is embedded)."""
+    """How a slim export records an official tokenizer: its name and sha256 (None for any other, which is embedded)."""
     name = os.path.basename(vae_ckpt or '')
     if name not in OFFICIAL_FILES:
         return None
@@ -251,9 +225,8 @@ def tokenizer_ref(vae_ckpt: str) -> Optional[Dict[str, str]]:
 def slim_export(var, spec: ModelSpec, vae=None, var_ema_sd=None, vae_ref: Optional[Dict[str, str]] = None,
                 model_sd: Optional[Dict[str, Any]] = None, class_names: Optional[List[str]] = None,
                 sample_defaults: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """The dict `train.py` saves for the sampling scripts: weights, config, the tokenizer (embedded as 'vae', or
-    recorded as 'vae_ref' = official name + sha256), the class names (the training folders' names, in class-id
-    order) and the sampling defaults the run was given (--sample_defaults). model_sd: the weights already gathered into one ordinary state dict (a sharded model), else var's own."""
+    """The dict `train.py` saves for the sampling scripts (its entries: docs/TRAINING.md, Outputs). model_sd: the
+    weights already gathered into one ordinary state dict (a sharded model), else var's own."""
     out = {'model': unwrap_model(var).state_dict() if model_sd is None else model_sd, 'config': spec.to_dict()}
     if class_names:
         out['class_names'] = list(class_names)
@@ -275,7 +248,6 @@ def safetensors_twin(path: str) -> str:
 
 def save_slim(export: Dict[str, Any], path: str):
     """Write a slim export twice, atomically: `path` (torch.save, loads weights-only) and its .safetensors twin
-    (weights, EMA weights and embedded tokenizer under 'model/', 'model_ema/', 'vae/'; config and vae_ref as
-    JSON metadata). Both load with load_models and sample the same images."""
+    (utils.safetensors_io's layout); both sample the same images."""
     save_atomic(export, path)
     write_safetensors(export, safetensors_twin(path))

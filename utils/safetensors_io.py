@@ -1,11 +1,8 @@
-"""Checkpoints as .safetensors: a file format that holds only tensors and string metadata, so loading it
-never runs code.
+"""Checkpoints as .safetensors (tensors and string metadata only, so loading never runs code).
 
-A project checkpoint is a dict whose entries are tensors, state dicts (dicts of tensors) or plain JSON
-values (configs, names, numbers). `write_safetensors` stores a tensor entry under its own key, a state dict
-entry `part` as keys `part/<state-dict key>` (state-dict keys never hold '/'), and every other entry as a
-JSON string in the metadata; `read_safetensors` rebuilds the same dict. A file without the layout marker
-(e.g. a bare state dict written by another tool) reads back as its flat dict of tensors.
+A checkpoint dict's tensor entries keep their key, a state dict entry `part` becomes keys `part/<state-dict key>`
+(state-dict keys never hold '/'), every other entry a JSON string in the metadata; `read_safetensors` rebuilds the
+dict. A file without the layout marker (a bare state dict from another tool) reads back as its flat dict.
 
     write_safetensors({'model': var.state_dict(), 'config': spec.to_dict()}, 'var-slim.safetensors')
     obj = read_safetensors('var-slim.safetensors')      # {'model': {...}, 'config': {...}} (tuples become lists)
@@ -58,8 +55,7 @@ def pack(obj: Dict[str, Any]) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
 
 
 def _independent(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Contiguous CPU tensors that share no storage (safetensors refuses shared storage): a tensor whose storage
-    was already seen is copied; the others are written as they are."""
+    """Contiguous CPU tensors that share no storage (safetensors refuses it): a storage seen before is copied."""
     seen, out = set(), {}
     for k, t in tensors.items():
         t = t.detach().cpu().contiguous()

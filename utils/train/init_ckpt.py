@@ -2,22 +2,10 @@
 
 Shapes: N classes of the file, M classes of this run, C width.
 
-Only the weights are taken, never the optimizer, the step or the schedule: a fine-tune is a new run. A run
-that finds `ar-ckpt-last.pth` resumes from it instead (train.py decides that), so a killed fine-tune continues.
-The file sets the architecture, the resolution and the tokenizer (utils/train/architecture.py), so its tensors fit:
-
-- `--init_ckpt PATH`: an official file (a name the checkpoint helper downloads), an `ar-ckpt-*.pth`, a slim
-  export, or a Hub folder / repo id. With another number of classes the class rows of `class_emb` are re-initialised (this run's fresh init)
-  and the file's learned null-class row (row N, the unconditional embedding classifier-free guidance uses) becomes
-  the new last row (row M).
-- `--init_from_var PATH` (VIAR only): pre-blocks from the VAR's first p blocks, post-blocks from its last p,
-  the implicit block from its block depth // 2 (the block the implicit one is built like), embeddings, AdaLN
-  and head from the VAR; the input-injection projection keeps its fresh init.
-- `--freeze PATTERNS`: comma-separated fnmatch patterns over parameter names, applied in order; a pattern
-  starting with '!' unfreezes what it matches (`*,!implicit_block.*,!class_emb.*` trains only those two).
-
-The arithmetic (name mappings, class rows, pattern matching) is in pure functions; `initialise` and
-`apply_freeze` apply them to a built model and log what they did.
+Only the weights are taken, never the optimizer, the step or the schedule; the file sets the architecture, so its
+tensors fit (utils/train/architecture.py). The rules (class rows, the VAR -> VIAR block map, freeze patterns) are in
+docs/TRAINING.md, "Fine-tuning and starting VIAR from VAR"; the arithmetic is in pure functions, and `initialise`
+and `apply_freeze` apply them to a built model and log what they did.
 """
 import fnmatch
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -25,20 +13,17 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from models.config import ModelSpec, spec_from_state_dict, state_dict_kind, var_to_viar_names
-from utils.checkpoint import CheckpointError, extract_state_dict, load_var_weights, read_model
+from models.config import ModelSpec, spec_from_state_dict, var_to_viar_names
+from utils.checkpoint import CheckpointError, load_var_weights, read_model, transformer_state_dict
 
 
 class InitError(SystemExit):
     """Weights that cannot start this run; the message says what the file is and what to pass instead."""
 
 
-# ---------------------------------------------------------------- pure pieces
-
 def adapt_class_emb(file_NC: torch.Tensor, init_MC: torch.Tensor) -> torch.Tensor:
-    """(M + 1, C) class embedding: the file's rows when the class counts agree, else this run's initial class rows
-    0..M-1 with the file's null-class row (its last) as the new last row, on the model's device and in its dtype
-    (the file is read onto the CPU, the model may already sit on a GPU)."""
+    """(M + 1, C) class embedding: the file's rows when the class counts agree, else this run's initial rows 0..M-1
+    and the file's null-class row (its last) as the last, on the model's device and dtype (the file is on the CPU)."""
     if file_NC.shape == init_MC.shape:
         return file_NC
     if file_NC.shape[1] != init_MC.shape[1]:
@@ -74,40 +59,31 @@ def parse_patterns(text: str) -> List[str]:
     return [p.strip() for p in (text or '').split(',') if p.strip()]
 
 
-# ---------------------------------------------------------------- applying them to a model
-
 def read_weights(path: str) -> Tuple[Any, Dict[str, torch.Tensor]]:
-    """(file contents, transformer state dict) of an official file, an ar-ckpt-*.pth, a slim export or a Hub folder
-    / repo id, through the checkpoint helper (official names are downloaded; files are read without running code)."""
+    """(file contents, transformer state dict) of any transformer source utils.checkpoint.read_model reads."""
     try:
         obj = read_model(path)
-        sd = extract_state_dict(obj, path)
+        return obj, transformer_state_dict(obj, path)
     except CheckpointError as e:
         raise InitError(str(e)) from None
-    kind = state_dict_kind(sd)
-    if kind == 'vae':
-        raise InitError(f'{path} is a VQVAE tokenizer file; pass it as --vae_ckpt. --init_ckpt and --init_from_var '
-                        f'take transformer weights (var_d*.pth, viar.pth, ar-ckpt-*.pth, *-slim.pth).')
-    if kind == 'unknown':
-        raise InitError(f'{path} holds no VAR/VIAR weights (no class_emb.weight); pass a transformer checkpoint.')
-    return obj, sd
 
 
-def class_rows_text(file_classes: int, run_classes: int) -> str:
-    return (f'{file_classes} classes in the file, {run_classes} in this run: class rows re-initialised, the learned '
-            f'null-class row kept as row {run_classes}')
+def _note_class_rows(sd: Mapping[str, torch.Tensor], run_classes: int, done: Dict[str, str], log):
+    """Record and log that the class rows start afresh when the file has another number of classes."""
+    file_classes = sd['class_emb.weight'].shape[0] - 1   # without the null-class row
+    if file_classes != run_classes:
+        done['class_emb'] = (f'{file_classes} classes in the file, {run_classes} in this run: class rows '
+                             f're-initialised, the learned null-class row kept as row {run_classes}')
+        log(f'[init] {done["class_emb"]}')
 
 
 def load_init_ckpt(var: nn.Module, run_spec: ModelSpec, sd: Mapping[str, torch.Tensor], where: str,
                    log: Callable[[str], None]) -> Dict[str, str]:
     """Load a fine-tuning start into `var` (strictly, through the checkpoint helper); returns what was done."""
-    sd = dict(sd)
     done = {}
+    _note_class_rows(sd, run_spec.num_classes, done, log)
     own = var.state_dict()['class_emb.weight']
-    if sd['class_emb.weight'].shape != own.shape:
-        done['class_emb'] = class_rows_text(sd_classes(sd), run_spec.num_classes)
-        sd['class_emb.weight'] = adapt_class_emb(sd['class_emb.weight'], own)
-        log(f'[init] {done["class_emb"]}')
+    sd = {**sd, 'class_emb.weight': adapt_class_emb(sd['class_emb.weight'], own)}
     try:
         load_var_weights(var, sd, where=where)
     except CheckpointError as e:
@@ -115,15 +91,10 @@ def load_init_ckpt(var: nn.Module, run_spec: ModelSpec, sd: Mapping[str, torch.T
     return done
 
 
-def sd_classes(sd: Mapping[str, torch.Tensor]) -> int:
-    """Classes of a state dict (its class_emb rows minus the null row)."""
-    return sd['class_emb.weight'].shape[0] - 1
-
-
 def load_init_from_var(viar: nn.Module, run_spec: ModelSpec, sd: Mapping[str, torch.Tensor], where: str,
                        log: Callable[[str], None]) -> Dict[str, str]:
-    """Initialise a VIAR from a VAR's weights (mapping of the module docstring; architecture.resolve checked that
-    they are a VAR's); returns what was done."""
+    """Initialise a VIAR from a VAR's weights (architecture.resolve checked that they are a VAR's); returns what was
+    done."""
     file_spec = spec_from_state_dict(sd, run_spec)
     own = viar.state_dict()
     try:
@@ -148,9 +119,7 @@ def load_init_from_var(viar: nn.Module, run_spec: ModelSpec, sd: Mapping[str, to
                 post=f'post_blocks.{span(0, q)} <- blocks.{span(d - q, d)}' if q else 'no post-blocks',
                 rest='embeddings, AdaLN and head from the VAR; implicit_block_projection: fresh init')
     log(f'[init] VIAR from VAR depth {d} ({where}): ' + '; '.join(done.values()))
-    if sd_classes(sd) != run_spec.num_classes:
-        done['class_emb'] = class_rows_text(sd_classes(sd), run_spec.num_classes)
-        log(f'[init] {done["class_emb"]}')
+    _note_class_rows(sd, run_spec.num_classes, done, log)
     return done
 
 
@@ -167,7 +136,7 @@ def check_init_flags(init_ckpt: str, init_from_var: str, use_implicit: bool):
 def initialise(var: nn.Module, run_spec: ModelSpec, init_sd: Optional[Mapping[str, torch.Tensor]], where: str,
                from_var: bool, log: Callable[[str], None]) -> Dict[str, str]:
     """Apply --init_ckpt (or, from_var, --init_from_var) to a freshly built model: the weights `init_sd` of the file
-    `where` (utils/train/architecture.py read them); nothing when init_sd is None (a new run)."""
+    `where`; nothing when init_sd is None (a new run)."""
     if init_sd is None:
         return {}
     if from_var:

@@ -1,16 +1,9 @@
 """Sharded training checkpoints (`train.py --fsdp`): one folder per save, written by every rank, resumable at any
-world size, kept two at a time.
+world size, kept two at a time (layout, refusal and retention rules: docs/TRAINING.md, FSDP).
 
-A folder `ar-ckpt-step<step:08d>/` holds:
-  `__<rank>_0.distcp`  each rank's shards of the model, AdamW state and EMA (torch.distributed.checkpoint;
-                       tensors only, so reading them never unpickles anything but tensor data)
-  `.metadata`          DCP's index of the shards (a pickle: read only with utils.checkpoint.read_dcp_metadata)
-  `state.pth`          the plain rest, written by rank 0: step, sampler position, every rank's RNG states, flags,
-                       model config, best val loss, optimizer hyper-parameters, EMA counter, progressive state
-  `complete.json`      written last, by rank 0, after every rank finished: the step and each file's size
-A folder without its marker, or with a file missing or of another size, is incomplete: it is refused with the
-file named and the previous complete folder is used. After a save, the retention rule (`stale`) deletes older
-folders. Each folder holds the fp32 weights, both AdamW moments and the EMA: 16 bytes per parameter.
+`ar-ckpt-step<step:08d>/` holds each rank's `__<rank>_0.distcp` shards (torch.distributed.checkpoint), DCP's
+`.metadata` (read only with utils.checkpoint.read_dcp_metadata), rank 0's plain `state.pth`, and `complete.json`,
+written last with each file's size: a folder without it, or with a file missing or resized, is refused.
 """
 import json
 import os
@@ -35,8 +28,6 @@ class IncompleteCheckpoint(Exception):
     """A sharded checkpoint folder that cannot be used; the message names the file."""
 
 
-# ---------------------------------------------------------------- names and the retention rule (pure)
-
 def folder_name(step: int) -> str:
     """The folder of the checkpoint taken after `step` forward passes."""
     return f'ar-ckpt-step{step:08d}'
@@ -57,9 +48,8 @@ class Entry:
 
 
 def stale(entries: Sequence[Entry], keep: int = KEEP) -> List[int]:
-    """Steps whose folders go: complete ones older than the newest `keep` complete ones (except the newest
-    complete best one), and incomplete ones older than the newest complete one (a save still being written,
-    newer than every complete one, stays)."""
+    """Steps whose folders go: complete ones older than the newest `keep` complete ones (except the newest complete
+    best one), and incomplete ones older than the newest complete one (a save still being written stays)."""
     complete = sorted((e for e in entries if e.complete), key=lambda e: e.step, reverse=True)
     kept = {e.step for e in complete[:keep]}
     bests = [e for e in complete if e.best]
@@ -70,8 +60,6 @@ def stale(entries: Sequence[Entry], keep: int = KEEP) -> List[int]:
     out += [e.step for e in entries if not e.complete and newest is not None and e.step < newest]
     return sorted(out)
 
-
-# ---------------------------------------------------------------- checking a folder
 
 def read_marker(folder: str) -> Dict[str, Any]:
     """The marker of a folder; IncompleteCheckpoint naming it when it is missing or unreadable."""
@@ -89,31 +77,31 @@ def read_marker(folder: str) -> Dict[str, Any]:
 
 
 def check_folder(folder: str) -> Tuple[Dict[str, Any], Any]:
-    """(marker, DCP metadata) of a complete folder; IncompleteCheckpoint naming the first file that is missing,
-    of another size than the marker records, or not what this trainer writes."""
+    """(marker, DCP metadata) of a complete folder; IncompleteCheckpoint names the first file that is missing,
+    resized, or not what this trainer writes."""
     marker = read_marker(folder)
+    marker_path, meta_path = os.path.join(folder, MARKER), os.path.join(folder, METADATA)
     for name, size in sorted(marker['files'].items()):
         path = os.path.join(folder, name)
         if os.path.basename(name) != name:
-            raise IncompleteCheckpoint(f'{os.path.join(folder, MARKER)} lists {name!r}, not a file of the folder')
+            raise IncompleteCheckpoint(f'{marker_path} lists {name!r}, not a file of the folder')
         if not os.path.isfile(path):
             raise IncompleteCheckpoint(f'{path} is missing')
         if os.path.getsize(path) != size:
             raise IncompleteCheckpoint(f'{path} has {os.path.getsize(path)} bytes, the save wrote {size}')
     try:
-        md = read_dcp_metadata(os.path.join(folder, METADATA))
+        md = read_dcp_metadata(meta_path)
     except CheckpointError as e:   # also a hostile file (UnsafeCheckpointError): refused, never unpickled fully
         raise IncompleteCheckpoint(str(e)) from None
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata   # 0.3 s to import: --fsdp runs only
     odd = [k for k, v in md.state_dict_metadata.items() if not isinstance(v, TensorStorageMetadata)]
     if odd:
-        raise IncompleteCheckpoint(f'{os.path.join(folder, METADATA)} lists non-tensor entries ({odd[0]}, ...): '
-                                   f'not a checkpoint this trainer writes')
+        raise IncompleteCheckpoint(f'{meta_path} lists non-tensor entries ({odd[0]}, ...): not a checkpoint this '
+                                   f'trainer writes')
     shards = {info.relative_path for info in md.storage_data.values()}
     unlisted = sorted(shards - set(marker['files']))
     if unlisted:
-        raise IncompleteCheckpoint(f'{os.path.join(folder, METADATA)} points at {unlisted[0]}, which '
-                                   f'{os.path.join(folder, MARKER)} does not list')
+        raise IncompleteCheckpoint(f'{meta_path} points at {unlisted[0]}, which {marker_path} does not list')
     return marker, md
 
 
@@ -126,15 +114,12 @@ def folders(out: str) -> List[Tuple[int, str]]:
 
 
 def newest_complete(out: str, warn: Callable[[str], None]) -> Optional[Tuple[int, str, Any]]:
-    """(step, folder, DCP metadata) of the newest complete folder; each newer incomplete one is reported through
-    `warn` with the file that is wrong, and skipped."""
+    """(step, folder, DCP metadata) of the newest complete folder; newer incomplete ones are skipped, each `warn`ed."""
     for step, folder in folders(out):
         try:
-            _, md = check_folder(folder)
+            return step, folder, check_folder(folder)[1]
         except IncompleteCheckpoint as e:
             warn(f'[ckpt] refusing {folder}: {e}; using an earlier checkpoint')
-            continue
-        return step, folder, md
     return None
 
 
@@ -146,12 +131,10 @@ def read_state(folder: str) -> Dict[str, Any]:
         raise SystemExit(f'cannot resume from {folder}: {e}') from None
 
 
-# ---------------------------------------------------------------- writing
-
 def save(out: str, step: int, tensors: Dict[str, Any], plain: Optional[Dict[str, Any]], best: bool,
          log: Callable[[str], None]) -> str:
-    """Write the folder of `step` on every rank (tensors: each rank's shards; plain: rank 0's dict), then the marker,
-    then prune; returns the folder. Every rank calls this."""
+    """Every rank: write the folder of `step` (tensors: this rank's shards; plain: rank 0's dict), then the marker,
+    then prune; returns the folder."""
     folder = os.path.join(out, folder_name(step))
     if dist.is_master() and os.path.isdir(folder):   # a save of this step killed before its marker
         shutil.rmtree(folder)
@@ -183,9 +166,7 @@ def prune(out: str, log: Callable[[str], None]):
 
 
 def optim_by_name(osd: Dict[str, Any], names: Sequence[str]) -> Dict[str, Any]:
-    """An optimizer state dict keyed by parameter index (torch's own, as DDP checkpoints hold it) re-keyed by
-    parameter name; names[i] is the parameter of index i (the order of the optimizer's param groups)."""
-    groups = []
-    for g in osd['param_groups']:
-        groups.append(dict(g, params=[names[i] for i in g['params']]))
+    """An optimizer state dict keyed by parameter index (as DDP checkpoints hold it) re-keyed by parameter name;
+    names[i]: the parameter of index i (the order of the optimizer's param groups)."""
+    groups = [dict(g, params=[names[i] for i in g['params']]) for g in osd['param_groups']]
     return {'state': {names[i]: v for i, v in osd['state'].items()}, 'param_groups': groups}
