@@ -229,7 +229,8 @@ def build_sampler(msg):
     sd = read_checkpoint(msg['state_path'])
     load_vae_weights(vae, sd.pop('vae'))
     load_var_weights(var, sd.pop('var'))
-    sampler = prepare_for_sampling(var.eval(), compile=msg['compile'], dtype=msg['dtype'], fast=msg['fast'])
+    sampler = prepare_for_sampling(var.eval(), compile=msg['compile'], dtype=msg['dtype'], fast=msg['fast'],
+                                   scope=msg['compile_scope'])
     label_B = torch.arange(msg['B'], device=device) % spec.num_classes
     kw = dict(g_seed=msg['g_seed'], cfg=msg['cfg'], top_k=msg['top_k'], top_p=msg['top_p'],
               schedule=IterSchedule.from_dict(msg['schedule']), fill_forward=msg['fill_forward'], return_stats=True)
@@ -266,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_source_args(p, skip=('ema',))
     p.set_defaults(var_ckpt='random')   # random weights unless a checkpoint is given
     add_sample_args(p, only=('cfg', 'top_k', 'top_p', 'tau_json', 'tau_cap', 'stop_mode', 'official_kv', 'dtype',
-                             'compile', 'fast'), defaults=dict(dtype='fp32'))
+                             'compile', 'compile_scope', 'fast'), defaults=dict(dtype='fp32'))
     return p
 
 
@@ -299,7 +300,8 @@ def run_config(args, spec, state_path: str, schedule: Dict[str, Any], device: st
     env = dict(os.environ, **({'OMP_NUM_THREADS': str(args.threads)} if args.threads else {}))
     msg = dict(model=spec.to_dict(), state_path=state_path, schedule=schedule, B=B, dtype=args.dtype,
                device=device, threads=args.threads, g_seed=args.g_seed, cfg=args.cfg, top_k=args.top_k,
-               top_p=args.top_p, fill_forward=not args.official_kv, compile=args.compile, fast=args.fast)
+               top_p=args.top_p, fill_forward=not args.official_kv, compile=args.compile, fast=args.fast,
+               compile_scope=args.compile_scope)
     is_viar = spec.kind == 'VIAR'
     msgs = {'ours': msg}
     if args.official and schedule['tau'] is None:
@@ -423,7 +425,8 @@ def main(argv=None):
                 if device.type == 'cpu' else None, depth=spec.depth, width=spec.width, pre_depth=spec.pre_depth,
                 post_depth=spec.post_depth, patch_nums=list(spec.patch_nums), image_px=spec.image_px,
                 var_ckpt='' if source.var_ckpt == 'random' else source.var_ckpt, warmup=args.warmup, reps=args.reps,
-                compile=args.compile, official=args.official or None, basis=timing_basis(str(device), args.threads),
+                compile=args.compile, compile_scope=args.compile_scope if args.compile else None,
+                official=args.official or None, basis=timing_basis(str(device), args.threads),
                 cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, fill_forward=not args.official_kv,
                 load_avg=f"{load_start} -> {' '.join(f'{x:.1f}' for x in os.getloadavg())}", torch=torch.__version__)
     result = dict(meta=meta, rows=rows, **({'sweep': sweep_rows(rows)} if args.batch_sizes else {}))

@@ -257,6 +257,7 @@ def test_bad_schedule_flags_exit_with_a_message():
     (['--tau', '0.1', '--tau_json', 'x.json'], 'either --tau or --tau_json'),
     (['--tau_cap', '5'], '--tau_cap only applies to adaptive schedules'),
     (['--stop_mode', 'abs'], '--stop_mode only applies to adaptive schedules'),
+    (['--compile_scope', 'scale'], '--compile_scope only applies with --compile'),
 ])
 def test_out_of_range_and_conflicting_sampling_values_are_one_line_errors(argv, message):
     with pytest.raises(SystemExit) as e:

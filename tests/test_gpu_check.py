@@ -24,12 +24,14 @@ def run_check(out, **env):
 
 @pytest.mark.slow
 def test_each_step_writes_its_results(tmp_path):
-    summary = run_check(tmp_path, STEPS='VIAR:eager VAR:fast', STEP_S='300')
-    assert 'official: none' in summary and 'CUDA graphs: not measured' in summary
-    for name, kind, fast in (('VIAR_eager', 'VIAR', False), ('VAR_fast', 'VAR', True)):
+    summary = run_check(tmp_path, STEPS='VIAR:eager VAR:fast VIAR:graphs', STEP_S='300', GRAPH_STEP_S='300')
+    assert 'official: none' in summary
+    for name, kind, fast, scope in (('VIAR_eager', 'VIAR', False, None), ('VAR_fast', 'VAR', True, None),
+                                    ('VIAR_graphs', 'VIAR', True, 'scale')):
         assert f'{name}: rc=0' in summary
         result = json.loads((tmp_path / name / 'sample_speed.json').read_text())
         assert [r['model'] for r in result['rows']] == [kind] and result['meta']['fast'] is fast
+        assert result['meta']['compile'] is (scope is not None) and result['meta']['compile_scope'] == scope
         assert result['meta']['B'] == 2 and result['rows'][0]['ours']['wall_images_per_s'] > 0
 
 

@@ -54,6 +54,7 @@ def test_compile_mode_never_replays_cuda_graphs_on_cuda():
 def test_a_scale_step_compiled_whole_may_replay_cuda_graphs():
     for mode in CUDAGRAPH_MODES:
         assert compile_mode('cuda', mode, scope='scale') == mode
+    assert compile_mode('cuda', None, scope='scale') in CUDAGRAPH_MODES and compile_mode('cpu', None, 'scale') is None
     with pytest.raises(SamplingError, match='compile scope must be one of modules, scale'):
         compile_mode('cpu', None, scope='graphs')
 
@@ -127,8 +128,8 @@ def test_a_scale_step_captured_whole_reads_nothing_cuda_graphs_free(use_implicit
     torch._dynamo.reset()
     counters.clear()
     emu = CudaGraphTreeEmulator()
-    sampler = prepare_for_sampling(var, compile=True, backend=emu, mode='reduce-overhead', compile_vae=False,
-                                   scope='scale')
+    sampler = prepare_for_sampling(var, compile=True, backend=emu, mode=compile_mode('cuda', None, 'scale'),
+                                   compile_vae=False, scope='scale')
     for _ in range(2):
         got, st = sampler(2, torch.tensor([0, 3]), **kw)
         assert emu.stale_inputs == 0

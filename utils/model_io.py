@@ -190,7 +190,8 @@ def load_sampler(source, sample, device, log: Callable[[str], None] = print, inf
         sample, line = with_recorded(sample, loaded.sample_defaults)
         if line:
             info(line)
-        sampler = prepare_for_sampling(loaded.var, compile=sample.compile, dtype=sample.dtype, fast=sample.fast)
+        sampler = prepare_for_sampling(loaded.var, compile=sample.compile, dtype=sample.dtype, fast=sample.fast,
+                                       scope=sample.compile_scope)
         sample.check_model(loaded.var, log=log)
     except (CheckpointError, SamplingError) as e:
         raise SystemExit(f'error: {e}') from None

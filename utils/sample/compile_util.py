@@ -117,8 +117,8 @@ COMPILE_SCOPES = ('modules', 'scale')
 
 
 def compile_mode(device_type: str, requested: Optional[str] = None, scope: str = 'modules') -> Optional[str]:
-    """The torch.compile mode: `requested` (None: inductor's default, on every device); with scope 'modules',
-    refused where it would replay CUDA graphs on CUDA (scope 'scale' replays a whole scale step).
+    """The torch.compile mode: `requested`, else inductor's default (scope 'scale' on CUDA: 'reduce-overhead', CUDA
+    graphs). With scope 'modules' a CUDA-graph mode is refused on CUDA.
 
     The modules are compiled one by one and the eager scale loop chains them. CUDA graph trees start a new
     generation at each call of a compiled module and hand the previous call's outputs back to their memory pool,
@@ -128,6 +128,8 @@ def compile_mode(device_type: str, requested: Optional[str] = None, scope: str =
     """
     if scope not in COMPILE_SCOPES:
         raise SamplingError(f'compile scope must be one of {", ".join(COMPILE_SCOPES)}, got {scope!r}')
+    if requested is None and scope == 'scale' and device_type == 'cuda':
+        return 'reduce-overhead'   # what the scale scope is for: CUDA graphs replay each scale
     if device_type == 'cuda' and requested in CUDAGRAPH_MODES and scope == 'modules':
         raise SamplingError(f'torch.compile mode {requested!r} replays CUDA graphs, which the separately compiled '
                             f'blocks of the scale loop cannot use (each call would free the output the next one '

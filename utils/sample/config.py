@@ -21,7 +21,7 @@ from utils import cli
 from utils.arch_flags import add_arch_args, describe_model, given_fields
 from utils.cli import flag
 from utils.sample.schedule_flags import from_cli, schedule_note, schedule_settings
-from utils.sample.compile_util import AUTOCAST_DTYPES, RESIDUAL_FLOOR, SamplingError, resolve_dtype
+from utils.sample.compile_util import AUTOCAST_DTYPES, COMPILE_SCOPES, RESIDUAL_FLOOR, SamplingError, resolve_dtype
 
 SCHEDULE_FLAGS = ('iter_left', 'iter_right', 'iters', 'tau', 'tau_json', 'tau_cap', 'stop_mode', 'official_kv',
                   'solver', 'anderson_m')
@@ -79,6 +79,9 @@ class SampleConfig:
                               'fp32 on CPU; with --fast, bf16 on a CPU with native bf16', choices=tuple(sorted(AUTOCAST_DTYPES)) + ('auto',))
     compile: bool = flag(False, 'torch.compile the blocks, the head and the VQVAE decoder (no CUDA graphs); '
                                 'the first batch compiles; samples equal the eager ones within float tolerance')
+    compile_scope: str = flag('modules', 'with --compile: modules (each block and the head, a few graphs for all '
+                                         'scales) or scale (one graph per scale step: longer to compile, CUDA graphs '
+                                         'on a GPU; adaptive schedules run eagerly)', choices=COMPILE_SCOPES)
     fast: bool = flag(False, 'the fast path: the same maths, other rounding, another random stream (VIAR computes its '
                              'input injection once per scale; tokens are drawn over the top-k candidates; with --dtype '
                              'auto, bf16 on a CPU with native bf16, fp16 on CUDA, else fp32); '
@@ -114,6 +117,8 @@ class SampleConfig:
                 raise SamplingError(f'--{name} must be {rule.rule}, got {getattr(self, name)}')
             if self._typed(name) and self.solver != kind:
                 raise SamplingError(f'--{name} only applies with --solver {kind}')
+        if self._typed('compile_scope') and not self.compile:
+            raise SamplingError('--compile_scope only applies with --compile: add --compile, or drop --compile_scope')
         if self.dtype not in AUTOCAST_DTYPES and self.dtype != 'auto':
             raise SamplingError(f"--dtype must be one of {sorted(AUTOCAST_DTYPES) + ['auto']}, got {self.dtype!r}")
         return self
