@@ -1,18 +1,17 @@
 """utils/sample/compile_util.py: the eager fp32 sampler is the model's own sampler; compiled and autocast samplers
 agree with it; the fast path (`prepare_for_sampling(fast=True)`) is the same maths with other rounding."""
+import json
+import os
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import schedules as S
 from models.blocks import onednn_fuses_bf16_gelu
-from tests.conftest import needs_c_compiler
-from tests.tiny import tiny_vae_var
-from utils.sample.compile_util import SamplingError, prepare_for_sampling
-import json
-import os
 from models.solver import SolverSpec
 from models.var import EditSpec
+from tests.conftest import needs_c_compiler
 from tests.tiny import tiny_tokens, tiny_vae_var
 from utils.sample.compile_util import (RESIDUAL_FLOOR, SamplingError, cpu_flags, fast_dtype, native_bf16,
                                        prepare_for_sampling, resolve_dtype)
