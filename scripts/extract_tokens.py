@@ -4,11 +4,8 @@
         --vae_ckpt ckpts/vae_ch160v4096z32.pth --pn 256 --hflip --crops 1
     torchrun --nproc_per_node=8 scripts/extract_tokens.py ...   # shards split over the ranks
 
-Writes, for train/ and val/, shards of `.npy` token indices and labels and `manifest.json`, in the format of
-utils/data/token_cache.py. Train views: `--crops K` crops per image (K = 1: the centre crop; K > 1: K random crops,
-seeded per (--seed, image, crop)), each also flipped with `--hflip`; val: the centre crop, as image training
-validates. Resumable: the same command again keeps every finished shard (each is written atomically) and makes the
-rest; other flags on an existing cache are refused.
+Writes the format of utils/data/token_cache.py; views, resuming and refusals: docs/TRAINING.md, "Pre-tokenised
+training".
 """
 import argparse
 import json

@@ -1,18 +1,10 @@
 """Pre-tokenised training data: the token maps of every image stored once, read back without the VQVAE encoder.
 
 Shapes: N images in a shard, W stored views per image (crops x flips), L tokens over all scales.
-
-A cache folder (written by `scripts/extract_tokens.py`) holds, per split ('train', 'val') and shard k:
-  `<split>-<k:05d>.tokens.npy`   uint16 (N, W, L): the token indices of every view, scales concatenated
-  `<split>-<k:05d>.labels.npy`   int64 (N,): class indices (sorted class-folder order, as image training)
-and `manifest.json`: the tokenizer (sha256 of its file, sizes), the pyramid, resolution and crop settings,
-the class names and every shard's shape. Nothing is pickled: `np.load(allow_pickle=False)` reads it.
-
-Views: `crops` = K crops per image (K = 1: the centre crop, as validation; K > 1: K random crops, each
-seeded by (cache seed, image index, crop)), each also flipped with `hflip` (W = K or 2K). Training draws
-one view per image per epoch from a generator keyed by (run seed, epoch, image index) (`draw_view`), so a
-resume at any world size draws the same; validation uses view 0 (the centre crop, unflipped).
-K stored crops are a recipe difference from the official fresh random crop every epoch (README).
+A cache folder (written by `scripts/extract_tokens.py`) holds, per split and shard k, `<split>-<k:05d>.tokens.npy`
+(uint16 (N, W, L)) and `<split>-<k:05d>.labels.npy` (int64 (N,)), and `manifest.json`; nothing is pickled.
+Training draws one view per image per epoch (`draw_view`); validation uses view 0. Format, views and the recipe
+difference: docs/TRAINING.md, "Pre-tokenised training".
 """
 import json
 import os
