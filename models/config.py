@@ -10,6 +10,7 @@ rest from a fallback spec.
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from models import build_vae_var
 from models.layout import PYRAMIDS, num_tokens
 
 
@@ -124,7 +125,6 @@ class ModelSpec:
         init: training-only options of `models.build_vae_var` (init_adaln, init_std, cond_drop_rate,
         drop_path_rate, jfb_no_grad, jfb_with_grad, ...).
         """
-        from models import build_vae_var
         self.validate()
         transformer = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata['part'] == 'transformer'}
         return build_vae_var(device, V=self.V, Cvae=self.Cvae, ch=self.vae_ch, vae_ch_mult=self.vae_ch_mult,
