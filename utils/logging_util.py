@@ -13,20 +13,16 @@ from typing import Dict, List, Optional
 
 
 class _ConsoleHandler(logging.StreamHandler):
-    """Writes to whatever sys.stdout (or sys.stderr) is at the time of each record, so redirections made after
+    """Writes to whatever sys.stdout (or sys.stderr) is when each record is emitted, so redirections made after
     the logger was set up (pytest's capture, a script's own redirect) still see the lines."""
 
     def __init__(self, to_stderr: bool = False):
         super().__init__()
         self.to_stderr = to_stderr
 
-    @property
-    def stream(self):
-        return sys.stderr if self.to_stderr else sys.stdout
-
-    @stream.setter
-    def stream(self, value):   # logging.StreamHandler assigns it in __init__; the property decides instead
-        pass
+    def emit(self, record):
+        self.stream = sys.stderr if self.to_stderr else sys.stdout
+        super().emit(record)
 
 
 def get_logger(name: str, out_dir: Optional[str] = None, is_master: bool = True, filename: str = 'log.txt',
