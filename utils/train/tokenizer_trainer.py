@@ -299,12 +299,11 @@ def train_tokenizer(cfg: TokenizerConfig) -> Dict[str, Any]:
                 log.info(f'step {step + 1}/{cfg.max_steps}  loss {metrics["loss"]:.4f}  '
                          f'rec {metrics["rec_loss"]:.4f}  vq {metrics["vq_loss"]:.4f}  '
                          f'usage {metrics["usage_mean"]:.0f}%  lr {lr:.2e}  {sec:.2f}s/step')
-            if ev.stop:
+            if ev.stop or ev.save:
                 save_atomic(checkpoint_dict(vae, cfg, opt, step + 1, metrics), last_ckpt)
+            if ev.stop:
                 log.info(f'stopped at step {step + 1} (--stop_at); rerun the same command to continue')
                 return metrics
-            if ev.save:
-                save_atomic(checkpoint_dict(vae, cfg, opt, step + 1, metrics), last_ckpt)
 
         metrics['val_recon_mse'] = recon_mse(vae, val_set, device=device)
         tb.add('vae', {'val_recon_mse': metrics['val_recon_mse']}, cfg.max_steps)
