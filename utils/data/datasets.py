@@ -55,11 +55,6 @@ def load_rgb(path: str) -> PImage.Image:
                                    f'delete or replace the file and restart (training resumes).') from None
 
 
-def is_image(name: str) -> bool:
-    """Has an image extension torchvision's ImageFolder accepts."""
-    return name.lower().endswith(IMG_EXTENSIONS)
-
-
 def scan_classes(root: str, split: str) -> List[str]:
     """Sorted class folder names of a split, after checking each exists and holds an image."""
     if not os.path.isdir(root):
@@ -71,7 +66,7 @@ def scan_classes(root: str, split: str) -> List[str]:
                         f'e.g. {root}/n01440764/xxx.JPEG.')
     for c in classes:
         with os.scandir(os.path.join(root, c)) as it:
-            if not any(e.is_file() and is_image(e.name) for e in it):
+            if not any(e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS) for e in it):   # ImageFolder's rule
                 raise DataError(f'class folder {os.path.join(root, c)} holds no image '
                                 f'({", ".join(IMG_EXTENSIONS[:4])}...): add images or remove the folder.')
     return classes

@@ -10,13 +10,8 @@ import torch
 import torch.nn as nn
 
 # parameters named with any of these (besides 1-D tensors and biases) get no weight decay, as official
-NOWD_KEYS = frozenset({
-    'cls_token', 'start_token', 'task_token', 'cfg_uncond',
-    'pos_embed', 'pos_1LC', 'pos_start', 'start_pos', 'lvl_embed',
-    'gamma', 'beta',
-    'ada_gss', 'moe_bias',
-    'scale_mul',
-})
+NOWD_KEYS = frozenset({'cls_token', 'start_token', 'task_token', 'cfg_uncond', 'pos_embed', 'pos_1LC', 'pos_start',
+                       'start_pos', 'lvl_embed', 'gamma', 'beta', 'ada_gss', 'moe_bias', 'scale_mul'})
 
 
 def lr_ratio(sche: str, cur_it: int, wp_it: float, max_it: int, wp0: float = 0.005, wpe: float = 0.001) -> float:
