@@ -134,6 +134,13 @@ def add_dataclass_args(parser, clz, title: Optional[str] = None, only: Optional[
     return g
 
 
+def parse_dataclass(clz, argv: Optional[List[str]], description: str, title: str):
+    """An instance of `clz` from the command line of a script whose flags are its fields (argv=None: sys.argv)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_dataclass_args(p, clz, title)
+    return from_namespace(clz, p.parse_args(argv))
+
+
 def from_namespace(clz, ns: argparse.Namespace, **overrides):
     """An instance of `clz` from the parsed flags; fields the parser did not add keep their defaults."""
     vals = {f.name: getattr(ns, f.name) for f in dataclasses.fields(clz)
