@@ -1,11 +1,8 @@
 """The architecture of a (VQVAE, VAR/VIAR) pair as one typed config, and how to read it off the weights.
 
-`ModelSpec` declares every architecture field once: its name, type, default and meaning. A slim export stores it
-as its 'config', every script builds from it, and the command lines of training and sampling are generated from
-its fields (utils/arch_flags.py says how each flag is spelled). The official files carry no config:
-`spec_from_state_dict` reads every size the weights determine (kind, depth of VAR, width, heads, pre/post blocks
-of VIAR, classes, vocabulary, code dim, shared AdaLN, the scale pyramid from the length of `pos_1LC`) and takes the
-rest from a fallback spec.
+`ModelSpec` declares every architecture field once; slim exports store it as their 'config' and the training and
+sampling command lines are generated from it (utils/arch_flags.py). The official files carry no config:
+`spec_from_state_dict` reads every size their weights determine and takes the rest from a fallback spec.
 """
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple

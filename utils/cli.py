@@ -1,10 +1,8 @@
 """Command lines generated from config dataclasses: one flag per field, typed from its annotation.
 
-Every script (training, tokenizer training, sampling, analysis, benchmarks) declares its settings as
-dataclasses whose fields are made with `flag(default, help)`; `add_dataclass_args` turns them into argparse
-flags (official names kept, aliases allowed) and `from_namespace` turns the parsed flags back into the
-dataclass. `parse_known_explicit` also reports which flags the user actually typed, so a checkpoint that
-disagrees with a typed flag can say so while an untouched default is silently replaced.
+Fields made with `flag(default, help)` become argparse flags (`add_dataclass_args`; official names kept,
+aliases allowed) and the parsed flags become the dataclass again (`from_namespace`). `parse_explicit` also
+reports which flags the user typed, so a checkpoint may replace an untouched default but not a typed flag.
 """
 import argparse
 import dataclasses

@@ -1,8 +1,7 @@
 """Training configuration: typed dataclasses, the argparse CLI generated from them, and derived values.
 
-Every official flag keeps its name and meaning (`--depth --bs --ep --tblr --fp16 --alng --wpe --twde
---use_implicit --p_depth ...`). Values computed from the flags (per-GPU batch, peak lr, resolution,
-warmup length, ...) come from the one pure function `derive(args, world_size)`.
+Official flags keep their names and meanings; values computed from the flags (per-GPU batch, peak lr,
+resolution, warmup length, ...) come from the one pure function `derive`.
 """
 import argparse
 import dataclasses

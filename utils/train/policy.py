@@ -1,10 +1,8 @@
 """What a training run does at each step, as pure functions of the step: the policy half of `train.Run.train`.
 
-`StepPolicy.schedule_at(g_it)` gives the lr, weight decay and progressive stage of forward pass g_it
-(0-based); `StepPolicy.events_at(done, pending)` decides, after `done` forward passes, whether to print a
-progress line, validate and save. Validation and saving only happen at optimizer-step boundaries (every
-`ac` forward passes), so an epoch end that falls inside an accumulation window is carried in `pending`
-until the window closes. No I/O here: the tests call these directly.
+`schedule_at(g_it)` gives forward pass g_it's lr, weight decay and progressive stage; `events_at(done, pending)`
+whether to log, validate and save. Validation and saving wait for an optimizer-step boundary (every `ac` forward
+passes): one asked for inside an accumulation window is carried in `pending`.
 """
 from dataclasses import dataclass
 from typing import Tuple
