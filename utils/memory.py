@@ -1,6 +1,5 @@
 """Memory figures: peak RSS on CPU, CUDA allocator peaks on a GPU, and the activation bytes autograd saves.
 
-The one place these are measured (training logs, the sampler's report, the benchmarks, the memory tests).
 Imports nothing from the project, so the benchmark's official-code child can load this file by path.
 """
 import ctypes
