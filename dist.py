@@ -27,9 +27,7 @@ DEFAULT_TIMEOUT_S = 30 * 60
 
 def timeout_from_env() -> datetime.timedelta:
     """The collective timeout: $VIAR_DIST_TIMEOUT_S seconds, else 30 minutes."""
-    raw = os.environ.get('VIAR_DIST_TIMEOUT_S', '').strip()
-    if not raw:
-        return datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)
+    raw = os.environ.get('VIAR_DIST_TIMEOUT_S', '').strip() or str(DEFAULT_TIMEOUT_S)
     try:
         sec = float(raw)
     except ValueError:
