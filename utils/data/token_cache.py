@@ -67,9 +67,7 @@ def shard_names(split: str, k: int) -> Tuple[str, str]:
 def split_scales(tokens_BL: torch.Tensor, patch_nums: Sequence[int], prog_si: int = -1) -> List[torch.Tensor]:
     """(B, L) concatenated indices -> per-scale (B, pn * pn) long tensors (up to scale prog_si if >= 0), as
     `VQVAE.img_to_idxBl` returns them."""
-    ranges = scale_begin_ends(patch_nums)
-    if prog_si >= 0:
-        ranges = ranges[:prog_si + 1]
+    ranges = scale_begin_ends(patch_nums)[:prog_si + 1 if prog_si >= 0 else None]
     return [tokens_BL[:, bg:ed].long() for bg, ed in ranges]
 
 
@@ -127,9 +125,7 @@ class CacheSettings:
     batch_size: int
 
     def to_dict(self) -> Dict[str, Any]:
-        d = dict(self.__dict__)
-        d['patch_nums'] = list(self.patch_nums)
-        return d
+        return dict(self.__dict__, patch_nums=list(self.patch_nums))
 
 
 def read_manifest(cache_dir: str) -> Dict[str, Any]:
