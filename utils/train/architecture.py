@@ -156,9 +156,9 @@ def resolve(given: Mapping[str, Any], vae_ckpt: Optional[str], patch_size: Optio
             init: Optional[Tuple[str, Any, Dict[str, Any]]] = None, from_var: bool = False,
             resume: Optional[Tuple[str, Dict[str, Any]]] = None, default_vae_ckpt: str = DEFAULT_VAE_CKPT
             ) -> Architecture:
-    """The Architecture of a run. init: (path, file contents, transformer state dict) of
-    --init_ckpt, or of --init_from_var with from_var; resume: (path, checkpoint) when the run resumes (it wins);
-    default_vae_ckpt: the tokenizer of a new run without --vae_ckpt (a token cache's own)."""
+    """The Architecture of a run. init: (path, file contents, transformer state dict) of --init_ckpt, or of
+    --init_from_var with from_var; resume: (path, checkpoint) when the run resumes (it wins); default_vae_ckpt: the
+    tokenizer of a new run without --vae_ckpt (a token cache's own)."""
     if resume is not None:
         where, ckpt = resume
         spec = ModelSpec.from_dict(ckpt['config'])
@@ -181,15 +181,11 @@ def resolve(given: Mapping[str, Any], vae_ckpt: Optional[str], patch_size: Optio
     tok = pick_tokenizer(vae_ckpt, tokenizer_of_file(obj, where), where, argv)
     if not (isinstance(obj, dict) and isinstance(obj.get('config'), dict)):   # the weights do not tell these
         file_spec = ModelSpec.from_dict(dict(file_spec.to_dict(), **tokenizer_sizes(tok)))
+    free, what = (VIAR_FROM_VAR_FREE, 'a VIAR started from a VAR') if from_var else (FINE_TUNE_FREE, 'a fine-tune')
     if from_var:
-        free = VIAR_FROM_VAR_FREE
         default = ModelSpec()
         file_spec = replace(file_spec, use_implicit=True, pre_depth=given.get('pre_depth', default.pre_depth),
                             post_depth=given.get('post_depth', default.post_depth))
-        what = 'a VIAR started from a VAR'
-    else:
-        free = FINE_TUNE_FREE
-        what = 'a fine-tune'
     items = contradictions(given, file_spec, free)
     if items:
         to_viar = not from_var and not file_spec.use_implicit and given.get('use_implicit')
