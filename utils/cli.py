@@ -114,11 +114,8 @@ def _default_of(f: dataclasses.Field):
 
 def add_dataclass_args(parser, clz, title: Optional[str] = None, only: Optional[Iterable[str]] = None,
                        skip: Iterable[str] = (), defaults: Optional[Dict[str, Any]] = None):
-    """Add one flag per field of `clz` (those in `only`, minus `skip`) as an argument group; returns the group.
-
-    `defaults` overrides field defaults for this script (e.g. gen_img.py's depth 30). Help text, aliases,
-    choices and nargs come from the field metadata (`flag(...)`).
-    """
+    """Add one flag per field of `clz` (those in `only`, minus `skip`) as an argument group, from the fields'
+    `flag(...)` metadata; `defaults` overrides field defaults for this script. Returns the group."""
     g = parser.add_argument_group(title or clz.__name__, clz.__doc__)
     hints = typing.get_type_hints(clz)
     only = set(only) if only is not None else None

@@ -27,11 +27,8 @@ def sample_seed(seed: int, epoch: int, position: int) -> int:
 
 
 class DistInfiniteBatchSampler(Sampler):
-    """Endless local batches of (index, aug seed), from position (epoch, it) = (0, 0) or load_state_dict's.
-
-    A DataLoader with workers runs ahead of the loop, so a run resumes from the position of the next batch it
-    would have consumed (`position_at(step)`), not from this sampler's own.
-    """
+    """Endless local batches of (index, aug seed), from position (0, 0) or load_state_dict's. A DataLoader's workers
+    run ahead of the loop, so a run resumes from `position_at(step)`, not from this sampler's own position."""
 
     def __init__(self, dataset_len: int, glb_batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
         if glb_batch_size % world_size != 0:

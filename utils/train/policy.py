@@ -64,10 +64,8 @@ class StepPolicy:
             stepping=(g_it + 1) % self.ac == 0)
 
     def events_at(self, done: int, pending: Pending = Pending(), first: bool = False) -> Tuple[Events, Pending]:
-        """After `done` forward passes (from 1): log / validate / save now, and what stays pending.
-
-        first: the first pass of this process (a progress line right away, also after a resume).
-        """
+        """After `done` forward passes (from 1): log / validate / save now, and what stays pending. first: the first
+        pass of this process (a progress line right away, also after a resume)."""
         ep, it = divmod(done - 1, self.iters_ep)
         last = done == self.total
         epoch_end = it + 1 == self.iters_ep or last

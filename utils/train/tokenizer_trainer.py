@@ -143,11 +143,9 @@ def scale_residuals(quantizer: VectorQuantizer2, f_BChw: torch.Tensor) -> List[t
 
 @torch.no_grad()
 def restart_dead_codes(quantizer: VectorQuantizer2, f_BChw: torch.Tensor, generator: torch.Generator) -> int:
-    """Move codes that no scale uses (usage EMA below the margin) onto random residual vectors of f.
-
-    Restarted codes get the margin as their usage so they have time to be picked before the next
-    restart. Returns how many codes moved; before the first usage update every code moves (data init).
-    """
+    """Move codes that no scale uses (usage EMA below the margin) onto random residual vectors of f; returns how
+    many moved (all before the first usage update: a data init). Each gets the margin as its usage, so it has time
+    to be picked before the next restart."""
     B, C, H, W = f_BChw.shape
     margin = usage_margin(B * H * W, quantizer.vocab_size)
     dead_V = quantizer.ema_vocab_hit_SV.max(dim=0).values < margin
