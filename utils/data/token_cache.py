@@ -72,10 +72,8 @@ def split_scales(tokens_BL: torch.Tensor, patch_nums: Sequence[int], prog_si: in
 
 
 def tokenize_images(vae, img_B3HW: torch.Tensor, prog_si: int = -1) -> List[torch.Tensor]:
-    """Per-scale token indices (B, pn * pn) of images in [-1, 1] (up to scale prog_si if >= 0): what a cache stores
-    and what training computes on the fly, both with float32 matmuls and convolutions in full precision (no
-    TF32) whatever the caller set. train.py turns TF32 on for the transformer; with it on here, codes that nearly
-    tie in distance would be picked differently in the cache and on the fly."""
+    """Per-scale token indices (B, pn * pn) of images in [-1, 1] (up to scale prog_si if >= 0), cached or on the
+    fly, always with TF32 off so both pick the same codes (docs/TRAINING.md, "TF32 and tokens")."""
     cuda = torch.backends.cuda.matmul, torch.backends.cudnn.conv
     saved = [b.fp32_precision for b in cuda]   # torch's new settings only: the legacy allow_tf32 state is untouched
     for b in cuda:
