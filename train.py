@@ -88,8 +88,7 @@ def restore_rng(st: Dict[str, Any]):
 # ---------------------------------------------------------------- resume
 
 def read_resume(path: str) -> Optional[Dict[str, Any]]:
-    """The training checkpoint at path, None when there is none; an unreadable one is a clear error, and one whose
-    loading would run code is refused (utils.checkpoint.read_checkpoint: weights only)."""
+    """The training checkpoint at path (read weights-only), None when there is none; an unreadable one is refused."""
     if not os.path.isfile(path):
         return None
     try:
@@ -418,8 +417,7 @@ class Run:
 
     # ---- checkpoints
     def _save(self, best: bool):
-        """ar-ckpt-last.pth (+ best), or with --fsdp a sharded folder, and the slim export; never with non-finite
-        weights."""
+        """ar-ckpt-last.pth (+ best), or with --fsdp a sharded folder, and the slim export; never non-finite weights."""
         if not self.trainer.weights_finite():
             last = (self.ckpt_path or 'none yet') if self.args.optim.fsdp else self.der.last_ckpt
             raise SystemExit(f'the model weights became non-finite by step {self.loop.g_it}; not saving them. '
