@@ -168,10 +168,9 @@ def allreduce_max(t: torch.Tensor) -> torch.Tensor:
 
 def fsdp_shard(model: torch.nn.Module, units: List[List[torch.nn.Module]], param_dtype: Optional[torch.dtype] = None,
                reduce_dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
-    """Shard `model` over all ranks with FSDP2 (torch.distributed.fsdp.fully_shard), in place: every unit (a list
-    of modules gathered together) with params cast to param_dtype for compute and gradients reduced in
-    reduce_dtype, then the root, whose params (embeddings, head, whatever no unit holds) keep their dtype (the
-    model runs its embeddings in fp32 itself). Create the optimizer and EMA after this: they hold the shards."""
+    """Shard `model` in place with FSDP2: every unit (modules gathered together) computing in param_dtype and
+    reducing gradients in reduce_dtype, then the root, whose params (embeddings, head) keep their dtype. Create the
+    optimizer and EMA after this: they hold the shards."""
     if not _initialized:
         raise RuntimeError('fsdp_shard needs a process group of several ranks')
     mesh = init_device_mesh(_device.type, (_world_size,))

@@ -24,9 +24,8 @@ from utils.train.sharded_ckpt import optim_by_name
 
 
 class StepHooks:
-    """Extension point of a training run, called at fixed points of every step (steps numbered from 1, as in the
-    logs): `loss` may replace a step's loss before its backward, `after_step` runs once the step is done. The base
-    class changes nothing; pass a subclass as `train.main(argv, hooks=...)` (tests/hooked_train.py injects faults)."""
+    """Called at fixed points of every step (numbered from 1, as in the logs); the base class changes nothing. Pass
+    a subclass as `train.main(argv, hooks=...)` (tests/hooked_train.py injects faults)."""
 
     def loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
         """The loss step `step` backpropagates."""
@@ -269,9 +268,8 @@ class VARTrainer:
         self.prog = ProgState(cfg.get('prog_it', 0), cfg.get('last_prog_si', -1), cfg.get('first_prog', True))
 
     def sharded_state_dict(self, with_vae: bool = False) -> Tuple[Dict, Dict]:
-        """(tensors, plain): the model, AdamW state and EMA keyed by parameter name, as this rank holds them (its
-        shards when sharded; what a sharded checkpoint's shard files hold, and the tensors it loads into), and the
-        plain rest (optimizer hyper-parameters, scaler, EMA counter, progressive state, the tokenizer with_vae)."""
+        """(tensors, plain): the model, AdamW state and EMA keyed by parameter name as this rank holds them (what a
+        sharded checkpoint's shard files hold and load into), and the plain rest (hyper-parameters, scaler, ...)."""
         model_sd, optim_sd = dist.model_optim_state(self.var_wo_ddp, self.opt.optimizer)
         tensors = {'model': model_sd, 'optim': optim_sd['state']}
         plain = {'optim_groups': optim_sd['param_groups'], 'config': self._config()}

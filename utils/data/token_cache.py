@@ -235,9 +235,8 @@ class CacheBatchSampler(DistInfiniteBatchSampler):
 
 
 def tokenizer_sha256(man: Dict[str, Any], cache_dir: str, tokenizer) -> Optional[str]:
-    """sha256 of the tokenizer file a cached run loads (its quantizer builds the teacher-forcing input), for
-    check_matches; None when the run's tokenizer is weights a checkpoint embeds and they equal the recorded file's
-    (checked here). tokenizer: utils.train.architecture.Tokenizer."""
+    """sha256 of the tokenizer file a cached run loads (its quantizer builds the teacher-forcing input); None when
+    the run's tokenizer is weights a checkpoint embeds that equal the recorded file's (checked here)."""
     recorded = man['tokenizer'].get('path')
     if tokenizer.random:
         raise TokenCacheError(f'--token_cache {cache_dir} needs the tokenizer that made it (recorded: {recorded}), '
