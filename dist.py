@@ -3,14 +3,7 @@
 `initialize()` reads the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK) and starts a process
 group: nccl when the run is on CUDA, gloo on CPU. Without those variables the process runs alone and
 every collective below is a no-op (or the identity), so single-process code needs no branches.
-
-Environment:
-  VIAR_DIST_TIMEOUT_S  seconds a collective (and the process-group set-up) waits for the other ranks
-                       before failing; default 1800 (30 min). A peer whose process died usually fails
-                       the collective at once (its sockets close); a hung peer, or a lost node whose
-                       connections stay open, only after this timeout. Tests set a few seconds; it must
-                       exceed the longest legitimate wait (rank 0 writing a checkpoint while the others
-                       wait at the barrier).
+$VIAR_DIST_TIMEOUT_S (default 1800) is how long a collective waits for the other ranks (docs/TRAINING.md, "Timeouts").
 """
 import contextlib
 import datetime
@@ -34,9 +27,7 @@ DEFAULT_TIMEOUT_S = 30 * 60
 
 def timeout_from_env() -> datetime.timedelta:
     """The collective timeout: $VIAR_DIST_TIMEOUT_S seconds, else 30 minutes."""
-    raw = os.environ.get('VIAR_DIST_TIMEOUT_S', '').strip()
-    if not raw:
-        return datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)
+    raw = os.environ.get('VIAR_DIST_TIMEOUT_S', '').strip() or str(DEFAULT_TIMEOUT_S)
     try:
         sec = float(raw)
     except ValueError:
@@ -47,11 +38,8 @@ def timeout_from_env() -> datetime.timedelta:
 
 
 def initialize(device: str = 'auto', timeout_s: Optional[float] = None) -> torch.device:
-    """Join the torchrun process group if there is one; returns this process's device.
-
-    device: 'auto' (cuda:<local rank> when CUDA is available, else cpu), 'cpu' or 'cuda'.
-    timeout_s: collective timeout; None reads $VIAR_DIST_TIMEOUT_S (default 30 minutes).
-    """
+    """Join the torchrun process group if there is one; returns this process's device ('auto': cuda:<local rank>
+    when CUDA is available, else cpu). timeout_s: None reads $VIAR_DIST_TIMEOUT_S."""
     global _rank, _local_rank, _world_size, _device, _initialized
     use_cuda = torch.cuda.is_available() if device in ('', 'auto') else device.startswith('cuda')
     if use_cuda and not torch.cuda.is_available():
@@ -76,17 +64,9 @@ def initialize(device: str = 'auto', timeout_s: Optional[float] = None) -> torch
 
 
 def _attempt_store(timeout: datetime.timedelta):
-    """Under torchrun with the agent's shared store, that store with a prefix per restart attempt.
-
-    After `torchrun --max-restarts` restarts a killed group, the agent's store still holds the previous
-    attempt's keys, and the new process group hangs on them (seen with torch 2.11 + gloo); a fresh key
-    prefix per attempt avoids that. The attempt number is counted by each node's agent, so it is the
-    same on every rank only on one node (pytorch#135712): across nodes, a rank can read another attempt's
-    gloo addresses and fail, costing one more restart, or wait. Multi-node elastic runs therefore turn the
-    shared store off (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, as scripts/train.sh does): rank 0 then
-    hosts a new store on a new port each rendezvous round, which needs no prefix (None is returned and
-    init_process_group reads MASTER_ADDR/MASTER_PORT itself).
-    """
+    """Under torchrun with the agent's shared store, that store with a prefix per restart attempt: a restarted
+    group would otherwise hang on the previous attempt's keys. None (init_process_group reads MASTER_ADDR itself)
+    otherwise; why several nodes turn the shared store off: docs/TRAINING.md, "Rules for several nodes"."""
     attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT')
     if attempt is None or 'MASTER_ADDR' not in os.environ:
         return None
@@ -188,10 +168,9 @@ def allreduce_max(t: torch.Tensor) -> torch.Tensor:
 
 def fsdp_shard(model: torch.nn.Module, units: List[List[torch.nn.Module]], param_dtype: Optional[torch.dtype] = None,
                reduce_dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
-    """Shard `model` over all ranks with FSDP2 (torch.distributed.fsdp.fully_shard), in place: every unit (a list
-    of modules gathered together) with params cast to param_dtype for compute and gradients reduced in
-    reduce_dtype, then the root, whose params (embeddings, head, whatever no unit holds) keep their dtype (the
-    model runs its embeddings in fp32 itself). Create the optimizer and EMA after this: they hold the shards."""
+    """Shard `model` in place with FSDP2: every unit (modules gathered together) computing in param_dtype and
+    reducing gradients in reduce_dtype, then the root, whose params (embeddings, head) keep their dtype. Create the
+    optimizer and EMA after this: they hold the shards."""
     if not _initialized:
         raise RuntimeError('fsdp_shard needs a process group of several ranks')
     mesh = init_device_mesh(_device.type, (_world_size,))

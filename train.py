@@ -55,8 +55,7 @@ def seed_everything(seed: int):
 
 
 def capture_rng() -> Dict[str, Any]:
-    """This process's python/numpy/torch (and CUDA) RNG states, as plain data a weights-only load reads: python's
-    is a tuple of ints, numpy's MT19937 state a dict with its key as an int64 tensor, torch's byte tensors."""
+    """This process's python/numpy/torch (and CUDA) RNG states, as plain data a weights-only load reads."""
     st = {'python': random.getstate(), 'numpy': numpy_rng_to_plain(np.random.get_state()),
           'torch': torch.get_rng_state()}
     if torch.cuda.is_available() and dist.get_device().type == 'cuda':
@@ -89,8 +88,7 @@ def restore_rng(st: Dict[str, Any]):
 # ---------------------------------------------------------------- resume
 
 def read_resume(path: str) -> Optional[Dict[str, Any]]:
-    """The training checkpoint at path, None when there is none; an unreadable one is a clear error, and one whose
-    loading would run code is refused (utils.checkpoint.read_checkpoint: weights only)."""
+    """The training checkpoint at path (read weights-only), None when there is none; an unreadable one is refused."""
     if not os.path.isfile(path):
         return None
     try:
@@ -159,12 +157,6 @@ def fetch_once_per_node(path: str):
     dist.barrier()
 
 
-def read_init_file(path: str):
-    """(path, contents, transformer state dict) of --init_ckpt / --init_from_var."""
-    fetch_once_per_node(path)
-    return (path, *read_weights(path))
-
-
 def build_models(args: TrainArgs, der: Derived, spec, tokenizer, device: torch.device):
     """(frozen vae, var) built identically on every rank; the tokenizer's weights from its file, from the checkpoint
     that holds them, or random (architecture.Tokenizer)."""
@@ -189,9 +181,8 @@ def build_models(args: TrainArgs, der: Derived, spec, tokenizer, device: torch.d
 
 
 def compile_for_training(var, backend: str = 'inductor'):
-    """torch.compile, in place, each module of the model's `scale_loop_modules` (blocks, VIAR's projection, head
-    norm); the loops chaining them stay eager, because a compiled whole forward would recompile for every S-JFB
-    (n, m) pair (Python ints driving the implicit loop). Shapes are dynamic, so every stage reuses the graphs."""
+    """torch.compile, in place and with dynamic shapes, each of the model's `scale_loop_modules`; the loops chaining
+    them stay eager (why: docs/TRAINING.md, "On a GPU")."""
     for m in var.scale_loop_modules():
         m.compile(backend=backend, dynamic=True)
     return var
@@ -294,9 +285,10 @@ class Run:
         m = args.model
         given = arg_util.given_fields(args.arch)
         check_init_flags(m.init_ckpt, m.init_from_var, given.get('use_implicit', bool(m.init_from_var)))
-        init = None
-        if self.ckpt is None and (m.init_ckpt or m.init_from_var):
-            init = read_init_file(m.init_ckpt or m.init_from_var)
+        init, init_path = None, m.init_ckpt or m.init_from_var
+        if self.ckpt is None and init_path:
+            fetch_once_per_node(init_path)
+            init = (init_path, *read_weights(init_path))   # (path, contents, transformer state dict)
         default_tok = architecture.DEFAULT_VAE_CKPT
         if args.data.token_cache:   # a new run on a token cache: the tokenizer it was made with
             default_tok = token_cache.read_manifest(args.data.token_cache)['tokenizer'].get('path') or default_tok
@@ -425,8 +417,7 @@ class Run:
 
     # ---- checkpoints
     def _save(self, best: bool):
-        """ar-ckpt-last.pth (+ best), or with --fsdp a sharded folder, and the slim export; never with non-finite
-        weights."""
+        """ar-ckpt-last.pth (+ best), or with --fsdp a sharded folder, and the slim export; never non-finite weights."""
         if not self.trainer.weights_finite():
             last = (self.ckpt_path or 'none yet') if self.args.optim.fsdp else self.der.last_ckpt
             raise SystemExit(f'the model weights became non-finite by step {self.loop.g_it}; not saving them. '

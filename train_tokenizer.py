@@ -7,7 +7,6 @@ Defaults are the official tokenizer's architecture (vae_ch160v4096z32, 256 px). 
 `out_dir/vae.pth` (weights + config; pass it to train.py / gen_img.py as --vae_ckpt) and the resumable
 `out_dir/vae-ckpt-last.pth`; a rerun with the same out_dir continues from the last checkpoint.
 """
-import argparse
 import json
 import sys
 from typing import List, Optional
@@ -17,18 +16,11 @@ from utils.checkpoint import CheckpointError
 from utils.train.tokenizer_trainer import TokenizerConfig, TokenizerConfigError, train_tokenizer
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """One flag per TokenizerConfig field (utils.cli, the generator train.py uses too)."""
-    p = argparse.ArgumentParser(description='Train the multi-scale VQVAE tokenizer of VAR / VIAR.',
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    cli.add_dataclass_args(p, TokenizerConfig, 'tokenizer')
-    return p
-
-
 @cli.exits_on_write_error
 def main(argv: Optional[List[str]] = None):
     """Parse flags, train, print the final metrics as JSON."""
-    cfg = cli.from_namespace(TokenizerConfig, build_parser().parse_args(argv))
+    cfg = cli.parse_dataclass(TokenizerConfig, argv, 'Train the multi-scale VQVAE tokenizer of VAR / VIAR.',
+                              'tokenizer')
     if not cfg.data_path:
         sys.exit('train_tokenizer: --data_path is required (a folder with train/<class>/ images, '
                  'e.g. `python scripts/make_digits.py --out demo_output/digits`)')

@@ -1,13 +1,10 @@
 """VARTrainer: one training step (tokenise, teacher-forced forward, weighted CE, backward/step) and evaluation.
 
 Shapes: B batch, L tokens over all scales, l tokens of one scale, V vocabulary.
-The loss is the official one: per-token cross-entropy (with label smoothing) times a weight of 1/L per
-token, summed over tokens and averaged over the batch; in progressive training only the scales up to
-`prog_si` count and the newest one is ramped in. S-JFB iteration counts (n, m) come from the model's
-`draw_jfb_iters` (none for VAR): by default from a generator seeded by (seed, global step), so every rank
-draws the same pair; `jfb_draw='rank'` keeps the official per-rank draw. Class dropout and drop path are
-drawn for the whole global batch from (seed, step), each rank taking its rows (`var.training_draws`), so any
-world size trains the same run; `drop_draw='rank'` keeps the official per-rank generator.
+The loss is the official one: per-token cross-entropy (with label smoothing) weighted 1/L per token, summed over
+tokens and averaged over the batch; in progressive training only the scales up to `prog_si` count and the newest
+one is ramped in. How S-JFB, class-dropout and drop-path draws are keyed (`jfb_draw`, `drop_draw`):
+docs/FAITHFULNESS.md.
 """
 import contextlib
 from dataclasses import dataclass, field
@@ -27,9 +24,8 @@ from utils.train.sharded_ckpt import optim_by_name
 
 
 class StepHooks:
-    """Extension point of a training run, called at fixed points of every step (steps numbered from 1, as in the
-    logs): `loss` may replace a step's loss before its backward, `after_step` runs once the step is done. The base
-    class changes nothing; pass a subclass as `train.main(argv, hooks=...)` (tests/hooked_train.py injects faults)."""
+    """Called at fixed points of every step (numbered from 1, as in the logs); the base class changes nothing. Pass
+    a subclass as `train.main(argv, hooks=...)` (tests/hooked_train.py injects faults)."""
 
     def loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
         """The loss step `step` backpropagates."""
@@ -93,12 +89,10 @@ class VARTrainer:
         self.vae, self.quantize = vae, vae.quantize
         self.var_wo_ddp, self.var, self.opt, self.ema = var_wo_ddp, var, opt, ema
         self.label_smooth, self.seed = label_smooth, seed
-        if jfb_draw not in ('step', 'rank'):
-            raise ValueError(f"jfb_draw must be 'step' or 'rank', got {jfb_draw!r}")
-        self.draw_per_step = jfb_draw == 'step'
-        if drop_draw not in ('step', 'rank'):
-            raise ValueError(f"drop_draw must be 'step' or 'rank', got {drop_draw!r}")
-        self.drop_per_step = drop_draw == 'step'
+        for name, value in (('jfb_draw', jfb_draw), ('drop_draw', drop_draw)):
+            if value not in ('step', 'rank'):
+                raise ValueError(f"{name} must be 'step' or 'rank', got {value!r}")
+        self.draw_per_step, self.drop_per_step = jfb_draw == 'step', drop_draw == 'step'
         self.hooks = hooks or StepHooks()
         self.patch_nums = tuple(var_wo_ddp.patch_nums)
         self.begin_ends = list(var_wo_ddp.begin_ends)
@@ -274,9 +268,8 @@ class VARTrainer:
         self.prog = ProgState(cfg.get('prog_it', 0), cfg.get('last_prog_si', -1), cfg.get('first_prog', True))
 
     def sharded_state_dict(self, with_vae: bool = False) -> Tuple[Dict, Dict]:
-        """(tensors, plain): the model, AdamW state and EMA keyed by parameter name, as this rank holds them (its
-        shards when sharded; what a sharded checkpoint's shard files hold, and the tensors it loads into), and the
-        plain rest (optimizer hyper-parameters, scaler, EMA counter, progressive state, the tokenizer with_vae)."""
+        """(tensors, plain): the model, AdamW state and EMA keyed by parameter name as this rank holds them (what a
+        sharded checkpoint's shard files hold and load into), and the plain rest (hyper-parameters, scaler, ...)."""
         model_sd, optim_sd = dist.model_optim_state(self.var_wo_ddp, self.opt.optimizer)
         tensors = {'model': model_sd, 'optim': optim_sd['state']}
         plain = {'optim_groups': optim_sd['param_groups'], 'config': self._config()}

@@ -1,15 +1,13 @@
 """The architecture of a (VQVAE, VAR/VIAR) pair as one typed config, and how to read it off the weights.
 
-`ModelSpec` declares every architecture field once: its name, type, default and meaning. A slim export stores it
-as its 'config', every script builds from it, and the command lines of training and sampling are generated from
-its fields (utils/arch_flags.py says how each flag is spelled). The official files carry no config:
-`spec_from_state_dict` reads every size the weights determine (kind, depth of VAR, width, heads, pre/post blocks
-of VIAR, classes, vocabulary, code dim, shared AdaLN, the scale pyramid from the length of `pos_1LC`) and takes the
-rest from a fallback spec.
+`ModelSpec` declares every architecture field once; slim exports store it as their 'config' and the training and
+sampling command lines are generated from it (utils/arch_flags.py). The official files carry no config:
+`spec_from_state_dict` reads every size their weights determine and takes the rest from a fallback spec.
 """
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from models import build_vae_var
 from models.layout import PYRAMIDS, num_tokens
 
 
@@ -21,10 +19,8 @@ def _spec_field(default, doc: str, part: str = 'transformer'):
 @dataclass
 class ModelSpec:
     """Everything needed to rebuild a VQVAE + transformer pair (official ImageNet 256 px sizes by default).
-
-    Transformer fields go to the VAR/VIAR constructor under their own names (a field only VIAR takes is left out
-    for VAR); tokenizer fields build the VQVAE.
-    """
+    Transformer fields go to the VAR/VIAR constructor under their own names (one only VIAR takes is left out for
+    VAR); tokenizer fields build the VQVAE."""
     depth: int = _spec_field(16, 'nominal depth: the default width (64 x depth) and heads (depth), init scaling and '
                                  'drop path; for VIAR, the explicit stack its implicit block replaces')
     use_implicit: bool = _spec_field(False, 'VIAR (pre-blocks, one weight-shared implicit block, post-blocks) '
@@ -119,12 +115,8 @@ class ModelSpec:
 
     # ---- building
     def build(self, device='cpu', **init):
-        """(vae, var) for this spec, randomly initialised as the official init does.
-
-        init: training-only options of `models.build_vae_var` (init_adaln, init_std, cond_drop_rate,
-        drop_path_rate, jfb_no_grad, jfb_with_grad, ...).
-        """
-        from models import build_vae_var
+        """(vae, var) for this spec, randomly initialised as the official init does; init: training-only options of
+        `models.build_vae_var` (init_adaln, init_std, cond_drop_rate, drop_path_rate, jfb_no_grad, ...)."""
         self.validate()
         transformer = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata['part'] == 'transformer'}
         return build_vae_var(device, V=self.V, Cvae=self.Cvae, ch=self.vae_ch, vae_ch_mult=self.vae_ch_mult,
@@ -154,11 +146,9 @@ def state_dict_kind(sd: Mapping[str, Any]) -> str:
 
 def var_to_viar_names(viar_keys: Sequence[str], var_depth: int, pre_depth: int, post_depth: int
                       ) -> Dict[str, Optional[str]]:
-    """VIAR key -> the VAR key it is initialised from (None: keeps its fresh init, i.e. the projection).
-
-    pre_blocks.i <- blocks.i; implicit_block <- blocks.(var_depth // 2); post_blocks.j <- blocks.(var_depth -
-    post_depth + j); every other key (embeddings, shared AdaLN, head) from the same name.
-    """
+    """VIAR key -> the VAR key it is initialised from (None: the projection keeps its fresh init): pre_blocks.i <-
+    blocks.i; implicit_block <- blocks.(var_depth // 2); post_blocks.j <- blocks.(var_depth - post_depth + j); every
+    other key (embeddings, shared AdaLN, head) from the same name."""
     if pre_depth + post_depth > var_depth:
         raise ValueError(f'{pre_depth} pre + {post_depth} post blocks need a VAR of depth >= {pre_depth + post_depth}, '
                          f'got depth {var_depth}')
@@ -220,11 +210,9 @@ def increasing_sides(L: int, K: int, limit: int = 2, budget: int = 100_000) -> L
 
 
 def spec_from_state_dict(sd: Mapping[str, Any], fallback: Optional[ModelSpec] = None) -> ModelSpec:
-    """The transformer's architecture as far as its weights tell; every other field from `fallback`.
-
-    VIAR files do not store the depth of the explicit stack the implicit block replaces: it is the
-    fallback's when the widths agree, else the official sizing (width = 64 * depth).
-    """
+    """The transformer's architecture as far as its weights tell; every other field from `fallback`. A VIAR file
+    does not store the depth of the stack its implicit block replaces: the fallback's when the widths agree, else
+    the official sizing (width = 64 * depth)."""
     fb = fallback or ModelSpec()
     kind = state_dict_kind(sd)
     if kind not in ('VAR', 'VIAR'):

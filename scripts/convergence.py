@@ -1,18 +1,12 @@
 """Convergence of VIAR's implicit block during sampling (the paper's Fig. 3), and per-scale adaptive tau.
 
-Samples class-conditional images with T iterations at every scale and records, per scale and iteration t (the
-t-th call of the implicit block, as the samplers count "implicit iterations per scale"), how far the iterate moved:
-cos(z_t, z_{t-1}) and ||z_t - z_{t-1}|| / ||z_{t-1}|| per sample, averaged over the conditional half of the CFG
-batch (z_0: the pre-blocks' output). For each scale it finds n, the first iteration whose mean cosine reaches
---target_cos, and suggests the tau at which the adaptive sampler (stop_mode 'rel', residual over the whole CFG
-batch) stops after n: the geometric mean of its residuals after n - 1 and n, so that a batch whose residual is a
-hair larger does not run one more. Measure with the cfg you will sample with.
+Samples with T iterations at every scale, records per scale and iteration cos(z_t, z_{t-1}) and
+||z_t - z_{t-1}|| / ||z_{t-1}||, and suggests per scale the tau at which the adaptive sampler (stop_mode 'rel')
+stops once the mean cosine reaches --target_cos. Method and outputs: docs/SPEED.md, "Convergence of the implicit
+block".
 
     python scripts/convergence.py --var_ckpt ckpts/viar.pth --vae_ckpt ckpts/vae_ch160v4096z32.pth --T 20
     python sampling.py ... --tau_json convergence_out/convergence.json --tau_cap 20
-
-Writes OUT/convergence.json ({"patch_nums", "cosine", "rel_residual", "suggested_tau", ...}) and
-OUT/convergence.png (one curve per scale).
 """
 import argparse
 import math

@@ -4,13 +4,9 @@
         --vae_ckpt ckpts/vae_ch160v4096z32.pth --pn 256 --hflip --crops 1
     torchrun --nproc_per_node=8 scripts/extract_tokens.py ...   # shards split over the ranks
 
-Writes, for train/ and val/, shards of `.npy` token indices and labels and `manifest.json`, in the format of
-utils/data/token_cache.py. Train views: `--crops K` crops per image (K = 1: the centre crop; K > 1: K random crops,
-seeded per (--seed, image, crop)), each also flipped with `--hflip`; val: the centre crop, as image training
-validates. Resumable: the same command again keeps every finished shard (each is written atomically) and makes the
-rest; other flags on an existing cache are refused.
+Writes the format of utils/data/token_cache.py; views, resuming and refusals: docs/TRAINING.md, "Pre-tokenised
+training".
 """
-import argparse
 import json
 import os
 import sys
@@ -33,7 +29,7 @@ from utils.arch_flags import parse_pn  # noqa: E402
 from utils.atomic import atomic_path, write_json_atomic  # noqa: E402
 from utils.checkpoint import (CheckpointError, extract_state_dict, load_vae_weights, read_checkpoint,  # noqa: E402
                               resolve_checkpoint, sha256_of)
-from utils.cli import add_dataclass_args, exits_on_write_error, flag, from_namespace  # noqa: E402
+from utils.cli import exits_on_write_error, flag, parse_dataclass  # noqa: E402
 from utils.data import token_cache as tc  # noqa: E402
 from utils.data.datasets import build_datasets, load_rgb, pm1  # noqa: E402
 from utils.train.tokenizer_trainer import build_tokenizer  # noqa: E402
@@ -228,10 +224,7 @@ def run(a: ExtractArgs) -> str:
 @exits_on_write_error
 def main(argv: Optional[List[str]] = None) -> str:
     """Parse flags and write the cache."""
-    p = argparse.ArgumentParser(description='Tokenise an image folder for train.py --token_cache.',
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_dataclass_args(p, ExtractArgs, 'extract')
-    a = from_namespace(ExtractArgs, p.parse_args(argv))
+    a = parse_dataclass(ExtractArgs, argv, 'Tokenise an image folder for train.py --token_cache.', 'extract')
     try:
         return run(a)
     finally:

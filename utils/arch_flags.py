@@ -1,11 +1,8 @@
 """The architecture flags of train.py and of the sampling scripts, generated from models.config.ModelSpec.
 
-ModelSpec declares each field once (name, type, default, meaning). `SPELLING` only says how a field's flag is
-spelled where that is not `--<field>`, the official spellings first (`--saln`, `--anorm`, `--pn`), the others
-kept as aliases; `--p_depth` (official) sets `--pre_depth` and `--post_depth` together. Every flag defaults to
-None, 'not given': the value then comes from the checkpoint (its stored config, or what its weights show), else
-from ModelSpec. A field added to ModelSpec gets its flag `--<field>` on both command lines with no change here.
-Messages that list flags (what builds a file, what contradicts it) are written from the same table.
+`SPELLING` says how a field's flag is spelled where that is not `--<field>` (official spellings first, the
+others kept as aliases); `--p_depth` (official) sets `--pre_depth` and `--post_depth` together. Every flag
+defaults to None, 'not given': the value then comes from the checkpoint, else from ModelSpec.
 """
 import argparse
 import dataclasses

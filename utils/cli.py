@@ -1,10 +1,8 @@
 """Command lines generated from config dataclasses: one flag per field, typed from its annotation.
 
-Every script (training, tokenizer training, sampling, analysis, benchmarks) declares its settings as
-dataclasses whose fields are made with `flag(default, help)`; `add_dataclass_args` turns them into argparse
-flags (official names kept, aliases allowed) and `from_namespace` turns the parsed flags back into the
-dataclass. `parse_known_explicit` also reports which flags the user actually typed, so a checkpoint that
-disagrees with a typed flag can say so while an untouched default is silently replaced.
+Fields made with `flag(default, help)` become argparse flags (`add_dataclass_args`; official names kept,
+aliases allowed) and the parsed flags become the dataclass again (`from_namespace`). `parse_explicit` also
+reports which flags the user typed, so a checkpoint may replace an untouched default but not a typed flag.
 """
 import argparse
 import dataclasses
@@ -116,11 +114,8 @@ def _default_of(f: dataclasses.Field):
 
 def add_dataclass_args(parser, clz, title: Optional[str] = None, only: Optional[Iterable[str]] = None,
                        skip: Iterable[str] = (), defaults: Optional[Dict[str, Any]] = None):
-    """Add one flag per field of `clz` (those in `only`, minus `skip`) as an argument group; returns the group.
-
-    `defaults` overrides field defaults for this script (e.g. gen_img.py's depth 30). Help text, aliases,
-    choices and nargs come from the field metadata (`flag(...)`).
-    """
+    """Add one flag per field of `clz` (those in `only`, minus `skip`) as an argument group, from the fields'
+    `flag(...)` metadata; `defaults` overrides field defaults for this script. Returns the group."""
     g = parser.add_argument_group(title or clz.__name__, clz.__doc__)
     hints = typing.get_type_hints(clz)
     only = set(only) if only is not None else None
@@ -132,6 +127,13 @@ def add_dataclass_args(parser, clz, title: Optional[str] = None, only: Optional[
         g.add_argument(f.metadata.get('name') or f'--{f.name}', *f.metadata.get('aliases', ()), dest=f.name,
                        default=default, help=f.metadata.get('help', ''), **_arg_kwargs(f, hints[f.name]))
     return g
+
+
+def parse_dataclass(clz, argv: Optional[List[str]], description: str, title: str):
+    """An instance of `clz` from the command line of a script whose flags are its fields (argv=None: sys.argv)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_dataclass_args(p, clz, title)
+    return from_namespace(clz, p.parse_args(argv))
 
 
 def from_namespace(clz, ns: argparse.Namespace, **overrides):

@@ -1,8 +1,5 @@
-"""The project's one logging style (`get_logger`: '[name] message' on the console, optionally a log file,
-silent on non-master ranks) and tensorboard scalars (`ScalarWriter`).
-
-Other ranks get a logger with a NullHandler and a writer that does nothing, so call sites need no
-rank checks.
+"""The project's one logging style (`get_logger`) and tensorboard scalars (`ScalarWriter`); on ranks other than
+the master both do nothing, so call sites need no rank checks.
 """
 import logging
 import os
@@ -13,29 +10,22 @@ from typing import Dict, List, Optional
 
 
 class _ConsoleHandler(logging.StreamHandler):
-    """Writes to whatever sys.stdout (or sys.stderr) is at the time of each record, so redirections made after
+    """Writes to whatever sys.stdout (or sys.stderr) is when each record is emitted, so redirections made after
     the logger was set up (pytest's capture, a script's own redirect) still see the lines."""
 
     def __init__(self, to_stderr: bool = False):
         super().__init__()
         self.to_stderr = to_stderr
 
-    @property
-    def stream(self):
-        return sys.stderr if self.to_stderr else sys.stdout
-
-    @stream.setter
-    def stream(self, value):   # logging.StreamHandler assigns it in __init__; the property decides instead
-        pass
+    def emit(self, record):
+        self.stream = sys.stderr if self.to_stderr else sys.stdout
+        super().emit(record)
 
 
 def get_logger(name: str, out_dir: Optional[str] = None, is_master: bool = True, filename: str = 'log.txt',
                timestamps: bool = False, to_stderr: bool = False) -> logging.Logger:
-    """The project's one logging style: '[name] message' (with timestamps: '[time name] message') on the console
-    and, with out_dir, appended to out_dir/filename; ranks other than the master stay silent.
-
-    Calling it again for the same name replaces its handlers (a script run twice in one process logs once).
-    """
+    """'[name] message' (with timestamps: '[time name] message') on the console and, with out_dir, appended to
+    out_dir/filename; silent unless is_master. Called again for a name, it replaces that logger's handlers."""
     lg = logging.getLogger(f'viar.{name}')
     for h in list(lg.handlers):
         lg.removeHandler(h)
@@ -58,12 +48,9 @@ def get_logger(name: str, out_dir: Optional[str] = None, is_master: bool = True,
 
 
 class ScalarWriter:
-    """Tensorboard scalars on the master rank; a no-op elsewhere or when tensorboard is missing.
-
-    Writes the event file with tensorboard's RecordWriter on a plain local file: torch's SummaryWriter
-    (and tensorboard's EventFileWriter) import TensorFlow when it is installed, as it is here for the
-    evaluator, which costs seconds at start-up and a GPU probe.
-    """
+    """Tensorboard scalars on the master rank; a no-op elsewhere or when tensorboard is missing. tensorboard's
+    RecordWriter on a plain file, because SummaryWriter imports TensorFlow when it is installed (for the evaluator):
+    seconds at start-up and a GPU probe."""
 
     def __init__(self, log_dir: Optional[str]):
         self.tb = None

@@ -1,6 +1,5 @@
 """Memory figures: peak RSS on CPU, CUDA allocator peaks on a GPU, and the activation bytes autograd saves.
 
-The one place these are measured (training logs, the sampler's report, the benchmarks, the memory tests).
 Imports nothing from the project, so the benchmark's official-code child can load this file by path.
 """
 import ctypes
@@ -43,11 +42,8 @@ def current_rss_bytes() -> int:
 
 
 def release_freed_memory() -> bool:
-    """Make RSS follow live tensors: glibc serves blocks >= 64 KiB by mmap (returned on free) and trims its heap.
-
-    Without this, memory freed by earlier calls stays resident and a later phase's peak RSS says little
-    about what that phase allocated. False where glibc is not available (peaks then stay approximate).
-    """
+    """Make RSS follow live tensors, so a later phase's peak RSS measures what it allocated: glibc serves blocks
+    >= 64 KiB by mmap (returned on free) and trims its heap. False without glibc (peaks then stay approximate)."""
     try:
         libc = ctypes.CDLL('libc.so.6')
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3

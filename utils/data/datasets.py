@@ -1,18 +1,11 @@
-"""Class folders and the official augmentation: ImageNet's layout (`<data_path>/train/<class>/*`,
-`<data_path>/val/<class>/*`), or a folder of one subfolder per class (`<data_path>/<class>/*`, or train/ alone),
-whose validation images are then 5% of each class held out of training, the same on every run.
+"""Class folders and the official augmentation (docs/TRAINING.md, "Data"): ImageNet's layout
+(`<data_path>/train/<class>/*`, `<data_path>/val/<class>/*`), or one subfolder per class (`<data_path>/<class>/*`,
+or train/ alone), whose validation images are then 5% of each class held out of training, the same on every run.
 
-Augmentation: resize the shorter side to round(mid_reso * final_reso) with LANCZOS, RandomCrop (train) or
-CenterCrop (val) to final_reso, optional horizontal flip (train), ToTensor, then x * 2 - 1.
-
-Bad input is a clear one-line error (DataError, a SystemExit): a missing folder, a folder without class
-subfolders, a class folder with no image. An image that cannot be decoded is an error too, raised when it
-is loaded (UnreadableImageError, naming the file): it is not skipped, because silently dropping samples
-would change the batch and the data order; delete or replace the file and restart (training resumes).
-
-Random augmentation is reproducible: each sample arrives with its own seed from the sampler, and the
-transform runs under that seed in a forked RNG, so crops and flips depend only on (seed, epoch, position),
-not on the number of workers or on where a run was resumed.
+Bad input is a one-line DataError (a SystemExit). An undecodable image raises UnreadableImageError naming the
+file when it is loaded: it is not skipped, since dropping samples would change the batch and the data order.
+Each sample's augmentation runs under its own seed from the sampler, in a forked RNG, so crops and flips do not
+depend on the number of workers or on where a run resumed.
 """
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -62,11 +55,6 @@ def load_rgb(path: str) -> PImage.Image:
                                    f'delete or replace the file and restart (training resumes).') from None
 
 
-def is_image(name: str) -> bool:
-    """Has an image extension torchvision's ImageFolder accepts."""
-    return name.lower().endswith(IMG_EXTENSIONS)
-
-
 def scan_classes(root: str, split: str) -> List[str]:
     """Sorted class folder names of a split, after checking each exists and holds an image."""
     if not os.path.isdir(root):
@@ -78,7 +66,7 @@ def scan_classes(root: str, split: str) -> List[str]:
                         f'e.g. {root}/n01440764/xxx.JPEG.')
     for c in classes:
         with os.scandir(os.path.join(root, c)) as it:
-            if not any(e.is_file() and is_image(e.name) for e in it):
+            if not any(e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS) for e in it):   # ImageFolder's rule
                 raise DataError(f'class folder {os.path.join(root, c)} holds no image '
                                 f'({", ".join(IMG_EXTENSIONS[:4])}...): add images or remove the folder.')
     return classes

@@ -1,11 +1,6 @@
-"""How many loader processes a rank gets, and the DataLoader settings that go with them.
-
-`--workers auto` gives each rank min(8, cpus // ranks_per_node) worker processes: the CPUs this process may
-run on (its affinity mask, which SLURM and containers set) shared by the ranks of the node, at most 8, at
-most one per sample of the per-rank batch. `--workers 0` loads in the training process, as the official
-code does. Workers are persistent (started once, not at every epoch or validation), prefetch batches, and
-pin memory when the run is on CUDA. The order of samples never depends on the number of workers: the
-sampler runs in the training process and every sample carries its own augmentation seed (sampler.py).
+"""How many loader processes a rank gets, and the DataLoader settings that go with them (docs/TRAINING.md,
+"Data loading"): `--workers auto` = min(8, cpus // ranks_per_node), the CPUs of this process's affinity mask
+shared by the node's ranks; `--workers 0` loads in the training process, as official.
 """
 import os
 from typing import Any, Dict, Optional, Tuple

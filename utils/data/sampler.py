@@ -26,18 +26,9 @@ def sample_seed(seed: int, epoch: int, position: int) -> int:
     return (seed * _MIX + epoch * 1_000_003 + position) % (2 ** 63)
 
 
-def global_batch(perm: List[int], it: int, glb_batch_size: int) -> List[Tuple[int, int]]:
-    """(position, index) pairs of global batch `it`, wrapping to the start of the permutation to fill the last one."""
-    n = len(perm)
-    return [((it * glb_batch_size + j), perm[(it * glb_batch_size + j) % n]) for j in range(glb_batch_size)]
-
-
 class DistInfiniteBatchSampler(Sampler):
-    """Endless local batches of (index, aug seed), from position (epoch, it) = (0, 0) or load_state_dict's.
-
-    A DataLoader with workers runs ahead of the loop, so a run resumes from the position of the next batch it
-    would have consumed (`position_at(step)`), not from this sampler's own.
-    """
+    """Endless local batches of (index, aug seed), from position (0, 0) or load_state_dict's. A DataLoader's workers
+    run ahead of the loop, so a run resumes from `position_at(step)`, not from this sampler's own position."""
 
     def __init__(self, dataset_len: int, glb_batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
         if glb_batch_size % world_size != 0:
@@ -58,9 +49,11 @@ class DistInfiniteBatchSampler(Sampler):
         return {'epoch': g_it // self.iters_per_epoch, 'it': g_it % self.iters_per_epoch}
 
     def local_batch(self, epoch: int, it: int, perm: List[int]) -> List[Tuple[int, int]]:
-        """This rank's (index, aug seed) items of global batch (epoch, it)."""
-        items = global_batch(perm, it, self.glb_batch_size)[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        return [(idx, sample_seed(self.seed, epoch, pos)) for pos, idx in items]
+        """This rank's (index, aug seed) items of global batch (epoch, it): its slice of the batch's positions, the
+        last batch of an epoch wrapping to the start of the permutation."""
+        start = it * self.glb_batch_size + self.rank * self.batch_size
+        positions = range(start, start + self.batch_size)
+        return [(perm[pos % len(perm)], sample_seed(self.seed, epoch, pos)) for pos in positions]
 
     def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
         while True:

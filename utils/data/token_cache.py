@@ -1,18 +1,10 @@
 """Pre-tokenised training data: the token maps of every image stored once, read back without the VQVAE encoder.
 
 Shapes: N images in a shard, W stored views per image (crops x flips), L tokens over all scales.
-
-A cache folder (written by `scripts/extract_tokens.py`) holds, per split ('train', 'val') and shard k:
-  `<split>-<k:05d>.tokens.npy`   uint16 (N, W, L): the token indices of every view, scales concatenated
-  `<split>-<k:05d>.labels.npy`   int64 (N,): class indices (sorted class-folder order, as image training)
-and `manifest.json`: the tokenizer (sha256 of its file, sizes), the pyramid, resolution and crop settings,
-the class names and every shard's shape. Nothing is pickled: `np.load(allow_pickle=False)` reads it.
-
-Views: `crops` = K crops per image (K = 1: the centre crop, as validation; K > 1: K random crops, each
-seeded by (cache seed, image index, crop)), each also flipped with `hflip` (W = K or 2K). Training draws
-one view per image per epoch from a generator keyed by (run seed, epoch, image index) (`draw_view`), so a
-resume at any world size draws the same; validation uses view 0 (the centre crop, unflipped).
-K stored crops are a recipe difference from the official fresh random crop every epoch (README).
+A cache folder (written by `scripts/extract_tokens.py`) holds, per split and shard k, `<split>-<k:05d>.tokens.npy`
+(uint16 (N, W, L)) and `<split>-<k:05d>.labels.npy` (int64 (N,)), and `manifest.json`; nothing is pickled.
+Training draws one view per image per epoch (`draw_view`); validation uses view 0. Format, views and the recipe
+difference: docs/TRAINING.md, "Pre-tokenised training".
 """
 import json
 import os
@@ -75,17 +67,13 @@ def shard_names(split: str, k: int) -> Tuple[str, str]:
 def split_scales(tokens_BL: torch.Tensor, patch_nums: Sequence[int], prog_si: int = -1) -> List[torch.Tensor]:
     """(B, L) concatenated indices -> per-scale (B, pn * pn) long tensors (up to scale prog_si if >= 0), as
     `VQVAE.img_to_idxBl` returns them."""
-    ranges = scale_begin_ends(patch_nums)
-    if prog_si >= 0:
-        ranges = ranges[:prog_si + 1]
+    ranges = scale_begin_ends(patch_nums)[:prog_si + 1 if prog_si >= 0 else None]
     return [tokens_BL[:, bg:ed].long() for bg, ed in ranges]
 
 
 def tokenize_images(vae, img_B3HW: torch.Tensor, prog_si: int = -1) -> List[torch.Tensor]:
-    """Per-scale token indices (B, pn * pn) of images in [-1, 1] (up to scale prog_si if >= 0): what a cache stores
-    and what training computes on the fly, both with float32 matmuls and convolutions in full precision (no
-    TF32) whatever the caller set. train.py turns TF32 on for the transformer; with it on here, codes that nearly
-    tie in distance would be picked differently in the cache and on the fly."""
+    """Per-scale token indices (B, pn * pn) of images in [-1, 1] (up to scale prog_si if >= 0), cached or on the
+    fly, always with TF32 off so both pick the same codes (docs/TRAINING.md, "TF32 and tokens")."""
     cuda = torch.backends.cuda.matmul, torch.backends.cudnn.conv
     saved = [b.fp32_precision for b in cuda]   # torch's new settings only: the legacy allow_tf32 state is untouched
     for b in cuda:
@@ -135,9 +123,7 @@ class CacheSettings:
     batch_size: int
 
     def to_dict(self) -> Dict[str, Any]:
-        d = dict(self.__dict__)
-        d['patch_nums'] = list(self.patch_nums)
-        return d
+        return dict(self.__dict__, patch_nums=list(self.patch_nums))
 
 
 def read_manifest(cache_dir: str) -> Dict[str, Any]:
@@ -249,9 +235,8 @@ class CacheBatchSampler(DistInfiniteBatchSampler):
 
 
 def tokenizer_sha256(man: Dict[str, Any], cache_dir: str, tokenizer) -> Optional[str]:
-    """sha256 of the tokenizer file a cached run loads (its quantizer builds the teacher-forcing input), for
-    check_matches; None when the run's tokenizer is weights a checkpoint embeds and they equal the recorded file's
-    (checked here). tokenizer: utils.train.architecture.Tokenizer."""
+    """sha256 of the tokenizer file a cached run loads (its quantizer builds the teacher-forcing input); None when
+    the run's tokenizer is weights a checkpoint embeds that equal the recorded file's (checked here)."""
     recorded = man['tokenizer'].get('path')
     if tokenizer.random:
         raise TokenCacheError(f'--token_cache {cache_dir} needs the tokenizer that made it (recorded: {recorded}), '

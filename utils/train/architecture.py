@@ -1,15 +1,9 @@
 """Which model a training run builds, and with which tokenizer.
 
-A new run builds what its architecture flags say (utils/arch_flags.py; ModelSpec's defaults for the rest). A run
-that starts from a file builds what the file is:
-- `--init_ckpt FILE` (a fine-tune): the file's stored config (slim exports, ar-ckpt-*.pth), else what its weights
-  show (the official files), with its resolution and pyramid; the classes may change (`FINE_TUNE_FREE`);
-- `--init_from_var FILE`: a VIAR sharing everything with that VAR (width, heads, pyramid, tokenizer, nominal
-  depth), its pre/post blocks from the flags;
-- a resume (ar-ckpt-last.pth in the output folder): the architecture and tokenizer it was saved with.
-An architecture flag that contradicts the file is refused in one line naming the flag, the file's value and the
-command that works. The tokenizer: the one the file embeds or records, else the official one, unless the flags
-name one; random weights only with `--vae_ckpt random`. A tokenizer file sets the tokenizer's sizes.
+A new run builds what its architecture flags say (ModelSpec's defaults for the rest); `--init_ckpt`,
+`--init_from_var` and a resume build what the file is, with the tokenizer it comes with. An architecture flag
+that contradicts the file is refused in one line naming the flag, the file's value and the command that works.
+The rules: docs/TRAINING.md, "Fine-tuning and starting VIAR from VAR".
 """
 import os
 import shlex
@@ -103,8 +97,8 @@ def tokenizer_sizes(tok: Tokenizer) -> Dict[str, Any]:
 
 def pick_tokenizer(vae_ckpt: Optional[str], of_file: Optional[Tokenizer], source: str, argv: Sequence[str],
                    default: str = DEFAULT_VAE_CKPT) -> Tokenizer:
-    """The rule of the module docstring: the file's, else the flag's, else `default` (the official one, or the one
-    a token cache was made with)."""
+    """The file's tokenizer, else the flag's, else `default` (the official one, or the one a token cache was made
+    with); `--vae_ckpt random` only for a new run or a file trained with it."""
     if vae_ckpt == RANDOM:
         if of_file is not None and not of_file.random:
             raise ArchitectureError(f'error: --vae_ckpt random contradicts {source}, which comes with '
@@ -162,9 +156,9 @@ def resolve(given: Mapping[str, Any], vae_ckpt: Optional[str], patch_size: Optio
             init: Optional[Tuple[str, Any, Dict[str, Any]]] = None, from_var: bool = False,
             resume: Optional[Tuple[str, Dict[str, Any]]] = None, default_vae_ckpt: str = DEFAULT_VAE_CKPT
             ) -> Architecture:
-    """The Architecture of a run (module docstring). init: (path, file contents, transformer state dict) of
-    --init_ckpt, or of --init_from_var with from_var; resume: (path, checkpoint) when the run resumes (it wins);
-    default_vae_ckpt: the tokenizer of a new run without --vae_ckpt (a token cache's own)."""
+    """The Architecture of a run. init: (path, file contents, transformer state dict) of --init_ckpt, or of
+    --init_from_var with from_var; resume: (path, checkpoint) when the run resumes (it wins); default_vae_ckpt: the
+    tokenizer of a new run without --vae_ckpt (a token cache's own)."""
     if resume is not None:
         where, ckpt = resume
         spec = ModelSpec.from_dict(ckpt['config'])
@@ -187,15 +181,11 @@ def resolve(given: Mapping[str, Any], vae_ckpt: Optional[str], patch_size: Optio
     tok = pick_tokenizer(vae_ckpt, tokenizer_of_file(obj, where), where, argv)
     if not (isinstance(obj, dict) and isinstance(obj.get('config'), dict)):   # the weights do not tell these
         file_spec = ModelSpec.from_dict(dict(file_spec.to_dict(), **tokenizer_sizes(tok)))
+    free, what = (VIAR_FROM_VAR_FREE, 'a VIAR started from a VAR') if from_var else (FINE_TUNE_FREE, 'a fine-tune')
     if from_var:
-        free = VIAR_FROM_VAR_FREE
         default = ModelSpec()
         file_spec = replace(file_spec, use_implicit=True, pre_depth=given.get('pre_depth', default.pre_depth),
                             post_depth=given.get('post_depth', default.post_depth))
-        what = 'a VIAR started from a VAR'
-    else:
-        free = FINE_TUNE_FREE
-        what = 'a fine-tune'
     items = contradictions(given, file_spec, free)
     if items:
         to_viar = not from_var and not file_spec.use_implicit and given.get('use_implicit')

@@ -1,8 +1,7 @@
 """Training configuration: typed dataclasses, the argparse CLI generated from them, and derived values.
 
-Every official flag keeps its name and meaning (`--depth --bs --ep --tblr --fp16 --alng --wpe --twde
---use_implicit --p_depth ...`). Values computed from the flags (per-GPU batch, peak lr, resolution,
-warmup length, ...) come from the one pure function `derive(args, world_size)`.
+Official flags keep their names and meanings; values computed from the flags (per-GPU batch, peak lr,
+resolution, warmup length, ...) come from the one pure function `derive`.
 """
 import argparse
 import dataclasses
@@ -189,11 +188,8 @@ def _parse_range(name: str, value: Sequence[int], lo: int) -> Tuple[int, int]:
 def derive(args: TrainArgs, world_size: int, cpus: Optional[int] = None, ranks_per_node: Optional[int] = None,
            spec=None) -> Derived:
     """Every value that follows from the flags and the architecture; bad combinations are a SystemExit with the fix.
-
-    spec: the run's models.config.ModelSpec (utils/train/architecture.py; None: the architecture flags alone, as a
-    new run without a tokenizer file builds). cpus, ranks_per_node: for --workers auto (None: this process's CPUs,
-    and all ranks on one node).
-    """
+    spec: the run's ModelSpec (None: the architecture flags alone); cpus, ranks_per_node: for --workers auto (None:
+    this process's CPUs, all ranks on one node)."""
     d, m, o, s, r = args.data, args.model, args.optim, args.sched, args.run
     if spec is None:
         spec = ModelSpec(**given_fields(args.arch))
@@ -253,8 +249,8 @@ def peak_lr(tblr: float, tlr: Optional[float], bs: int) -> Tuple[float, str]:
 
 
 def slim_name(kind: str) -> str:
-    """The slim export's file name: viar-slim.pth or var-slim.pth, so that the exports of a VIAR and a VAR run never
-    share a name (gen_img.py names its output folder after the file)."""
+    """viar-slim.pth or var-slim.pth: a VIAR's and a VAR's exports never share a name (gen_img.py names its output
+    folder after the file)."""
     return f'{kind.lower()}-slim.pth'
 
 

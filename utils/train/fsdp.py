@@ -1,15 +1,8 @@
-"""`train.py --fsdp`: the policy of sharding the transformer with FSDP2, and the bytes it leaves on each rank.
+"""`train.py --fsdp`: the precision of sharding the transformer with FSDP2, and the bytes it leaves on each rank.
 
-The model says what to wrap (`var.fsdp_units()`: per block, its attention + MLP as one unit and its AdaLN
-projection as another; VIAR's implicit block and its projection stay in the root's unit, gathered once per
-step for all n + m iterations); dist.fsdp_shard wraps them, then the root. Precision: bf16 runs keep fp32
-sharded parameters, gather bf16 copies for compute and reduce gradients in fp32 (MixedPrecisionPolicy);
-fp32 runs stay fp32. fp16 (`--fp16 1`) is refused: its loss scaler would have to agree on overflow across
-gradient shards, and bf16 needs no scaler.
-
-Memory arithmetic (pure): FSDP2 shards every parameter on its first dimension in world-size chunks of
-ceil(dim0 / world) rows (torch.chunk), padding the last, so a rank holds at most that many rows of each
-parameter, and as many of its fp32 gradient and AdamW moments.
+What is wrapped, and why fp16 is refused: docs/TRAINING.md, "FSDP". Memory arithmetic (pure): FSDP2 shards every
+parameter on its first dimension in chunks of ceil(dim0 / world) rows (torch.chunk), so a rank holds at most
+that many rows of each parameter, and as many of its fp32 gradient and AdamW moments.
 """
 import math
 from dataclasses import dataclass

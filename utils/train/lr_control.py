@@ -10,13 +10,8 @@ import torch
 import torch.nn as nn
 
 # parameters named with any of these (besides 1-D tensors and biases) get no weight decay, as official
-NOWD_KEYS = frozenset({
-    'cls_token', 'start_token', 'task_token', 'cfg_uncond',
-    'pos_embed', 'pos_1LC', 'pos_start', 'start_pos', 'lvl_embed',
-    'gamma', 'beta',
-    'ada_gss', 'moe_bias',
-    'scale_mul',
-})
+NOWD_KEYS = frozenset({'cls_token', 'start_token', 'task_token', 'cfg_uncond', 'pos_embed', 'pos_1LC', 'pos_start',
+                       'start_pos', 'lvl_embed', 'gamma', 'beta', 'ada_gss', 'moe_bias', 'scale_mul'})
 
 
 def lr_ratio(sche: str, cur_it: int, wp_it: float, max_it: int, wp0: float = 0.005, wpe: float = 0.001) -> float:
@@ -75,10 +70,7 @@ def no_weight_decay(name: str, param: torch.Tensor, nowd_keys: Iterable[str] = N
 def param_groups(model: nn.Module, nowd_keys: Iterable[str] = NOWD_KEYS, allow_frozen: bool = False
                  ) -> Tuple[List[str], List[nn.Parameter], List[Dict]]:
     """(names, params, groups) of the trainable parameters; groups 'D' (decayed) and 'ND' carry wd_sc/lr_sc.
-
-    Frozen parameters are an error, as official (the transformer has none; the VQVAE is outside it), unless
-    allow_frozen (train.py --freeze): then they are left out of every group, so the optimizer never sees them.
-    """
+    Frozen parameters are an error, as official, unless allow_frozen (--freeze): then no group holds them."""
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     if frozen and not allow_frozen:
         raise ValueError(f'param_groups expects every parameter trainable; frozen: {frozen[:5]}')
@@ -97,10 +89,8 @@ def param_groups(model: nn.Module, nowd_keys: Iterable[str] = NOWD_KEYS, allow_f
 
 
 def prog_stage(g_it: int, wp_it: float, max_it: int, pg: float, pg0: int, num_scales: int) -> int:
-    """Progressive training: the last scale index trained at step g_it (-1: all scales, i.e. off).
-
-    Scale pg0 during warmup, then growing linearly to the last scale at step pg * max_it, as official.
-    """
+    """Progressive training: the last scale index trained at step g_it (-1: all scales, i.e. off); scale pg0 during
+    warmup, then growing linearly to the last scale at step pg * max_it, as official."""
     if pg <= 0:
         return -1
     last = num_scales - 1

@@ -1,10 +1,8 @@
 """What a training run does at each step, as pure functions of the step: the policy half of `train.Run.train`.
 
-`StepPolicy.schedule_at(g_it)` gives the lr, weight decay and progressive stage of forward pass g_it
-(0-based); `StepPolicy.events_at(done, pending)` decides, after `done` forward passes, whether to print a
-progress line, validate and save. Validation and saving only happen at optimizer-step boundaries (every
-`ac` forward passes), so an epoch end that falls inside an accumulation window is carried in `pending`
-until the window closes. No I/O here: the tests call these directly.
+`schedule_at(g_it)` gives forward pass g_it's lr, weight decay and progressive stage; `events_at(done, pending)`
+whether to log, validate and save. Validation and saving wait for an optimizer-step boundary (every `ac` forward
+passes): one asked for inside an accumulation window is carried in `pending`.
 """
 from dataclasses import dataclass
 from typing import Tuple
@@ -66,10 +64,8 @@ class StepPolicy:
             stepping=(g_it + 1) % self.ac == 0)
 
     def events_at(self, done: int, pending: Pending = Pending(), first: bool = False) -> Tuple[Events, Pending]:
-        """After `done` forward passes (from 1): log / validate / save now, and what stays pending.
-
-        first: the first pass of this process (a progress line right away, also after a resume).
-        """
+        """After `done` forward passes (from 1): log / validate / save now, and what stays pending. first: the first
+        pass of this process (a progress line right away, also after a resume)."""
         ep, it = divmod(done - 1, self.iters_ep)
         last = done == self.total
         epoch_end = it + 1 == self.iters_ep or last

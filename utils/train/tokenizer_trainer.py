@@ -143,11 +143,9 @@ def scale_residuals(quantizer: VectorQuantizer2, f_BChw: torch.Tensor) -> List[t
 
 @torch.no_grad()
 def restart_dead_codes(quantizer: VectorQuantizer2, f_BChw: torch.Tensor, generator: torch.Generator) -> int:
-    """Move codes that no scale uses (usage EMA below the margin) onto random residual vectors of f.
-
-    Restarted codes get the margin as their usage so they have time to be picked before the next
-    restart. Returns how many codes moved; before the first usage update every code moves (data init).
-    """
+    """Move codes that no scale uses (usage EMA below the margin) onto random residual vectors of f; returns how
+    many moved (all before the first usage update: a data init). Each gets the margin as its usage, so it has time
+    to be picked before the next restart."""
     B, C, H, W = f_BChw.shape
     margin = usage_margin(B * H * W, quantizer.vocab_size)
     dead_V = quantizer.ema_vocab_hit_SV.max(dim=0).values < margin
@@ -299,12 +297,11 @@ def train_tokenizer(cfg: TokenizerConfig) -> Dict[str, Any]:
                 log.info(f'step {step + 1}/{cfg.max_steps}  loss {metrics["loss"]:.4f}  '
                          f'rec {metrics["rec_loss"]:.4f}  vq {metrics["vq_loss"]:.4f}  '
                          f'usage {metrics["usage_mean"]:.0f}%  lr {lr:.2e}  {sec:.2f}s/step')
-            if ev.stop:
+            if ev.stop or ev.save:
                 save_atomic(checkpoint_dict(vae, cfg, opt, step + 1, metrics), last_ckpt)
+            if ev.stop:
                 log.info(f'stopped at step {step + 1} (--stop_at); rerun the same command to continue')
                 return metrics
-            if ev.save:
-                save_atomic(checkpoint_dict(vae, cfg, opt, step + 1, metrics), last_ckpt)
 
         metrics['val_recon_mse'] = recon_mse(vae, val_set, device=device)
         tb.add('vae', {'val_recon_mse': metrics['val_recon_mse']}, cfg.max_steps)
