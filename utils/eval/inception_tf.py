@@ -17,6 +17,7 @@ from typing import Iterable, Optional, Tuple
 import numpy as np
 from tqdm.auto import tqdm
 
+from utils.atomic import atomic_path
 from utils.eval.fid_math import ADM_BLOCK, SFID_CHANNELS, MomentAccumulator
 from utils.eval.npz_io import EvalInputError
 
@@ -74,20 +75,14 @@ def resolve_graph_path(explicit: Optional[str] = None, search_dir: str = '.',
 
 
 def _download(url: str, dest: str, timeout: float) -> None:
-    """Downloads url to dest through a temporary file so a failed download leaves nothing behind."""
-    tmp = dest + '.tmp'
+    """Downloads url to dest atomically: a failed download leaves nothing behind."""
     print(f'downloading the Inception graph from {url} ...')
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, 'wb') as f:
-            total = int(r.headers.get('Content-Length') or 0) or None
-            with tqdm(total=total, unit='B', unit_scale=True) as bar:
-                for chunk in iter(lambda: r.read(1 << 20), b''):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(dest) as tmp, urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, 'wb') as f:
+        total = int(r.headers.get('Content-Length') or 0) or None
+        with tqdm(total=total, unit='B', unit_scale=True) as bar:
+            for chunk in iter(lambda: r.read(1 << 20), b''):
+                f.write(chunk)
+                bar.update(len(chunk))
 
 
 def load_graph_def(path: str):
