@@ -137,8 +137,7 @@ def _with_precomputed(feats: SetFeatures, path: str) -> SetFeatures:
 
 
 def reference_features(src: ImageSource, extractor, kernel, cfg: EvalConfig, graph_path: str) -> SetFeatures:
-    """Reference features, from REF.stats.npz when it matches REF and the graph, else computed
-    once and cached there."""
+    """Reference features from REF.stats.npz when it matches REF and the graph, else computed and cached there."""
     cache_path = stats_cache_path(src.path)
     key = {'version': CACHE_VERSION, 'ref_sha256': content_fingerprint(src.path),
            'graph_sha256': content_fingerprint(graph_path)} if cfg.cache else {}

@@ -16,11 +16,8 @@ ADM_BLOCK = 10000        # ADM's row/col batch size for distances (its float16 f
 # ----------------------------------------------------------------------------- Gaussian statistics
 
 class MomentAccumulator:
-    """Streaming mean and unbiased covariance of feature rows, accumulated in float64.
-
-    Rows are shifted by the first batch's mean before summing so the covariance does not lose
-    digits to cancellation; the result equals np.mean / np.cov(rowvar=False) of all rows.
-    """
+    """Streaming mean and unbiased covariance of feature rows in float64 (np.mean / np.cov(rowvar=False)); rows
+    are shifted by the first batch's mean so the covariance loses no digits to cancellation."""
 
     def __init__(self):
         self.count = 0
@@ -95,10 +92,8 @@ def log_softmax(logits_NK: np.ndarray) -> np.ndarray:
 
 
 def inception_score(probs_NK: np.ndarray, split_size: int = IS_SPLIT_SIZE) -> float:
-    """Mean over consecutive splits of exp(E_x KL(p(y|x) || p(y))); the last split may be short.
-
-    Rows are used in the order given (ADM does not shuffle); zero probabilities add nothing.
-    """
+    """Mean over consecutive splits (the last may be short) of exp(E_x KL(p(y|x) || p(y))), rows in the order given
+    (ADM does not shuffle); zero probabilities add nothing."""
     p_NK = np.asarray(probs_NK, np.float64)
     if p_NK.ndim != 2 or len(p_NK) == 0:
         raise ValueError(f'expected a non-empty (N, K) probability array, got shape {p_NK.shape}')
@@ -132,13 +127,9 @@ def pairwise_sq_dists(u_ND: np.ndarray, v_MD: np.ndarray, dtype: str = 'float64'
 
 
 class NumpyDistanceKernel:
-    """Pairwise-distance reductions in exact float32/float64 arithmetic, row tile by row tile.
-
-    Kernels answer two questions about a (rows x cols) block of squared distances, which is all the
-    k-NN manifold needs: the k smallest per row, and which points fall inside the other side's
-    balls. This one never holds more than tile_rows x cols distances. (ADM itself rounds to float16;
-    see utils/inception_tf.TFDistanceKernel for that.)
-    """
+    """Exact float32/float64 distance reductions, tile_rows x cols distances at a time (ADM's float16 kernel:
+    inception_tf.TFDistanceKernel). A kernel gives, for a block of squared distances, the k smallest per row and
+    which points fall inside the other side's balls: all the k-NN manifold needs."""
 
     block = ADM_BLOCK
 
@@ -196,11 +187,8 @@ def knn_radii(x_ND: np.ndarray, k: int = NHOOD_K, kernel=None,
 
 def manifold_precision_recall(ref_ND, ref_radii_N, sample_MD, sample_radii_M, kernel=None,
                               progress: Optional[Callable[[int], None]] = None) -> Tuple[float, float]:
-    """(precision, recall) of the k-NN manifold estimate.
-
-    precision: fraction of samples inside some reference ball; recall: fraction of references
-    inside some sample ball (closed balls, squared distances throughout).
-    """
+    """(precision, recall) of the k-NN manifold estimate: the fraction of samples inside some (closed) reference
+    ball, and of references inside some sample ball."""
     kernel = kernel or NumpyDistanceKernel()
     n, m = len(ref_ND), len(sample_MD)
     ref_radii_N = np.asarray(ref_radii_N, np.float32)
