@@ -2,9 +2,8 @@
 
     python scripts/demo_progress.py --every 30 --t0 START --stage 3/5 VIAR=demo_output/viar.stdout VAR=...
 
-Every --every seconds, one line per unfinished log: its last `step N/M` (train.py, train_tokenizer.py) or tqdm
-count `N/M [` (gen_img.py --progress), the share done and the time left at the rate so far; a log's first line names
-its file. Runs until killed, or until the shell that started it has gone. Standard library only: it starts at once.
+Every --every seconds, one line per unfinished log: its last step or tqdm count, the share done and the time
+left at the rate so far. Runs until killed or its shell has gone. Standard library only: it starts at once.
 """
 import argparse
 import os

@@ -1,8 +1,7 @@
 """Quality figures of the digits demo beyond class consistency: FID, precision / recall, diversity, copy rate.
 
-Class consistency cannot tell ten different 3s from the same 3 ten times; these figures can. FID and precision /
-recall use the evaluator's maths (utils/eval/fid_math.py) in the hidden layer of a small digit classifier instead
-of Inception's pool layer. Inputs are pixel features (scripts/demo_score.py): nothing here reads files.
+FID and precision / recall use the evaluator's maths (utils/eval/fid_math.py) in the hidden layer of a small digit
+classifier instead of Inception's pool layer. Inputs are pixel features (scripts/demo_score.py); no file is read.
 
 Shapes: N reference rows, M sample rows, P = 64 pixel features, F = FEATURE_WIDTH hidden features.
 """

@@ -5,11 +5,9 @@ VAR samples, tokenizer reconstruction, parameter counts, CPU times, a labelled s
         --viar_ckpt demo_output/viar/viar-slim.pth --viar_samples demo_output/samples/viar \
         --var_ckpt demo_output/var/var-slim.pth --var_samples demo_output/samples/var --out demo_output/results.json
 
-Every image is box-averaged back to 8x8 grayscale (the digits' own resolution) and scaled to 0..1: its 64
-pixel features, what every judge sees (scripts/demo_quality.py, docs/DEMO.md). Samples are gen_img.py's
-`class{c}_seed{s}.png` anywhere under a folder, or a sampling.py `.npz`. Copies are judged among the tokenizer's
-reconstructions; without --vae_ckpt that is the demo's tokenizer beside --data_path, so a command that names only
-the data and the samples scores exactly as the demo does.
+Every image is box-averaged back to 8x8 grayscale in 0..1 (the digits' own resolution): the 64 pixel features
+every judge sees (docs/DEMO.md). Samples are gen_img.py's `class{c}_seed{s}.png` under a folder, or a sampling.py
+`.npz`.
 """
 import argparse
 import glob
