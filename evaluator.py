@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, astuple, dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -227,11 +227,8 @@ def evaluate(cfg: EvalConfig, extractor=None, graph_path: Optional[str] = None) 
 
 def report(metrics: Metrics, cfg: EvalConfig) -> None:
     """Prints the metric lines as ADM does and writes the JSON file if asked."""
-    print('Inception Score:', metrics.inception_score)
-    print('FID:', metrics.fid)
-    print('sFID:', metrics.sfid)
-    print('Precision:', metrics.precision)
-    print('Recall:', metrics.recall)
+    for label, value in zip(('Inception Score:', 'FID:', 'sFID:', 'Precision:', 'Recall:'), astuple(metrics)):
+        print(label, value)
     if cfg.json:
         out = {**asdict(metrics), 'is_mode': 'adm' if cfg.adm_is else 'shuffled',
                'is_seed': None if cfg.adm_is else cfg.is_seed, 'pr_dtype': cfg.pr_dtype,

@@ -65,11 +65,8 @@ def _psd_sqrt(sigma_DD: np.ndarray) -> np.ndarray:
 
 
 def frechet_distance(mu1_D, sigma1_DD, mu2_D, sigma2_DD) -> float:
-    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2).
-
-    d = |mu1 - mu2|^2 + tr(s1) + tr(s2) - 2 tr sqrt(s1 s2), with tr sqrt(s1 s2) taken as the sum of
-    square roots of the eigenvalues of the symmetric s1^1/2 s2 s1^1/2 (same spectrum as s1 s2).
-    """
+    """|mu1 - mu2|^2 + tr(s1) + tr(s2) - 2 tr sqrt(s1 s2), tr sqrt(s1 s2) from the eigenvalues of the symmetric
+    s1^1/2 s2 s1^1/2 (the spectrum of s1 s2)."""
     mu1_D, mu2_D = np.atleast_1d(np.asarray(mu1_D, np.float64)), np.atleast_1d(np.asarray(mu2_D, np.float64))
     s1_DD, s2_DD = np.atleast_2d(np.asarray(sigma1_DD, np.float64)), np.atleast_2d(np.asarray(sigma2_DD, np.float64))
     if mu1_D.shape != mu2_D.shape or s1_DD.shape != s2_DD.shape or s1_DD.shape != (len(mu1_D),) * 2:

@@ -1,8 +1,5 @@
-"""Image batches as `.npz` files (arr_0, uint8 NHWC): streaming, validated readers of `.npz`, `.npy` or a folder of
-PNGs for evaluation, and the writer that packs sampling.py's PNGs.
-
-No reader or writer ever holds the whole array, so a 50K x 256x256x3 batch streams in bounded memory whether its
-zip member is stored or deflated.
+"""Image batches as `.npz` files (arr_0, uint8 NHWC): validated readers of `.npz`, `.npy` or a PNG folder, and the
+writer that packs sampling.py's PNGs. None holds the whole array: a 50K-image batch streams in bounded memory.
 """
 import contextlib
 import os
