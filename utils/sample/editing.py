@@ -1,8 +1,7 @@
 """Zero-shot editing (VAR's in-/out-painting, VIAR Fig. 7): keep an image's tokens outside a mask, sample inside.
 
-At every scale k, tokens whose pn_k x pn_k cell touches the mask are sampled by the model (optionally under
-another class); all other tokens are forced to the input image's own token map at that scale, so the
-unmasked region is reproduced and the regenerated region is conditioned on it.
+At every scale, tokens whose cell touches the mask are sampled (optionally under another class); the others are
+forced to the input image's own tokens, so the unmasked region is kept and conditions the regenerated one.
 
 Shapes: B batch, H, W pixels, pn side of a scale's token map, l = pn * pn tokens of one scale.
 """
