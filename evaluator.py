@@ -2,11 +2,9 @@
 
     python evaluator.py REF.npz SAMPLE.npz [--inception_pb classify_image_graph_def.pb] [--json OUT]
 
-Prints `Inception Score:`, `FID:`, `sFID:`, `Precision:`, `Recall:` as openai/guided-diffusion's
-evaluations/evaluator.py does for the same inputs and graph, with three differences: inputs stream
-(SAMPLE may be a PNG folder), reference features are cached beside REF (REF.stats.npz), and the
-Inception Score shuffles samples with a fixed seed before its 5,000-image splits (VIAR's evaluator
-shuffles unseeded; --adm_is keeps ADM's order).
+Prints the five metric lines of openai/guided-diffusion's evaluator for the same inputs and graph; inputs stream
+(SAMPLE may be a PNG folder), reference features are cached in REF.stats.npz, and the IS splits follow a seeded
+shuffle (--adm_is: ADM's order). Differences from ADM: docs/EVALUATION.md.
 """
 import argparse
 import hashlib
