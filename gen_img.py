@@ -87,8 +87,7 @@ def seeds_tag(seeds: Sequence[int]) -> str:
 
 def write_images(imgs_N3HW: torch.Tensor, pairs, classes, seeds, out_dir: str, prefix: str, save_grid: bool,
                  nrow: int, class_names: Optional[Sequence[str]] = None) -> List[str]:
-    """One PNG per (class, seed) pair and, for several images, the grid labelled with any recorded class names;
-    returns the paths written."""
+    """Paths of one PNG per (class, seed) and, for several images, a grid labelled with any recorded class names."""
     paths = []
     for img_3HW, (c, s) in zip(imgs_N3HW, pairs):
         paths.append(os.path.join(out_dir, f'{prefix}class{c}_seed{s}.png'))

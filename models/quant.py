@@ -216,8 +216,8 @@ class VectorQuantizer2(nn.Module):
     # ------------------------------------------------------------------ encoding and decoding
     def embed_to_fhat(self, ms_h_BChw: List[torch.Tensor], all_to_max_scale: bool = True, last_one: bool = False
                       ) -> Union[List[torch.Tensor], torch.Tensor]:
-        """Sum per-scale embeddings (B, C, pn, pn) into f_hat (after each scale, or only the last);
-        all_to_max_scale=False (experimental) accumulates at each scale's own size."""
+        """f_hat after each scale (or only the last) from embeddings (B, C, pn, pn); all_to_max_scale=False:
+        accumulated at each scale's own size (experimental)."""
         B, SN = ms_h_BChw[0].shape[0], len(self.v_patch_nums)
         H = W = self.v_patch_nums[-1]
         ls_f_hat_BChw = []

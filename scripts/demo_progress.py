@@ -19,8 +19,7 @@ TAIL_BYTES = 16384                                 # the last progress line sits
 
 # ----------------------------------------------------------------------------- pure helpers
 def last_progress(text: str) -> Optional[Tuple[int, int, str]]:
-    """(done, total, unit) of the last step count ('step') or tqdm count ('images': gen_img.py's bar counts them)
-    in a log's text, else None."""
+    """(done, total, unit) of the last step count ('step') or tqdm count ('images') in a log's text, else None."""
     for pattern, unit in ((STEP_RE, 'step'), (TQDM_RE, 'images')):
         found = pattern.findall(text)
         if found:

@@ -134,8 +134,7 @@ def fatal_load_error(named: bool, models: Sequence[AppModel], errors: Sequence[s
 
 
 def page_sample_defaults(models: Sequence[AppModel], demo: Optional[dict] = None) -> SampleConfig:
-    """The page's starting values: the first model's recorded sampling defaults, else the demo's results.json, else
-    SampleConfig's; top-k within the vocabulary."""
+    """Start values: the first recorded sampling defaults, else the demo's, else SampleConfig's; top-k <= vocab."""
     recorded = next((m.loaded.sample_defaults for m in models if m.loaded.sample_defaults), None)
     defaults = SampleConfig(**(recorded or demo or {}))
     vocab = min((m.var.V for m in models), default=None)

@@ -167,8 +167,7 @@ def generate(model, cls, seeds, config: SampleConfig, batch_size=8, progress: Op
 
 
 def edit_mask(model, mask_paths: Sequence[str], box: str, mode: str, image_wh) -> torch.Tensor:
-    """(1, R, R) bool, True = regenerate: the box when given, else the union of the drawn (white) mask layers;
-    inverted for outpaint."""
+    """(1, R, R) bool, True = regenerate: the box, else the drawn (white) mask layers; inverted for outpaint."""
     R = model.resolution
     try:
         check_edit_mode(mode)

@@ -1,7 +1,5 @@
-"""Pure numpy arithmetic behind the ADM evaluator: FID/sFID, Inception Score, k-NN precision/recall.
-
-Shapes: N reference rows, M sample rows, D feature width, K classes.
-Everything here is deterministic numpy; TensorFlow only produces the features (utils/eval/inception_tf.py).
+"""Deterministic numpy arithmetic of the ADM evaluator: FID/sFID, Inception Score, k-NN precision/recall
+(TensorFlow only makes the features: inception_tf.py). Shapes: N reference rows, M sample rows, D width, K classes.
 """
 from typing import Callable, Optional, Tuple
 
@@ -165,8 +163,7 @@ def _blocks(n: int, size: int):
 
 def knn_radii(x_ND: np.ndarray, k: int = NHOOD_K, kernel=None,
               progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
-    """Squared distance from each row to its k-th nearest row, the row itself counting as
-    neighbour 0 (as in ADM); float32 (N,). Blocks follow the kernel's block size."""
+    """float32 (N,) squared distance from each row to its k-th nearest row (itself neighbour 0, as in ADM)."""
     kernel = kernel or NumpyDistanceKernel()
     n = len(x_ND)
     if n <= k:

@@ -49,8 +49,7 @@ def _session(graph):
 
 def resolve_graph_path(explicit: Optional[str] = None, search_dir: str = '.',
                        url: Optional[str] = ADM_GRAPH_URL, timeout: float = 30.0) -> str:
-    """The Inception graph to use: explicit path, else search_dir/classify_image_graph_def.pb,
-    else downloaded there from url (None disables downloading); raises EvalInputError otherwise."""
+    """The Inception graph: explicit path, else search_dir/GRAPH_FILENAME, else downloaded there (url None: never)."""
     if explicit:
         if not os.path.isfile(explicit):
             raise EvalInputError(f'--inception_pb {explicit}: no such file; download the graph from {ADM_GRAPH_URL}')
@@ -256,8 +255,7 @@ class TFDistanceKernel:
 
 def write_standin_graph(path: str, pool_width: int = 16, spatial_channels: int = 10, num_classes: int = 12,
                         resize: int = 8, seed: int = 0, perturb_channel: Optional[int] = None) -> str:
-    """Writes a tiny frozen graph with the tensor names of ADM's Inception graph, for tests and benchmarks;
-    perturb_channel shifts the kernel of that mixed_6/conv output channel."""
+    """A tiny frozen graph with ADM's tensor names (tests, benchmarks); perturb_channel shifts one mixed_6 channel."""
     tf = _tf()
     rng = np.random.default_rng(seed)
     w_conv = rng.normal(0, 0.5, (3, 3, 3, spatial_channels)).astype(np.float32)

@@ -76,8 +76,7 @@ def upscale_nearest(imgs_B3HW: torch.Tensor, scale: int) -> torch.Tensor:
 
 def save_grid(imgs_B3HW: torch.Tensor, path: str, nrow: int, padding: int = 2, min_cell: int = GRID_MIN_CELL,
               row_labels: Optional[Sequence[str]] = None):
-    """Write a grid of [0, 1] images as one PNG, small images enlarged by `grid_scale`; row_labels: one text per
-    row in a white left margin."""
+    """One PNG grid of [0, 1] images, small ones enlarged by `grid_scale`; row_labels in a white left margin."""
     scale = grid_scale(imgs_B3HW.shape[-2], imgs_B3HW.shape[-1], min_cell)
     grid_3HW = torchvision.utils.make_grid(upscale_nearest(imgs_B3HW.detach().float().cpu(), scale), nrow=max(1, nrow),
                                            padding=padding, pad_value=1.0)   # white padding
@@ -150,8 +149,7 @@ def load_image(path: str, size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
 
 
 def load_mask(path: str, size: int, image_wh: Tuple[int, int]) -> torch.Tensor:
-    """(1, size, size) bool, True where the mask PNG (the image's size) is white; cropped and resized (nearest) like
-    the image."""
+    """(1, size, size) bool, True where the mask PNG (the image's size) is white; cropped and resized like it."""
     mask = _open(path, 'mask')
     if mask.size != tuple(image_wh):
         raise ImageInputError(f'mask {path!r} is {mask.size[0]}x{mask.size[1]} but the image is '
