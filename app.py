@@ -4,11 +4,8 @@
     python app.py --var_ckpt viar.pth --use_implicit True --compare_ckpt var_d30.pth --device cuda
     python app.py --port 7861 --host 0.0.0.0          # on a network (--share for a public link, off by default)
 
-Models: --var_ckpt and the model flags of gen_img.py when given (official names download through the checkpoint
-helper), else the demo's checkpoints in --demo_dir; with neither, the page and the console say how to get weights.
-A checkpoint named on the command line that does not load (or demo models none of which loads) ends the server with
-the reason (exit code 1).
-Nothing else is fetched at run time: analytics off (utils/app/ui.py), a theme on system fonts.
+Models: --var_ckpt (with gen_img.py's model flags), else the demo's checkpoints in --demo_dir (utils/app/loading.py).
+Nothing else is fetched at run time: analytics off, a theme on system fonts (utils/app/ui.py).
 """
 import argparse
 from dataclasses import dataclass

@@ -2,18 +2,16 @@
 
     python evaluator.py REF.npz SAMPLE.npz [--inception_pb classify_image_graph_def.pb] [--json OUT]
 
-Prints `Inception Score:`, `FID:`, `sFID:`, `Precision:`, `Recall:` as openai/guided-diffusion's
-evaluations/evaluator.py does for the same inputs and graph, with three differences: inputs stream
-(SAMPLE may be a PNG folder), reference features are cached beside REF (REF.stats.npz), and the
-Inception Score shuffles samples with a fixed seed before its 5,000-image splits (VIAR's evaluator
-shuffles unseeded; --adm_is keeps ADM's order).
+Prints the five metric lines of openai/guided-diffusion's evaluator for the same inputs and graph; inputs stream
+(SAMPLE may be a PNG folder), reference features are cached in REF.stats.npz, and the IS splits follow a seeded
+shuffle (--adm_is: ADM's order). Differences from ADM: docs/EVALUATION.md.
 """
 import argparse
 import hashlib
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, astuple, dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -137,8 +135,7 @@ def _with_precomputed(feats: SetFeatures, path: str) -> SetFeatures:
 
 
 def reference_features(src: ImageSource, extractor, kernel, cfg: EvalConfig, graph_path: str) -> SetFeatures:
-    """Reference features, from REF.stats.npz when it matches REF and the graph, else computed
-    once and cached there."""
+    """Reference features from REF.stats.npz when it matches REF and the graph, else computed and cached there."""
     cache_path = stats_cache_path(src.path)
     key = {'version': CACHE_VERSION, 'ref_sha256': content_fingerprint(src.path),
            'graph_sha256': content_fingerprint(graph_path)} if cfg.cache else {}
@@ -228,11 +225,8 @@ def evaluate(cfg: EvalConfig, extractor=None, graph_path: Optional[str] = None) 
 
 def report(metrics: Metrics, cfg: EvalConfig) -> None:
     """Prints the metric lines as ADM does and writes the JSON file if asked."""
-    print('Inception Score:', metrics.inception_score)
-    print('FID:', metrics.fid)
-    print('sFID:', metrics.sfid)
-    print('Precision:', metrics.precision)
-    print('Recall:', metrics.recall)
+    for label, value in zip(('Inception Score:', 'FID:', 'sFID:', 'Precision:', 'Recall:'), astuple(metrics)):
+        print(label, value)
     if cfg.json:
         out = {**asdict(metrics), 'is_mode': 'adm' if cfg.adm_is else 'shuffled',
                'is_seed': None if cfg.adm_is else cfg.is_seed, 'pr_dtype': cfg.pr_dtype,

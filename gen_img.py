@@ -3,10 +3,8 @@
     python gen_img.py --use_implicit True --class_label 970 88 --seeds 10 11 12 13 --iter_left 20 --iter_right 5
     python gen_img.py --var_ckpt var_d16.pth --depth 16 --edit_image cat.png --edit_box 0.3,0.3,0.7,0.7 --edit_class 207
 
-An image depends only on its (class, seed), never on the batch it was drawn in (utils/sample/generate.py).
-Writes `class{c}_seed{s}.png` per image and a grid (rows = classes, columns = seeds) into
-`output_dir/<checkpoint name>/`, and `.model.json` there (the checkpoint and architecture that made them): a
-folder another model wrote is refused, not overwritten. See docs/GENERATION.md.
+An image depends only on its (class, seed). Writes `class{c}_seed{s}.png`, a grid and `.model.json` into
+`output_dir/<checkpoint name>/`; a folder another model wrote is refused. See docs/GENERATION.md.
 """
 import argparse
 import json
@@ -89,8 +87,7 @@ def seeds_tag(seeds: Sequence[int]) -> str:
 
 def write_images(imgs_N3HW: torch.Tensor, pairs, classes, seeds, out_dir: str, prefix: str, save_grid: bool,
                  nrow: int, class_names: Optional[Sequence[str]] = None) -> List[str]:
-    """One PNG per (class, seed) pair and, for several images, the grid (its rows labelled with the class names
-    the model records, if any); returns the paths written."""
+    """Paths of one PNG per (class, seed) and, for several images, a grid labelled with any recorded class names."""
     paths = []
     for img_3HW, (c, s) in zip(imgs_N3HW, pairs):
         paths.append(os.path.join(out_dir, f'{prefix}class{c}_seed{s}.png'))
@@ -108,8 +105,7 @@ def write_images(imgs_N3HW: torch.Tensor, pairs, classes, seeds, out_dir: str, p
 
 
 def model_record(var_ckpt: str, ema: bool, spec) -> dict:
-    """What identifies the model whose images a folder holds: its checkpoint, EMA weights or not, its architecture
-    (as JSON reads it back)."""
+    """What identifies the model whose images a folder holds: checkpoint, EMA or not, architecture (JSON-exact)."""
     path = os.path.abspath(var_ckpt) if os.path.isfile(var_ckpt) else var_ckpt
     return json.loads(json.dumps(dict(checkpoint=path, ema=bool(ema), model=spec.to_dict())))
 
@@ -128,8 +124,8 @@ def record_text(r: dict) -> str:
 
 
 def claim_output_dir(out_dir: str, record: dict):
-    """Refuse in one line to write into a folder whose images another model made (two checkpoints with one file
-    name share a folder); else write the record, which also says now whether the folder can be written."""
+    """Refuse a folder whose images another model made (two checkpoints with one file name share a folder); else
+    write the record, which also proves early that the folder is writable."""
     path = os.path.join(out_dir, MODEL_RECORD)
     try:
         with open(path) as f:
@@ -198,7 +194,6 @@ def banner(var, classes: Sequence[int], seeds: Sequence[int], sample, device, sc
 
 @cli.exits_on_write_error
 def main(argv: Optional[Sequence[str]] = None):
-    """Parse flags, load the model, then generate or edit and write the PNGs."""
     args, source, sample = parse(build_parser(), argv)
     if args.batch_size < 1:
         raise SystemExit('error: --batch_size must be >= 1.')

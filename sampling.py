@@ -3,12 +3,9 @@
     python sampling.py --ckpt_path ckpts/viar.pth --use_implicit True --cfg 1.5 --iter_left 10 --iter_right 10
     torchrun --nproc_per_node=8 sampling.py ...   (same images for any number of processes)
 
-Writes `<sample_dir>/<name>/000000.png ...`, `<sample_dir>/<name>.npz` (`arr_0`, uint8 NHWC in index order)
-and `<sample_dir>/<name>.json` (config, iterations per scale, images/s, peak memory), with the official
-`<name>` = `implicit-<ckpt>-cfg-<cfg>-seed-<seed>` (VIAR) or `d<depth>-<ckpt>-cfg-<cfg>-seed-<seed>` (VAR).
-Image i = class * per_class + j. A batch is a contiguous chunk of one class's images and its generator seed a pure
-function of (seed, class, chunk), so the images do not depend on how many processes share the batches.
-Run the same command again after a crash: finished PNGs are kept, the rest are made. See docs/SAMPLING.md.
+Writes `<sample_dir>/<name>/000000.png ...`, `<name>.npz` and `<name>.json`; a batch's seed is a pure function
+of (seed, class, chunk), so the images do not depend on the process count. Outputs, naming, seeds and resuming:
+docs/SAMPLING.md.
 """
 import argparse
 import json
@@ -44,11 +41,11 @@ MEASURED = ('seconds', 'model_seconds', 'images_per_s', 'images_per_s_with_io', 
 
 @dataclass(frozen=True)
 class Batch:
-    """One sampling call: `size` images of class `label`, indices start .. start + size - 1, generator seed `seed`."""
+    """One sampling call: `size` images of class `label` from global index `start`, generator seed `seed`."""
     order: int      # position in the global list of batches
     label: int
     chunk: int      # chunk number inside the class
-    start: int      # global index of the first image
+    start: int
     size: int
     seed: int
 
@@ -110,7 +107,6 @@ def sample_folder_name(head: str, ckpt_path: str, cfg: float, seed: int) -> str:
 # ---------------------------------------------------------------- resuming a folder
 
 def read_json(path: str):
-    """The JSON in `path`, or None if absent."""
     if not os.path.isfile(path):
         return None
     with open(path) as f:
@@ -119,8 +115,7 @@ def read_json(path: str):
 
 def image_settings(args: argparse.Namespace, sample, spec, sample_kw: dict, num_classes: int, dtype: str,
                    kind: str) -> Dict:
-    """Everything that decides the pixels of image i (`sample`: the SampleConfig with the file's recorded
-    defaults applied); a resumed run must match it."""
+    """Everything that decides the pixels of image i; a resumed run must match it."""
     return json.loads(json.dumps(dict(
         var_ckpt=os.path.abspath(args.var_ckpt), vae_ckpt=os.path.abspath(args.vae_ckpt) if args.vae_ckpt else '',
         ema=bool(args.ema), model=spec.to_dict(), cfg=sample.cfg, top_k=sample.top_k, top_p=sample.top_p, seed=args.seed,
@@ -169,8 +164,7 @@ def find_todo(folder: str, batches: List[Batch], settings: Dict) -> List[tuple]:
 # ---------------------------------------------------------------- sampling and packing
 
 def sample_todo(sampler, todo: List[tuple], folder: str, sample_kw: dict, total: int, progress: bool) -> Dict:
-    """Make this rank's round-robin share of `todo` into PNGs; returns this rank's figures: images made, wall and
-    model seconds, iterations per scale summed over its batches, peak memory."""
+    """Make this rank's round-robin share of `todo` into PNGs; returns this rank's figures."""
     rank, world = dist.get_rank(), dist.get_world_size()
     device = sampler.device
     if device.type == 'cuda':
@@ -198,8 +192,7 @@ def sample_todo(sampler, todo: List[tuple], folder: str, sample_kw: dict, total:
 
 
 def summarize(per_rank: List[Dict], var, schedule) -> Dict:
-    """Merge the ranks' figures: images/s over the slowest rank's time (model only, and with PNG writing)
-    and the mean implicit iterations per scale (None when the model has no implicit block)."""
+    """Merge the ranks' figures: images/s over the slowest rank's time, mean implicit iterations per scale."""
     images = sum(r['images'] for r in per_rank)
     seconds = max(r['seconds'] for r in per_rank)
     model_seconds = max(r['model_seconds'] for r in per_rank)
@@ -226,8 +219,7 @@ def read_sample(path: str) -> np.ndarray:
 
 
 def finish(folder: str, total: int, report: Dict, progress: bool) -> str:
-    """Rank 0, after every rank is done: remove half-written PNGs of killed runs, pack the .npz, write the JSON
-    report beside it."""
+    """Rank 0, after every rank is done: drop half-written PNGs of killed runs, pack the .npz, write the JSON."""
     for name in os.listdir(folder):
         if is_temp_name(name):
             os.remove(os.path.join(folder, name))
@@ -253,7 +245,7 @@ def finish(folder: str, total: int, report: Dict, progress: bool) -> str:
 
 
 def setup_device(args: argparse.Namespace) -> torch.device:
-    """Join the torchrun group (if any) and pick this rank's device: cuda:<local rank>, or the one asked for."""
+    """Join the torchrun group (if any); this rank's device is cuda:<local rank> or the one asked for."""
     asked = resolve_device(args.device)
     device = dist.initialize('cuda' if asked.type == 'cuda' else 'cpu')
     if asked.type == 'cuda' and asked.index is not None and dist.get_world_size() == 1:
@@ -273,8 +265,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[str]:
     rank, world = dist.get_rank(), dist.get_world_size()
     log = get_logger('sampling', is_master=rank == 0)
     try:
-        # --compile is not part of the resume settings: it changes rounding only. --fast picks the dtype from this
-        # machine (sampler.dtype), which is.
+        # --compile changes rounding only, so it is no resume setting; --fast's dtype (sampler.dtype) is one
         loaded, sampler, sample = load_sampler(source, sample, device, log=log.warning, info=log.info)
         args.var_ckpt, var, spec, dtype = loaded.ckpt, loaded.var, loaded.spec, sampler.dtype
         num_classes = spec.num_classes if args.sample_classes is None else args.sample_classes

@@ -47,11 +47,8 @@ class Upsample2x(nn.Module):
 
 
 class ResnetBlock(nn.Module):
-    """Pre-activation residual block: (GroupNorm, SiLU, conv3x3) twice, 1x1 shortcut if C changes.
-
-    SiLU runs in place on the norm's fresh output (as the official tokenizer): one full-resolution
-    activation less alive during a decode; values and gradients are unchanged.
-    """
+    """Pre-activation residual block: (GroupNorm, SiLU, conv3x3) twice, 1x1 shortcut if C changes. SiLU runs in
+    place on the norm's fresh output, as the official: one full-resolution activation less alive in a decode."""
 
     def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
         super().__init__()
@@ -61,10 +58,8 @@ class ResnetBlock(nn.Module):
         self.norm2 = group_norm(out_channels)
         self.dropout = nn.Dropout(dropout) if dropout > 1e-6 else nn.Identity()
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
-        if in_channels != out_channels:
-            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
-        else:
-            self.nin_shortcut = nn.Identity()
+        self.nin_shortcut = (nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
+                             if in_channels != out_channels else nn.Identity())
 
     def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
         h_BChw = self.conv1(F.silu(self.norm1(x_BChw), inplace=True))

@@ -3,13 +3,10 @@
 Shapes: G rows of the global batch (all ranks), B this rank's rows, K block calls of one training forward
 (VIAR: pre-blocks, then n + m implicit iterations, then post-blocks).
 
-The official code draws class dropout (`torch.rand(B) < cond_drop_rate`) and drop path (`bernoulli_`) from
-each rank's global torch generator, seeded `seed * world + rank`: a run resumed at another world size draws
-other masks and continues another run. Here every draw of step `step` is made for all G rows from a generator
-keyed by (seed, step, stream) and each rank keeps its rows [offset, offset + B): the rows a sample meets do
-not depend on how many ranks share the batch. Stream 0 is class dropout, stream 1 + k block call k (its own
-key, so call k's masks do not depend on how many calls follow). The masks are tensors handed to the model,
-so activation checkpointing recomputes with the same ones and `torch.compile` sees no generator.
+Every draw of step `step` is made for all G rows from a generator keyed by (seed, step, stream), and each rank
+keeps its rows [offset, offset + B), so the masks do not depend on the world size (the official per-rank streams:
+docs/TRAINING.md). Stream 0 is class dropout, stream 1 + k block call k. The masks are tensors handed to the
+model, so activation checkpointing recomputes with the same ones and `torch.compile` sees no generator.
 """
 from typing import List, NamedTuple, Sequence, Tuple
 

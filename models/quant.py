@@ -113,11 +113,8 @@ class PhiNonShared(nn.ModuleList):
 
 # ----------------------------------------------------------------------------- quantizer
 class VectorQuantizer2(nn.Module):
-    """Residual quantizer over the scales `v_patch_nums`; never touches torch.distributed.
-
-    Training: `forward` records this step's per-scale code hits in `last_hit_SV`; the trainer sums
-    them over ranks and calls `update_usage`, which keeps the `ema_vocab_hit_SV` buffer.
-    """
+    """Residual quantizer over the scales `v_patch_nums`; never touches torch.distributed: `forward` records the
+    step's code hits in `last_hit_SV`, the trainer sums them over ranks and calls `update_usage`."""
 
     def __init__(self, vocab_size: int, Cvae: int, using_znorm: bool, beta: float = 0.25,
                  default_qresi_counts: int = 0, v_patch_nums: PatchNums = None, quant_resi: float = 0.5,
@@ -174,11 +171,8 @@ class VectorQuantizer2(nn.Module):
     # ------------------------------------------------------------------ tokenizer training
     def forward(self, f_BChw: torch.Tensor, ret_usages: bool = False, world_size: int = 1
                 ) -> Tuple[torch.Tensor, Optional[List[float]], torch.Tensor]:
-        """Quantize f over all scales; returns (straight-through f_hat, usages in % or None, vq loss).
-
-        The loss is beta * ||sg(f_hat) - f||^2 (commitment) + ||f_hat - sg(f)||^2 (codebook), averaged
-        over scales. Hits are recorded in `last_hit_SV`; usages read the EMA as it stands.
-        """
+        """(straight-through f_hat, usages in % or None, vq loss = mean over scales of
+        beta * ||sg(f_hat) - f||^2 + ||f_hat - sg(f)||^2); usages read the EMA as it stands."""
         f_BChw = f_BChw.float()
         B, C, H, W = f_BChw.shape
         f_no_grad = f_BChw.detach()
@@ -204,11 +198,8 @@ class VectorQuantizer2(nn.Module):
 
     @torch.no_grad()
     def update_usage(self, hit_SV: torch.Tensor) -> None:
-        """Fold one step's per-scale hit counts (S, V), already summed over ranks, into the EMA.
-
-        As in the official code the update counter advances once per scale, so within the first
-        step only scale 0 is copied and the later scales already use the 0.9 decay.
-        """
+        """Fold one step's hit counts (S, V), summed over ranks, into the EMA. The counter advances once per scale,
+        as in the official code, so in the first step only scale 0 is copied."""
         if tuple(hit_SV.shape) != tuple(self.ema_vocab_hit_SV.shape):
             raise ValueError(f'hit_SV must have shape {tuple(self.ema_vocab_hit_SV.shape)} (scales, vocab); '
                              f'got {tuple(hit_SV.shape)}')
@@ -225,10 +216,8 @@ class VectorQuantizer2(nn.Module):
     # ------------------------------------------------------------------ encoding and decoding
     def embed_to_fhat(self, ms_h_BChw: List[torch.Tensor], all_to_max_scale: bool = True, last_one: bool = False
                       ) -> Union[List[torch.Tensor], torch.Tensor]:
-        """Sum per-scale embeddings (B, C, pn, pn) into f_hat; a list after each scale, or only the last.
-
-        all_to_max_scale=False (experimental) accumulates at each scale's own size instead of (H, W).
-        """
+        """f_hat after each scale (or only the last) from embeddings (B, C, pn, pn); all_to_max_scale=False:
+        accumulated at each scale's own size (experimental)."""
         B, SN = ms_h_BChw[0].shape[0], len(self.v_patch_nums)
         H = W = self.v_patch_nums[-1]
         ls_f_hat_BChw = []
@@ -253,10 +242,7 @@ class VectorQuantizer2(nn.Module):
 
     def f_to_idxBl_or_fhat(self, f_BChw: torch.Tensor, to_fhat: bool, v_patch_nums: Optional[PatchNums] = None,
                            prog_si: int = -1) -> List[torch.Tensor]:
-        """Quantize f scale by scale; per scale either the token indices (B, l) or f_hat (B, C, H, W) so far.
-
-        prog_si >= 0 (progressive training) stops after scale prog_si.
-        """
+        """Per scale, the token indices (B, l) or f_hat (B, C, H, W) so far; prog_si >= 0 stops after that scale."""
         B, C, H, W = f_BChw.shape
         patch_hws = to_patch_hws(v_patch_nums or self.v_patch_nums)
         if patch_hws[-1] != (H, W):
@@ -278,11 +264,8 @@ class VectorQuantizer2(nn.Module):
 
     # ------------------------------------------------------------------ VAR inputs
     def idxBl_to_var_input(self, gt_ms_idx_Bl: List[torch.Tensor], prog_si: int = -1) -> torch.Tensor:
-        """Teacher-forcing input (B, L - first_l, C) float32 (float64 for a float64 quantizer): f_hat after scales
-        < k, area-pooled to scale k.
-
-        prog_si >= 0 (progressive training) stops at the input of scale prog_si.
-        """
+        """Teacher-forcing input (B, L - first_l, C), float32 or float64: f_hat after scales < k, area-pooled to
+        scale k; prog_si >= 0 stops at the input of that scale."""
         B, C, SN = gt_ms_idx_Bl[0].shape[0], self.Cvae, len(self.v_patch_nums)
         H = W = self.v_patch_nums[-1]
         dtype = torch.promote_types(self.embedding.weight.dtype, torch.float32)   # float32, or float64 for float64

@@ -1,13 +1,9 @@
 """Per-scale iteration schedules of the implicit block at inference (pure arithmetic), and their names.
 
-The knob is `iter_left, iter_right`. Two rules turn it into counts, and they have different names:
-- `linspace_iters` (this project's `--iter_left/--iter_right`): linspace(left, right, K) over the K scales,
-  cast to int. Named Con.(c,c), Dec.(a,b) or Inc.(a,b).
-- `official_iters` (what the official sampler runs): linspace(left, right, 10) cast to int, then the
-  first K values, whatever K is. Named with a '/10' suffix: Dec.(8,2)/10.
-For the standard 10 scales the two rules give the same counts and the plain name is used. Beyond the
-knob: an explicit per-scale list, and an adaptive rule that stops a scale once the residual reaches tau.
-Every tool prints a schedule with `IterSchedule.describe()`: its name and the counts it runs.
+The knob `iter_left, iter_right` becomes counts by `linspace_iters` (this project's, named Dec.(a,b)) or
+`official_iters` (the official sampler's, named Dec.(a,b)/10 where it differs; docs/GENERATION.md). Beyond the
+knob: an explicit per-scale list, and an adaptive rule that stops a scale once the residual reaches tau. Every tool
+prints a schedule with `IterSchedule.describe()`.
 """
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple, Union
@@ -46,13 +42,9 @@ def knob_name(iter_left: int, iter_right: int, official: bool = False, num_scale
 
 @dataclass(frozen=True)
 class IterSchedule:
-    """How many implicit iterations each scale runs.
-
-    fixed: `counts` per scale. adaptive (`tau` set): iterate until the residual
-    ||G(z) - z|| (divided by ||G(z)|| when stop_mode == 'rel') is <= tau[k], at least
-    `min_iters` and at most `counts[k]` (the cap) iterations. `knob` records the (iter_left, iter_right)
-    it came from, if any (the official sampler takes those two numbers).
-    """
+    """How many implicit iterations each scale runs: `counts`, or (`tau` set) until the residual ||G(z) - z||
+    (over ||G(z)|| when stop_mode == 'rel') is <= tau[k], within [min_iters, counts[k]]. `knob`: the
+    (iter_left, iter_right) it came from, if any."""
     counts: List[int]
     tau: Optional[List[float]] = None
     stop_mode: str = 'rel'

@@ -2,14 +2,10 @@
 
 Shapes: B batch, l tokens of one scale, V vocabulary, C width, D condition width, H heads, c head dim.
 
-The project runs its blocks as `block(x_BLC, ada_B16C, attn_bias, kv)`: the AdaLN modulation computed once per
-call and the KV cache passed in. Code written for VAR (its zero-shot editing loop, training-free accelerations)
-calls `block(x=x, cond_BD=cond_BD_or_gss, attn_bias=None)` after `block.attn.kv_caching(True)`, and reads
-`var.rng`, `var.uniform_prob` and the sampling helpers of VAR's `models/helpers.py`. The mixins here give the
-project's classes those names: `OfficialAttnCaching` (SelfAttention), `OfficialBlockCall` (AdaLNSelfAttn),
-`OfficialModelAttrs` (VAR and VIAR). The official call reaches the project's own forward with the same maths;
-the project's call (positional, no official keyword) goes straight to `nn.Module.__call__`.
-docs/VAR_COMPAT.md lists what is supported and what is not.
+The project calls its blocks as `block(x_BLC, ada_B16C, attn_bias, kv)`; code written for VAR calls
+`block(x=x, cond_BD=..., attn_bias=None)` after `block.attn.kv_caching(True)` and reads `var.rng`,
+`var.uniform_prob` and VAR's sampling helpers. The mixins here give the project's classes those names, reaching
+the same maths; docs/VAR_COMPAT.md lists what is supported.
 """
 from typing import Dict, Optional, Tuple, Union
 
@@ -22,12 +18,9 @@ Cached = Union[None, torch.Tensor, Dict[int, torch.Tensor]]
 
 
 class OfficialKV:
-    """The `kv` argument of SelfAttention.forward that keeps VAR's caching state on the attention module.
-
-    cur_it < 0 (explicit blocks): `attn.cached_k` is one tensor (B, H, L, c) grown by every call, as VAR's.
-    cur_it >= 0 (VIAR's implicit block, iteration cur_it): one tensor per iteration index, `cached_k[cur_it]`,
-    as the official VIAR's: iteration t attends to the earlier scales' iteration t only.
-    """
+    """The `kv` argument of SelfAttention.forward that keeps VAR's caching state on the attention module:
+    one (B, H, L, c) tensor grown by every call (cur_it < 0), or, for VIAR's implicit block, one per iteration index
+    (iteration t attends to the earlier scales' iteration t only, as the official VIAR's)."""
 
     def __init__(self, attn: 'OfficialAttnCaching', cur_it: int):
         self.attn, self.cur_it = attn, cur_it
@@ -81,9 +74,8 @@ class OfficialBlockCall:
 
     def official_forward(self, x: torch.Tensor, cond_BD: torch.Tensor, attn_bias: Optional[torch.Tensor] = None,
                          cur_it: int = -1) -> torch.Tensor:
-        """VAR's AdaLNSelfAttn.forward: cond_BD is the raw condition (B, D) for a block with its own `ada_lin`,
-        `shared_ada_lin(cond_BD)` (B, 1, 6, C) for a shared-AdaLN block; `modulation` turns either into the
-        block's (B, 1, 6, C) as VAR does. Attends through the attention's official cache while caching is on."""
+        """VAR's AdaLNSelfAttn.forward: cond_BD is the raw (B, D) condition, or `shared_ada_lin(cond_BD)` for a
+        shared-AdaLN block; attends through the official cache while caching is on."""
         return super().__call__(x, self.modulation(cond_BD), attn_bias, self.attn.official_kv(cur_it))
 
 
@@ -92,8 +84,7 @@ class OfficialModelAttrs:
 
     @property
     def rng(self) -> torch.Generator:
-        """One generator kept by the model (VAR seeds it with `var.rng.manual_seed(seed)`); made on first use,
-        again only if the model moved to another device."""
+        """One generator kept by the model (VAR seeds it with `var.rng.manual_seed(seed)`), remade on a device move."""
         dev = self.lvl_1L.device
         g = self.__dict__.get('_official_rng')
         if g is None or g.device != dev:

@@ -17,11 +17,8 @@ __all__ = ['VQVAE']
 
 
 class VQVAE(nn.Module):
-    """Image tokenizer; with the defaults plus ch=160 it is the official `vae_ch160v4096z32`.
-
-    ch_mult and num_res_blocks (official: (1, 1, 2, 2, 4) and 2) can be shrunk for small images.
-    test_mode=True puts the model in eval mode and freezes every parameter, as VAR training expects.
-    """
+    """Image tokenizer; the defaults with ch=160 are the official `vae_ch160v4096z32` (ch_mult and num_res_blocks
+    can shrink for small images); test_mode=True: eval mode, every parameter frozen, as VAR training expects."""
 
     def __init__(
         self, vocab_size: int = 4096, z_channels: int = 32, ch: int = 128, dropout: float = 0.0,

@@ -2,9 +2,8 @@
 
     python scripts/demo_progress.py --every 30 --t0 START --stage 3/5 VIAR=demo_output/viar.stdout VAR=...
 
-Every --every seconds, one line per unfinished log: its last `step N/M` (train.py, train_tokenizer.py) or tqdm
-count `N/M [` (gen_img.py --progress), the share done and the time left at the rate so far; a log's first line names
-its file. Runs until killed, or until the shell that started it has gone. Standard library only: it starts at once.
+Every --every seconds, one line per unfinished log: its last step or tqdm count, the share done and the time
+left at the rate so far. Runs until killed or its shell has gone. Standard library only: it starts at once.
 """
 import argparse
 import os
@@ -20,8 +19,7 @@ TAIL_BYTES = 16384                                 # the last progress line sits
 
 # ----------------------------------------------------------------------------- pure helpers
 def last_progress(text: str) -> Optional[Tuple[int, int, str]]:
-    """(done, total, unit) of the last step count ('step') or tqdm count ('images': gen_img.py's bar counts them)
-    in a log's text, else None."""
+    """(done, total, unit) of the last step count ('step') or tqdm count ('images') in a log's text, else None."""
     for pattern, unit in ((STEP_RE, 'step'), (TQDM_RE, 'images')):
         found = pattern.findall(text)
         if found:

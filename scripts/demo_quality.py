@@ -1,8 +1,7 @@
 """Quality figures of the digits demo beyond class consistency: FID, precision / recall, diversity, copy rate.
 
-Class consistency cannot tell ten different 3s from the same 3 ten times; these figures can. FID and precision /
-recall use the evaluator's maths (utils/eval/fid_math.py) in the hidden layer of a small digit classifier instead
-of Inception's pool layer. Inputs are pixel features (scripts/demo_score.py): nothing here reads files.
+FID and precision / recall use the evaluator's maths (utils/eval/fid_math.py) in the hidden layer of a small digit
+classifier instead of Inception's pool layer. Inputs are pixel features (scripts/demo_score.py); no file is read.
 
 Shapes: N reference rows, M sample rows, P = 64 pixel features, F = FEATURE_WIDTH hidden features.
 """
@@ -90,12 +89,9 @@ class Judge:
 
 def fit_judge(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
               train_rec: Optional[np.ndarray] = None, val_rec: Optional[np.ndarray] = None, seed: int = 0) -> Judge:
-    """Train both classifiers on the train digits and measure the val digits' yardsticks.
-
-    train_rec / val_rec: the same digits through the tokenizer. A memorised digit comes out as its blurred
-    reconstruction (docs/DEMO.md), so copies are looked for among the reconstructions, with the threshold from
-    the val reconstructions; without them, among the raw digits.
-    """
+    """Train both classifiers on the train digits and measure the val digits' yardsticks. train_rec / val_rec: the
+    digits through the tokenizer; a memorised digit comes out blurred like them, so copies are looked for among
+    them (docs/DEMO.md), else among the raw digits."""
     clf = LogisticRegression(max_iter=5000, random_state=seed).fit(train_x, train_y)
     net = MLPClassifier(hidden_layer_sizes=(FEATURE_WIDTH,), activation='relu', alpha=1e-4, max_iter=1000,
                         random_state=seed).fit(train_x, train_y)
@@ -109,11 +105,8 @@ def fit_judge(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y
 
 
 def score(judge: Judge, x_MP: np.ndarray, labels_M: np.ndarray, reference: str = 'train') -> Dict[str, float]:
-    """Every figure of one set of images with their asked-for classes (the real val digits give the floor).
-
-    reference: the real digits FID and precision / recall compare with, 'train' (what the demo reports) or
-    'val' (the held-out split the demo's sampling defaults were chosen on, so the report is not tuned on).
-    """
+    """Every figure of one set of images with their asked-for classes; reference: the real digits FID and precision /
+    recall compare with, 'train' (what the demo reports) or 'val' (the split the defaults were chosen on)."""
     ref_NF = {'train': judge.train_h, 'val': judge.val_h}[reference]
     h_MF = hidden_features(judge.net, x_MP)
     p, r = precision_recall(ref_NF, h_MF)

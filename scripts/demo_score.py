@@ -5,11 +5,9 @@ VAR samples, tokenizer reconstruction, parameter counts, CPU times, a labelled s
         --viar_ckpt demo_output/viar/viar-slim.pth --viar_samples demo_output/samples/viar \
         --var_ckpt demo_output/var/var-slim.pth --var_samples demo_output/samples/var --out demo_output/results.json
 
-Every image is box-averaged back to 8x8 grayscale (the digits' own resolution) and scaled to 0..1: its 64
-pixel features, what every judge sees (scripts/demo_quality.py, docs/DEMO.md). Samples are gen_img.py's
-`class{c}_seed{s}.png` anywhere under a folder, or a sampling.py `.npz`. Copies are judged among the tokenizer's
-reconstructions; without --vae_ckpt that is the demo's tokenizer beside --data_path, so a command that names only
-the data and the samples scores exactly as the demo does.
+Every image is box-averaged back to 8x8 grayscale in 0..1 (the digits' own resolution): the 64 pixel features
+every judge sees (docs/DEMO.md). Samples are gen_img.py's `class{c}_seed{s}.png` under a folder, or a sampling.py
+`.npz`.
 """
 import argparse
 import glob
@@ -28,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import demo_quality  # noqa: E402
 from make_digits import DIGIT_MAX, DIGIT_SIDE  # noqa: E402
+from utils.atomic import write_json_atomic  # noqa: E402
 from utils.checkpoint import read_state_dict  # noqa: E402
 from utils.data.datasets import build_datasets, load_rgb  # noqa: E402
 from utils.sample.image_io import to_uint8_HWC  # noqa: E402
@@ -123,11 +122,10 @@ def read_results(path: str) -> Dict[str, object]:
 
 
 def merge_results(path: str, keys: Dict[str, object]) -> Dict[str, object]:
-    """Write `keys` into the results file at path, keeping the keys others wrote there; returns the whole."""
-    results = dict(read_results(path), **keys)
+    """Write `keys` into the results file at path (atomically), keeping the keys others wrote there."""
+    results = dict(sorted(dict(read_results(path), **keys).items()))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, 'w') as f:
-        json.dump(results, f, indent=2, sort_keys=True)
+    write_json_atomic(results, path)
     return results
 
 
@@ -153,8 +151,8 @@ def find_samples(root: str) -> List[Tuple[int, int, str]]:
 
 
 def load_npz_samples(path: str) -> Tuple[np.ndarray, np.ndarray]:
-    """(uint8 images (N, H, W, 3), classes (N,)) of a sampling.py `.npz` (`arr_0`, class-major in index order): image
-    i is of class i // per_class, per_class read from the `.plan.json` sampling.py keeps in the folder beside it."""
+    """(uint8 images (N, H, W, 3), classes (N,)) of a sampling.py `.npz`: image i is of class i // per_class, with
+    per_class from the `.plan.json` in the image folder beside it."""
     try:
         with open(os.path.join(path[:-len('.npz')], '.plan.json')) as f:
             per_class = int(json.load(f)['per_class'])
@@ -170,8 +168,8 @@ def load_npz_samples(path: str) -> Tuple[np.ndarray, np.ndarray]:
 
 # ----------------------------------------------------------------------------- scoring
 def tokenizer_reconstructions(vae, imgs_NHWC: np.ndarray, bs: int = 1024) -> np.ndarray:
-    """Pixel features (N, 64) in 0..1 of uint8 images passed through the tokenizer, rounded to uint8 as gen_img.py's
-    PNGs are: a transformer that memorised a training digit's tokens draws exactly this image of it."""
+    """Pixel features (N, 64) in 0..1 of uint8 images through the tokenizer, rounded as gen_img.py's PNGs: what a
+    transformer that memorised a digit's tokens draws."""
     out = []
     with torch.no_grad():
         for i in range(0, len(imgs_NHWC), bs):
@@ -182,11 +180,9 @@ def tokenizer_reconstructions(vae, imgs_NHWC: np.ndarray, bs: int = 1024) -> np.
 
 
 def build_judge(data_path: str, vae_ckpt: str = '', seed: int = 0):
-    """(demo_quality.Judge of the real digits under data_path, {set name: (pixel features, labels)} of the floors).
-
-    The floors are the real val digits ('real') and, with a tokenizer, their reconstructions ('recon'): the best a
-    model drawing through this tokenizer could do. With a tokenizer, copies are judged among its reconstructions.
-    """
+    """(demo_quality.Judge of the real digits under data_path, {set name: (pixel features, labels)} of the floors):
+    the real val digits ('real') and, with a tokenizer, their reconstructions ('recon'), the best a model drawing
+    through it could do."""
     tr_imgs, tr_y = load_folder_images(os.path.join(data_path, 'train'))
     va_imgs, va_y = load_folder_images(os.path.join(data_path, 'val'))
     tr_rec = va_rec = None
@@ -219,8 +215,7 @@ def judge_results(judge, floors) -> Dict[str, object]:
 
 
 def score_samples(judge, samples: str) -> Dict[str, object]:
-    """Every demo_quality figure of a folder of gen_img.py PNGs or a sampling.py .npz, per-class consistency and
-    the count."""
+    """Every demo_quality figure, per-class consistency and the count of gen_img.py PNGs or a sampling.py .npz."""
     if samples.endswith('.npz'):
         imgs, classes = load_npz_samples(samples)
     else:
@@ -279,9 +274,8 @@ def labelled_size(block_hws: Sequence[Tuple[int, int]], gap: int, header: int = 
 def comparison_grid(sample_dirs: Sequence[str], names: Sequence[str] = (), scale: int = 4, pad: int = 3,
                     gap: int = 12, line: int = 110, header: int = HEADER_PX, label: int = LABEL_PX,
                     max_seeds: int = 0) -> np.ndarray:
-    """uint8 image: one `sample_block` per samples folder side by side (`gap` px of white between), a header band
-    naming each block (`names`, e.g. VIAR, VAR) and a left column with each row's digit, placed by the first block
-    (every folder holds the same classes). Pillow's default font: nothing is downloaded."""
+    """uint8 image: one `sample_block` per samples folder side by side, a header band naming each block (`names`)
+    and a left column with each row's digit (every folder holds the same classes); Pillow's default font."""
     made = [sample_block(d, scale, pad, line, max_seeds) for d in sample_dirs]
     blocks = [b for b, _, _ in made]
     height, width = labelled_size([b.shape[:2] for b in blocks], gap, header, label)
@@ -309,9 +303,8 @@ def _minutes(seconds: float) -> str:
 
 
 def headline(results: Dict[str, object], results_path: str) -> str:
-    """The end of a demo run in a few lines: what was trained and sampled, FID / precision / recall / class
-    consistency of each model beside the floors, where the grid and the full results are, what to try next.
-    Keys a run did not write (no VAR, no tokenizer, no grid) leave their line or row out."""
+    """The end of a demo run in a few lines: what was trained and sampled, each model's figures beside the floors,
+    where the grid and results are, what to try next; keys a run did not write leave their line out."""
     r = results
     lines = []
     if 'ar_steps' in r:
@@ -350,7 +343,6 @@ def headline(results: Dict[str, object], results_path: str) -> str:
 
 
 def main(argv=None):
-    """Compute the scores, merge them into the results file's keys and print the headline."""
     p = argparse.ArgumentParser(description='Score the digits demo (see docs/DEMO.md).')
     p.add_argument('--data_path', required=True, help='the image folder of make_digits.py (train/ and val/)')
     p.add_argument('--vae_ckpt', default='',

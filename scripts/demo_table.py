@@ -4,14 +4,10 @@ its VAR, each sampled over several seed sets, scored like the demo (scripts/demo
     bash scripts/demo.sh && .venv/bin/python scripts/demo_table.py --out_dir demo_output --plot docs/demo/pareto.png
     DEMO_TABLE=1 bash scripts/demo.sh          # the same, as the demo's last stage (plot in demo_output/)
 
-A row is a setting (model, cfg, top-k, top-p, iteration knob), sampled for classes 0..9 x `--per_class` seeds once
-per seed set (set i: seeds i*per_class .. (i+1)*per_class - 1, so set 0 is the demo's own samples); every figure
-is reported as mean, std and range over the sets, the seed-to-seed spread that says which differences the demo can
-resolve. Images are drawn in this process as gen_img.py draws them (one generator per image, seeded by its seed);
-images/s counts the whole call, decode included, per CPU second of this process (what an idle core would take) and
-per wall second. Rows take turns within each seed set, so a change of load touches them all alike. `--reference
-val` scores against the held-out digits (the split the demo's defaults were chosen on, docs/DEMO.md). The table is
-merged into `<out_dir>/results.json` as `schedule_table` and printed as markdown.
+A row is a setting (model, cfg, top-k, top-p, iteration knob) sampled once per seed set; every figure is reported
+as mean, std and range over the sets, the seed-to-seed spread that says which differences the demo can resolve.
+The table is merged into `<out_dir>/results.json` as `schedule_table` and printed as markdown; docs/DEMO.md tells
+the protocol.
 """
 import argparse
 import os
@@ -121,8 +117,7 @@ def markdown_table(rows: List[Dict[str, object]]) -> str:
 def sample_features(var, setting: Setting, plan: Sequence[Tuple[int, int]], batch_size: int
                     ) -> Tuple[np.ndarray, np.ndarray, float, float]:
     """(pixel features (M, 64) in 0..1, classes (M,), CPU seconds, wall seconds) of the plan's images, drawn as
-    gen_img.py draws them. CPU seconds are this process's: on one thread, what the wall time would be on an
-    idle core, and much less disturbed by other jobs than the wall time is."""
+    gen_img.py draws them; this process's CPU seconds on one thread are what an idle core would take."""
     sample_kw = {k: v for k, v in asdict(setting).items() if k != 'model'}
     c0, t0 = time.process_time(), time.perf_counter()
     img_M3HW, _ = generate(Sampler(var), plan, batch_size, sample_kw, progress=False)
@@ -152,8 +147,7 @@ def summarise_row(setting: Setting, per_set: List[Dict[str, float]], num_scales:
 
 def run_table(models: Dict[str, object], judge, settings: Sequence[Setting], sets: List[List[int]], batch_size: int,
               reference: str, classes: Sequence[int] = CLASSES, log=print) -> List[Dict[str, object]]:
-    """All rows. Seed set by seed set, every row in turn, so a change in the machine's load while the table runs
-    slows all rows alike instead of the rows that happen to run late."""
+    """All rows, seed set by seed set, every row in turn, so a change in the machine's load slows all rows alike."""
     per_row = [[] for _ in settings]
     for k, seeds in enumerate(sets):
         for i, setting in enumerate(settings):
@@ -195,7 +189,6 @@ def plot_pareto(rows: List[Dict[str, object]], path: str, title: str):
 
 
 def main(argv=None):
-    """Sample and score every row, merge the table into results.json, print it, and plot it."""
     p = argparse.ArgumentParser(description='Schedule table of the digits demo (see docs/DEMO.md).')
     p.add_argument('--out_dir', default='demo_output', help='a finished demo run (digits/, vae/, viar/, var/)')
     p.add_argument('--rows', nargs='+', default=list(DEFAULT_ROWS),

@@ -1,7 +1,7 @@
 """512 px: VAR-d36-s (`var_d36.pth`: depth 36, shared AdaLN, pyramid 1..32) and tiny models of that layout.
 
 The key/shape list in tests/data/official_var_d36_keys.json was written by the OFFICIAL code
-(`scripts/make_official_fixture.py PATH --keys var_d36`); this project's meta build must match every entry.
+(`tests/make_official_fixture.py PATH --keys var_d36`); this project's meta build must match every entry.
 A file of that layout carries no config: depth, shared AdaLN and the pyramid are read off its weights
 (`pos_1LC` has 2240 tokens at 512 px, 680 at 256 px), and gen_img.py / sampling.py sample at 512 px from it.
 """

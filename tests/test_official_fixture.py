@@ -1,6 +1,6 @@
 """Same numbers as the official code, on outputs it computed: tests/data/official_tiny*.pt.
 
-scripts/make_official_fixture.py ran the official mobiushy/VIAR code (commit in each file's meta) on tiny random
+tests/make_official_fixture.py ran the official mobiushy/VIAR code (commit in each file's meta) on tiny random
 weights (VAR and VIAR, depth 4, width 16, 2 heads, pre/post 1/1, V 48, Cvae 8, 5 classes, every weight
 ~ N(0, 0.3^2)) and stored the state dicts, the teacher-forced logits and every scale's sampled token map, in
 float32 and in float64. Two configurations: `tiny` (pyramid 1..4) and `saln512` (shared AdaLN, VAR-d36-s's

@@ -1,8 +1,7 @@
-"""The web app's models: which files to serve, loading them through `utils.model_io.load_or_build`, their class
-names, and what to say when there is nothing to serve.
+"""The web app's models: which files to serve, loading them, their class names.
 
-Rule: `--var_ckpt` (with the model flags of gen_img.py) when given, plus `--compare_ckpt`; else the demo's two
-checkpoints in `--demo_dir` (VIAR first, VAR beside it); else nothing, and the page says how to get weights.
+Rule: `--var_ckpt` when given, plus `--compare_ckpt`; else the demo's two checkpoints in `--demo_dir` (VIAR first);
+else nothing, and the page says how to get weights.
 """
 import dataclasses
 import json
@@ -93,8 +92,7 @@ def demo_sample_defaults(demo_dir: str) -> dict:
 
 
 def app_sources(source: ModelSource, demo_dir: str, compare_ckpt: str = '') -> List[Tuple[str, ModelSource]]:
-    """(name, ModelSource) of every model to serve, by the rule of the module docstring (pure: no file is read
-    but the demo folder's listing)."""
+    """(name, ModelSource) of every model to serve, by the rule of the module docstring."""
     out = []
     if source.var_ckpt:
         out.append(('model', source))
@@ -110,8 +108,7 @@ def app_sources(source: ModelSource, demo_dir: str, compare_ckpt: str = '') -> L
 
 def load_app_models(sources: Sequence[Tuple[str, ModelSource]], sample: SampleConfig,
                     log: Callable[[str], None] = print) -> Tuple[List[AppModel], List[str]]:
-    """Load every model of `app_sources`; (served models, error lines): a model that fails to load says why and is left
-    out, so the page can show the message instead of the server dying."""
+    """(served models, error lines): a model that fails to load is left out and its line shown on the page."""
     models, errors = [], []
     for name, src in sources:
         try:
@@ -128,10 +125,8 @@ def load_app_models(sources: Sequence[Tuple[str, ModelSource]], sample: SampleCo
 
 
 def fatal_load_error(named: bool, models: Sequence[AppModel], errors: Sequence[str]) -> Optional[str]:
-    """The line app.py exits with instead of serving, or None. named: the user passed --var_ckpt. A checkpoint the
-    user named that does not load ends the server, and so does a list of sources none of which loaded: a page without a
-    model has no endpoints (a gradio_client caller would get 'Cannot find a function'). A demo model that failed
-    beside one that loaded is shown on the page."""
+    """The line app.py exits with instead of serving, or None (named: --var_ckpt given). A named checkpoint that does
+    not load ends the server, and so do sources none of which loaded: a page without a model has no endpoints."""
     if not errors or (models and not named):
         return None
     fix = '' if named else ' Run `bash scripts/demo.sh` again to remake the demo models, or pass --var_ckpt PATH.'
@@ -139,9 +134,7 @@ def fatal_load_error(named: bool, models: Sequence[AppModel], errors: Sequence[s
 
 
 def page_sample_defaults(models: Sequence[AppModel], demo: Optional[dict] = None) -> SampleConfig:
-    """The page's starting values: the sampling defaults the first model's file records (train.py
-    --sample_defaults), else the demo's results.json (a demo folder made before files recorded them), else
-    SampleConfig's (ImageNet's); top-k within the vocabulary."""
+    """Start values: the first recorded sampling defaults, else the demo's, else SampleConfig's; top-k <= vocab."""
     recorded = next((m.loaded.sample_defaults for m in models if m.loaded.sample_defaults), None)
     defaults = SampleConfig(**(recorded or demo or {}))
     vocab = min((m.var.V for m in models), default=None)

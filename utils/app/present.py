@@ -1,8 +1,4 @@
-"""What the page shows of a RunResult: gallery items, the iterations chart's table, a summary (pure, no Gradio).
-
-The summary's per-scale line reads 'iterations per scale: 4, 4, 4, 4' (the chart's numbers, for people and for
-the browser test), then the schedule as `IterSchedule.describe()` names it, KV-cache MiB and seconds per image.
-"""
+"""What the page shows of a RunResult: gallery items, the iterations chart's table, a summary (pure, no Gradio)."""
 from typing import List, Sequence, Tuple
 
 import numpy as np
@@ -26,10 +22,8 @@ def scale_labels(patch_nums: Sequence[int]) -> List[str]:
 
 
 def chart_table(runs: Sequence[Tuple[str, object]], patch_nums: Sequence[int]) -> pd.DataFrame:
-    """One row per (run, scale) with the implicit iterations it ran; runs: (name, RunResult). A VAR has no rows.
-
-    With several runs the scale label carries the run's tag (the name before ':', e.g. '1: 1x1 A'), so the bar
-    chart puts the runs' bars side by side instead of stacking them."""
+    """One row per (run, scale) with the implicit iterations it ran (none for a VAR); with several runs the label
+    carries the run's tag ('1: 1x1 A') so the chart puts their bars side by side instead of stacking them."""
     rows = []
     for name, r in runs:
         tag = f' {name.split(":")[0]}' if len(runs) > 1 else ''

@@ -1,8 +1,5 @@
-"""The web app's requests without the web: a request's values checked as the command line checks them
-(`SampleConfig.validate`, the schedule, class range, seeds, image and mask), then run on a served model.
-
-Every bad value raises `RequestError` with a one-line message that the page shows.
-Shapes: N images, B a batch of them, K scales, R pixels per side.
+"""The web app's requests without the web: values checked as the command line checks them, then run on a served
+model; a bad value raises `RequestError` with the one line the page shows. Shapes: N images, R pixels per side.
 """
 import dataclasses
 import time
@@ -99,8 +96,8 @@ def parse_seeds(text, limit: int = MAX_IMAGES) -> List[int]:
 
 def sample_config(cfg, top_k, top_p, schedule: ScheduleRequest, num_scales: int,
                   base: Optional[SampleConfig] = None) -> SampleConfig:
-    """The SampleConfig of a request, validated as the CLI validates it; only the mode's schedule fields are set
-    (and count as typed), the rest keep the server's values (dtype, compile)."""
+    """The request's SampleConfig, validated as the CLI's; only the mode's schedule fields are set (and typed), the
+    rest keep the server's values."""
     values = dict(cfg=as_float(cfg, 'cfg'), top_k=as_int(top_k, 'top_k'), top_p=as_float(top_p, 'top_p'))
     if schedule.mode == CONDEC:
         values.update(iter_left=as_int(schedule.iter_left, 'iter_left'),
@@ -170,8 +167,7 @@ def generate(model, cls, seeds, config: SampleConfig, batch_size=8, progress: Op
 
 
 def edit_mask(model, mask_paths: Sequence[str], box: str, mode: str, image_wh) -> torch.Tensor:
-    """(1, R, R) bool, True = regenerate: the box (inpaint: inside, outpaint: outside) when given, else the
-    union of the drawn mask layers (white = drawn), inverted for outpaint."""
+    """(1, R, R) bool, True = regenerate: the box, else the drawn (white) mask layers; inverted for outpaint."""
     R = model.resolution
     try:
         check_edit_mode(mode)

@@ -1,10 +1,9 @@
 """The Gradio page of `app.py`: Generate, Compare and Edit tabs over the served models.
 
-The sampling controls are built from `SampleConfig`'s fields (label = the CLI flag, info = its help text), so
-the page and the command line name and explain the same values. Every handler turns a `RequestError` into a
-`gr.Error` (a one-line message in the page and to API callers, no traceback); requests queue, one at a time.
-A `gradio_client` caller sees each input under its handler's parameter name and each output under its label
-(`images`, `iterations`, `summary`, `kv_mib`, ...; docs/APP.md, "Calling it from Python"), so every output has one.
+The controls are built from `SampleConfig`'s fields (label = the CLI flag, info = its help), so the page and the
+command line name the same values. Handlers turn errors into one-line `gr.Error`s; requests queue one at a time.
+A `gradio_client` caller sees inputs under the handler's parameter names and outputs under their labels
+(docs/APP.md, "Calling it from Python"), so every output has one.
 """
 import dataclasses
 import functools
@@ -41,8 +40,7 @@ def field_help(name: str) -> str:
 
 
 def number(name: str, value, integer: bool = True, label: str = '', info: str = '', **kw) -> gr.Number:
-    """A SampleConfig field as a number box (label: the flag, info: its help, unless given). No minimum / maximum
-    here: the request check (SampleConfig.validate) rejects a bad value with the command line's message."""
+    """A SampleConfig field as a number box; no bounds here: SampleConfig.validate rejects bad values in CLI words."""
     return gr.Number(value=value, label=label or name, info=info or field_help(name), precision=0 if integer else None,
                      **kw)
 
@@ -100,8 +98,7 @@ def gallery(label: str, columns: int, elem_id: Optional[str] = None) -> gr.Galle
 
 
 def chart(elem_id: str, runs: int = 1) -> gr.BarPlot:
-    """Implicit iterations per scale (present.chart_table); several runs side by side in their own colours. Its
-    label is its API name: a client reads the rows [scale, iterations, run] under `iterations['data']`."""
+    """Implicit iterations per scale (present.chart_table), runs side by side; API name `iterations`."""
     return gr.BarPlot(x='scale', y='iterations', color='run' if runs > 1 else None, label='iterations',
                       elem_id=elem_id, x_title='scale (index: side)',
                       y_title='implicit iterations each scale ran' + (', A and B' if runs > 1 else ''), height=260)
@@ -113,14 +110,12 @@ def summary_text(label: str = 'summary', elem_id: Optional[str] = None) -> gr.Ma
 
 
 def api_figures(suffix: str = '') -> List[gr.Number]:
-    """kv_mib and seconds_per_image of a run as numbers for API callers (present.figures); hidden: the page shows
-    them in the summary."""
+    """kv_mib and seconds_per_image as hidden numbers for API callers (the page shows them in the summary)."""
     return [gr.Number(label=f'{name}{suffix}', visible=False) for name in ('kv_mib', 'seconds_per_image')]
 
 
 def handler(fn):
-    """Run a request: RequestError -> gr.Error with its message; anything unexpected -> a one-line gr.Error too
-    (the traceback goes to the console log, not to the page)."""
+    """Run a request: any error becomes a one-line gr.Error (an unexpected one's traceback goes to the console)."""
     @functools.wraps(fn)   # Gradio reads the parameter names (the API's keywords) through __wrapped__
     def wrapped(*args, **kwargs):
         try:
@@ -141,11 +136,8 @@ def progress_cb(progress: gr.Progress):
 
 def build_app(models: Sequence[AppModel], defaults: Optional[SampleConfig] = None, errors: Sequence[str] = (),
               base: Optional[SampleConfig] = None) -> gr.Blocks:
-    """The page for the served models (models[0] is the main one; models[1], when present, the one to compare).
-
-    defaults: the controls' starting values; base: the server's SampleConfig (dtype, compile) every request
-    starts from; errors: models that failed to load (shown at the top).
-    """
+    """The page for the served models (models[1], if any, is compared with models[0]); defaults: the controls'
+    starting values; base: the server's SampleConfig every request starts from; errors: shown at the top."""
     defaults = defaults or SampleConfig()
     base = base or SampleConfig()
     image_io.limit_decoding()   # uploads are decoded by Gradio before our checks: cap what Pillow will decode

@@ -1,7 +1,5 @@
-"""Pure numpy arithmetic behind the ADM evaluator: FID/sFID, Inception Score, k-NN precision/recall.
-
-Shapes: N reference rows, M sample rows, D feature width, K classes.
-Everything here is deterministic numpy; TensorFlow only produces the features (utils/eval/inception_tf.py).
+"""Deterministic numpy arithmetic of the ADM evaluator: FID/sFID, Inception Score, k-NN precision/recall
+(TensorFlow only makes the features: inception_tf.py). Shapes: N reference rows, M sample rows, D width, K classes.
 """
 from typing import Callable, Optional, Tuple
 
@@ -16,11 +14,8 @@ ADM_BLOCK = 10000        # ADM's row/col batch size for distances (its float16 f
 # ----------------------------------------------------------------------------- Gaussian statistics
 
 class MomentAccumulator:
-    """Streaming mean and unbiased covariance of feature rows, accumulated in float64.
-
-    Rows are shifted by the first batch's mean before summing so the covariance does not lose
-    digits to cancellation; the result equals np.mean / np.cov(rowvar=False) of all rows.
-    """
+    """Streaming mean and unbiased covariance of feature rows in float64 (np.mean / np.cov(rowvar=False)); rows
+    are shifted by the first batch's mean so the covariance loses no digits to cancellation."""
 
     def __init__(self):
         self.count = 0
@@ -68,11 +63,8 @@ def _psd_sqrt(sigma_DD: np.ndarray) -> np.ndarray:
 
 
 def frechet_distance(mu1_D, sigma1_DD, mu2_D, sigma2_DD) -> float:
-    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2).
-
-    d = |mu1 - mu2|^2 + tr(s1) + tr(s2) - 2 tr sqrt(s1 s2), with tr sqrt(s1 s2) taken as the sum of
-    square roots of the eigenvalues of the symmetric s1^1/2 s2 s1^1/2 (same spectrum as s1 s2).
-    """
+    """|mu1 - mu2|^2 + tr(s1) + tr(s2) - 2 tr sqrt(s1 s2), tr sqrt(s1 s2) from the eigenvalues of the symmetric
+    s1^1/2 s2 s1^1/2 (the spectrum of s1 s2)."""
     mu1_D, mu2_D = np.atleast_1d(np.asarray(mu1_D, np.float64)), np.atleast_1d(np.asarray(mu2_D, np.float64))
     s1_DD, s2_DD = np.atleast_2d(np.asarray(sigma1_DD, np.float64)), np.atleast_2d(np.asarray(sigma2_DD, np.float64))
     if mu1_D.shape != mu2_D.shape or s1_DD.shape != s2_DD.shape or s1_DD.shape != (len(mu1_D),) * 2:
@@ -95,10 +87,8 @@ def log_softmax(logits_NK: np.ndarray) -> np.ndarray:
 
 
 def inception_score(probs_NK: np.ndarray, split_size: int = IS_SPLIT_SIZE) -> float:
-    """Mean over consecutive splits of exp(E_x KL(p(y|x) || p(y))); the last split may be short.
-
-    Rows are used in the order given (ADM does not shuffle); zero probabilities add nothing.
-    """
+    """Mean over consecutive splits (the last may be short) of exp(E_x KL(p(y|x) || p(y))), rows in the order given
+    (ADM does not shuffle); zero probabilities add nothing."""
     p_NK = np.asarray(probs_NK, np.float64)
     if p_NK.ndim != 2 or len(p_NK) == 0:
         raise ValueError(f'expected a non-empty (N, K) probability array, got shape {p_NK.shape}')
@@ -132,13 +122,9 @@ def pairwise_sq_dists(u_ND: np.ndarray, v_MD: np.ndarray, dtype: str = 'float64'
 
 
 class NumpyDistanceKernel:
-    """Pairwise-distance reductions in exact float32/float64 arithmetic, row tile by row tile.
-
-    Kernels answer two questions about a (rows x cols) block of squared distances, which is all the
-    k-NN manifold needs: the k smallest per row, and which points fall inside the other side's
-    balls. This one never holds more than tile_rows x cols distances. (ADM itself rounds to float16;
-    see utils/inception_tf.TFDistanceKernel for that.)
-    """
+    """Exact float32/float64 distance reductions, tile_rows x cols distances at a time (ADM's float16 kernel:
+    inception_tf.TFDistanceKernel). A kernel gives, for a block of squared distances, the k smallest per row and
+    which points fall inside the other side's balls: all the k-NN manifold needs."""
 
     block = ADM_BLOCK
 
@@ -177,8 +163,7 @@ def _blocks(n: int, size: int):
 
 def knn_radii(x_ND: np.ndarray, k: int = NHOOD_K, kernel=None,
               progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
-    """Squared distance from each row to its k-th nearest row, the row itself counting as
-    neighbour 0 (as in ADM); float32 (N,). Blocks follow the kernel's block size."""
+    """float32 (N,) squared distance from each row to its k-th nearest row (itself neighbour 0, as in ADM)."""
     kernel = kernel or NumpyDistanceKernel()
     n = len(x_ND)
     if n <= k:
@@ -196,11 +181,8 @@ def knn_radii(x_ND: np.ndarray, k: int = NHOOD_K, kernel=None,
 
 def manifold_precision_recall(ref_ND, ref_radii_N, sample_MD, sample_radii_M, kernel=None,
                               progress: Optional[Callable[[int], None]] = None) -> Tuple[float, float]:
-    """(precision, recall) of the k-NN manifold estimate.
-
-    precision: fraction of samples inside some reference ball; recall: fraction of references
-    inside some sample ball (closed balls, squared distances throughout).
-    """
+    """(precision, recall) of the k-NN manifold estimate: the fraction of samples inside some (closed) reference
+    ball, and of references inside some sample ball."""
     kernel = kernel or NumpyDistanceKernel()
     n, m = len(ref_ND), len(sample_MD)
     ref_radii_N = np.asarray(ref_radii_N, np.float32)

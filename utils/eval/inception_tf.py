@@ -1,11 +1,7 @@
-"""TensorFlow side of the ADM evaluator: find and load the frozen Inception graph, extract features
-in batches, and evaluate ADM's half-precision pairwise-distance block.
-
-Tensor names follow ADM's `classify_image_graph_def.pb`: images (float32 NHWC in 0..255) enter at
-`ExpandDims:0` (the graph resizes them itself), `pool_3:0` gives (N,1,1,P) pool features,
-`mixed_6/conv:0` the spatial map for sFID, and the weight feeding `softmax/logits/MatMul` maps pool
-features to class logits (no bias, as ADM). TensorFlow is imported only when a class is built: it is optional
-(setup without it still samples) and takes seconds to import.
+"""TensorFlow side of the ADM evaluator: load the frozen Inception graph, extract features, and ADM's float16
+pairwise-distance block. Tensor names are those of ADM's `classify_image_graph_def.pb` (images float32 NHWC in
+0..255; the MatMul's weight gives class logits, no bias, as ADM). TensorFlow is optional and slow to import: it is
+imported when a class is built.
 """
 import os
 import urllib.error
@@ -17,6 +13,7 @@ from typing import Iterable, Optional, Tuple
 import numpy as np
 from tqdm.auto import tqdm
 
+from utils.atomic import atomic_path
 from utils.eval.fid_math import ADM_BLOCK, SFID_CHANNELS, MomentAccumulator
 from utils.eval.npz_io import EvalInputError
 
@@ -52,8 +49,7 @@ def _session(graph):
 
 def resolve_graph_path(explicit: Optional[str] = None, search_dir: str = '.',
                        url: Optional[str] = ADM_GRAPH_URL, timeout: float = 30.0) -> str:
-    """The Inception graph to use: explicit path, else search_dir/classify_image_graph_def.pb,
-    else downloaded there from url (None disables downloading); raises EvalInputError otherwise."""
+    """The Inception graph: explicit path, else search_dir/GRAPH_FILENAME, else downloaded there (url None: never)."""
     if explicit:
         if not os.path.isfile(explicit):
             raise EvalInputError(f'--inception_pb {explicit}: no such file; download the graph from {ADM_GRAPH_URL}')
@@ -74,20 +70,14 @@ def resolve_graph_path(explicit: Optional[str] = None, search_dir: str = '.',
 
 
 def _download(url: str, dest: str, timeout: float) -> None:
-    """Downloads url to dest through a temporary file so a failed download leaves nothing behind."""
-    tmp = dest + '.tmp'
+    """Downloads url to dest atomically: a failed download leaves nothing behind."""
     print(f'downloading the Inception graph from {url} ...')
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, 'wb') as f:
-            total = int(r.headers.get('Content-Length') or 0) or None
-            with tqdm(total=total, unit='B', unit_scale=True) as bar:
-                for chunk in iter(lambda: r.read(1 << 20), b''):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(dest) as tmp, urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, 'wb') as f:
+        total = int(r.headers.get('Content-Length') or 0) or None
+        with tqdm(total=total, unit='B', unit_scale=True) as bar:
+            for chunk in iter(lambda: r.read(1 << 20), b''):
+                f.write(chunk)
+                bar.update(len(chunk))
 
 
 def load_graph_def(path: str):
@@ -108,8 +98,7 @@ def load_graph_def(path: str):
 
 @dataclass
 class SetFeatures:
-    """What the metrics need from one image set: pool rows (kept for IS and precision/recall), the Gaussian
-    statistics of pool and spatial features (spatial rows are never kept), and the pool rows' k-NN radii."""
+    """What the metrics need of one image set: pool rows, pool and spatial Gaussian statistics, k-NN radii."""
     pool_NP: np.ndarray
     mu: np.ndarray
     sigma: np.ndarray
@@ -228,9 +217,8 @@ def _sq_dists_graph(tf, u, v):
 
 
 class TFDistanceKernel:
-    """ADM's DistanceBlock: squared distances in float16, redone in float32 when any float16 value
-    of the block is not finite. Reductions run inside TF, so only (rows x k) values or two masks
-    leave the graph per block. Same ops and block shapes as ADM, so the same values on a device."""
+    """ADM's DistanceBlock (same ops and blocks, so the same values): squared distances in float16, redone in float32
+    when one is not finite; reductions run inside TF, so only (rows x k) values or two masks leave the graph."""
 
     block = ADM_BLOCK
 
@@ -267,10 +255,7 @@ class TFDistanceKernel:
 
 def write_standin_graph(path: str, pool_width: int = 16, spatial_channels: int = 10, num_classes: int = 12,
                         resize: int = 8, seed: int = 0, perturb_channel: Optional[int] = None) -> str:
-    """Writes a tiny frozen graph with the tensor names of ADM's Inception graph, for tests and
-    benchmarks: ExpandDims -> ResizeBilinear -> (x-128)/128 -> mixed_6/conv (3x3 VALID) -> 1x1 conv
-    -> pool_3 (N,1,1,P) -> softmax/logits/MatMul (batch-1 reshape, as in the real graph).
-    perturb_channel shifts the kernel of that mixed_6/conv output channel."""
+    """A tiny frozen graph with ADM's tensor names (tests, benchmarks); perturb_channel shifts one mixed_6 channel."""
     tf = _tf()
     rng = np.random.default_rng(seed)
     w_conv = rng.normal(0, 0.5, (3, 3, 3, spatial_channels)).astype(np.float32)

@@ -1,8 +1,5 @@
-"""Image batches as `.npz` files (arr_0, uint8 NHWC): streaming, validated readers of `.npz`, `.npy` or a folder of
-PNGs for evaluation, and the writer that packs sampling.py's PNGs.
-
-No reader or writer ever holds the whole array, so a 50K x 256x256x3 batch streams in bounded memory whether its
-zip member is stored or deflated.
+"""Image batches as `.npz` files (arr_0, uint8 NHWC): validated readers of `.npz`, `.npy` or a PNG folder, and the
+writer that packs sampling.py's PNGs. None holds the whole array: a 50K-image batch streams in bounded memory.
 """
 import contextlib
 import os
@@ -141,8 +138,7 @@ def read_precomputed_stats(path: str) -> Optional[dict]:
 # ----------------------------------------------------------------------------- array streaming
 
 def _read_exact(f, size: int, path: str, done: int, total: int) -> bytes:
-    """Reads exactly size bytes (file and zip-member reads return short only at the end) or explains that the
-    array is truncated or corrupt."""
+    """Exactly size bytes (reads return short only at the end), or an error saying the array is truncated."""
     try:
         data = f.read(size)
     except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as e:
@@ -232,9 +228,8 @@ def _png_batches(src: ImageSource, batch_size: int) -> Iterator[np.ndarray]:
 
 def pack_npz(paths: Sequence[str], npz_path: str, read: Optional[Callable[[str], np.ndarray]] = None,
              progress: bool = True) -> Tuple[int, ...]:
-    """Stream PNGs into `npz_path` (arr_0, uint8 (N, H, W, 3)) one image at a time, atomically: the .npy header for
-    the whole shape first, then each image's bytes, so memory stays at one image; the result is an ordinary
-    uncompressed np.savez file. read(path) decodes one PNG (default load_png). Returns the shape."""
+    """Stream PNGs into `npz_path` (an uncompressed np.savez file, arr_0 uint8 (N, H, W, 3)) atomically: the .npy
+    header first, then each image's bytes, so memory stays at one image. read: the PNG decoder. Returns the shape."""
     read = read or load_png
     first = read(paths[0])
     shape = (len(paths),) + first.shape

@@ -1,8 +1,7 @@
 """Zero-shot editing (VAR's in-/out-painting, VIAR Fig. 7): keep an image's tokens outside a mask, sample inside.
 
-At every scale k, tokens whose pn_k x pn_k cell touches the mask are sampled by the model (optionally under
-another class); all other tokens are forced to the input image's own token map at that scale, so the
-unmasked region is reproduced and the regenerated region is conditioned on it.
+At every scale, tokens whose cell touches the mask are sampled (optionally under another class); the others are
+forced to the input image's own tokens, so the unmasked region is kept and conditions the regenerated one.
 
 Shapes: B batch, H, W pixels, pn side of a scale's token map, l = pn * pn tokens of one scale.
 """
@@ -18,12 +17,8 @@ EDIT_MODES = ('inpaint', 'outpaint')
 
 
 def mask_to_scale(mask_BHW: torch.Tensor, pn: int) -> torch.Tensor:
-    """(B, pn * pn) bool: a token is regenerated when ANY pixel of its cell is masked.
-
-    Cells are adaptive-pooling cells (rows floor(i*H/pn) .. ceil((i+1)*H/pn)); when pn does not divide H
-    (13 on 256 px) neighbouring cells share a border pixel. "Any" makes the regenerated tokens cover the
-    mask at every scale, so the 1x1 first scale is regenerated whenever the mask is not empty.
-    """
+    """(B, pn * pn) bool: a token is regenerated when ANY pixel of its adaptive-pooling cell is masked, so the
+    regenerated tokens cover the mask at every scale (the 1x1 scale whenever the mask is not empty)."""
     if mask_BHW.dim() != 3:
         raise ValueError(f'mask must be (B, H, W), got shape {tuple(mask_BHW.shape)}')
     pooled_B1nn = F.adaptive_max_pool2d(mask_BHW.float().unsqueeze(1), pn)

@@ -1,8 +1,5 @@
-"""Images by (class, seed) for gen_img.py and the web app.
-
-Every image is sampled with its own generator seeded by its seed (`g_seed=seed`, as the official gen_img.py), so
-it depends only on its (class, seed), never on the batch it was drawn in.
-"""
+"""Images by (class, seed) for gen_img.py and the web app: each has its own generator seeded by its seed (as the
+official gen_img.py), so it never depends on the batch it was drawn in."""
 import sys
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -21,8 +18,7 @@ def check_classes(classes: Sequence[int], num_classes: int, flag: str = '--class
 
 def class_ids(labels: Sequence[str], names: Optional[Sequence[str]], num_classes: int,
               flag: str = '--class_label') -> List[int]:
-    """Class ids for --class_label values: an id as it is, a name by its index in the names the export records
-    (the training folders); an unknown name is a one-line error listing the names."""
+    """Class ids for --class_label values: an id as it is, a name by its index in the names the export records."""
     ids = []
     for label in labels:
         text = str(label)
@@ -49,8 +45,7 @@ def chunks(items: Sequence, size: int) -> List[Sequence]:
 
 
 def sample_batch(sampler, pairs: Sequence[Tuple[int, int]], sample_kw: dict, edit=None):
-    """(images (B, 3, H, W) in [0, 1], SampleStats) of a batch of (class, seed) pairs; sampler: a
-    `utils.sample.compile_util.Sampler`. B = 1 is exactly the official call; B > 1 passes one seed per image."""
+    """(images (B, 3, H, W) in [0, 1], SampleStats) of (class, seed) pairs; B = 1 is exactly the official call."""
     label_B = torch.tensor([c for c, _ in pairs], device=sampler.device)
     seeds = [s for _, s in pairs]
     if edit is not None:
@@ -61,8 +56,7 @@ def sample_batch(sampler, pairs: Sequence[Tuple[int, int]], sample_kw: dict, edi
 
 def generate(sampler, pairs: Sequence[Tuple[int, int]], batch_size: int, sample_kw: dict, edit=None,
              progress: bool = True, on_batch: Optional[Callable[[int], None]] = None):
-    """(images (N, 3, H, W) on the CPU, one per (class, seed) pair in order; each batch's SampleStats);
-    on_batch(done) after each batch with the number of images made so far (the web app's progress)."""
+    """(images (N, 3, H, W) on the CPU in pair order, each batch's SampleStats); on_batch(images done so far)."""
     imgs, stats, done = [], [], 0
     with tqdm(total=len(pairs), unit='img', disable=not progress, file=sys.stdout) as bar:
         for batch in chunks(list(pairs), batch_size):

@@ -1,10 +1,8 @@
-"""Image files of the sampling scripts: PNG writing (single images, grids, sampling.py's samples) and loading
-images / masks for editing.
+"""Image files of the sampling scripts: writing PNGs and grids, loading images and masks for editing.
 
-Tensors: generated images are (B, 3, H, W) in [0, 1]; loaded images are (1, 3, R, R) in [-1, 1] (the
-VQVAE's range); masks are (1, R, R) bool with True = pixel to regenerate.
-Images read here may come from anyone (the web app's uploads): a file over MAX_IMAGE_BYTES or an image over
-MAX_IMAGE_SIDE pixels a side is refused before it is decoded, and Pillow's decompression-bomb check is an error.
+Generated images are (B, 3, H, W) in [0, 1]; loaded images (1, 3, R, R) in [-1, 1]; masks (1, R, R) bool, True =
+regenerate. Images read here may come from anyone (the web app's uploads): oversized files and images are refused
+before decoding, and Pillow's decompression-bomb check is an error.
 """
 import os
 import warnings
@@ -40,8 +38,7 @@ def to_uint8_BHWC(img_B3HW: torch.Tensor) -> np.ndarray:
 
 
 def write_png(img_HW3: np.ndarray, path: str):
-    """Write a uint8 (H, W, 3) image as PNG under a temp name, then rename (creating the folder): a file with the
-    final name is always complete. No fsync per image: a PNG lost in a crash is remade."""
+    """Write a uint8 (H, W, 3) image as PNG atomically; no fsync per image: a PNG lost in a crash is remade."""
     with atomic_path(path, durable=False, need=img_HW3.nbytes) as tmp:
         PImage.fromarray(img_HW3).save(tmp, format='PNG')
 
@@ -66,8 +63,7 @@ def png_complete(path: str) -> bool:
 
 
 def grid_scale(h: int, w: int, min_cell: int = GRID_MIN_CELL) -> int:
-    """The whole-number factor that brings the shorter side of an h x w image to at least min_cell px (1 when it is
-    already that big): 16 px -> 4, 8 px -> 8, 256 px -> 1."""
+    """Whole-number factor that brings the shorter side to at least min_cell px: 16 px -> 4, 8 -> 8, 256 -> 1."""
     return max(1, -(-min_cell // max(1, min(h, w))))
 
 
@@ -80,9 +76,7 @@ def upscale_nearest(imgs_B3HW: torch.Tensor, scale: int) -> torch.Tensor:
 
 def save_grid(imgs_B3HW: torch.Tensor, path: str, nrow: int, padding: int = 2, min_cell: int = GRID_MIN_CELL,
               row_labels: Optional[Sequence[str]] = None):
-    """Write a grid of [0, 1] images as one PNG; images smaller than min_cell px are enlarged by `grid_scale`
-    (the single PNGs keep the model's resolution). row_labels: one text per row, written in a white margin on the
-    left (the class names of gen_img.py's rows)."""
+    """One PNG grid of [0, 1] images, small ones enlarged by `grid_scale`; row_labels in a white left margin."""
     scale = grid_scale(imgs_B3HW.shape[-2], imgs_B3HW.shape[-1], min_cell)
     grid_3HW = torchvision.utils.make_grid(upscale_nearest(imgs_B3HW.detach().float().cpu(), scale), nrow=max(1, nrow),
                                            padding=padding, pad_value=1.0)   # white padding
@@ -103,10 +97,8 @@ def save_grid(imgs_B3HW: torch.Tensor, path: str, nrow: int, padding: int = 2, m
 
 
 def limit_decoding():
-    """Make Pillow itself refuse to decode an image of more than MAX_IMAGE_SIDE**2 pixels, in this process. For a
-    server whose framework decodes uploads before the project sees them (Gradio's image editor does, with Pillow's
-    decompression-bomb warning silenced): Pillow raises DecompressionBombError above twice MAX_IMAGE_PIXELS, on the
-    header, before decoding."""
+    """Make Pillow itself refuse, on the header, images over MAX_IMAGE_SIDE**2 pixels (DecompressionBombError above
+    twice MAX_IMAGE_PIXELS): for a server whose framework decodes uploads first (Gradio's image editor)."""
     PImage.MAX_IMAGE_PIXELS = MAX_IMAGE_SIDE ** 2 // 2
 
 
@@ -157,10 +149,7 @@ def load_image(path: str, size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
 
 
 def load_mask(path: str, size: int, image_wh: Tuple[int, int]) -> torch.Tensor:
-    """(1, size, size) bool, True where the mask PNG is white (> 127 in grey) = region to regenerate.
-
-    The mask must have the input image's size; it is cropped and resized (nearest) like the image.
-    """
+    """(1, size, size) bool, True where the mask PNG (the image's size) is white; cropped and resized like it."""
     mask = _open(path, 'mask')
     if mask.size != tuple(image_wh):
         raise ImageInputError(f'mask {path!r} is {mask.size[0]}x{mask.size[1]} but the image is '

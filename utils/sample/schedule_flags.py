@@ -90,8 +90,7 @@ def schedule_note(kind: str, schedule: IterSchedule) -> str:
 
 def schedule_settings(kind: str, schedule: IterSchedule, fill_forward: bool,
                       solver: Optional[SolverSpec] = None) -> dict:
-    """The schedule (and solver) values that decide a model's samples, so a sampling run's folder records them;
-    {} for a VAR, which has no implicit block."""
+    """The schedule (and solver) values that decide a model's samples, recorded by a sampling folder; {} for VAR."""
     if kind != 'VIAR':
         return {}
     out = dict(counts=list(schedule.counts), tau=schedule.tau, stop_mode=schedule.stop_mode,

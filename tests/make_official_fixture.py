@@ -1,10 +1,10 @@
 """Write tests/data/official_tiny*.pt, official_var_d36_keys.json and official_varhf_tiny/: outputs of the OFFICIAL
 VIAR code.
 
-    python scripts/make_official_fixture.py /path/to/official/VIAR   # a checkout of mobiushy/VIAR
-    python scripts/make_official_fixture.py /path/to/official/VIAR --config tiny_saln512
-    python scripts/make_official_fixture.py /path/to/official/VIAR --keys var_d36
-    python scripts/make_official_fixture.py /path/to/official/VIAR --varhf   # after official_tiny.pt
+    python tests/make_official_fixture.py /path/to/official/VIAR   # a checkout of mobiushy/VIAR
+    python tests/make_official_fixture.py /path/to/official/VIAR --config tiny_saln512
+    python tests/make_official_fixture.py /path/to/official/VIAR --keys var_d36
+    python tests/make_official_fixture.py /path/to/official/VIAR --varhf   # after official_tiny.pt
 
 The official code is imported from a patched temporary copy of PATH, in this process only (both projects call
 their package `models`, so nothing of this project is imported here); no test needs it, the tests read the files
@@ -12,7 +12,7 @@ this writes. For VAR and VIAR on tiny random weights (SIZES) a fixture holds the
 state dicts and what the official code computes from them: the teacher-forced logits (VIAR with n = 2 no-grad and
 m = 1 iterations) and the token maps `autoregressive_infer_cfg` samples at every scale, greedy and with
 top-k/top-p, for the iteration knobs KNOBS. Every output is recorded in float32 and, under `fp64`, in float64:
-scripts/official_fp64.patch turns the official code's four float32 casts into casts that keep float64, and float64
+tests/official_fp64.patch turns the official code's four float32 casts into casts that keep float64, and float64
 results agree across CPUs far below any real difference (tests/test_official_fixture.py).
 `--config tiny_saln512`: the same for shared-AdaLN models on the 512 px pyramid (L = 2240) in
 official_tiny_saln512.pt. `--keys var_d36`: VAR-d36-s's state-dict keys, shapes and parameter count, built on the
@@ -38,7 +38,7 @@ KNOBS = [(3, 3), (4, 2), (1, 8)]
 SAMPLERS = {'greedy': dict(top_k=1, top_p=0.0), 'topk_topp': dict(top_k=10, top_p=0.9)}
 LABELS_TRAIN, LABELS_SAMPLE, G_SEED, CFG = [1, 3], [0, 4], 5, 1.5
 HERE = os.path.dirname(os.path.abspath(__file__))
-DATA = os.path.join(os.path.dirname(HERE), 'tests', 'data')
+DATA = os.path.join(HERE, 'data')
 FP64_PATCH = os.path.join(HERE, 'official_fp64.patch')
 PYRAMID_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
 # name -> (sizes, shared AdaLN, output file)
@@ -155,7 +155,7 @@ def key_list(name: str) -> dict:
               attn_drop_rate=0.0, drop_path_rate=0.1 * depth / 24, norm_eps=1e-6, shared_aln=shared_aln,
               cond_drop_rate=0.1, attn_l2_norm=True, patch_nums=patch_nums)
     return dict(_about=f'{name}: the official VAR (depth {depth}, shared AdaLN {shared_aln}, patch_nums {patch_nums}) '
-                       f'built (weights never initialised) by scripts/make_official_fixture.py --keys {name}',
+                       f'built (weights never initialised) by tests/make_official_fixture.py --keys {name}',
                 depth=depth, shared_aln=shared_aln, patch_nums=list(patch_nums),
                 param_count=sum(p.numel() for p in var.parameters()),
                 keys={k: list(v.shape) for k, v in var.state_dict().items()})
