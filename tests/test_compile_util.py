@@ -222,18 +222,16 @@ def test_fp32_fast_path_logits_equal_the_exact_path_under_teacher_forcing(guard_
 def test_a_scale_step_compiled_by_inductor_keeps_the_fast_paths_bf16_figures(guard_model):
     """Scope 'scale' compiled by inductor (one graph per scale) against fp32 exact, beside eager --fast in bf16:
     its teacher-forced logits are as close to fp32 as eager's (bf16 rounding in another order, not another
-    computation), and in fp32 within the fast path's 1e-4."""
+    computation). In fp32 the captured step computes eager's logits bit for bit (test_gpu_paths.py, aot_eager)."""
     var, idx_Bl, label_B = guard_model
     sched = S.constant(2, len(PN))
     ref = teacher_forced_logits(var, idx_Bl, label_B, False, 'fp32', sched)
     torch._dynamo.reset()
-    scale = dict(compile=True, scope='scale', compile_vae=False)
-    rel32 = agreement(teacher_forced_logits(var, idx_Bl, label_B, True, 'fp32', sched, **scale), ref)[0]
-    assert rel32 <= 1e-4, f'fp32 compiled scale step: {rel32:.2e} relative'
     eager = agreement(teacher_forced_logits(var, idx_Bl, label_B, True, 'bf16', sched), ref)
-    comp = agreement(teacher_forced_logits(var, idx_Bl, label_B, True, 'bf16', sched, **scale), ref)
+    comp = agreement(teacher_forced_logits(var, idx_Bl, label_B, True, 'bf16', sched, compile=True, scope='scale',
+                                           compile_vae=False), ref)
     print(f'\nbf16 vs fp32 exact, teacher-forced: compiled scale step rel {comp[0]:.2e}, argmax {comp[1]:.4f}; '
-          f'eager fast rel {eager[0]:.2e}, argmax {eager[1]:.4f}; fp32 compiled rel {rel32:.2e}')
+          f'eager fast rel {eager[0]:.2e}, argmax {eager[1]:.4f}')
     assert comp[0] <= 1.5 * eager[0] and comp[1] >= eager[1] - 0.01, (comp, eager)
 
 

@@ -133,8 +133,8 @@ def test_a_scale_step_captured_whole_reads_nothing_cuda_graphs_free(use_implicit
     for _ in range(2):
         got, st = sampler(2, torch.tensor([0, 3]), **kw)
         assert emu.stale_inputs == 0
-        torch.testing.assert_close(got, want)
-        assert st.iters == want_st.iters and st.residuals == pytest.approx(want_st.residuals, rel=1e-5)
+        assert torch.equal(got, want)   # the graphs run as traced: the eager arithmetic, bit for bit
+        assert st.iters == want_st.iters and st.residuals == want_st.residuals
     assert counters['stats']['unique_graphs'] == len(var.patch_nums) and not counters['graph_break']
 
 
