@@ -22,7 +22,7 @@ def new_buffer(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device)
 
 class BufferPool:
     """An `Alloc` that hands out, call after call, the same tensors in the same order for the same shapes: the fixed
-    addresses a replayed CUDA graph writes into. Marked static for torch.compile (guarded by address). `reset` at
+    addresses a replayed CUDA graph writes into (marked static for torch.compile). `reset` at
     the start of every call; it frees what the previous call did not use. One call at a time."""
 
     def __init__(self):

@@ -440,8 +440,8 @@ def test_bf16_fast_sampler_fuses_the_ffn_gelu_and_the_exact_path_does_not():
 @pytest.mark.parametrize('dtype', ['fp32', 'bf16'])
 def test_a_second_call_of_the_same_schedule_compiles_nothing(dtype, scope):
     """--fast --compile: the first call captures the scale loop's graphs; a second call with the same schedule
-    (other seed and labels) reuses them: no new frame compiled, no recompile (scope 'scale': its KV buffers are
-    the first call's, guarded by address)."""
+    (other seed and labels) reuses them: no new frame compiled, no recompile (scope 'scale': one graph per scale,
+    each reused)."""
     from torch._dynamo.utils import counters   # torch._dynamo only for this count: heavy to import
     _, var = tiny_vae_var(True)
     torch._dynamo.reset()
