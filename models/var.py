@@ -191,8 +191,7 @@ class VARBase(OfficialModelAttrs, nn.Module):
         """One scale from its input to the guided logits (B, l, V), writing the reserved KV slots: the step that
         utils/sample/compile_util.py compiles as one graph per scale. ratio: the CFG ratio; None: no guidance."""
         h_RlC, residual = self.slot_backbone(x_RlC, ada, slots)
-        logits_BlV = self.get_logits(h_RlC, cond_RD, ada_head)
-        return (logits_BlV if ratio is None else sample_ops.guide(logits_BlV, ratio)), residual
+        return self.get_logits(h_RlC, cond_RD, ada_head, ratio), residual
 
     # ---- shared pieces ----
     def _make_block(self, block_idx: int, drop_path: float) -> AdaLNSelfAttn:
@@ -214,10 +213,13 @@ class VARBase(OfficialModelAttrs, nn.Module):
             return torch.utils.checkpoint.checkpoint(block, x_BLC, ada, attn_bias, kv, keep_2B, use_reentrant=False)
         return block(x_BLC, ada, attn_bias, kv, keep_2B)
 
-    def get_logits(self, h_BLC: torch.Tensor, cond_BD: torch.Tensor, ada_head: Optional[torch.Tensor] = None):
-        """Vocabulary logits in float32 (float64 for a float64 model)."""
+    def get_logits(self, h_BLC: torch.Tensor, cond_BD: torch.Tensor, ada_head: Optional[torch.Tensor] = None,
+                   cfg_ratio: Optional[float] = None):
+        """Vocabulary logits in float32 (float64 for a float64 model); with cfg_ratio, the guided logits of the
+        conditional half from the 2B rows (sample_ops.guide)."""
         ada_head = self.head_nm.modulation(cond_BD) if ada_head is None else ada_head
-        return at_least_fp32(self.head(at_least_fp32(self.head_nm(at_least_fp32(h_BLC), ada_head))))
+        logits_BLV = at_least_fp32(self.head(at_least_fp32(self.head_nm(at_least_fp32(h_BLC), ada_head))))
+        return logits_BLV if cfg_ratio is None else sample_ops.guide(logits_BLV, cfg_ratio)
 
     def forward(self, label_B: torch.LongTensor, x_BLCv_wo_first_l: torch.Tensor,
                 jfb_iters: Optional[Tuple[int, int]] = None, prog_si: int = -1,
@@ -313,17 +315,15 @@ class VARBase(OfficialModelAttrs, nn.Module):
         f_hat = sos.new_zeros(B, self.Cvae, self.patch_nums[-1], self.patch_nums[-1])
         for si, pn in enumerate(self.patch_nums):
             ratio = si / self.num_stages_minus_1 if self.num_stages_minus_1 else 1.0
+            guide_ratio = sample_ops.cfg_ratio(cfg, si, K) if guided else None
             slots = self.scale_slots(state, si, like, schedule) if scale_step is not None else None
             if slots is not None:
-                logits_BlV, residual = scale_step(next_RlC, ada, ada_head, cond_RD, slots,
-                                                  sample_ops.cfg_ratio(cfg, si, K) if guided else None)
+                logits_BlV, residual = scale_step(next_RlC, ada, ada_head, cond_RD, slots, guide_ratio)
                 # a replayed CUDA graph overwrites its outputs at its next replay: the residual is read at the end
                 self.end_slots(state, slots, None if residual is None else residual.clone(), stats)
             else:
                 logits_BlV = self.get_logits(self.infer_backbone(next_RlC, ada, state, si, schedule, stats), cond_RD,
-                                             ada_head)
-                if guided:
-                    logits_BlV = sample_ops.guide(logits_BlV, sample_ops.cfg_ratio(cfg, si, K))
+                                             ada_head, guide_ratio)
             idx_Bl = sample(logits_BlV, top_k=top_k, top_p=top_p, rng=rng)
             if edit is not None:
                 idx_Bl = torch.where(edit.keep_Bl[si], edit.gt_idx_Bl[si], idx_Bl)

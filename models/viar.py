@@ -182,9 +182,7 @@ class VIAR(VARBase):
         solve = functools.partial(state['solver'].solve, max_iter=schedule.counts[si], stop_mode=schedule.stop_mode,
                                   tau=schedule.tau[si] if schedule.adaptive else None, min_iter=schedule.min_iters)
         z_BlC, st = self._cached_pass(x_BlC, ada, state['pre'], caches.get, state['post'], state['fast'], solve)
-        caches.end_scale(st.iters)
-        stats.iters.append(st.iters)
-        stats.residuals.append(st.residual)
+        self._end_scale(state, st.iters, st.residual, stats)
         return z_BlC
 
     def scale_slots(self, state, si, like, schedule):
@@ -206,6 +204,11 @@ class VIAR(VARBase):
         return h_RlC, st.residual
 
     def end_slots(self, state, slots, residual, stats):
-        state['imp'].end_scale(len(slots['imp']))
-        stats.iters.append(len(slots['imp']))
+        self._end_scale(state, len(slots['imp']), residual, stats)
+
+    @staticmethod
+    def _end_scale(state, iters: int, residual, stats):
+        """After a scale ran `iters` implicit iterations: fill the iteration caches forward, record the stats."""
+        state['imp'].end_scale(iters)
+        stats.iters.append(iters)
         stats.residuals.append(residual)
