@@ -26,7 +26,7 @@ from trainer import StepHooks, VARTrainer
 from utils import cli
 from utils.arch_flags import describe_model, describe_spec
 from utils.atomic import check_writable
-from utils.checkpoint import (CheckpointError, UnsafeCheckpointError, fetch_model, load_vae_weights, read_checkpoint,
+from utils.checkpoint import (CheckpointError, UnsafeCheckpointError, fetch_model, read_checkpoint,
                               save_atomic)
 from utils.data import token_cache
 from utils.data.datasets import HOLDOUT_FRACTION, UnreadableImageError, build_datasets, data_roots, unreadable_message
@@ -34,7 +34,7 @@ from utils.data.loader import available_cpus, loader_kwargs
 from utils.data.sampler import DistInfiniteBatchSampler, EvalDistributedSampler
 from utils.logging_util import ScalarWriter, format_duration, get_logger
 from utils.memory import peak_memory
-from utils.model_io import sample_defaults_in, save_slim, slim_export, tokenizer_ref
+from utils.model_io import load_tokenizer, sample_defaults_in, save_slim, slim_export, tokenizer_ref
 from utils.train import architecture, sharded_ckpt
 from utils.train import args as arg_util
 from utils.train.amp_opt import AmpOptimizer, build_adamw
@@ -169,11 +169,9 @@ def build_models(args: TrainArgs, der: Derived, spec, tokenizer, device: torch.d
     except ValueError as e:
         raise SystemExit(f'cannot build the model: {e}') from None
     try:
-        if tokenizer.weights is not None:
-            load_vae_weights(vae, tokenizer.weights, where=tokenizer.where)
-        elif not tokenizer.random:
+        if tokenizer.path:
             fetch_once_per_node(tokenizer.path)
-            load_vae_weights(vae, tokenizer.path)
+        load_tokenizer(vae, tokenizer)
     except CheckpointError as e:
         raise SystemExit(str(e)) from None
     vae.eval().requires_grad_(False)

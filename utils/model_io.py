@@ -99,25 +99,27 @@ def tokenizer_of_file(obj: Any, where: str) -> Optional[Tokenizer]:
     return None
 
 
-def _load_tokenizer(vae, vae_ckpt: Optional[str], obj: Any, where: str):
-    """The tokenizer rule of the module docstring."""
+def given_tokenizer(vae_ckpt: Optional[str], obj: Any, where: str) -> Tokenizer:
+    """The tokenizer rule of the module docstring, for a checkpoint's contents `obj` read from `where`."""
     if vae_ckpt == RANDOM:
-        return
+        return Tokenizer(random=True)
     tok = None if vae_ckpt else tokenizer_of_file(obj, where)
-    if tok is not None and tok.weights is not None:
+    return tok or Tokenizer(path=vae_ckpt or DEFAULT_VAE_CKPT, where=vae_ckpt or DEFAULT_VAE_CKPT)
+
+
+def load_tokenizer(vae, tok: Tokenizer):
+    """Load a Tokenizer's weights into `vae` (random: left as initialised)."""
+    if tok.weights is not None:
         load_vae_weights(vae, tok.weights, where=tok.where)
-    else:
-        load_vae_weights(vae, vae_ckpt or (tok.path if tok is not None else DEFAULT_VAE_CKPT))
+    elif not tok.random:
+        load_vae_weights(vae, tok.path)
 
 
-def _with_tokenizer_sizes(spec: ModelSpec, vae_ckpt: Optional[str]) -> ModelSpec:
-    """For a file without a config: the tokenizer's sizes from the tokenizer file itself."""
-    if not vae_ckpt or vae_ckpt == RANDOM:
-        return spec
-    sd = read_state_dict(resolve_checkpoint(vae_ckpt))
-    if state_dict_kind(sd) != 'vae':
-        return spec   # load_vae_weights explains the mistake
-    return ModelSpec.from_dict(dict(spec.to_dict(), **vae_arch_from_state_dict(sd)))
+def tokenizer_state_dict(tok: Tokenizer) -> Optional[Dict[str, Any]]:
+    """The tokenizer's weights (read from its file when it has one); None when random."""
+    if tok.random:
+        return None
+    return tok.weights if tok.weights is not None else read_state_dict(resolve_checkpoint(tok.path))
 
 
 def load_models(var_ckpt: str, vae_ckpt: Optional[str] = None, spec: Optional[ModelSpec] = None, device='cpu',
@@ -137,8 +139,11 @@ def _load(var_ckpt: str, vae_ckpt: Optional[str], spec: Optional[ModelSpec], dev
     """load_models, and the file's contents."""
     obj = read_model(var_ckpt)
     file_spec = spec_of_file(obj, var_ckpt, spec or ModelSpec())
-    if spec_in_file(obj) is None:
-        file_spec = _with_tokenizer_sizes(file_spec, vae_ckpt)
+    tok = given_tokenizer(vae_ckpt, obj, var_ckpt)
+    if spec_in_file(obj) is None and vae_ckpt:   # a file without a config: sizes from the tokenizer file given
+        sd = tokenizer_state_dict(tok)
+        if sd is not None and state_dict_kind(sd) == 'vae':   # otherwise load_tokenizer explains the mistake
+            file_spec = ModelSpec.from_dict(dict(file_spec.to_dict(), **vae_arch_from_state_dict(sd)))
     ignored = contradictions(given or {}, file_spec)   # flags the user gave that the file overrides
     if ignored:
         log(f'warning: {var_ckpt} sets the architecture ({file_spec.kind} depth {file_spec.depth}, width '
@@ -147,7 +152,7 @@ def _load(var_ckpt: str, vae_ckpt: Optional[str], spec: Optional[ModelSpec], dev
     if ema and not (isinstance(obj, dict) and isinstance(obj.get('model_ema'), dict)):
         raise CheckpointError(f'{var_ckpt} holds no EMA weights; train with --ema or drop --ema.')
     load_var_weights(var, {'model': obj['model_ema']} if ema else obj, where=var_ckpt)
-    _load_tokenizer(vae, vae_ckpt, obj, var_ckpt)
+    load_tokenizer(vae, tok)
     return vae.eval(), var.eval(), file_spec, obj
 
 

@@ -15,8 +15,8 @@ import torch
 from models.config import ModelSpec, field_names, spec_from_state_dict, state_dict_kind, vae_arch_from_state_dict
 from models.layout import num_tokens
 from utils.arch_flags import SPELLING, contradiction_text, contradictions, flag_name
-from utils.checkpoint import CheckpointError, extract_state_dict, read_checkpoint, resolve_checkpoint
-from utils.model_io import DEFAULT_VAE_CKPT, RANDOM, Tokenizer, tokenizer_of_file
+from utils.checkpoint import CheckpointError, read_state_dict, resolve_checkpoint
+from utils.model_io import DEFAULT_VAE_CKPT, RANDOM, Tokenizer, tokenizer_of_file, tokenizer_state_dict
 
 FINE_TUNE_FREE = ('num_classes',)
 VIAR_FROM_VAR_FREE = ('num_classes', 'use_implicit', 'pre_depth', 'post_depth')
@@ -80,15 +80,13 @@ def check_patch_size(patch_size: Optional[int], spec: ModelSpec, source: str, ar
 
 def tokenizer_sizes(tok: Tokenizer) -> Dict[str, Any]:
     """The tokenizer's sizes as ModelSpec fields, read off its weights (random: none)."""
-    if tok.random:
-        return {}
-    if tok.weights is not None:
-        return vae_arch_from_state_dict(tok.weights)
     try:
-        sd = extract_state_dict(read_checkpoint(resolve_checkpoint(tok.path)), tok.path)
+        sd = tokenizer_state_dict(tok)
     except CheckpointError as e:
         raise ArchitectureError(f'error: the tokenizer {tok.path} cannot be loaded: {e} Or pass --vae_ckpt PATH (a '
                                 f'train_tokenizer.py vae.pth), or --vae_ckpt random for a test run.') from None
+    if sd is None:
+        return {}
     if state_dict_kind(sd) != 'vae':
         raise ArchitectureError(f'error: --vae_ckpt {tok.path} is not a VQVAE tokenizer file; pass the tokenizer '
                                 f'(e.g. the vae.pth of train_tokenizer.py, or {DEFAULT_VAE_CKPT}).')
@@ -120,9 +118,7 @@ def same_tokenizer(vae_ckpt: str, tok: Tokenizer) -> bool:
         resolved = resolve_checkpoint(vae_ckpt)
         if tok.path and os.path.abspath(resolve_checkpoint(tok.path)) == os.path.abspath(resolved):
             return True
-        theirs = tok.weights if tok.weights is not None else \
-            extract_state_dict(read_checkpoint(resolve_checkpoint(tok.path)), tok.path)
-        mine = extract_state_dict(read_checkpoint(resolved), vae_ckpt)
+        theirs, mine = tokenizer_state_dict(tok), read_state_dict(resolved)
     except CheckpointError:
         return False
     return mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
