@@ -204,6 +204,14 @@ def guard_model():
     return var, idx_Bl, torch.tensor([0, 1, 2, 3])
 
 
+@pytest.fixture(scope='module')
+def small_guard_model():
+    """guard_model's sizes on 3 scales (81 tokens an image): inductor compiles one graph per scale, ~15 s each."""
+    vae, var = tiny_vae_var(True, depth=6, width=64, heads=4, pre=2, post=2, V=64, patch_nums=(1, 4, 8), seed=5)
+    idx_Bl, _ = tiny_tokens(vae, var, B, seed=2)
+    return var, idx_Bl, torch.tensor([0, 1, 2, 3])
+
+
 @pytest.mark.parametrize('schedule, solver', [(S.constant(6, len(PN)), None), (S.decreasing(8, 3, len(PN)), None),
                                               (S.constant(6, len(PN)), SolverSpec('anderson', m=3))],
                          ids=['Con6', 'Dec8-3', 'Con6-anderson'])
@@ -219,12 +227,12 @@ def test_fp32_fast_path_logits_equal_the_exact_path_under_teacher_forcing(guard_
 
 @pytest.mark.slow
 @needs_c_compiler
-def test_a_scale_step_compiled_by_inductor_keeps_the_fast_paths_bf16_figures(guard_model):
+def test_a_scale_step_compiled_by_inductor_keeps_the_fast_paths_bf16_figures(small_guard_model):
     """Scope 'scale' compiled by inductor (one graph per scale) against fp32 exact, beside eager --fast in bf16:
     its teacher-forced logits are as close to fp32 as eager's (bf16 rounding in another order, not another
     computation). In fp32 the captured step computes eager's logits bit for bit (test_gpu_paths.py, aot_eager)."""
-    var, idx_Bl, label_B = guard_model
-    sched = S.constant(2, len(PN))
+    var, idx_Bl, label_B = small_guard_model
+    sched = S.constant(2, len(idx_Bl))
     ref = teacher_forced_logits(var, idx_Bl, label_B, False, 'fp32', sched)
     torch._dynamo.reset()
     eager = agreement(teacher_forced_logits(var, idx_Bl, label_B, True, 'bf16', sched), ref)

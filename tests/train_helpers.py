@@ -4,7 +4,7 @@ import os
 import shlex
 import subprocess
 import sys
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 from PIL import Image
@@ -82,8 +82,10 @@ def train_script(argv: List[str]) -> str:
     return os.path.join(ROOT, 'tests', 'hooked_train.py') if hooked else os.path.join(ROOT, 'train.py')
 
 
-def run_train(argv: List[str], timeout: int = 300, torchrun: int = 0, restarts: int = 0) -> subprocess.CompletedProcess:
-    """train.py (train_script) in a child process (under torch.distributed.run with `torchrun` processes when > 0)."""
+def run_train(argv: List[str], timeout: int = 300, torchrun: int = 0, restarts: int = 0,
+              env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    """train.py (train_script) in a child process (under torch.distributed.run with `torchrun` processes when > 0;
+    env: variables added to env_one_thread's)."""
     cmd = [PYTHON, '-m', 'torch.distributed.run', f'--nproc_per_node={torchrun}', '--standalone',
            f'--max-restarts={restarts}'] if torchrun else [PYTHON]
-    return run_group(cmd + [train_script(argv)] + argv, timeout, cwd=ROOT, env=env_one_thread())
+    return run_group(cmd + [train_script(argv)] + argv, timeout, cwd=ROOT, env={**env_one_thread(), **(env or {})})
