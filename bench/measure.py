@@ -5,6 +5,7 @@ Imports nothing from the project at import time (the official runner, whose pack
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import platform
 import statistics
@@ -155,7 +156,7 @@ class TimedCall:
 
         def counted():
             try:
-                with FlopCounterMode(display=False) as counter:
+                with FlopCounterMode(display=False, custom_mapping=uncounted_flop_formulas()) as counter:
                     out = self.call()
                 box['flops'] = int(counter.get_total_flops())
                 return out
@@ -168,6 +169,23 @@ class TimedCall:
         if cuda:
             peaks['cuda_max_allocated_bytes'] = max(self.peak, int(torch.cuda.max_memory_allocated(self.device)))
         return dict(peaks, probe=probe, flops=box.get('flops', 0))
+
+
+def uncounted_flop_formulas() -> Dict[Any, Callable[..., int]]:
+    """FLOP formulas for ops torch's FlopCounterMode counts as 0 (custom_mapping): CPU flash attention (both sides
+    sample with it) and oneDNN's fused Linear + GELU (the fast path's fc1 in bf16). Without them a call's bound
+    leaves out its attention, and the fast path's bound its fc1 too."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    def attention(q_shape, k_shape, v_shape, *args, **kw) -> int:
+        return sdpa_flop_count(q_shape, k_shape, v_shape)
+
+    def linear_pointwise(x_shape, w_shape, *args, **kw) -> int:   # x (..., in), w (out, in)
+        return 2 * math.prod(x_shape[:-1]) * w_shape[1] * w_shape[0]
+    formulas = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: attention}
+    if hasattr(torch.ops.mkldnn, '_linear_pointwise'):   # builds without oneDNN have no such op
+        formulas[torch.ops.mkldnn._linear_pointwise] = linear_pointwise
+    return formulas
 
 
 def profile_call(fn: Callable[[], Any], device: torch.device, top: int = 25) -> Dict[str, Any]:

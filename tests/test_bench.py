@@ -3,10 +3,15 @@ training modes of bench/train_speed.py at tiny sizes."""
 import json
 
 import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
+from bench import measure
 from bench import sample_speed as ss
 from bench import train_speed as ts
-from tests.tiny import write_tiny_export
+from tests.tiny import tiny_vae_var, write_tiny_export
+from utils.sample.compile_util import prepare_for_sampling
 
 TINY = ['--depth', '4', '--width', '32', '--heads', '2', '--p_depth', '1', '--patch_nums', '1,2,3,4', '--V', '48',
         '--Cvae', '8', '--vae_ch', '32', '--vae_ch_mult', '1,1', '--vae_num_res_blocks', '1', '--num_classes', '5',
@@ -209,3 +214,19 @@ def test_benchmark_reads_a_tau_json_on_the_checkpoints_scales(tmp_path):
     _, source, sample = parse(ss.build_parser(), argv[2:], schedule_list=True)   # random weights: 10 scales
     with pytest.raises(SystemExit, match='4 tau values but this model has 10 scales'):
         ss.plan_schedules(source, sample, '4:4,tau=json')
+
+
+def test_flop_count_includes_attention_and_the_fused_fc1():
+    """The bound's FLOPs count CPU flash attention and oneDNN's fused Linear + GELU, which torch's counter gives 0:
+    so a fast call in bf16 (fc1 fused where oneDNN has bf16 kernels) counts what the same call in fp32 counts."""
+    q, k = torch.randn(2, 4, 16, 8), torch.randn(2, 4, 40, 8)
+    with FlopCounterMode(display=False, custom_mapping=measure.uncounted_flop_formulas()) as counter:
+        F.scaled_dot_product_attention(q, k, k)
+    assert counter.get_total_flops() == 2 * (2 * 2 * 4 * 16 * 40 * 8)   # q k^T, then the weights times v
+    vae, var = tiny_vae_var(True)
+    flops = {}
+    for dtype in ('fp32', 'bf16'):
+        sampler = prepare_for_sampling(var, dtype=dtype, fast=True)
+        call = measure.TimedCall(lambda: sampler(2, 1, g_seed=0, top_k=4), vae, torch.device('cpu'))
+        flops[dtype] = call.memory()['flops']
+    assert flops['bf16'] == flops['fp32'] > 0, flops
