@@ -12,7 +12,7 @@ empty `vae_ckpt` means not given, as in training.
 Files: `.pth`, `.safetensors`, a Hub folder or repo id, all read by `utils.checkpoint.read_model` (docs/CHECKPOINTS.md).
 """
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
@@ -144,6 +144,7 @@ def _load(var_ckpt: str, vae_ckpt: Optional[str], spec: Optional[ModelSpec], dev
         sd = tokenizer_state_dict(tok)
         if sd is not None and state_dict_kind(sd) == 'vae':   # otherwise load_tokenizer explains the mistake
             file_spec = ModelSpec.from_dict(dict(file_spec.to_dict(), **vae_arch_from_state_dict(sd)))
+            tok = replace(tok, weights=sd)   # loaded below from what was just read, not from the file again
     ignored = contradictions(given or {}, file_spec)   # flags the user gave that the file overrides
     if ignored:
         log(f'warning: {var_ckpt} sets the architecture ({file_spec.kind} depth {file_spec.depth}, width '
