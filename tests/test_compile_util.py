@@ -197,19 +197,22 @@ def agreement(a_list, b_list):
     return rel, same / sum(b.shape[0] * b.shape[1] for b in b_list), min(per_scale)
 
 
-@pytest.fixture(scope='module')
-def guard_model():
-    vae, var = tiny_vae_var(True, depth=6, width=64, heads=4, pre=2, post=2, V=64, patch_nums=PN, seed=5)
+def _guard(patch_nums):
+    """(var, forced tokens, labels) of a width-64 VIAR with 2 pre- and 2 post-blocks on the pyramid `patch_nums`."""
+    vae, var = tiny_vae_var(True, depth=6, width=64, heads=4, pre=2, post=2, V=64, patch_nums=patch_nums, seed=5)
     idx_Bl, _ = tiny_tokens(vae, var, B, seed=2)
     return var, idx_Bl, torch.tensor([0, 1, 2, 3])
+
+
+@pytest.fixture(scope='module')
+def guard_model():
+    return _guard(PN)
 
 
 @pytest.fixture(scope='module')
 def small_guard_model():
-    """guard_model's sizes on 3 scales (81 tokens an image): inductor compiles one graph per scale, ~15 s each."""
-    vae, var = tiny_vae_var(True, depth=6, width=64, heads=4, pre=2, post=2, V=64, patch_nums=(1, 4, 8), seed=5)
-    idx_Bl, _ = tiny_tokens(vae, var, B, seed=2)
-    return var, idx_Bl, torch.tensor([0, 1, 2, 3])
+    """guard_model on 3 scales (81 tokens an image): inductor compiles one graph per scale, ~15 s each."""
+    return _guard((1, 4, 8))
 
 
 @pytest.mark.parametrize('schedule, solver', [(S.constant(6, len(PN)), None), (S.decreasing(8, 3, len(PN)), None),
