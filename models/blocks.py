@@ -48,40 +48,47 @@ class FFN(nn.Module):
         self.act = nn.GELU(approximate='tanh')
         self.fc2 = nn.Linear(hidden_features, in_features)
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
-        self.fuse_gelu = False   # fc1 + GELU as one oneDNN kernel: only the fast sampler's copy (enable_fused_gelu)
+        self.onednn = False   # only on the fast sampler's copy (enable_onednn_dense)
 
     def forward(self, x_BLC: torch.Tensor) -> torch.Tensor:
-        if self.fuse_gelu and x_BLC.dtype == self.fc1.weight.dtype and not torch.is_grad_enabled() \
-                and not torch.compiler.is_compiling():   # inductor cannot lower this op; it fuses GELU itself
-            # GELU on the fp32 accumulator, rounded once
-            h = torch.ops.mkldnn._linear_pointwise(x_BLC, self.fc1.weight, self.fc1.bias, 'gelu', [], 'tanh')
-        else:
-            h = self.act(self.fc1(x_BLC))
-        return self.drop(self.fc2(h))
+        if runs_onednn(self.onednn, x_BLC, self.fc1.weight):   # GELU on the fp32 accumulator, rounded once
+            return self.drop(dense(dense(x_BLC, self.fc1.weight, self.fc1.bias, gelu=True), self.fc2.weight,
+                                   self.fc2.bias))
+        return self.drop(self.fc2(self.act(self.fc1(x_BLC))))
+
+
+def dense(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], gelu: bool = False) -> torch.Tensor:
+    """F.linear (then tanh GELU, fused) as one oneDNN kernel: on this project's CPUs faster than torch's fp32 GEMM
+    and, in bf16, the same kernel F.linear runs (docs/SPEED.md)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'gelu' if gelu else 'none', [], 'tanh' if gelu else '')
+
+
+def runs_onednn(flag: bool, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a block of the fast sampler's copy calls `dense`: sampling only (no grad, not under compile, which
+    fuses on its own and cannot lower the op), with input and weight in one dtype."""
+    return flag and x.dtype == weight.dtype and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
 @functools.lru_cache(maxsize=None)
-def onednn_fuses_bf16_gelu() -> bool:
-    """Whether this CPU's oneDNN runs a bf16 Linear + GELU(tanh) as one kernel. A CPU without bf16 kernels, or
-    one whose oneDNN is capped below them (ONEDNN_MAX_CPU_ISA=AVX2), refuses to build it: probed once."""
+def onednn_dense(dtype: torch.dtype) -> bool:
+    """Whether this CPU's oneDNN runs `dense` (with its GELU) in `dtype`. A CPU without bf16 kernels, or one whose
+    oneDNN is capped below them (ONEDNN_MAX_CPU_ISA=AVX2), refuses bf16: probed once per dtype."""
     if not torch.backends.mkldnn.is_available():
         return False
     try:
-        x, w = torch.ones(2, 16, dtype=torch.bfloat16), torch.ones(16, 16, dtype=torch.bfloat16)
-        torch.ops.mkldnn._linear_pointwise(x, w, None, 'gelu', [], 'tanh')
+        dense(torch.ones(2, 16, dtype=dtype), torch.ones(16, 16, dtype=dtype), None, gelu=True)
     except RuntimeError:
         return False
     return True
 
 
-def enable_fused_gelu(model: nn.Module, dtype: torch.dtype, device_type: str) -> None:
-    """Let the FFNs of a sampling copy whose Linear weights are `dtype` run fc1 + GELU fused where oneDNN can: bf16
-    on a CPU (never the fp32 weights of the exact path or of training). 1.2x on fc1 + GELU at width 768 on an
-    AVX-512-BF16 CPU (docs/SPEED.md)."""
-    fuse = dtype == torch.bfloat16 and device_type == 'cpu' and onednn_fuses_bf16_gelu()
+def enable_onednn_dense(model: nn.Module, dtype: torch.dtype, device_type: str) -> None:
+    """Let the blocks of a sampling copy whose Linear weights are `dtype` run their Linear layers through `dense`
+    where oneDNN can: on a CPU, in bf16 or fp32 (never the exact path or training, which use the model itself)."""
+    on = device_type == 'cpu' and dtype in (torch.bfloat16, torch.float32) and onednn_dense(dtype)
     for m in model.modules():
-        if isinstance(m, FFN):
-            m.fuse_gelu = fuse
+        if isinstance(m, (FFN, SelfAttention)):
+            m.onednn = on
 
 
 class SelfAttention(OfficialAttnCaching, nn.Module):
@@ -107,6 +114,7 @@ class SelfAttention(OfficialAttnCaching, nn.Module):
         self.proj = nn.Linear(embed_dim, embed_dim)
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
         self.attn_drop = attn_drop
+        self.onednn = False   # only on the fast sampler's copy (enable_onednn_dense)
 
     def reset_special(self):
         """Values the generic Linear init does not set: the log scale and the q/v/k biases."""
@@ -119,7 +127,9 @@ class SelfAttention(OfficialAttnCaching, nn.Module):
     def forward(self, x_BLC: torch.Tensor, attn_bias: Optional[torch.Tensor], kv: Optional[KVCache] = None) -> torch.Tensor:
         B, L, C = x_BLC.shape
         bias_3C = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        qkv_BL3Hc = F.linear(x_BLC, self.mat_qkv.weight, bias_3C).view(B, L, 3, self.num_heads, self.head_dim)
+        onednn = runs_onednn(self.onednn, x_BLC, self.mat_qkv.weight)
+        qkv_BL3Hc = (dense if onednn else F.linear)(x_BLC, self.mat_qkv.weight, bias_3C.to(self.mat_qkv.weight.dtype))
+        qkv_BL3Hc = qkv_BL3Hc.view(B, L, 3, self.num_heads, self.head_dim)
         q_BHLc, k_BHLc, v_BHLc = qkv_BL3Hc.permute(2, 0, 3, 1, 4).unbind(0)
         if self.attn_l2_norm:   # q and k normalised by one kernel: same per-vector arithmetic, fewer launches
             q_BHLc, k_BHLc = F.normalize(qkv_BL3Hc[:, :, :2], dim=-1).permute(2, 0, 3, 1, 4).unbind(0)
@@ -133,7 +143,9 @@ class SelfAttention(OfficialAttnCaching, nn.Module):
         out_BHLc = F.scaled_dot_product_attention(
             q_BHLc, k_BHLc, v_BHLc, attn_mask=attn_bias, scale=self.scale,
             dropout_p=self.attn_drop if self.training else 0.0)
-        return self.proj_drop(self.proj(out_BHLc.transpose(1, 2).reshape(B, L, C)))
+        out_BLC = out_BHLc.transpose(1, 2).reshape(B, L, C)
+        out_BLC = dense(out_BLC, self.proj.weight, self.proj.bias) if onednn else self.proj(out_BLC)
+        return self.proj_drop(out_BLC)
 
     def extra_repr(self) -> str:
         return f'attn_l2_norm={self.attn_l2_norm}'

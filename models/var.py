@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from models import sample_ops
 from models.draws import BatchDraws, step_draws
-from models.blocks import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin, enable_fused_gelu, init_block_
+from models.blocks import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin, enable_onednn_dense, init_block_
 from models.kv_cache import Alloc, KVCache, new_buffer, reserve_slot
 from models.layout import block_causal_bias, level_ids, num_tokens, scale_begin_ends
 from models.schedules import IterSchedule, linspace_iters
@@ -135,20 +135,22 @@ class VARBase(OfficialModelAttrs, nn.Module):
         raise ValueError(f'a {self.kind} has no implicit block to watch; this needs a VIAR')
 
     def shared_with_copies(self) -> List[Any]:
-        """Objects a `low_precision_copy` uses as they are, not copied: the VQVAE (held outside the state dict)."""
+        """Objects a `sampling_copy` uses as they are, not copied: the VQVAE (held outside the state dict)."""
         return [self.vae_proxy, self.vae_quant_proxy]
 
-    def low_precision_copy(self, dtype: torch.dtype) -> 'VARBase':
-        """A copy for sampling under autocast whose Linear weights and biases are `dtype` copies made once (what
-        autocast casts anew in every call, or at every use of a frozen weight); every other parameter and buffer
-        and `shared_with_copies` are this model's own objects. Weights loaded into this model later do not reach
-        the copy's Linear layers: make a new copy. In bf16 on a CPU its FFNs fuse fc1 + GELU where oneDNN can."""
+    def sampling_copy(self, dtype: Optional[torch.dtype] = None) -> 'VARBase':
+        """The fast sampler's copy. Its Linear weights and biases are `dtype` copies made once (what autocast casts
+        anew in every call, or at every use of a frozen weight); None: this model's own (no memory). Every other
+        parameter and buffer and `shared_with_copies` are this model's own objects. Weights loaded into this model
+        later do not reach a cast copy: make a new one. On a CPU its blocks run their Linear layers through oneDNN
+        (`blocks.dense`) where it can."""
         memo = {id(t): t for t in itertools.chain(self.parameters(), self.buffers(), self.shared_with_copies())}
-        memo.update({id(p): nn.Parameter(p.detach().to(dtype), requires_grad=False)
-                     for m in self.modules() if isinstance(m, nn.Linear) for p in m.parameters(recurse=False)})
-        low = copy.deepcopy(self, memo)
-        enable_fused_gelu(low, dtype, self.lvl_1L.device.type)
-        return low
+        if dtype is not None:
+            memo.update({id(p): nn.Parameter(p.detach().to(dtype), requires_grad=False)
+                         for m in self.modules() if isinstance(m, nn.Linear) for p in m.parameters(recurse=False)})
+        copy_ = copy.deepcopy(self, memo)
+        enable_onednn_dense(copy_, dtype or self.class_emb.weight.dtype, self.lvl_1L.device.type)
+        return copy_
 
     # ---- backbone interface (subclasses) ----
     def build_backbone(self):

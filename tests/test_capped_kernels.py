@@ -29,12 +29,13 @@ def test_official_comparisons_pass_with_the_kernels_capped_to_avx2():
 
 BF16_FAST_SAMPLE = """
 from models import schedules as S
-from models.blocks import onednn_fuses_bf16_gelu
+import torch
+from models.blocks import onednn_dense
 from tests.tiny import tiny_vae_var
 from utils.sample.compile_util import prepare_for_sampling
 _, var = tiny_vae_var(True)
 img = prepare_for_sampling(var, dtype='bf16', fast=True)(2, 1, g_seed=0, top_k=8, schedule=S.constant(2, 4))
-print(onednn_fuses_bf16_gelu(), tuple(img.shape))
+print(onednn_dense(torch.bfloat16), tuple(img.shape))
 """
 
 

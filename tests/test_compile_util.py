@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import schedules as S
-from models.blocks import onednn_fuses_bf16_gelu
+from models.blocks import onednn_dense
 from models.solver import SolverSpec
 from models.var import EditSpec
 from tests.conftest import needs_c_compiler
@@ -390,7 +390,7 @@ def test_fast_sampler_casts_linear_weights_once_and_leaves_the_exact_path_bit_fo
     images as autocast casting the fp32 weights itself (with the FFN's GELU unfused: fusing it rounds once less,
     tested below); every other tensor, the VQVAE and the iterate hooks are the model's own, and the exact sampler
     before and after gives the same images."""
-    monkeypatch.setattr('models.blocks.onednn_fuses_bf16_gelu', lambda: False)
+    monkeypatch.setattr('models.blocks.onednn_dense', lambda dtype: False)
     _, var = tiny_vae_var(use_implicit)
     kw = dict(g_seed=3, cfg=1.5, top_k=8, top_p=0.9, schedule=S.decreasing(3, 1, 4))
     exact_before = prepare_for_sampling(var)(2, 1, **kw)
@@ -433,7 +433,7 @@ def test_bf16_fast_sampler_fuses_the_ffn_gelu_and_the_exact_path_does_not():
     rounding (it rounds once, from fp32)."""
     _, var = tiny_vae_var(True)
     kw = dict(g_seed=3, cfg=1.5, top_k=8, schedule=S.constant(2, 4))
-    for fast, fused in ((True, onednn_fuses_bf16_gelu()), (False, False)):   # a CPU without bf16 oneDNN: unfused
+    for fast, fused in ((True, onednn_dense(torch.bfloat16)), (False, False)):   # a CPU without bf16 oneDNN: unfused
         ops = OpNames()
         with ops:
             prepare_for_sampling(var, dtype='bf16', fast=fast)(2, 1, **kw)
@@ -444,6 +444,29 @@ def test_bf16_fast_sampler_fuses_the_ffn_gelu_and_the_exact_path_does_not():
         got = ffn(x).float()
         want = ffn.fc2(ffn.act(ffn.fc1(x))).float()   # the unfused pair, each op rounding to bf16
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+def test_fp32_fast_sampler_shares_the_weights_and_runs_its_blocks_through_onednn():
+    """fp32 --fast on a CPU: the copy holds the model's own tensors (no memory), its blocks' Linear layers run as
+    oneDNN kernels (faster than torch's fp32 GEMM here, docs/SPEED.md), the exact path's do not, and its
+    teacher-forced logits are the exact path's within the fp32 guard, with every bias non-zero (the official init
+    zeroes them, so the guard model cannot tell a dropped bias)."""
+    var, idx_Bl, label_B = _guard(PN)
+    with torch.no_grad():
+        for name, p in var.named_parameters():
+            if name.endswith('bias'):
+                p.normal_(0, 0.5)
+    sampler = prepare_for_sampling(var, dtype='fp32', fast=True)
+    assert sampler.runner is not var
+    assert all(q is p for p, q in zip(var.parameters(), sampler.runner.parameters()))
+    sched, logits = S.constant(3, len(PN)), {}
+    for fast in (True, False):
+        ops = OpNames()
+        with ops:
+            logits[fast] = teacher_forced_logits(var, idx_Bl, label_B, fast, 'fp32', sched)
+        assert ('mkldnn::_linear_pointwise' in ops.names) == (fast and onednn_dense(torch.float32)), fast
+    rel, agree, _ = agreement(logits[True], logits[False])
+    assert rel <= 1e-4 and agree >= 0.99, (rel, agree)
 
 
 @pytest.mark.slow

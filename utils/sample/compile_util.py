@@ -139,7 +139,7 @@ def compile_mode(device_type: str, requested: Optional[str] = None, scope: str =
 
 class Sampler:
     """Callable with the signature of `var.autoregressive_infer_cfg`, run under the chosen autocast (and, fast,
-    on the model's fast path). runner: the model that samples (`var`, or its `low_precision_copy`); scale_step:
+    on the model's fast path). runner: the model that samples (`var`, or its `sampling_copy`); scale_step:
     its compiled `scale_logits` (scope 'scale'), whose KV buffers come from the Sampler's pool, one call at a time."""
 
     def __init__(self, var: nn.Module, dtype: str = 'fp32', compiled: bool = False, mode: Optional[str] = None,
@@ -184,8 +184,9 @@ def prepare_for_sampling(var: nn.Module, compile: bool = False, dtype: Optional[
     with native bf16), the autocast of every call; the Sampler's `dtype` is the resolved one. None: 'auto' with fast
     (as --fast on the command line), 'fp32' without (the official numbers).
     fast: the fast path (same maths, other rounding; docs/SPEED.md); False keeps the official arithmetic. In bf16 or
-    fp16 it samples with `var.low_precision_copy`: Linear weights cast once here, not in every call (prepare again
-    after loading weights into var); var keeps its fp32 weights for the exact path.
+    fp16 it samples with `var.sampling_copy`: Linear weights cast once here, not in every call (prepare again
+    after loading weights into var); var keeps its fp32 weights for the exact path. In fp32 the copy shares var's
+    tensors; on a CPU its blocks' Linear layers run through oneDNN.
     mode: torch.compile mode (None: inductor's default; `compile_mode` refuses CUDA-graph modes on CUDA for scope
     'modules'). scope: what compile compiles (COMPILE_SCOPES; module docstring). A scale that scope 'scale' cannot
     capture (an adaptive schedule, iterate hooks) runs eagerly.
@@ -199,7 +200,7 @@ def prepare_for_sampling(var: nn.Module, compile: bool = False, dtype: Optional[
     set_decoder_layout(var.vae_proxy[0], torch.channels_last if fast else torch.contiguous_format)
     mode = compile_mode(device_type, mode, scope)
     low = AUTOCAST_DTYPES[dtype] if fast else None
-    runner = var.low_precision_copy(low) if low is not None else var
+    runner = var.sampling_copy(low) if fast else var
     step = None
     if compile and scope == 'scale':
         step = torch.compile(runner.scale_logits, backend=backend, mode=mode, dynamic=False)
