@@ -136,7 +136,9 @@ def markdown_table(result: Dict[str, Any]) -> str:
             cells += [fmt((o.get('flops') or 0) / 1e9, 1)] + [percent(r.get(k, {}).get('of_bound')) for k in sides]
         body.append(cells)
     cpu = meta.get('cpu')
-    rates = ', '.join(f'{d} {g:.0f}' for d, g in (meta.get('gemm_gflops') or {}).items())
+    onednn = meta.get('onednn_gemm_gflops') or {}
+    rates = ', '.join(f'{d} {g:.0f}' + (f' (oneDNN Linear {onednn[d]:.0f})' if d in onednn else '')
+                      for d, g in (meta.get('gemm_gflops') or {}).items())
     flags = cpu and (' '.join(cpu['flags']) or 'none of ' + '/'.join(measure.SIMD_FLAGS))
     caps = cpu and ''.join(f', {k}={v}' for k, v in cpu['caps'].items())
     official = has_off and meta.get('official_dtypes') and f", official {','.join(meta['official_dtypes'])}"
@@ -379,6 +381,7 @@ def main(argv=None):
     import torch
     from utils.atomic import atomic_path, check_writable
     from utils.checkpoint import CheckpointError
+    from models.blocks import onednn_dense
     from utils.sample.compile_util import AUTOCAST_DTYPES, read_cpu_flags
     from utils.sample.config import parse, resolve_device
     args, source, sample = parse(build_parser(), argv, schedule_list=True)
@@ -391,12 +394,15 @@ def main(argv=None):
                          "the official sampler cannot; write 'A:B/10' for the official 10-point rule")
     check_writable(args.out)   # a folder that cannot be written fails now, not after the runs
     load_start = ' '.join(f'{x:.1f}' for x in os.getloadavg())
-    args.gemm_rates = {}
+    args.gemm_rates, onednn_rates = {}, {}
     if device.type == 'cpu':   # the physical bound: this CPU's peak GEMM rate in every dtype that runs
         threads = torch.get_num_threads()
         torch.set_num_threads(args.threads or threads)
         args.gemm_rates = {d: measure.gemm_rate(AUTOCAST_DTYPES[d] or torch.float32, timing_basis('cpu', args.threads))
                            for d in dict.fromkeys([args.dtype] + args.official_dtypes)}
+        onednn_rates = {d: measure.gemm_rate(AUTOCAST_DTYPES[d] or torch.float32, timing_basis('cpu', args.threads),
+                                             onednn=True) for d in args.gemm_rates if onednn_dense(AUTOCAST_DTYPES[d]
+                                                                                                 or torch.float32)}
         torch.set_num_threads(threads)
     rows = []
     with tempfile.TemporaryDirectory(prefix='sample_speed_') as tmp:
@@ -421,6 +427,7 @@ def main(argv=None):
                 device=str(device), threads=args.threads or torch.get_num_threads(), dtype=args.dtype, fast=args.fast,
                 official_dtypes=args.official_dtypes if args.official else [], B=args.bs,
                 batch_sizes=list(args.batch_sizes), gemm_gflops={d: r / 1e9 for d, r in args.gemm_rates.items()},
+                onednn_gemm_gflops={d: r / 1e9 for d, r in onednn_rates.items()},
                 cpu=cpu_meta(read_cpu_flags(), torch.backends.cpu.get_cpu_capability(), dict(os.environ))
                 if device.type == 'cpu' else None, depth=spec.depth, width=spec.width, pre_depth=spec.pre_depth,
                 post_depth=spec.post_depth, patch_nums=list(spec.patch_nums), image_px=spec.image_px,

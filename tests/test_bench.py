@@ -230,3 +230,21 @@ def test_flop_count_includes_attention_and_the_fused_fc1():
         call = measure.TimedCall(lambda: sampler(2, 1, g_seed=0, top_k=4), vae, torch.device('cpu'))
         flops[dtype] = call.memory()['flops']
     assert flops['bf16'] == flops['fp32'] > 0, flops
+
+
+@pytest.mark.parametrize('onednn', [False, True])
+def test_gemm_rate_times_torch_mm_or_the_fast_samplers_onednn_kernel(onednn):
+    """The bound's rate is torch.mm's; with onednn=True it is the kernel the fast sampler's blocks call (reported
+    beside it, so a machine shows whether that kernel pays)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.name())
+            return func(*args, **(kwargs or {}))
+    with Ops() as ops:
+        rate = measure.gemm_rate(torch.float32, M=16, K=8, N=12, reps=1, onednn=onednn)
+    assert rate > 0
+    assert ('mkldnn::_linear_pointwise' in ops.names) == onednn and ('aten::mm' in ops.names) == (not onednn)

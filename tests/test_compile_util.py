@@ -355,7 +355,7 @@ def test_physical_bound_and_extra_official_dtype_columns():
     row = dict(model='VAR', schedule='-', counts=None, iters_used=None, ours=sd(3.0, 0.5), official=sd(1.0, 0.3),
                official_bf16=sd(2.0, 0.2), ratio=3.0, transformer_ratio=3.0, same_images=False, ratio_official_bf16=1.5)
     meta = dict(machine='cpu x', device='cpu', threads=1, dtype='bf16', fast=True, official_dtypes=['fp32', 'bf16'],
-                cpu=meta, gemm_gflops={'bf16': 10.0}, B=4, depth=4, width=32, pre_depth=1, post_depth=1,
+                cpu=meta, gemm_gflops={'bf16': 10.0}, onednn_gemm_gflops={'bf16': 12.0}, B=4, depth=4, width=32, pre_depth=1, post_depth=1,
                 patch_nums=[1, 2], image_px=32, var_ckpt='', reps=1, warmup=0, load_avg='0', basis='cpu')
     table = ss.markdown_table(dict(meta=meta, rows=[row]))
     head, _, cells = [l for l in table.splitlines() if l.startswith('|')]
@@ -364,6 +364,7 @@ def test_physical_bound_and_extra_official_dtype_columns():
     assert cols['official bf16 img/s'] == '2.00' and cols['ratio vs official bf16'] == '1.50'
     assert cols['ours of bound'] == '50%' and cols['official fp32 of bound'] == '30%' and cols['official bf16 of bound'] == '20%'
     assert '--fast' in table and 'avx512_bf16' in table and 'ONEDNN_MAX_CPU_ISA=AVX2' in table
+    assert 'bf16 10 (oneDNN Linear 12)' in table
 
 
 @pytest.mark.slow
