@@ -14,9 +14,21 @@ from typing import Any, Dict, List, Optional, Tuple
 if __name__ == '__main__':   # `python bench/sample_speed.py`: the project root on sys.path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import torch  # noqa: E402
+
 from bench import measure  # noqa: E402
+from models.blocks import onednn_dense  # noqa: E402
+from models.config import ModelSpec  # noqa: E402
+from models.schedules import DEFAULT_CAP, IterSchedule, official_iters  # noqa: E402
 from utils import cli  # noqa: E402
+from utils.atomic import atomic_path, check_writable  # noqa: E402
+from utils.checkpoint import CheckpointError, load_vae_weights, load_var_weights, read_checkpoint  # noqa: E402
 from utils.cli import flag  # noqa: E402
+from utils.model_io import load_or_build, peek_spec  # noqa: E402
+from utils.sample.compile_util import (AUTOCAST_DTYPES, native_bf16, prepare_for_sampling,  # noqa: E402
+                                       read_cpu_flags, resolve_dtype)
+from utils.sample.config import add_model_source_args, add_sample_args, parse, resolve_device, was_typed  # noqa: E402
+from utils.sample.schedule_flags import from_token  # noqa: E402
 
 MiB = 2 ** 20
 SPREAD_LIMIT = 0.10   # timed calls of one row that differ by more than 10% (slowest / fastest - 1): not a steady figure
@@ -24,7 +36,6 @@ SPREAD_LIMIT = 0.10   # timed calls of one row that differ by more than 10% (slo
 
 def parse_schedules(text: str, num_scales: int, cap: int, tau_json: str = '', stop_mode: str = 'rel') -> List[Dict]:
     """The --schedules list as JSON-able schedules (schedule_flags.from_token)."""
-    from utils.sample.schedule_flags import from_token
     return [from_token(t, num_scales, cap, tau_json, stop_mode).to_dict() for t in text.split(',') if t.strip()]
 
 
@@ -77,7 +88,6 @@ def bound_fraction(side: Dict[str, Any], B: int, gemm_rates: Dict[str, float]) -
 
 def cpu_meta(flags, capability: str, env: Dict[str, str]) -> Dict[str, Any]:
     """What decides this CPU's speed in each dtype: its SIMD flags, torch's kernel level, the ISA caps."""
-    from utils.sample.compile_util import native_bf16
     return dict(flags=[f for f in measure.SIMD_FLAGS if f in flags], capability=capability,
                 caps={k: env[k] for k in ('ATEN_CPU_CAPABILITY', 'ONEDNN_MAX_CPU_ISA') if env.get(k)},
                 native_bf16=native_bf16(flags, env.get('ONEDNN_MAX_CPU_ISA')))
@@ -219,11 +229,6 @@ def plot(result: Dict[str, Any], path: str) -> None:
 
 def build_sampler(msg):
     """A sampling child's (device, vae, call) with this project's models."""
-    import torch
-    from models.config import ModelSpec
-    from models.schedules import IterSchedule
-    from utils.checkpoint import load_vae_weights, load_var_weights, read_checkpoint
-    from utils.sample.compile_util import prepare_for_sampling
     if msg['threads']:
         torch.set_num_threads(int(msg['threads']))
     device, spec = torch.device(msg['device']), ModelSpec.from_dict(msg['model'])
@@ -262,7 +267,6 @@ class SpeedArgs:
 
 def build_parser() -> argparse.ArgumentParser:
     """The benchmark's flags, the model flags and the sampling flags it uses."""
-    from utils.sample.config import add_model_source_args, add_sample_args
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cli.add_dataclass_args(p, SpeedArgs, 'benchmark')
@@ -276,9 +280,6 @@ def build_parser() -> argparse.ArgumentParser:
 def plan_schedules(source, sample, text: str):
     """(K, schedules) on the scales of the model that will run, read before anything is built, so a bad token or a
     tau JSON for another pyramid fails at once."""
-    from models.schedules import DEFAULT_CAP
-    from utils.checkpoint import CheckpointError
-    from utils.model_io import peek_spec
     try:
         K = len(peek_spec(source).patch_nums)
         return K, parse_schedules(text, K, sample.tau_cap or DEFAULT_CAP, sample.tau_json, sample.stop_mode)
@@ -288,8 +289,6 @@ def plan_schedules(source, sample, text: str):
 
 def write_state(source, kind: str, tmpdir: str, seed: int):
     """(spec, path): one model pair built or loaded, its state dicts saved for the children."""
-    import torch
-    from utils.model_io import load_or_build
     loaded = load_or_build(dataclasses.replace(source, arch=dict(source.arch, use_implicit=kind == 'VIAR')), 'cpu',
                            seed=seed)
     path = os.path.join(tmpdir, f'{kind}.pt')
@@ -307,7 +306,6 @@ def run_config(args, spec, state_path: str, schedule: Dict[str, Any], device: st
     is_viar = spec.kind == 'VIAR'
     msgs = {'ours': msg}
     if args.official and schedule['tau'] is None:
-        from models.schedules import official_iters
         official_schedule = schedule if is_viar else dict(   # a VAR ignores the knob the official sampler takes
             schedule, knob=[10, 10], counts=official_iters(10, 10, len(spec.patch_nums)))
         for dt in args.official_dtypes:   # the first is 'official', the others 'official_<dtype>'
@@ -357,8 +355,6 @@ def run_config(args, spec, state_path: str, schedule: Dict[str, Any], device: st
 def check_args(args, sample, device_type: str) -> List[str]:
     """The models to run; refuses bad flags in one line each and resolves args.dtype (--fast without --dtype: the
     machine's fast dtype) and args.official_dtypes (default: ours)."""
-    from utils.sample.compile_util import AUTOCAST_DTYPES, resolve_dtype
-    from utils.sample.config import was_typed
     if sample.compile and args.warmup < 1:
         raise SystemExit('--compile needs --warmup >= 1: the first call compiles')
     if any(b < 1 for b in args.batch_sizes):
@@ -378,12 +374,6 @@ def check_args(args, sample, device_type: str) -> List[str]:
 
 
 def main(argv=None):
-    import torch
-    from utils.atomic import atomic_path, check_writable
-    from utils.checkpoint import CheckpointError
-    from models.blocks import onednn_dense
-    from utils.sample.compile_util import AUTOCAST_DTYPES, read_cpu_flags
-    from utils.sample.config import parse, resolve_device
     args, source, sample = parse(build_parser(), argv, schedule_list=True)
     device = resolve_device(source.device)
     kinds = check_args(args, sample, device.type)

@@ -27,11 +27,31 @@ from typing import Any, Dict, List, Optional, Tuple
 if __name__ == '__main__':   # `python bench/train_speed.py`: the project root on sys.path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 
+import dist  # noqa: E402
 from bench import measure  # noqa: E402
+from models import VQVAE, build_vae_var, build_var  # noqa: E402
+from models.config import ModelSpec  # noqa: E402
+from models.layout import PYRAMIDS  # noqa: E402
+from scripts.extract_tokens import main as extract  # noqa: E402
+from trainer import VARTrainer  # noqa: E402
 from utils import cli  # noqa: E402
+from utils.atomic import write_json_atomic  # noqa: E402
+from utils.checkpoint import load_vae_weights, save_atomic  # noqa: E402
 from utils.cli import flag  # noqa: E402
+from utils.data.datasets import build_datasets  # noqa: E402
+from utils.data.loader import loader_kwargs  # noqa: E402
+from utils.data.sampler import DistInfiniteBatchSampler  # noqa: E402
+from utils.data.token_cache import CacheBatchSampler, TokenShards, open_cache  # noqa: E402
+from utils.sample.config import resolve_device  # noqa: E402
+from utils.train.amp_opt import AmpOptimizer, build_adamw  # noqa: E402
+from utils.train.fsdp import measured_rank_bytes, rank_bytes  # noqa: E402
+from utils.train.lr_control import param_groups  # noqa: E402
 
 MODES = ('steps', 'loader', 'fsdp_memory', 'token_cache')
 DEFAULTS = dict(steps=5, warmup=2, threads=0)   # --steps, --warmup, --threads when not given; token_cache's below
@@ -119,8 +139,6 @@ def parse_args(argv=None):
 def make_jpegs(root: str, n: int, size=(500, 375), classes: int = 4, seed: int = 0) -> str:
     """n synthetic JPEGs in `classes` folders under root/train, one per class in root/val: smooth content plus grain
     at quality 90, ~100 KB at 500x375 like ImageNet's average (pure noise decodes slower)."""
-    import numpy as np
-    from PIL import Image
     rng = np.random.default_rng(seed)
     for split, count in (('train', n), ('val', classes)):
         for i in range(count):
@@ -143,7 +161,6 @@ def step_configs(s: StepArgs) -> List[Dict]:
 
 def our_step_row(s: StepArgs, row: Dict, common: Dict, step_kw: Dict) -> Dict:
     """This project's model for one row, measured."""
-    from models import VQVAE, build_var
     torch.manual_seed(0)
     vae = VQVAE(vocab_size=s.V, z_channels=s.Cvae, ch=32, test_mode=True, share_quant_resi=4, v_patch_nums=s.pn,
                 ch_mult=(1, 2), num_res_blocks=1)
@@ -164,7 +181,6 @@ def step_cells(r: Dict) -> List[str]:
 
 def run_steps(b: BenchArgs, s: StepArgs) -> List[Dict]:
     """Our rows, each with the official child's row of its config under --official."""
-    from utils.sample.config import resolve_device
     device = str(resolve_device(s.device))
     step_kw = dict(V=s.V, batch=b.batch, num_classes=s.num_classes, patch_nums=s.pn, steps=b.steps, warmup=b.warmup,
                    bf16=s.bf16, device=device)
@@ -194,10 +210,6 @@ def run_steps(b: BenchArgs, s: StepArgs) -> List[Dict]:
 
 def measure_loader(data: str, workers: int, batches: int, batch_size: int, reso: int = 256, warmup: int = 1) -> Dict:
     """Wall-clock and CPU rate of `batches` batches through the training loader with `workers` processes."""
-    from torch.utils.data import DataLoader
-    from utils.data.datasets import build_datasets
-    from utils.data.loader import loader_kwargs
-    from utils.data.sampler import DistInfiniteBatchSampler
 
     def children_cpu_s():   # CPU seconds of this process's reaped children (the workers, once they exit)
         r = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -244,8 +256,6 @@ def run_loader(b: BenchArgs, a: LoaderArgs) -> List[Dict]:
 
 def build_meta(name: str):
     """A full-size model on the meta device: 'VAR-d36' (512 px, shared AdaLN, width 2304) or 'VIAR-d30'."""
-    from models import VQVAE, build_var
-    from models.layout import PYRAMIDS
     with torch.device('meta'):
         vae = VQVAE(vocab_size=4096, z_channels=32, ch=160, share_quant_resi=4, test_mode=True)
         if name == 'VAR-d36':
@@ -260,8 +270,6 @@ def build_meta(name: str):
 def meta_rows(names=('VAR-d36', 'VIAR-d30'), worlds=(1, 2, 4, 8, 16, 32, 64)) -> List[Dict]:
     """One row per (model, world size): utils/train/fsdp.py's arithmetic beside the shards dist.fsdp_shard makes in a
     fake process group (rank 0; nothing allocated), and the fp32 root unit, gathered for the whole step."""
-    import dist
-    from utils.train.fsdp import measured_rank_bytes, rank_bytes
     rows = []
     for name in names:
         for world in worlds:
@@ -280,10 +288,6 @@ def meta_rows(names=('VAR-d36', 'VIAR-d30'), worlds=(1, 2, 4, 8, 16, 32, 64)) ->
 
 def rss_child(f: FsdpArgs):
     """One torchrun worker of --rss: build, shard if several ranks, train; print its peak RSS as JSON."""
-    import torch.nn.functional as F
-    import dist
-    from models import build_vae_var
-    from utils.train.fsdp import measured_rank_bytes
     dist.initialize('cpu')
     torch.manual_seed(0)
     base = measure.memory.peak_rss_bytes()
@@ -365,16 +369,6 @@ TOKEN_CONFIGS = {   # (ModelSpec of a VIAR, its S-JFB ranges, batch, synthetic i
 
 def token_cache_row(name: str, b: BenchArgs, t: TokenCacheArgs, work: str) -> Dict[str, Any]:
     """One config: write its cache, then alternate image and cached steps of one trainer; medians."""
-    from torch.utils.data import DataLoader
-    from models.config import ModelSpec
-    from scripts.extract_tokens import main as extract
-    from trainer import VARTrainer
-    from utils.checkpoint import load_vae_weights, save_atomic
-    from utils.data.datasets import build_datasets
-    from utils.data.sampler import DistInfiniteBatchSampler
-    from utils.data.token_cache import CacheBatchSampler, TokenShards, open_cache
-    from utils.train.amp_opt import AmpOptimizer, build_adamw
-    from utils.train.lr_control import param_groups
     arch, jfb, B, side, n_images = TOKEN_CONFIGS[name]
     demo_weights = bool(name == 'demo' and t.demo_vae)
     spec = ModelSpec(depth=6, use_implicit=True, pre_depth=1, post_depth=1, embed_dim=96 if name == 'demo' else 128,
@@ -455,7 +449,6 @@ def main(argv=None):
                       token_cache=(run_token_cache, TokenCacheArgs))[b.mode]
     rows = run(b, g[group])
     if b.json:
-        from utils.atomic import write_json_atomic
         write_json_atomic(rows, b.json, indent=1)
     return rows
 
