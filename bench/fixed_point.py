@@ -19,10 +19,14 @@ if __name__ == '__main__':   # `python bench/fixed_point.py`: the project root o
 import torch  # noqa: E402
 
 from bench import measure  # noqa: E402
+from models import EditSpec, schedules as S  # noqa: E402
+from models.config import ModelSpec  # noqa: E402
 from models.solver import SOLVERS, SolverSpec  # noqa: E402
 from utils import cli  # noqa: E402
 from utils.arch_flags import describe_model  # noqa: E402
+from utils.atomic import check_writable  # noqa: E402
 from utils.cli import flag  # noqa: E402
+from utils.model_io import load_models  # noqa: E402
 
 
 # ---------------------------------------------------------------- options and arithmetic (pure)
@@ -144,13 +148,11 @@ def timed(var, vae, solver, schedule, labels, seeds, reps: int, **common) -> Dic
 def load(args, device='cpu'):
     """(vae, var): a trained VIAR as its file configures it, or (`--var_ckpt random`) a tiny random one."""
     if args.var_ckpt == 'random':
-        from models.config import ModelSpec
         torch.manual_seed(args.seed)
         vae, var = ModelSpec(depth=4, use_implicit=True, pre_depth=1, post_depth=1, embed_dim=32, num_heads=2,
                              patch_nums=(1, 2, 3, 4), V=48, Cvae=8, vae_ch=32, vae_ch_mult=(1, 1),
                              vae_num_res_blocks=1, num_classes=5).build(device)
     else:
-        from utils.model_io import load_models
         vae, var, _ = load_models(args.var_ckpt, args.vae_ckpt or None, device=device)
     check_viar(var, args.var_ckpt)
     return vae.eval(), var.eval()
@@ -158,8 +160,6 @@ def load(args, device='cpu'):
 
 def study(vae, var, args, options: List[Tuple[str, SolverSpec]]) -> Dict[str, Any]:
     """The reference, then every solver of `options` under every schedule: the JSON-able result."""
-    from models import EditSpec
-    from models import schedules as S
     K = len(var.patch_nums)
     labels = torch.arange(var.num_classes).repeat_interleave(args.per_class)
     seeds = list(range(args.first_seed, args.first_seed + len(labels)))
@@ -281,7 +281,6 @@ class FixedPointArgs:
 
 def main(argv=None) -> Dict[str, Any]:
     """The study, its files and its tables."""
-    from utils.atomic import check_writable
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     cli.add_dataclass_args(p, FixedPointArgs, 'study')
     args = cli.from_namespace(FixedPointArgs, p.parse_args(argv))
