@@ -86,7 +86,7 @@ def gemm_rate(dtype: torch.dtype, basis: str = 'wall', M: int = 1360, K: int = 7
     of `reps` after two warm-ups; basis 'cpu': process CPU time (load-proof) times the threads, 'wall': the clock.
     onednn: oneDNN's Linear kernel (what the fast sampler's blocks call on a CPU) instead of torch.mm."""
     a, b = torch.randn(M, K).to(dtype), torch.randn(K, N).to(dtype)
-    w = b.t().contiguous()
+    w = b.t().contiguous() if onednn else None   # oneDNN's layout: (out, in)
     clock = time.process_time if basis == 'cpu' else time.perf_counter
     best = float('inf')
     for i in range(reps + 2):

@@ -388,11 +388,10 @@ def main(argv=None):
     if device.type == 'cpu':   # the physical bound: this CPU's peak GEMM rate in every dtype that runs
         threads = torch.get_num_threads()
         torch.set_num_threads(args.threads or threads)
-        args.gemm_rates = {d: measure.gemm_rate(AUTOCAST_DTYPES[d] or torch.float32, timing_basis('cpu', args.threads))
-                           for d in dict.fromkeys([args.dtype] + args.official_dtypes)}
-        onednn_rates = {d: measure.gemm_rate(AUTOCAST_DTYPES[d] or torch.float32, timing_basis('cpu', args.threads),
-                                             onednn=True) for d in args.gemm_rates if onednn_dense(AUTOCAST_DTYPES[d]
-                                                                                                 or torch.float32)}
+        dtypes = {d: AUTOCAST_DTYPES[d] or torch.float32 for d in [args.dtype] + args.official_dtypes}
+        basis = timing_basis('cpu', args.threads)
+        args.gemm_rates = {d: measure.gemm_rate(dt, basis) for d, dt in dtypes.items()}
+        onednn_rates = {d: measure.gemm_rate(dt, basis, onednn=True) for d, dt in dtypes.items() if onednn_dense(dt)}
         torch.set_num_threads(threads)
     rows = []
     with tempfile.TemporaryDirectory(prefix='sample_speed_') as tmp:
