@@ -10,7 +10,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench import measure
 from bench import sample_speed as ss
 from bench import train_speed as ts
-from tests.tiny import tiny_vae_var, write_tiny_export
+from models.blocks import onednn_dense
+from tests.tiny import OpNames, tiny_vae_var, write_tiny_export
 from utils.sample.compile_util import prepare_for_sampling
 
 TINY = ['--depth', '4', '--width', '32', '--heads', '2', '--p_depth', '1', '--patch_nums', '1,2,3,4', '--V', '48',
@@ -112,6 +113,9 @@ def test_benchmark_runs_tiny_models_end_to_end(tmp_path):
     # the implicit block's per-iteration caches make VIAR hold more KV bytes than its explicit blocks alone
     assert ada_row['ours']['kv_cache_bytes'] >= dec_row['ours']['kv_cache_bytes']
     assert result['meta']['official'] is None
+    # the bound's rate, and beside it oneDNN's Linear rate where this CPU's oneDNN runs fp32
+    assert set(saved['meta']['gemm_gflops']) == {'fp32'}
+    assert set(saved['meta']['onednn_gemm_gflops']) == ({'fp32'} if onednn_dense(torch.float32) else set())
 
 
 def test_sweep_rows_and_table_take_each_rows_own_batch():
@@ -236,15 +240,7 @@ def test_flop_count_includes_attention_and_the_fused_fc1():
 def test_gemm_rate_times_torch_mm_or_the_fast_samplers_onednn_kernel(onednn):
     """The bound's rate is torch.mm's; with onednn=True it is the kernel the fast sampler's blocks call (reported
     beside it, so a machine shows whether that kernel pays)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        names = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.add(func.name())
-            return func(*args, **(kwargs or {}))
-    with Ops() as ops:
+    with OpNames() as ops:
         rate = measure.gemm_rate(torch.float32, M=16, K=8, N=12, reps=1, onednn=onednn)
     assert rate > 0
     assert ('mkldnn::_linear_pointwise' in ops.names) == onednn and ('aten::mm' in ops.names) == (not onednn)

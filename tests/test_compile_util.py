@@ -5,14 +5,13 @@ import os
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import schedules as S
 from models.blocks import onednn_dense
 from models.solver import SolverSpec
 from models.var import EditSpec
 from tests.conftest import needs_c_compiler
-from tests.tiny import tiny_tokens, tiny_vae_var
+from tests.tiny import OpNames, tiny_tokens, tiny_vae_var
 from utils.sample.compile_util import (RESIDUAL_FLOOR, SamplingError, cpu_flags, fast_dtype, native_bf16,
                                        prepare_for_sampling, resolve_dtype)
 from utils.sample.config import SampleConfig
@@ -415,18 +414,6 @@ def test_fast_sampler_casts_linear_weights_once_and_leaves_the_exact_path_bit_fo
         handle.remove()
         assert seen and len(seen) == 2 * sum(S.decreasing(3, 1, 4).counts)   # the sampler's call and the direct one
     assert torch.equal(prepare_for_sampling(var)(2, 1, **kw), exact_before)
-
-
-class OpNames(TorchDispatchMode):
-    """Records the name of every aten op that runs."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(func.name())
-        return func(*args, **(kwargs or {}))
 
 
 def test_bf16_fast_sampler_fuses_the_ffn_gelu_and_the_exact_path_does_not():

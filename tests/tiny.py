@@ -1,5 +1,6 @@
-"""Tiny model builders shared by the tests (CPU, milliseconds)."""
+"""Tiny model builders shared by the tests (CPU, milliseconds), and an op recorder."""
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import build_vae_var
 
@@ -44,3 +45,15 @@ def write_tiny_export(path: str, use_implicit: bool = True) -> str:
     vae, var = tiny_vae_var(use_implicit)
     save_atomic(slim_export(var, tiny_spec(use_implicit), vae=vae), str(path))
     return str(path)
+
+
+class OpNames(TorchDispatchMode):
+    """Records the name of every aten op that runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.name())
+        return func(*args, **(kwargs or {}))
