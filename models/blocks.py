@@ -58,8 +58,8 @@ class FFN(nn.Module):
 
 
 def dense(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], gelu: bool = False) -> torch.Tensor:
-    """F.linear (then tanh GELU, fused) as one oneDNN kernel: on this project's CPUs faster than torch's fp32 GEMM
-    and, in bf16, the same kernel F.linear runs (docs/SPEED.md)."""
+    """F.linear (then tanh GELU, fused) as one oneDNN kernel: in fp32 faster than torch's GEMM on the AMD EPYC of
+    docs/SPEED.md (not measured on Intel CPUs) and, in bf16, the same kernel F.linear runs."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'gelu' if gelu else 'none', [], 'tanh' if gelu else '')
 
 
