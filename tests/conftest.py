@@ -1,9 +1,11 @@
 """Shared pytest setup: the repo root on sys.path, the compiler check, and the one quick demo run the slow tests share."""
+import fcntl
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -21,20 +23,49 @@ needs_c_compiler = pytest.mark.skipif(not _has_c_compiler(),
                                       reason='no C++ compiler on this machine: inductor cannot generate code here')
 
 
+MAX_WORKERS = 4   # `-n auto` (pytest.ini): a test process per core, at most this many (each holds torch and models)
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """How many processes `-n auto` starts: one per core, capped at MAX_WORKERS."""
+    return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
+
+
+def _share_the_cores() -> None:
+    """In each of N test processes: torch threads, and OMP_NUM_THREADS for the programs tests start unless set,
+    to cores / N, so that processes running side by side do not oversubscribe the cores."""
+    workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
+    if 'PYTEST_XDIST_WORKER' in os.environ and workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ.setdefault('OMP_NUM_THREADS', str(threads))
+
+
+_share_the_cores()
 QUICK_DEMO_PROGRESS_S = '1'   # the quick demo's stages last seconds: a progress line every second shows in each
 
 
 @pytest.fixture(scope='session')
 def quick_demo(tmp_path_factory):
     """The output folder of one DEMO_QUICK=1 run of scripts/demo.sh (a few steps of every stage), made once per
-    session for every test that reads it (the README walk-through, the demo's own checks). What the run printed
-    is in the file `console.txt` beside the folder (`quick_demo_console`)."""
-    out = tmp_path_factory.mktemp('quick') / 'demo'
-    env = dict(os.environ, DEMO_QUICK='1', DEMO_OUT=str(out), DEMO_PROGRESS_S=QUICK_DEMO_PROGRESS_S)
-    proc = subprocess.run(['bash', os.path.join(ROOT, 'scripts', 'demo.sh')], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    (out.parent / 'console.txt').write_text(proc.stdout + proc.stderr)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run for every test that reads it (the README walk-through, the demo's own checks), in whichever test process
+    asks first: the others wait on a lock in the run's folder, which they share. What the run printed is in the
+    file `console.txt` beside the folder (`quick_demo_console`). Readers write only folders of their own inside."""
+    run_dir = tmp_path_factory.getbasetemp()
+    if 'PYTEST_XDIST_WORKER' in os.environ:
+        run_dir = run_dir.parent   # pytest-N/popen-gwK: pytest-N is this run's, common to its processes
+    out, rc = run_dir / 'quick' / 'demo', run_dir / 'quick' / 'returncode'
+    with open(run_dir / 'quick.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)   # released when the file closes
+        if not rc.exists():
+            out.parent.mkdir(exist_ok=True)
+            env = dict(os.environ, DEMO_QUICK='1', DEMO_OUT=str(out), DEMO_PROGRESS_S=QUICK_DEMO_PROGRESS_S)
+            proc = subprocess.run(['bash', os.path.join(ROOT, 'scripts', 'demo.sh')], cwd=ROOT, env=env,
+                                  capture_output=True, text=True, timeout=300)
+            (out.parent / 'console.txt').write_text(proc.stdout + proc.stderr)
+            rc.write_text(str(proc.returncode))
+    console = (out.parent / 'console.txt').read_text()
+    assert rc.read_text() == '0', console[-6000:]
     return out
 
 
