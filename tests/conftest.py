@@ -31,29 +31,28 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
 
 
-def _share_the_cores() -> None:
-    """In each of N test processes: torch threads, and OMP_NUM_THREADS for the programs tests start unless set,
-    to cores / N, so that processes running side by side do not oversubscribe the cores."""
-    workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
-    if 'PYTEST_XDIST_WORKER' in os.environ and workers > 1:
+def pytest_configure(config):
+    """In each of N xdist test processes: torch threads, and OMP_NUM_THREADS for the programs tests start unless
+    set, to cores / N, so that processes running side by side do not oversubscribe the cores."""
+    workers = getattr(config, 'workerinput', {}).get('workercount', 1)
+    if workers > 1:
         threads = max(1, (os.cpu_count() or 1) // workers)
         torch.set_num_threads(threads)
         os.environ.setdefault('OMP_NUM_THREADS', str(threads))
 
 
-_share_the_cores()
 QUICK_DEMO_PROGRESS_S = '1'   # the quick demo's stages last seconds: a progress line every second shows in each
 
 
 @pytest.fixture(scope='session')
-def quick_demo(tmp_path_factory):
+def quick_demo(tmp_path_factory, pytestconfig):
     """The output folder of one DEMO_QUICK=1 run of scripts/demo.sh (a few steps of every stage), made once per
     run for every test that reads it (the README walk-through, the demo's own checks), in whichever test process
     asks first: the others wait on a lock in the run's folder, which they share. What the run printed is in the
     file `console.txt` beside the folder (`quick_demo_console`). Readers write only folders of their own inside."""
     run_dir = tmp_path_factory.getbasetemp()
-    if 'PYTEST_XDIST_WORKER' in os.environ:
-        run_dir = run_dir.parent   # pytest-N/popen-gwK: pytest-N is this run's, common to its processes
+    if hasattr(pytestconfig, 'workerinput'):   # an xdist worker: pytest-N/popen-gwK, and pytest-N is this run's
+        run_dir = run_dir.parent
     out, rc = run_dir / 'quick' / 'demo', run_dir / 'quick' / 'returncode'
     with open(run_dir / 'quick.lock', 'w') as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)   # released when the file closes
