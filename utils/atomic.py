@@ -45,7 +45,8 @@ def _write_error(path: str, code: Optional[int], need: Optional[int] = None) -> 
     a full disk or quota (FULL), a folder that cannot be written (DENIED); None for any other failure."""
     folder, name = os.path.split(os.path.abspath(path))
     if code in DENIED:
-        fix = 'Pass another output folder' if code == errno.ENOTDIR else 'Make it writable or pass another output folder'
+        fix = ('Pass another output folder' if code == errno.ENOTDIR
+               else 'Make it writable or pass another output folder')
         return WriteError(code, f'cannot write into {folder}: {DENIED[code]}. {fix}.')
     if code not in FULL:
         return None
