@@ -232,7 +232,7 @@ def _unreadable(path: str, e: Exception) -> CheckpointError:
     other = not_a_checkpoint(path)
     if other:
         return CheckpointError(f'{path} {other}')
-    first = re.split(r'(?<=\.)\s', str(e).strip())[0] if str(e).strip() else ''   # the first sentence
+    first = re.split(r'(?<=\.)\s', str(e).strip())[0]   # the first sentence
     quiet = not first or re.search(r'weights.only', first, re.I)
     detail = '' if quiet else f'; {type(e).__name__}: {first.rstrip(".")}'
     size = os.path.getsize(path) if os.path.isfile(path) else 0
