@@ -38,7 +38,7 @@ def flag_name(field: str) -> str:
     return SPELLING.get(field, (f'--{field}',))[0]
 
 
-def format_value(field: str, value: Any) -> str:
+def format_value(value: Any) -> str:
     """A value as its flag takes it: pyramids and multipliers joined by '_'."""
     if isinstance(value, (tuple, list)):
         return '_'.join(map(str, value))
@@ -47,7 +47,7 @@ def format_value(field: str, value: Any) -> str:
 
 def _arch_flag(f: dataclasses.Field, hint) -> Tuple[str, Any, dataclasses.Field]:
     spelling = SPELLING.get(f.name, (f'--{f.name}',))
-    fallback = '' if f.default is None else f', else {format_value(f.name, f.default)}'
+    fallback = '' if f.default is None else f', else {format_value(f.default)}'
     text = f"{f.metadata['doc']} (default: the checkpoint's{fallback})"
     metavar = spelling[0][2:].upper() if hint in (int, float, str) or hint == Optional[int] else None
     return f.name, Optional[hint], flag(None, text, aliases=spelling[1:], name=spelling[0], metavar=metavar,
@@ -93,7 +93,7 @@ def given_fields(ns: Any) -> Dict[str, Any]:
 
 def flag_text(field: str, value: Any) -> str:
     """'--width 256' for (embed_dim, 256)."""
-    return f'{flag_name(field)} {format_value(field, value)}'
+    return f'{flag_name(field)} {format_value(value)}'
 
 
 def flags_to_build(spec: ModelSpec, against: Optional[ModelSpec] = None) -> str:
@@ -119,7 +119,7 @@ def contradictions(given: Mapping[str, Any], spec: ModelSpec, free: Iterable[str
 
 def contradiction_text(items: List[Tuple[str, Any, Any]], where: str) -> str:
     """'--width 128 (FILE: 256), --pn 1_2_3 (FILE: 1_2_3_4)'."""
-    return ', '.join(f'{flag_text(n, mine)} ({where}: {format_value(n, theirs)})' for n, mine, theirs in items)
+    return ', '.join(f'{flag_text(n, mine)} ({where}: {format_value(theirs)})' for n, mine, theirs in items)
 
 
 def describe_spec(spec: ModelSpec) -> str:

@@ -40,20 +40,24 @@ def human_bytes(n: float) -> str:
     return f'{n:.1f} TiB'
 
 
-def full_disk_message(path: str, code: int, need: Optional[int], free: Optional[int], existed: bool) -> str:
-    """The one line for a write that ran out of space (code: ENOSPC or EDQUOT)."""
+def _write_error(path: str, code: Optional[int], need: Optional[int] = None) -> Optional[WriteError]:
+    """The one-line WriteError for a write of `path` that failed with errno `code` (need: the bytes it needs):
+    a full disk or quota (FULL), a folder that cannot be written (DENIED); None for any other failure."""
     folder, name = os.path.split(os.path.abspath(path))
+    if code in DENIED:
+        fix = ('Pass another output folder' if code == errno.ENOTDIR
+               else 'Make it writable or pass another output folder')
+        return WriteError(code, f'cannot write into {folder}: {DENIED[code]}. {fix}.')
+    if code not in FULL:
+        return None
     size = f'about {human_bytes(need)}' if need else 'an unknown size'
-    room = f', {human_bytes(free)} free there' if free is not None else ''
-    kept = f'the previous {name} is intact' if existed else f'no partial {name} was left'
-    return (f'{FULL[code]} in {folder}: writing {name} needs {size}{room}; {kept}. Free some space (or write to '
-            f'another folder) and run the command again.')
-
-
-def denied_message(folder: str, code: int) -> str:
-    """The one line for a folder that cannot be written (code: EACCES, EPERM, EROFS or ENOTDIR)."""
-    fix = 'Pass another output folder' if code == errno.ENOTDIR else 'Make it writable or pass another output folder'
-    return f'cannot write into {os.path.abspath(folder)}: {DENIED[code]}. {fix}.'
+    try:
+        room = f', {human_bytes(shutil.disk_usage(folder).free)} free there'
+    except OSError:
+        room = ''
+    kept = f'the previous {name} is intact' if os.path.exists(path) else f'no partial {name} was left'
+    return WriteError(code, f'{FULL[code]} in {folder}: writing {name} needs {size}{room}; {kept}. Free some space '
+                            f'(or write to another folder) and run the command again.')
 
 
 def _fsync_dir(folder: str):
@@ -109,26 +113,17 @@ def _errno_of(e: BaseException, tmp: str) -> Optional[int]:
     return None
 
 
-def _free_bytes(folder: str) -> Optional[int]:
-    try:
-        return shutil.disk_usage(folder).free
-    except OSError:
-        return None
-
-
 def _begin(path: str) -> str:
     """Create the folder and the temporary file of `path`; a folder that cannot be written is a WriteError."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
         return _new_temp(path)
-    except OSError as e:
-        if e.errno in DENIED:
-            raise WriteError(e.errno, denied_message(folder, e.errno)) from None
-        if e.errno in FULL:   # no inode or block left even for an empty file
-            raise WriteError(e.errno, full_disk_message(path, e.errno, None, _free_bytes(folder),
-                                                        os.path.exists(path))) from None
-        raise
+    except OSError as e:   # also a full disk: no inode left even for an empty file
+        error = _write_error(path, e.errno)
+        if error is None:
+            raise
+        raise error from None
 
 
 @contextlib.contextmanager
@@ -149,13 +144,10 @@ def atomic_path(path: str, durable: bool = True, need: Optional[int] = None) -> 
         code = _errno_of(e, tmp)   # before the temporary file goes: the probe writes into it
         if os.path.lexists(tmp):
             os.remove(tmp)
-        folder = os.path.dirname(os.path.abspath(path))
-        if code in FULL:
-            raise WriteError(code, full_disk_message(path, code, need, _free_bytes(folder),
-                                                     os.path.exists(path))) from None
-        if code in DENIED:
-            raise WriteError(code, denied_message(folder, code)) from None
-        raise
+        error = _write_error(path, code, need)
+        if error is None:
+            raise
+        raise error from None
     if durable:
         _fsync_dir(os.path.dirname(os.path.abspath(path)))
 

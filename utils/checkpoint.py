@@ -218,12 +218,10 @@ def read_checkpoint(path: str, mmap: bool = False) -> Any:
         with torch.serialization.safe_globals(_numpy_array_globals()), warnings.catch_warnings():
             warnings.filterwarnings('ignore', message='Detected pickle protocol')   # raw pickles: refused below
             return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as e:
-        why = _refused_call(str(e), path)
+    except Exception as e:   # also safetensors' own errors and a bad JSON metadata entry
+        why = _refused_call(str(e), path) if isinstance(e, pickle.UnpicklingError) else None
         if why is not None:
             raise UnsafeCheckpointError(refusal(path, why)) from None
-        raise _unreadable(path, e) from None
-    except Exception as e:   # also safetensors' own errors and a bad JSON metadata entry
         raise _unreadable(path, e) from None
 
 
@@ -234,7 +232,7 @@ def _unreadable(path: str, e: Exception) -> CheckpointError:
     other = not_a_checkpoint(path)
     if other:
         return CheckpointError(f'{path} {other}')
-    first = re.split(r'(?<=\.)\s', str(e).strip())[0] if str(e).strip() else ''   # the first sentence
+    first = re.split(r'(?<=\.)\s', str(e).strip())[0]   # the first sentence
     quiet = not first or re.search(r'weights.only', first, re.I)
     detail = '' if quiet else f'; {type(e).__name__}: {first.rstrip(".")}'
     size = os.path.getsize(path) if os.path.isfile(path) else 0
@@ -256,6 +254,12 @@ def extract_state_dict(obj: Any, where: str = 'checkpoint') -> Dict[str, torch.T
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f'{where} holds no state dict of tensors.')
     return {re.sub(r'^(module\.|_orig_mod\.)+', '', k): v for k, v in obj.items()}
+
+
+def spec_in_file(obj: Any):
+    """The ModelSpec stored in a slim export or training checkpoint ('config'), if any."""
+    from models.config import ModelSpec
+    return ModelSpec.from_dict(obj['config']) if isinstance(obj, dict) and isinstance(obj.get('config'), dict) else None
 
 
 def transformer_state_dict(obj: Any, where: str) -> Dict[str, torch.Tensor]:
@@ -343,10 +347,8 @@ def load_var_weights(var: nn.Module, path_or_sd, strict: bool = True, where: Opt
     got, got_spec = _describe(sd, fallback=want_spec)   # sizes the weights cannot tell: the model's
     if got_spec is None or want_spec is None or got_spec.differences(want_spec):
         if got_spec is not None:
-            from models.config import ModelSpec
             from utils.arch_flags import flags_to_build
-            stored = obj.get('config') if isinstance(obj, dict) and isinstance(obj.get('config'), dict) else None
-            flags = flags_to_build(ModelSpec.from_dict(stored) if stored else got_spec, against=want_spec)
+            flags = flags_to_build(spec_in_file(obj) or got_spec, against=want_spec)
             hint = (f' Build it with {flags}, or let utils.model_io.load_models({where!r}) build the model from '
                     f'the file (the sampling scripts do that: no flags needed).')
         elif got.startswith('a VQVAE'):
@@ -394,22 +396,19 @@ class _Refused(pickle.UnpicklingError):
 class _DCPMetadataUnpickler(pickle.Unpickler):
     """Unpickles a DCP `.metadata` file allowing only what it is made of: DCP's own metadata dataclasses and
     enums, torch.Size, dtypes and the layout lookup, and paths; anything else (a callable) is refused."""
+    ALLOWED = {('torch', 'Size'): torch.Size, ('collections', 'OrderedDict'): collections.OrderedDict,
+               ('torch.serialization', '_get_layout'): torch.serialization._get_layout,   # a layout name -> strided
+               **{('torch', n): v for n, v in vars(torch).items() if isinstance(v, torch.dtype)},
+               **{('pathlib', n): getattr(pathlib, n)
+                  for n in ('PosixPath', 'WindowsPath', 'PurePosixPath', 'PureWindowsPath')}}
 
     def find_class(self, module: str, name: str):
         if module in DCP_MODULES:
             obj = getattr(importlib.import_module(module), name, None)
             if isinstance(obj, type) and obj.__module__ == module:   # a class defined there, not an import
                 return obj
-        elif module == 'torch' and name == 'Size':
-            return torch.Size
-        elif module == 'torch' and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        elif (module, name) == ('torch.serialization', '_get_layout'):   # maps a layout name to torch.strided etc.
-            return torch.serialization._get_layout
-        elif module == 'pathlib' and name in ('PosixPath', 'WindowsPath', 'PurePosixPath', 'PureWindowsPath'):
-            return getattr(pathlib, name)
-        elif (module, name) == ('collections', 'OrderedDict'):
-            return collections.OrderedDict
+        elif (module, name) in self.ALLOWED:
+            return self.ALLOWED[module, name]
         raise _Refused(f'{module}.{name}')
 
 

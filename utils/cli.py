@@ -17,12 +17,11 @@ _TRUE = {'1', 'true', 't', 'yes', 'y', 'on'}
 _FALSE = {'0', 'false', 'f', 'no', 'n', 'off'}
 
 
-def flag(default, help: str, aliases: Sequence[str] = (), choices: Optional[Sequence] = None, nargs=None,
+def flag(default, help: str, aliases: Sequence[str] = (), choices: Optional[Sequence] = None,
          metavar: Optional[str] = None, name: Optional[str] = None, parse=None):
-    """A dataclass field that carries its CLI help (and optional flag aliases, choices, nargs; `name`: the flag's
+    """A dataclass field that carries its CLI help (and optional flag aliases, choices; `name`: the flag's
     spelling when it is not --<field>; `parse`: the argparse type when the annotation's is not the one)."""
-    meta = dict(help=help, aliases=tuple(aliases), choices=choices, nargs=nargs, metavar=metavar, name=name,
-                parse=parse)
+    meta = dict(help=help, aliases=tuple(aliases), choices=choices, metavar=metavar, name=name, parse=parse)
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -52,6 +51,9 @@ def str2bool(value) -> bool:
     raise argparse.ArgumentTypeError(f'expected a boolean (True/False, 1/0, yes/no), got {value!r}')
 
 
+BOOL_FLAG = dict(type=str2bool, nargs='?', const=True, metavar='BOOL')   # argparse kwargs of every boolean flag
+
+
 class ValueTypeError(argparse.ArgumentTypeError, ValueError):
     """A flag value that does not parse: argparse prints its message, Python callers catch a ValueError."""
 
@@ -64,10 +66,9 @@ def int_tuple(text: str) -> tuple:
         raise ValueTypeError(f'expected comma-separated integers like 1,2,3,4, got {text!r}') from None
 
 
-def add_bool_arg(parser, name: str, default: bool = False, help: str = '', dest: Optional[str] = None):
+def add_bool_arg(parser, name: str, default: bool = False, help: str = ''):
     """A boolean flag accepting `--name`, `--name True` and `--name False`."""
-    kw = dict(dest=dest) if dest else {}
-    parser.add_argument(name, type=str2bool, nargs='?', const=True, default=default, metavar='BOOL', help=help, **kw)
+    parser.add_argument(name, default=default, help=help, **BOOL_FLAG)
 
 
 def _unoptional(tp):
@@ -84,23 +85,18 @@ def _arg_kwargs(f: dataclasses.Field, tp) -> Dict[str, Any]:
     tp = _unoptional(tp)
     meta = f.metadata
     if tp is bool:
-        kw = dict(type=str2bool, nargs='?', const=True, metavar='BOOL')
+        kw = dict(BOOL_FLAG)
     elif tp in (int, float, str):
         kw = dict(type=tp)
     elif typing.get_origin(tp) is tuple and typing.get_args(tp)[:1] == (int,):
         kw = dict(type=int_tuple, metavar='1,2,...')
     elif typing.get_origin(tp) is list and typing.get_args(tp) in ((int,), (float,), (str,)):
-        kw = dict(type=typing.get_args(tp)[0], nargs=meta.get('nargs') or '+')
+        kw = dict(type=typing.get_args(tp)[0], nargs='+')
     else:
         raise TypeError(f'no CLI type for field {f.name}: {tp}')
     if meta.get('parse'):
         kw['type'] = meta['parse']
-    if meta.get('choices'):
-        kw['choices'] = meta['choices']
-    if meta.get('metavar'):
-        kw['metavar'] = meta['metavar']
-    if meta.get('nargs') and 'nargs' not in kw:
-        kw['nargs'] = meta['nargs']
+    kw.update({key: meta[key] for key in ('choices', 'metavar') if meta.get(key)})
     return kw
 
 

@@ -22,10 +22,10 @@ class _ConsoleHandler(logging.StreamHandler):
         super().emit(record)
 
 
-def get_logger(name: str, out_dir: Optional[str] = None, is_master: bool = True, filename: str = 'log.txt',
-               timestamps: bool = False, to_stderr: bool = False) -> logging.Logger:
+def get_logger(name: str, out_dir: Optional[str] = None, is_master: bool = True, timestamps: bool = False,
+               to_stderr: bool = False) -> logging.Logger:
     """'[name] message' (with timestamps: '[time name] message') on the console and, with out_dir, appended to
-    out_dir/filename; silent unless is_master. Called again for a name, it replaces that logger's handlers."""
+    out_dir/log.txt; silent unless is_master. Called again for a name, it replaces that logger's handlers."""
     lg = logging.getLogger(f'viar.{name}')
     for h in list(lg.handlers):
         lg.removeHandler(h)
@@ -40,7 +40,7 @@ def get_logger(name: str, out_dir: Optional[str] = None, is_master: bool = True,
     handlers: List[logging.Handler] = [_ConsoleHandler(to_stderr)]
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-        handlers.append(logging.FileHandler(os.path.join(out_dir, filename)))
+        handlers.append(logging.FileHandler(os.path.join(out_dir, 'log.txt')))
     for h in handlers:
         h.setFormatter(fmt)
         lg.addHandler(h)

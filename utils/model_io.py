@@ -21,7 +21,7 @@ from models.config import ModelSpec, spec_from_state_dict, state_dict_kind, vae_
 from utils.arch_flags import check_spec, contradiction_text, contradictions
 from utils.checkpoint import (OFFICIAL_FILES, CheckpointError, load_vae_weights, load_var_weights, read_model,
                               read_state_dict, resolve_checkpoint, resolve_recorded, save_atomic, sha256_of,
-                              transformer_state_dict, unwrap_model)
+                              spec_in_file, transformer_state_dict, unwrap_model)
 from utils.safetensors_io import write_safetensors
 from utils.sample.compile_util import Sampler, SamplingError, prepare_for_sampling
 from utils.sample.config import recorded_defaults, with_recorded
@@ -33,13 +33,6 @@ RANDOM = 'random'
 def default_var_ckpt(spec: ModelSpec) -> str:
     """The official file for a spec: ckpts/viar.pth for VIAR, ckpts/var_d{depth}.pth for VAR."""
     return 'ckpts/viar.pth' if spec.kind == 'VIAR' else f'ckpts/var_d{spec.depth}.pth'
-
-
-def spec_in_file(obj: Any) -> Optional[ModelSpec]:
-    """The ModelSpec stored in a slim export or training checkpoint, if any."""
-    if isinstance(obj, dict) and isinstance(obj.get('config'), dict):
-        return ModelSpec.from_dict(obj['config'])
-    return None
 
 
 def spec_of_file(obj: Any, where: str, fallback: ModelSpec) -> ModelSpec:
