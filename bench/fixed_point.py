@@ -4,7 +4,6 @@ On one trained VIAR, each solver of `--options` samples under each schedule, for
 of `--ref_iters` plain iterations per scale; distance at scale k: ||z_k - z_k^ref|| / ||z_k^ref|| of the implicit
 block's output. Watched through public hooks only. Writes OUT/fixed_point.{json,md,png}; docs/SPEED.md explains.
 """
-import argparse
 import dataclasses
 import math
 import os
@@ -145,15 +144,15 @@ def timed(var, vae, solver, schedule, labels, seeds, reps: int, **common) -> Dic
 
 # ---------------------------------------------------------------- the study
 
-def load(args, device='cpu'):
-    """(vae, var): a trained VIAR as its file configures it, or (`--var_ckpt random`) a tiny random one."""
+def load(args):
+    """(vae, var) on the CPU: a trained VIAR as its file configures it, or (`--var_ckpt random`) a tiny random one."""
     if args.var_ckpt == 'random':
         torch.manual_seed(args.seed)
         vae, var = ModelSpec(depth=4, use_implicit=True, pre_depth=1, post_depth=1, embed_dim=32, num_heads=2,
                              patch_nums=(1, 2, 3, 4), V=48, Cvae=8, vae_ch=32, vae_ch_mult=(1, 1),
-                             vae_num_res_blocks=1, num_classes=5).build(device)
+                             vae_num_res_blocks=1, num_classes=5).build('cpu')
     else:
-        vae, var, _ = load_models(args.var_ckpt, args.vae_ckpt or None, device=device)
+        vae, var, _ = load_models(args.var_ckpt, args.vae_ckpt or None, device='cpu')
     check_viar(var, args.var_ckpt)
     return vae.eval(), var.eval()
 
@@ -281,9 +280,7 @@ class FixedPointArgs:
 
 def main(argv=None) -> Dict[str, Any]:
     """The study, its files and its tables."""
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    cli.add_dataclass_args(p, FixedPointArgs, 'study')
-    args = cli.from_namespace(FixedPointArgs, p.parse_args(argv))
+    args = cli.parse_dataclass(FixedPointArgs, argv, __doc__.split('\n\n')[0], 'study')
     if not args.var_ckpt:
         raise SystemExit("--var_ckpt is required: a VIAR checkpoint, or 'random'")
     try:

@@ -239,10 +239,12 @@ def train_step_row(var, vae, forward: Callable, V: int, batch: int, num_classes:
 
 def sampling_handlers(build: Callable[[Dict[str, Any]], tuple], describe: Callable[[Any], tuple]):
     """`serve` handlers of a sampling child: build(msg) -> (device, vae, call); describe(out) -> (images,
-    KV-cache bytes, iterations or None)."""
+    KV-cache bytes, iterations or None). msg['threads'], when set, is the child's torch threads."""
     st = {}
 
     def setup(msg):
+        if msg['threads']:
+            torch.set_num_threads(int(msg['threads']))
         device, vae, call = build(msg)
         st['timed'] = TimedCall(call, vae, device)
         rss = memory.current_rss_bytes()

@@ -4,12 +4,13 @@ on sys.path and the project off it (both packages are called `models`), answerin
 import os
 import sys
 
+import torch
+
 import measure   # bench/ is sys.path[0] when this file runs as a script; measure imports nothing of the project
 
 
 def kv_bytes_probe(var, held: dict) -> None:
     """Forward hooks recording in `held` each official attention layer's KV-cache bytes (cleared before each call)."""
-    import torch
 
     def nbytes(x):
         if isinstance(x, dict):
@@ -26,11 +27,8 @@ def kv_bytes_probe(var, held: dict) -> None:
 
 def build_sampler(msg, held: dict):
     """A sampling child's (device, vae, call) with the official models; each call's KV-cache bytes go to `held`."""
-    import torch
     from models.var import VAR          # the official package, first on sys.path
     from models.vqvae import VQVAE
-    if msg['threads']:
-        torch.set_num_threads(int(msg['threads']))
     device, m, sch = torch.device(msg['device']), msg['model'], msg['schedule']
     if tuple(m['vae_ch_mult']) != (1, 1, 2, 2, 4) or m['vae_num_res_blocks'] != 2:
         raise ValueError('the official VQVAE has a fixed layout (ch_mult 1,1,2,2,4, 2 res blocks)')
@@ -72,7 +70,6 @@ def build_sampler(msg, held: dict):
 
 def train_step(msg):
     """One row of `train_speed.py --official`: the official VAR/VIAR built as the project's row is."""
-    import torch
     from models.var import VAR
     from models.vqvae import VQVAE
     row, common = msg['row'], dict(msg['common'], patch_nums=tuple(msg['common']['patch_nums']))

@@ -229,8 +229,6 @@ def plot(result: Dict[str, Any], path: str) -> None:
 
 def build_sampler(msg):
     """A sampling child's (device, vae, call) with this project's models."""
-    if msg['threads']:
-        torch.set_num_threads(int(msg['threads']))
     device, spec = torch.device(msg['device']), ModelSpec.from_dict(msg['model'])
     vae, var = spec.build(device)
     sd = read_checkpoint(msg['state_path'])

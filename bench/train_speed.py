@@ -136,10 +136,10 @@ def parse_args(argv=None):
     return b, groups
 
 
-def make_jpegs(root: str, n: int, size=(500, 375), classes: int = 4, seed: int = 0) -> str:
+def make_jpegs(root: str, n: int, size=(500, 375), classes: int = 4) -> str:
     """n synthetic JPEGs in `classes` folders under root/train, one per class in root/val: smooth content plus grain
     at quality 90, ~100 KB at 500x375 like ImageNet's average (pure noise decodes slower)."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(0)
     for split, count in (('train', n), ('val', classes)):
         for i in range(count):
             d = os.path.join(root, split, f'c{i % classes}')
@@ -254,17 +254,17 @@ def run_loader(b: BenchArgs, a: LoaderArgs) -> List[Dict]:
 
 # ---------------------------------------------------------------- fsdp_memory
 
+META_MODELS = {   # full-size models of --mode fsdp_memory: VAR-d36 at 512 px with shared AdaLN, VIAR-d30 at 256 px
+    'VAR-d36': dict(depth=36, embed_dim=2304, num_heads=36, shared_aln=True, patch_nums=PYRAMIDS[512]),
+    'VIAR-d30': dict(depth=30, embed_dim=1920, num_heads=30, use_implicit=True, pre_depth=5, post_depth=5),
+}
+
+
 def build_meta(name: str):
-    """A full-size model on the meta device: 'VAR-d36' (512 px, shared AdaLN, width 2304) or 'VIAR-d30'."""
+    """A model of META_MODELS on the meta device."""
     with torch.device('meta'):
         vae = VQVAE(vocab_size=4096, z_channels=32, ch=160, share_quant_resi=4, test_mode=True)
-        if name == 'VAR-d36':
-            return build_var(vae, depth=36, embed_dim=2304, num_heads=36, shared_aln=True, attn_l2_norm=True,
-                             patch_nums=PYRAMIDS[512])
-        if name == 'VIAR-d30':
-            return build_var(vae, depth=30, embed_dim=1920, num_heads=30, use_implicit=True, pre_depth=5,
-                             post_depth=5, attn_l2_norm=True)
-    raise ValueError(f'unknown model {name!r}')
+        return build_var(vae, attn_l2_norm=True, **META_MODELS[name])
 
 
 def meta_rows(names=('VAR-d36', 'VIAR-d30'), worlds=(1, 2, 4, 8, 16, 32, 64)) -> List[Dict]:
