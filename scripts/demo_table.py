@@ -35,7 +35,7 @@ FIGURES = ('fid', 'precision', 'recall', 'consistency', 'diversity', 'copy_rate'
 DEFAULT_ROWS = ('viar:iters=1-1', 'viar:iters=2-2', 'viar:iters=4-4', 'viar:iters=8-8', 'viar:iters=4-1',
                 'viar:iters=8-2', 'var')
 TABLE_HEAD = ('row', 'cfg / top-k / top-p', 'iterations per scale', 'FID', 'precision', 'recall', 'consistency',
-              'diversity', 'copy rate', 'images/s (CPU)', 'images/s (wall)')   # the setting's columns, then FIGURES'
+              'diversity', 'copy rate', 'images/s (CPU)', 'images/s (wall)')   # the setting's columns, then FIGURES
 
 
 # ----------------------------------------------------------------------------- pure helpers
