@@ -54,8 +54,7 @@ watch_stop() {
   pid_watch=
 }
 trap watch_stop EXIT
-# wait for a stage's VIAR and VAR processes (what they do, their logs); a failed one shows its log's end, then exit
-wait_both() {
+wait_both() {   # VIAR's and VAR's processes ($1: what they do; $2, $3: their logs): a failure shows its log's end
   local ok=1
   wait "$pid_viar" || { echo "VIAR $1 failed:"; tail -n 20 "$2"; ok=0; }
   wait "$pid_var" || { echo "VAR $1 failed:"; tail -n 20 "$3"; ok=0; }
