@@ -154,14 +154,14 @@ def main(argv=None) -> Dict:
     except ValueError as e:   # a VAR: no implicit block to watch
         raise SystemExit(f'error: {source.var_ckpt}: {e}') from None
     result.update(var_ckpt=source.var_ckpt, labels=label_B.tolist(), dtype=sampler.dtype, fast=sampler.fast)
-    os.makedirs(args.out_dir, exist_ok=True)
-    write_json_atomic(result, os.path.join(args.out_dir, 'convergence.json'), indent=1)
+    write_json_atomic(result, os.path.join(args.out_dir, 'convergence.json'), indent=1)   # creates out_dir
     plot(result, os.path.join(args.out_dir, 'convergence.png'))
     print(f'suggested adaptive tau per scale (stop_mode rel, target cosine {args.target_cos}; iterations = calls of '
           f'the implicit block, as the samplers\' "implicit iterations per scale" counts them):')
-    for pn, tau, n, cos in zip(result['patch_nums'], result['suggested_tau'], result['iters_to_target'], result['cosine']):
-        reach = (f'cosine reached after {n} iteration{"s" if n > 1 else ""}; tau stops adaptive sampling there' if n else
-                 f'not reached in {args.T} iterations (final cosine {cos[-1]:.4f}): adaptive runs to its cap')
+    per_scale = zip(result['patch_nums'], result['suggested_tau'], result['iters_to_target'], result['cosine'])
+    for pn, tau, n, cos in per_scale:
+        reach = (f'cosine reached after {n} iteration{"s" if n > 1 else ""}; tau stops adaptive sampling there'
+                 if n else f'not reached in {args.T} iterations (final cosine {cos[-1]:.4f}): adaptive runs to its cap')
         print(f'  {pn:>3}x{pn:<3} tau={tau:.3g}  ({reach})')
     print(f"use: --tau_json {os.path.join(args.out_dir, 'convergence.json')}")
     return result

@@ -9,9 +9,9 @@
 # Knobs (environment): DEMO_OUT (output folder), DEMO_QUICK=1, DEMO_VAE_STEPS, DEMO_AR_STEPS, DEMO_WIDTH, DEMO_TLR,
 # DEMO_SEEDS (images per class), DEMO_CFG, DEMO_TOP_K, DEMO_TOP_P, DEMO_ITER_LEFT, DEMO_ITER_RIGHT (sampling),
 # DEMO_THREADS (threads of each process; default 1), DEMO_PROGRESS_S (seconds between the progress lines of a running
-# stage, read from its logs by scripts/demo_progress.py; default 30, 0 = none), DEMO_TABLE=1. VIAR and VAR train and sample side by side,
-# one single-threaded process each: on two cores that is faster than one process with two threads, and a
-# loaded machine does not stall it. Every run starts afresh in DEMO_OUT.
+# stage, read from its logs by scripts/demo_progress.py; default 30, 0 = none), DEMO_TABLE=1. VIAR and VAR train
+# and sample side by side, one single-threaded process each: on two cores that is faster than one process with two
+# threads, and a loaded machine does not stall it. Every run starts afresh in DEMO_OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,6 +54,13 @@ watch_stop() {
   pid_watch=
 }
 trap watch_stop EXIT
+wait_both() {   # VIAR's and VAR's processes ($1: what they do; $2, $3: their logs): a failure shows its log's end
+  local ok=1
+  wait "$pid_viar" || { echo "VIAR $1 failed:"; tail -n 20 "$2"; ok=0; }
+  wait "$pid_var" || { echo "VAR $1 failed:"; tail -n 20 "$3"; ok=0; }
+  watch_stop
+  [ "$ok" = 1 ] || exit 1
+}
 
 bash scripts/setup.sh
 rm -rf "$OUT/digits" "$OUT/vae" "$OUT/viar" "$OUT/var" "$OUT/samples" "$OUT/results.json" "$OUT/grid.png" \
@@ -87,11 +94,7 @@ $PY train.py "${COMMON[@]}" --use_implicit=True --p_depth=1 --jfb_n=0_4 --jfb_m=
 $PY train.py "${COMMON[@]}" --use_implicit=False --sample_defaults="$SAMPLE" \
   --local_out_dir_path="$OUT/var" > "$OUT/var.stdout" 2>&1 & pid_var=$!
 watch_start 3/5 "VIAR=$OUT/viar.stdout" "VAR=$OUT/var.stdout"
-ok=1
-wait "$pid_viar" || { echo "VIAR training failed:"; tail -n 20 "$OUT/viar.stdout"; ok=0; }
-wait "$pid_var" || { echo "VAR training failed:"; tail -n 20 "$OUT/var.stdout"; ok=0; }
-watch_stop
-[ "$ok" = 1 ] || exit 1
+wait_both training "$OUT/viar.stdout" "$OUT/var.stdout"
 t_ar=$(elapsed); mark transformers
 
 log "4/5 samples: classes 0..9 x $NSEEDS seeds (cfg $CFG, top-k $TOP_K, top-p $TOP_P, VIAR iterations $ITER_LEFT..$ITER_RIGHT)"
@@ -104,10 +107,7 @@ $PY gen_img.py --var_ckpt "$OUT/viar/viar-slim.pth" --output_dir "$OUT/samples/v
 $PY gen_img.py --var_ckpt "$OUT/var/var-slim.pth" --output_dir "$OUT/samples/var" "${GEN[@]}" \
   > "$OUT/gen_var.stdout" 2>&1 & pid_var=$!
 watch_start 4/5 "VIAR=$OUT/gen_viar.stdout" "VAR=$OUT/gen_var.stdout"
-wait "$pid_viar" || { echo "VIAR sampling failed:"; tail -n 20 "$OUT/gen_viar.stdout"; ok=0; }
-wait "$pid_var" || { echo "VAR sampling failed:"; tail -n 20 "$OUT/gen_var.stdout"; ok=0; }
-watch_stop
-[ "$ok" = 1 ] || exit 1
+wait_both sampling "$OUT/gen_viar.stdout" "$OUT/gen_var.stdout"
 t_gen=$(elapsed); mark samples
 
 log "5/5 scores -> $OUT/results.json, grid (left VIAR, right VAR; rows = digits 0..9, columns = the first 10 seeds) -> $OUT/grid.png"

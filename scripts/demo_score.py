@@ -29,13 +29,13 @@ from make_digits import DIGIT_MAX, DIGIT_SIDE  # noqa: E402
 from utils.atomic import write_json_atomic  # noqa: E402
 from utils.checkpoint import read_state_dict  # noqa: E402
 from utils.data.datasets import build_datasets, load_rgb  # noqa: E402
-from utils.sample.image_io import to_uint8_HWC  # noqa: E402
+from utils.sample.image_io import to_uint8_HWC, write_png  # noqa: E402
 from utils.train.tokenizer_trainer import load_tokenizer, recon_mse  # noqa: E402
 
 SAMPLE_RE = re.compile(r'^class(\d+)_seed(-?\d+)\.png$')
 PARALLEL = {'transformers': 2, 'samples': 2}   # demo.sh stages that run VIAR and VAR as two processes side by side
 BUFFERS = ('lvl_1L', 'attn_bias_for_masking', 'zero_k_bias', 'ema_vocab_hit_SV')  # state-dict keys that are not weights
-RESULT_KEYS = {'consistency': 'class_consistency', 'n': 'n_samples'}   # score name -> results.json prefix, if not its own
+RESULT_KEYS = {'consistency': 'class_consistency', 'n': 'n_samples'}   # score -> results.json prefix, if not its own
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -124,8 +124,7 @@ def read_results(path: str) -> Dict[str, object]:
 def merge_results(path: str, keys: Dict[str, object]) -> Dict[str, object]:
     """Write `keys` into the results file at path (atomically), keeping the keys others wrote there."""
     results = dict(sorted(dict(read_results(path), **keys).items()))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_json_atomic(results, path)
+    write_json_atomic(results, path)   # creates the folder
     return results
 
 
@@ -140,11 +139,8 @@ def load_folder_images(root: str) -> Tuple[np.ndarray, np.ndarray]:
 
 def find_samples(root: str) -> List[Tuple[int, int, str]]:
     """[(class, seed, path)] of every gen_img.py `class{c}_seed{s}.png` under root."""
-    found = []
-    for path in sorted(glob.glob(os.path.join(root, '**', 'class*_seed*.png'), recursive=True)):
-        cs = parse_sample_name(os.path.basename(path))
-        if cs is not None:
-            found.append((cs[0], cs[1], path))
+    found = [(*cs, path) for path in sorted(glob.glob(os.path.join(root, '**', 'class*_seed*.png'), recursive=True))
+             if (cs := parse_sample_name(os.path.basename(path)))]
     if not found:
         raise SystemExit(f'demo_score: no generated images (class<c>_seed<s>.png) under {root!r}; run gen_img.py first')
     return found
@@ -357,7 +353,7 @@ def main(argv=None):
     p.add_argument('--grid_seeds', type=int, default=10, help='columns (the first seeds) of each half of the grid')
     p.add_argument('--started_at', type=float, default=None,
                    help='Unix time the run began; `seconds` = from then until the scores are written')
-    p.add_argument('--cpu_times', default='', help="demo.sh's CPU marks file: '<stage> <bash times children line>' a line")
+    p.add_argument('--cpu_times', default='', help="demo.sh's CPU marks: '<stage> <bash times children line>' a line")
     p.add_argument('--extra', default='{}', help='JSON object of further keys to record')
     p.add_argument('--out', default='demo_output/results.json')
     args = p.parse_args(argv)
@@ -378,9 +374,7 @@ def main(argv=None):
             results[f'params_{name}'] = count_params(read_state_dict(ckpt))
     if args.grid:
         dirs = [(n, d) for n, d in (('VIAR', args.viar_samples), ('VAR', args.var_samples)) if d]
-        os.makedirs(os.path.dirname(os.path.abspath(args.grid)), exist_ok=True)
-        grid = comparison_grid([d for _, d in dirs], [n for n, _ in dirs], max_seeds=args.grid_seeds)
-        Image.fromarray(grid).save(args.grid)
+        write_png(comparison_grid([d for _, d in dirs], [n for n, _ in dirs], max_seeds=args.grid_seeds), args.grid)
         results['grid'] = args.grid
     if args.started_at is not None:
         results['seconds'] = round(time.time() - args.started_at, 1)

@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import demo_quality  # noqa: E402
 import demo_score  # noqa: E402
+from bench.measure import table  # noqa: E402
 from models.schedules import knob_name, linspace_iters  # noqa: E402
 from utils.model_io import load_models  # noqa: E402
 from utils.sample.compile_util import Sampler  # noqa: E402
@@ -33,6 +34,8 @@ CLASSES = tuple(range(10))
 FIGURES = ('fid', 'precision', 'recall', 'consistency', 'diversity', 'copy_rate', 'images_per_s', 'images_per_s_wall')
 DEFAULT_ROWS = ('viar:iters=1-1', 'viar:iters=2-2', 'viar:iters=4-4', 'viar:iters=8-8', 'viar:iters=4-1',
                 'viar:iters=8-2', 'var')
+TABLE_HEAD = ('row', 'cfg / top-k / top-p', 'iterations per scale', 'FID', 'precision', 'recall', 'consistency',
+              'diversity', 'copy rate', 'images/s (CPU)', 'images/s (wall)')   # the setting's columns, then FIGURES
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -98,19 +101,16 @@ def resolvable(a: Dict[str, float], b: Dict[str, float]) -> bool:
 
 def markdown_table(rows: List[Dict[str, object]]) -> str:
     """The table as markdown: mean +- std over the seed sets for every figure."""
-    head = ('| row | cfg / top-k / top-p | iterations per scale | FID | precision | recall | consistency | diversity '
-            '| copy rate | images/s (CPU) | images/s (wall) |')
-    lines = [head, '|' + '---|' * 11]
+    body = []
     for r in rows:
         st = r['setting']
         cells = [r['label'], f"{st['cfg']:g} / {st['top_k']} / {st['top_p']:g}",
                  ','.join(map(str, r['iters'])) if r['iters'] else '-']
         for fig in FIGURES:
-            s = r[fig]
             digits = 0 if fig.startswith('images') else 2 if fig == 'fid' else 3
-            cells.append(f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}")
-        lines.append('| ' + ' | '.join(cells) + ' |')
-    return '\n'.join(lines)
+            cells.append(f"{r[fig]['mean']:.{digits}f} ± {r[fig]['std']:.{digits}f}")
+        body.append(cells)
+    return table(TABLE_HEAD, body)
 
 
 # ----------------------------------------------------------------------------- sampling and scoring
@@ -138,8 +138,8 @@ def measure(var, judge, setting: Setting, seeds: Sequence[int], batch_size: int,
 def summarise_row(setting: Setting, per_set: List[Dict[str, float]], num_scales: int, n_per_set: int
                   ) -> Dict[str, object]:
     """A table row: the setting, its iteration counts, each set's figures and their spread."""
-    row = dict(label=setting.label, setting=asdict(setting), n_per_set=n_per_set,
-               iters=linspace_iters(setting.iter_left, setting.iter_right, num_scales) if setting.model == 'viar' else [],
+    iters = linspace_iters(setting.iter_left, setting.iter_right, num_scales) if setting.model == 'viar' else []
+    row = dict(label=setting.label, setting=asdict(setting), n_per_set=n_per_set, iters=iters,
                per_set={fig: [s[fig] for s in per_set] for fig in FIGURES})
     row.update({fig: spread(row['per_set'][fig]) for fig in FIGURES})
     return row
@@ -226,18 +226,18 @@ def main(argv=None):
                      log=lambda line: print(line, flush=True))
     for r in rows:
         same = [o['label'] for o in rows if o is not r and not resolvable(r['fid'], o['fid'])]
-        print(f"{r['label']}: FID {r['fid']['mean']:.3f} ± {r['fid']['std']:.3f}; within twice the larger seed-to-seed "
-              f"std of: {', '.join(same) or 'none'}")
+        print(f"{r['label']}: FID {r['fid']['mean']:.3f} ± {r['fid']['std']:.3f}; within twice the larger "
+              f"seed-to-seed std of: {', '.join(same) or 'none'}")
     meta = dict(reference=args.reference, n_sets=args.n_sets, per_class=per_class, threads=args.threads,
                 batch_size=args.batch_size, load_average=[load_before, os.getloadavg()[0]])
-    table = markdown_table(rows)
-    print(f"\n{table}\n\n{args.n_sets} seed sets x {len(CLASSES) * per_class} images a row, reference: "
-          f"{args.reference} digits; load average {load_before:.2f} -> {os.getloadavg()[0]:.2f}")
+    markdown = markdown_table(rows)
+    print(f"\n{markdown}\n\n{args.n_sets} seed sets x {len(CLASSES) * per_class} images a row, reference: "
+          f"{args.reference} digits; load average {load_before:.2f} -> {meta['load_average'][1]:.2f}")
     if args.key:
         demo_score.merge_results(res_path, {args.key: dict(meta, rows=rows)})
     if args.markdown:
         with open(args.markdown, 'w') as f:
-            f.write(table + '\n')
+            f.write(markdown + '\n')
     if args.plot != 'none':
         plot_pareto(rows, args.plot or os.path.join(args.out_dir, 'pareto.png'),
                     f'digits demo: {args.n_sets} seed sets x {len(CLASSES) * per_class} images, '
