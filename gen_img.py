@@ -24,7 +24,7 @@ from utils.model_io import DEFAULT_VAE_CKPT, load_sampler
 from utils.sample import image_io
 from utils.sample.compile_util import sampling_tf32
 from utils.sample.config import add_model_source_args, add_sample_args, parse, resolve_device
-from utils.sample.editing import EDIT_MODES, mode_mask, parse_box, prepare_edit
+from utils.sample.editing import EDIT_MODES, load_edit_inputs, parse_box, prepare_edit
 from utils.sample.generate import class_ids, generate, image_list, mean_iters
 from utils.sample.schedule_flags import schedule_note
 
@@ -156,14 +156,12 @@ def check_edit_args(args: argparse.Namespace):
 
 def edit_inputs(args: argparse.Namespace, vae, var, device):
     """(image (1, 3, R, R) in [-1, 1], mask (1, R, R) bool) from --edit_image and --edit_mask / --edit_box."""
-    res = var.patch_nums[-1] * vae.downsample
+    mask_paths = [args.edit_mask] if args.edit_mask else []
+    mode = args.edit_mode if args.edit_box else 'inpaint'   # --edit_mode applies to --edit_box only
     try:
-        img_13HW, wh = image_io.load_image(args.edit_image, res)
-        if args.edit_mask:
-            mask_1HW = image_io.load_mask(args.edit_mask, res, wh)
-        else:
-            mask_1HW = mode_mask(args.edit_mode, 1, res, res, parse_box(args.edit_box))
-    except ValueError as e:   # ImageInputError
+        img_13HW, mask_1HW = load_edit_inputs(args.edit_image, mask_paths, args.edit_box, mode,
+                                              var.patch_nums[-1] * vae.downsample)
+    except ValueError as e:   # ImageInputError, a bad box
         raise SystemExit(f'error: {e}') from None
     if not mask_1HW.any():
         raise SystemExit('error: the edit mask is empty (nothing to regenerate); white marks the region to redraw.')

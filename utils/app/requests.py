@@ -9,10 +9,9 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from utils.sample import generate as gen
-from utils.sample import image_io
 from utils.sample.compile_util import SamplingError
 from utils.sample.config import SampleConfig
-from utils.sample.editing import check_edit_mode, mode_mask, parse_box, prepare_edit
+from utils.sample.editing import load_edit_inputs, prepare_edit
 from utils.sample.schedule_flags import schedule_note
 
 CONDEC, PER_SCALE, ADAPTIVE = 'Con./Dec. (iter_left, iter_right)', 'per-scale list (iters)', 'adaptive (tau, tau_cap)'
@@ -166,25 +165,6 @@ def generate(model, cls, seeds, config: SampleConfig, batch_size=8, progress: Op
     return run(model, gen.image_list([cls], parse_seeds(seeds)), config, batch_size, progress=progress)
 
 
-def edit_mask(model, mask_paths: Sequence[str], box: str, mode: str, image_wh) -> torch.Tensor:
-    """(1, R, R) bool, True = regenerate: the box, else the drawn (white) mask layers; inverted for outpaint."""
-    R = model.resolution
-    try:
-        check_edit_mode(mode)
-        if str(box or '').strip():
-            return mode_mask(mode, 1, R, R, parse_box(str(box).strip()))
-        if not mask_paths:
-            raise RequestError('draw the region to regenerate on the image, or give a box x0,y0,x1,y1')
-        mask_1RR = torch.zeros(1, R, R, dtype=torch.bool)
-        for path in mask_paths:
-            mask_1RR |= image_io.load_mask(path, R, image_wh)
-        return ~mask_1RR if mode == 'outpaint' else mask_1RR
-    except RequestError:
-        raise
-    except ValueError as e:   # parse_box, mode_mask, ImageInputError
-        raise RequestError(str(e)) from None
-
-
 def edit(model, image_path: str, mask_paths: Sequence[str], box: str, mode: str, cls, seeds,
          config: SampleConfig, batch_size=8, progress: Optional[Progress] = None) -> RunResult:
     """Zero-shot editing: keep the image's tokens outside the mask, sample inside under class `cls`."""
@@ -194,12 +174,10 @@ def edit(model, image_path: str, mask_paths: Sequence[str], box: str, mode: str,
         raise RequestError('more_smooth does not apply to editing')
     if not image_path:
         raise RequestError('upload an image to edit')
-    R = model.resolution
     try:
-        img_13RR, wh = image_io.load_image(image_path, R)
-    except ValueError as e:   # ImageInputError: unreadable, too large
+        img_13RR, mask_1RR = load_edit_inputs(image_path, mask_paths, box, mode, model.resolution)
+    except ValueError as e:   # ImageInputError, a bad box or mode, no mask
         raise RequestError(str(e)) from None
-    mask_1RR = edit_mask(model, mask_paths, box, mode, wh)
     if not mask_1RR.any():
         raise RequestError('the edit mask is empty (nothing to regenerate): draw on the image or give a box')
     dev = model.sampler.device
