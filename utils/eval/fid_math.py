@@ -49,10 +49,13 @@ class MomentAccumulator:
         return self._shift_D + mean_c_D, (sigma_DD + sigma_DD.T) / 2
 
 
-def gaussian_stats(x_ND: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Mean and unbiased covariance of feature rows (one-shot MomentAccumulator)."""
+def gaussian_stats(x_ND: np.ndarray, chunk_rows: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Mean and unbiased covariance of feature rows, chunk_rows at a time (None: all at once); chunks keep many rows
+    from needing a full float64 copy."""
     acc = MomentAccumulator()
-    acc.update(x_ND)
+    step = chunk_rows or max(1, len(x_ND))
+    for start in range(0, len(x_ND), step):
+        acc.update(x_ND[start:start + step])
     return acc.stats()
 
 
