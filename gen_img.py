@@ -22,7 +22,7 @@ from utils.atomic import write_json_atomic
 from utils.logging_util import get_logger
 from utils.model_io import DEFAULT_VAE_CKPT, load_sampler
 from utils.sample import image_io
-from utils.sample.compile_util import sampling_tf32
+from utils.sample.compile_util import resolve_dtype, sampling_tf32
 from utils.sample.config import add_model_source_args, add_sample_args, parse, resolve_device
 from utils.sample.editing import EDIT_MODES, load_edit_inputs, parse_box, prepare_edit
 from utils.sample.generate import class_ids, generate, image_list, mean_iters
@@ -186,7 +186,7 @@ def banner(var, classes: Sequence[int], seeds: Sequence[int], sample, device, sc
             f'seed{"s" if len(seeds) > 1 else ""} = {len(classes) * len(seeds)} images; cfg {sample.cfg:g}, '
             f'top-k {sample.top_k}, top-p {sample.top_p:g}; {schedule_note}'
             + (f' (solver {sample.solver_spec()})' if sample.solver_spec() != SolverSpec() else '')
-            + f'; device {device}, {sample.resolved_dtype(torch.device(device).type)}'
+            + f'; device {device}, {resolve_dtype(torch.device(device).type, sample.dtype, sample.fast)}'
             + (', fast' if sample.fast else '') + (', compiled' if sample.compile else ''))
 
 

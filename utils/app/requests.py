@@ -63,6 +63,7 @@ def as_int(value, name: str, lo: Optional[int] = None) -> int:
 
 
 def as_float(value, name: str) -> float:
+    """A number from a form field, else RequestError."""
     try:
         return float(value)
     except (TypeError, ValueError):
@@ -132,6 +133,7 @@ def check_class(model, cls, name: str = 'class') -> int:
 
 
 def _notes(model, config: SampleConfig) -> List[str]:
+    """The request's notes: check_model's warnings about this model (its errors are a RequestError)."""
     notes: List[str] = []
     try:
         config.check_model(model.var, log=notes.append)
@@ -146,7 +148,10 @@ def run(model, pairs: Sequence, config: SampleConfig, batch_size: int, edit=None
     batch_size = as_int(batch_size, 'batch size', lo=1)
     notes = _notes(model, config)
     kw = config.call_kwargs(model.num_scales)
-    report = (lambda done: progress(done / len(pairs), f'{model.name}: {done}/{len(pairs)} images')) if progress else None
+
+    def report(done: int):
+        if progress:
+            progress(done / len(pairs), f'{model.name}: {done}/{len(pairs)} images')
     t0 = time.perf_counter()
     with torch.inference_mode():
         imgs, stats = gen.generate(model.sampler, list(pairs), batch_size, kw, edit, progress=False, on_batch=report)

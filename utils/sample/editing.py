@@ -113,5 +113,6 @@ def expand_edit_spec(spec: EditSpec, B: int) -> EditSpec:
         return spec
     if spec.gt_idx_Bl[0].shape[0] != 1:
         raise ValueError(f'can only expand a one-image EditSpec, this one has {spec.gt_idx_Bl[0].shape[0]}')
-    return EditSpec(gt_idx_Bl=[t.expand(B, -1) for t in spec.gt_idx_Bl], keep_Bl=[t.expand(B, -1) for t in spec.keep_Bl])
+    return EditSpec(gt_idx_Bl=[t.expand(B, -1) for t in spec.gt_idx_Bl],
+                    keep_Bl=[t.expand(B, -1) for t in spec.keep_Bl])
 
