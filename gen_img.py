@@ -154,8 +154,9 @@ def check_edit_args(args: argparse.Namespace):
             raise SystemExit(f'error: --edit_box: {e}') from None
 
 
-def edit_inputs(args: argparse.Namespace, vae, var, device):
-    """(image (1, 3, R, R) in [-1, 1], mask (1, R, R) bool) from --edit_image and --edit_mask / --edit_box."""
+def start_edit(args: argparse.Namespace, vae, var, device, out_dir: str):
+    """(EditSpec of --edit_image under --edit_mask / --edit_box, paths): writes edit_input.png, edit_mask.png and
+    edit_recon.png."""
     mask_paths = [args.edit_mask] if args.edit_mask else []
     mode = args.edit_mode if args.edit_box else 'inpaint'   # --edit_mode applies to --edit_box only
     try:
@@ -165,13 +166,7 @@ def edit_inputs(args: argparse.Namespace, vae, var, device):
         raise SystemExit(f'error: {e}') from None
     if not mask_1HW.any():
         raise SystemExit('error: the edit mask is empty (nothing to regenerate); white marks the region to redraw.')
-    return img_13HW.to(device), mask_1HW.to(device)
-
-
-def start_edit(args: argparse.Namespace, vae, var, device, out_dir: str):
-    """(EditSpec of the input image, paths): writes edit_input.png, edit_mask.png and edit_recon.png."""
-    img_13HW, mask_1HW = edit_inputs(args, vae, var, device)
-    edit, views = prepare_edit(vae, img_13HW, mask_1HW, var.patch_nums)
+    edit, views = prepare_edit(vae, img_13HW.to(device), mask_1HW.to(device), var.patch_nums)
     paths = []
     for key, name in (('input', 'edit_input.png'), ('mask', 'edit_mask.png'), ('reconstruction', 'edit_recon.png')):
         paths.append(os.path.join(out_dir, name))
