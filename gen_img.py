@@ -22,9 +22,9 @@ from utils.atomic import write_json_atomic
 from utils.logging_util import get_logger
 from utils.model_io import DEFAULT_VAE_CKPT, load_sampler
 from utils.sample import image_io
-from utils.sample.compile_util import sampling_tf32
+from utils.sample.compile_util import resolve_dtype, sampling_tf32
 from utils.sample.config import add_model_source_args, add_sample_args, parse, resolve_device
-from utils.sample.editing import EDIT_MODES, mode_mask, parse_box, prepare_edit
+from utils.sample.editing import EDIT_MODES, load_edit_inputs, parse_box, prepare_edit
 from utils.sample.generate import class_ids, generate, image_list, mean_iters
 from utils.sample.schedule_flags import schedule_note
 
@@ -154,26 +154,19 @@ def check_edit_args(args: argparse.Namespace):
             raise SystemExit(f'error: --edit_box: {e}') from None
 
 
-def edit_inputs(args: argparse.Namespace, vae, var, device):
-    """(image (1, 3, R, R) in [-1, 1], mask (1, R, R) bool) from --edit_image and --edit_mask / --edit_box."""
-    res = var.patch_nums[-1] * vae.downsample
+def start_edit(args: argparse.Namespace, vae, var, device, out_dir: str):
+    """(EditSpec of --edit_image under --edit_mask / --edit_box, paths): writes edit_input.png, edit_mask.png and
+    edit_recon.png."""
+    mask_paths = [args.edit_mask] if args.edit_mask else []
+    mode = args.edit_mode if args.edit_box else 'inpaint'   # --edit_mode applies to --edit_box only
     try:
-        img_13HW, wh = image_io.load_image(args.edit_image, res)
-        if args.edit_mask:
-            mask_1HW = image_io.load_mask(args.edit_mask, res, wh)
-        else:
-            mask_1HW = mode_mask(args.edit_mode, 1, res, res, parse_box(args.edit_box))
-    except ValueError as e:   # ImageInputError
+        img_13HW, mask_1HW = load_edit_inputs(args.edit_image, mask_paths, args.edit_box, mode,
+                                              var.patch_nums[-1] * vae.downsample)
+    except ValueError as e:   # ImageInputError, a bad box
         raise SystemExit(f'error: {e}') from None
     if not mask_1HW.any():
         raise SystemExit('error: the edit mask is empty (nothing to regenerate); white marks the region to redraw.')
-    return img_13HW.to(device), mask_1HW.to(device)
-
-
-def start_edit(args: argparse.Namespace, vae, var, device, out_dir: str):
-    """(EditSpec of the input image, paths): writes edit_input.png, edit_mask.png and edit_recon.png."""
-    img_13HW, mask_1HW = edit_inputs(args, vae, var, device)
-    edit, views = prepare_edit(vae, img_13HW, mask_1HW, var.patch_nums)
+    edit, views = prepare_edit(vae, img_13HW.to(device), mask_1HW.to(device), var.patch_nums)
     paths = []
     for key, name in (('input', 'edit_input.png'), ('mask', 'edit_mask.png'), ('reconstruction', 'edit_recon.png')):
         paths.append(os.path.join(out_dir, name))
@@ -188,7 +181,7 @@ def banner(var, classes: Sequence[int], seeds: Sequence[int], sample, device, sc
             f'seed{"s" if len(seeds) > 1 else ""} = {len(classes) * len(seeds)} images; cfg {sample.cfg:g}, '
             f'top-k {sample.top_k}, top-p {sample.top_p:g}; {schedule_note}'
             + (f' (solver {sample.solver_spec()})' if sample.solver_spec() != SolverSpec() else '')
-            + f'; device {device}, {sample.resolved_dtype(torch.device(device).type)}'
+            + f'; device {device}, {resolve_dtype(torch.device(device).type, sample.dtype, sample.fast)}'
             + (', fast' if sample.fast else '') + (', compiled' if sample.compile else ''))
 
 

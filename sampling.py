@@ -118,8 +118,8 @@ def image_settings(args: argparse.Namespace, sample, spec, sample_kw: dict, num_
     """Everything that decides the pixels of image i; a resumed run must match it."""
     return json.loads(json.dumps(dict(
         var_ckpt=os.path.abspath(args.var_ckpt), vae_ckpt=os.path.abspath(args.vae_ckpt) if args.vae_ckpt else '',
-        ema=bool(args.ema), model=spec.to_dict(), cfg=sample.cfg, top_k=sample.top_k, top_p=sample.top_p, seed=args.seed,
-        official_seeds=bool(args.official_seeds), num_classes=num_classes, per_class=args.per_class,
+        ema=bool(args.ema), model=spec.to_dict(), cfg=sample.cfg, top_k=sample.top_k, top_p=sample.top_p,
+        seed=args.seed, official_seeds=bool(args.official_seeds), num_classes=num_classes, per_class=args.per_class,
         batch_size=args.batch_size, dtype=dtype,
         **schedule_settings(kind, sample_kw['schedule'], sample_kw['fill_forward'], sample_kw['solver']))))
 

@@ -13,7 +13,7 @@ from utils.arch_flags import describe_model
 from utils.checkpoint import CheckpointError
 from utils.model_io import Loaded, load_or_build
 from utils.sample.compile_util import SamplingError, prepare_for_sampling
-from utils.sample.config import ModelSource, SampleConfig, resolve_device
+from utils.sample.config import RECORDED, ModelSource, SampleConfig, resolve_device
 
 IMAGENET_NAMES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                               'assets', 'imagenet_classes.txt')
@@ -87,8 +87,7 @@ def demo_sample_defaults(demo_dir: str) -> dict:
             sample = json.load(f).get('sample') or {}
     except (OSError, ValueError, AttributeError):
         return {}
-    keys = ('cfg', 'top_k', 'top_p', 'iter_left', 'iter_right')
-    return {k: sample[k] for k in keys if isinstance(sample.get(k), (int, float))}
+    return {k: sample[k] for k in RECORDED if isinstance(sample.get(k), (int, float))}
 
 
 def app_sources(source: ModelSource, demo_dir: str, compare_ckpt: str = '') -> List[Tuple[str, ModelSource]]:

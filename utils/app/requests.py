@@ -9,10 +9,9 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from utils.sample import generate as gen
-from utils.sample import image_io
 from utils.sample.compile_util import SamplingError
 from utils.sample.config import SampleConfig
-from utils.sample.editing import check_edit_mode, mode_mask, parse_box, prepare_edit
+from utils.sample.editing import load_edit_inputs, prepare_edit
 from utils.sample.schedule_flags import schedule_note
 
 CONDEC, PER_SCALE, ADAPTIVE = 'Con./Dec. (iter_left, iter_right)', 'per-scale list (iters)', 'adaptive (tau, tau_cap)'
@@ -64,6 +63,7 @@ def as_int(value, name: str, lo: Optional[int] = None) -> int:
 
 
 def as_float(value, name: str) -> float:
+    """A number from a form field, else RequestError."""
     try:
         return float(value)
     except (TypeError, ValueError):
@@ -133,6 +133,7 @@ def check_class(model, cls, name: str = 'class') -> int:
 
 
 def _notes(model, config: SampleConfig) -> List[str]:
+    """The request's notes: check_model's warnings about this model (its errors are a RequestError)."""
     notes: List[str] = []
     try:
         config.check_model(model.var, log=notes.append)
@@ -147,7 +148,10 @@ def run(model, pairs: Sequence, config: SampleConfig, batch_size: int, edit=None
     batch_size = as_int(batch_size, 'batch size', lo=1)
     notes = _notes(model, config)
     kw = config.call_kwargs(model.num_scales)
-    report = (lambda done: progress(done / len(pairs), f'{model.name}: {done}/{len(pairs)} images')) if progress else None
+
+    def report(done: int):
+        if progress:
+            progress(done / len(pairs), f'{model.name}: {done}/{len(pairs)} images')
     t0 = time.perf_counter()
     with torch.inference_mode():
         imgs, stats = gen.generate(model.sampler, list(pairs), batch_size, kw, edit, progress=False, on_batch=report)
@@ -166,25 +170,6 @@ def generate(model, cls, seeds, config: SampleConfig, batch_size=8, progress: Op
     return run(model, gen.image_list([cls], parse_seeds(seeds)), config, batch_size, progress=progress)
 
 
-def edit_mask(model, mask_paths: Sequence[str], box: str, mode: str, image_wh) -> torch.Tensor:
-    """(1, R, R) bool, True = regenerate: the box, else the drawn (white) mask layers; inverted for outpaint."""
-    R = model.resolution
-    try:
-        check_edit_mode(mode)
-        if str(box or '').strip():
-            return mode_mask(mode, 1, R, R, parse_box(str(box).strip()))
-        if not mask_paths:
-            raise RequestError('draw the region to regenerate on the image, or give a box x0,y0,x1,y1')
-        mask_1RR = torch.zeros(1, R, R, dtype=torch.bool)
-        for path in mask_paths:
-            mask_1RR |= image_io.load_mask(path, R, image_wh)
-        return ~mask_1RR if mode == 'outpaint' else mask_1RR
-    except RequestError:
-        raise
-    except ValueError as e:   # parse_box, mode_mask, ImageInputError
-        raise RequestError(str(e)) from None
-
-
 def edit(model, image_path: str, mask_paths: Sequence[str], box: str, mode: str, cls, seeds,
          config: SampleConfig, batch_size=8, progress: Optional[Progress] = None) -> RunResult:
     """Zero-shot editing: keep the image's tokens outside the mask, sample inside under class `cls`."""
@@ -194,12 +179,10 @@ def edit(model, image_path: str, mask_paths: Sequence[str], box: str, mode: str,
         raise RequestError('more_smooth does not apply to editing')
     if not image_path:
         raise RequestError('upload an image to edit')
-    R = model.resolution
     try:
-        img_13RR, wh = image_io.load_image(image_path, R)
-    except ValueError as e:   # ImageInputError: unreadable, too large
+        img_13RR, mask_1RR = load_edit_inputs(image_path, mask_paths, box, mode, model.resolution)
+    except ValueError as e:   # ImageInputError, a bad box or mode, no mask
         raise RequestError(str(e)) from None
-    mask_1RR = edit_mask(model, mask_paths, box, mode, wh)
     if not mask_1RR.any():
         raise RequestError('the edit mask is empty (nothing to regenerate): draw on the image or give a box')
     dev = model.sampler.device

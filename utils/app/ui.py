@@ -82,11 +82,12 @@ def schedule_controls(defaults: SampleConfig, num_scales: int, title: str = 'ite
 
 
 def config_of(model: AppModel, base: SampleConfig, cfg, top_k, top_p, *schedule) -> SampleConfig:
+    """A request's SampleConfig from the sampling and schedule controls' values (`requests.sample_config`)."""
     return requests.sample_config(cfg, top_k, top_p, ScheduleRequest(*schedule), model.num_scales, base)
 
 
 def class_dropdown(model: AppModel, label: str, value: int = 0) -> gr.Dropdown:
-    # custom values reach the handler, which checks the range as gen_img.py does (and says so in its words)
+    """The model's classes by 'id: name'; a typed value reaches the handler, which checks it as gen_img.py does."""
     return gr.Dropdown([(f'{i}: {n}', i) for i, n in enumerate(model.class_names)], value=value, label=label,
                        allow_custom_value=True)
 
@@ -131,6 +132,7 @@ def handler(fn):
 
 
 def progress_cb(progress: gr.Progress):
+    """A `requests` progress callback, (fraction, text), that drives the page's progress bar."""
     return lambda frac, text: progress(frac, desc=text)
 
 

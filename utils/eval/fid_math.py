@@ -19,9 +19,7 @@ class MomentAccumulator:
 
     def __init__(self):
         self.count = 0
-        self._shift_D = None
-        self._sum_D = None
-        self._outer_DD = None
+        self._shift_D = self._sum_D = self._outer_DD = None
 
     def update(self, x_ND: np.ndarray) -> None:
         """Adds a batch of feature rows."""
@@ -29,15 +27,12 @@ class MomentAccumulator:
         if len(x_ND) == 0:
             return
         if self._shift_D is None:
+            D = x_ND.shape[1]
             self._shift_D = x_ND.mean(axis=0, dtype=np.float64)
-            self._sum_D = np.zeros(x_ND.shape[1])
+            self._sum_D, self._outer_DD = np.zeros(D), np.zeros((D, D))
         xc_ND = np.subtract(x_ND, self._shift_D, dtype=np.float64)
         self._sum_D += xc_ND.sum(axis=0)
-        gram_DD = xc_ND.T @ xc_ND
-        if self._outer_DD is None:
-            self._outer_DD = gram_DD
-        else:
-            self._outer_DD += gram_DD
+        self._outer_DD += xc_ND.T @ xc_ND
         self.count += len(x_ND)
 
     def stats(self) -> Tuple[np.ndarray, np.ndarray]:
@@ -49,10 +44,13 @@ class MomentAccumulator:
         return self._shift_D + mean_c_D, (sigma_DD + sigma_DD.T) / 2
 
 
-def gaussian_stats(x_ND: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Mean and unbiased covariance of feature rows (one-shot MomentAccumulator)."""
+def gaussian_stats(x_ND: np.ndarray, chunk_rows: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Mean and unbiased covariance of feature rows, chunk_rows at a time (None: all at once); chunks keep many rows
+    from needing a full float64 copy."""
     acc = MomentAccumulator()
-    acc.update(x_ND)
+    step = chunk_rows or max(1, len(x_ND))
+    for start in range(0, len(x_ND), step):
+        acc.update(x_ND[start:start + step])
     return acc.stats()
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from utils.atomic import atomic_path
-from utils.eval.fid_math import ADM_BLOCK, SFID_CHANNELS, MomentAccumulator
+from utils.eval.fid_math import ADM_BLOCK, SFID_CHANNELS, MomentAccumulator, gaussian_stats
 from utils.eval.npz_io import EvalInputError
 
 ADM_GRAPH_URL = ('https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/'
@@ -147,14 +147,6 @@ class _ChunkedMoments:
         return self.acc.stats()
 
 
-def chunked_stats(x_ND: np.ndarray, chunk_rows: int = 4096):
-    """Mean and covariance of many rows without a full float64 copy."""
-    acc = MomentAccumulator()
-    for start in range(0, len(x_ND), chunk_rows):
-        acc.update(x_ND[start:start + chunk_rows])
-    return acc.stats()
-
-
 class InceptionExtractor:
     """Runs ADM's Inception graph on uint8 NHWC batches."""
 
@@ -204,7 +196,7 @@ class InceptionExtractor:
                 progress(len(pool_bP))
         if done != count:
             raise EvalInputError(f'expected {count} images but the input yielded {done}')
-        return SetFeatures(pool_NP, *chunked_stats(pool_NP), *spatial.stats())
+        return SetFeatures(pool_NP, *gaussian_stats(pool_NP, chunk_rows=4096), *spatial.stats())
 
 
 # ----------------------------------------------------------------------------- ADM distance block

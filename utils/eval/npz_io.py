@@ -61,16 +61,14 @@ def open_image_source(path: str) -> ImageSource:
         return _open_png_dir(path)
     with open(path, 'rb') as f:
         magic = f.read(6)
-    if magic == _NPY_MAGIC:
-        with open(path, 'rb') as f:
-            shape, fortran, dtype = _read_npy_header(f, path)
-        return _validated(path, 'npy', shape, fortran, dtype)
+        f.seek(0)
+        if magic == _NPY_MAGIC:
+            return _validated(path, 'npy', *_read_npy_header(f, path))
     if not magic.startswith(_ZIP_MAGIC[:2]):
         raise EvalInputError(f'{path}: not an .npz (zip) or .npy file; save images with '
                              f'np.savez(path, arr_0=images_uint8_NHWC)')
     with _open_member(path) as member:
-        shape, fortran, dtype = _read_npy_header(member, path)
-    return _validated(path, 'npz', shape, fortran, dtype)
+        return _validated(path, 'npz', *_read_npy_header(member, path))
 
 
 def _validated(path, kind, shape, fortran, dtype) -> ImageSource:

@@ -3,15 +3,9 @@
     sampler = prepare_for_sampling(var, compile=args.compile, dtype=args.dtype, fast=args.fast)
     img = sampler(B, label_B, g_seed=seed, cfg=1.5, schedule=schedule)   # = var.autoregressive_infer_cfg
 
-fp32 without compile or fast is exactly `var.autoregressive_infer_cfg` (bit for bit, the official numbers).
-fast keeps the maths and changes the rounding (docs/SPEED.md, "The fast path"): `fast_dtype` for dtype 'auto',
-VIAR's input injection once per scale, top-k draws over the candidates only (the same distribution, another RNG
-stream), a channels_last VQVAE decoder. compile with scope 'modules' compiles, in place, the modules the scale loop
-runs (`var.scale_loop_modules()`, dynamic shapes: all scales share a handful of graphs); with scope 'scale' it
-compiles one scale's whole step (`var.scale_logits`: blocks, implicit iterations, head, CFG mix) as one graph per
-scale with static shapes, writing KV caches whose buffers a `BufferPool` hands to every call (fixed addresses, so
-CUDA graphs can replay a scale); both compile the VQVAE decoder. KV bookkeeping and the token draws stay eager.
-Compiled kernels sum in another order, so compiled samples match eager ones within float tolerance.
+fp32 without compile or fast is exactly `var.autoregressive_infer_cfg` (bit for bit, the official numbers). fast
+(docs/SPEED.md, "The fast path") and compile keep the maths and change the rounding: their samples match the eager
+ones within float tolerance. KV bookkeeping and the token draws stay eager.
 """
 import contextlib
 import functools
@@ -180,19 +174,22 @@ def prepare_for_sampling(var: nn.Module, compile: bool = False, dtype: Optional[
     """Put `var` in eval mode, optionally compile its scale-loop modules (and its VQVAE decoder) in place;
     return a Sampler.
 
-    dtype: 'fp32', 'bf16', 'fp16' or 'auto' (fp16 on CUDA, fp32 elsewhere; with fast, `fast_dtype`: bf16 on a CPU
-    with native bf16), the autocast of every call; the Sampler's `dtype` is the resolved one. None: 'auto' with fast
-    (as --fast on the command line), 'fp32' without (the official numbers).
-    fast: the fast path (same maths, other rounding; docs/SPEED.md); False keeps the official arithmetic. In bf16 or
-    fp16 it samples with `var.sampling_copy`: Linear weights cast once here, not in every call (prepare again
-    after loading weights into var); var keeps its fp32 weights for the exact path. In fp32 the copy shares var's
-    tensors; on a CPU its blocks' Linear layers run through oneDNN.
+    dtype: 'fp32', 'bf16', 'fp16' or 'auto' (`resolve_dtype`), the autocast of every call; the Sampler's `dtype` is
+    the resolved one. None: 'auto' with fast (as --fast on the command line), 'fp32' without (the official numbers).
+    fast: VIAR's input injection once per scale, top-k draws over the candidates only (the same distribution, another
+    RNG stream), a channels_last VQVAE decoder; False keeps the official arithmetic. In bf16 or fp16 it samples with
+    `var.sampling_copy`: Linear weights cast once here, not in every call (prepare again after loading weights into
+    var); var keeps its fp32 weights for the exact path. In fp32 the copy shares var's tensors; on a CPU its blocks'
+    Linear layers run through oneDNN.
+    scope (COMPILE_SCOPES): 'modules' compiles, in place, the modules the scale loop runs (`var.scale_loop_modules()`,
+    dynamic shapes: all scales share a handful of graphs); 'scale' compiles one scale's whole step (`var.scale_logits`:
+    blocks, implicit iterations, head, CFG mix) as one graph per scale with static shapes, its KV buffers handed out
+    by the Sampler's `BufferPool` (fixed addresses, so CUDA graphs can replay a scale). A scale it cannot capture
+    (an adaptive schedule, iterate hooks) runs eagerly.
     mode: torch.compile mode (None: inductor's default; `compile_mode` refuses CUDA-graph modes on CUDA for scope
-    'modules'). scope: what compile compiles (COMPILE_SCOPES; module docstring). A scale that scope 'scale' cannot
-    capture (an adaptive schedule, iterate hooks) runs eagerly.
-    backend: torch.compile backend ('inductor'; 'aot_eager' checks graph capture without code generation).
-    compile_vae: with compile, also compile the VQVAE decoder (static shapes, default mode: it is
-    compute-bound; on CPU inductor fuses its GroupNorm + SiLU, about 1.35x faster at 128 px).
+    'modules'). backend: 'inductor' ('aot_eager' checks graph capture without code generation).
+    compile_vae: with compile, also compile the VQVAE decoder (static shapes, default mode: it is compute-bound; on
+    CPU inductor fuses its GroupNorm + SiLU, about 1.35x faster at 128 px).
     """
     device_type = var.lvl_1L.device.type
     dtype = resolve_dtype(device_type, dtype or ('auto' if fast else 'fp32'), fast)   # fails before any compile

@@ -70,13 +70,15 @@ class SampleConfig:
     stop_mode: str = flag('rel', 'adaptive: residual relative to ||G(z)|| (rel) or absolute (abs)',
                           choices=('rel', 'abs'))
     official_kv: bool = flag(False, 'attend, as the official code, to no earlier scale at an iteration index that '
-                                    'scale never ran (only differs where a scale runs more iterations than an earlier one)')
+                                    'scale never ran (only differs where a scale runs more iterations than an '
+                                    'earlier one)')
     solver: str = flag(SolverSpec().kind, 'how VIAR solves each scale: '
                        + '; '.join(f'{name}: {s.doc}' for name, s in SOLVERS.items()), choices=tuple(SOLVERS))
     anderson_m: int = flag(SOLVERS['anderson'].options['m'].default,
                            'Anderson {0.doc} ({0.rule})'.format(SOLVERS['anderson'].options['m']))
     dtype: str = flag('auto', 'autocast dtype: fp32 = no autocast; auto = fp16 on CUDA (the official scripts), '
-                              'fp32 on CPU; with --fast, bf16 on a CPU with native bf16', choices=tuple(sorted(AUTOCAST_DTYPES)) + ('auto',))
+                              'fp32 on CPU; with --fast, bf16 on a CPU with native bf16',
+                      choices=tuple(sorted(AUTOCAST_DTYPES)) + ('auto',))
     compile: bool = flag(False, 'torch.compile the blocks, the head and the VQVAE decoder (no CUDA graphs); '
                                 'the first batch compiles; samples equal the eager ones within float tolerance')
     compile_scope: str = flag('modules', 'with --compile: modules (each block and the head, a few graphs for all '
@@ -108,28 +110,25 @@ class SampleConfig:
             raise SamplingError('give either --tau or --tau_json, not both')
         adaptive = bool(self.tau or self.tau_json) or schedule_list
         for name in ('tau_cap', 'stop_mode'):
-            if self._typed(name) and not adaptive:
+            if was_typed(self, name) and not adaptive:
                 raise SamplingError(f'--{name} only applies to adaptive schedules: add --tau or --tau_json, '
                                     f'or drop --{name}')
         for name, (kind, option) in SOLVER_FLAGS.items():
             rule = SOLVERS[kind].options[option]
             if not rule.ok(getattr(self, name)):
                 raise SamplingError(f'--{name} must be {rule.rule}, got {getattr(self, name)}')
-            if self._typed(name) and self.solver != kind:
+            if was_typed(self, name) and self.solver != kind:
                 raise SamplingError(f'--{name} only applies with --solver {kind}')
-        if self._typed('compile_scope') and not self.compile:
+        if was_typed(self, 'compile_scope') and not self.compile:
             raise SamplingError('--compile_scope only applies with --compile: add --compile, or drop --compile_scope')
         if self.dtype not in AUTOCAST_DTYPES and self.dtype != 'auto':
             raise SamplingError(f"--dtype must be one of {sorted(AUTOCAST_DTYPES) + ['auto']}, got {self.dtype!r}")
         return self
 
-    def _typed(self, name: str) -> bool:
-        return was_typed(self, name)
-
     def schedule(self, num_scales: int) -> IterSchedule:
         """The IterSchedule of these flags for a model with `num_scales` scales."""
         cap = self.tau_cap
-        if not cap and (self._typed('iter_left') or self._typed('iter_right')):
+        if not cap and (was_typed(self, 'iter_left') or was_typed(self, 'iter_right')):
             cap = max(self.iter_left, self.iter_right)   # the knob's largest count caps an adaptive schedule
         try:
             return from_cli(num_scales, iter_left=self.iter_left, iter_right=self.iter_right, iters=self.iters,
@@ -144,26 +143,22 @@ class SampleConfig:
         what the default does instead (fill those caches forward with the scale's last iterate)."""
         return not self.official_kv
 
-    def resolved_dtype(self, device_type: str) -> str:
-        """The autocast dtype these flags give on a device ('auto' resolved; with --fast, by this machine's CPU)."""
-        return resolve_dtype(device_type, self.dtype, self.fast)
-
     def check_model(self, var, log=print) -> None:
         """Values that depend on the model and device: the vocabulary bounds top_k; schedule flags on a VAR do
         nothing; --fast in reduced precision cannot reach a relative tau below that dtype's residual floor."""
-        if self.top_k > var.V and self._typed('top_k'):   # the default 900 on a small vocabulary: no filtering
+        if self.top_k > var.V and was_typed(self, 'top_k'):   # the default 900 on a small vocabulary: no filtering
             raise SamplingError(f'--top_k {self.top_k} exceeds the vocabulary ({var.V} tokens); '
                                 f'use 0 for no top-k filtering')
         schedule = self.schedule(len(var.patch_nums))
         if self.fast:
-            dtype = self.resolved_dtype(var.lvl_1L.device.type)
+            dtype = resolve_dtype(var.lvl_1L.device.type, self.dtype, self.fast)
             floor = RESIDUAL_FLOOR.get(dtype)
             taus = schedule.tau
             if floor and taus and self.stop_mode == 'rel' and min(taus) < floor:
                 raise SamplingError(f'--tau {min(taus):g} is below the {dtype} residual floor ({floor:g}): --fast '
                                     f'samples in {dtype} here, where the relative residual stops falling near '
                                     f'{floor:g}; use --tau >= {floor:g}, or --dtype fp32 with --fast')
-        given = [f'--{n}' for n in SCHEDULE_FLAGS if self._typed(n)]
+        given = [f'--{n}' for n in SCHEDULE_FLAGS if was_typed(self, n)]
         if given and not schedule_settings(var.kind, schedule, self.fill_forward):   # the model has no implicit block
             log(f'warning: {", ".join(given)} ignored: {describe_model(var)}, {schedule_note(var.kind, schedule)}')
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from models import EditSpec
+from utils.sample import image_io
 
 Box = Tuple[float, float, float, float]
 EDIT_MODES = ('inpaint', 'outpaint')
@@ -62,6 +63,22 @@ def mode_mask(mode: str, B: int, H: int, W: int, box: Box, device=None) -> torch
     return inside if mode == 'inpaint' else ~inside
 
 
+def load_edit_inputs(image_path: str, mask_paths: Sequence[str], box: str, mode: str, size: int
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(image (1, 3, R, R) in [-1, 1], mask (1, R, R) bool, True = regenerate) at R = size: the box when given,
+    else the union of the mask PNGs' white regions; 'outpaint' inverts either. A bad input is a ValueError."""
+    img_13HW, wh = image_io.load_image(image_path, size)
+    check_edit_mode(mode)
+    if str(box or '').strip():
+        return img_13HW, mode_mask(mode, 1, size, size, parse_box(str(box).strip()))
+    if not mask_paths:
+        raise ValueError('draw the region to regenerate on the image, or give a box x0,y0,x1,y1')
+    mask_1HW = torch.zeros(1, size, size, dtype=torch.bool)
+    for path in mask_paths:
+        mask_1HW |= image_io.load_mask(path, size, wh)
+    return img_13HW, ~mask_1HW if mode == 'outpaint' else mask_1HW
+
+
 def make_edit_spec(vae, img_B3HW: torch.Tensor, mask_BHW: torch.Tensor,
                    patch_nums: Optional[Sequence[int]] = None) -> EditSpec:
     """EditSpec for `autoregressive_infer_cfg(edit=...)`: the image's token maps, keep = outside the mask."""
@@ -96,5 +113,6 @@ def expand_edit_spec(spec: EditSpec, B: int) -> EditSpec:
         return spec
     if spec.gt_idx_Bl[0].shape[0] != 1:
         raise ValueError(f'can only expand a one-image EditSpec, this one has {spec.gt_idx_Bl[0].shape[0]}')
-    return EditSpec(gt_idx_Bl=[t.expand(B, -1) for t in spec.gt_idx_Bl], keep_Bl=[t.expand(B, -1) for t in spec.keep_Bl])
+    return EditSpec(gt_idx_Bl=[t.expand(B, -1) for t in spec.gt_idx_Bl],
+                    keep_Bl=[t.expand(B, -1) for t in spec.keep_Bl])
 

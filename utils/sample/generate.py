@@ -13,7 +13,8 @@ def check_classes(classes: Sequence[int], num_classes: int, flag: str = '--class
     """Every class id must index the model's class embedding."""
     bad = [c for c in classes if not 0 <= c < num_classes]
     if bad:
-        raise SystemExit(f'error: {flag} {bad} out of range: this model has {num_classes} classes (0..{num_classes - 1}).')
+        raise SystemExit(f'error: {flag} {bad} out of range: this model has {num_classes} classes '
+                         f'(0..{num_classes - 1}).')
 
 
 def class_ids(labels: Sequence[str], names: Optional[Sequence[str]], num_classes: int,

@@ -18,7 +18,7 @@ from utils.atomic import atomic_path
 
 MAX_IMAGE_BYTES = 20 * 2 ** 20   # 20 MiB: far above any photo the 256 px models need
 MAX_IMAGE_SIDE = 4096            # pixels per side, checked on the header, before decoding
-GRID_MIN_CELL = 64               # px: grids enlarge smaller images (the demo's 16 px digits 4x) so a person can read them
+GRID_MIN_CELL = 64               # px: grids enlarge smaller images (the demo's 16 px digits 4x) so people can read them
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 PNG_TRAILER = b'\x00\x00\x00\x00IEND\xaeB`\x82'   # the empty IEND chunk every complete PNG ends with
 
