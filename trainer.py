@@ -240,8 +240,8 @@ class VARTrainer:
             sd['vae_local'] = self.vae.state_dict()
         return sd
 
-    def load_state_dict(self, sd: Dict, load_vae: bool = False):
-        """Restore what state_dict saved (the VQVAE only with load_vae); a sharded model takes its shards of it."""
+    def load_state_dict(self, sd: Dict):
+        """Restore what state_dict saved but the VQVAE (built from its own source); a sharded model takes its shards."""
         if self.sharded:   # a DDP checkpoint resumed under --fsdp: every rank reads the whole file, keeps its shards
             name_of = {id(p): n for n, p in self.var_wo_ddp.named_parameters()}   # the optimizer's index order:
             names = [name_of[id(p)] for g in self.opt.optimizer.param_groups for p in g['params']]
@@ -254,16 +254,15 @@ class VARTrainer:
             self.opt.load_state_dict(sd['var_opt'])
         if self.ema is not None and 'ema' in sd:
             self.ema.load_state_dict(sd['ema'])
-        self._load_rest(sd, load_vae)
+        self._load_prog(sd)
 
     def _config(self) -> Dict:
         """The plain training state both checkpoint formats keep (official key names)."""
         return {'patch_nums': self.patch_nums, 'label_smooth': self.label_smooth, 'prog_it': self.prog.prog_it,
                 'last_prog_si': self.prog.last_prog_si, 'first_prog': self.prog.first_prog}
 
-    def _load_rest(self, sd: Dict, load_vae: bool):
-        if load_vae and 'vae_local' in sd:
-            self.vae.load_state_dict(sd['vae_local'], strict=True)
+    def _load_prog(self, sd: Dict):
+        """The progressive-training state _config saved."""
         cfg = sd.get('config', {})
         self.prog = ProgState(cfg.get('prog_it', 0), cfg.get('last_prog_si', -1), cfg.get('first_prog', True))
 
@@ -282,13 +281,13 @@ class VARTrainer:
             plain['vae_local'] = self.vae.state_dict()
         return tensors, plain
 
-    def load_sharded_state_dict(self, tensors: Dict, plain: Dict, load_vae: bool = False):
-        """Restore from sharded_state_dict's pair, the tensors already filled from a checkpoint (in place: the
-        EMA's are its own shadow tensors)."""
+    def load_sharded_state_dict(self, tensors: Dict, plain: Dict):
+        """Restore from sharded_state_dict's pair but the VQVAE, the tensors already filled from a checkpoint (in
+        place: the EMA's are its own shadow tensors)."""
         dist.set_model_optim_state(self.var_wo_ddp, self.opt.optimizer, tensors['model'],
                                    {'state': tensors['optim'], 'param_groups': plain['optim_groups']})
         if self.opt.scaler is not None and 'scaler' in plain:
             self.opt.scaler.load_state_dict(plain['scaler'])
         if self.ema is not None and 'ema' in plain:
             self.ema.num_updates = plain['ema']['num_updates']
-        self._load_rest(plain, load_vae)
+        self._load_prog(plain)
