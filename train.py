@@ -524,7 +524,6 @@ class Run:
             self.hooks.after_step(done)
         self.log.info(f'[done] {self.total} steps in {format_duration(time.time() - t_start)}; '
                       f'best val loss {self.loop.best_val:.4f}; outputs in {a.run.local_out_dir_path}')
-        self.close()
 
     def _count_nonfinite(self, st, done: int, stepping: bool):
         """The non-finite policy: a skipped step is counted; too many in a row stop the run with the fix."""
