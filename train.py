@@ -58,7 +58,7 @@ def capture_rng() -> Dict[str, Any]:
     """This process's python/numpy/torch (and CUDA) RNG states, as plain data a weights-only load reads."""
     st = {'python': random.getstate(), 'numpy': numpy_rng_to_plain(np.random.get_state()),
           'torch': torch.get_rng_state()}
-    if torch.cuda.is_available() and dist.get_device().type == 'cuda':
+    if dist.get_device().type == 'cuda':
         st['cuda'] = torch.cuda.get_rng_state(dist.get_device())
     return st
 

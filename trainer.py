@@ -86,7 +86,7 @@ class VARTrainer:
     def __init__(self, vae: nn.Module, var_wo_ddp: nn.Module, var: nn.Module, opt: AmpOptimizer,
                  label_smooth: float = 0.0, seed: int = 0, ema: Optional[ModelEMA] = None, jfb_draw: str = 'step',
                  hooks: Optional[StepHooks] = None, drop_draw: str = 'step'):
-        self.vae, self.quantize = vae, vae.quantize
+        self.vae = vae
         self.var_wo_ddp, self.var, self.opt, self.ema = var_wo_ddp, var, opt, ema
         self.label_smooth, self.seed = label_smooth, seed
         for name, value in (('jfb_draw', jfb_draw), ('drop_draw', drop_draw)):
@@ -96,8 +96,7 @@ class VARTrainer:
         self.hooks = hooks or StepHooks()
         self.patch_nums = tuple(var_wo_ddp.patch_nums)
         self.begin_ends = list(var_wo_ddp.begin_ends)
-        self.L, self.V = var_wo_ddp.L, var_wo_ddp.V
-        self.last_l = self.patch_nums[-1] ** 2
+        self.L = var_wo_ddp.L
         self.prog = ProgState()
 
     # ---- pieces
@@ -109,7 +108,7 @@ class VARTrainer:
             idx_Bl = tokenize_images(self.vae, img_B3HW, prog_si)
         else:
             idx_Bl = split_scales(img_B3HW, self.patch_nums, prog_si)
-        return torch.cat(idx_Bl, dim=1), self.quantize.idxBl_to_var_input(idx_Bl, prog_si=prog_si)
+        return torch.cat(idx_Bl, dim=1), self.vae.quantize.idxBl_to_var_input(idx_Bl, prog_si=prog_si)
 
     def draw_jfb(self, g_it: int) -> Optional[Tuple[int, int]]:
         """S-JFB (n, m) of global step g_it, from the model (None for VAR); identical on every rank unless
@@ -130,7 +129,7 @@ class VARTrainer:
         """[L_mean, L_tail, acc_mean, acc_tail, per-scale CE...] as one tensor (one sync to read)."""
         hit_BL = (logits_BLV.argmax(dim=-1) == gt_BL).float()
         full = trained_si < 0
-        tail = slice(self.L - self.last_l, self.L)
+        tail = slice(self.L - self.patch_nums[-1] ** 2, self.L)
         neg = ce_BL.new_tensor(-1.0)
         per_scale = [ce_BL[:, bg:ed].mean() for si, (bg, ed) in enumerate(self.begin_ends) if full or si <= trained_si]
         return torch.stack([ce_BL.mean(), ce_BL[:, tail].mean() if full else neg, hit_BL.mean() * 100,
