@@ -37,9 +37,9 @@ def timeout_from_env() -> datetime.timedelta:
     return datetime.timedelta(seconds=sec)
 
 
-def initialize(device: str = 'auto', timeout_s: Optional[float] = None) -> torch.device:
+def initialize(device: str = 'auto') -> torch.device:
     """Join the torchrun process group if there is one; returns this process's device ('auto': cuda:<local rank>
-    when CUDA is available, else cpu). timeout_s: None reads $VIAR_DIST_TIMEOUT_S."""
+    when CUDA is available, else cpu)."""
     global _rank, _local_rank, _world_size, _device, _initialized
     use_cuda = torch.cuda.is_available() if device in ('', 'auto') else device.startswith('cuda')
     if use_cuda and not torch.cuda.is_available():
@@ -52,7 +52,7 @@ def initialize(device: str = 'auto', timeout_s: Optional[float] = None) -> torch
         _device = torch.device('cpu')
     if int(os.environ.get('WORLD_SIZE', 1)) > 1 and not _initialized:
         backend = 'nccl' if use_cuda else 'gloo'
-        timeout = timeout_from_env() if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+        timeout = timeout_from_env()
         kw = dict(device_id=_device) if use_cuda else {}
         store = _attempt_store(timeout)
         if store is not None:
@@ -130,12 +130,12 @@ def allreduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank src's picklable object, on every rank."""
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's picklable object, on every rank."""
     if not _initialized:
         return obj
     box = [obj]
-    tdist.broadcast_object_list(box, src=src)
+    tdist.broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -167,7 +167,7 @@ def allreduce_max(t: torch.Tensor) -> torch.Tensor:
 # torch.distributed.checkpoint takes 0.3 s to import and only --fsdp runs use it: the functions below import it.
 
 def fsdp_shard(model: torch.nn.Module, units: List[List[torch.nn.Module]], param_dtype: Optional[torch.dtype] = None,
-               reduce_dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
+               reduce_dtype: Optional[torch.dtype] = None):
     """Shard `model` in place with FSDP2: every unit (modules gathered together) computing in param_dtype and
     reducing gradients in reduce_dtype, then the root, whose params (embeddings, head) keep their dtype. Create the
     optimizer and EMA after this: they hold the shards."""
@@ -178,7 +178,6 @@ def fsdp_shard(model: torch.nn.Module, units: List[List[torch.nn.Module]], param
     for unit in units:
         fully_shard(unit[0] if len(unit) == 1 else list(unit), mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=reduce_dtype))
-    return model
 
 
 def is_sharded(t: Any) -> bool:

@@ -58,7 +58,7 @@ def capture_rng() -> Dict[str, Any]:
     """This process's python/numpy/torch (and CUDA) RNG states, as plain data a weights-only load reads."""
     st = {'python': random.getstate(), 'numpy': numpy_rng_to_plain(np.random.get_state()),
           'torch': torch.get_rng_state()}
-    if torch.cuda.is_available() and dist.get_device().type == 'cuda':
+    if dist.get_device().type == 'cuda':
         st['cuda'] = torch.cuda.get_rng_state(dist.get_device())
     return st
 
@@ -369,7 +369,7 @@ class Run:
         if self.ckpt_sharded is not None:
             self._restore_sharded(ck)
         else:   # a DDP checkpoint: under --fsdp each rank keeps its shards of it
-            self.trainer.load_state_dict(ck['trainer'], load_vae=False)   # the tokenizer: build_models
+            self.trainer.load_state_dict(ck['trainer'])   # the tokenizer: build_models
         rngs: List[Dict] = ck.get('rng', [])
         if len(rngs) == self.world:
             restore_rng(rngs[self.rank])
@@ -402,7 +402,7 @@ class Run:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise SystemExit(f'cannot resume from {folder}: {first[:300]}. Was it written by a run with other '
                              f'model flags? Move it away to start from an earlier checkpoint.') from None
-        self.trainer.load_sharded_state_dict(tensors, ck['trainer'], load_vae=False)
+        self.trainer.load_sharded_state_dict(tensors, ck['trainer'])
 
     def _log_shard_bytes(self):
         """Parameter + gradient + AdamW bytes this rank holds, read off its shards beside the arithmetic."""
@@ -433,16 +433,16 @@ class Run:
             tensors, plain = self.trainer.sharded_state_dict(with_vae=not tok.path)
             self.ckpt_path = sharded_ckpt.save(self.args.run.local_out_dir_path, self.loop.g_it, tensors,
                                                dict(state, trainer=plain), best, self.log.info)
-            self._save_slim()
-            self.log.info(f'[ckpt] after step {self.loop.g_it}: {self.ckpt_path}' + (' (best)' if best else ''))
-            return
-        if dist.is_master():
-            state['trainer'] = self.trainer.state_dict(with_vae=not tok.path)
-            save_atomic(state, self.der.last_ckpt)
-            if best:
-                save_atomic(state, self.der.best_ckpt)
-            self.log.info(f'[ckpt] after step {self.loop.g_it}: {self.der.last_ckpt}' + (' (+ best)' if best else ''))
+            saved = self.ckpt_path + (' (best)' if best else '')
+        else:
+            if dist.is_master():
+                state['trainer'] = self.trainer.state_dict(with_vae=not tok.path)
+                save_atomic(state, self.der.last_ckpt)
+                if best:
+                    save_atomic(state, self.der.best_ckpt)
+            saved = self.der.last_ckpt + (' (+ best)' if best else '')
         self._save_slim()
+        self.log.info(f'[ckpt] after step {self.loop.g_it}: {saved}')
 
     def _save_slim(self):
         """viar-slim.pth / var-slim.pth and .safetensors for gen_img.py / sampling.py, written by rank 0; a sharded
@@ -524,7 +524,6 @@ class Run:
             self.hooks.after_step(done)
         self.log.info(f'[done] {self.total} steps in {format_duration(time.time() - t_start)}; '
                       f'best val loss {self.loop.best_val:.4f}; outputs in {a.run.local_out_dir_path}')
-        self.close()
 
     def _count_nonfinite(self, st, done: int, stepping: bool):
         """The non-finite policy: a skipped step is counted; too many in a row stop the run with the fix."""

@@ -86,7 +86,7 @@ class VARTrainer:
     def __init__(self, vae: nn.Module, var_wo_ddp: nn.Module, var: nn.Module, opt: AmpOptimizer,
                  label_smooth: float = 0.0, seed: int = 0, ema: Optional[ModelEMA] = None, jfb_draw: str = 'step',
                  hooks: Optional[StepHooks] = None, drop_draw: str = 'step'):
-        self.vae, self.quantize = vae, vae.quantize
+        self.vae = vae
         self.var_wo_ddp, self.var, self.opt, self.ema = var_wo_ddp, var, opt, ema
         self.label_smooth, self.seed = label_smooth, seed
         for name, value in (('jfb_draw', jfb_draw), ('drop_draw', drop_draw)):
@@ -96,8 +96,7 @@ class VARTrainer:
         self.hooks = hooks or StepHooks()
         self.patch_nums = tuple(var_wo_ddp.patch_nums)
         self.begin_ends = list(var_wo_ddp.begin_ends)
-        self.L, self.V = var_wo_ddp.L, var_wo_ddp.V
-        self.last_l = self.patch_nums[-1] ** 2
+        self.L = var_wo_ddp.L
         self.prog = ProgState()
 
     # ---- pieces
@@ -109,7 +108,7 @@ class VARTrainer:
             idx_Bl = tokenize_images(self.vae, img_B3HW, prog_si)
         else:
             idx_Bl = split_scales(img_B3HW, self.patch_nums, prog_si)
-        return torch.cat(idx_Bl, dim=1), self.quantize.idxBl_to_var_input(idx_Bl, prog_si=prog_si)
+        return torch.cat(idx_Bl, dim=1), self.vae.quantize.idxBl_to_var_input(idx_Bl, prog_si=prog_si)
 
     def draw_jfb(self, g_it: int) -> Optional[Tuple[int, int]]:
         """S-JFB (n, m) of global step g_it, from the model (None for VAR); identical on every rank unless
@@ -130,7 +129,7 @@ class VARTrainer:
         """[L_mean, L_tail, acc_mean, acc_tail, per-scale CE...] as one tensor (one sync to read)."""
         hit_BL = (logits_BLV.argmax(dim=-1) == gt_BL).float()
         full = trained_si < 0
-        tail = slice(self.L - self.last_l, self.L)
+        tail = slice(self.L - self.patch_nums[-1] ** 2, self.L)
         neg = ce_BL.new_tensor(-1.0)
         per_scale = [ce_BL[:, bg:ed].mean() for si, (bg, ed) in enumerate(self.begin_ends) if full or si <= trained_si]
         return torch.stack([ce_BL.mean(), ce_BL[:, tail].mean() if full else neg, hit_BL.mean() * 100,
@@ -240,8 +239,8 @@ class VARTrainer:
             sd['vae_local'] = self.vae.state_dict()
         return sd
 
-    def load_state_dict(self, sd: Dict, load_vae: bool = False):
-        """Restore what state_dict saved (the VQVAE only with load_vae); a sharded model takes its shards of it."""
+    def load_state_dict(self, sd: Dict):
+        """Restore what state_dict saved but the VQVAE (built from its own source); a sharded model takes its shards."""
         if self.sharded:   # a DDP checkpoint resumed under --fsdp: every rank reads the whole file, keeps its shards
             name_of = {id(p): n for n, p in self.var_wo_ddp.named_parameters()}   # the optimizer's index order:
             names = [name_of[id(p)] for g in self.opt.optimizer.param_groups for p in g['params']]
@@ -254,16 +253,15 @@ class VARTrainer:
             self.opt.load_state_dict(sd['var_opt'])
         if self.ema is not None and 'ema' in sd:
             self.ema.load_state_dict(sd['ema'])
-        self._load_rest(sd, load_vae)
+        self._load_prog(sd)
 
     def _config(self) -> Dict:
         """The plain training state both checkpoint formats keep (official key names)."""
         return {'patch_nums': self.patch_nums, 'label_smooth': self.label_smooth, 'prog_it': self.prog.prog_it,
                 'last_prog_si': self.prog.last_prog_si, 'first_prog': self.prog.first_prog}
 
-    def _load_rest(self, sd: Dict, load_vae: bool):
-        if load_vae and 'vae_local' in sd:
-            self.vae.load_state_dict(sd['vae_local'], strict=True)
+    def _load_prog(self, sd: Dict):
+        """The progressive-training state _config saved."""
         cfg = sd.get('config', {})
         self.prog = ProgState(cfg.get('prog_it', 0), cfg.get('last_prog_si', -1), cfg.get('first_prog', True))
 
@@ -282,13 +280,13 @@ class VARTrainer:
             plain['vae_local'] = self.vae.state_dict()
         return tensors, plain
 
-    def load_sharded_state_dict(self, tensors: Dict, plain: Dict, load_vae: bool = False):
-        """Restore from sharded_state_dict's pair, the tensors already filled from a checkpoint (in place: the
-        EMA's are its own shadow tensors)."""
+    def load_sharded_state_dict(self, tensors: Dict, plain: Dict):
+        """Restore from sharded_state_dict's pair but the VQVAE, the tensors already filled from a checkpoint (in
+        place: the EMA's are its own shadow tensors)."""
         dist.set_model_optim_state(self.var_wo_ddp, self.opt.optimizer, tensors['model'],
                                    {'state': tensors['optim'], 'param_groups': plain['optim_groups']})
         if self.opt.scaler is not None and 'scaler' in plain:
             self.opt.scaler.load_state_dict(plain['scaler'])
         if self.ema is not None and 'ema' in plain:
             self.ema.num_updates = plain['ema']['num_updates']
-        self._load_rest(plain, load_vae)
+        self._load_prog(plain)

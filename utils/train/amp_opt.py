@@ -66,20 +66,16 @@ class AmpOptimizer:
         max_norm = self.grad_clip if self.grad_clip > 0 else float('inf')
         # the global norm; under FSDP a DTensor already reduced over the gradient shards, the same on every rank
         norm = float(dist.full_tensor(torch.nn.utils.clip_grad_norm_(self.params, max_norm)))
-        scale_log2 = None
+        stepped, scale_log2 = math.isfinite(norm), None
         if self.scaler is not None:
             # the scaler skips the step itself on inf/nan grads and lowers the scale
             scale_before = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             # fp16 overflows above 65504: never let the scale grow past 2**15
             self.scaler.update(new_scale=32768.0 if scale_before > 32768.0 else None)
-            stepped = math.isfinite(norm)
             scale_log2 = math.log2(max(self.scaler.get_scale(), 1e-30))
-        elif math.isfinite(norm):
+        elif stepped:
             self.optimizer.step()
-            stepped = True
-        else:
-            stepped = False
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(stepped, norm, scale_log2)
 

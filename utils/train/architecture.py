@@ -12,7 +12,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from models.config import ModelSpec, field_names, spec_from_state_dict, state_dict_kind, vae_arch_from_state_dict
+from models.config import ModelSpec, spec_from_state_dict, state_dict_kind, vae_arch_from_state_dict
 from models.layout import num_tokens
 from utils.arch_flags import SPELLING, contradiction_text, contradictions, flag_name
 from utils.checkpoint import CheckpointError, read_state_dict, resolve_checkpoint
@@ -32,7 +32,6 @@ class Architecture:
     spec: ModelSpec
     tokenizer: Tokenizer
     source: str                      # 'the flags', or the file that set the architecture
-    free: Tuple[str, ...] = ()       # fields the flags may still change (num_classes from the data when not given)
     init_sd: Optional[Dict[str, Any]] = None   # the transformer weights of --init_ckpt / --init_from_var
 
 
@@ -168,7 +167,7 @@ def resolve(given: Mapping[str, Any], vae_ckpt: Optional[str], patch_size: Optio
         tok = pick_tokenizer(vae_ckpt, None, 'the flags', argv, default_vae_ckpt)
         spec = from_flags(given, tok, argv)
         check_patch_size(patch_size, spec, 'the tokenizer', argv)
-        return Architecture(spec, tok, 'the flags', free=field_names())
+        return Architecture(spec, tok, 'the flags')
     where, obj, sd = init
     if from_var and state_dict_kind(sd) != 'VAR':
         raise ArchitectureError(f'error: {where} is a VIAR checkpoint, not a VAR: pass it as --init_ckpt to fine-tune '
@@ -189,4 +188,4 @@ def resolve(given: Mapping[str, Any], vae_ckpt: Optional[str], patch_size: Optio
                                                 'instead.' if to_viar else '')
     spec = replace(file_spec, **{k: v for k, v in given.items() if k in free})
     check_patch_size(patch_size, spec, where, argv)
-    return Architecture(spec, tok, where, free=free, init_sd=dict(sd))
+    return Architecture(spec, tok, where, init_sd=dict(sd))

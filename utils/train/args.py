@@ -153,7 +153,6 @@ class TrainArgs:
 @dataclass(frozen=True)
 class Derived:
     """Values computed from the flags and the world size."""
-    world_size: int
     batch_size: int            # per rank per forward
     glb_batch_size: int        # per forward over all ranks (= bs / ac)
     lr: float                  # peak lr
@@ -228,7 +227,7 @@ def derive(args: TrainArgs, world_size: int, cpus: Optional[int] = None, ranks_p
     except SamplingError as e:
         raise SystemExit(str(e)) from None
     return Derived(
-        world_size=world_size, batch_size=batch_size, glb_batch_size=batch_size * world_size, lr=lr, lr_rule=lr_rule,
+        batch_size=batch_size, glb_batch_size=batch_size * world_size, lr=lr, lr_rule=lr_rule,
         wd=o.twd, wd_end=o.twde or o.twd,
         wp_ep=s.wp or s.ep / 50, pgwp_ep=s.pgwp or s.ep / 300, sche=sche,
         patch_nums=patch_nums, resos=resos, final_reso=final_reso, mid_reso_px=round(d.mid_reso * final_reso),
@@ -236,7 +235,8 @@ def derive(args: TrainArgs, world_size: int, cpus: Optional[int] = None, ranks_p
         jfb_no_grad=_parse_range('jfb_n', m.jfb_n, 0), jfb_with_grad=_parse_range('jfb_m', m.jfb_m, 1),
         tb_dir=os.path.join(out, tb_name),
         last_ckpt=os.path.join(out, 'ar-ckpt-last.pth'), best_ckpt=os.path.join(out, 'ar-ckpt-best.pth'),
-        slim_path=os.path.join(out, slim_name(spec.kind)), sample_defaults=sample_defaults,
+        # viar-slim.pth or var-slim.pth: the two kinds never share a name (gen_img.py names its output folder after it)
+        slim_path=os.path.join(out, f'{spec.kind.lower()}-slim.pth'), sample_defaults=sample_defaults,
     )
 
 
@@ -246,12 +246,6 @@ def peak_lr(tblr: float, tlr: Optional[float], bs: int) -> Tuple[float, str]:
         return tlr, f'peak lr {tlr:.3g} = --tlr'
     lr = tblr * bs / 256
     return lr, f'peak lr {lr:.3g} = tblr {tblr:g} x bs {bs} / 256'
-
-
-def slim_name(kind: str) -> str:
-    """viar-slim.pth or var-slim.pth: a VIAR's and a VAR's exports never share a name (gen_img.py names its output
-    folder after the file)."""
-    return f'{kind.lower()}-slim.pth'
 
 
 def total_forwards(args: TrainArgs, iters_ep: int) -> int:

@@ -19,7 +19,7 @@ class ModelEMA:
         self.decay = decay
         self.num_updates = 0
         self.param_names = {n for n, _ in model.named_parameters()}
-        self.shadow: Dict[str, torch.Tensor] = {k: v.detach().clone().float() if v.is_floating_point() else v.detach().clone()
+        self.shadow: Dict[str, torch.Tensor] = {k: (v.float() if v.is_floating_point() else v).detach().clone()
                                                 for k, v in model.state_dict().items()}
 
     @torch.no_grad()

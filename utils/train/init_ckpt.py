@@ -37,18 +37,14 @@ def span(a: int, b: int) -> str:
 
 
 def freeze_mask(names: Sequence[str], patterns: Sequence[str]) -> Dict[str, bool]:
-    """name -> frozen, applying the fnmatch patterns in order ('!pattern' unfreezes). A pattern that matches no
-    name raises ValueError (a typo would otherwise train everything)."""
+    """name -> frozen, applying the fnmatch patterns (parse_patterns') in order ('!pattern' unfreezes). A pattern
+    that matches no name raises ValueError (a typo would otherwise train everything)."""
     frozen = {n: False for n in names}
-    for raw in patterns:
-        pat = raw.strip()
-        if not pat:
-            continue
+    for pat in patterns:
         unfreeze = pat.startswith('!')
-        pat = pat[1:] if unfreeze else pat
-        hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pat[1:] if unfreeze else pat)]
         if not hits:
-            raise ValueError(f'--freeze pattern {raw!r} matches no parameter')
+            raise ValueError(f'--freeze pattern {pat!r} matches no parameter')
         for n in hits:
             frozen[n] = not unfreeze
     return frozen

@@ -74,18 +74,14 @@ def param_groups(model: nn.Module, nowd_keys: Iterable[str] = NOWD_KEYS, allow_f
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     if frozen and not allow_frozen:
         raise ValueError(f'param_groups expects every parameter trainable; frozen: {frozen[:5]}')
-    names, params = [], []
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups: Dict[str, Dict] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        names.append(name)
-        params.append(p)
+    for name, p in trained:
         key = 'ND' if no_weight_decay(name, p, nowd_keys) else 'D'
-        groups.setdefault(key, dict(params=[], names=[], wd_sc=0.0 if key == 'ND' else 1.0, lr_sc=1.0))
-        groups[key]['params'].append(p)
-        groups[key]['names'].append(name)
-    return names, params, list(groups.values())
+        group = groups.setdefault(key, dict(params=[], names=[], wd_sc=0.0 if key == 'ND' else 1.0, lr_sc=1.0))
+        group['params'].append(p)
+        group['names'].append(name)
+    return [n for n, _ in trained], [p for _, p in trained], list(groups.values())
 
 
 def prog_stage(g_it: int, wp_it: float, max_it: int, pg: float, pg0: int, num_scales: int) -> int:

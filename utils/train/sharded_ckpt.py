@@ -33,12 +33,6 @@ def folder_name(step: int) -> str:
     return f'ar-ckpt-step{step:08d}'
 
 
-def step_of(name: str) -> Optional[int]:
-    """The step of a checkpoint folder name, None for any other name."""
-    m = _NAME.match(name)
-    return int(m.group(1)) if m else None
-
-
 @dataclass(frozen=True)
 class Entry:
     """One checkpoint folder as the retention rule sees it."""
@@ -109,8 +103,8 @@ def folders(out: str) -> List[Tuple[int, str]]:
     """(step, path) of every checkpoint folder in `out`, newest first."""
     if not os.path.isdir(out):
         return []
-    found = [(step_of(e.name), e.path) for e in os.scandir(out) if e.is_dir()]
-    return sorted(((s, p) for s, p in found if s is not None), reverse=True)
+    found = [(_NAME.match(e.name), e.path) for e in os.scandir(out) if e.is_dir()]
+    return sorted(((int(m.group(1)), p) for m, p in found if m), reverse=True)
 
 
 def newest_complete(out: str, warn: Callable[[str], None]) -> Optional[Tuple[int, str, Any]]:

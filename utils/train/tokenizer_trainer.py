@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from models.quant import VectorQuantizer2, usage_margin
 from models.vqvae import VQVAE
 from utils.atomic import check_writable
-from utils.checkpoint import CheckpointError, extract_state_dict, load_vae_weights, read_checkpoint, save_atomic
+from utils.checkpoint import CheckpointError, load_vae_weights, read_checkpoint, save_atomic
 from utils.cli import flag
 from utils.data.datasets import build_datasets
 from utils.data.sampler import DistInfiniteBatchSampler
@@ -234,7 +234,7 @@ def resume_state(cfg: TokenizerConfig, vae: VQVAE, opt: torch.optim.Optimizer, l
     if stored != cfg.arch():
         raise TokenizerConfigError(f'{path} was trained with {stored}, not {cfg.arch()}; '
                                    f'use another --out_dir or --resume False')
-    load_vae_weights(vae, extract_state_dict(obj, path), where=path)
+    load_vae_weights(vae, obj, where=path)
     opt.load_state_dict(obj['optimizer'])
     vae.quantize.record_hit = int(obj.get('record_hit', 0))
     if 'torch_rng' in obj:
