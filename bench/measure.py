@@ -1,6 +1,7 @@
 """The benchmarks' shared harness: project root, machine, memory, timing, tables and child processes.
 
-Imports nothing from the project at import time (the official runner, whose packages share our names, uses it).
+Imports nothing from the project at import time (the official runner, whose packages share our names, uses it):
+its few project imports are inside the functions that need them.
 """
 import hashlib
 import importlib.util
@@ -17,6 +18,8 @@ import traceback
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the project root, above bench/
 SIMD_FLAGS = ('avx2', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'amx_tile', 'amx_bf16', 'amx_int8')   # CPU GEMM speed
@@ -148,7 +151,6 @@ class TimedCall:
     def memory(self) -> Dict[str, Any]:
         """One more call for memory and FLOPs: the bytes before it (RSS once freed memory is released, or CUDA
         allocated), its phases' peaks, the process peak so far, its FLOPs (FlopCounterMode; 0 if it cannot count)."""
-        from torch.utils.flop_counter import FlopCounterMode
         sync(self.device)
         cuda = self.device.type == 'cuda'
         if not cuda:
@@ -177,7 +179,6 @@ def uncounted_flop_formulas() -> Dict[Any, Callable[..., int]]:
     """FLOP formulas for ops torch's FlopCounterMode counts as 0 (custom_mapping): CPU flash attention (both sides
     sample with it) and oneDNN's fused Linear + GELU (the fast path's fc1 in bf16). Without them a call's bound
     leaves out its attention, and the fast path's bound its fc1 too."""
-    from torch.utils.flop_counter import sdpa_flop_count
 
     def attention(q_shape, k_shape, v_shape, *args, **kw) -> int:
         return sdpa_flop_count(q_shape, k_shape, v_shape)
@@ -192,7 +193,6 @@ def uncounted_flop_formulas() -> Dict[Any, Callable[..., int]]:
 
 def profile_call(fn: Callable[[], Any], device: torch.device, top: int = 25) -> Dict[str, Any]:
     """Run fn once under torch.profiler; self time per aten op (seconds), the largest `top` first."""
-    from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])) as p:
         fn()
         sync(device)
