@@ -373,17 +373,10 @@ class VARBase(OfficialModelAttrs, nn.Module):
         """Official init: truncated normal Linear/Embedding, zero biases, small head, near-identity AdaLN gates."""
         if init_std < 0:
             init_std = (1 / self.C / 3) ** 0.5
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
+        for m in self.modules():   # the official cases of affine LayerNorms and padding indices never occur here
+            if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.trunc_normal_(m.weight.data, std=init_std)
-                if m.bias is not None:
-                    m.bias.data.zero_()
-            elif isinstance(m, nn.Embedding):
-                nn.init.trunc_normal_(m.weight.data, std=init_std)
-                if m.padding_idx is not None:
-                    m.weight.data[m.padding_idx].zero_()
-            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
-                m.weight.data.fill_(1.0)
+            if isinstance(m, nn.Linear) and m.bias is not None:
                 m.bias.data.zero_()
         if init_head >= 0:
             self.head.weight.data.mul_(init_head)
