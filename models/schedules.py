@@ -30,7 +30,7 @@ def official_iters(iter_left: int, iter_right: int, num_scales: int) -> List[int
     """
     if num_scales > OFFICIAL_POINTS:
         raise ValueError(f'the official iteration knob covers at most {OFFICIAL_POINTS} scales, not {num_scales}')
-    return np.linspace(iter_left, iter_right, OFFICIAL_POINTS, dtype=int).tolist()[:num_scales]
+    return linspace_iters(iter_left, iter_right, OFFICIAL_POINTS)[:num_scales]
 
 
 def knob_name(iter_left: int, iter_right: int, official: bool = False, num_scales: int = OFFICIAL_POINTS) -> str:
