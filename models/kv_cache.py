@@ -168,12 +168,11 @@ class IterKVCaches:
     def end_scale(self, iters_used: int):
         """After the current scale ran `iters_used` iterations: fill later iteration caches forward."""
         b, e = self.begin_ends[self.si]
-        if iters_used > 0 and (self.fill_forward or self.needs_last):
+        if iters_used > 0 and self.fill_forward:   # off: nothing to fill, and no `last` cache
             k, v = self.caches[iters_used - 1].last_scale(e - b)
-            if self.fill_forward:
-                for t, cache in self.caches.items():
-                    if t >= iters_used and cache.length < e and cache.capacity >= e:
-                        cache.append(k, v)
+            for t, cache in self.caches.items():
+                if t >= iters_used and cache.length < e and cache.capacity >= e:
+                    cache.append(k, v)
             if self.last is not None:
                 self.last.append(k, v)
         self.si += 1
