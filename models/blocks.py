@@ -124,7 +124,8 @@ class SelfAttention(OfficialAttnCaching, nn.Module):
         self.v_bias.data.zero_()
         self.zero_k_bias.zero_()
 
-    def forward(self, x_BLC: torch.Tensor, attn_bias: Optional[torch.Tensor], kv: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(self, x_BLC: torch.Tensor, attn_bias: Optional[torch.Tensor],
+                kv: Optional[KVCache] = None) -> torch.Tensor:
         B, L, C = x_BLC.shape
         bias_3C = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         onednn = runs_onednn(self.onednn, x_BLC, self.mat_qkv.weight)
@@ -160,7 +161,7 @@ class AdaLNSelfAttn(OfficialBlockCall, nn.Module):
                  attn_l2_norm: bool = False, norm_eps: float = 1e-6):
         super().__init__()
         self.block_idx, self.C, self.D = block_idx, embed_dim, cond_dim
-        self.drop_path = DropPath(drop_path)   # also at rate 0, so every block has the same structure (one compiled graph)
+        self.drop_path = DropPath(drop_path)   # also at rate 0: every block has one structure (one compiled graph)
         self.attn = SelfAttention(embed_dim, num_heads, attn_drop=attn_drop, proj_drop=drop, attn_l2_norm=attn_l2_norm)
         self.ffn = FFN(embed_dim, round(embed_dim * mlp_ratio), drop=drop)
         self.ln_wo_grad = nn.LayerNorm(embed_dim, eps=norm_eps, elementwise_affine=False)

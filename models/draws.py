@@ -21,14 +21,10 @@ class BatchDraws(NamedTuple):
     path_keep_K2B: torch.Tensor    # (K, 2, B) float: drop-path scale (0 or 1/keep) of call k's attention, MLP branch
 
 
-def stream_seed(seed: int, step: int, stream: int) -> int:
-    """The generator seed of one stream of one step (distinct for distinct (seed, step, stream))."""
-    return (seed * _MIX + step * 1_000_003 + stream * 7_919) % (2 ** 63)
-
-
 def global_uniform(seed: int, step: int, stream: int, shape: Tuple[int, ...]) -> torch.Tensor:
     """U[0, 1) draws of one stream for the whole global batch (last dim = G), on the CPU, identical on every rank."""
-    g = torch.Generator().manual_seed(stream_seed(seed, step, stream))
+    # a generator seed distinct for distinct (seed, step, stream)
+    g = torch.Generator().manual_seed((seed * _MIX + step * 1_000_003 + stream * 7_919) % (2 ** 63))
     return torch.rand(shape, generator=g)
 
 

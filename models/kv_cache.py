@@ -122,14 +122,10 @@ def implicit_cache_capacities(patch_nums: Sequence[int], counts: Sequence[int], 
     without it (official behaviour) it holds only the scales that ran iteration t themselves.
     """
     be = scale_begin_ends(patch_nums)
-    caps = []
-    for t in range(max(counts, default=0)):
-        runs = [k for k, c in enumerate(counts) if c > t]
-        if fill_forward:
-            caps.append(be[max(runs)][1])
-        else:
-            caps.append(sum(be[k][1] - be[k][0] for k in runs))
-    return caps
+    runs_t = [[k for k, c in enumerate(counts) if c > t] for t in range(max(counts, default=0))]
+    if fill_forward:
+        return [be[max(runs)][1] for runs in runs_t]
+    return [sum(be[k][1] - be[k][0] for k in runs) for runs in runs_t]
 
 
 class IterKVCaches:
@@ -138,7 +134,6 @@ class IterKVCaches:
     Where an earlier scale j stopped before iteration t (increasing or adaptive schedules) and
     `fill_forward` is on, cache t holds j's last iterate there; off, it holds nothing for j, as the
     official code does. Caches are created the first time an iteration index is reached.
-    A solver calls G once per iteration index of a scale (models/solver.py): `get` refuses a second (scale, t).
     """
 
     def __init__(self, patch_nums: Sequence[int], counts: Optional[Sequence[int]], fill_forward: bool = True,
@@ -155,22 +150,16 @@ class IterKVCaches:
         self.si = 0
         self.written_t: Set[int] = set()   # iteration indices the current scale has written
 
-    def _capacity(self, t: int) -> int:
-        if self.capacities is not None and t < len(self.capacities):
-            return self.capacities[t]
-        return self.L
-
     def get(self, t: int) -> KVCache:
-        """Cache for iteration t to write the current scale into (created, and prefilled, on first use).
-
-        A second write of one (scale, t) would overflow a cache sized by the schedule, or leave the scale's keys
-        twice in one grown to L: it raises instead."""
+        """Cache for iteration t to write the current scale into (created, and prefilled, on first use). A second
+        call at one (scale, t) raises: it would overflow a cache sized by the schedule, or cache the scale twice."""
         if t in self.written_t:
             raise RuntimeError(f'iteration {t} of scale {self.si} asked for its KV cache twice: a solver must call '
                                f'G(z, t) once per t (models/solver.py)')
         self.written_t.add(t)
         if t not in self.caches:
-            cache = KVCache(self._capacity(t), self.alloc)
+            planned = self.capacities is not None and t < len(self.capacities)
+            cache = KVCache(self.capacities[t] if planned else self.L, self.alloc)
             if self.fill_forward and self.si > 0:
                 cache.copy_prefix_from(self.last, self.last.length)   # < scale start if a scale ran 0 iterations
             self.caches[t] = cache
@@ -179,12 +168,11 @@ class IterKVCaches:
     def end_scale(self, iters_used: int):
         """After the current scale ran `iters_used` iterations: fill later iteration caches forward."""
         b, e = self.begin_ends[self.si]
-        if iters_used > 0 and (self.fill_forward or self.needs_last):
+        if iters_used > 0 and self.fill_forward:   # off: nothing to fill, and no `last` cache
             k, v = self.caches[iters_used - 1].last_scale(e - b)
-            if self.fill_forward:
-                for t, cache in self.caches.items():
-                    if t >= iters_used and cache.length < e and cache.capacity >= e:
-                        cache.append(k, v)
+            for t, cache in self.caches.items():
+                if t >= iters_used and cache.length < e and cache.capacity >= e:
+                    cache.append(k, v)
             if self.last is not None:
                 self.last.append(k, v)
         self.si += 1

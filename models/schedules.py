@@ -30,7 +30,7 @@ def official_iters(iter_left: int, iter_right: int, num_scales: int) -> List[int
     """
     if num_scales > OFFICIAL_POINTS:
         raise ValueError(f'the official iteration knob covers at most {OFFICIAL_POINTS} scales, not {num_scales}')
-    return np.linspace(iter_left, iter_right, OFFICIAL_POINTS, dtype=int).tolist()[:num_scales]
+    return linspace_iters(iter_left, iter_right, OFFICIAL_POINTS)[:num_scales]
 
 
 def knob_name(iter_left: int, iter_right: int, official: bool = False, num_scales: int = OFFICIAL_POINTS) -> str:
@@ -74,10 +74,8 @@ class IterSchedule:
         if self.name:
             return self.name
         if self.adaptive:
-            taus = sorted(set(self.tau), key=self.tau.index)
-            tau = ','.join(f'{t:g}' for t in taus)
-            caps = sorted(set(self.counts))
-            cap = str(caps[0]) if len(caps) == 1 else ','.join(map(str, self.counts))
+            tau = ','.join(f'{t:g}' for t in dict.fromkeys(self.tau))   # each value once, in order
+            cap = str(self.counts[0]) if len(set(self.counts)) == 1 else ','.join(map(str, self.counts))
             return f'Ada.(tau={tau};cap={cap})'
         return 'Iters(' + ','.join(map(str, self.counts)) + ')'
 
@@ -89,8 +87,8 @@ class IterSchedule:
             text += ' (absolute residual)'
         idle = [k + 1 for k, c in enumerate(self.counts) if c == 0]
         if idle:
-            text += f'; scale{"s" if len(idle) > 1 else ""} {",".join(map(str, idle))} skip{"" if len(idle) > 1 else "s"} ' \
-                    f'the implicit block'
+            who = f'scale {idle[0]} skips' if len(idle) == 1 else f'scales {",".join(map(str, idle))} skip'
+            text += f'; {who} the implicit block'
         return text
 
     def to_dict(self) -> dict:

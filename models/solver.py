@@ -23,13 +23,12 @@ def residual_norm(z_new: torch.Tensor, z_old: torch.Tensor, stop_mode: str = 're
 
 
 def fixed_point_iterate(G: Callable[[torch.Tensor, int], torch.Tensor], z0: torch.Tensor, max_iter: int,
-                        tau: Optional[float] = None, stop_mode: str = 'rel', min_iter: int = 1,
-                        track_residual: bool = True):
+                        tau: Optional[float] = None, stop_mode: str = 'rel', min_iter: int = 1):
     """Run z_{t+1} = G(z_t, t) for t < max_iter, stopping early once the residual is <= tau.
 
     Returns (z, SolveStats). Without tau the loop never synchronises with the device and computes
-    the residual once, after the last iteration (only when track_residual); with tau it reads the
-    residual back every iteration (one host-device sync each) to decide whether to stop.
+    the residual once, after the last iteration; with tau it reads the residual back every iteration
+    (one host-device sync each) to decide whether to stop.
 
     >>> z, st = fixed_point_iterate(lambda z, t: 0.5 * z + 1, torch.zeros(3), 50, tau=1e-6)
     >>> bool(torch.allclose(z, torch.full((3,), 2.0), atol=1e-5)), st.iters < 50
@@ -38,7 +37,7 @@ def fixed_point_iterate(G: Callable[[torch.Tensor, int], torch.Tensor], z0: torc
     z, res = z0, None
     for t in range(max_iter):
         z_new = G(z, t)
-        if tau is not None or (track_residual and t == max_iter - 1):
+        if tau is not None or t == max_iter - 1:
             res = residual_norm(z_new, z, stop_mode)
         z = z_new
         if tau is not None and t + 1 >= min_iter and res.item() <= tau:
@@ -48,12 +47,12 @@ def fixed_point_iterate(G: Callable[[torch.Tensor, int], torch.Tensor], z0: torc
 
 def anderson_iterate(G: Callable[[torch.Tensor, int], torch.Tensor], z0: torch.Tensor, max_iter: int,
                      tau: Optional[float] = None, stop_mode: str = 'rel', min_iter: int = 1,
-                     track_residual: bool = True, m: int = 5, lam: float = 1e-6, beta: float = 1.0):
+                     m: int = 5, lam: float = 1e-6, beta: float = 1.0):
     """Anderson acceleration of z <- G(z, t): same arguments, calls and return as `fixed_point_iterate`.
 
-    G is called exactly once per t = 0, 1, ... in order (so iteration t writes KV cache t once), at an
-    extrapolated point z_{t+1} = sum_i a_i (beta G(z_i) + (1 - beta) z_i) over the last m iterates, whose
-    weights a (summing to 1) minimise ||sum_i a_i (G(z_i) - z_i)||^2 + lam * mean_i ||G(z_i) - z_i||^2 * ||a||^2.
+    G is called at an extrapolated point z_{t+1} = sum_i a_i (beta G(z_i) + (1 - beta) z_i) over the last m
+    iterates, whose weights a (summing to 1) minimise
+    ||sum_i a_i (G(z_i) - z_i)||^2 + lam * mean_i ||G(z_i) - z_i||^2 * ||a||^2.
     Each row of dim 0 is its own problem (rows of a batch do not interact); a row whose system is singular
     (all residuals zero, or equal ones with lam = 0) takes the plain step z_{t+1} = G(z_t). Returns the last
     G output, as the plain iteration does, and synchronises with the device only for tau.
@@ -74,7 +73,7 @@ def anderson_iterate(G: Callable[[torch.Tensor, int], torch.Tensor], z0: torch.T
     Z_RmN = G_RmN = None   # ring buffers of the last m inputs z_i and outputs G(z_i), float32
     for t in range(max_iter):
         g = G(z, t)
-        if tau is not None or (track_residual and t == max_iter - 1):
+        if tau is not None or t == max_iter - 1:
             res = residual_norm(g, z, stop_mode)
         if t == max_iter - 1 or (tau is not None and t + 1 >= min_iter and res.item() <= tau):
             return g, SolveStats(t + 1, res)
@@ -113,9 +112,8 @@ class Option:
 
 @dataclass(frozen=True)
 class Solver:
-    """A row of SOLVERS: solve(G, z0, max_iter, tau, stop_mode, min_iter, track_residual, **options) -> (z, stats)
-    with the contract of `fixed_point_iterate` (G called once per t = 0, 1, ... in order), one line on what it is,
-    and its options."""
+    """A row of SOLVERS: solve(G, z0, max_iter, tau, stop_mode, min_iter, **options) -> (z, stats) with the contract
+    of `fixed_point_iterate` (G called once per t = 0, 1, ... in order), one line on what it is, and its options."""
     solve: Callable
     doc: str
     options: Dict[str, Option] = field(default_factory=dict)

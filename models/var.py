@@ -78,7 +78,8 @@ class VARBase(OfficialModelAttrs, nn.Module):
         self.pos_start = nn.Parameter(torch.empty(1, self.first_l, self.C))
         self.pos_1LC = nn.Parameter(torch.empty(1, self.L, self.C))
         self.lvl_embed = nn.Embedding(len(self.patch_nums), self.C)
-        self.shared_ada_lin = nn.Sequential(nn.SiLU(), SharedAdaLin(self.D, 6 * self.C)) if shared_aln else nn.Identity()
+        self.shared_ada_lin = (nn.Sequential(nn.SiLU(), SharedAdaLin(self.D, 6 * self.C)) if shared_aln
+                               else nn.Identity())
         self.build_backbone()
         self.register_buffer('lvl_1L', level_ids(self.patch_nums).view(1, self.L))
         self.register_buffer('attn_bias_for_masking', block_causal_bias(self.patch_nums).contiguous())
@@ -139,11 +140,10 @@ class VARBase(OfficialModelAttrs, nn.Module):
         return [self.vae_proxy, self.vae_quant_proxy]
 
     def sampling_copy(self, dtype: Optional[torch.dtype] = None) -> 'VARBase':
-        """The fast sampler's copy. Its Linear weights and biases are `dtype` copies made once (what autocast casts
-        anew in every call, or at every use of a frozen weight); None: this model's own (no memory). Every other
-        parameter and buffer and `shared_with_copies` are this model's own objects. Weights loaded into this model
-        later do not reach a cast copy: make a new one. On a CPU its blocks run their Linear layers through oneDNN
-        (`blocks.dense`) where it can."""
+        """The fast sampler's copy: Linear weights and biases cast to `dtype` once, where autocast casts them at every
+        use (None: this model's own); every other parameter, buffer and `shared_with_copies` is this model's own object.
+        Weights loaded later do not reach a cast copy: make a new one. On a CPU its Linear layers run through oneDNN
+        (`blocks.dense`) where they can."""
         memo = {id(t): t for t in itertools.chain(self.parameters(), self.buffers(), self.shared_with_copies())}
         if dtype is not None:
             memo.update({id(p): nn.Parameter(p.detach().to(dtype), requires_grad=False)
@@ -196,8 +196,9 @@ class VARBase(OfficialModelAttrs, nn.Module):
         return self.get_logits(h_RlC, cond_RD, ada_head, ratio), residual
 
     # ---- shared pieces ----
-    def _make_block(self, block_idx: int, drop_path: float) -> AdaLNSelfAttn:
-        return AdaLNSelfAttn(block_idx=block_idx, drop_path=drop_path, **self._block_kw)
+    def _make_block(self, block_idx: int) -> AdaLNSelfAttn:
+        """Block `block_idx` of the explicit stack, with its drop-path rate."""
+        return AdaLNSelfAttn(block_idx=block_idx, drop_path=self.dpr[block_idx], **self._block_kw)
 
     def block_modulations(self, cond_BD: torch.Tensor) -> List[torch.Tensor]:
         """AdaLN modulation of every block for this condition, computed once per call."""
@@ -205,15 +206,20 @@ class VARBase(OfficialModelAttrs, nn.Module):
         return [b.modulation(cond) for b in self.backbone_blocks()]
 
     @staticmethod
-    def _check_calls(path_keep_K2B: Optional[torch.Tensor], calls: int):
-        if path_keep_K2B is not None and path_keep_K2B.shape[0] != calls:
+    def _call_keeps(path_keep_K2B: Optional[torch.Tensor], calls: int) -> Callable[[int], Optional[torch.Tensor]]:
+        """k -> the drop-path scales of block call k (None: the block draws them), once their count is checked."""
+        if path_keep_K2B is None:
+            return lambda k: None
+        if path_keep_K2B.shape[0] != calls:
             raise ValueError(f'drop-path draws for {path_keep_K2B.shape[0]} block calls, this forward makes {calls}: '
                              f'draw them with training_draws(..., jfb_iters) of the same (n, m)')
+        return path_keep_K2B.__getitem__
 
-    def _run_block(self, block: AdaLNSelfAttn, x_BLC, ada, attn_bias, kv: Optional[KVCache] = None, keep_2B=None):
+    def _checkpointed(self, fn: Callable, *args) -> torch.Tensor:
+        """fn(*args), under activation checkpointing when grad_ckpt is on in a training forward with grad."""
         if self.grad_ckpt and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(block, x_BLC, ada, attn_bias, kv, keep_2B, use_reentrant=False)
-        return block(x_BLC, ada, attn_bias, kv, keep_2B)
+            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     def get_logits(self, h_BLC: torch.Tensor, cond_BD: torch.Tensor, ada_head: Optional[torch.Tensor] = None,
                    cfg_ratio: Optional[float] = None):
@@ -367,17 +373,10 @@ class VARBase(OfficialModelAttrs, nn.Module):
         """Official init: truncated normal Linear/Embedding, zero biases, small head, near-identity AdaLN gates."""
         if init_std < 0:
             init_std = (1 / self.C / 3) ** 0.5
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
+        for m in self.modules():   # the official cases of affine LayerNorms and padding indices never occur here
+            if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.trunc_normal_(m.weight.data, std=init_std)
-                if m.bias is not None:
-                    m.bias.data.zero_()
-            elif isinstance(m, nn.Embedding):
-                nn.init.trunc_normal_(m.weight.data, std=init_std)
-                if m.padding_idx is not None:
-                    m.weight.data[m.padding_idx].zero_()
-            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
-                m.weight.data.fill_(1.0)
+            if isinstance(m, nn.Linear) and m.bias is not None:
                 m.bias.data.zero_()
         if init_head >= 0:
             self.head.weight.data.mul_(init_head)
@@ -407,7 +406,7 @@ def cached_layout(block: AdaLNSelfAttn, R: int, device: torch.device) -> tuple:
 
 def state_nbytes(state) -> int:
     """Bytes held by every KV cache reachable from an inference state."""
-    if isinstance(state, KVCache) or hasattr(state, 'nbytes'):
+    if hasattr(state, 'nbytes'):   # a KVCache or IterKVCaches
         return state.nbytes()
     if isinstance(state, dict):
         return sum(state_nbytes(v) for v in state.values())
@@ -420,15 +419,15 @@ class VAR(VARBase):
     """Explicit VAR: `depth` distinct AdaLN blocks."""
 
     def build_backbone(self):
-        self.blocks = nn.ModuleList([self._make_block(i, self.dpr[i]) for i in range(self.depth)])
+        self.blocks = nn.ModuleList([self._make_block(i) for i in range(self.depth)])
 
     def backbone_blocks(self) -> List[AdaLNSelfAttn]:
         return list(self.blocks)
 
     def train_backbone(self, x_BLC, ada, attn_bias, jfb_iters, path_keep_K2B=None):
-        self._check_calls(path_keep_K2B, len(self.blocks))
+        keep = self._call_keeps(path_keep_K2B, len(self.blocks))
         for k, (block, a) in enumerate(zip(self.blocks, ada)):
-            x_BLC = self._run_block(block, x_BLC, a, attn_bias, None, None if path_keep_K2B is None else path_keep_K2B[k])
+            x_BLC = self._checkpointed(block, x_BLC, a, attn_bias, None, keep(k))
         return x_BLC
 
     def new_infer_state(self, schedule, fill_forward, solver=None, fast=False, alloc=new_buffer):

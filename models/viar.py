@@ -44,10 +44,10 @@ class VIAR(VARBase):
             raise ValueError(f'pre_depth + post_depth ({self.pre_depth}+{self.post_depth}) must be < depth ({depth})')
         self.implicit_block_projection = nn.Sequential(nn.Linear(2 * C, 2 * C), nn.GELU(approximate='tanh'),
                                                        nn.Linear(2 * C, C))
-        self.pre_blocks = nn.ModuleList([self._make_block(i, self.dpr[i]) for i in range(self.pre_depth)])
+        self.pre_blocks = nn.ModuleList([self._make_block(i) for i in range(self.pre_depth)])
         # the implicit block is built like block depth // 2 of the explicit stack
-        self.implicit_block = self._make_block(depth // 2, self.dpr[depth // 2])
-        self.post_blocks = nn.ModuleList([self._make_block(i, self.dpr[i]) for i in range(depth - self.post_depth, depth)])
+        self.implicit_block = self._make_block(depth // 2)
+        self.post_blocks = nn.ModuleList([self._make_block(i) for i in range(depth - self.post_depth, depth)])
 
     def backbone_blocks(self) -> List[AdaLNSelfAttn]:
         return [*self.pre_blocks, self.implicit_block, *self.post_blocks]
@@ -119,25 +119,20 @@ class VIAR(VARBase):
 
     def train_backbone(self, x_BLC, ada, attn_bias, jfb_iters, path_keep_K2B=None):
         ada_pre, ada_imp, ada_post = self._split(ada)
-        keep = (lambda k: None) if path_keep_K2B is None else (lambda k: path_keep_K2B[k])  # noqa: E731
         p = self.pre_depth
         n, m = jfb_iters if jfb_iters is not None else self.draw_jfb_iters()   # Python's random: no torch draw moves
-        self._check_calls(path_keep_K2B, p + n + m + len(self.post_blocks))
+        keep = self._call_keeps(path_keep_K2B, p + n + m + len(self.post_blocks))
         for k, (block, a) in enumerate(zip(self.pre_blocks, ada_pre)):
-            x_BLC = self._run_block(block, x_BLC, a, attn_bias, None, keep(k))
+            x_BLC = self._checkpointed(block, x_BLC, a, attn_bias, None, keep(k))
         inj_BLC = x_BLC
         with torch.no_grad():   # n iterations that cost no activation memory
             z_BLC = x_BLC.detach()
             for t in range(n):
                 z_BLC = self.implicit_step(z_BLC, inj_BLC, ada_imp, attn_bias, None, keep(p + t))
         for t in range(n, n + m):      # backprop only through the last m
-            if self.grad_ckpt and self.training and torch.is_grad_enabled():
-                z_BLC = torch.utils.checkpoint.checkpoint(self.implicit_step, z_BLC, inj_BLC, ada_imp, attn_bias,
-                                                          None, keep(p + t), use_reentrant=False)
-            else:
-                z_BLC = self.implicit_step(z_BLC, inj_BLC, ada_imp, attn_bias, None, keep(p + t))
+            z_BLC = self._checkpointed(self.implicit_step, z_BLC, inj_BLC, ada_imp, attn_bias, None, keep(p + t))
         for j, (block, a) in enumerate(zip(self.post_blocks, ada_post)):
-            z_BLC = self._run_block(block, z_BLC, a, attn_bias, None, keep(p + n + m + j))
+            z_BLC = self._checkpointed(block, z_BLC, a, attn_bias, None, keep(p + n + m + j))
         return z_BLC
 
     def new_infer_state(self, schedule, fill_forward, solver=None, fast=False, alloc=new_buffer):
@@ -148,9 +143,8 @@ class VIAR(VARBase):
 
     def _scale_map(self, x_BlC, ada_imp, kv_at, fast: bool):
         """G(z, t) of one scale: iteration t attends through, and writes this scale into, kv_at(t) (KV cache t);
-        the iterate hooks see every call. The contract for solvers: call G once per t = 0, 1, ... (a second call
-        at one t would overflow a cache sized by the schedule, or attend to this scale's keys twice):
-        IterKVCaches.get raises on it."""
+        the iterate hooks see every call. The contract for solvers: call G once per t = 0, 1, ... in order
+        (IterKVCaches.get raises on a second call at one t)."""
         if fast:
             inj_Bl2C, W_z = self.injection(x_BlC)
             G = lambda z, t: self.implicit_step_hoisted(z, inj_Bl2C, W_z, ada_imp, None, kv_at(t))  # noqa: E731
