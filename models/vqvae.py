@@ -39,8 +39,8 @@ class VQVAE(nn.Module):
         self.Cvae = z_channels
         self.downsample = 2 ** (len(ch_mult) - 1)
         net_kw = dict(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks, dropout=dropout,
-                      in_channels=3, z_channels=z_channels, using_sa=True, using_mid_sa=True)
-        self.encoder = Encoder(double_z=False, **net_kw)
+                      z_channels=z_channels)
+        self.encoder = Encoder(**net_kw)
         self.decoder = Decoder(**net_kw)
         self.quantize = VectorQuantizer2(
             vocab_size=vocab_size, Cvae=z_channels, using_znorm=using_znorm, beta=beta,
