@@ -152,18 +152,17 @@ def var_to_viar_names(viar_keys: Sequence[str], var_depth: int, pre_depth: int, 
     if pre_depth + post_depth > var_depth:
         raise ValueError(f'{pre_depth} pre + {post_depth} post blocks need a VAR of depth >= {pre_depth + post_depth}, '
                          f'got depth {var_depth}')
+    first_block = {'pre_blocks': 0, 'post_blocks': var_depth - post_depth}
     out = {}
     for key in viar_keys:
-        if key.startswith('implicit_block_projection.'):
+        head, _, rest = key.partition('.')
+        if head == 'implicit_block_projection':
             out[key] = None
-        elif key.startswith('pre_blocks.'):
-            i, rest = key[len('pre_blocks.'):].split('.', 1)
-            out[key] = f'blocks.{int(i)}.{rest}'
-        elif key.startswith('post_blocks.'):
-            j, rest = key[len('post_blocks.'):].split('.', 1)
-            out[key] = f'blocks.{var_depth - post_depth + int(j)}.{rest}'
-        elif key.startswith('implicit_block.'):
-            out[key] = f'blocks.{var_depth // 2}.{key[len("implicit_block."):]}'
+        elif head == 'implicit_block':
+            out[key] = f'blocks.{var_depth // 2}.{rest}'
+        elif head in first_block:
+            i, rest = rest.split('.', 1)
+            out[key] = f'blocks.{first_block[head] + int(i)}.{rest}'
         else:
             out[key] = key
     return out
