@@ -107,9 +107,7 @@ class ModelSpec:
         out = []
         for name in names or field_names():
             a, b = self.value(name), other.value(name)
-            if name in ('pre_depth', 'post_depth') and (a is None or b is None):
-                continue   # a VAR has no pre/post blocks: the kind differs already
-            if a != b:
+            if a != b and None not in (a, b):   # None: a VAR's pre/post blocks, whose kind differs already
                 out.append((name, a, b))
         return out
 
