@@ -94,13 +94,9 @@ class ModelSpec:
 
     def value(self, name: str) -> Any:
         """A field's effective value: width and heads resolved; VIAR's block counts None for a VAR."""
-        if name == 'embed_dim':
-            return self.width
-        if name == 'num_heads':
-            return self.heads
         if name in ('pre_depth', 'post_depth') and not self.use_implicit:
             return None
-        return getattr(self, name)
+        return {'embed_dim': self.width, 'num_heads': self.heads}.get(name, getattr(self, name))
 
     def differences(self, other: 'ModelSpec', names: Optional[Sequence[str]] = None) -> List[Tuple[str, Any, Any]]:
         """(field, this value, other value) for every field (of `names`, default all) whose effective value differs."""
@@ -173,9 +169,7 @@ def pyramid_for(L: int, K: int, fallback: Tuple[int, ...]) -> Optional[Tuple[int
     >>> pyramid_for(30, 4, ())
     (1, 2, 3, 4)
     """
-    if len(fallback) == K and num_tokens(fallback) == L:
-        return tuple(fallback)
-    for pn in PYRAMIDS.values():
+    for pn in (tuple(fallback), *PYRAMIDS.values()):
         if len(pn) == K and num_tokens(pn) == L:
             return pn
     found = increasing_sides(L, K, limit=2)
