@@ -39,11 +39,9 @@ Rng = Union[None, torch.Generator, List[torch.Generator]]
 
 
 def make_rng(g_seed: Union[None, int, Sequence[int]], device) -> Rng:
-    """None (global RNG), one generator for the batch (an int seed, as official), or one per row (a list).
-
-    Per-row generators make a row's draws independent of the rest of the batch, so batching
-    seeds gives the same images as one call per seed; [s] draws exactly what s draws for B=1.
-    """
+    """None (global RNG), one generator for the batch (an int seed, as official), or one per row (a list): per-row
+    generators make a row's draws independent of the rest of the batch, so batching seeds gives the same images as
+    one call per seed; [s] draws exactly what s draws for B=1."""
     if g_seed is None:
         return None
     if isinstance(g_seed, int):
