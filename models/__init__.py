@@ -9,8 +9,8 @@ from models.viar import VIAR
 from models.vqvae import VQVAE
 from models.quant import VectorQuantizer2
 
-__all__ = ['build_vae_var', 'build_var', 'VAR', 'VIAR', 'VARBase', 'VQVAE', 'VectorQuantizer2', 'EditSpec', 'SampleStats',
-           'VARHF']
+__all__ = ['build_vae_var', 'build_var', 'VAR', 'VIAR', 'VARBase', 'VQVAE', 'VectorQuantizer2', 'EditSpec',
+           'SampleStats', 'VARHF']
 
 
 def __getattr__(name: str):
@@ -40,12 +40,10 @@ def build_vae_var(device, patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), V=4096, 
                   **var_kw) -> Tuple[VQVAE, VARBase]:
     """Build the frozen VQVAE and an initialised VAR/VIAR with the official sizing (width 64*depth, heads = depth).
 
-    Keyword-compatible with the official `build_vae_var`; `flash_if_available` / `fused_if_available`
-    are accepted for compatibility (attention always goes through scaled_dot_product_attention, which
-    picks flash / memory-efficient kernels itself); var_kw: further transformer keywords (models.config.ModelSpec
-    passes every transformer field). The transformer is built on the meta device and materialised once, so no time
-    goes into an init that init_weights overwrites.
-    """
+    Keyword-compatible with the official `build_vae_var`: flash/fused_if_available are accepted and ignored
+    (scaled_dot_product_attention picks its kernels); var_kw: further transformer keywords (ModelSpec passes every
+    transformer field). The transformer is built on the meta device and materialised once, so no time goes into an
+    init that init_weights overwrites."""
     del flash_if_available, fused_if_available
     width = embed_dim or 64 * depth
     heads = num_heads or depth

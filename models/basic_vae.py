@@ -52,7 +52,6 @@ class ResnetBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
         super().__init__()
-        self.in_channels, self.out_channels = in_channels, out_channels
         self.norm1 = group_norm(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
         self.norm2 = group_norm(out_channels)
@@ -72,7 +71,6 @@ class AttnBlock(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.C = channels
         self.norm = group_norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, kernel_size=1, stride=1, padding=0)
         self.proj_out = nn.Conv2d(channels, channels, kernel_size=1, stride=1, padding=0)
@@ -90,12 +88,12 @@ class AttnBlock(nn.Module):
 
 
 class _Level(nn.Module):
-    """One resolution level: a list of res blocks, optional attention after each, optional resampler."""
+    """One resolution level: n_blocks res blocks, each followed by self-attention when `attend` (the lowest level)."""
 
-    def __init__(self, blocks: Sequence[nn.Module], attns: Sequence[nn.Module]):
+    def __init__(self, c_in: int, c_out: int, n_blocks: int, dropout: float, attend: bool):
         super().__init__()
-        self.block = nn.ModuleList(blocks)
-        self.attn = nn.ModuleList(attns)  # empty, or one per block
+        self.block = nn.ModuleList(ResnetBlock(c_in if i == 0 else c_out, c_out, dropout) for i in range(n_blocks))
+        self.attn = nn.ModuleList(AttnBlock(c_out) for _ in range(n_blocks if attend else 0))
 
     def run_blocks(self, h_BChw: torch.Tensor) -> torch.Tensor:
         """Apply every res block, each followed by its attention layer where there is one."""
@@ -109,10 +107,10 @@ class _Level(nn.Module):
 class _Middle(nn.Module):
     """Res block, self-attention, res block at the lowest resolution."""
 
-    def __init__(self, channels: int, dropout: float, using_mid_sa: bool):
+    def __init__(self, channels: int, dropout: float):
         super().__init__()
         self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = AttnBlock(channels) if using_mid_sa else nn.Identity()
+        self.attn_1 = AttnBlock(channels)
         self.block_2 = ResnetBlock(channels, channels, dropout)
 
     def forward(self, h_BChw: torch.Tensor) -> torch.Tensor:
@@ -132,31 +130,24 @@ def check_widths(ch: int, ch_mult: Sequence[int]) -> None:
 class Encoder(nn.Module):
     """Image (B, 3, H, W) -> latent (B, Cz, H/d, W/d) with d = 2 ** (len(ch_mult) - 1)."""
 
-    def __init__(self, *, ch: int = 128, ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int = 2,
-                 dropout: float = 0.0, in_channels: int = 3, z_channels: int, double_z: bool = False,
-                 using_sa: bool = True, using_mid_sa: bool = True):
+    def __init__(self, *, ch: int, ch_mult: Sequence[int], num_res_blocks: int, dropout: float, z_channels: int):
         super().__init__()
         check_widths(ch, ch_mult)
-        self.ch, self.num_resolutions, self.num_res_blocks = ch, len(ch_mult), num_res_blocks
-        self.downsample_ratio = 2 ** (len(ch_mult) - 1)
-        self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, stride=1, padding=1)
+        self.conv_in = nn.Conv2d(3, ch, kernel_size=3, stride=1, padding=1)
 
         self.down = nn.ModuleList()
         c_in = ch
-        for lvl, mult in enumerate(ch_mult):
-            c_out = ch * mult
+        for lvl, c_out in enumerate(ch * m for m in ch_mult):
             lowest = lvl == len(ch_mult) - 1
-            blocks = [ResnetBlock(c_in if i == 0 else c_out, c_out, dropout) for i in range(num_res_blocks)]
-            attns = [AttnBlock(c_out) for _ in range(num_res_blocks)] if (lowest and using_sa) else []
-            level = _Level(blocks, attns)
+            level = _Level(c_in, c_out, num_res_blocks, dropout, attend=lowest)
             if not lowest:
                 level.downsample = Downsample2x(c_out)
             self.down.append(level)
             c_in = c_out
 
-        self.mid = _Middle(c_in, dropout, using_mid_sa)
+        self.mid = _Middle(c_in, dropout)
         self.norm_out = group_norm(c_in)
-        self.conv_out = nn.Conv2d(c_in, 2 * z_channels if double_z else z_channels, kernel_size=3, stride=1, padding=1)
+        self.conv_out = nn.Conv2d(c_in, z_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, img_B3HW: torch.Tensor) -> torch.Tensor:
         h_BChw = self.conv_in(img_B3HW)
@@ -171,25 +162,19 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Latent (B, Cz, h, w) -> image (B, 3, h*d, w*d); mirrors the Encoder with one extra block per level."""
 
-    def __init__(self, *, ch: int = 128, ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int = 2,
-                 dropout: float = 0.0, in_channels: int = 3, z_channels: int,
-                 using_sa: bool = True, using_mid_sa: bool = True):
+    def __init__(self, *, ch: int, ch_mult: Sequence[int], num_res_blocks: int, dropout: float, z_channels: int):
         super().__init__()
         check_widths(ch, ch_mult)
-        self.ch, self.num_resolutions, self.num_res_blocks = ch, len(ch_mult), num_res_blocks
         c_in = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, c_in, kernel_size=3, stride=1, padding=1)
-        self.mid = _Middle(c_in, dropout, using_mid_sa)
+        self.mid = _Middle(c_in, dropout)
 
         # Built from the lowest resolution up, but stored so that up[i] is the level of ch_mult[i]
         # (the checkpoint's numbering).
         levels = []
         for lvl in reversed(range(len(ch_mult))):
             c_out = ch * ch_mult[lvl]
-            lowest = lvl == len(ch_mult) - 1
-            blocks = [ResnetBlock(c_in if i == 0 else c_out, c_out, dropout) for i in range(num_res_blocks + 1)]
-            attns = [AttnBlock(c_out) for _ in range(num_res_blocks + 1)] if (lowest and using_sa) else []
-            level = _Level(blocks, attns)
+            level = _Level(c_in, c_out, num_res_blocks + 1, dropout, attend=lvl == len(ch_mult) - 1)
             if lvl != 0:
                 level.upsample = Upsample2x(c_out)
             levels.append(level)
@@ -197,7 +182,7 @@ class Decoder(nn.Module):
         self.up = nn.ModuleList(reversed(levels))
 
         self.norm_out = group_norm(c_in)
-        self.conv_out = nn.Conv2d(c_in, in_channels, kernel_size=3, stride=1, padding=1)
+        self.conv_out = nn.Conv2d(c_in, 3, kernel_size=3, stride=1, padding=1)
 
     def forward(self, z_BChw: torch.Tensor) -> torch.Tensor:
         h_BChw = self.mid(self.conv_in(z_BChw))

@@ -94,22 +94,16 @@ class ModelSpec:
 
     def value(self, name: str) -> Any:
         """A field's effective value: width and heads resolved; VIAR's block counts None for a VAR."""
-        if name == 'embed_dim':
-            return self.width
-        if name == 'num_heads':
-            return self.heads
         if name in ('pre_depth', 'post_depth') and not self.use_implicit:
             return None
-        return getattr(self, name)
+        return {'embed_dim': self.width, 'num_heads': self.heads}.get(name, getattr(self, name))
 
     def differences(self, other: 'ModelSpec', names: Optional[Sequence[str]] = None) -> List[Tuple[str, Any, Any]]:
         """(field, this value, other value) for every field (of `names`, default all) whose effective value differs."""
         out = []
         for name in names or field_names():
             a, b = self.value(name), other.value(name)
-            if name in ('pre_depth', 'post_depth') and (a is None or b is None):
-                continue   # a VAR has no pre/post blocks: the kind differs already
-            if a != b:
+            if a != b and None not in (a, b):   # None: a VAR's pre/post blocks, whose kind differs already
                 out.append((name, a, b))
         return out
 
@@ -152,18 +146,17 @@ def var_to_viar_names(viar_keys: Sequence[str], var_depth: int, pre_depth: int, 
     if pre_depth + post_depth > var_depth:
         raise ValueError(f'{pre_depth} pre + {post_depth} post blocks need a VAR of depth >= {pre_depth + post_depth}, '
                          f'got depth {var_depth}')
+    first_block = {'pre_blocks': 0, 'post_blocks': var_depth - post_depth}
     out = {}
     for key in viar_keys:
-        if key.startswith('implicit_block_projection.'):
+        head, _, rest = key.partition('.')
+        if head == 'implicit_block_projection':
             out[key] = None
-        elif key.startswith('pre_blocks.'):
-            i, rest = key[len('pre_blocks.'):].split('.', 1)
-            out[key] = f'blocks.{int(i)}.{rest}'
-        elif key.startswith('post_blocks.'):
-            j, rest = key[len('post_blocks.'):].split('.', 1)
-            out[key] = f'blocks.{var_depth - post_depth + int(j)}.{rest}'
-        elif key.startswith('implicit_block.'):
-            out[key] = f'blocks.{var_depth // 2}.{key[len("implicit_block."):]}'
+        elif head == 'implicit_block':
+            out[key] = f'blocks.{var_depth // 2}.{rest}'
+        elif head in first_block:
+            i, rest = rest.split('.', 1)
+            out[key] = f'blocks.{first_block[head] + int(i)}.{rest}'
         else:
             out[key] = key
     return out
@@ -176,9 +169,7 @@ def pyramid_for(L: int, K: int, fallback: Tuple[int, ...]) -> Optional[Tuple[int
     >>> pyramid_for(30, 4, ())
     (1, 2, 3, 4)
     """
-    if len(fallback) == K and num_tokens(fallback) == L:
-        return tuple(fallback)
-    for pn in PYRAMIDS.values():
+    for pn in (tuple(fallback), *PYRAMIDS.values()):
         if len(pn) == K and num_tokens(pn) == L:
             return pn
     found = increasing_sides(L, K, limit=2)

@@ -10,7 +10,7 @@ import inspect
 import json
 import logging
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import safetensors.torch
 from huggingface_hub import ModelCard, PyTorchModelHubMixin, snapshot_download
@@ -90,10 +90,9 @@ class _HubIO(PyTorchModelHubMixin):
                          **model_kwargs):
         if config is None:
             raise HubLoadError(f'{model_id}: no config.json (a VARHF folder holds config.json and {WEIGHTS_FILE})')
-        model_cls = VIARHF if config.get('use_implicit') else VARHF
+        model_cls, keys = _hub_class(model_id, config)
         if issubclass(cls, VIARHF) and model_cls is VARHF:   # VARHF reads both kinds; VIARHF only its own
             raise HubLoadError(f'{model_id} holds a VAR (no use_implicit in config.json): load it with VARHF')
-        keys = _checked_keys(model_id, config, model_cls)
         model = model_cls(**{**config, **{k: v for k, v in model_kwargs.items() if k in keys}})
         folder = model_id if os.path.isdir(model_id) else download_repo(
             model_id, revision=revision, cache_dir=cache_dir, force_download=force_download, token=token,
@@ -110,13 +109,15 @@ class _HubIO(PyTorchModelHubMixin):
         return model.to(map_location).eval()
 
 
-def _checked_keys(model_id: str, config: Dict[str, Any], model_cls) -> set:
-    """The constructor keywords of model_cls; a config key outside them is a HubLoadError naming it."""
+def _hub_class(model_id: str, config: Dict[str, Any]) -> Tuple[type, set]:
+    """The class a config.json names (VIARHF where it says use_implicit, else VARHF) and its constructor keywords;
+    a config key outside them is a HubLoadError naming it."""
+    model_cls = VIARHF if config.get('use_implicit') else VARHF
     keys = set(model_cls._hub_mixin_init_parameters) - {'self'}
     unknown = sorted(set(config) - keys)
     if unknown:   # a misspelt or foreign key would otherwise fall back to a default without a word
         raise HubLoadError(f'{model_id}/config.json: keys {unknown} are not {model_cls.__name__} keywords')
-    return keys
+    return model_cls, keys
 
 
 def _read_json(path: str) -> Dict[str, Any]:
@@ -162,11 +163,10 @@ class VIARHF(VIAR, _HubIO):
 
 def hub_config(spec, var) -> Dict[str, Any]:
     """The VARHF / VIARHF keywords of a ModelSpec and its model (which holds drop path, class dropout, S-JFB)."""
+    sizes = dict(ch_mult=tuple(spec.vae_ch_mult), num_res_blocks=spec.vae_num_res_blocks)
     vae_kwargs = dict(vocab_size=spec.V, z_channels=spec.Cvae, ch=spec.vae_ch, share_quant_resi=4,
-                      v_patch_nums=tuple(spec.patch_nums), test_mode=True)
-    for name, value in (('ch_mult', tuple(spec.vae_ch_mult)), ('num_res_blocks', spec.vae_num_res_blocks)):
-        if value != _VAE_OFFICIAL_FIXED[name]:
-            vae_kwargs[name] = value
+                      v_patch_nums=tuple(spec.patch_nums), test_mode=True,
+                      **{k: v for k, v in sizes.items() if v != _VAE_OFFICIAL_FIXED[k]})
     cfg = dict(vae_kwargs=vae_kwargs, num_classes=spec.num_classes, depth=spec.depth, embed_dim=spec.width,
                num_heads=spec.heads, shared_aln=spec.shared_aln, attn_l2_norm=spec.attn_l2_norm,
                patch_nums=tuple(spec.patch_nums),
@@ -260,8 +260,7 @@ def download_repo(repo_id: str, **download) -> str:
 
 def hub_spec(config: Dict[str, Any], where: str) -> ModelSpec:
     """The ModelSpec a VARHF / VIARHF config.json describes (missing keys take the constructor's defaults)."""
-    model_cls = VIARHF if config.get('use_implicit') else VARHF
-    _checked_keys(where, config, model_cls)
+    model_cls, _ = _hub_class(where, config)
     kw = {k: p.default for k, p in model_cls._hub_mixin_init_parameters.items()
           if p.default is not inspect.Parameter.empty}
     fixed = {k: kw[k] for k in ('mlp_ratio', 'norm_eps')}

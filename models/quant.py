@@ -252,9 +252,7 @@ class VectorQuantizer2(nn.Module):
         f_hat = torch.zeros_like(f_rest)
         out: List[torch.Tensor] = []
         SN = len(patch_hws)
-        for si, (ph, pw) in enumerate(patch_hws):
-            if 0 <= prog_si < si:
-                break
+        for si, (ph, pw) in enumerate(patch_hws[:prog_si + 1 if prog_si >= 0 else None]):
             idx_Bl, h_BChw = self._quantize_scale(f_rest, ph, pw, last=si == SN - 1)
             h_BChw = self.phi(si, SN)(h_BChw)
             f_hat.add_(h_BChw)
@@ -271,13 +269,12 @@ class VectorQuantizer2(nn.Module):
         dtype = torch.promote_types(self.embedding.weight.dtype, torch.float32)   # float32, or float64 for float64
         f_hat = gt_ms_idx_Bl[0].new_zeros(B, C, H, W, dtype=dtype)
         next_scales = []
-        for si in range(SN - 1):
-            if prog_si == 0 or 0 <= prog_si - 1 < si:
-                break
+        for si in range(SN - 1 if prog_si < 0 else min(prog_si, SN - 1)):   # the inputs of scales 1, 2, ...
             pn, pn_next = self.v_patch_nums[si], self.v_patch_nums[si + 1]
             h_BChw = self.embedding(gt_ms_idx_Bl[si]).transpose(1, 2).reshape(B, C, pn, pn)
             f_hat.add_(self.phi(si, SN)(F.interpolate(h_BChw, size=(H, W), mode='bicubic')))
-            next_scales.append(F.interpolate(f_hat, size=(pn_next, pn_next), mode='area').view(B, C, -1).transpose(1, 2))
+            next_BChw = F.interpolate(f_hat, size=(pn_next, pn_next), mode='area')
+            next_scales.append(next_BChw.view(B, C, -1).transpose(1, 2))
         if not next_scales:  # a single scale, or prog_si == 0: nothing to teacher-force
             return f_hat.new_zeros(B, 0, C)
         return torch.cat(next_scales, dim=1)

@@ -39,11 +39,9 @@ Rng = Union[None, torch.Generator, List[torch.Generator]]
 
 
 def make_rng(g_seed: Union[None, int, Sequence[int]], device) -> Rng:
-    """None (global RNG), one generator for the batch (an int seed, as official), or one per row (a list).
-
-    Per-row generators make a row's draws independent of the rest of the batch, so batching
-    seeds gives the same images as one call per seed; [s] draws exactly what s draws for B=1.
-    """
+    """None (global RNG), one generator for the batch (an int seed, as official), or one per row (a list): per-row
+    generators make a row's draws independent of the rest of the batch, so batching seeds gives the same images as
+    one call per seed; [s] draws exactly what s draws for B=1."""
     if g_seed is None:
         return None
     if isinstance(g_seed, int):
@@ -86,7 +84,8 @@ def candidate_weights(vals_BlK: torch.Tensor, top_p: float = 0.0, extra: Optiona
     sorted_BlK, order_BlK = w_BlK.sort(dim=-1, descending=True)
     cum_BlK = sorted_BlK.cumsum(dim=-1)
     bar_Bl1 = top_p * (cum_BlK[..., -1:] + n_Bl1 * w_Bl1)
-    out_BlK = torch.zeros_like(w_BlK).scatter_(-1, order_BlK, sorted_BlK.masked_fill_(cum_BlK - sorted_BlK >= bar_Bl1, 0))
+    kept_sorted_BlK = sorted_BlK.masked_fill_(cum_BlK - sorted_BlK >= bar_Bl1, 0)
+    out_BlK = torch.zeros_like(w_BlK).scatter_(-1, order_BlK, kept_sorted_BlK)
     if pos_Bl1 is None:
         return out_BlK
     # the extra ties come last (any order of equal tokens is the rule's): the first ceil(room / w) of them stay

@@ -88,8 +88,7 @@ class OfficialModelAttrs:
         dev = self.lvl_1L.device
         g = self.__dict__.get('_official_rng')
         if g is None or g.device != dev:
-            g = torch.Generator(device=dev)
-            self._official_rng = g
+            self._official_rng = g = torch.Generator(device=dev)
         return g
 
     @property

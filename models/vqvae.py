@@ -39,8 +39,8 @@ class VQVAE(nn.Module):
         self.Cvae = z_channels
         self.downsample = 2 ** (len(ch_mult) - 1)
         net_kw = dict(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks, dropout=dropout,
-                      in_channels=3, z_channels=z_channels, using_sa=True, using_mid_sa=True)
-        self.encoder = Encoder(double_z=False, **net_kw)
+                      z_channels=z_channels)
+        self.encoder = Encoder(**net_kw)
         self.decoder = Decoder(**net_kw)
         self.quantize = VectorQuantizer2(
             vocab_size=vocab_size, Cvae=z_channels, using_znorm=using_znorm, beta=beta,
@@ -89,23 +89,18 @@ class VQVAE(nn.Module):
                      ) -> Union[List[torch.Tensor], torch.Tensor]:
         """Decode per-scale embeddings (B, Cvae, pn, pn) to images in [-1, 1]."""
         f_hats = self.quantize.embed_to_fhat(ms_h_BChw, all_to_max_scale=all_to_max_scale, last_one=last_one)
-        if last_one:
-            return self.fhat_to_img(f_hats)
-        return [self.fhat_to_img(f_hat) for f_hat in f_hats]
+        return self.fhat_to_img(f_hats) if last_one else [self.fhat_to_img(f_hat) for f_hat in f_hats]
 
     def img_to_reconstructed_img(self, x: torch.Tensor, v_patch_nums: Optional[PatchNums] = None, last_one: bool = False
                                  ) -> Union[List[torch.Tensor], torch.Tensor]:
         """Reconstruct images using the first 1, 2, ..., S scales (or only all S when last_one)."""
         f_hats = self.quantize.f_to_idxBl_or_fhat(self.img_to_f(x), to_fhat=True, v_patch_nums=v_patch_nums)
-        if last_one:
-            return self.fhat_to_img(f_hats[-1])
-        return [self.fhat_to_img(f_hat) for f_hat in f_hats]
+        return self.fhat_to_img(f_hats[-1]) if last_one else [self.fhat_to_img(f_hat) for f_hat in f_hats]
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """Like nn.Module.load_state_dict, but keeps our own usage EMA when the file has another scale count."""
         key = 'quantize.ema_vocab_hit_SV'
         ours = self.quantize.ema_vocab_hit_SV
         if key in state_dict and state_dict[key].shape[0] != ours.shape[0]:
-            state_dict = dict(state_dict)  # never mutate the caller's dict
-            state_dict[key] = ours.detach().clone()
+            state_dict = {**state_dict, key: ours.detach().clone()}  # a copy: never mutate the caller's dict
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
